@@ -1,0 +1,89 @@
+"""Model names: ``[host/][namespace/]model[:tag]`` as Ollama spells them."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from offload.models.errors import InvalidModelName
+
+__all__ = ["DEFAULT_HOST", "DEFAULT_NAMESPACE", "DEFAULT_TAG", "ModelName", "parse_name"]
+
+DEFAULT_HOST = "registry.ollama.ai"
+DEFAULT_NAMESPACE = "library"
+DEFAULT_TAG = "latest"
+
+_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$")
+_HOST = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.-]{0,252}(:[0-9]{1,5})?$")
+_TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
+
+
+@dataclass(frozen=True, order=True)
+class ModelName:
+    """A fully qualified model name; every part is safe to use as a path component."""
+
+    host: str
+    namespace: str
+    model: str
+    tag: str
+
+    @property
+    def display(self) -> str:
+        """The short form users type: default host and namespace left out."""
+        if self.host == DEFAULT_HOST and self.namespace == DEFAULT_NAMESPACE:
+            return f"{self.model}:{self.tag}"
+        if self.host == DEFAULT_HOST:
+            return f"{self.namespace}/{self.model}:{self.tag}"
+        return f"{self.host}/{self.namespace}/{self.model}:{self.tag}"
+
+    @property
+    def full(self) -> str:
+        """host/namespace/model:tag."""
+        return f"{self.host}/{self.namespace}/{self.model}:{self.tag}"
+
+    @property
+    def repository(self) -> str:
+        """namespace/model, the registry's repository path."""
+        return f"{self.namespace}/{self.model}"
+
+    def manifest_parts(self) -> tuple[str, str, str, str]:
+        """Path components of the manifest under ``manifests/``."""
+        return (self.host, self.namespace, self.model, self.tag)
+
+    def __str__(self) -> str:
+        return self.display
+
+
+def parse_name(name: str) -> ModelName:
+    """Parse and validate a model name; raise ``InvalidModelName`` on anything unsafe."""
+    raw = name
+    if not isinstance(name, str) or not name.strip():
+        raise InvalidModelName(str(raw), "it is empty")
+    name = name.strip()
+    if "\\" in name or name.startswith("/") or any(c.isspace() for c in name):
+        raise InvalidModelName(raw, "use host/namespace/model:tag with no spaces or backslashes")
+    tag = DEFAULT_TAG
+    last = name.rsplit("/", 1)[-1]
+    if ":" in last:
+        base, tag = name.rsplit(":", 1)
+    else:
+        base = name
+    parts = base.split("/")
+    if len(parts) == 1:
+        host, namespace, model = DEFAULT_HOST, DEFAULT_NAMESPACE, parts[0]
+    elif len(parts) == 2:
+        host, namespace, model = DEFAULT_HOST, parts[0], parts[1]
+    elif len(parts) == 3:
+        host, namespace, model = parts
+    else:
+        raise InvalidModelName(raw, "too many '/' parts (expected [host/][namespace/]model[:tag])")
+    if not _HOST.match(host) or ".." in host:
+        raise InvalidModelName(raw, f"bad host {host!r}")
+    for label, value in (("namespace", namespace), ("model", model)):
+        if not _PART.match(value) or value in (".", "..") or ".." in value:
+            raise InvalidModelName(
+                raw, f"bad {label} {value!r} (letters, digits, '.', '_', '-'; no '..')"
+            )
+    if not _TAG.match(tag) or ".." in tag:
+        raise InvalidModelName(raw, f"bad tag {tag!r}")
+    return ModelName(host.lower(), namespace.lower(), model.lower(), tag)
