@@ -1,6 +1,8 @@
 """offload.planner: knows machines and models, decides placements. Imports nothing of ours."""
 
+from offload.planner.cost import SpeedParams, predict
 from offload.planner.errors import GGUFError, OffloadError, PlanInfeasible, PlannerError
+from offload.planner.evaluate import evaluate, fits
 from offload.planner.search import plan
 from offload.planner.types import (
     Anatomy,
@@ -8,6 +10,7 @@ from offload.planner.types import (
     DevicePlan,
     GPUInfo,
     Hardware,
+    Placement,
     Plan,
     PlanRequest,
     Prediction,
@@ -16,5 +19,6 @@ from offload.planner.types import (
 
 __all__ = [
     "Anatomy", "CPUInfo", "DevicePlan", "GGUFError", "GPUInfo", "Hardware", "OffloadError",
-    "Plan", "PlanInfeasible", "PlanRequest", "PlannerError", "Prediction", "TensorInfo", "plan",
+    "Placement", "Plan", "PlanInfeasible", "PlanRequest", "PlannerError", "Prediction",
+    "SpeedParams", "TensorInfo", "evaluate", "fits", "plan", "predict",
 ]

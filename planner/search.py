@@ -1,48 +1,217 @@
-"""Choosing a plan for a model on a machine."""
+"""Choosing a plan: search placements for the best predicted speed within every device's budget."""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable, Iterable
+
+from offload.planner.cost import SpeedParams
 from offload.planner.errors import PlanInfeasible
-from offload.planner.types import Anatomy, DevicePlan, Hardware, Plan, PlanRequest, Prediction
+from offload.planner.evaluate import device_budgets, evaluate, fits
+from offload.planner.memory import kv_bytes_per_layer
+from offload.planner.types import Anatomy, Hardware, Placement, Plan, PlanRequest
 
-__all__ = ["plan"]
+__all__ = ["plan", "expert_pattern", "ffn_pattern", "choose"]
+
+log = logging.getLogger(__name__)
+
+_GiB = float(1 << 30)
+_CTX_STEPS = (32768, 16384, 8192, 4096)
+_UBATCHES = (512, 1024, 2048)
+_BALANCED_DECODE = 0.95
 
 
-def plan(anatomy: Anatomy, hardware: Hardware, request: PlanRequest | None = None) -> Plan:
-    """Place the model on this hardware (CPU only for now)."""
+def _alternation(layers: Iterable[int]) -> str:
+    return "(" + "|".join(str(i) for i in sorted(layers)) + ")"
+
+
+def expert_pattern(layers: Iterable[int]) -> str:
+    """Regex for the expert tensors of ``layers`` (llama.cpp matches it with regex search)."""
+    return rf"blk\.{_alternation(layers)}\.ffn_(up|down|gate)_exps\.weight"
+
+
+def ffn_pattern(layers: Iterable[int]) -> str:
+    """Regex for the dense FFN tensors of ``layers``."""
+    return rf"blk\.{_alternation(layers)}\.ffn_(up|down|gate)\.weight"
+
+
+def choose(plans: list[Plan], optimize: str) -> Plan:
+    """Pick by mode: decode, prompt, or balanced (best prompt within 5% of the best decode)."""
+    if optimize == "decode":
+        return max(plans, key=lambda p: (round(p.predicted.decode_tps, 6), p.predicted.prompt_tps))
+    if optimize == "prompt":
+        return max(plans, key=lambda p: (round(p.predicted.prompt_tps, 6), p.predicted.decode_tps))
+    best = max(p.predicted.decode_tps for p in plans)
+    near = [p for p in plans if p.predicted.decode_tps >= _BALANCED_DECODE * best]
+    return max(near, key=lambda p: (p.predicted.prompt_tps, p.predicted.decode_tps))
+
+
+def _first_fit(lo: int, hi: int, build: Callable[[int], Plan], descending: bool) -> Plan | None:
+    """Binary search over k in [lo, hi] for the fastest fitting plan, memory being monotone in k.
+
+    ``descending``: larger k puts more on the GPU (whole layers); otherwise smaller k does.
+    """
+    best: Plan | None = None
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        p = build(mid)
+        if fits(p):
+            best = p
+            if descending:
+                lo = mid + 1
+            else:
+                hi = mid - 1
+        elif descending:
+            hi = mid - 1
+        else:
+            lo = mid + 1
+    return best
+
+
+def _candidates(anatomy: Anatomy, hw: Hardware, req: PlanRequest, n_ctx: int, speed: SpeedParams | None) -> list[Plan]:
+    n_layers = anatomy.n_layers
+    threads = req.threads or hw.cpu.cores
+    parallel = max(req.n_parallel, 1)
+    base = dict(n_ctx=n_ctx, n_parallel=parallel, threads=threads, threads_batch=threads)
+    if not hw.gpus:
+        fa = bool(req.flash_attn) or (req.kv_type not in (None, "f16"))
+        ub = req.n_ubatch or 512
+        pl = Placement(0, n_batch=max(req.n_batch or 2048, ub), n_ubatch=ub,
+                       kv_type=req.kv_type or "f16", flash_attn=fa, **base)
+        return [evaluate(anatomy, hw, req, pl, speed)]
+    _, budgets, _ = device_budgets(hw, req)
+    split = tuple(b / sum(budgets) for b in budgets) if len(hw.gpus) > 1 and sum(budgets) else ()
+    kv_types = [req.kv_type] if req.kv_type else ["f16", "q8_0"]
+    ubatches = [req.n_ubatch] if req.n_ubatch else list(_UBATCHES)
+    out: list[Plan] = []
+    for kv in kv_types:
+        fa = True if kv != "f16" else (True if req.flash_attn is None else req.flash_attn)
+        if kv != "f16" and req.flash_attn is False:
+            continue  # a quantized V cache needs flash attention
+        for ub in ubatches:
+            nb = max(req.n_batch or 2048, ub)
+            common = dict(n_batch=nb, n_ubatch=ub, kv_type=kv, flash_attn=fa, tensor_split=split, **base)
+
+            def layers(k: int, common: dict = common) -> Plan:
+                return evaluate(anatomy, hw, req, Placement(k, **common), speed)
+
+            top = n_layers + 1
+            if req.num_gpu is not None:
+                top = min(req.num_gpu, top)
+                found = [layers(top)]
+            else:
+                found = [_first_fit(0, top, layers, descending=True)]
+                if found[0] is not None and found[0].n_gpu_layers > 1:
+                    found.append(layers(found[0].n_gpu_layers - 1))  # output layer on CPU vs one layer
+            ngl = top
+            first_gpu = max(n_layers - ngl, 0)
+            gpu_layers = list(range(first_gpu, n_layers))
+            if gpu_layers:
+                pat = expert_pattern if anatomy.expert_count else ffn_pattern
+
+                def moved(k: int, common: dict = common, pat: Callable = pat, gl: list = gpu_layers) -> Plan:
+                    pats = (pat(gl[:k]),) if k else ()
+                    return evaluate(anatomy, hw, req, Placement(ngl, cpu_tensor_patterns=pats, **common), speed)
+
+                found.append(_first_fit(0, len(gpu_layers), moved, descending=False))
+            for p in found:
+                if p is None or not fits(p):
+                    continue
+                out.append(p)
+                if p.devices[0].weights_bytes > 0:  # CPU-resident weights: try prompt on the CPU too
+                    alt = evaluate(anatomy, hw, req, Placement(
+                        p.n_gpu_layers, cpu_tensor_patterns=p.cpu_tensor_patterns, op_offload=False, **common), speed)
+                    if fits(alt):
+                        out.append(alt)
+    return out
+
+
+def _contexts(anatomy: Anatomy, req: PlanRequest) -> list[int]:
+    if req.n_ctx:
+        return [req.n_ctx]
+    train = anatomy.n_ctx_train or 4096
+    steps = sorted({min(train, c) for c in _CTX_STEPS} | ({train} if train < 4096 else set()), reverse=True)
+    return [c for c in steps if c >= min(4096, train)]
+
+
+def plan(anatomy: Anatomy, hardware: Hardware, request: PlanRequest | None = None,
+         speed: SpeedParams | None = None) -> Plan:
+    """Place the model on this hardware for the best predicted speed within every budget."""
     req = request or PlanRequest()
-    n_ctx = req.n_ctx or min(anatomy.n_ctx_train, 4096)
-    kv_bytes = sum(anatomy.kv_bytes_per_token_f16) * n_ctx * max(1, req.n_parallel)
-    weights = anatomy.weights_bytes
-    n_batch = req.n_batch or 512
-    n_ubatch = min(req.n_ubatch or 512, n_batch)
-    compute = anatomy.n_vocab * n_ubatch * 4 + anatomy.n_embd * n_ubatch * 4 * 8
-    budget = req.ram_budget_bytes or hardware.cpu.ram_bytes
-    cpu = DevicePlan("CPU", "CPU", 0, weights, kv_bytes, compute, 0, budget)
-    if cpu.total_bytes > budget:
-        raise PlanInfeasible(
-            f"the model needs {cpu.total_bytes / 2**30:.1f} GiB but only {budget / 2**30:.1f} GiB of RAM "
-            "is available"
-        )
-    threads = req.threads or hardware.cpu.cores
-    decode_tps = hardware.cpu.mem_bandwidth_Bps / max(weights, 1)
-    prompt_tps = 200.0
-    return Plan(
-        devices=(cpu,),
-        n_gpu_layers=0,
-        n_ctx=n_ctx,
-        n_batch=n_batch,
-        n_ubatch=n_ubatch,
-        threads=threads,
-        threads_batch=threads,
-        predicted=Prediction(decode_tps, prompt_tps, req.prompt_tokens / prompt_tps),
-        reasons=("no GPU: everything runs on the CPU",),
-        n_parallel=max(1, req.n_parallel),
-        kv_type=req.kv_type or "f16",
-        flash_attn=bool(req.flash_attn),
-        use_mmap=True if req.use_mmap is None else req.use_mmap,
-        use_mlock=req.use_mlock,
-        optimize=req.optimize,
-        model_path=anatomy.path,
-        hardware_fingerprint=hardware.fingerprint,
-    )
+    if req.optimize not in ("decode", "prompt", "balanced"):
+        raise ValueError(f"optimize must be decode, prompt or balanced, not {req.optimize!r}")
+    contexts = _contexts(anatomy, req)
+    # Smallest context first: it is the reference the larger ones must not slow down by much.
+    reference: Plan | None = None
+    chosen: Plan | None = None
+    for n_ctx in reversed(contexts):
+        cands = _candidates(anatomy, hardware, req, n_ctx, speed)
+        if not cands:
+            break
+        best = choose(cands, req.optimize)
+        if reference is None:
+            reference, chosen = best, best
+        elif (best.predicted.decode_tps >= 0.97 * reference.predicted.decode_tps
+              and best.predicted.prompt_tps >= 0.9 * reference.predicted.prompt_tps):
+            chosen = best
+        else:
+            break
+    if chosen is None:
+        raise PlanInfeasible(_infeasible_reason(anatomy, hardware, req, contexts[-1]))
+    return _with_reasons(chosen, anatomy, hardware, req, reference)
+
+
+def _infeasible_reason(anatomy: Anatomy, hw: Hardware, req: PlanRequest, n_ctx: int) -> str:
+    ram, budgets, _ = device_budgets(hw, req)
+    kv = sum(kv_bytes_per_layer(anatomy, n_ctx, max(req.n_parallel, 1), req.kv_type or "f16"))
+    need = anatomy.weights_bytes + kv
+    return (f"{anatomy.path or 'the model'} needs about {need / _GiB:.1f} GiB "
+            f"({anatomy.weights_bytes / _GiB:.1f} GiB of weights + {kv / _GiB:.1f} GiB of KV cache at "
+            f"n_ctx={n_ctx}) plus compute buffers, but this machine offers {ram / _GiB:.1f} GiB of RAM"
+            + (f" and {sum(budgets) / _GiB:.1f} GiB of GPU memory" if budgets else "")
+            + "; use a smaller quantization, a smaller context, or more memory")
+
+
+def _with_reasons(p: Plan, anatomy: Anatomy, hw: Hardware, req: PlanRequest, ref: Plan | None) -> Plan:
+    from dataclasses import replace
+
+    r: list[str] = []
+    n_layers = anatomy.n_layers
+    cpu = p.devices[0]
+    if not hw.gpus:
+        r.append(f"No GPU on this machine: everything runs on the CPU with {p.threads} threads; "
+                 f"decode is bound by memory bandwidth ({hw.cpu.mem_bandwidth_Bps / 1e9:.0f} GB/s measured).")
+    elif p.n_gpu_layers > n_layers and not p.cpu_tensor_patterns:
+        r.append(f"The whole model ({anatomy.weights_bytes / _GiB:.1f} GiB) and its KV cache fit on the GPU: "
+                 "everything runs there.")
+    elif p.cpu_tensor_patterns and anatomy.expert_count:
+        r.append(f"All layers on the GPU except expert tensors matched by {p.cpu_tensor_patterns[0]!r}: "
+                 f"a token reads only {anatomy.expert_used_count} of {anatomy.expert_count} experts, so "
+                 "experts cost least on the CPU, while attention, KV cache and shared tensors stay on the GPU.")
+    elif p.cpu_tensor_patterns:
+        r.append("All attention and KV on the GPU; the dense FFN tensors of the first layers stay on the CPU "
+                 "to fit the budget.")
+    else:
+        where = "with the output layer" if p.n_gpu_layers > n_layers else "without the output layer"
+        r.append(f"{min(p.n_gpu_layers, n_layers)} of {n_layers} layers on the GPU ({where}): that is "
+                 "what fits the budget.")
+    if hw.gpus and cpu.weights_bytes > 0:
+        if p.op_offload:
+            r.append(f"n_ubatch {p.n_ubatch}: CPU-resident weights ({cpu.weights_bytes / _GiB:.1f} GiB) cross "
+                     "PCIe once per micro-batch for prompt processing, so a larger micro-batch is faster; "
+                     "its compute buffer is paid for in GPU memory.")
+        else:
+            r.append("Prompt processing of CPU-resident weights stays on the CPU: streaming them over PCIe "
+                     "would be slower.")
+    if p.kv_type != "f16":
+        r.append(f"KV cache in {p.kv_type} (with flash attention) to leave GPU memory for weights.")
+    if not req.n_ctx:
+        r.append(f"Context {p.n_ctx} tokens (trained for {anatomy.n_ctx_train}): the largest tried that fits "
+                 "without slowing decode by more than 3%.")
+    if req.num_gpu is not None:
+        r.append(f"{req.num_gpu} GPU layers as requested.")
+    if req.gpu_budget_bytes is not None and hw.gpus:
+        r.append(f"GPU memory capped at {req.gpu_budget_bytes / _GiB:.1f} GiB as requested.")
+    for w in anatomy.warnings:
+        r.append(f"Warning: {w}.")
+    return replace(p, reasons=tuple(r))

@@ -19,6 +19,7 @@ __all__ = [
     "Prediction",
     "Plan",
     "PlanRequest",
+    "Placement",
 ]
 
 
@@ -123,6 +124,17 @@ class Anatomy:
     chat_template: str | None = None
     file_type: str = ""
     warnings: tuple[str, ...] = ()
+    # Added by the planner's anatomy reader (issue 3).
+    n_ff: int = 0
+    n_ff_exp: int = 0
+    # Per layer: "attention", "recurrent" (Mamba/SSM state instead of a KV cache) or "none".
+    layer_kinds: tuple[str, ...] = ()
+    # No output.weight: llama.cpp uses token_embd as the output matrix, copied where output goes.
+    tied_embeddings: bool = False
+    # Recurrent state bytes per sequence, per layer (f32 conv + ssm states; 0 for attention layers).
+    recurrent_state_bytes_per_layer: tuple[int, ...] = ()
+    kv_lora_rank: int = 0
+    known_arch: bool = True
 
     @property
     def weights_bytes(self) -> int:
@@ -244,3 +256,39 @@ class PlanRequest:
     use_mlock: bool = False
     prompt_tokens: int = 512
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """One concrete way to run a model: the knobs llama.cpp takes, before any prediction.
+
+    ``n_ctx`` is per sequence (Ollama's ``num_ctx``); llama.cpp's context is ``n_ctx * n_parallel``.
+    ``threads == 0`` means the machine's physical cores.
+    """
+
+    n_gpu_layers: int
+    cpu_tensor_patterns: tuple[str, ...] = ()
+    n_ctx: int = 4096
+    n_parallel: int = 1
+    n_batch: int = 2048
+    n_ubatch: int = 512
+    threads: int = 0
+    threads_batch: int = 0
+    kv_type: str = "f16"
+    flash_attn: bool = False
+    offload_kqv: bool = True
+    op_offload: bool = True
+    tensor_split: tuple[float, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict."""
+        d = asdict(self)
+        d["cpu_tensor_patterns"] = list(self.cpu_tensor_patterns)
+        d["tensor_split"] = list(self.tensor_split)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Placement:
+        """Inverse of ``to_dict``."""
+        conv = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        return _from_dict(cls, conv)

@@ -1,0 +1,171 @@
+"""The speed model: predicted decode and prompt speed of a placement, from bytes moved and flops.
+
+Decode is memory-bound: each token reads every resident weight once (only the active experts'
+share of expert tensors), so time = bytes on each device / that device's effective bandwidth, plus
+fixed per-token, per-GPU-layer and per-device-switch costs. Prompt processing runs GPU-resident
+work at the GPU's effective flops; CPU-resident weights are either computed on the CPU or, with
+llama.cpp's op offload (ubatch >= 32 and a GPU), streamed to the GPU once per micro-batch. Every
+efficiency factor is a field of ``SpeedParams`` so that calibration can fit them to measurements.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from offload.planner.memory import kv_elem_bytes
+from offload.planner.placement import CPU, DeviceLoad, device_loads
+from offload.planner.types import Anatomy, Hardware, Placement, Prediction
+
+__all__ = ["SpeedParams", "predict", "cpu_bandwidth_Bps", "gpu_flops"]
+
+
+@dataclass(frozen=True)
+class SpeedParams:
+    """Efficiency factors of the speed model (defaults from GPU.md's H100 host and a 2-core EPYC)."""
+
+    # Fraction of the probed CPU copy bandwidth that decode reaches with threads = physical cores.
+    cpu_bw_eff: float = 0.52
+    # Bandwidth saturates with threads as 1 - exp(-threads / (tau * cores)) (GPU.md: 4/8/12/16 threads).
+    cpu_thread_tau: float = 0.33
+    gpu_bw_eff: float = 0.70
+    token_overhead_s: float = 0.25e-3
+    gpu_layer_overhead_s: float = 75e-6
+    # Each hand-over between CPU and GPU inside a token (sync + activation copy).
+    split_overhead_s: float = 50e-6
+    # Effective CPU matmul throughput per physical core for quantized weights (prompt processing).
+    cpu_flops_per_core: float = 2.4e11
+    gpu_flops_eff: float = 0.55
+    # Expert matmuls (MUL_MAT_ID) run far below dense efficiency on GPUs.
+    gpu_expert_flops_eff: float = 0.10
+    # Op offload streams mmap'd (pageable) weights: a fraction of the pinned h2d bandwidth.
+    stream_h2d_eff: float = 0.17
+    ubatch_overhead_s: float = 1e-3
+    op_offload_min_batch: int = 32
+    # Flops of an unknown GPU per byte/s of its memory bandwidth (H100: ~1e15 / 3.35e12).
+    gpu_flops_per_Bps: float = 300.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SpeedParams:
+        """Inverse of ``to_dict``; unknown keys are ignored."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def cpu_bandwidth_Bps(hardware: Hardware, threads: int, params: SpeedParams) -> float:
+    """Effective CPU bandwidth for decode with ``threads`` threads."""
+    cores = max(hardware.cpu.cores, 1)
+    tau = max(params.cpu_thread_tau * cores, 1e-6)
+    sat = (1 - math.exp(-max(threads, 1) / tau)) / (1 - math.exp(-cores / tau))
+    return hardware.cpu.mem_bandwidth_Bps * params.cpu_bw_eff * min(sat, 1.05)
+
+
+def gpu_flops(hardware: Hardware, gpu: int, params: SpeedParams) -> float:
+    """Peak fp16 flops of a GPU (from its profile, or estimated from its bandwidth)."""
+    g = hardware.gpus[gpu]
+    return g.fp16_flops or g.mem_bandwidth_Bps * params.gpu_flops_per_Bps
+
+
+def _kv_per_token_by_device(anatomy: Anatomy, layer_dev: list[int], kv_type: str, offload_kqv: bool) -> dict[int, float]:
+    out: dict[int, float] = {}
+    per = kv_elem_bytes(kv_type) / 2
+    for il, f16 in enumerate(anatomy.kv_bytes_per_token_f16):
+        d = layer_dev[il] if offload_kqv else CPU
+        out[d] = out.get(d, 0.0) + f16 * per
+    return out
+
+
+def _switches(anatomy: Anatomy, devs: list[int]) -> int:
+    """CPU<->GPU hand-overs per token: walk layers in order through attention, FFN and expert parts."""
+    parts: dict[tuple[int, int], tuple[int, int]] = {}  # (layer, part) -> (bytes, device)
+    part_of = {"attention": 0, "norm": 0, "ssm": 0, "router": 1, "ffn": 1, "shared_expert": 1, "expert": 2}
+    out_dev = CPU
+    for t, d in zip(anatomy.tensors, devs, strict=True):
+        if t.layer is None:
+            if t.role == "output":
+                out_dev = d
+            continue
+        key = (t.layer, part_of.get(t.role, 0))
+        if t.nbytes > parts.get(key, (-1, 0))[0]:
+            parts[key] = (t.nbytes, d)
+    seq = [CPU] + [parts[k][1] for k in sorted(parts)] + [out_dev]
+    return sum(1 for a, b in zip(seq, seq[1:]) if (a == CPU) != (b == CPU))
+
+
+def predict(
+    anatomy: Anatomy, hardware: Hardware, placement: Placement, params: SpeedParams | None = None,
+    *, prompt_tokens: int = 512, context_tokens: int | None = None,
+) -> Prediction:
+    """Predicted decode t/s, prompt t/s and time to first token of a placement on a machine."""
+    p = params or SpeedParams()
+    n_gpus = len(hardware.gpus)
+    loads, devs = device_loads(anatomy, placement, n_gpus)
+    from offload.planner.placement import layer_devices
+
+    layer_dev = layer_devices(anatomy.n_layers, placement.n_gpu_layers, n_gpus, placement.tensor_split)
+    threads = placement.threads or hardware.cpu.cores
+    threads_batch = placement.threads_batch or threads
+    cpu_bw = cpu_bandwidth_Bps(hardware, threads, p)
+    ctx = prompt_tokens if context_tokens is None else context_tokens
+    kv_tok = _kv_per_token_by_device(anatomy, layer_dev, placement.kv_type, placement.offload_kqv)
+
+    # Decode: bytes per token over bandwidth, per device.
+    t_dec = p.token_overhead_s + _switches(anatomy, devs) * p.split_overhead_s
+    for d, ld in loads.items():
+        kv_read = kv_tok.get(d, 0.0) * ctx
+        if d == CPU:
+            t_dec += (ld.decode_bytes + kv_read) / cpu_bw
+        else:
+            g = hardware.gpus[d]
+            t_dec += (ld.decode_bytes + kv_read) / (g.mem_bandwidth_Bps * p.gpu_bw_eff)
+            t_dec += len(ld.layers) * p.gpu_layer_overhead_s
+
+    t_prompt = _prompt_time_s(anatomy, hardware, placement, loads, p, prompt_tokens, threads_batch)
+    decode_tps = 1.0 / t_dec
+    return Prediction(decode_tps=decode_tps, prompt_tps=prompt_tokens / t_prompt, ttft_s=t_prompt)
+
+
+def _attn_flops_per_token(anatomy: Anatomy, n_layers_here: int, prompt_tokens: int) -> float:
+    # QK^T and AV over, on average, half the prompt.
+    return 4.0 * anatomy.n_head * max(anatomy.head_dim_k, 1) * prompt_tokens / 2 * n_layers_here
+
+
+def _prompt_time_s(
+    anatomy: Anatomy, hardware: Hardware, placement: Placement, loads: dict[int, DeviceLoad],
+    p: SpeedParams, prompt_tokens: int, threads_batch: int,
+) -> float:
+    n_tokens = max(prompt_tokens, 1)
+    ubatch = max(min(placement.n_ubatch, placement.n_batch, n_tokens), 1)
+    n_ub = math.ceil(n_tokens / ubatch)
+    cpu = loads[CPU]
+    cpu_flops = p.cpu_flops_per_core * max(min(threads_batch, hardware.cpu.cores), 1)
+    attn_layers = sum(1 for k in anatomy.kv_bytes_per_token_f16 if k)
+    total = 0.0
+    streams = bool(hardware.gpus) and placement.op_offload and ubatch >= p.op_offload_min_batch
+    for d, ld in loads.items():
+        share = len(ld.layers) / max(anatomy.n_layers, 1)
+        attn = _attn_flops_per_token(anatomy, round(attn_layers * share), n_tokens)
+        if d == CPU:
+            continue
+        f = gpu_flops(hardware, d, p)
+        total += n_tokens * ((ld.dense_flops + attn) / (f * p.gpu_flops_eff)
+                             + ld.expert_flops / (f * p.gpu_expert_flops_eff))
+        total += n_ub * len(ld.layers) * p.gpu_layer_overhead_s
+    cpu_share = len(cpu.layers) / max(anatomy.n_layers, 1)
+    cpu_attn = _attn_flops_per_token(anatomy, round(attn_layers * cpu_share), n_tokens)
+    if streams and cpu.stream_bytes:
+        f = gpu_flops(hardware, 0, p)
+        h2d = hardware.gpus[0].h2d_bandwidth_Bps * p.stream_h2d_eff
+        total += n_ub * cpu.stream_bytes / h2d
+        total += n_tokens * (cpu.dense_flops / (f * p.gpu_flops_eff) + cpu.expert_flops / (f * p.gpu_expert_flops_eff))
+        total += n_tokens * cpu_attn / cpu_flops
+    else:
+        # Expert matmuls with a batch touch nearly every expert, but flops follow the active share.
+        total += n_tokens * (cpu.dense_flops + cpu.expert_flops + cpu_attn) / cpu_flops
+    total += n_ub * p.ubatch_overhead_s
+    return total

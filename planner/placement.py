@@ -1,0 +1,142 @@
+"""Which device each tensor lands on for a placement, by llama.cpp's rules, and what each device holds.
+
+llama.cpp puts the last ``n_gpu_layers`` repeating layers on the GPUs (the output layer counts as
+one more), keeps the input embedding on the CPU, splits GPU layers by ``tensor_split``, and then
+moves every tensor whose name a buffer-override pattern matches (``re.search``) to the CPU.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+from offload.planner.types import Anatomy, Placement
+
+__all__ = ["CPU", "layer_devices", "output_device", "tensor_devices", "DeviceLoad", "device_loads"]
+
+CPU = -1
+
+
+def _gpu_for(il: int, i_gpu_start: int, act_gpu_layers: int, split: tuple[float, ...]) -> int:
+    # llama.cpp: upper_bound over the cumulative split of (il - i_gpu_start) / act_gpu_layers.
+    if len(split) <= 1:
+        return 0
+    total = sum(split) or 1.0
+    x = (il - i_gpu_start) / max(act_gpu_layers, 1)
+    acc = 0.0
+    for i, s in enumerate(split):
+        acc += s / total
+        if x < acc:
+            return i
+    return len(split) - 1
+
+
+def layer_devices(n_layers: int, n_gpu_layers: int, n_gpus: int, split: tuple[float, ...] = ()) -> list[int]:
+    """Device of each repeating layer: a GPU index or ``CPU``."""
+    if n_gpus == 0:
+        return [CPU] * n_layers
+    start = max(n_layers - n_gpu_layers, 0)
+    act = min(n_gpu_layers, n_layers + 1)
+    split = split[:n_gpus] if split else tuple([1.0] * n_gpus)
+    return [CPU if il < start else _gpu_for(il, start, act, split) for il in range(n_layers)]
+
+
+def output_device(n_layers: int, n_gpu_layers: int, n_gpus: int, split: tuple[float, ...] = ()) -> int:
+    """Device of the output layer (the ``+1`` in ``n_gpu_layers``)."""
+    if n_gpus == 0 or n_gpu_layers <= n_layers:
+        return CPU
+    split = split[:n_gpus] if split else tuple([1.0] * n_gpus)
+    return _gpu_for(n_layers, 0, n_layers + 1, split)
+
+
+@lru_cache(maxsize=4096)
+def _matched(names: tuple[str, ...], patterns: tuple[str, ...]) -> frozenset[int]:
+    if not patterns:
+        return frozenset()
+    rx = [re.compile(p) for p in patterns]
+    return frozenset(i for i, n in enumerate(names) if any(r.search(n) for r in rx))
+
+
+def tensor_devices(anatomy: Anatomy, placement: Placement, n_gpus: int) -> list[int]:
+    """Device of every tensor of the anatomy, in order."""
+    layers = layer_devices(anatomy.n_layers, placement.n_gpu_layers, n_gpus, placement.tensor_split)
+    out_dev = output_device(anatomy.n_layers, placement.n_gpu_layers, n_gpus, placement.tensor_split)
+    names = tuple(t.name for t in anatomy.tensors)
+    forced = _matched(names, tuple(placement.cpu_tensor_patterns)) if n_gpus else frozenset()
+    devs = []
+    for i, t in enumerate(anatomy.tensors):
+        if t.role == "embedding" or i in forced:
+            devs.append(CPU)
+        elif t.layer is not None and t.layer < anatomy.n_layers:
+            devs.append(layers[t.layer])
+        elif t.layer is None and t.name.startswith("output"):
+            devs.append(out_dev)
+        else:
+            devs.append(CPU)
+    return devs
+
+
+@dataclass
+class DeviceLoad:
+    """What one device holds and does per token (aggregated from tensors)."""
+
+    weights_bytes: int = 0
+    decode_bytes: float = 0.0  # bytes read per generated token
+    dense_flops: float = 0.0  # flops per token of non-expert matmuls
+    expert_flops: float = 0.0  # flops per token of the active experts
+    stream_bytes: int = 0  # bytes op offload streams to a GPU per ubatch (CPU only)
+    repack_bytes: int = 0
+    layers: set[int] = field(default_factory=set)
+    has_output: bool = False
+
+
+def _elements(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def device_loads(anatomy: Anatomy, placement: Placement, n_gpus: int) -> tuple[dict[int, DeviceLoad], list[int]]:
+    """Per-device loads (``CPU`` and GPU indices) and the device of every tensor."""
+    from offload.planner.memory import repack_bytes  # local: memory has no placement logic
+
+    devs = tensor_devices(anatomy, placement, n_gpus)
+    loads: dict[int, DeviceLoad] = {CPU: DeviceLoad(), **{g: DeviceLoad() for g in range(n_gpus)}}
+    share = (anatomy.expert_used_count / anatomy.expert_count) if anatomy.expert_count else 1.0
+    vocab = max(anatomy.n_vocab, 1)
+    for t, d in zip(anatomy.tensors, devs, strict=True):
+        ld = loads[d]
+        ld.weights_bytes += t.nbytes
+        if t.layer is not None:
+            ld.layers.add(t.layer)
+        if t.role == "embedding":
+            ld.decode_bytes += t.nbytes / vocab  # one row per token
+            continue
+        elems = _elements(t.shape) if t.shape else 0
+        matmul = len(t.shape) >= 2
+        if t.role == "expert":
+            ld.decode_bytes += t.nbytes * share
+            ld.expert_flops += 2 * elems * share if matmul else 0
+        else:
+            ld.decode_bytes += t.nbytes
+            ld.dense_flops += 2 * elems if matmul else 0
+        if t.role == "output":
+            ld.has_output = True
+        if d == CPU:
+            ld.stream_bytes += t.nbytes
+            ld.repack_bytes += repack_bytes([t])
+    if anatomy.tied_embeddings:
+        emb = next((t for t in anatomy.tensors if t.role == "embedding"), None)
+        if emb is not None:
+            od = output_device(anatomy.n_layers, placement.n_gpu_layers, n_gpus, placement.tensor_split)
+            ld = loads[od]
+            if od != CPU:
+                ld.weights_bytes += emb.nbytes  # llama.cpp duplicates token_embd as output there
+            else:
+                ld.stream_bytes += emb.nbytes
+            ld.decode_bytes += emb.nbytes
+            ld.dense_flops += 2 * _elements(emb.shape)
+            ld.has_output = True
+    return loads, devs
