@@ -26,7 +26,7 @@ class SpeedParams:
     """Efficiency factors of the speed model (defaults from GPU.md's H100 host and a 2-core EPYC)."""
 
     # Fraction of the probed CPU copy bandwidth that decode reaches with threads = physical cores.
-    cpu_bw_eff: float = 0.52
+    cpu_bw_eff: float = 0.55
     # Bandwidth saturates with threads as 1 - exp(-threads / (tau * cores)) (GPU.md: 4/8/12/16 threads).
     cpu_thread_tau: float = 0.33
     gpu_bw_eff: float = 0.70

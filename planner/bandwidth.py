@@ -1,0 +1,107 @@
+"""Measured bandwidths: CPU memory (threaded numpy copies) and, with a CUDA runtime, pinned
+host-to-device and device memory bandwidth (ctypes on libcudart; no CUDA Python package needed).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import glob
+import importlib.util
+import logging
+import os
+import threading
+import time
+
+import numpy as np
+
+__all__ = ["cpu_copy_Bps", "find_cudart", "cuda_bandwidths"]
+
+log = logging.getLogger(__name__)
+
+
+def cpu_copy_Bps(threads: int, size_bytes: int = 256 << 20, repeats: int = 5) -> float:
+    """Best multi-threaded copy bandwidth (bytes read + written per second); ~0.1-0.3 s."""
+    src = np.ones(size_bytes // 8)
+    dst = np.empty_like(src)
+    dst[:] = 0  # fault the pages in before timing
+    bounds = np.linspace(0, src.size, max(threads, 1) + 1).astype(int)
+
+    def work(a: int, b: int) -> None:
+        np.copyto(dst[a:b], src[a:b])  # releases the GIL: threads copy in parallel
+
+    best = 0.0
+    for _ in range(repeats):
+        ts = [threading.Thread(target=work, args=(bounds[i], bounds[i + 1])) for i in range(len(bounds) - 1)]
+        t0 = time.perf_counter()
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        best = max(best, 2 * src.nbytes / (time.perf_counter() - t0))
+    return best
+
+
+def find_cudart() -> str | None:
+    """Path of the CUDA runtime llama.cpp's CUDA build links (next to llama_cpp's libs), else the system's."""
+    dirs = []
+    spec = importlib.util.find_spec("llama_cpp")  # locate without importing: planner never imports it
+    if spec and spec.origin:
+        base = os.path.dirname(spec.origin)
+        dirs += [os.path.join(base, "lib"), base]
+    for d in dirs:
+        hits = sorted(glob.glob(os.path.join(d, "libcudart.so*")))
+        if hits:
+            return hits[0]
+    found = ctypes.util.find_library("cudart")
+    if found:
+        return found
+    for name in ("libcudart.so.13", "libcudart.so.12", "libcudart.so.11.0", "libcudart.so"):
+        try:
+            ctypes.CDLL(name)
+            return name
+        except OSError:
+            continue
+    return None
+
+
+def _check(rc: int, what: str) -> None:
+    if rc != 0:
+        raise RuntimeError(f"{what} failed with CUDA error {rc}")
+
+
+def cuda_bandwidths(device: int, lib_path: str, size_bytes: int = 256 << 20) -> tuple[float, float]:
+    """(pinned host-to-device Bps, device copy Bps) measured with cudaMemcpyAsync and events."""
+    rt = ctypes.CDLL(lib_path)
+    _check(rt.cudaSetDevice(device), "cudaSetDevice")
+    host, dev_a, dev_b = ctypes.c_void_p(), ctypes.c_void_p(), ctypes.c_void_p()
+    size = ctypes.c_size_t(size_bytes)
+    _check(rt.cudaMallocHost(ctypes.byref(host), size), "cudaMallocHost")
+    try:
+        _check(rt.cudaMalloc(ctypes.byref(dev_a), size), "cudaMalloc")
+        _check(rt.cudaMalloc(ctypes.byref(dev_b), size), "cudaMalloc")
+        start, stop = ctypes.c_void_p(), ctypes.c_void_p()
+        _check(rt.cudaEventCreate(ctypes.byref(start)), "cudaEventCreate")
+        _check(rt.cudaEventCreate(ctypes.byref(stop)), "cudaEventCreate")
+
+        def timed(dst: ctypes.c_void_p, src: ctypes.c_void_p, kind: int, reps: int) -> float:
+            rt.cudaMemcpyAsync(dst, src, size, kind, None)  # warm-up
+            _check(rt.cudaEventRecord(start, None), "cudaEventRecord")
+            for _ in range(reps):
+                _check(rt.cudaMemcpyAsync(dst, src, size, kind, None), "cudaMemcpyAsync")
+            _check(rt.cudaEventRecord(stop, None), "cudaEventRecord")
+            _check(rt.cudaEventSynchronize(stop), "cudaEventSynchronize")
+            ms = ctypes.c_float()
+            _check(rt.cudaEventElapsedTime(ctypes.byref(ms), start, stop), "cudaEventElapsedTime")
+            return reps * size_bytes / (ms.value / 1e3)
+
+        h2d = timed(dev_a, host, 1, 4)  # cudaMemcpyHostToDevice
+        d2d = 2 * timed(dev_b, dev_a, 3, 10)  # device-to-device: read + write
+        rt.cudaEventDestroy(start)
+        rt.cudaEventDestroy(stop)
+        return h2d, d2d
+    finally:
+        for p in (dev_a, dev_b):
+            if p.value:
+                rt.cudaFree(p)
+        rt.cudaFreeHost(host)
