@@ -83,6 +83,8 @@ class DeviceLoad:
 
     weights_bytes: int = 0
     decode_bytes: float = 0.0  # bytes read per generated token
+    expert_decode_bytes: float = 0.0  # the expert part of decode_bytes
+    output_decode_bytes: float = 0.0  # the output-layer part of decode_bytes
     dense_flops: float = 0.0  # flops per token of non-expert matmuls
     expert_flops: float = 0.0  # flops per token of the active experts
     stream_bytes: int = 0  # bytes op offload streams to a GPU per ubatch (CPU only)
@@ -118,12 +120,14 @@ def device_loads(anatomy: Anatomy, placement: Placement, n_gpus: int) -> tuple[d
         matmul = len(t.shape) >= 2
         if t.role == "expert":
             ld.decode_bytes += t.nbytes * share
+            ld.expert_decode_bytes += t.nbytes * share
             ld.expert_flops += 2 * elems * share if matmul else 0
         else:
             ld.decode_bytes += t.nbytes
             ld.dense_flops += 2 * elems if matmul else 0
         if t.role == "output":
             ld.has_output = True
+            ld.output_decode_bytes += t.nbytes
         if d == CPU:
             ld.stream_bytes += t.nbytes
             ld.repack_bytes += repack_bytes([t])
@@ -137,6 +141,7 @@ def device_loads(anatomy: Anatomy, placement: Placement, n_gpus: int) -> tuple[d
             else:
                 ld.stream_bytes += emb.nbytes
             ld.decode_bytes += emb.nbytes
+            ld.output_decode_bytes += emb.nbytes
             ld.dense_flops += 2 * _elements(emb.shape)
             ld.has_output = True
     return loads, devs

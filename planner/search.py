@@ -11,7 +11,7 @@ from offload.planner.evaluate import device_budgets, evaluate, fits
 from offload.planner.memory import kv_bytes_per_layer
 from offload.planner.types import Anatomy, Hardware, Placement, Plan, PlanRequest
 
-__all__ = ["plan", "expert_pattern", "ffn_pattern", "choose"]
+__all__ = ["plan", "expert_pattern", "ffn_pattern", "ffn_patterns", "choose"]
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +35,40 @@ def ffn_pattern(layers: Iterable[int]) -> str:
     return rf"blk\.{_alternation(layers)}\.ffn_(up|down|gate)\.weight"
 
 
+_FFN_KINDS = ("down", "gate", "up")
+
+
+def ffn_patterns(units: list[tuple[int, str]], experts: bool) -> tuple[str, ...]:
+    """Patterns for (layer, ffn tensor kind) units: whole layers in one regex, a partial layer apart."""
+    by_layer: dict[int, set[str]] = {}
+    for il, kind in units:
+        by_layer.setdefault(il, set()).add(kind)
+    full = [il for il, kinds in by_layer.items() if len(kinds) == len(_FFN_KINDS)]
+    make = expert_pattern if experts else ffn_pattern
+    pats = [make(full)] if full else []
+    suffix = "_exps" if experts else ""
+    for il, kinds in sorted(by_layer.items()):
+        if len(kinds) < len(_FFN_KINDS):
+            pats.append(rf"blk\.{il}\.ffn_({'|'.join(sorted(kinds))}){suffix}\.weight")
+    return tuple(pats)
+
+
 def choose(plans: list[Plan], optimize: str) -> Plan:
-    """Pick by mode: decode, prompt, or balanced (best prompt within 5% of the best decode)."""
+    """Pick by mode: decode, prompt, or balanced (best prompt within 5% of the best decode).
+
+    A quantized KV cache costs quality: it is chosen only when it is more than 3% faster.
+    """
+    best = _choose(plans, optimize)
+    f16 = [p for p in plans if p.kv_type == "f16"]
+    if best.kv_type != "f16" and f16:
+        alt = _choose(f16, optimize)
+        if (alt.predicted.decode_tps >= best.predicted.decode_tps / 1.03
+                and alt.predicted.prompt_tps >= best.predicted.prompt_tps / 1.03):
+            return alt
+    return best
+
+
+def _choose(plans: list[Plan], optimize: str) -> Plan:
     if optimize == "decode":
         return max(plans, key=lambda p: (round(p.predicted.decode_tps, 6), p.predicted.prompt_tps))
     if optimize == "prompt":
@@ -107,13 +139,15 @@ def _candidates(anatomy: Anatomy, hw: Hardware, req: PlanRequest, n_ctx: int, sp
             first_gpu = max(n_layers - ngl, 0)
             gpu_layers = list(range(first_gpu, n_layers))
             if gpu_layers:
-                pat = expert_pattern if anatomy.expert_count else ffn_pattern
 
-                def moved(k: int, common: dict = common, pat: Callable = pat, gl: list = gpu_layers) -> Plan:
-                    pats = (pat(gl[:k]),) if k else ()
+                units = [(il, kind) for il in gpu_layers for kind in _FFN_KINDS]
+                experts = bool(anatomy.expert_count)
+
+                def moved(k: int, common: dict = common, units: list = units, experts: bool = experts) -> Plan:
+                    pats = ffn_patterns(units[:k], experts)
                     return evaluate(anatomy, hw, req, Placement(ngl, cpu_tensor_patterns=pats, **common), speed)
 
-                found.append(_first_fit(0, len(gpu_layers), moved, descending=False))
+                found.append(_first_fit(0, len(units), moved, descending=False))
             for p in found:
                 if p is None or not fits(p):
                     continue

@@ -254,7 +254,8 @@ class PlanRequest:
     threads: int | None = None
     use_mmap: bool | None = None
     use_mlock: bool = False
-    prompt_tokens: int = 512
+    # Prompt length the prompt speed and TTFT are predicted for (pp2048 as in GPU.md's n_ubatch test).
+    prompt_tokens: int = 2048
     extra: dict[str, Any] = field(default_factory=dict)
 
 
