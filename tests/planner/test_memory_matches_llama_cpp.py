@@ -1,0 +1,51 @@
+"""The memory model agrees with what llama.cpp itself allocates for the real Gemma 3 270M."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from offload.planner import Placement, anatomy
+from offload.planner.evaluate import memory_by_device
+from offload.planner.placement import CPU
+from offload.planner.types import CPUInfo, Hardware
+
+llama_cpp = pytest.importorskip("llama_cpp")
+
+_MiB = 1 << 20
+_SIZES = {
+    "model": re.compile(r"CPU_Mapped model buffer size =\s+([\d.]+) MiB"),
+    "kv": re.compile(r"llama_kv_cache:\s+CPU KV buffer size =\s+([\d.]+) MiB"),
+    "compute": re.compile(r"CPU compute buffer size =\s+([\d.]+) MiB"),
+    "output": re.compile(r"CPU\s+output buffer size =\s+([\d.]+) MiB"),
+}
+
+
+def _llama_sizes(path: Path, capfd: pytest.CaptureFixture[str], **kw: object) -> dict[str, float]:
+    capfd.readouterr()
+    m = llama_cpp.Llama(str(path), verbose=True, n_threads=2, **kw)
+    del m
+    log = "".join(capfd.readouterr())
+    return {k: sum(float(x) for x in rx.findall(log)) * _MiB for k, rx in _SIZES.items()}
+
+
+@pytest.mark.parametrize(
+    "n_ctx,n_ubatch,flash_attn,kv",
+    [(4096, 512, False, "f16"), (16384, 256, True, "q8_0")],
+)
+def test_memory_model_within_5_percent_plus_64_mib(gemma_path: Path, capfd, n_ctx, n_ubatch, flash_attn, kv) -> None:
+    kw = dict(n_ctx=n_ctx, n_batch=512, n_ubatch=n_ubatch, flash_attn=flash_attn)
+    if kv == "q8_0":
+        kw.update(type_k=llama_cpp.GGML_TYPE_Q8_0, type_v=llama_cpp.GGML_TYPE_Q8_0)
+    real = _llama_sizes(gemma_path, capfd, **kw)
+    a = anatomy.read(gemma_path)
+    hw = Hardware("cpu", CPUInfo(cores=2, ram_bytes=16 << 30, mem_bandwidth_Bps=20e9))
+    pl = Placement(0, n_ctx=n_ctx, n_batch=512, n_ubatch=n_ubatch, flash_attn=flash_attn, kv_type=kv)
+    weights, kv_bytes, compute, _ = memory_by_device(a, hw, pl)[CPU]
+    predicted = {"model": weights, "kv": kv_bytes, "compute": compute}
+    real_compute = real["compute"] + real["output"]
+    for key, want in (("model", real["model"]), ("kv", real["kv"]), ("compute", real_compute)):
+        assert want > 0, f"llama.cpp log had no {key} size"
+        assert abs(predicted[key] - want) <= 0.05 * want + 64 * _MiB, (key, predicted[key] / _MiB, want / _MiB)
