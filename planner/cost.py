@@ -26,12 +26,14 @@ class SpeedParams:
     """Efficiency factors of the speed model (defaults from GPU.md's H100 host and a 2-core EPYC)."""
 
     # Fraction of the probed CPU copy bandwidth that decode reaches with threads = physical cores.
-    cpu_bw_eff: float = 0.55
+    cpu_bw_eff: float = 0.62
     # Bandwidth saturates with threads as 1 - exp(-threads / (tau * cores)) (GPU.md: 4/8/12/16 threads).
     cpu_thread_tau: float = 0.33
     gpu_bw_eff: float = 0.70
-    token_overhead_s: float = 0.25e-3
-    gpu_layer_overhead_s: float = 75e-6
+    token_overhead_s: float = 0.8e-3
+    # Per layer and token: kernel launches on a GPU, thread barriers between ops on the CPU.
+    gpu_layer_overhead_s: float = 50e-6
+    cpu_layer_overhead_s: float = 50e-6
     # Per GPU layer and micro-batch in prompt processing (kernel launches amortised over the batch).
     gpu_layer_overhead_prompt_s: float = 20e-6
     # Each hand-over between CPU and GPU inside a token (sync + activation copy).
@@ -132,6 +134,7 @@ def predict(
             out = ld.output_decode_bytes * (p.cpu_output_decode_factor if n_gpus else 1.0)
             dense = ld.decode_bytes - ld.expert_decode_bytes - ld.output_decode_bytes + out
             t_dec += (dense + kv_read) / cpu_bw + ld.expert_decode_bytes / (cpu_bw * p.cpu_expert_bw_factor)
+            t_dec += len(ld.layers) * p.cpu_layer_overhead_s
         else:
             g = hardware.gpus[d]
             t_dec += (ld.decode_bytes + kv_read) / (g.mem_bandwidth_Bps * p.gpu_bw_eff)

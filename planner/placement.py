@@ -100,37 +100,70 @@ def _elements(shape: tuple[int, ...]) -> int:
     return n
 
 
-def device_loads(anatomy: Anatomy, placement: Placement, n_gpus: int) -> tuple[dict[int, DeviceLoad], list[int]]:
-    """Per-device loads (``CPU`` and GPU indices) and the device of every tensor."""
+# (anatomy, per-tensor rows) by id: the search evaluates hundreds of placements of one anatomy.
+_ROWS: dict[int, tuple[Anatomy, list[tuple[int | None, str, int, int, int]]]] = {}
+
+
+def _rows(anatomy: Anatomy) -> list[tuple[int | None, str, int, int, int]]:
+    """Per tensor: (layer, role, bytes, matmul flops per token at full share, repack bytes)."""
+    hit = _ROWS.get(id(anatomy))
+    if hit is not None and hit[0] is anatomy:
+        return hit[1]
     from offload.planner.memory import repack_bytes  # local: memory has no placement logic
 
+    rows = []
+    for t in anatomy.tensors:
+        flops = 2 * _elements(t.shape) if len(t.shape) >= 2 else 0
+        rows.append((t.layer, t.role, t.nbytes, flops, repack_bytes([t])))
+    if len(_ROWS) > 64:
+        _ROWS.clear()
+    _ROWS[id(anatomy)] = (anatomy, rows)
+    return rows
+
+
+_LOADS: dict[tuple, tuple[Anatomy, dict[int, DeviceLoad], list[int]]] = {}
+
+
+def device_loads(anatomy: Anatomy, placement: Placement, n_gpus: int) -> tuple[dict[int, DeviceLoad], list[int]]:
+    """Per-device loads (``CPU`` and GPU indices) and the device of every tensor (cached, do not mutate)."""
+    key = (id(anatomy), placement.n_gpu_layers, tuple(placement.cpu_tensor_patterns),
+           tuple(placement.tensor_split), n_gpus)
+    hit = _LOADS.get(key)
+    if hit is not None and hit[0] is anatomy:
+        return hit[1], hit[2]
+    loads, devs = _device_loads(anatomy, placement, n_gpus)
+    if len(_LOADS) > 4096:
+        _LOADS.clear()
+    _LOADS[key] = (anatomy, loads, devs)
+    return loads, devs
+
+
+def _device_loads(anatomy: Anatomy, placement: Placement, n_gpus: int) -> tuple[dict[int, DeviceLoad], list[int]]:
     devs = tensor_devices(anatomy, placement, n_gpus)
     loads: dict[int, DeviceLoad] = {CPU: DeviceLoad(), **{g: DeviceLoad() for g in range(n_gpus)}}
     share = (anatomy.expert_used_count / anatomy.expert_count) if anatomy.expert_count else 1.0
     vocab = max(anatomy.n_vocab, 1)
-    for t, d in zip(anatomy.tensors, devs, strict=True):
+    for (layer, role, nbytes, flops, repack), d in zip(_rows(anatomy), devs, strict=True):
         ld = loads[d]
-        ld.weights_bytes += t.nbytes
-        if t.layer is not None:
-            ld.layers.add(t.layer)
-        if t.role == "embedding":
-            ld.decode_bytes += t.nbytes / vocab  # one row per token
+        ld.weights_bytes += nbytes
+        if layer is not None:
+            ld.layers.add(layer)
+        if role == "embedding":
+            ld.decode_bytes += nbytes / vocab  # one row per token
             continue
-        elems = _elements(t.shape) if t.shape else 0
-        matmul = len(t.shape) >= 2
-        if t.role == "expert":
-            ld.decode_bytes += t.nbytes * share
-            ld.expert_decode_bytes += t.nbytes * share
-            ld.expert_flops += 2 * elems * share if matmul else 0
+        if role == "expert":
+            ld.decode_bytes += nbytes * share
+            ld.expert_decode_bytes += nbytes * share
+            ld.expert_flops += flops * share
         else:
-            ld.decode_bytes += t.nbytes
-            ld.dense_flops += 2 * elems if matmul else 0
-        if t.role == "output":
+            ld.decode_bytes += nbytes
+            ld.dense_flops += flops
+        if role == "output":
             ld.has_output = True
-            ld.output_decode_bytes += t.nbytes
+            ld.output_decode_bytes += nbytes
         if d == CPU:
-            ld.stream_bytes += t.nbytes
-            ld.repack_bytes += repack_bytes([t])
+            ld.stream_bytes += nbytes
+            ld.repack_bytes += repack
     if anatomy.tied_embeddings:
         emb = next((t for t in anatomy.tensors if t.role == "embedding"), None)
         if emb is not None:

@@ -78,25 +78,28 @@ def _choose(plans: list[Plan], optimize: str) -> Plan:
     return max(near, key=lambda p: (p.predicted.prompt_tps, p.predicted.decode_tps))
 
 
-def _first_fit(lo: int, hi: int, build: Callable[[int], Plan], descending: bool) -> Plan | None:
-    """Binary search over k in [lo, hi] for the fastest fitting plan, memory being monotone in k.
+def _gpu_over(p: Plan) -> bool:
+    return any(d.total_bytes > d.budget_bytes for d in p.devices if d.kind == "GPU")
 
-    ``descending``: larger k puts more on the GPU (whole layers); otherwise smaller k does.
+
+def _first_fit(lo: int, hi: int, build: Callable[[int], Plan], descending: bool) -> Plan | None:
+    """Binary search over k in [lo, hi] for the plan with the most on the GPU that fits.
+
+    ``descending``: larger k puts more on the GPU (whole layers); otherwise smaller k does. GPU
+    memory grows toward "more on the GPU" and RAM the other way, so the feasible k form an
+    interval: a GPU over budget moves the search toward less on the GPU, a RAM overflow toward more.
     """
     best: Plan | None = None
     while lo <= hi:
         mid = (lo + hi) // 2
         p = build(mid)
+        more_gpu = fits(p) or not _gpu_over(p)
         if fits(p):
             best = p
-            if descending:
-                lo = mid + 1
-            else:
-                hi = mid - 1
-        elif descending:
-            hi = mid - 1
-        else:
+        if more_gpu == descending:
             lo = mid + 1
+        else:
+            hi = mid - 1
     return best
 
 
@@ -110,7 +113,8 @@ def _candidates(anatomy: Anatomy, hw: Hardware, req: PlanRequest, n_ctx: int, sp
         ub = req.n_ubatch or 512
         pl = Placement(0, n_batch=max(req.n_batch or 2048, ub), n_ubatch=ub,
                        kv_type=req.kv_type or "f16", flash_attn=fa, **base)
-        return [evaluate(anatomy, hw, req, pl, speed)]
+        only = evaluate(anatomy, hw, req, pl, speed)
+        return [only] if fits(only) else []
     _, budgets, _ = device_budgets(hw, req)
     split = tuple(b / sum(budgets) for b in budgets) if len(hw.gpus) > 1 and sum(budgets) else ()
     kv_types = [req.kv_type] if req.kv_type else ["f16", "q8_0"]
@@ -132,9 +136,12 @@ def _candidates(anatomy: Anatomy, hw: Hardware, req: PlanRequest, n_ctx: int, sp
                 top = min(req.num_gpu, top)
                 found = [layers(top)]
             else:
-                found = [_first_fit(0, top, layers, descending=True)]
-                if found[0] is not None and found[0].n_gpu_layers > 1:
-                    found.append(layers(found[0].n_gpu_layers - 1))  # output layer on CPU vs one layer
+                most = _first_fit(0, top, layers, descending=True)
+                # Fewer layers can be faster (per-layer GPU overheads on tiny models): scan them all,
+                # with a stride on very deep models.
+                limit = most.n_gpu_layers if most is not None else -1
+                step = max(1, (limit + 1) // 48)
+                found = [layers(k) for k in range(0, limit, step)] + [most]
             ngl = top
             first_gpu = max(n_layers - ngl, 0)
             gpu_layers = list(range(first_gpu, n_layers))

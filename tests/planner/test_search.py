@@ -1,0 +1,160 @@
+"""Search: plans respect budgets, use memory well, and place MoE experts before attention."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from offload.planner import (
+    CPUInfo, GPUInfo, Hardware, Placement, PlanInfeasible, PlanRequest, anatomy, evaluate, plan,
+)
+from offload.planner.evaluate import fits
+from offload.planner.placement import CPU, tensor_devices
+from offload.planner.search import expert_pattern
+from tests import synth
+
+GiB = 1 << 30
+
+
+def _hw(vram_gib: float, ram_gib: float = 64, cores: int = 8, n_gpus: int = 1, cpu_bw: float = 50e9,
+        gpu_bw: float = 900e9, h2d: float = 20e9) -> Hardware:
+    gpus = tuple(GPUInfo(f"GPU{i}", int(vram_gib * GiB), gpu_bw, h2d, index=i) for i in range(n_gpus))
+    return Hardware("test", CPUInfo(cores=cores, ram_bytes=int(ram_gib * GiB), mem_bandwidth_Bps=cpu_bw), gpus)
+
+
+_CACHE: dict[tuple, object] = {}
+
+
+def _model(tmp: Path, n_layers: int, n_embd: int, experts: int):
+    key = (n_layers, n_embd, experts)
+    if key not in _CACHE:
+        spec = synth.tiny_llama(n_layers=n_layers, n_embd=n_embd, n_ff=n_embd * 3, expert_count=experts)
+        spec.n_vocab = 32000
+        _CACHE[key] = anatomy.read(synth.write_model(tmp / f"m{n_layers}_{n_embd}_{experts}.gguf", spec))
+    return _CACHE[key]
+
+
+models = st.tuples(st.integers(2, 24), st.sampled_from([256, 512, 1024, 2048]), st.sampled_from([0, 8, 32]))
+machines = st.tuples(st.floats(0.2, 24), st.floats(2, 128), st.integers(1, 32), st.floats(10e9, 200e9),
+                     st.floats(100e9, 3e12), st.floats(5e9, 50e9), st.integers(0, 2))
+_settings = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@_settings
+@given(model=models, machine=machines, optimize=st.sampled_from(["decode", "prompt", "balanced"]))
+def test_no_plan_exceeds_any_budget(synth_dir: Path, model, machine, optimize) -> None:
+    a = _model(synth_dir, *model)
+    vram, ram, cores, cbw, gbw, h2d, n_gpus = machine
+    hw = _hw(vram, ram, cores, n_gpus, cbw, gbw, h2d)
+    try:
+        p = plan(a, hw, PlanRequest(optimize=optimize))
+    except PlanInfeasible:
+        return
+    for d in p.devices:
+        assert d.total_bytes <= d.budget_bytes, d
+    assert p.n_ctx >= min(4096, a.n_ctx_train)
+
+
+@_settings
+@given(model=models, vram=st.floats(0.1, 8), extra=st.floats(0.05, 8), cores=st.integers(1, 16))
+def test_more_gpu_memory_never_predicts_slower_decode(synth_dir: Path, model, vram, extra, cores) -> None:
+    a = _model(synth_dir, *model)
+    # KV type fixed: the planner deliberately prefers f16 over a <3% faster q8_0 cache.
+    req = PlanRequest(n_ctx=4096, optimize="decode", kv_type="f16")
+    small = plan(a, _hw(vram, cores=cores), replace(req, gpu_budget_bytes=int(vram * GiB)))
+    big = plan(a, _hw(vram + extra, cores=cores), replace(req, gpu_budget_bytes=int((vram + extra) * GiB)))
+    assert big.predicted.decode_tps >= small.predicted.decode_tps * 0.999
+
+
+@_settings
+@given(model=models)
+def test_everything_on_the_gpu_when_it_fits(synth_dir: Path, model) -> None:
+    a = _model(synth_dir, *model)
+    p = plan(a, _hw(80), PlanRequest(n_ctx=4096))
+    assert p.n_gpu_layers == a.n_layers + 1 and not p.cpu_tensor_patterns
+    assert p.devices[0].weights_bytes == next(t.nbytes for t in a.tensors if t.role == "embedding")
+
+
+def test_tight_budget_moves_moe_experts_before_attention(qwen_moe) -> None:
+    non_expert = sum(t.nbytes for t in qwen_moe.tensors if t.role != "expert")
+    expert = qwen_moe.weights_bytes - non_expert
+    hw = _hw(80, ram_gib=128, cores=16)
+    for frac in (0.1, 0.3, 0.6):
+        budget = int(non_expert + frac * expert + 1.5 * GiB)
+        p = plan(qwen_moe, hw, PlanRequest(n_ctx=4096, gpu_budget_bytes=budget, optimize="decode"))
+        devs = tensor_devices(qwen_moe, Placement(p.n_gpu_layers, p.cpu_tensor_patterns), 1)
+        attn_cpu = [t.name for t, d in zip(qwen_moe.tensors, devs, strict=True) if t.role == "attention" and d == CPU]
+        experts_gpu = sum(1 for t, d in zip(qwen_moe.tensors, devs, strict=True) if t.role == "expert" and d != CPU)
+        assert not attn_cpu, f"attention moved to CPU at {frac}: {attn_cpu[:3]}"
+        assert 0 < experts_gpu < 3 * 48
+
+
+def test_expert_placement_beats_whole_layers_at_equal_budget(qwen_moe) -> None:
+    from offload.planner.hardware import load_profile
+
+    hw = load_profile("h100-sxm")
+    req = PlanRequest(n_ctx=4096, gpu_budget_bytes=12 * GiB, threads=8, optimize="decode")
+    p = plan(qwen_moe, hw, req)
+    whole = max((evaluate(qwen_moe, hw, req, Placement(k, n_ctx=4096, threads=8, flash_attn=True))
+                 for k in range(0, 50)), key=lambda q: q.predicted.decode_tps if fits(q) else 0)
+    assert fits(whole) and p.predicted.decode_tps > 1.1 * whole.predicted.decode_tps
+
+
+def test_balanced_buys_prompt_speed_with_a_larger_ubatch_on_moe(qwen_moe) -> None:
+    from offload.planner.hardware import load_profile
+
+    hw = load_profile("h100-sxm")
+    req = PlanRequest(n_ctx=4096, gpu_budget_bytes=12 * GiB, threads=8)
+    dec = plan(qwen_moe, hw, replace(req, optimize="decode"))
+    bal = plan(qwen_moe, hw, replace(req, optimize="balanced"))
+    assert bal.predicted.decode_tps >= 0.95 * dec.predicted.decode_tps
+    assert bal.predicted.prompt_tps > 1.5 * dec.predicted.prompt_tps
+    assert bal.n_ubatch > 512 and any("n_ubatch" in r for r in bal.reasons)
+
+
+def test_cpu_only_machine_gets_a_cpu_plan_that_says_so(mistral) -> None:
+    p = plan(mistral, _hw(0, n_gpus=0), PlanRequest())
+    assert p.n_gpu_layers == 0 and [d.name for d in p.devices] == ["CPU"]
+    assert any("No GPU" in r for r in p.reasons)
+
+
+def test_model_larger_than_ram_and_vram_is_infeasible_and_says_what_is_needed(qwen_moe) -> None:
+    with pytest.raises(PlanInfeasible, match=r"needs about 1[89]\.\d GiB"):
+        plan(qwen_moe, _hw(4, ram_gib=8), PlanRequest(n_ctx=4096))
+
+
+def test_user_constraints_are_honoured(mistral) -> None:
+    p = plan(mistral, _hw(24), PlanRequest(num_gpu=10, n_ctx=8192, n_parallel=2))
+    assert p.n_gpu_layers == 10 and p.n_ctx == 8192 and p.n_parallel == 2
+    assert any("as requested" in r for r in p.reasons)
+
+
+def test_two_gpus_split_layers_by_budget(mistral) -> None:
+    p = plan(mistral, _hw(3, n_gpus=2), PlanRequest(n_ctx=4096))
+    assert len(p.tensor_split) == 2 and abs(sum(p.tensor_split) - 1) < 1e-9
+    assert all(d.weights_bytes > 0 for d in p.devices[1:])
+
+
+def test_plan_json_has_the_published_shape(mistral) -> None:
+    d = json.loads(json.dumps(plan(mistral, _hw(6), PlanRequest()).to_dict()))
+    for k in ("n_gpu_layers", "cpu_tensor_patterns", "n_ctx", "n_batch", "n_ubatch", "threads", "kv_type",
+              "flash_attn", "reasons"):
+        assert k in d
+    assert set(d["predicted"]) >= {"decode_tps", "prompt_tps", "ttft_s"}
+    assert d["devices"][0]["name"] == "CPU"
+    assert set(d["devices"][0]) >= {"name", "weights_bytes", "kv_bytes", "compute_bytes", "total_bytes", "budget_bytes"}
+
+
+def test_evaluate_reflects_a_given_expert_override(qwen_moe) -> None:
+    hw = _hw(80)
+    base = Placement(49, n_ctx=4096)
+    moved = replace(base, cpu_tensor_patterns=(expert_pattern(range(10)),))
+    p0, p1 = (evaluate(qwen_moe, hw, PlanRequest(), pl) for pl in (base, moved))
+    ten_layers = sum(t.nbytes for t in qwen_moe.tensors if t.role == "expert" and t.layer < 10)
+    assert p1.devices[0].weights_bytes - p0.devices[0].weights_bytes == ten_layers
+    assert p1.predicted.decode_tps < p0.predicted.decode_tps
