@@ -59,7 +59,9 @@ def memory_by_device(anatomy: Anatomy, hardware: Hardware, placement: Placement)
                                             logits=odev == CPU and not placement.op_offload,
                                             layers=bool(ld.layers) and not placement.op_offload)
             comp += output_buffer_bytes(anatomy, placement.n_parallel)
-            out[d] = (ld.weights_bytes, kv_on[d], comp, ld.repack_bytes)
+            # Repacked copies measured CPU-only (Gemma); with GPUs, op offload needs host-readable
+            # weights, so CPU-resident tensors are not counted twice there.
+            out[d] = (ld.weights_bytes, kv_on[d], comp, ld.repack_bytes if n_gpus == 0 else 0)
         else:
             main = d == 0
             used = bool(ld.layers) or ld.has_output or main

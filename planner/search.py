@@ -226,7 +226,7 @@ def _with_reasons(p: Plan, anatomy: Anatomy, hw: Hardware, req: PlanRequest, ref
         r.append(f"The whole model ({anatomy.weights_bytes / _GiB:.1f} GiB) and its KV cache fit on the GPU: "
                  "everything runs there.")
     elif p.cpu_tensor_patterns and anatomy.expert_count:
-        r.append(f"All layers on the GPU except expert tensors matched by {p.cpu_tensor_patterns[0]!r}: "
+        r.append(f"All layers on the GPU except expert tensors matched by {' and '.join(p.cpu_tensor_patterns)}: "
                  f"a token reads only {anatomy.expert_used_count} of {anatomy.expert_count} experts, so "
                  "experts cost least on the CPU, while attention, KV cache and shared tensors stay on the GPU.")
     elif p.cpu_tensor_patterns:
