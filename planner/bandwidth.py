@@ -10,6 +10,7 @@ import glob
 import importlib.util
 import logging
 import os
+import sys
 import threading
 import time
 
@@ -52,10 +53,17 @@ def find_cudart() -> str | None:
     if spec and spec.origin:
         base = os.path.dirname(spec.origin)
         dirs += [os.path.join(base, "lib"), base]
+    # pip-installed CUDA runtimes (nvidia-cuda-runtime wheels) live under site-packages/nvidia/.
+    for entry in sys.path:
+        dirs += glob.glob(os.path.join(entry, "nvidia", "cuda_runtime", "lib"))
+        dirs += glob.glob(os.path.join(entry, "nvidia", "cu*", "lib"))
     for d in dirs:
         hits = sorted(glob.glob(os.path.join(d, "libcudart.so*")))
         if hits:
             return hits[0]
+    linked = _cudart_linked_by_ggml(dirs[:2])
+    if linked:
+        return linked
     found = ctypes.util.find_library("cudart")
     if found:
         return found
@@ -65,6 +73,21 @@ def find_cudart() -> str | None:
             return name
         except OSError:
             continue
+    return None
+
+
+def _cudart_linked_by_ggml(dirs: list[str]) -> str | None:
+    """Load llama.cpp's CUDA backend library and read which libcudart the loader resolved for it."""
+    for d in dirs:
+        for lib in glob.glob(os.path.join(d, "libggml-cuda.so*")):
+            try:
+                ctypes.CDLL(lib, mode=ctypes.RTLD_GLOBAL)
+                with open("/proc/self/maps") as f:
+                    for line in f:
+                        if "libcudart" in line:
+                            return line.split()[-1]
+            except OSError:
+                continue
     return None
 
 
