@@ -45,24 +45,16 @@ _BUF = re.compile(r"(\S+) (model|KV|compute) buffer size =\s+([\d.]+) MiB")
 
 
 def memory(out: Path) -> None:
-    import llama_cpp
-
     hw = hw_mod.current(Path("/tmp/hardware.json"))
     ms = models()
     rows = []
     cases = [("dense", 33, 512, 4096), ("dense", 20, 512, 4096), ("moe", 49, 512, 4096), ("moe", 49, 2048, 4096),
              ("moe", 30, 1024, 16384)]
     for name, ngl, ub, ctx in cases:
-        logs: list[str] = []
-
-        @llama_cpp.llama_log_callback
-        def cb(level, text, data):  # noqa: ANN001
-            logs.append(text.decode(errors="replace"))
-
-        llama_cpp.llama_log_set(cb, None)
-        m = llama_cpp.Llama(MODELS[name][1], n_gpu_layers=ngl, n_ctx=ctx, n_batch=max(2048, ub), n_ubatch=ub,
-                            flash_attn=True, n_threads=8, verbose=True)
-        del m
+        code = ("import llama_cpp; m = llama_cpp.Llama(%r, n_gpu_layers=%d, n_ctx=%d, n_batch=%d, n_ubatch=%d, "
+                "flash_attn=True, n_threads=8, verbose=True)" % (MODELS[name][1], ngl, ctx, max(2048, ub), ub))
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
+        logs = [r.stdout, r.stderr]
         real: dict[str, float] = {}
         for dev, kind, mib in _BUF.findall("".join(logs)):
             real[f"{dev} {kind}"] = real.get(f"{dev} {kind}", 0) + float(mib)
