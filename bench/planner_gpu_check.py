@@ -14,10 +14,12 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from offload.planner import Placement, PlanRequest, anatomy, evaluate, plan
-from offload.planner import hardware as hw_mod
-from offload.planner.evaluate import memory_by_device
-from tests import synth
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.synth from the checkout
+
+from offload.planner import Placement, PlanRequest, anatomy, evaluate, plan  # noqa: E402
+from offload.planner import hardware as hw_mod  # noqa: E402
+from offload.planner.evaluate import memory_by_device  # noqa: E402
+from tests import synth  # noqa: E402
 
 GiB = 1 << 30
 TOOLS = Path("/tmp/llama-tools")

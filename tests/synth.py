@@ -247,4 +247,5 @@ def tiny_llama(n_layers: int = 4, n_embd: int = 256, n_ff: int = 512, expert_cou
     """A small llama (or MoE with ``expert_count``) whose dims divide every quant block."""
     return ModelSpec(arch="qwen3moe" if expert_count else "llama", n_layers=n_layers, n_embd=n_embd,
                      n_ff=n_ff, n_head=4, n_head_kv=2, n_vocab=1024, expert_count=expert_count,
-                     expert_used=max(expert_count // 8, 1) if expert_count else 0, n_ff_exp=n_ff // 2 or 256)
+                     expert_used=max(expert_count // 8, 1) if expert_count else 0, n_ff_exp=n_ff // 2 or 256,
+                     qk_norm=bool(expert_count))
