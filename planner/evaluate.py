@@ -40,7 +40,7 @@ def memory_by_device(anatomy: Anatomy, hardware: Hardware, placement: Placement)
     ldev = layer_devices(anatomy.n_layers, placement.n_gpu_layers, n_gpus, placement.tensor_split)
     odev = output_device(anatomy.n_layers, placement.n_gpu_layers, n_gpus, placement.tensor_split)
     kv = kv_bytes_per_layer(anatomy, placement.n_ctx, placement.n_parallel, placement.kv_type,
-                            placement.n_ubatch)
+                            placement.n_ubatch, swa_full=placement.swa_full)
     rec = recurrent_bytes_per_layer(anatomy, placement.n_parallel)
     kv_on: dict[int, int] = {d: 0 for d in loads}
     for il in range(anatomy.n_layers):
@@ -94,6 +94,7 @@ def evaluate(
         offload_kqv=placement.offload_kqv, op_offload=placement.op_offload,
         use_mmap=True if request.use_mmap is None else request.use_mmap, use_mlock=request.use_mlock,
         optimize=request.optimize, model_path=anatomy.path, hardware_fingerprint=hardware.fingerprint,
+        n_ctx_total=placement.n_ctx * max(placement.n_parallel, 1), swa_full=placement.swa_full,
     )
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import psutil
 
-from offload.planner.bandwidth import cpu_copy_Bps, cuda_bandwidths, find_cudart
+from offload.planner.bandwidth import cpu_read_Bps, cuda_bandwidths, find_cudart
 from offload.planner.errors import HardwareProfileError
 from offload.planner.types import CPUInfo, GPUInfo, Hardware
 
@@ -123,7 +123,7 @@ def probe(measure: bool = True) -> Hardware:
     notes: list[str] = []
     vm = psutil.virtual_memory()
     cores = psutil.cpu_count(logical=False) or psutil.cpu_count() or 1
-    bw = cpu_copy_Bps(cores) if measure else 20e9
+    bw = cpu_read_Bps(cores) if measure else 20e9
     if not measure:
         notes.append("CPU memory bandwidth not measured (assumed 20 GB/s)")
     gpus = _probe_gpus(notes)

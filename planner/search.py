@@ -110,7 +110,7 @@ def _candidates(anatomy: Anatomy, hw: Hardware, req: PlanRequest, n_ctx: int, sp
     base = dict(n_ctx=n_ctx, n_parallel=parallel, threads=threads, threads_batch=threads)
     if not hw.gpus:
         fa = bool(req.flash_attn) or (req.kv_type not in (None, "f16"))
-        ub = req.n_ubatch or 512
+        ub = req.n_ubatch or min(512, req.n_batch or 512)
         pl = Placement(0, n_batch=max(req.n_batch or 2048, ub), n_ubatch=ub,
                        kv_type=req.kv_type or "f16", flash_attn=fa, **base)
         only = evaluate(anatomy, hw, req, pl, speed)
@@ -118,7 +118,8 @@ def _candidates(anatomy: Anatomy, hw: Hardware, req: PlanRequest, n_ctx: int, sp
     _, budgets, _ = device_budgets(hw, req)
     split = tuple(b / sum(budgets) for b in budgets) if len(hw.gpus) > 1 and sum(budgets) else ()
     kv_types = [req.kv_type] if req.kv_type else ["f16", "q8_0"]
-    ubatches = [req.n_ubatch] if req.n_ubatch else list(_UBATCHES)
+    ubatches = [req.n_ubatch] if req.n_ubatch else [u for u in _UBATCHES if not req.n_batch or u <= req.n_batch]
+    ubatches = ubatches or [req.n_batch or 512]
     out: list[Plan] = []
     for kv in kv_types:
         fa = True if kv != "f16" else (True if req.flash_attn is None else req.flash_attn)

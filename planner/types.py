@@ -214,6 +214,10 @@ class Plan:
     optimize: str = "balanced"
     model_path: str = ""
     hardware_fingerprint: str = ""
+    # llama.cpp's own n_ctx: the per-sequence n_ctx times n_parallel (what the executor passes).
+    n_ctx_total: int = 0
+    # Full-size SWA cache (llama-cpp-python 0.3.36's default); False keeps only window + ubatch cells.
+    swa_full: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict in the published ``offload plan --json`` shape."""
@@ -280,6 +284,7 @@ class Placement:
     offload_kqv: bool = True
     op_offload: bool = True
     tensor_split: tuple[float, ...] = ()
+    swa_full: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -9,7 +11,6 @@ import psutil
 import pytest
 
 from offload.planner import PlanRequest, anatomy, plan
-from offload.planner.bandwidth import cpu_copy_Bps
 from offload.planner.types import CPUInfo, Hardware
 
 llama_cpp = pytest.importorskip("llama_cpp")
@@ -35,6 +36,13 @@ def _measure_decode_tps(path: Path, threads: int, n_tokens: int = 64) -> float:
         m.close()
 
 
+def _probe_read_Bps(cores: int) -> float:
+    # A fresh process, as `offload hardware` probes: after llama.cpp ran in this one (its OpenMP
+    # threads, its freed buffers) numpy's bandwidth readings here swing far from the truth.
+    code = f"from offload.planner.bandwidth import cpu_read_Bps; print(cpu_read_Bps({cores}))"
+    return float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+
+
 def test_cpu_decode_prediction_within_25_percent_of_measured(gemma_path: Path) -> None:
     # The development machine is shared: a neighbour's burst can halve one measurement. Bandwidth and
     # decode are measured back to back, and up to five rounds are tried before calling it a miss.
@@ -43,11 +51,11 @@ def test_cpu_decode_prediction_within_25_percent_of_measured(gemma_path: Path) -
     seen = []
     for _ in range(5):
         hw = Hardware("here", CPUInfo(cores=cores, ram_bytes=psutil.virtual_memory().total,
-                                      mem_bandwidth_Bps=cpu_copy_Bps(cores)))
+                                      mem_bandwidth_Bps=_probe_read_Bps(cores)))
         predicted = plan(a, hw, PlanRequest(n_ctx=4096, prompt_tokens=8)).predicted.decode_tps
         measured = _measure_decode_tps(gemma_path, cores)
         seen.append((round(predicted, 1), round(measured, 1), round(hw.cpu.mem_bandwidth_Bps / 1e9, 1)))
-        print(f"cpu copy {seen[-1][2]} GB/s; gemma decode predicted {predicted:.1f} t/s, measured {measured:.1f} t/s")
+        print(f"cpu read {seen[-1][2]} GB/s; gemma decode predicted {predicted:.1f} t/s, measured {measured:.1f} t/s")
         if 0.75 <= predicted / measured <= 1.25:
             return
-    pytest.fail(f"(predicted t/s, measured t/s, copy GB/s) per round: {seen}")
+    pytest.fail(f"(predicted t/s, measured t/s, read GB/s) per round: {seen}")

@@ -158,3 +158,23 @@ def test_evaluate_reflects_a_given_expert_override(qwen_moe) -> None:
     ten_layers = sum(t.nbytes for t in qwen_moe.tensors if t.role == "expert" and t.layer < 10)
     assert p1.devices[0].weights_bytes - p0.devices[0].weights_bytes == ten_layers
     assert p1.predicted.decode_tps < p0.predicted.decode_tps
+
+
+@pytest.mark.parametrize("spec", [synth.mamba, synth.mamba2, synth.granite_hybrid, synth.qwen3_30b_a3b, synth.mistral_7b])
+@pytest.mark.parametrize("profile", ["rtx4060-laptop", "rtx3090", "cpu-only-laptop"])
+def test_every_architecture_plans_on_every_kind_of_machine(synth_dir: Path, spec, profile: str) -> None:
+    from offload.planner.hardware import load_profile
+
+    a = anatomy.read(synth.write_model(synth_dir / f"{spec.__name__}.gguf", spec()))
+    p = plan(a, load_profile(profile), PlanRequest())
+    assert fits(p) and p.predicted.decode_tps > 0 and p.predicted.prompt_tps > 0 and p.reasons
+    assert p.n_ctx >= 4096 and p.n_ctx_total == p.n_ctx * p.n_parallel
+    if a.recurrent_state_bytes:
+        assert sum(d.kv_bytes for d in p.devices) >= a.recurrent_state_bytes
+
+
+def test_a_users_n_batch_caps_the_micro_batch(qwen_moe) -> None:
+    from offload.planner.hardware import load_profile
+
+    p = plan(qwen_moe, load_profile("rtx3060"), PlanRequest(n_batch=512))
+    assert p.n_ubatch <= 512 and p.n_batch == 512
