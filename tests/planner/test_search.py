@@ -166,7 +166,12 @@ def test_every_architecture_plans_on_every_kind_of_machine(synth_dir: Path, spec
     from offload.planner.hardware import load_profile
 
     a = anatomy.read(synth.write_model(synth_dir / f"{spec.__name__}.gguf", spec()))
-    p = plan(a, load_profile(profile), PlanRequest())
+    hw = load_profile(profile)
+    if a.weights_bytes > hw.cpu.ram_bytes * 0.9 + sum(g.vram_bytes for g in hw.gpus):
+        with pytest.raises(PlanInfeasible, match="GiB of RAM"):
+            plan(a, hw, PlanRequest())
+        return
+    p = plan(a, hw, PlanRequest())
     assert fits(p) and p.predicted.decode_tps > 0 and p.predicted.prompt_tps > 0 and p.reasons
     assert p.n_ctx >= 4096 and p.n_ctx_total == p.n_ctx * p.n_parallel
     if a.recurrent_state_bytes:
