@@ -23,7 +23,10 @@ from tests import synth  # noqa: E402
 
 GiB = 1 << 30
 TOOLS = Path("/tmp/llama-tools")
-MODELS = {"moe": (synth.qwen3_30b_a3b, "/tmp/moe.gguf"), "dense": (synth.mistral_7b, "/tmp/dense.gguf")}
+MODELS = {
+    "moe": (synth.qwen3_30b_a3b, "/tmp/moe.gguf"),
+    "dense": (synth.mistral_7b, "/tmp/dense.gguf"),
+}
 
 
 def models() -> dict[str, object]:
@@ -38,7 +41,9 @@ def models() -> dict[str, object]:
 def probe(out: Path) -> object:
     t = time.time()
     hw = hw_mod.current(Path("/tmp/hardware.json"))
-    (out / "hardware.json").write_text(json.dumps({**hw.to_dict(), "probe_s": time.time() - t}, indent=1))
+    (out / "hardware.json").write_text(
+        json.dumps({**hw.to_dict(), "probe_s": time.time() - t}, indent=1)
+    )
     print(json.dumps(hw.to_dict(), indent=1))
     return hw
 
@@ -50,28 +55,63 @@ def memory(out: Path) -> None:
     hw = hw_mod.current(Path("/tmp/hardware.json"))
     ms = models()
     rows = []
-    cases = [("dense", 33, 512, 4096), ("dense", 20, 512, 4096), ("moe", 49, 512, 4096), ("moe", 49, 2048, 4096),
-             ("moe", 30, 1024, 16384)]
+    cases = [
+        ("dense", 33, 512, 4096),
+        ("dense", 20, 512, 4096),
+        ("moe", 49, 512, 4096),
+        ("moe", 49, 2048, 4096),
+        ("moe", 30, 1024, 16384),
+    ]
     for name, ngl, ub, ctx in cases:
-        code = ("import llama_cpp; m = llama_cpp.Llama(%r, n_gpu_layers=%d, n_ctx=%d, n_batch=%d, n_ubatch=%d, "
-                "flash_attn=True, n_threads=8, verbose=True)" % (MODELS[name][1], ngl, ctx, max(2048, ub), ub))
-        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
+        code = (
+            f"import llama_cpp; m = llama_cpp.Llama({MODELS[name][1]!r}, n_gpu_layers={ngl}, n_ctx={ctx}, "
+            f"n_batch={max(2048, ub)}, n_ubatch={ub}, flash_attn=True, n_threads=8, verbose=True)"
+        )
+        r = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=180
+        )
         logs = [r.stdout, r.stderr]
         real: dict[str, float] = {}
         for dev, kind, mib in _BUF.findall("".join(logs)):
             real[f"{dev} {kind}"] = real.get(f"{dev} {kind}", 0) + float(mib)
-        pl = Placement(ngl, n_ctx=ctx, n_batch=max(2048, ub), n_ubatch=ub, flash_attn=True, threads=8)
+        pl = Placement(
+            ngl, n_ctx=ctx, n_batch=max(2048, ub), n_ubatch=ub, flash_attn=True, threads=8
+        )
         mem = memory_by_device(ms[name], hw, pl)
-        pred = {f"{'CPU' if d < 0 else f'GPU{d}'} {k}": v / (1 << 20)
-                for d, vals in mem.items() for k, v in zip(("weights", "kv", "compute", "extra"), vals)}
+        pred = {
+            f"{'CPU' if d < 0 else f'GPU{d}'} {k}": v / (1 << 20)
+            for d, vals in mem.items()
+            for k, v in zip(("weights", "kv", "compute", "extra"), vals, strict=True)
+        }
         rows.append({"case": [name, ngl, ub, ctx], "llama": real, "predicted_MiB": pred})
         print(json.dumps(rows[-1]))
     (out / "memory.json").write_text(json.dumps(rows, indent=1))
 
 
 def _bench(model: str, ngl: int, pats: tuple[str, ...], ub: int, threads: int) -> dict:
-    cmd = [str(TOOLS / "llama-bench"), "-m", model, "-ngl", str(ngl), "-fa", "1", "-p", "2048", "-n", "64",
-           "-ub", str(ub), "-b", str(max(2048, ub)), "-t", str(threads), "-r", "2", "-o", "json"]
+    cmd = [
+        str(TOOLS / "llama-bench"),
+        "-m",
+        model,
+        "-ngl",
+        str(ngl),
+        "-fa",
+        "1",
+        "-p",
+        "2048",
+        "-n",
+        "64",
+        "-ub",
+        str(ub),
+        "-b",
+        str(max(2048, ub)),
+        "-t",
+        str(threads),
+        "-r",
+        "2",
+        "-o",
+        "json",
+    ]
     if pats:
         cmd += ["-ot", ";".join(f"{p}=CPU" for p in pats)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
@@ -86,8 +126,22 @@ def _bench(model: str, ngl: int, pats: tuple[str, ...], ub: int, threads: int) -
 
 
 def _fit(model: str, budget_mib: int, free_mib: int) -> tuple[int, tuple[str, ...]]:
-    r = subprocess.run([str(TOOLS / "llama-fit-params"), "-m", model, "-c", "4096", "-fa", "on", "-fitt",
-                        str(free_mib - budget_mib)], capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [
+            str(TOOLS / "llama-fit-params"),
+            "-m",
+            model,
+            "-c",
+            "4096",
+            "-fa",
+            "on",
+            "-fitt",
+            str(free_mib - budget_mib),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     text = r.stdout + r.stderr
     ngl = int(re.findall(r"-ngl (\d+)", text)[-1])
     ot = re.findall(r"-ot (\S+)", text)
@@ -110,13 +164,28 @@ def bench(out: Path, which: list[str]) -> None:
             p = plan(a, hw, replace(req, optimize=opt))
             entries[opt] = (p.n_gpu_layers, p.cpu_tensor_patterns, p.n_ubatch, p)
         ngl, pats = _fit(path, int(gib) * 1024, free_mib)
-        fit_plan = evaluate(a, hw, req, Placement(ngl, pats, n_ctx=4096, n_ubatch=512, threads=threads, flash_attn=True))
+        fit_plan = evaluate(
+            a,
+            hw,
+            req,
+            Placement(ngl, pats, n_ctx=4096, n_ubatch=512, threads=threads, flash_attn=True),
+        )
         entries["fit"] = (ngl, pats, 512, fit_plan)
         for tag, (ngl, pats, ub, p) in entries.items():
             measured = _bench(path, ngl, pats, ub, threads)
-            row = {"case": case, "plan": tag, "ngl": ngl, "patterns": list(pats), "ubatch": ub,
-                   "predicted": {"decode_tps": p.predicted.decode_tps, "prompt_tps": p.predicted.prompt_tps},
-                   "gpu_total_MiB": p.devices[1].total_bytes >> 20, "measured": measured}
+            row = {
+                "case": case,
+                "plan": tag,
+                "ngl": ngl,
+                "patterns": list(pats),
+                "ubatch": ub,
+                "predicted": {
+                    "decode_tps": p.predicted.decode_tps,
+                    "prompt_tps": p.predicted.prompt_tps,
+                },
+                "gpu_total_MiB": p.devices[1].total_bytes >> 20,
+                "measured": measured,
+            }
             rows.append(row)
             print(json.dumps(row), flush=True)
             (out / "bench.json").write_text(json.dumps(rows, indent=1))
@@ -125,4 +194,8 @@ def bench(out: Path, which: list[str]) -> None:
 if __name__ == "__main__":
     step, out = sys.argv[1], Path(sys.argv[2])
     out.mkdir(parents=True, exist_ok=True)
-    {"probe": lambda: probe(out), "memory": lambda: memory(out), "bench": lambda: bench(out, sys.argv[3:])}[step]()
+    {
+        "probe": lambda: probe(out),
+        "memory": lambda: memory(out),
+        "bench": lambda: bench(out, sys.argv[3:]),
+    }[step]()

@@ -18,7 +18,23 @@ from offload.planner.types import (
 )
 
 __all__ = [
-    "Anatomy", "CPUInfo", "DevicePlan", "GGUFError", "GPUInfo", "Hardware", "OffloadError",
-    "Placement", "Plan", "PlanInfeasible", "PlanRequest", "PlannerError", "Prediction",
-    "SpeedParams", "TensorInfo", "evaluate", "fits", "plan", "predict",
+    "Anatomy",
+    "CPUInfo",
+    "DevicePlan",
+    "GGUFError",
+    "GPUInfo",
+    "Hardware",
+    "OffloadError",
+    "Placement",
+    "Plan",
+    "PlanInfeasible",
+    "PlanRequest",
+    "PlannerError",
+    "Prediction",
+    "SpeedParams",
+    "TensorInfo",
+    "evaluate",
+    "fits",
+    "plan",
+    "predict",
 ]

@@ -19,11 +19,29 @@ log = logging.getLogger(__name__)
 _LAYER = re.compile(r"^blk\.(\d+)\.")
 
 # Architectures whose KV/state layout we model explicitly; others get generic accounting.
-_ATTENTION_ARCHS = frozenset({
-    "llama", "mistral3", "qwen2", "qwen2moe", "qwen3", "qwen3moe", "gemma", "gemma2", "gemma3",
-    "phi3", "deepseek2", "granite", "granitemoe", "command-r", "cohere2", "olmo2", "starcoder2",
-    "gpt-oss", "mixtral",
-})
+_ATTENTION_ARCHS = frozenset(
+    {
+        "llama",
+        "mistral3",
+        "qwen2",
+        "qwen2moe",
+        "qwen3",
+        "qwen3moe",
+        "gemma",
+        "gemma2",
+        "gemma3",
+        "phi3",
+        "deepseek2",
+        "granite",
+        "granitemoe",
+        "command-r",
+        "cohere2",
+        "olmo2",
+        "starcoder2",
+        "gpt-oss",
+        "mixtral",
+    }
+)
 _RECURRENT_ARCHS = frozenset({"mamba", "mamba2"})
 _HYBRID_ARCHS = frozenset({"granitehybrid", "jamba", "falcon-h1"})
 KNOWN_ARCHS = _ATTENTION_ARCHS | _RECURRENT_ARCHS | _HYBRID_ARCHS
@@ -116,16 +134,26 @@ def from_header(h: GGUFHeader) -> Anatomy:
     tensors = []
     for t in h.tensors:
         mt = _LAYER.match(t.name)
-        tensors.append(TensorInfo(
-            name=t.name, layer=int(mt.group(1)) if mt else None, role=tensor_role(t.name),
-            ggml_type=_type_name(t.ggml_type), nbytes=t.nbytes, shape=t.shape,
-        ))
+        tensors.append(
+            TensorInfo(
+                name=t.name,
+                layer=int(mt.group(1)) if mt else None,
+                role=tensor_role(t.name),
+                ggml_type=_type_name(t.ggml_type),
+                nbytes=t.nbytes,
+                shape=t.shape,
+            )
+        )
     if n_layers == 0:
         n_layers = 1 + max((t.layer for t in tensors if t.layer is not None), default=-1)
-        warnings.append(f"no {arch}.block_count in the header; counted {n_layers} layers from tensors")
+        warnings.append(
+            f"no {arch}.block_count in the header; counted {n_layers} layers from tensors"
+        )
     m = _Meta(md, arch, n_layers)
     if arch not in KNOWN_ARCHS:
-        warnings.append(f"architecture {arch!r} is not modelled; using generic per-layer accounting")
+        warnings.append(
+            f"architecture {arch!r} is not modelled; using generic per-layer accounting"
+        )
 
     n_embd = m.scalar("embedding_length")
     n_head = m.scalar("attention.head_count")
@@ -141,14 +169,18 @@ def from_header(h: GGUFHeader) -> Anatomy:
         head_kv = [1] * n_layers
     has_ssm = m.raw("ssm.state_size") is not None
     kinds = _layer_kinds(arch, m, head_kv, has_ssm)
-    kv_f16 = [hk * (head_k + head_v) * 2 if kinds[i] in ("attention", "both") else 0
-              for i, hk in enumerate(head_kv)]
+    kv_f16 = [
+        hk * (head_k + head_v) * 2 if kinds[i] in ("attention", "both") else 0
+        for i, hk in enumerate(head_kv)
+    ]
     state = _recurrent_bytes(m) if has_ssm else 0
     state_per_layer = [state if k in ("recurrent", "both") else 0 for k in kinds]
 
     window = m.scalar("attention.sliding_window")
     pattern = _SWA_PATTERN.get(arch)
-    swa = [window if window and pattern and il % pattern < pattern - 1 else 0 for il in range(n_layers)]
+    swa = [
+        window if window and pattern and il % pattern < pattern - 1 else 0 for il in range(n_layers)
+    ]
 
     names = {t.name for t in tensors}
     tied = "output.weight" not in names and "token_embd.weight" in names
@@ -159,18 +191,33 @@ def from_header(h: GGUFHeader) -> Anatomy:
     for w in warnings:
         log.warning("%s: %s", h.path, w)
     return Anatomy(
-        path=h.path, arch=arch, name=str(md.get("general.name", "")), n_layers=n_layers,
-        n_ctx_train=m.scalar("context_length", 4096), n_embd=n_embd, n_vocab=int(vocab),
-        tensors=tuple(tensors), file_bytes=h.file_bytes,
-        kv_bytes_per_token_f16=tuple(kv_f16), swa_window=tuple(swa),
+        path=h.path,
+        arch=arch,
+        name=str(md.get("general.name", "")),
+        n_layers=n_layers,
+        n_ctx_train=m.scalar("context_length", 4096),
+        n_embd=n_embd,
+        n_vocab=int(vocab),
+        tensors=tuple(tensors),
+        file_bytes=h.file_bytes,
+        kv_bytes_per_token_f16=tuple(kv_f16),
+        swa_window=tuple(swa),
         recurrent_state_bytes=sum(state_per_layer),
-        expert_count=m.scalar("expert_count"), expert_used_count=m.scalar("expert_used_count"),
-        n_head=n_head, n_head_kv=max(head_kv, default=0), head_dim_k=head_k, head_dim_v=head_v,
+        expert_count=m.scalar("expert_count"),
+        expert_used_count=m.scalar("expert_used_count"),
+        n_head=n_head,
+        n_head_kv=max(head_kv, default=0),
+        head_dim_k=head_k,
+        head_dim_v=head_v,
         chat_template=md.get("tokenizer.chat_template"),
-        file_type=str(md.get("general.file_type", "")), warnings=tuple(warnings),
-        n_ff=m.scalar("feed_forward_length"), n_ff_exp=m.scalar("expert_feed_forward_length"),
-        layer_kinds=tuple(kinds), tied_embeddings=tied,
-        recurrent_state_bytes_per_layer=tuple(state_per_layer), kv_lora_rank=kv_lora,
+        file_type=str(md.get("general.file_type", "")),
+        warnings=tuple(warnings),
+        n_ff=m.scalar("feed_forward_length"),
+        n_ff_exp=m.scalar("expert_feed_forward_length"),
+        layer_kinds=tuple(kinds),
+        tied_embeddings=tied,
+        recurrent_state_bytes_per_layer=tuple(state_per_layer),
+        kv_lora_rank=kv_lora,
         known_arch=arch in KNOWN_ARCHS,
     )
 

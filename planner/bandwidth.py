@@ -25,7 +25,10 @@ def _threaded_median_s(threads: int, n: int, work, repeats: int) -> float:  # no
     bounds = np.linspace(0, n, max(threads, 1) + 1).astype(int)
     times = []
     for _ in range(repeats):
-        ts = [threading.Thread(target=work, args=(bounds[i], bounds[i + 1])) for i in range(len(bounds) - 1)]
+        ts = [
+            threading.Thread(target=work, args=(bounds[i], bounds[i + 1]))
+            for i in range(len(bounds) - 1)
+        ]
         t0 = time.perf_counter()
         for t in ts:
             t.start()
@@ -65,7 +68,9 @@ def cpu_copy_Bps(threads: int, size_bytes: int = 256 << 20, repeats: int = 7) ->
 def find_cudart() -> str | None:
     """Path of the CUDA runtime llama.cpp's CUDA build links (next to llama_cpp's libs), else the system's."""
     dirs = []
-    spec = importlib.util.find_spec("llama_cpp")  # locate without importing: planner never imports it
+    spec = importlib.util.find_spec(
+        "llama_cpp"
+    )  # locate without importing: planner never imports it
     if spec and spec.origin:
         base = os.path.dirname(spec.origin)
         dirs += [os.path.join(base, "lib"), base]

@@ -84,7 +84,9 @@ def gpu_flops(hardware: Hardware, gpu: int, params: SpeedParams) -> float:
     return g.fp16_flops or g.mem_bandwidth_Bps * params.gpu_flops_per_Bps
 
 
-def _kv_per_token_by_device(anatomy: Anatomy, layer_dev: list[int], kv_type: str, offload_kqv: bool) -> dict[int, float]:
+def _kv_per_token_by_device(
+    anatomy: Anatomy, layer_dev: list[int], kv_type: str, offload_kqv: bool
+) -> dict[int, float]:
     out: dict[int, float] = {}
     per = kv_elem_bytes(kv_type) / 2
     for il, f16 in enumerate(anatomy.kv_bytes_per_token_f16):
@@ -96,7 +98,15 @@ def _kv_per_token_by_device(anatomy: Anatomy, layer_dev: list[int], kv_type: str
 def _switches(anatomy: Anatomy, devs: list[int]) -> int:
     """CPU<->GPU hand-overs per token: walk layers in order through attention, FFN and expert parts."""
     parts: dict[tuple[int, int], tuple[int, int]] = {}  # (layer, part) -> (bytes, device)
-    part_of = {"attention": 0, "norm": 0, "ssm": 0, "router": 1, "ffn": 1, "shared_expert": 1, "expert": 2}
+    part_of = {
+        "attention": 0,
+        "norm": 0,
+        "ssm": 0,
+        "router": 1,
+        "ffn": 1,
+        "shared_expert": 1,
+        "expert": 2,
+    }
     out_dev = CPU
     for t, d in zip(anatomy.tensors, devs, strict=True):
         if t.layer is None:
@@ -107,12 +117,17 @@ def _switches(anatomy: Anatomy, devs: list[int]) -> int:
         if t.nbytes > parts.get(key, (-1, 0))[0]:
             parts[key] = (t.nbytes, d)
     seq = [CPU] + [parts[k][1] for k in sorted(parts)] + [out_dev]
-    return sum(1 for a, b in zip(seq, seq[1:]) if (a == CPU) != (b == CPU))
+    return sum(1 for a, b in zip(seq, seq[1:], strict=False) if (a == CPU) != (b == CPU))
 
 
 def predict(
-    anatomy: Anatomy, hardware: Hardware, placement: Placement, params: SpeedParams | None = None,
-    *, prompt_tokens: int = 512, context_tokens: int | None = None,
+    anatomy: Anatomy,
+    hardware: Hardware,
+    placement: Placement,
+    params: SpeedParams | None = None,
+    *,
+    prompt_tokens: int = 512,
+    context_tokens: int | None = None,
 ) -> Prediction:
     """Predicted decode t/s, prompt t/s and time to first token of a placement on a machine."""
     p = params or SpeedParams()
@@ -120,7 +135,9 @@ def predict(
     loads, devs = device_loads(anatomy, placement, n_gpus)
     from offload.planner.placement import layer_devices
 
-    layer_dev = layer_devices(anatomy.n_layers, placement.n_gpu_layers, n_gpus, placement.tensor_split)
+    layer_dev = layer_devices(
+        anatomy.n_layers, placement.n_gpu_layers, n_gpus, placement.tensor_split
+    )
     threads = placement.threads or hardware.cpu.cores
     threads_batch = placement.threads_batch or threads
     cpu_bw = cpu_bandwidth_Bps(hardware, threads, p)
@@ -134,7 +151,9 @@ def predict(
         if d == CPU:
             out = ld.output_decode_bytes * (p.cpu_output_decode_factor if n_gpus else 1.0)
             dense = ld.decode_bytes - ld.expert_decode_bytes - ld.output_decode_bytes + out
-            t_dec += (dense + kv_read) / cpu_bw + ld.expert_decode_bytes / (cpu_bw * p.cpu_expert_bw_factor)
+            t_dec += (dense + kv_read) / cpu_bw + ld.expert_decode_bytes / (
+                cpu_bw * p.cpu_expert_bw_factor
+            )
             t_dec += len(ld.layers) * p.cpu_layer_overhead_s
         else:
             g = hardware.gpus[d]
@@ -152,8 +171,13 @@ def _attn_flops_per_token(anatomy: Anatomy, n_layers_here: int, prompt_tokens: i
 
 
 def _prompt_time_s(
-    anatomy: Anatomy, hardware: Hardware, placement: Placement, loads: dict[int, DeviceLoad],
-    p: SpeedParams, prompt_tokens: int, threads_batch: int,
+    anatomy: Anatomy,
+    hardware: Hardware,
+    placement: Placement,
+    loads: dict[int, DeviceLoad],
+    p: SpeedParams,
+    prompt_tokens: int,
+    threads_batch: int,
 ) -> float:
     n_tokens = max(prompt_tokens, 1)
     ubatch = max(min(placement.n_ubatch, placement.n_batch, n_tokens), 1)
@@ -169,8 +193,10 @@ def _prompt_time_s(
         if d == CPU:
             continue
         f = gpu_flops(hardware, d, p)
-        total += n_tokens * ((ld.dense_flops + attn) / (f * p.gpu_flops_eff)
-                             + ld.expert_flops / (f * p.gpu_expert_flops_eff))
+        total += n_tokens * (
+            (ld.dense_flops + attn) / (f * p.gpu_flops_eff)
+            + ld.expert_flops / (f * p.gpu_expert_flops_eff)
+        )
         total += n_ub * len(ld.layers) * p.gpu_layer_overhead_prompt_s
     cpu_share = len(cpu.layers) / max(anatomy.n_layers, 1)
     cpu_attn = _attn_flops_per_token(anatomy, round(attn_layers * cpu_share), n_tokens)
@@ -178,10 +204,17 @@ def _prompt_time_s(
         f = gpu_flops(hardware, 0, p)
         h2d = hardware.gpus[0].h2d_bandwidth_Bps * p.stream_h2d_eff
         total += n_ub * cpu.stream_bytes / h2d
-        total += n_tokens * (cpu.dense_flops / (f * p.gpu_flops_eff) + cpu.expert_flops / (f * p.gpu_expert_flops_eff))
+        total += n_tokens * (
+            cpu.dense_flops / (f * p.gpu_flops_eff)
+            + cpu.expert_flops / (f * p.gpu_expert_flops_eff)
+        )
         total += n_tokens * cpu_attn / cpu_flops
     else:
         # Expert matmuls with a batch touch nearly every expert, but flops follow the active share.
-        total += n_tokens * (cpu.dense_flops + cpu_attn + cpu.expert_flops / p.cpu_expert_flops_eff) / cpu_flops
+        total += (
+            n_tokens
+            * (cpu.dense_flops + cpu_attn + cpu.expert_flops / p.cpu_expert_flops_eff)
+            / cpu_flops
+        )
     total += n_ub * p.ubatch_overhead_s
     return total

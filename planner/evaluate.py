@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from offload.planner.cost import SpeedParams, predict
 from offload.planner.memory import (
-    CUDA_CONTEXT_BYTES, compute_buffer_bytes, kv_bytes_per_layer, output_buffer_bytes,
+    CUDA_CONTEXT_BYTES,
+    compute_buffer_bytes,
+    kv_bytes_per_layer,
+    output_buffer_bytes,
     recurrent_bytes_per_layer,
 )
 from offload.planner.placement import CPU, device_loads, layer_devices, output_device
@@ -33,14 +36,22 @@ def device_budgets(hardware: Hardware, request: PlanRequest) -> tuple[int, list[
     return ram, budgets, overheads
 
 
-def memory_by_device(anatomy: Anatomy, hardware: Hardware, placement: Placement) -> dict[int, tuple[int, int, int, int]]:
+def memory_by_device(
+    anatomy: Anatomy, hardware: Hardware, placement: Placement
+) -> dict[int, tuple[int, int, int, int]]:
     """(weights, kv, compute, extra) bytes per device (``CPU`` = -1, GPUs 0..n-1)."""
     n_gpus = len(hardware.gpus)
     loads, _ = device_loads(anatomy, placement, n_gpus)
     ldev = layer_devices(anatomy.n_layers, placement.n_gpu_layers, n_gpus, placement.tensor_split)
     odev = output_device(anatomy.n_layers, placement.n_gpu_layers, n_gpus, placement.tensor_split)
-    kv = kv_bytes_per_layer(anatomy, placement.n_ctx, placement.n_parallel, placement.kv_type,
-                            placement.n_ubatch, swa_full=placement.swa_full)
+    kv = kv_bytes_per_layer(
+        anatomy,
+        placement.n_ctx,
+        placement.n_parallel,
+        placement.kv_type,
+        placement.n_ubatch,
+        swa_full=placement.swa_full,
+    )
     rec = recurrent_bytes_per_layer(anatomy, placement.n_parallel)
     kv_on: dict[int, int] = {d: 0 for d in loads}
     for il in range(anatomy.n_layers):
@@ -55,9 +66,14 @@ def memory_by_device(anatomy: Anatomy, hardware: Hardware, placement: Placement)
                 comp = compute_buffer_bytes(anatomy, ub, n_ctx_total, placement.flash_attn)
             else:
                 # Host-side buffers only; the big graph runs on the GPU (op offload / GPU layers).
-                comp = compute_buffer_bytes(anatomy, ub, n_ctx_total, placement.flash_attn,
-                                            logits=odev == CPU and not placement.op_offload,
-                                            layers=bool(ld.layers) and not placement.op_offload)
+                comp = compute_buffer_bytes(
+                    anatomy,
+                    ub,
+                    n_ctx_total,
+                    placement.flash_attn,
+                    logits=odev == CPU and not placement.op_offload,
+                    layers=bool(ld.layers) and not placement.op_offload,
+                )
             comp += output_buffer_bytes(anatomy, placement.n_parallel)
             # Repacked copies measured CPU-only (Gemma); with GPUs, op offload needs host-readable
             # weights, so CPU-resident tensors are not counted twice there.
@@ -65,15 +81,29 @@ def memory_by_device(anatomy: Anatomy, hardware: Hardware, placement: Placement)
         else:
             main = d == 0
             used = bool(ld.layers) or ld.has_output or main
-            comp = compute_buffer_bytes(anatomy, ub, n_ctx_total, placement.flash_attn,
-                                        logits=main or ld.has_output, layers=bool(ld.layers) or main) if used else 0
+            comp = (
+                compute_buffer_bytes(
+                    anatomy,
+                    ub,
+                    n_ctx_total,
+                    placement.flash_attn,
+                    logits=main or ld.has_output,
+                    layers=bool(ld.layers) or main,
+                )
+                if used
+                else 0
+            )
             out[d] = (ld.weights_bytes, kv_on[d], comp, 0)
     return out
 
 
 def evaluate(
-    anatomy: Anatomy, hardware: Hardware, request: PlanRequest, placement: Placement,
-    speed: SpeedParams | None = None, reasons: tuple[str, ...] = (),
+    anatomy: Anatomy,
+    hardware: Hardware,
+    request: PlanRequest,
+    placement: Placement,
+    speed: SpeedParams | None = None,
+    reasons: tuple[str, ...] = (),
 ) -> Plan:
     """Build the Plan for a given placement: memory per device, budgets and predicted speeds."""
     ram, budgets, overheads = device_budgets(hardware, request)
@@ -82,19 +112,35 @@ def evaluate(
     devices = [DevicePlan("CPU", "CPU", 0, w, k, c, x, ram)]
     for i, g in enumerate(hardware.gpus):
         w, k, c, _ = mem[i]
-        devices.append(DevicePlan(g.name, "GPU", i, w, k, c, overheads[i] if (w or k or c) else 0, budgets[i]))
+        devices.append(
+            DevicePlan(g.name, "GPU", i, w, k, c, overheads[i] if (w or k or c) else 0, budgets[i])
+        )
     pred = predict(anatomy, hardware, placement, speed, prompt_tokens=request.prompt_tokens)
     threads = placement.threads or hardware.cpu.cores
     return Plan(
-        devices=tuple(devices), n_gpu_layers=placement.n_gpu_layers, n_ctx=placement.n_ctx,
-        n_batch=placement.n_batch, n_ubatch=placement.n_ubatch, threads=threads,
-        threads_batch=placement.threads_batch or threads, predicted=pred, reasons=reasons,
-        cpu_tensor_patterns=placement.cpu_tensor_patterns, tensor_split=placement.tensor_split,
-        n_parallel=placement.n_parallel, kv_type=placement.kv_type, flash_attn=placement.flash_attn,
-        offload_kqv=placement.offload_kqv, op_offload=placement.op_offload,
-        use_mmap=True if request.use_mmap is None else request.use_mmap, use_mlock=request.use_mlock,
-        optimize=request.optimize, model_path=anatomy.path, hardware_fingerprint=hardware.fingerprint,
-        n_ctx_total=placement.n_ctx * max(placement.n_parallel, 1), swa_full=placement.swa_full,
+        devices=tuple(devices),
+        n_gpu_layers=placement.n_gpu_layers,
+        n_ctx=placement.n_ctx,
+        n_batch=placement.n_batch,
+        n_ubatch=placement.n_ubatch,
+        threads=threads,
+        threads_batch=placement.threads_batch or threads,
+        predicted=pred,
+        reasons=reasons,
+        cpu_tensor_patterns=placement.cpu_tensor_patterns,
+        tensor_split=placement.tensor_split,
+        n_parallel=placement.n_parallel,
+        kv_type=placement.kv_type,
+        flash_attn=placement.flash_attn,
+        offload_kqv=placement.offload_kqv,
+        op_offload=placement.op_offload,
+        use_mmap=True if request.use_mmap is None else request.use_mmap,
+        use_mlock=request.use_mlock,
+        optimize=request.optimize,
+        model_path=anatomy.path,
+        hardware_fingerprint=hardware.fingerprint,
+        n_ctx_total=placement.n_ctx * max(placement.n_parallel, 1),
+        swa_full=placement.swa_full,
     )
 
 

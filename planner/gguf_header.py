@@ -22,7 +22,17 @@ __all__ = ["GGUFHeader", "RawTensor", "read_header"]
 
 _MAGIC = b"GGUF"
 _SCALARS = {
-    0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "?", 10: "<Q", 11: "<q", 12: "<d",
+    0: "<B",
+    1: "<b",
+    2: "<H",
+    3: "<h",
+    4: "<I",
+    5: "<i",
+    6: "<f",
+    7: "?",
+    10: "<Q",
+    11: "<q",
+    12: "<d",
 }
 _STRING, _ARRAY = 8, 9
 # Arrays longer than this are skipped (their length is kept) unless named in ``keep_arrays``:
@@ -65,7 +75,9 @@ class _Reader:
 
     def read(self, n: int) -> bytes:
         if n < 0 or self.f.tell() + n > self.size:
-            raise self.fail(f"header runs past the end of the file at byte {self.f.tell()} (truncated?)")
+            raise self.fail(
+                f"header runs past the end of the file at byte {self.f.tell()} (truncated?)"
+            )
         data = self.f.read(n)
         if len(data) != n:
             raise self.fail("unexpected end of file (truncated?)")
@@ -89,7 +101,9 @@ class _Reader:
             raise self.fail(f"a string claims {n} bytes, more than the file holds")
         self.f.seek(n, os.SEEK_CUR)
 
-    def value(self, vtype: int, key: str, keep_arrays: frozenset[str], lengths: dict[str, int]) -> Any:
+    def value(
+        self, vtype: int, key: str, keep_arrays: frozenset[str], lengths: dict[str, int]
+    ) -> Any:
         if vtype in _SCALARS:
             return self.scalar(_SCALARS[vtype])
         if vtype == _STRING:
@@ -129,7 +143,9 @@ def _tensor_nbytes(ggml_type: int, shape: tuple[int, ...]) -> int:
     return n // block * type_bytes
 
 
-def read_header(path: str | os.PathLike[str], keep_arrays: frozenset[str] = frozenset()) -> GGUFHeader:
+def read_header(
+    path: str | os.PathLike[str], keep_arrays: frozenset[str] = frozenset()
+) -> GGUFHeader:
     """Read a GGUF file's metadata and tensor table; raise ``GGUFError`` on anything malformed."""
     p = Path(path)
     try:
@@ -149,7 +165,9 @@ def read_header(path: str | os.PathLike[str], keep_arrays: frozenset[str] = froz
         n_tensors, n_kv = r.u64(), r.u64()
         # Each tensor entry needs at least 8+4+8+4+8 bytes, each key/value at least 8+4.
         if n_tensors * 32 + n_kv * 12 > size:
-            raise r.fail(f"header claims {n_tensors} tensors and {n_kv} keys, more than the file holds")
+            raise r.fail(
+                f"header claims {n_tensors} tensors and {n_kv} keys, more than the file holds"
+            )
         metadata: dict[str, Any] = {}
         lengths: dict[str, int] = {}
         for _ in range(n_kv):

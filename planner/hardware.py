@@ -44,9 +44,11 @@ def _gpu_ids() -> list[str]:
 
         pynvml.nvmlInit()
         try:
-            return [pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(i)).__str__()
-                    + str(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(i)).total)
-                    for i in range(pynvml.nvmlDeviceGetCount())]
+            return [
+                pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(i)).__str__()
+                + str(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(i)).total)
+                for i in range(pynvml.nvmlDeviceGetCount())
+            ]
         finally:
             pynvml.nvmlShutdown()
     except Exception:  # no NVML: no NVIDIA GPUs to fingerprint
@@ -55,8 +57,13 @@ def _gpu_ids() -> list[str]:
 
 def fingerprint() -> str:
     """A stable id for this machine's hardware (CPU model, cores, RAM, GPUs)."""
-    parts = [platform.machine(), _cpu_name(), str(psutil.cpu_count(logical=True)),
-             str(psutil.virtual_memory().total >> 30), *_gpu_ids()]
+    parts = [
+        platform.machine(),
+        _cpu_name(),
+        str(psutil.cpu_count(logical=True)),
+        str(psutil.virtual_memory().total >> 30),
+        *_gpu_ids(),
+    ]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
@@ -75,26 +82,36 @@ def _probe_gpus(notes: list[str]) -> list[GPUInfo]:
             name = pynvml.nvmlDeviceGetName(h)
             name = name.decode() if isinstance(name, bytes) else str(name)
             mem = pynvml.nvmlDeviceGetMemoryInfo(h)
-            gen = _nvml(lambda: pynvml.nvmlDeviceGetMaxPcieLinkGeneration(h), 0)
-            width = _nvml(lambda: pynvml.nvmlDeviceGetMaxPcieLinkWidth(h), 0)
-            bus = _nvml(lambda: pynvml.nvmlDeviceGetMemoryBusWidth(h), 0)
-            clock_mhz = _nvml(lambda: pynvml.nvmlDeviceGetMaxClockInfo(h, pynvml.NVML_CLOCK_MEM), 0)
-            cc = _nvml(lambda: pynvml.nvmlDeviceGetCudaComputeCapability(h), (0, 0))
+            gen = _nvml(pynvml.nvmlDeviceGetMaxPcieLinkGeneration, 0, h)
+            width = _nvml(pynvml.nvmlDeviceGetMaxPcieLinkWidth, 0, h)
+            bus = _nvml(pynvml.nvmlDeviceGetMemoryBusWidth, 0, h)
+            clock_mhz = _nvml(pynvml.nvmlDeviceGetMaxClockInfo, 0, h, pynvml.NVML_CLOCK_MEM)
+            cc = _nvml(pynvml.nvmlDeviceGetCudaComputeCapability, (0, 0), h)
             # Memory clock is reported per data lane pair: DDR => x2 transfers per clock.
             bw = bus / 8 * clock_mhz * 1e6 * 2 if bus and clock_mhz else 0.0
             h2d = _PCIE_LANE_Bps.get(gen, 0.0) * width * _PINNED_EFF
-            gpus.append(GPUInfo(name=name, vram_bytes=int(mem.total), mem_bandwidth_Bps=bw,
-                                h2d_bandwidth_Bps=h2d, index=i, vram_free_bytes=int(mem.free),
-                                pcie_gen=int(gen), pcie_width=int(width),
-                                compute_capability=f"{cc[0]}.{cc[1]}"))
+            gpus.append(
+                GPUInfo(
+                    name=name,
+                    vram_bytes=int(mem.total),
+                    mem_bandwidth_Bps=bw,
+                    h2d_bandwidth_Bps=h2d,
+                    index=i,
+                    vram_free_bytes=int(mem.free),
+                    pcie_gen=int(gen),
+                    pcie_width=int(width),
+                    compute_capability=f"{cc[0]}.{cc[1]}",
+                )
+            )
     finally:
         pynvml.nvmlShutdown()
     return gpus
 
 
-def _nvml(fn: Any, default: Any) -> Any:
+def _nvml(fn: Any, default: Any, *args: Any) -> Any:
+    """Call an NVML query, or ``default`` where this GPU or driver does not support it."""
     try:
-        return fn()
+        return fn(*args)
     except Exception:
         return default
 
@@ -104,16 +121,24 @@ def _measure_gpus(gpus: list[GPUInfo], notes: list[str]) -> list[GPUInfo]:
 
     lib = find_cudart()
     if lib is None:
-        notes.append("no CUDA runtime found: host-to-device bandwidth from the PCIe link, "
-                     "GPU bandwidth from bus width and clock (not measured)")
+        notes.append(
+            "no CUDA runtime found: host-to-device bandwidth from the PCIe link, "
+            "GPU bandwidth from bus width and clock (not measured)"
+        )
         return gpus
     out = []
     for g in gpus:
         try:
             h2d, dev = cuda_bandwidths(g.index, lib)
-            out.append(replace(g, h2d_bandwidth_Bps=h2d, mem_bandwidth_Bps=max(dev, g.mem_bandwidth_Bps * 0.5)))
+            out.append(
+                replace(
+                    g, h2d_bandwidth_Bps=h2d, mem_bandwidth_Bps=max(dev, g.mem_bandwidth_Bps * 0.5)
+                )
+            )
         except (OSError, RuntimeError, AttributeError) as e:
-            notes.append(f"GPU {g.index}: CUDA bandwidth measurement failed ({e}); using link/bus estimates")
+            notes.append(
+                f"GPU {g.index}: CUDA bandwidth measurement failed ({e}); using link/bus estimates"
+            )
             out.append(g)
     return out
 
@@ -129,11 +154,22 @@ def probe(measure: bool = True) -> Hardware:
     gpus = _probe_gpus(notes)
     if gpus and measure:
         gpus = _measure_gpus(gpus, notes)
-    cpu = CPUInfo(cores=cores, ram_bytes=vm.total, mem_bandwidth_Bps=bw, threads=psutil.cpu_count() or cores,
-                  ram_available_bytes=vm.available, name=_cpu_name())
-    return Hardware(name=platform.node() or "this machine", cpu=cpu, gpus=tuple(gpus),
-                    fingerprint=fingerprint(), measured_at=datetime.now(UTC).isoformat(timespec="seconds"),
-                    notes=tuple(notes))
+    cpu = CPUInfo(
+        cores=cores,
+        ram_bytes=vm.total,
+        mem_bandwidth_Bps=bw,
+        threads=psutil.cpu_count() or cores,
+        ram_available_bytes=vm.available,
+        name=_cpu_name(),
+    )
+    return Hardware(
+        name=platform.node() or "this machine",
+        cpu=cpu,
+        gpus=tuple(gpus),
+        fingerprint=fingerprint(),
+        measured_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        notes=tuple(notes),
+    )
 
 
 def _write_atomic(path: Path, data: dict[str, Any]) -> None:
@@ -172,8 +208,10 @@ def _refresh_free_memory(hw: Hardware) -> Hardware:
     cpu = replace(hw.cpu, ram_available_bytes=psutil.virtual_memory().available)
     notes: list[str] = []
     fresh = {g.index: g for g in _probe_gpus(notes)}
-    gpus = tuple(replace(g, vram_free_bytes=fresh[g.index].vram_free_bytes) if g.index in fresh else g
-                 for g in hw.gpus)
+    gpus = tuple(
+        replace(g, vram_free_bytes=fresh[g.index].vram_free_bytes) if g.index in fresh else g
+        for g in hw.gpus
+    )
     return replace(hw, cpu=cpu, gpus=gpus)
 
 
@@ -188,7 +226,9 @@ def load_profile(name_or_path: str | os.PathLike[str]) -> Hardware:
     if not p.suffix == ".json" or not p.exists():
         p = PROFILES_DIR / f"{name_or_path}.json"
     if not p.exists():
-        raise HardwareProfileError(f"no hardware profile {str(name_or_path)!r}; shipped: {', '.join(profile_names())}")
+        raise HardwareProfileError(
+            f"no hardware profile {str(name_or_path)!r}; shipped: {', '.join(profile_names())}"
+        )
     try:
         data = json.loads(p.read_text())
         hw = Hardware.from_dict(data)

@@ -13,14 +13,28 @@ from collections.abc import Iterable
 from offload.planner.types import Anatomy, TensorInfo
 
 __all__ = [
-    "KV_TYPES", "CUDA_CONTEXT_BYTES", "kv_elem_bytes", "kv_cells", "kv_bytes_per_layer",
-    "recurrent_bytes_per_layer", "compute_buffer_bytes", "repack_bytes", "output_buffer_bytes",
+    "KV_TYPES",
+    "CUDA_CONTEXT_BYTES",
+    "kv_elem_bytes",
+    "kv_cells",
+    "kv_bytes_per_layer",
+    "recurrent_bytes_per_layer",
+    "compute_buffer_bytes",
+    "repack_bytes",
+    "output_buffer_bytes",
 ]
 
 # Bytes per element of each KV cache type (block bytes / block size).
 KV_TYPES: dict[str, float] = {
-    "f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q5_1": 24 / 32, "q5_0": 22 / 32,
-    "q4_1": 20 / 32, "q4_0": 18 / 32, "iq4_nl": 18 / 32,
+    "f32": 4.0,
+    "f16": 2.0,
+    "bf16": 2.0,
+    "q8_0": 34 / 32,
+    "q5_1": 24 / 32,
+    "q5_0": 22 / 32,
+    "q4_1": 20 / 32,
+    "q4_0": 18 / 32,
+    "iq4_nl": 18 / 32,
 }
 # What a CUDA context, cuBLAS handles and the pool take before llama.cpp allocates anything.
 CUDA_CONTEXT_BYTES = 320 << 20
@@ -34,14 +48,18 @@ def kv_elem_bytes(kv_type: str) -> float:
     try:
         return KV_TYPES[kv_type]
     except KeyError:
-        raise ValueError(f"unknown KV cache type {kv_type!r}; one of {', '.join(KV_TYPES)}") from None
+        raise ValueError(
+            f"unknown KV cache type {kv_type!r}; one of {', '.join(KV_TYPES)}"
+        ) from None
 
 
 def _pad(n: int, to: int) -> int:
     return (n + to - 1) // to * to
 
 
-def kv_cells(n_ctx: int, n_parallel: int, swa_window: int, n_ubatch: int, swa_full: bool = True) -> int:
+def kv_cells(
+    n_ctx: int, n_parallel: int, swa_window: int, n_ubatch: int, swa_full: bool = True
+) -> int:
     """KV cells llama.cpp allocates for one layer (``n_ctx`` per sequence)."""
     total = _pad(n_ctx * max(n_parallel, 1), _KV_PAD)
     if swa_window and not swa_full:
@@ -51,8 +69,12 @@ def kv_cells(n_ctx: int, n_parallel: int, swa_window: int, n_ubatch: int, swa_fu
 
 
 def kv_bytes_per_layer(
-    anatomy: Anatomy, n_ctx: int, n_parallel: int = 1, kv_type: str = "f16",
-    n_ubatch: int = 512, swa_full: bool = True,
+    anatomy: Anatomy,
+    n_ctx: int,
+    n_parallel: int = 1,
+    kv_type: str = "f16",
+    n_ubatch: int = 512,
+    swa_full: bool = True,
 ) -> list[int]:
     """KV cache bytes of each layer (0 for layers without attention)."""
     per_elem = kv_elem_bytes(kv_type)
@@ -91,8 +113,13 @@ def _layer_bytes(anatomy: Anatomy, n_ubatch: int) -> int:
 
 
 def compute_buffer_bytes(
-    anatomy: Anatomy, n_ubatch: int, n_ctx_total: int, flash_attn: bool,
-    *, logits: bool = True, layers: bool = True,
+    anatomy: Anatomy,
+    n_ubatch: int,
+    n_ctx_total: int,
+    flash_attn: bool,
+    *,
+    logits: bool = True,
+    layers: bool = True,
 ) -> int:
     """Peak compute buffer of one device: the largest live set among logits, FFN and attention.
 
@@ -105,7 +132,9 @@ def compute_buffer_bytes(
     if layers:
         phases.append(_layer_bytes(anatomy, n_ubatch))
         if any(anatomy.kv_bytes_per_token_f16):
-            phases.append(_attention_bytes(anatomy, n_ubatch, _pad(n_ctx_total, _KV_PAD), flash_attn))
+            phases.append(
+                _attention_bytes(anatomy, n_ubatch, _pad(n_ctx_total, _KV_PAD), flash_attn)
+            )
     return max(phases) + n_ubatch * anatomy.n_embd * 4
 
 

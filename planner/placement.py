@@ -32,7 +32,9 @@ def _gpu_for(il: int, i_gpu_start: int, act_gpu_layers: int, split: tuple[float,
     return len(split) - 1
 
 
-def layer_devices(n_layers: int, n_gpu_layers: int, n_gpus: int, split: tuple[float, ...] = ()) -> list[int]:
+def layer_devices(
+    n_layers: int, n_gpu_layers: int, n_gpus: int, split: tuple[float, ...] = ()
+) -> list[int]:
     """Device of each repeating layer: a GPU index or ``CPU``."""
     if n_gpus == 0:
         return [CPU] * n_layers
@@ -42,7 +44,9 @@ def layer_devices(n_layers: int, n_gpu_layers: int, n_gpus: int, split: tuple[fl
     return [CPU if il < start else _gpu_for(il, start, act, split) for il in range(n_layers)]
 
 
-def output_device(n_layers: int, n_gpu_layers: int, n_gpus: int, split: tuple[float, ...] = ()) -> int:
+def output_device(
+    n_layers: int, n_gpu_layers: int, n_gpus: int, split: tuple[float, ...] = ()
+) -> int:
     """Device of the output layer (the ``+1`` in ``n_gpu_layers``)."""
     if n_gpus == 0 or n_gpu_layers <= n_layers:
         return CPU
@@ -61,7 +65,9 @@ def _matched(names: tuple[str, ...], patterns: tuple[str, ...]) -> frozenset[int
 def tensor_devices(anatomy: Anatomy, placement: Placement, n_gpus: int) -> list[int]:
     """Device of every tensor of the anatomy, in order."""
     layers = layer_devices(anatomy.n_layers, placement.n_gpu_layers, n_gpus, placement.tensor_split)
-    out_dev = output_device(anatomy.n_layers, placement.n_gpu_layers, n_gpus, placement.tensor_split)
+    out_dev = output_device(
+        anatomy.n_layers, placement.n_gpu_layers, n_gpus, placement.tensor_split
+    )
     names = tuple(t.name for t in anatomy.tensors)
     forced = _matched(names, tuple(placement.cpu_tensor_patterns)) if n_gpus else frozenset()
     devs = []
@@ -124,10 +130,17 @@ def _rows(anatomy: Anatomy) -> list[tuple[int | None, str, int, int, int]]:
 _LOADS: dict[tuple, tuple[Anatomy, dict[int, DeviceLoad], list[int]]] = {}
 
 
-def device_loads(anatomy: Anatomy, placement: Placement, n_gpus: int) -> tuple[dict[int, DeviceLoad], list[int]]:
+def device_loads(
+    anatomy: Anatomy, placement: Placement, n_gpus: int
+) -> tuple[dict[int, DeviceLoad], list[int]]:
     """Per-device loads (``CPU`` and GPU indices) and the device of every tensor (cached, do not mutate)."""
-    key = (id(anatomy), placement.n_gpu_layers, tuple(placement.cpu_tensor_patterns),
-           tuple(placement.tensor_split), n_gpus)
+    key = (
+        id(anatomy),
+        placement.n_gpu_layers,
+        tuple(placement.cpu_tensor_patterns),
+        tuple(placement.tensor_split),
+        n_gpus,
+    )
     hit = _LOADS.get(key)
     if hit is not None and hit[0] is anatomy:
         return hit[1], hit[2]
@@ -138,7 +151,9 @@ def device_loads(anatomy: Anatomy, placement: Placement, n_gpus: int) -> tuple[d
     return loads, devs
 
 
-def _device_loads(anatomy: Anatomy, placement: Placement, n_gpus: int) -> tuple[dict[int, DeviceLoad], list[int]]:
+def _device_loads(
+    anatomy: Anatomy, placement: Placement, n_gpus: int
+) -> tuple[dict[int, DeviceLoad], list[int]]:
     devs = tensor_devices(anatomy, placement, n_gpus)
     loads: dict[int, DeviceLoad] = {CPU: DeviceLoad(), **{g: DeviceLoad() for g in range(n_gpus)}}
     share = (anatomy.expert_used_count / anatomy.expert_count) if anatomy.expert_count else 1.0
@@ -167,7 +182,9 @@ def _device_loads(anatomy: Anatomy, placement: Placement, n_gpus: int) -> tuple[
     if anatomy.tied_embeddings:
         emb = next((t for t in anatomy.tensors if t.role == "embedding"), None)
         if emb is not None:
-            od = output_device(anatomy.n_layers, placement.n_gpu_layers, n_gpus, placement.tensor_split)
+            od = output_device(
+                anatomy.n_layers, placement.n_gpu_layers, n_gpus, placement.tensor_split
+            )
             ld = loads[od]
             if od != CPU:
                 ld.weights_bytes += emb.nbytes  # llama.cpp duplicates token_embd as output there

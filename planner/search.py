@@ -62,8 +62,10 @@ def choose(plans: list[Plan], optimize: str) -> Plan:
     f16 = [p for p in plans if p.kv_type == "f16"]
     if best.kv_type != "f16" and f16:
         alt = _choose(f16, optimize)
-        if (alt.predicted.decode_tps >= best.predicted.decode_tps / 1.03
-                and alt.predicted.prompt_tps >= best.predicted.prompt_tps / 1.03):
+        if (
+            alt.predicted.decode_tps >= best.predicted.decode_tps / 1.03
+            and alt.predicted.prompt_tps >= best.predicted.prompt_tps / 1.03
+        ):
             return alt
     return best
 
@@ -103,7 +105,9 @@ def _first_fit(lo: int, hi: int, build: Callable[[int], Plan], descending: bool)
     return best
 
 
-def _candidates(anatomy: Anatomy, hw: Hardware, req: PlanRequest, n_ctx: int, speed: SpeedParams | None) -> list[Plan]:
+def _candidates(
+    anatomy: Anatomy, hw: Hardware, req: PlanRequest, n_ctx: int, speed: SpeedParams | None
+) -> list[Plan]:
     n_layers = anatomy.n_layers
     threads = req.threads or hw.cpu.cores
     parallel = max(req.n_parallel, 1)
@@ -111,14 +115,24 @@ def _candidates(anatomy: Anatomy, hw: Hardware, req: PlanRequest, n_ctx: int, sp
     if not hw.gpus:
         fa = bool(req.flash_attn) or (req.kv_type not in (None, "f16"))
         ub = req.n_ubatch or min(512, req.n_batch or 512)
-        pl = Placement(0, n_batch=max(req.n_batch or 2048, ub), n_ubatch=ub,
-                       kv_type=req.kv_type or "f16", flash_attn=fa, **base)
+        pl = Placement(
+            0,
+            n_batch=max(req.n_batch or 2048, ub),
+            n_ubatch=ub,
+            kv_type=req.kv_type or "f16",
+            flash_attn=fa,
+            **base,
+        )
         only = evaluate(anatomy, hw, req, pl, speed)
         return [only] if fits(only) else []
     _, budgets, _ = device_budgets(hw, req)
     split = tuple(b / sum(budgets) for b in budgets) if len(hw.gpus) > 1 and sum(budgets) else ()
     kv_types = [req.kv_type] if req.kv_type else ["f16", "q8_0"]
-    ubatches = [req.n_ubatch] if req.n_ubatch else [u for u in _UBATCHES if not req.n_batch or u <= req.n_batch]
+    ubatches = (
+        [req.n_ubatch]
+        if req.n_ubatch
+        else [u for u in _UBATCHES if not req.n_batch or u <= req.n_batch]
+    )
     ubatches = ubatches or [req.n_batch or 512]
     out: list[Plan] = []
     for kv in kv_types:
@@ -127,7 +141,9 @@ def _candidates(anatomy: Anatomy, hw: Hardware, req: PlanRequest, n_ctx: int, sp
             continue  # a quantized V cache needs flash attention
         for ub in ubatches:
             nb = max(req.n_batch or 2048, ub)
-            common = dict(n_batch=nb, n_ubatch=ub, kv_type=kv, flash_attn=fa, tensor_split=split, **base)
+            common = dict(
+                n_batch=nb, n_ubatch=ub, kv_type=kv, flash_attn=fa, tensor_split=split, **base
+            )
 
             def layers(k: int, common: dict = common) -> Plan:
                 return evaluate(anatomy, hw, req, Placement(k, **common), speed)
@@ -147,22 +163,41 @@ def _candidates(anatomy: Anatomy, hw: Hardware, req: PlanRequest, n_ctx: int, sp
             first_gpu = max(n_layers - ngl, 0)
             gpu_layers = list(range(first_gpu, n_layers))
             if gpu_layers:
-
                 units = [(il, kind) for il in gpu_layers for kind in _FFN_KINDS]
                 experts = bool(anatomy.expert_count)
 
-                def moved(k: int, common: dict = common, units: list = units, experts: bool = experts) -> Plan:
+                def moved(
+                    k: int,
+                    common: dict = common,
+                    units: list = units,
+                    experts: bool = experts,
+                    ngl: int = ngl,
+                ) -> Plan:
                     pats = ffn_patterns(units[:k], experts)
-                    return evaluate(anatomy, hw, req, Placement(ngl, cpu_tensor_patterns=pats, **common), speed)
+                    return evaluate(
+                        anatomy, hw, req, Placement(ngl, cpu_tensor_patterns=pats, **common), speed
+                    )
 
                 found.append(_first_fit(0, len(units), moved, descending=False))
             for p in found:
                 if p is None or not fits(p):
                     continue
                 out.append(p)
-                if p.devices[0].weights_bytes > 0:  # CPU-resident weights: try prompt on the CPU too
-                    alt = evaluate(anatomy, hw, req, Placement(
-                        p.n_gpu_layers, cpu_tensor_patterns=p.cpu_tensor_patterns, op_offload=False, **common), speed)
+                if (
+                    p.devices[0].weights_bytes > 0
+                ):  # CPU-resident weights: try prompt on the CPU too
+                    alt = evaluate(
+                        anatomy,
+                        hw,
+                        req,
+                        Placement(
+                            p.n_gpu_layers,
+                            cpu_tensor_patterns=p.cpu_tensor_patterns,
+                            op_offload=False,
+                            **common,
+                        ),
+                        speed,
+                    )
                     if fits(alt):
                         out.append(alt)
     return out
@@ -172,12 +207,18 @@ def _contexts(anatomy: Anatomy, req: PlanRequest) -> list[int]:
     if req.n_ctx:
         return [req.n_ctx]
     train = anatomy.n_ctx_train or 4096
-    steps = sorted({min(train, c) for c in _CTX_STEPS} | ({train} if train < 4096 else set()), reverse=True)
+    steps = sorted(
+        {min(train, c) for c in _CTX_STEPS} | ({train} if train < 4096 else set()), reverse=True
+    )
     return [c for c in steps if c >= min(4096, train)]
 
 
-def plan(anatomy: Anatomy, hardware: Hardware, request: PlanRequest | None = None,
-         speed: SpeedParams | None = None) -> Plan:
+def plan(
+    anatomy: Anatomy,
+    hardware: Hardware,
+    request: PlanRequest | None = None,
+    speed: SpeedParams | None = None,
+) -> Plan:
     """Place the model on this hardware for the best predicted speed within every budget."""
     req = request or PlanRequest()
     if req.optimize not in ("decode", "prompt", "balanced"):
@@ -193,8 +234,10 @@ def plan(anatomy: Anatomy, hardware: Hardware, request: PlanRequest | None = Non
         best = choose(cands, req.optimize)
         if reference is None:
             reference, chosen = best, best
-        elif (best.predicted.decode_tps >= 0.97 * reference.predicted.decode_tps
-              and best.predicted.prompt_tps >= 0.9 * reference.predicted.prompt_tps):
+        elif (
+            best.predicted.decode_tps >= 0.97 * reference.predicted.decode_tps
+            and best.predicted.prompt_tps >= 0.9 * reference.predicted.prompt_tps
+        ):
             chosen = best
         else:
             break
@@ -207,49 +250,69 @@ def _infeasible_reason(anatomy: Anatomy, hw: Hardware, req: PlanRequest, n_ctx: 
     ram, budgets, _ = device_budgets(hw, req)
     kv = sum(kv_bytes_per_layer(anatomy, n_ctx, max(req.n_parallel, 1), req.kv_type or "f16"))
     need = anatomy.weights_bytes + kv
-    return (f"{anatomy.path or 'the model'} needs about {need / _GiB:.1f} GiB "
-            f"({anatomy.weights_bytes / _GiB:.1f} GiB of weights + {kv / _GiB:.1f} GiB of KV cache at "
-            f"n_ctx={n_ctx}) plus compute buffers, but this machine offers {ram / _GiB:.1f} GiB of RAM"
-            + (f" and {sum(budgets) / _GiB:.1f} GiB of GPU memory" if budgets else "")
-            + "; use a smaller quantization, a smaller context, or more memory")
+    return (
+        f"{anatomy.path or 'the model'} needs about {need / _GiB:.1f} GiB "
+        f"({anatomy.weights_bytes / _GiB:.1f} GiB of weights + {kv / _GiB:.1f} GiB of KV cache at "
+        f"n_ctx={n_ctx}) plus compute buffers, but this machine offers {ram / _GiB:.1f} GiB of RAM"
+        + (f" and {sum(budgets) / _GiB:.1f} GiB of GPU memory" if budgets else "")
+        + "; use a smaller quantization, a smaller context, or more memory"
+    )
 
 
-def _with_reasons(p: Plan, anatomy: Anatomy, hw: Hardware, req: PlanRequest, ref: Plan | None) -> Plan:
+def _with_reasons(
+    p: Plan, anatomy: Anatomy, hw: Hardware, req: PlanRequest, ref: Plan | None
+) -> Plan:
     from dataclasses import replace
 
     r: list[str] = []
     n_layers = anatomy.n_layers
     cpu = p.devices[0]
     if not hw.gpus:
-        r.append(f"No GPU on this machine: everything runs on the CPU with {p.threads} threads; "
-                 f"decode is bound by memory bandwidth ({hw.cpu.mem_bandwidth_Bps / 1e9:.0f} GB/s measured).")
+        r.append(
+            f"No GPU on this machine: everything runs on the CPU with {p.threads} threads; "
+            f"decode is bound by memory bandwidth ({hw.cpu.mem_bandwidth_Bps / 1e9:.0f} GB/s measured)."
+        )
     elif p.n_gpu_layers > n_layers and not p.cpu_tensor_patterns:
-        r.append(f"The whole model ({anatomy.weights_bytes / _GiB:.1f} GiB) and its KV cache fit on the GPU: "
-                 "everything runs there.")
+        r.append(
+            f"The whole model ({anatomy.weights_bytes / _GiB:.1f} GiB) and its KV cache fit on the GPU: "
+            "everything runs there."
+        )
     elif p.cpu_tensor_patterns and anatomy.expert_count:
-        r.append(f"All layers on the GPU except expert tensors matched by {' and '.join(p.cpu_tensor_patterns)}: "
-                 f"a token reads only {anatomy.expert_used_count} of {anatomy.expert_count} experts, so "
-                 "experts cost least on the CPU, while attention, KV cache and shared tensors stay on the GPU.")
+        r.append(
+            f"All layers on the GPU except expert tensors matched by {' and '.join(p.cpu_tensor_patterns)}: "
+            f"a token reads only {anatomy.expert_used_count} of {anatomy.expert_count} experts, so "
+            "experts cost least on the CPU, while attention, KV cache and shared tensors stay on the GPU."
+        )
     elif p.cpu_tensor_patterns:
-        r.append("All attention and KV on the GPU; the dense FFN tensors of the first layers stay on the CPU "
-                 "to fit the budget.")
+        r.append(
+            "All attention and KV on the GPU; the dense FFN tensors of the first layers stay on the CPU "
+            "to fit the budget."
+        )
     else:
         where = "with the output layer" if p.n_gpu_layers > n_layers else "without the output layer"
-        r.append(f"{min(p.n_gpu_layers, n_layers)} of {n_layers} layers on the GPU ({where}): that is "
-                 "what fits the budget.")
+        r.append(
+            f"{min(p.n_gpu_layers, n_layers)} of {n_layers} layers on the GPU ({where}): that is "
+            "what fits the budget."
+        )
     if hw.gpus and cpu.weights_bytes > 0:
         if p.op_offload:
-            r.append(f"n_ubatch {p.n_ubatch}: CPU-resident weights ({cpu.weights_bytes / _GiB:.1f} GiB) cross "
-                     "PCIe once per micro-batch for prompt processing, so a larger micro-batch is faster; "
-                     "its compute buffer is paid for in GPU memory.")
+            r.append(
+                f"n_ubatch {p.n_ubatch}: CPU-resident weights ({cpu.weights_bytes / _GiB:.1f} GiB) cross "
+                "PCIe once per micro-batch for prompt processing, so a larger micro-batch is faster; "
+                "its compute buffer is paid for in GPU memory."
+            )
         else:
-            r.append("Prompt processing of CPU-resident weights stays on the CPU: streaming them over PCIe "
-                     "would be slower.")
+            r.append(
+                "Prompt processing of CPU-resident weights stays on the CPU: streaming them over PCIe "
+                "would be slower."
+            )
     if p.kv_type != "f16":
         r.append(f"KV cache in {p.kv_type} (with flash attention) to leave GPU memory for weights.")
     if not req.n_ctx:
-        r.append(f"Context {p.n_ctx} tokens (trained for {anatomy.n_ctx_train}): the largest tried that fits "
-                 "without slowing decode by more than 3%.")
+        r.append(
+            f"Context {p.n_ctx} tokens (trained for {anatomy.n_ctx_train}): the largest tried that fits "
+            "without slowing decode by more than 3%."
+        )
     if req.num_gpu is not None:
         r.append(f"{req.num_gpu} GPU layers as requested.")
     if req.gpu_budget_bytes is not None and hw.gpus:

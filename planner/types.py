@@ -79,7 +79,9 @@ class Hardware:
     def from_dict(cls, data: dict[str, Any]) -> Hardware:
         """Inverse of ``to_dict``; unknown keys are ignored."""
         cpu = _from_dict(CPUInfo, data["cpu"])
-        gpus = tuple(_from_dict(GPUInfo, {"index": i, **g}) for i, g in enumerate(data.get("gpus", [])))
+        gpus = tuple(
+            _from_dict(GPUInfo, {"index": i, **g}) for i, g in enumerate(data.get("gpus", []))
+        )
         rest = {k: v for k, v in data.items() if k not in ("cpu", "gpus")}
         rest["notes"] = tuple(rest.get("notes", ()))
         return _from_dict(cls, {**rest, "cpu": cpu, "gpus": gpus})
@@ -149,7 +151,8 @@ class Anatomy:
     def from_dict(cls, data: dict[str, Any]) -> Anatomy:
         """Inverse of ``to_dict``."""
         tensors = tuple(
-            _from_dict(TensorInfo, {**t, "shape": tuple(t.get("shape", ()))}) for t in data["tensors"]
+            _from_dict(TensorInfo, {**t, "shape": tuple(t.get("shape", ()))})
+            for t in data["tensors"]
         )
         conv = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
         return _from_dict(cls, {**conv, "tensors": tensors})

@@ -15,17 +15,38 @@ from offload.planner import hardware as hw_mod
 from offload.planner.errors import OffloadError
 from offload.planner.types import Anatomy, Hardware, Placement
 
-__all__ = ["register", "plan_cmd", "hardware_cmd", "parse_size", "hardware_cache_file", "resolve_model"]
+__all__ = [
+    "register",
+    "plan_cmd",
+    "hardware_cmd",
+    "parse_size",
+    "hardware_cache_file",
+    "resolve_model",
+]
 
 _GiB = float(1 << 30)
-_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
-          "t": 1000**4, "tb": 1000**4, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "t": 1000**4,
+    "tb": 1000**4,
+    "kib": 1 << 10,
+    "mib": 1 << 20,
+    "gib": 1 << 30,
+    "tib": 1 << 40,
+}
 
 
 def parse_size(text: str) -> int:
     """Bytes from ``8GiB``, ``7.5GB``, ``8192MiB`` or a plain number (``G`` alone means GiB, as Ollama)."""
     m = re.fullmatch(r"\s*([\d.]+)\s*([a-zA-Z]*)\s*", text)
-    unit = (m.group(2).lower() if m else "")
+    unit = m.group(2).lower() if m else ""
     unit = {"g": "gib", "m": "mib", "k": "kib", "t": "tib"}.get(unit, unit)
     if not m or unit not in _UNITS:
         raise click.BadParameter(f"{text!r} is not a size like 8GiB, 7.5GB or 8192MiB")
@@ -41,7 +62,13 @@ def hardware_cache_file() -> Path:
     except ImportError:  # config arrives with the runtime; until then the same rule by hand
         import platformdirs
 
-        return Path(os.environ.get("OFFLOAD_HOME") or platformdirs.user_data_dir("offload", appauthor=False)) / "hardware.json"
+        return (
+            Path(
+                os.environ.get("OFFLOAD_HOME")
+                or platformdirs.user_data_dir("offload", appauthor=False)
+            )
+            / "hardware.json"
+        )
 
 
 def resolve_model(name_or_path: str) -> Path:
@@ -53,7 +80,9 @@ def resolve_model(name_or_path: str) -> Path:
         from offload.models.store import Store
         from offload.runtime import config
     except ImportError:
-        raise click.ClickException(f"{name_or_path}: no such file (and no model store to resolve names)") from None
+        raise click.ClickException(
+            f"{name_or_path}: no such file (and no model store to resolve names)"
+        ) from None
     store = Store(config.models_dir(), [q for q in [config.ollama_models_dir()] if q])
     return Path(store.resolve(name_or_path).model_path)
 
@@ -73,15 +102,24 @@ def _print_plan(p: Plan, a: Anatomy, hw: Hardware) -> None:
     from rich.table import Table
 
     c = Console()
-    c.print(f"[bold]{a.name or Path(a.path).name}[/] ({a.arch}, {a.n_layers} layers, {_gib(a.weights_bytes)}) "
-            f"on [bold]{hw.name}[/]")
+    c.print(
+        f"[bold]{a.name or Path(a.path).name}[/] ({a.arch}, {a.n_layers} layers, {_gib(a.weights_bytes)}) "
+        f"on [bold]{hw.name}[/]"
+    )
     t = Table(title="Memory per device")
     for col in ("device", "weights", "KV cache", "compute", "overhead", "total", "budget"):
         t.add_column(col, justify="left" if col == "device" else "right")
     for d in p.devices:
         over = d.total_bytes > d.budget_bytes
-        t.add_row(d.name, _gib(d.weights_bytes), _gib(d.kv_bytes), _gib(d.compute_bytes), _gib(d.overhead_bytes),
-                  f"[red]{_gib(d.total_bytes)}[/]" if over else _gib(d.total_bytes), _gib(d.budget_bytes))
+        t.add_row(
+            d.name,
+            _gib(d.weights_bytes),
+            _gib(d.kv_bytes),
+            _gib(d.compute_bytes),
+            _gib(d.overhead_bytes),
+            f"[red]{_gib(d.total_bytes)}[/]" if over else _gib(d.total_bytes),
+            _gib(d.budget_bytes),
+        )
     c.print(t)
     s = Table(title="Placement", show_header=False)
     s.add_column("knob")
@@ -98,8 +136,10 @@ def _print_plan(p: Plan, a: Anatomy, hw: Hardware) -> None:
     s.add_row("op offload", "on" if p.op_offload else "off")
     c.print(s)
     pr = p.predicted
-    c.print(f"Predicted: [bold]{pr.decode_tps:.1f}[/] tokens/s decode, [bold]{pr.prompt_tps:.0f}[/] tokens/s prompt, "
-            f"{pr.ttft_s:.2f} s to first token")
+    c.print(
+        f"Predicted: [bold]{pr.decode_tps:.1f}[/] tokens/s decode, [bold]{pr.prompt_tps:.0f}[/] tokens/s prompt, "
+        f"{pr.ttft_s:.2f} s to first token"
+    )
     for r in p.reasons:
         c.print(f"  - {r}")
 
@@ -111,10 +151,21 @@ def _chart(path: str, p: Plan, a: Anatomy, hw: Hardware, req: PlanRequest) -> No
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise click.ClickException("--chart needs matplotlib: pip install 'offload[charts]'") from None
+        raise click.ClickException(
+            "--chart needs matplotlib: pip install 'offload[charts]'"
+        ) from None
     ks = list(range(0, a.n_layers + 2))
-    base = dict(n_ctx=p.n_ctx, n_parallel=p.n_parallel, n_batch=p.n_batch, n_ubatch=p.n_ubatch, threads=p.threads,
-                threads_batch=p.threads_batch, kv_type=p.kv_type, flash_attn=p.flash_attn, tensor_split=p.tensor_split)
+    base = dict(
+        n_ctx=p.n_ctx,
+        n_parallel=p.n_parallel,
+        n_batch=p.n_batch,
+        n_ubatch=p.n_ubatch,
+        threads=p.threads,
+        threads_batch=p.threads_batch,
+        kv_type=p.kv_type,
+        flash_attn=p.flash_attn,
+        tensor_split=p.tensor_split,
+    )
     plans = [evaluate(a, hw, req, Placement(k, **base)) for k in ks]
     fits = [all(d.total_bytes <= d.budget_bytes for d in q.devices) for q in plans]
     fig, ax = plt.subplots(figsize=(8, 4.5))
@@ -140,23 +191,60 @@ def _chart(path: str, p: Plan, a: Anatomy, hw: Hardware, req: PlanRequest) -> No
 
 @click.command("plan")
 @click.argument("model")
-@click.option("--hardware", "hardware_name", help="A profile name (rtx3060, ...) or profile JSON; default: this machine.")
+@click.option(
+    "--hardware",
+    "hardware_name",
+    help="A profile name (rtx3060, ...) or profile JSON; default: this machine.",
+)
 @click.option("--ctx", type=int, help="Context length per sequence (default: planned).")
 @click.option("--parallel", type=int, default=1, show_default=True, help="Parallel sequences.")
-@click.option("--gpu-layers", type=int, help="Force this many layers on the GPU (output layer counts as one).")
+@click.option(
+    "--gpu-layers", type=int, help="Force this many layers on the GPU (output layer counts as one)."
+)
 @click.option("--gpu-memory", help="GPU memory budget per GPU, e.g. 8GiB.")
-@click.option("--optimize", type=click.Choice(["decode", "prompt", "balanced"]), default="balanced", show_default=True)
-@click.option("--prompt-tokens", type=int, default=2048, show_default=True, help="Prompt length for prompt speed and TTFT.")
+@click.option(
+    "--optimize",
+    type=click.Choice(["decode", "prompt", "balanced"]),
+    default="balanced",
+    show_default=True,
+)
+@click.option(
+    "--prompt-tokens",
+    type=int,
+    default=2048,
+    show_default=True,
+    help="Prompt length for prompt speed and TTFT.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
-@click.option("--chart", type=click.Path(dir_okay=False), help="Write a PNG of predicted speed against GPU layers.")
-def plan_cmd(model: str, hardware_name: str | None, ctx: int | None, parallel: int, gpu_layers: int | None,
-             gpu_memory: str | None, optimize: str, prompt_tokens: int, as_json: bool, chart: str | None) -> None:
+@click.option(
+    "--chart",
+    type=click.Path(dir_okay=False),
+    help="Write a PNG of predicted speed against GPU layers.",
+)
+def plan_cmd(
+    model: str,
+    hardware_name: str | None,
+    ctx: int | None,
+    parallel: int,
+    gpu_layers: int | None,
+    gpu_memory: str | None,
+    optimize: str,
+    prompt_tokens: int,
+    as_json: bool,
+    chart: str | None,
+) -> None:
     """Plan where every tensor of MODEL (a name or a GGUF path) goes, and predict its speed."""
     try:
         a = anatomy.read(resolve_model(model))
         hw = _hardware(hardware_name)
-        req = PlanRequest(n_ctx=ctx, n_parallel=parallel, num_gpu=gpu_layers, optimize=optimize,
-                          gpu_budget_bytes=parse_size(gpu_memory) if gpu_memory else None, prompt_tokens=prompt_tokens)
+        req = PlanRequest(
+            n_ctx=ctx,
+            n_parallel=parallel,
+            num_gpu=gpu_layers,
+            optimize=optimize,
+            gpu_budget_bytes=parse_size(gpu_memory) if gpu_memory else None,
+            prompt_tokens=prompt_tokens,
+        )
         p = plan(a, hw, req)
         if chart:
             _chart(chart, p, a, hw, req)
@@ -170,7 +258,9 @@ def plan_cmd(model: str, hardware_name: str | None, ctx: int | None, parallel: i
 
 @click.command("hardware")
 @click.option("--refresh", is_flag=True, help="Probe again instead of using the cached profile.")
-@click.option("--profile", "profile", help="Show a shipped profile (or profile JSON) instead of this machine.")
+@click.option(
+    "--profile", "profile", help="Show a shipped profile (or profile JSON) instead of this machine."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the profile as JSON.")
 def hardware_cmd(refresh: bool, profile: str | None, as_json: bool) -> None:
     """Show this machine's measured hardware profile (cached under the data dir)."""
@@ -185,18 +275,29 @@ def hardware_cmd(refresh: bool, profile: str | None, as_json: bool) -> None:
     from rich.table import Table
 
     c = Console()
-    c.print(f"[bold]{hw.name}[/]  fingerprint {hw.fingerprint or '-'}  measured {hw.measured_at or '-'}")
+    c.print(
+        f"[bold]{hw.name}[/]  fingerprint {hw.fingerprint or '-'}  measured {hw.measured_at or '-'}"
+    )
     cpu = hw.cpu
-    c.print(f"CPU {cpu.name or '?'}: {cpu.cores} cores, RAM {_gib(cpu.ram_bytes)} "
-            f"({_gib(cpu.ram_available_bytes)} available), memory bandwidth {cpu.mem_bandwidth_Bps / 1e9:.1f} GB/s")
+    c.print(
+        f"CPU {cpu.name or '?'}: {cpu.cores} cores, RAM {_gib(cpu.ram_bytes)} "
+        f"({_gib(cpu.ram_available_bytes)} available), memory bandwidth {cpu.mem_bandwidth_Bps / 1e9:.1f} GB/s"
+    )
     if hw.gpus:
         t = Table(title="GPUs")
         for col in ("#", "name", "VRAM", "free", "bandwidth", "host->device", "PCIe", "compute"):
             t.add_column(col)
         for g in hw.gpus:
-            t.add_row(str(g.index), g.name, _gib(g.vram_bytes), _gib(g.vram_free_bytes),
-                      f"{g.mem_bandwidth_Bps / 1e9:.0f} GB/s", f"{g.h2d_bandwidth_Bps / 1e9:.1f} GB/s",
-                      f"gen{g.pcie_gen} x{g.pcie_width}" if g.pcie_gen else "-", g.compute_capability or "-")
+            t.add_row(
+                str(g.index),
+                g.name,
+                _gib(g.vram_bytes),
+                _gib(g.vram_free_bytes),
+                f"{g.mem_bandwidth_Bps / 1e9:.0f} GB/s",
+                f"{g.h2d_bandwidth_Bps / 1e9:.1f} GB/s",
+                f"gen{g.pcie_gen} x{g.pcie_width}" if g.pcie_gen else "-",
+                g.compute_capability or "-",
+            )
         c.print(t)
     else:
         c.print("No GPUs.")

@@ -16,8 +16,16 @@ from typing import Any
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter
 
-__all__ = ["ModelSpec", "write_model", "mistral_7b", "qwen3_30b_a3b", "mamba", "mamba2", "granite_hybrid",
-           "tiny_llama"]
+__all__ = [
+    "ModelSpec",
+    "write_model",
+    "mistral_7b",
+    "qwen3_30b_a3b",
+    "mamba",
+    "mamba2",
+    "granite_hybrid",
+    "tiny_llama",
+]
 
 
 @dataclass
@@ -60,7 +68,10 @@ def _kv_heads(spec: ModelSpec) -> list[int]:
 def _tensors(spec: ModelSpec) -> list[tuple[str, tuple[int, ...]]]:
     """(name, ggml shape ne0-first) of every tensor."""
     e, hd = spec.n_embd, spec.head_dim or spec.n_embd // max(spec.n_head, 1)
-    out: list[tuple[str, tuple[int, ...]]] = [("token_embd.weight", (e, spec.n_vocab)), ("output_norm.weight", (e,))]
+    out: list[tuple[str, tuple[int, ...]]] = [
+        ("token_embd.weight", (e, spec.n_vocab)),
+        ("output_norm.weight", (e,)),
+    ]
     if not spec.tied_embeddings:
         out.append(("output.weight", (e, spec.n_vocab)))
     recurrent_arch = spec.arch in ("mamba", "mamba2")
@@ -72,18 +83,29 @@ def _tensors(spec: ModelSpec) -> list[tuple[str, tuple[int, ...]]]:
             if recurrent_arch:
                 continue
         else:
-            out += [(b + "attn_q.weight", (e, spec.n_head * hd)), (b + "attn_k.weight", (e, kvh * hd)),
-                    (b + "attn_v.weight", (e, kvh * hd)), (b + "attn_output.weight", (spec.n_head * hd, e))]
+            out += [
+                (b + "attn_q.weight", (e, spec.n_head * hd)),
+                (b + "attn_k.weight", (e, kvh * hd)),
+                (b + "attn_v.weight", (e, kvh * hd)),
+                (b + "attn_output.weight", (spec.n_head * hd, e)),
+            ]
             if spec.qk_norm:
                 out += [(b + "attn_q_norm.weight", (hd,)), (b + "attn_k_norm.weight", (hd,))]
         out.append((b + "ffn_norm.weight", (e,)))
         if spec.expert_count:
             n, f = spec.expert_count, spec.n_ff_exp
-            out += [(b + "ffn_gate_inp.weight", (e, n)), (b + "ffn_gate_exps.weight", (e, f, n)),
-                    (b + "ffn_up_exps.weight", (e, f, n)), (b + "ffn_down_exps.weight", (f, e, n))]
+            out += [
+                (b + "ffn_gate_inp.weight", (e, n)),
+                (b + "ffn_gate_exps.weight", (e, f, n)),
+                (b + "ffn_up_exps.weight", (e, f, n)),
+                (b + "ffn_down_exps.weight", (f, e, n)),
+            ]
         else:
-            out += [(b + "ffn_gate.weight", (e, spec.n_ff)), (b + "ffn_up.weight", (e, spec.n_ff)),
-                    (b + "ffn_down.weight", (spec.n_ff, e))]
+            out += [
+                (b + "ffn_gate.weight", (e, spec.n_ff)),
+                (b + "ffn_up.weight", (e, spec.n_ff)),
+                (b + "ffn_down.weight", (spec.n_ff, e)),
+            ]
     return out
 
 
@@ -91,20 +113,41 @@ def _ssm_tensors(spec: ModelSpec, b: str) -> list[tuple[str, tuple[int, ...]]]:
     e, di, ds, dc = spec.n_embd, spec.ssm_d_inner, spec.ssm_d_state, spec.ssm_d_conv
     if spec.arch == "mamba" or spec.arch == "jamba":
         r = spec.ssm_dt_rank
-        return [(b + "ssm_in.weight", (e, 2 * di)), (b + "ssm_conv1d.weight", (dc, di)),
-                (b + "ssm_conv1d.bias", (di,)), (b + "ssm_x.weight", (di, r + 2 * ds)),
-                (b + "ssm_dt.weight", (r, di)), (b + "ssm_dt.bias", (di,)), (b + "ssm_a", (ds, di)),
-                (b + "ssm_d", (di,)), (b + "ssm_out.weight", (di, e))]
+        return [
+            (b + "ssm_in.weight", (e, 2 * di)),
+            (b + "ssm_conv1d.weight", (dc, di)),
+            (b + "ssm_conv1d.bias", (di,)),
+            (b + "ssm_x.weight", (di, r + 2 * ds)),
+            (b + "ssm_dt.weight", (r, di)),
+            (b + "ssm_dt.bias", (di,)),
+            (b + "ssm_a", (ds, di)),
+            (b + "ssm_d", (di,)),
+            (b + "ssm_out.weight", (di, e)),
+        ]
     g, nh = max(spec.ssm_n_group, 1), spec.ssm_n_head
     conv = di + 2 * g * ds
-    return [(b + "ssm_in.weight", (e, 2 * di + 2 * g * ds + nh)), (b + "ssm_conv1d.weight", (dc, conv)),
-            (b + "ssm_conv1d.bias", (conv,)), (b + "ssm_dt.bias", (nh,)), (b + "ssm_a", (1, nh)),
-            (b + "ssm_d", (1, nh)), (b + "ssm_norm.weight", (di // g, g)), (b + "ssm_out.weight", (di, e))]
+    return [
+        (b + "ssm_in.weight", (e, 2 * di + 2 * g * ds + nh)),
+        (b + "ssm_conv1d.weight", (dc, conv)),
+        (b + "ssm_conv1d.bias", (conv,)),
+        (b + "ssm_dt.bias", (nh,)),
+        (b + "ssm_a", (1, nh)),
+        (b + "ssm_d", (1, nh)),
+        (b + "ssm_norm.weight", (di // g, g)),
+        (b + "ssm_out.weight", (di, e)),
+    ]
 
 
 def _type_for(spec: ModelSpec, name: str, shape: tuple[int, ...]) -> GGMLQuantizationType:
-    if len(shape) == 1 or "norm" in name or "ssm_a" in name or "ssm_d" in name.split(".")[-1] \
-            or "conv1d" in name or "gate_inp" in name or name.endswith(".bias"):
+    if (
+        len(shape) == 1
+        or "norm" in name
+        or "ssm_a" in name
+        or "ssm_d" in name.split(".")[-1]
+        or "conv1d" in name
+        or "gate_inp" in name
+        or name.endswith(".bias")
+    ):
         return GGMLQuantizationType.F32
     tname = next((t for k, t in spec.types.items() if k in name), spec.default_type)
     qt = GGMLQuantizationType[tname]
@@ -171,8 +214,9 @@ def _metadata(w: GGUFWriter, spec: ModelSpec, tokenizer: bool) -> None:
         w.add_eos_token_id(2)
 
 
-def write_model(path: str | os.PathLike[str], spec: ModelSpec, *, sparse: bool = True,
-                tokenizer: bool = False) -> Path:
+def write_model(
+    path: str | os.PathLike[str], spec: ModelSpec, *, sparse: bool = True, tokenizer: bool = False
+) -> Path:
     """Write a GGUF of ``spec`` to ``path``: the header, then data as a hole (sparse) or zeros."""
     p = Path(path)
     w = GGUFWriter(str(p), spec.arch)
@@ -207,45 +251,114 @@ def write_model(path: str | os.PathLike[str], spec: ModelSpec, *, sparse: bool =
 
 def mistral_7b() -> ModelSpec:
     """GPU.md's dense shape: 32 layers, 4096 embd, 14336 ff, GQA 32/8, Q4_K with Q6_K v/down/output."""
-    return ModelSpec(arch="llama", n_layers=32, n_embd=4096, n_ff=14336, n_head=32, n_head_kv=8,
-                     n_vocab=32000, n_ctx_train=32768,
-                     types={"attn_v": "Q6_K", "ffn_down": "Q6_K", "output.": "Q6_K"})
+    return ModelSpec(
+        arch="llama",
+        n_layers=32,
+        n_embd=4096,
+        n_ff=14336,
+        n_head=32,
+        n_head_kv=8,
+        n_vocab=32000,
+        n_ctx_train=32768,
+        types={"attn_v": "Q6_K", "ffn_down": "Q6_K", "output.": "Q6_K"},
+    )
 
 
 def qwen3_30b_a3b() -> ModelSpec:
     """GPU.md's MoE shape: 48 layers, 2048 embd, 128 experts (8 used), expert ff 768, vocab 151936."""
-    return ModelSpec(arch="qwen3moe", n_layers=48, n_embd=2048, n_ff=6144, n_head=32, n_head_kv=4,
-                     head_dim=128, n_vocab=151936, n_ctx_train=40960, expert_count=128, expert_used=8,
-                     n_ff_exp=768, qk_norm=True,
-                     types={"attn_v": "Q6_K", "ffn_down": "Q6_K", "output.": "Q6_K"})
+    return ModelSpec(
+        arch="qwen3moe",
+        n_layers=48,
+        n_embd=2048,
+        n_ff=6144,
+        n_head=32,
+        n_head_kv=4,
+        head_dim=128,
+        n_vocab=151936,
+        n_ctx_train=40960,
+        expert_count=128,
+        expert_used=8,
+        n_ff_exp=768,
+        qk_norm=True,
+        types={"attn_v": "Q6_K", "ffn_down": "Q6_K", "output.": "Q6_K"},
+    )
 
 
 def mamba() -> ModelSpec:
     """A Mamba-1 2.8B shape (64 layers, 2560 embd, d_inner 5120, d_state 16)."""
-    return ModelSpec(arch="mamba", n_layers=64, n_embd=2560, n_ff=0, n_head=0, n_head_kv=0, n_vocab=50280,
-                     n_ctx_train=1 << 20, ssm_d_inner=5120, ssm_d_state=16, ssm_dt_rank=160,
-                     tied_embeddings=True, default_type="Q8_0")
+    return ModelSpec(
+        arch="mamba",
+        n_layers=64,
+        n_embd=2560,
+        n_ff=0,
+        n_head=0,
+        n_head_kv=0,
+        n_vocab=50280,
+        n_ctx_train=1 << 20,
+        ssm_d_inner=5120,
+        ssm_d_state=16,
+        ssm_dt_rank=160,
+        tied_embeddings=True,
+        default_type="Q8_0",
+    )
 
 
 def mamba2() -> ModelSpec:
     """A Mamba-2 1.3B-like shape (48 layers, 2048 embd, d_inner 4096, d_state 128, 64 heads)."""
-    return ModelSpec(arch="mamba2", n_layers=48, n_embd=2048, n_ff=0, n_head=0, n_head_kv=0, n_vocab=50288,
-                     n_ctx_train=1 << 20, ssm_d_inner=4096, ssm_d_state=128, ssm_n_group=1, ssm_n_head=64,
-                     tied_embeddings=True, default_type="Q8_0")
+    return ModelSpec(
+        arch="mamba2",
+        n_layers=48,
+        n_embd=2048,
+        n_ff=0,
+        n_head=0,
+        n_head_kv=0,
+        n_vocab=50288,
+        n_ctx_train=1 << 20,
+        ssm_d_inner=4096,
+        ssm_d_state=128,
+        ssm_n_group=1,
+        ssm_n_head=64,
+        tied_embeddings=True,
+        default_type="Q8_0",
+    )
 
 
 def granite_hybrid() -> ModelSpec:
     """A granitehybrid (Granite 4.0-H-like): Mamba2 layers with every 6th layer attention, dense FFN."""
     n = 24
     kv = [8 if il % 6 == 5 else 0 for il in range(n)]
-    return ModelSpec(arch="granitehybrid", n_layers=n, n_embd=1536, n_ff=4096, n_head=12, n_head_kv=kv,
-                     head_dim=128, n_vocab=100352, n_ctx_train=131072, ssm_d_inner=3072, ssm_d_state=128,
-                     ssm_n_group=1, ssm_n_head=48, tied_embeddings=True)
+    return ModelSpec(
+        arch="granitehybrid",
+        n_layers=n,
+        n_embd=1536,
+        n_ff=4096,
+        n_head=12,
+        n_head_kv=kv,
+        head_dim=128,
+        n_vocab=100352,
+        n_ctx_train=131072,
+        ssm_d_inner=3072,
+        ssm_d_state=128,
+        ssm_n_group=1,
+        ssm_n_head=48,
+        tied_embeddings=True,
+    )
 
 
-def tiny_llama(n_layers: int = 4, n_embd: int = 256, n_ff: int = 512, expert_count: int = 0) -> ModelSpec:
+def tiny_llama(
+    n_layers: int = 4, n_embd: int = 256, n_ff: int = 512, expert_count: int = 0
+) -> ModelSpec:
     """A small llama (or MoE with ``expert_count``) whose dims divide every quant block."""
-    return ModelSpec(arch="qwen3moe" if expert_count else "llama", n_layers=n_layers, n_embd=n_embd,
-                     n_ff=n_ff, n_head=4, n_head_kv=2, n_vocab=1024, expert_count=expert_count,
-                     expert_used=max(expert_count // 8, 1) if expert_count else 0, n_ff_exp=n_ff // 2 or 256,
-                     qk_norm=bool(expert_count))
+    return ModelSpec(
+        arch="qwen3moe" if expert_count else "llama",
+        n_layers=n_layers,
+        n_embd=n_embd,
+        n_ff=n_ff,
+        n_head=4,
+        n_head_kv=2,
+        n_vocab=1024,
+        expert_count=expert_count,
+        expert_used=max(expert_count // 8, 1) if expert_count else 0,
+        n_ff_exp=n_ff // 2 or 256,
+        qk_norm=bool(expert_count),
+    )

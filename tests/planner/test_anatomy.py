@@ -51,7 +51,9 @@ def test_mamba2_state_counts_groups(synth_dir: Path) -> None:
 def test_hybrid_splits_layers_into_attention_and_recurrent(synth_dir: Path) -> None:
     a = anatomy.read(synth.write_model(synth_dir / "hybrid.gguf", synth.granite_hybrid()))
     assert a.layer_kinds.count("attention") == 4 and a.layer_kinds.count("recurrent") == 20
-    for kind, kv, st in zip(a.layer_kinds, a.kv_bytes_per_token_f16, a.recurrent_state_bytes_per_layer, strict=True):
+    for kind, kv, st in zip(
+        a.layer_kinds, a.kv_bytes_per_token_f16, a.recurrent_state_bytes_per_layer, strict=True
+    ):
         assert (kv > 0) == (kind == "attention") and (st > 0) == (kind == "recurrent")
 
 

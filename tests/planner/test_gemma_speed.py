@@ -17,7 +17,9 @@ llama_cpp = pytest.importorskip("llama_cpp")
 
 
 def _measure_decode_tps(path: Path, threads: int, n_tokens: int = 64) -> float:
-    m = llama_cpp.Llama(str(path), n_ctx=4096, n_threads=threads, n_threads_batch=threads, verbose=False)
+    m = llama_cpp.Llama(
+        str(path), n_ctx=4096, n_threads=threads, n_threads_batch=threads, verbose=False
+    )
     try:
         best = 0.0
         for _ in range(2):  # the first run warms the page cache and the repacked weights
@@ -40,7 +42,11 @@ def _probe_read_Bps(cores: int) -> float:
     # A fresh process, as `offload hardware` probes: after llama.cpp ran in this one (its OpenMP
     # threads, its freed buffers) numpy's bandwidth readings here swing far from the truth.
     code = f"from offload.planner.bandwidth import cpu_read_Bps; print(cpu_read_Bps({cores}))"
-    return float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    return float(
+        subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True
+        ).stdout
+    )
 
 
 def test_cpu_decode_prediction_within_25_percent_of_measured(gemma_path: Path) -> None:
@@ -50,12 +56,22 @@ def test_cpu_decode_prediction_within_25_percent_of_measured(gemma_path: Path) -
     a = anatomy.read(gemma_path)
     seen = []
     for _ in range(5):
-        hw = Hardware("here", CPUInfo(cores=cores, ram_bytes=psutil.virtual_memory().total,
-                                      mem_bandwidth_Bps=_probe_read_Bps(cores)))
+        hw = Hardware(
+            "here",
+            CPUInfo(
+                cores=cores,
+                ram_bytes=psutil.virtual_memory().total,
+                mem_bandwidth_Bps=_probe_read_Bps(cores),
+            ),
+        )
         predicted = plan(a, hw, PlanRequest(n_ctx=4096, prompt_tokens=8)).predicted.decode_tps
         measured = _measure_decode_tps(gemma_path, cores)
-        seen.append((round(predicted, 1), round(measured, 1), round(hw.cpu.mem_bandwidth_Bps / 1e9, 1)))
-        print(f"cpu read {seen[-1][2]} GB/s; gemma decode predicted {predicted:.1f} t/s, measured {measured:.1f} t/s")
+        seen.append(
+            (round(predicted, 1), round(measured, 1), round(hw.cpu.mem_bandwidth_Bps / 1e9, 1))
+        )
+        print(
+            f"cpu read {seen[-1][2]} GB/s; gemma decode predicted {predicted:.1f} t/s, measured {measured:.1f} t/s"
+        )
         if 0.75 <= predicted / measured <= 1.25:
             return
     pytest.fail(f"(predicted t/s, measured t/s, read GB/s) per round: {seen}")

@@ -51,7 +51,9 @@ def test_refresh_probes_even_with_a_matching_cache(tmp_path: Path) -> None:
     assert first.fingerprint == hw_mod.fingerprint()
 
 
-@pytest.mark.parametrize("name", ["rtx4060-laptop", "rtx3060", "rtx3090", "rtx4090", "cpu-only-laptop", "h100-sxm"])
+@pytest.mark.parametrize(
+    "name", ["rtx4060-laptop", "rtx3060", "rtx3090", "rtx4090", "cpu-only-laptop", "h100-sxm"]
+)
 def test_shipped_profiles_load_and_plan(name: str, mistral) -> None:
     hw = hw_mod.load_profile(name)
     assert hw.cpu.ram_bytes >= 8 << 30 and hw.cpu.mem_bandwidth_Bps > 10e9
@@ -63,9 +65,22 @@ def test_shipped_profiles_load_and_plan(name: str, mistral) -> None:
 
 def test_profile_from_a_json_file_and_a_missing_one(tmp_path: Path) -> None:
     f = tmp_path / "mine.json"
-    f.write_text(json.dumps({"name": "mine", "cpu": {"cores": 4, "ram_bytes": 8 << 30, "mem_bandwidth_Bps": 30e9},
-                             "gpus": [{"name": "G", "vram_bytes": 6 << 30, "mem_bandwidth_Bps": 300e9,
-                                       "h2d_bandwidth_Bps": 12e9}]}))
+    f.write_text(
+        json.dumps(
+            {
+                "name": "mine",
+                "cpu": {"cores": 4, "ram_bytes": 8 << 30, "mem_bandwidth_Bps": 30e9},
+                "gpus": [
+                    {
+                        "name": "G",
+                        "vram_bytes": 6 << 30,
+                        "mem_bandwidth_Bps": 300e9,
+                        "h2d_bandwidth_Bps": 12e9,
+                    }
+                ],
+            }
+        )
+    )
     hw = hw_mod.load_profile(f)
     assert hw.name == "mine" and hw.gpus[0].vram_bytes == 6 << 30
     with pytest.raises(HardwareProfileError, match="rtx3060"):

@@ -11,7 +11,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from offload.planner import (
-    CPUInfo, GPUInfo, Hardware, Placement, PlanInfeasible, PlanRequest, anatomy, evaluate, plan,
+    CPUInfo,
+    GPUInfo,
+    Hardware,
+    Placement,
+    PlanInfeasible,
+    PlanRequest,
+    anatomy,
+    evaluate,
+    plan,
 )
 from offload.planner.evaluate import fits
 from offload.planner.placement import CPU, tensor_devices
@@ -21,10 +29,21 @@ from tests import synth
 GiB = 1 << 30
 
 
-def _hw(vram_gib: float, ram_gib: float = 64, cores: int = 8, n_gpus: int = 1, cpu_bw: float = 50e9,
-        gpu_bw: float = 900e9, h2d: float = 20e9) -> Hardware:
-    gpus = tuple(GPUInfo(f"GPU{i}", int(vram_gib * GiB), gpu_bw, h2d, index=i) for i in range(n_gpus))
-    return Hardware("test", CPUInfo(cores=cores, ram_bytes=int(ram_gib * GiB), mem_bandwidth_Bps=cpu_bw), gpus)
+def _hw(
+    vram_gib: float,
+    ram_gib: float = 64,
+    cores: int = 8,
+    n_gpus: int = 1,
+    cpu_bw: float = 50e9,
+    gpu_bw: float = 900e9,
+    h2d: float = 20e9,
+) -> Hardware:
+    gpus = tuple(
+        GPUInfo(f"GPU{i}", int(vram_gib * GiB), gpu_bw, h2d, index=i) for i in range(n_gpus)
+    )
+    return Hardware(
+        "test", CPUInfo(cores=cores, ram_bytes=int(ram_gib * GiB), mem_bandwidth_Bps=cpu_bw), gpus
+    )
 
 
 _CACHE: dict[tuple, object] = {}
@@ -33,16 +52,31 @@ _CACHE: dict[tuple, object] = {}
 def _model(tmp: Path, n_layers: int, n_embd: int, experts: int):
     key = (n_layers, n_embd, experts)
     if key not in _CACHE:
-        spec = synth.tiny_llama(n_layers=n_layers, n_embd=n_embd, n_ff=n_embd * 3, expert_count=experts)
+        spec = synth.tiny_llama(
+            n_layers=n_layers, n_embd=n_embd, n_ff=n_embd * 3, expert_count=experts
+        )
         spec.n_vocab = 32000
-        _CACHE[key] = anatomy.read(synth.write_model(tmp / f"m{n_layers}_{n_embd}_{experts}.gguf", spec))
+        _CACHE[key] = anatomy.read(
+            synth.write_model(tmp / f"m{n_layers}_{n_embd}_{experts}.gguf", spec)
+        )
     return _CACHE[key]
 
 
-models = st.tuples(st.integers(2, 24), st.sampled_from([256, 512, 1024, 2048]), st.sampled_from([0, 8, 32]))
-machines = st.tuples(st.floats(0.2, 24), st.floats(2, 128), st.integers(1, 32), st.floats(10e9, 200e9),
-                     st.floats(100e9, 3e12), st.floats(5e9, 50e9), st.integers(0, 2))
-_settings = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+models = st.tuples(
+    st.integers(2, 24), st.sampled_from([256, 512, 1024, 2048]), st.sampled_from([0, 8, 32])
+)
+machines = st.tuples(
+    st.floats(0.2, 24),
+    st.floats(2, 128),
+    st.integers(1, 32),
+    st.floats(10e9, 200e9),
+    st.floats(100e9, 3e12),
+    st.floats(5e9, 50e9),
+    st.integers(0, 2),
+)
+_settings = settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 
 
 @_settings
@@ -62,12 +96,16 @@ def test_no_plan_exceeds_any_budget(synth_dir: Path, model, machine, optimize) -
 
 @_settings
 @given(model=models, vram=st.floats(0.1, 8), extra=st.floats(0.05, 8), cores=st.integers(1, 16))
-def test_more_gpu_memory_never_predicts_slower_decode(synth_dir: Path, model, vram, extra, cores) -> None:
+def test_more_gpu_memory_never_predicts_slower_decode(
+    synth_dir: Path, model, vram, extra, cores
+) -> None:
     a = _model(synth_dir, *model)
     # KV type fixed: the planner deliberately prefers f16 over a <3% faster q8_0 cache.
     req = PlanRequest(n_ctx=4096, optimize="decode", kv_type="f16")
     small = plan(a, _hw(vram, cores=cores), replace(req, gpu_budget_bytes=int(vram * GiB)))
-    big = plan(a, _hw(vram + extra, cores=cores), replace(req, gpu_budget_bytes=int((vram + extra) * GiB)))
+    big = plan(
+        a, _hw(vram + extra, cores=cores), replace(req, gpu_budget_bytes=int((vram + extra) * GiB))
+    )
     assert big.predicted.decode_tps >= small.predicted.decode_tps * 0.999
 
 
@@ -88,8 +126,16 @@ def test_tight_budget_moves_moe_experts_before_attention(qwen_moe) -> None:
         budget = int(non_expert + frac * expert + 1.5 * GiB)
         p = plan(qwen_moe, hw, PlanRequest(n_ctx=4096, gpu_budget_bytes=budget, optimize="decode"))
         devs = tensor_devices(qwen_moe, Placement(p.n_gpu_layers, p.cpu_tensor_patterns), 1)
-        attn_cpu = [t.name for t, d in zip(qwen_moe.tensors, devs, strict=True) if t.role == "attention" and d == CPU]
-        experts_gpu = sum(1 for t, d in zip(qwen_moe.tensors, devs, strict=True) if t.role == "expert" and d != CPU)
+        attn_cpu = [
+            t.name
+            for t, d in zip(qwen_moe.tensors, devs, strict=True)
+            if t.role == "attention" and d == CPU
+        ]
+        experts_gpu = sum(
+            1
+            for t, d in zip(qwen_moe.tensors, devs, strict=True)
+            if t.role == "expert" and d != CPU
+        )
         assert not attn_cpu, f"attention moved to CPU at {frac}: {attn_cpu[:3]}"
         assert 0 < experts_gpu < 3 * 48
 
@@ -100,8 +146,13 @@ def test_expert_placement_beats_whole_layers_at_equal_budget(qwen_moe) -> None:
     hw = load_profile("h100-sxm")
     req = PlanRequest(n_ctx=4096, gpu_budget_bytes=12 * GiB, threads=8, optimize="decode")
     p = plan(qwen_moe, hw, req)
-    whole = max((evaluate(qwen_moe, hw, req, Placement(k, n_ctx=4096, threads=8, flash_attn=True))
-                 for k in range(0, 50)), key=lambda q: q.predicted.decode_tps if fits(q) else 0)
+    whole = max(
+        (
+            evaluate(qwen_moe, hw, req, Placement(k, n_ctx=4096, threads=8, flash_attn=True))
+            for k in range(0, 50)
+        ),
+        key=lambda q: q.predicted.decode_tps if fits(q) else 0,
+    )
     assert fits(whole) and p.predicted.decode_tps > 1.1 * whole.predicted.decode_tps
 
 
@@ -142,12 +193,28 @@ def test_two_gpus_split_layers_by_budget(mistral) -> None:
 
 def test_plan_json_has_the_published_shape(mistral) -> None:
     d = json.loads(json.dumps(plan(mistral, _hw(6), PlanRequest()).to_dict()))
-    for k in ("n_gpu_layers", "cpu_tensor_patterns", "n_ctx", "n_batch", "n_ubatch", "threads", "kv_type",
-              "flash_attn", "reasons"):
+    for k in (
+        "n_gpu_layers",
+        "cpu_tensor_patterns",
+        "n_ctx",
+        "n_batch",
+        "n_ubatch",
+        "threads",
+        "kv_type",
+        "flash_attn",
+        "reasons",
+    ):
         assert k in d
     assert set(d["predicted"]) >= {"decode_tps", "prompt_tps", "ttft_s"}
     assert d["devices"][0]["name"] == "CPU"
-    assert set(d["devices"][0]) >= {"name", "weights_bytes", "kv_bytes", "compute_bytes", "total_bytes", "budget_bytes"}
+    assert set(d["devices"][0]) >= {
+        "name",
+        "weights_bytes",
+        "kv_bytes",
+        "compute_bytes",
+        "total_bytes",
+        "budget_bytes",
+    }
 
 
 def test_evaluate_reflects_a_given_expert_override(qwen_moe) -> None:
@@ -160,9 +227,13 @@ def test_evaluate_reflects_a_given_expert_override(qwen_moe) -> None:
     assert p1.predicted.decode_tps < p0.predicted.decode_tps
 
 
-@pytest.mark.parametrize("spec", [synth.mamba, synth.mamba2, synth.granite_hybrid, synth.qwen3_30b_a3b, synth.mistral_7b])
+@pytest.mark.parametrize(
+    "spec", [synth.mamba, synth.mamba2, synth.granite_hybrid, synth.qwen3_30b_a3b, synth.mistral_7b]
+)
 @pytest.mark.parametrize("profile", ["rtx4060-laptop", "rtx3090", "cpu-only-laptop"])
-def test_every_architecture_plans_on_every_kind_of_machine(synth_dir: Path, spec, profile: str) -> None:
+def test_every_architecture_plans_on_every_kind_of_machine(
+    synth_dir: Path, spec, profile: str
+) -> None:
     from offload.planner.hardware import load_profile
 
     a = anatomy.read(synth.write_model(synth_dir / f"{spec.__name__}.gguf", spec()))

@@ -20,8 +20,20 @@ def _cli() -> click.Group:
 
 def test_plan_json_for_a_gguf_path_on_a_profile(tmp_path: Path) -> None:
     model = synth.write_model(tmp_path / "mistral.gguf", synth.mistral_7b())
-    r = CliRunner().invoke(_cli(), ["plan", str(model), "--hardware", "rtx3060", "--gpu-memory", "4GiB",
-                                    "--ctx", "8192", "--json"])
+    r = CliRunner().invoke(
+        _cli(),
+        [
+            "plan",
+            str(model),
+            "--hardware",
+            "rtx3060",
+            "--gpu-memory",
+            "4GiB",
+            "--ctx",
+            "8192",
+            "--json",
+        ],
+    )
     assert r.exit_code == 0, r.output
     d = json.loads(r.output)
     assert d["n_ctx"] == 8192 and d["devices"][0]["name"] == "CPU"
@@ -34,7 +46,9 @@ def test_plan_human_output_shows_devices_speeds_and_reasons(tmp_path: Path) -> N
     model = synth.write_model(tmp_path / "moe.gguf", synth.qwen3_30b_a3b())
     r = CliRunner().invoke(_cli(), ["plan", str(model), "--hardware", "rtx3060"])
     assert r.exit_code == 0, r.output
-    assert "Memory per device" in r.output and "tokens/s decode" in r.output and "experts" in r.output
+    assert (
+        "Memory per device" in r.output and "tokens/s decode" in r.output and "experts" in r.output
+    )
 
 
 def test_plan_of_a_non_gguf_file_is_a_one_line_error(tmp_path: Path) -> None:
