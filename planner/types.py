@@ -55,6 +55,9 @@ class GPUInfo:
     pcie_width: int = 0
     compute_capability: str = ""
     fp16_flops: float = 0.0
+    # Measured device-to-device copy bandwidth (read + write); the speed model uses the nominal
+    # mem_bandwidth_Bps, as profiles of machines we don't have can only give that.
+    mem_bandwidth_measured_Bps: float = 0.0
 
 
 @dataclass(frozen=True)
