@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -50,12 +51,14 @@ def _probe_read_Bps(cores: int) -> float:
 
 
 def test_cpu_decode_prediction_within_25_percent_of_measured(gemma_path: Path) -> None:
-    # The development machine is shared: a neighbour's burst can halve one measurement. Bandwidth and
-    # decode are measured back to back, and up to five rounds are tried before calling it a miss.
+    # The development machine is shared: a neighbour's test run starves llama.cpp's spinning threads
+    # (decode drops 5-10x) long before it dents a bandwidth probe. Rounds are measured back to back;
+    # a miss on a quiet machine fails, a miss while others load the cores is inconclusive (skip).
     cores = psutil.cpu_count(logical=False) or 1
     a = anatomy.read(gemma_path)
     seen = []
-    for _ in range(5):
+    for _ in range(3):
+        busy = os.getloadavg()[0] > cores + 0.5
         hw = Hardware(
             "here",
             CPUInfo(
@@ -66,12 +69,22 @@ def test_cpu_decode_prediction_within_25_percent_of_measured(gemma_path: Path) -
         )
         predicted = plan(a, hw, PlanRequest(n_ctx=4096, prompt_tokens=8)).predicted.decode_tps
         measured = _measure_decode_tps(gemma_path, cores)
+        busy = busy or os.getloadavg()[0] > cores + 0.5
         seen.append(
-            (round(predicted, 1), round(measured, 1), round(hw.cpu.mem_bandwidth_Bps / 1e9, 1))
+            (
+                round(predicted, 1),
+                round(measured, 1),
+                round(hw.cpu.mem_bandwidth_Bps / 1e9, 1),
+                busy,
+            )
         )
         print(
-            f"cpu read {seen[-1][2]} GB/s; gemma decode predicted {predicted:.1f} t/s, measured {measured:.1f} t/s"
+            f"read {seen[-1][2]} GB/s; gemma decode predicted {predicted:.1f} t/s, measured {measured:.1f} t/s"
         )
         if 0.75 <= predicted / measured <= 1.25:
             return
-    pytest.fail(f"(predicted t/s, measured t/s, read GB/s) per round: {seen}")
+    if all(r[3] for r in seen):
+        pytest.skip(
+            f"machine busy (load {os.getloadavg()[0]:.1f} on {cores} cores); rounds: {seen}"
+        )
+    pytest.fail(f"(predicted t/s, measured t/s, read GB/s, busy) per round: {seen}")
