@@ -132,7 +132,14 @@ def _measure_gpus(gpus: list[GPUInfo], notes: list[str]) -> list[GPUInfo]:
             h2d, dev = cuda_bandwidths(g.index, lib)
             # Without a nominal figure (NVML lacked bus width or clock), a copy reaches ~85% of it.
             nominal = g.mem_bandwidth_Bps or dev / 0.85
-            out.append(replace(g, h2d_bandwidth_Bps=h2d, mem_bandwidth_Bps=nominal, mem_bandwidth_measured_Bps=dev))
+            out.append(
+                replace(
+                    g,
+                    h2d_bandwidth_Bps=h2d,
+                    mem_bandwidth_Bps=nominal,
+                    mem_bandwidth_measured_Bps=dev,
+                )
+            )
         except (OSError, RuntimeError, AttributeError) as e:
             notes.append(
                 f"GPU {g.index}: CUDA bandwidth measurement failed ({e}); using link/bus estimates"

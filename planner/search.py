@@ -227,23 +227,24 @@ def plan(
     # Smallest context first: it is the reference the larger ones must not slow down by much.
     reference: Plan | None = None
     chosen: Plan | None = None
+    chosen_from: list[Plan] = []
     for n_ctx in reversed(contexts):
         cands = _candidates(anatomy, hardware, req, n_ctx, speed)
         if not cands:
             break
         best = choose(cands, req.optimize)
         if reference is None:
-            reference, chosen = best, best
+            reference, chosen, chosen_from = best, best, cands
         elif (
             best.predicted.decode_tps >= 0.97 * reference.predicted.decode_tps
             and best.predicted.prompt_tps >= 0.9 * reference.predicted.prompt_tps
         ):
-            chosen = best
+            chosen, chosen_from = best, cands
         else:
             break
     if chosen is None:
         raise PlanInfeasible(_infeasible_reason(anatomy, hardware, req, contexts[-1]))
-    return _with_reasons(chosen, anatomy, hardware, req, reference)
+    return _with_reasons(chosen, anatomy, hardware, req, chosen_from)
 
 
 def _infeasible_reason(anatomy: Anatomy, hw: Hardware, req: PlanRequest, n_ctx: int) -> str:
@@ -259,8 +260,33 @@ def _infeasible_reason(anatomy: Anatomy, hw: Hardware, req: PlanRequest, n_ctx: 
     )
 
 
+def _comparisons(p: Plan, cands: list[Plan]) -> list[str]:
+    """Sentences comparing the chosen plan with the simpler plans it beat."""
+    out = []
+    whole = [c for c in cands if not c.cpu_tensor_patterns]
+    if p.cpu_tensor_patterns and whole:
+        w = max(whole, key=lambda c: c.predicted.decode_tps)
+        out.append(
+            f"Predicted {p.predicted.decode_tps:.1f} t/s decode and {p.predicted.prompt_tps:.0f} t/s prompt, "
+            f"against {w.predicted.decode_tps:.1f} / {w.predicted.prompt_tps:.0f} t/s for the best whole-layer "
+            f"split that fits ({w.n_gpu_layers} layers)."
+        )
+    small = [c for c in cands if c.n_ubatch == 512 and c.kv_type == p.kv_type]
+    if p.n_ubatch > 512 and small:
+        s = max(small, key=lambda c: c.predicted.decode_tps)
+        gpu_extra = sum(d.compute_bytes for d in p.devices[1:]) - sum(
+            d.compute_bytes for d in s.devices[1:]
+        )
+        out.append(
+            f"n_ubatch {p.n_ubatch} instead of 512: prompt {p.predicted.prompt_tps / s.predicted.prompt_tps:.1f}x "
+            f"faster for {100 * (1 - p.predicted.decode_tps / s.predicted.decode_tps):.0f}% less decode speed "
+            f"({gpu_extra / (1 << 20):.0f} MiB more GPU compute buffer)."
+        )
+    return out
+
+
 def _with_reasons(
-    p: Plan, anatomy: Anatomy, hw: Hardware, req: PlanRequest, ref: Plan | None
+    p: Plan, anatomy: Anatomy, hw: Hardware, req: PlanRequest, cands: list[Plan]
 ) -> Plan:
     from dataclasses import replace
 
@@ -317,6 +343,7 @@ def _with_reasons(
         r.append(f"{req.num_gpu} GPU layers as requested.")
     if req.gpu_budget_bytes is not None and hw.gpus:
         r.append(f"GPU memory capped at {req.gpu_budget_bytes / _GiB:.1f} GiB as requested.")
+    r += _comparisons(p, cands)
     for w in anatomy.warnings:
         r.append(f"Warning: {w}.")
     return replace(p, reasons=tuple(r))
