@@ -254,3 +254,55 @@ def test_a_users_n_batch_caps_the_micro_batch(qwen_moe) -> None:
 
     p = plan(qwen_moe, load_profile("rtx3060"), PlanRequest(n_batch=512))
     assert p.n_ubatch <= 512 and p.n_batch == 512
+
+
+def _moe(tmp: Path, n_layers: int, n_embd: int, experts: int, n_ff_exp: int):
+    key = ("moe", n_layers, n_embd, experts, n_ff_exp)
+    if key not in _CACHE:
+        spec = synth.qwen3_30b_a3b()
+        spec.n_layers, spec.n_embd, spec.expert_count, spec.n_ff_exp = (
+            n_layers,
+            n_embd,
+            experts,
+            n_ff_exp,
+        )
+        spec.n_head, spec.n_head_kv, spec.head_dim = n_embd // 128, 4, 128
+        path = tmp / f"moe_{n_layers}_{n_embd}_{experts}_{n_ff_exp}.gguf"
+        _CACHE[key] = anatomy.read(synth.write_model(path, spec))
+    return _CACHE[key]
+
+
+@_settings
+@given(
+    model=st.tuples(
+        st.integers(8, 48),
+        st.sampled_from([2048, 4096]),
+        st.sampled_from([64, 128]),
+        st.sampled_from([768, 1408]),
+    ),
+    frac=st.floats(0.0, 0.95),
+    cores=st.integers(4, 32),
+    optimize=st.sampled_from(["decode", "balanced"]),
+)
+def test_random_moe_at_a_tight_budget_moves_experts_before_attention(
+    synth_dir: Path, model, frac, cores, optimize
+) -> None:
+    # Real MoE proportions (8 active experts of 64-128): attention is a small share of the bytes.
+    a = _moe(synth_dir, *model)
+    non_expert = sum(t.nbytes for t in a.tensors if t.role != "expert")
+    expert = a.weights_bytes - non_expert
+    # Room for everything but experts (plus KV and compute buffers), then a fraction of the experts.
+    budget = int(non_expert + frac * expert + 512 * (1 << 20))
+    p = plan(
+        a,
+        _hw(80, ram_gib=256, cores=cores),
+        PlanRequest(n_ctx=4096, gpu_budget_bytes=budget, optimize=optimize),
+    )
+    devs = tensor_devices(a, Placement(p.n_gpu_layers, p.cpu_tensor_patterns), 1)
+    attention_cpu = [
+        t.name for t, d in zip(a.tensors, devs, strict=True) if t.role == "attention" and d == CPU
+    ]
+    experts_gpu = [
+        t.name for t, d in zip(a.tensors, devs, strict=True) if t.role == "expert" and d != CPU
+    ]
+    assert not (attention_cpu and experts_gpu), (attention_cpu[:2], experts_gpu[:2])
