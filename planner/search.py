@@ -256,6 +256,7 @@ def _infeasible_reason(anatomy: Anatomy, hw: Hardware, req: PlanRequest, n_ctx: 
         f"({anatomy.weights_bytes / _GiB:.1f} GiB of weights + {kv / _GiB:.1f} GiB of KV cache at "
         f"n_ctx={n_ctx}) plus compute buffers, but this machine offers {ram / _GiB:.1f} GiB of RAM"
         + (f" and {sum(budgets) / _GiB:.1f} GiB of GPU memory" if budgets else "")
+        + (f"; with {req.num_gpu} layers forced onto the GPU" if req.num_gpu is not None else "")
         + "; use a smaller quantization, a smaller context, or more memory"
     )
 

@@ -84,7 +84,23 @@ def resolve_model(name_or_path: str) -> Path:
             f"{name_or_path}: no such file (and no model store to resolve names)"
         ) from None
     store = Store(config.models_dir(), [q for q in [config.ollama_models_dir()] if q])
+    try:
+        from offload.models import embedded
+
+        embedded.ensure(store, name_or_path)  # the embedded default model is imported on first use
+    except ImportError:
+        pass
     return Path(store.resolve(name_or_path).model_path)
+
+
+def _default_gpu_budget() -> int | None:
+    """``OFFLOAD_GPU_MEMORY`` as the server reads it, so `offload plan` shows what `serve` will do."""
+    try:
+        from offload.runtime import config
+    except ImportError:
+        return None
+    fn = getattr(config, "gpu_memory_bytes", None)
+    return fn() if fn else None
 
 
 def _hardware(name: str | None, refresh: bool = False) -> Hardware:
@@ -242,7 +258,7 @@ def plan_cmd(
             n_parallel=parallel,
             num_gpu=gpu_layers,
             optimize=optimize,
-            gpu_budget_bytes=parse_size(gpu_memory) if gpu_memory else None,
+            gpu_budget_bytes=parse_size(gpu_memory) if gpu_memory else _default_gpu_budget(),
             prompt_tokens=prompt_tokens,
         )
         p = plan(a, hw, req)

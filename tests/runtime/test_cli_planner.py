@@ -74,3 +74,20 @@ def test_hardware_shows_a_profile() -> None:
 def test_sizes_parse_like_ollama() -> None:
     assert parse_size("8GiB") == 8 << 30 and parse_size("8G") == 8 << 30
     assert parse_size("7.5GB") == 7_500_000_000 and parse_size("512MiB") == 512 << 20
+
+
+def test_plan_resolves_a_model_name_through_the_store(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("OFFLOAD_HOME", str(tmp_path))
+    monkeypatch.delenv("OFFLOAD_MODELS", raising=False)
+    r = CliRunner().invoke(
+        _cli(), ["plan", "gemma3:270m", "--hardware", "cpu-only-laptop", "--json"]
+    )
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.output)
+    assert d["n_gpu_layers"] == 0 and d["devices"][0]["weights_bytes"] > 200 << 20
+
+
+def test_an_unknown_model_name_is_a_one_line_error(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("OFFLOAD_HOME", str(tmp_path))
+    r = CliRunner().invoke(_cli(), ["plan", "no-such-model", "--hardware", "rtx3060"])
+    assert r.exit_code != 0 and "no-such-model" in r.output and "Traceback" not in r.output
