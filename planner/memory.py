@@ -109,7 +109,8 @@ def _layer_bytes(anatomy: Anatomy, n_ubatch: int) -> int:
     ff = anatomy.n_ff
     if anatomy.expert_count:
         ff = max(ff, anatomy.n_ff_exp * max(anatomy.expert_used_count, 1) + anatomy.expert_count)
-    return n_ubatch * 4 * (anatomy.n_embd * 3 + ff * 2)
+    # gate, up and their product are alive together before ffn_down consumes them.
+    return n_ubatch * 4 * (anatomy.n_embd * 3 + ff * 3)
 
 
 def compute_buffer_bytes(
