@@ -159,10 +159,12 @@ def _candidates(
                 limit = most.n_gpu_layers if most is not None else -1
                 step = max(1, (limit + 1) // 48)
                 found = [layers(k) for k in range(0, limit, step)] + [most]
-            ngl = top
-            first_gpu = max(n_layers - ngl, 0)
-            gpu_layers = list(range(first_gpu, n_layers))
-            if gpu_layers:
+            # FFN/expert tensors of the first layers on the CPU, with the output layer on the GPU
+            # and, as a second try, on the CPU (its decode cost there is small, GPU.md).
+            for ngl in sorted({top, min(top, n_layers)}, reverse=True):
+                gpu_layers = list(range(max(n_layers - ngl, 0), n_layers))
+                if not gpu_layers:
+                    continue
                 units = [(il, kind) for il in gpu_layers for kind in _FFN_KINDS]
                 experts = bool(anatomy.expert_count)
 
