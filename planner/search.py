@@ -19,6 +19,8 @@ _GiB = float(1 << 30)
 _CTX_STEPS = (32768, 16384, 8192, 4096)
 _UBATCHES = (512, 1024, 2048)
 _BALANCED_DECODE = 0.95
+_DECODE_TIE = 0.99
+_BALANCED_MIN_GAIN = 1.10
 
 
 def _alternation(layers: Iterable[int]) -> str:
@@ -72,37 +74,96 @@ def choose(plans: list[Plan], optimize: str) -> Plan:
 
 def _choose(plans: list[Plan], optimize: str) -> Plan:
     if optimize == "decode":
-        return max(plans, key=lambda p: (round(p.predicted.decode_tps, 6), p.predicted.prompt_tps))
+        # Within 1% (below the model's resolution) prefer more layers on the GPU: attention and KV
+        # there keep decode fast as the context grows, which a 2k-token prediction underweights.
+        best = max(p.predicted.decode_tps for p in plans)
+        near = [p for p in plans if p.predicted.decode_tps >= _DECODE_TIE * best]
+        return max(
+            near, key=lambda p: (p.n_gpu_layers, p.predicted.decode_tps, p.predicted.prompt_tps)
+        )
     if optimize == "prompt":
         return max(plans, key=lambda p: (round(p.predicted.prompt_tps, 6), p.predicted.decode_tps))
-    best = max(p.predicted.decode_tps for p in plans)
+    fastest = _choose(plans, "decode")
+    best = fastest.predicted.decode_tps
     near = [p for p in plans if p.predicted.decode_tps >= _BALANCED_DECODE * best]
-    return max(near, key=lambda p: (p.predicted.prompt_tps, p.predicted.decode_tps))
+    pick = max(near, key=lambda p: (p.predicted.prompt_tps, p.predicted.decode_tps))
+    # Giving up decode speed is worth it only for a real prompt gain, not a rounding error.
+    if pick.predicted.prompt_tps < _BALANCED_MIN_GAIN * fastest.predicted.prompt_tps:
+        return fastest
+    return pick
 
 
 def _gpu_over(p: Plan) -> bool:
     return any(d.total_bytes > d.budget_bytes for d in p.devices if d.kind == "GPU")
 
 
-def _first_fit(lo: int, hi: int, build: Callable[[int], Plan], descending: bool) -> Plan | None:
+def _first_fit(
+    lo: int, hi: int, build: Callable[[int], Plan], descending: bool
+) -> tuple[int, Plan] | None:
     """Binary search over k in [lo, hi] for the plan with the most on the GPU that fits.
 
     ``descending``: larger k puts more on the GPU (whole layers); otherwise smaller k does. GPU
     memory grows toward "more on the GPU" and RAM the other way, so the feasible k form an
     interval: a GPU over budget moves the search toward less on the GPU, a RAM overflow toward more.
     """
-    best: Plan | None = None
+    best: tuple[int, Plan] | None = None
     while lo <= hi:
         mid = (lo + hi) // 2
         p = build(mid)
         more_gpu = fits(p) or not _gpu_over(p)
         if fits(p):
-            best = p
+            best = (mid, p)
         if more_gpu == descending:
             lo = mid + 1
         else:
             hi = mid - 1
     return best
+
+
+def _whole_layers(build: Callable[[int], Plan], top: int, forced: bool) -> list[Plan]:
+    """Whole-layer placements: the most that fits, and every smaller count (strided when deep)."""
+    if forced:
+        return [build(top)]
+    most = _first_fit(0, top, build, descending=True)
+    if most is None:
+        return []
+    # Fewer layers can be faster (per-layer GPU costs on tiny models): scan them all.
+    step = max(1, (most[0] + 1) // 48)
+    return [build(k) for k in range(0, most[0], step)] + [most[1]]
+
+
+def _ffn_family(
+    anatomy: Anatomy, evaluate_at: Callable[[int, tuple[str, ...]], Plan], top: int
+) -> list[Plan]:
+    """All layers on the GPU, FFN (expert) tensors of the first layers on the CPU: the fewest that
+    fit, then every mix of tensor kinds for the partial layer (down_exps alone is the biggest)."""
+    n_layers, experts = anatomy.n_layers, bool(anatomy.expert_count)
+    out: list[Plan] = []
+    # Output layer on the GPU and, as a second try, on the CPU (its decode cost there is small).
+    for ngl in sorted({top, min(top, n_layers)}, reverse=True):
+        gpu_layers = list(range(max(n_layers - ngl, 0), n_layers))
+        if not gpu_layers:
+            continue
+        units = [(il, kind) for il in gpu_layers for kind in _FFN_KINDS]
+
+        def moved(k: int, units: list = units, ngl: int = ngl) -> Plan:
+            return evaluate_at(ngl, ffn_patterns(units[:k], experts))
+
+        found = _first_fit(0, len(units), moved, descending=False)
+        if found is None:
+            continue
+        out.append(found[1])
+        full = found[0] // len(_FFN_KINDS)
+        if full < len(gpu_layers) and found[0]:
+            base = units[: full * len(_FFN_KINDS)]
+            for mask in range(1, 1 << len(_FFN_KINDS)):
+                kinds = [k for i, k in enumerate(_FFN_KINDS) if mask >> i & 1]
+                out.append(
+                    evaluate_at(
+                        ngl, ffn_patterns(base + [(gpu_layers[full], k) for k in kinds], experts)
+                    )
+                )
+    return [p for p in out if fits(p)]
 
 
 def _candidates(
@@ -145,42 +206,17 @@ def _candidates(
                 n_batch=nb, n_ubatch=ub, kv_type=kv, flash_attn=fa, tensor_split=split, **base
             )
 
-            def layers(k: int, common: dict = common) -> Plan:
-                return evaluate(anatomy, hw, req, Placement(k, **common), speed)
+            def at(ngl: int, pats: tuple[str, ...] = (), common: dict = common) -> Plan:
+                return evaluate(anatomy, hw, req, Placement(ngl, pats, **common), speed)
 
-            top = n_layers + 1
-            if req.num_gpu is not None:
-                top = min(req.num_gpu, top)
-                found = [layers(top)]
-            else:
-                most = _first_fit(0, top, layers, descending=True)
-                # Fewer layers can be faster (per-layer GPU overheads on tiny models): scan them all,
-                # with a stride on very deep models.
-                limit = most.n_gpu_layers if most is not None else -1
-                step = max(1, (limit + 1) // 48)
-                found = [layers(k) for k in range(0, limit, step)] + [most]
-            # FFN/expert tensors of the first layers on the CPU, with the output layer on the GPU
-            # and, as a second try, on the CPU (its decode cost there is small, GPU.md).
-            for ngl in sorted({top, min(top, n_layers)}, reverse=True):
-                gpu_layers = list(range(max(n_layers - ngl, 0), n_layers))
-                if not gpu_layers:
-                    continue
-                units = [(il, kind) for il in gpu_layers for kind in _FFN_KINDS]
-                experts = bool(anatomy.expert_count)
-
-                def moved(
-                    k: int,
-                    common: dict = common,
-                    units: list = units,
-                    experts: bool = experts,
-                    ngl: int = ngl,
-                ) -> Plan:
-                    pats = ffn_patterns(units[:k], experts)
-                    return evaluate(
-                        anatomy, hw, req, Placement(ngl, cpu_tensor_patterns=pats, **common), speed
-                    )
-
-                found.append(_first_fit(0, len(units), moved, descending=False))
+            top = n_layers + 1 if req.num_gpu is None else min(req.num_gpu, n_layers + 1)
+            ffn = _ffn_family(anatomy, at, top)
+            whole = _whole_layers(at, top, forced=req.num_gpu is not None)
+            if anatomy.expert_count and ffn:
+                # MoE: expert tensors leave the GPU before any attention does (GPU.md: +20% decode,
+                # +22% prompt at equal memory); whole layers only when even that cannot fit.
+                whole = [p for p in whole if p.n_gpu_layers >= min(top, n_layers)]
+            found: list[Plan | None] = [*whole, *ffn]
             for p in found:
                 if p is None or not fits(p):
                     continue

@@ -106,7 +106,8 @@ def test_more_gpu_memory_never_predicts_slower_decode(
     big = plan(
         a, _hw(vram + extra, cores=cores), replace(req, gpu_budget_bytes=int((vram + extra) * GiB))
     )
-    assert big.predicted.decode_tps >= small.predicted.decode_tps * 0.999
+    # Within 1% the planner prefers more GPU layers over a hair of predicted speed.
+    assert big.predicted.decode_tps >= small.predicted.decode_tps * 0.99
 
 
 @_settings
