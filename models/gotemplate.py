@@ -71,7 +71,13 @@ def _tokenize(src: str, line: int) -> list[_Tok]:
     while pos < len(src):
         # A field chain right after ")" or a variable belongs to that operand, so try it first.
         m = _CHAIN.match(src, pos)
-        if m and toks and toks[-1].kind in ("rparen", "var") and pos > 0 and not src[pos - 1].isspace():
+        if (
+            m
+            and toks
+            and toks[-1].kind in ("rparen", "var")
+            and pos > 0
+            and not src[pos - 1].isspace()
+        ):
             toks.append(_Tok("chain", m.group()))
             pos = m.end()
             continue
@@ -136,7 +142,12 @@ class _PipeParser:
             while j < len(self.toks) and self.toks[j].kind == "var":
                 names.append(self.toks[j].text)
                 j += 1
-                if j < len(self.toks) and self.toks[j].kind == "comma" and range_decl and len(names) < 2:
+                if (
+                    j < len(self.toks)
+                    and self.toks[j].kind == "comma"
+                    and range_decl
+                    and len(names) < 2
+                ):
                     j += 1
                     continue
                 break
@@ -200,7 +211,9 @@ class _PipeParser:
 
 def _unquote(text: str, line: int) -> str:
     try:
-        return _json.loads(text) if "\\x" not in text else text[1:-1].encode().decode("unicode_escape")
+        return (
+            _json.loads(text) if "\\x" not in text else text[1:-1].encode().decode("unicode_escape")
+        )
     except ValueError as exc:
         raise TemplateError(f"bad string literal {text}", line) from exc
 
@@ -324,7 +337,10 @@ def _build(source: str) -> list[_Node]:
         if p.peek() is not None:
             raise TemplateError(f"unexpected {p.peek().text!r} in action", line)  # type: ignore[union-attr]
     if stack:
-        raise TemplateError(f"unexpected EOF: {{{{{stack[-1][0].kind}}}}} at line {stack[-1][0].line} has no {{{{end}}}}", stack[-1][0].line)
+        raise TemplateError(
+            f"unexpected EOF: {{{{{stack[-1][0].kind}}}}} at line {stack[-1][0].line} has no {{{{end}}}}",
+            stack[-1][0].line,
+        )
     return root
 
 

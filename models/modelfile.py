@@ -94,7 +94,8 @@ def coerce_parameter(name: str, value: Any, line: int | None = None) -> Any:
     key = name.lower()
     if key not in PARAMETER_TYPES:
         raise ModelfileError(
-            f'unknown parameter "{name}", expected one of {", ".join(sorted(PARAMETER_TYPES))}', line
+            f'unknown parameter "{name}", expected one of {", ".join(sorted(PARAMETER_TYPES))}',
+            line,
         )
     reader = PARAMETER_TYPES[key]
     if not isinstance(value, str):
@@ -169,7 +170,8 @@ def _read_value(text: str, pos: int, line: int, lines_of: Callable[[int], int]) 
         after = len(text) if after < 0 else after
         if text[end + 3 : after].strip():
             raise ModelfileError(
-                f'unexpected text after closing """: {text[end + 3 : after].strip()!r}', lines_of(end)
+                f'unexpected text after closing """: {text[end + 3 : after].strip()!r}',
+                lines_of(end),
             )
         return text[pos + 3 : end], after
     if text.startswith('"', pos):
@@ -266,9 +268,7 @@ def parse_modelfile(text: str) -> Modelfile:
         elif instr == "MESSAGE":
             role = key.lower()
             if role not in ROLES:
-                raise ModelfileError(
-                    f'MESSAGE role "{key}" is not one of {", ".join(ROLES)}', line
-                )
+                raise ModelfileError(f'MESSAGE role "{key}" is not one of {", ".join(ROLES)}', line)
             mf.messages.append(Message(role, value))
     if from_ is None:
         raise ModelfileError("no FROM instruction, expected FROM <model name or GGUF file>")

@@ -43,7 +43,9 @@ def test_llama3_prompt_template_skips_empty_system() -> None:
 
 
 def test_qwen_template_lists_tools_and_renders_tool_calls_as_json() -> None:
-    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"city": "str"}}}]
+    tools = [
+        {"type": "function", "function": {"name": "get_weather", "parameters": {"city": "str"}}}
+    ]
     for t in tools:
         t["Function"] = t["function"]
     msgs = [
@@ -57,9 +59,16 @@ def test_qwen_template_lists_tools_and_renders_tool_calls_as_json() -> None:
     ]
     out = render(tmpl("qwen25"), {"Messages": msgs, "Tools": tools, "System": "Sys"})
     assert out.startswith("<|im_start|>system\nSys\n\n# Tools\n")
-    assert '{"type": "function", "function": {"name":"get_weather","parameters":{"city":"str"}}}' in out
-    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city":"Paris"}}\n</tool_call>' in out
-    assert out.endswith("<tool_response>\nsunny\n</tool_response><|im_end|>\n<|im_start|>assistant\n")
+    assert (
+        '{"type": "function", "function": {"name":"get_weather","parameters":{"city":"str"}}}'
+        in out
+    )
+    assert (
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city":"Paris"}}\n</tool_call>' in out
+    )
+    assert out.endswith(
+        "<tool_response>\nsunny\n</tool_response><|im_end|>\n<|im_start|>assistant\n"
+    )
 
 
 def test_qwen_template_without_messages_uses_prompt_branch() -> None:
@@ -91,14 +100,17 @@ def test_trim_markers_remove_whitespace_on_their_side_only() -> None:
 def test_variables_scope_to_their_block_and_assignment_updates_outer() -> None:
     src = '{{ $x := "out" }}{{ if true }}{{ $x := "in" }}{{ $x }}{{ end }}{{ $x }}'
     assert render(src) == "inout"
-    assert render('{{ $x := 1 }}{{ range .L }}{{ $x = . }}{{ end }}{{ $x }}', {"L": [4, 5]}) == "5"
+    assert render("{{ $x := 1 }}{{ range .L }}{{ $x = . }}{{ end }}{{ $x }}", {"L": [4, 5]}) == "5"
 
 
 def test_range_else_break_continue_and_maps_in_key_order() -> None:
     src = "{{ range .L }}{{ if eq . 2 }}{{ continue }}{{ end }}{{ if eq . 4 }}{{ break }}{{ end }}{{ . }}{{ else }}none{{ end }}"
     assert render(src, {"L": [1, 2, 3, 4, 5]}) == "13"
     assert render(src, {"L": []}) == "none"
-    assert render("{{ range $k, $v := .M }}{{ $k }}={{ $v }};{{ end }}", {"M": {"b": 2, "a": 1}}) == "a=1;b=2;"
+    assert (
+        render("{{ range $k, $v := .M }}{{ $k }}={{ $v }};{{ end }}", {"M": {"b": 2, "a": 1}})
+        == "a=1;b=2;"
+    )
 
 
 def test_with_else_and_else_with_chain() -> None:
@@ -112,10 +124,15 @@ def test_functions_and_pipelines() -> None:
     data = {"S": "a<b", "L": [1, 2, 3], "M": {"k": "v"}}
     assert render('{{ .S | printf "%q" }}', data) == '"a\\u003cb"'
     assert render('{{ printf "%s-%d-%05.2f" "x" 7 3.14159 }}') == "x-7-03.14"
-    assert render("{{ index .M \"k\" }}{{ index .L 1 }}{{ len .L }}", data) == "v23"
+    assert render('{{ index .M "k" }}{{ index .L 1 }}{{ len .L }}', data) == "v23"
     assert render("{{ slice .L 1 }}", data) == "[2 3]"
-    assert render("{{ json .M }}|{{ html .S }}|{{ print 1 2 \"x\" }}", data) == '{"k":"v"}|a&lt;b|1 2x'
-    assert render("{{ and 1 0 }}{{ or 0 \"\" \"z\" }}{{ not 0 }}{{ eq 1 2 3 1 }}{{ lt 1 2 }}") == "0ztruetruetrue"
+    assert (
+        render('{{ json .M }}|{{ html .S }}|{{ print 1 2 "x" }}', data) == '{"k":"v"}|a&lt;b|1 2x'
+    )
+    assert (
+        render('{{ and 1 0 }}{{ or 0 "" "z" }}{{ not 0 }}{{ eq 1 2 3 1 }}{{ lt 1 2 }}')
+        == "0ztruetruetrue"
+    )
     assert render("{{ (index .L 0) }}{{ $.M.k }}{{ (.M).k }}", data) == "1vv"
 
 
@@ -131,7 +148,7 @@ def test_and_short_circuits_so_later_operands_are_not_evaluated() -> None:
         ("{{ nosuchfunc 1 }}", 1, 'function "nosuchfunc" not defined'),
         ("x\n{{ .A", 2, "unclosed action"),
         ("{{ else }}", 1, "unexpected {{else}}"),
-        ("{{ template \"x\" }}", 1, "not supported"),
+        ('{{ template "x" }}', 1, "not supported"),
         ("{{ break }}", 1, "outside"),
         ("{{ (1 }}", 1, "unclosed"),
         ("{{ }}", 1, "missing value"),

@@ -42,7 +42,10 @@ def test_every_instruction_is_read_with_ollama_types() -> None:
     }
     assert isinstance(mf.parameters["num_ctx"], int)
     assert mf.licenses == ["MIT\ntext", "Apache-2.0"]
-    assert mf.messages == [Message("user", "Is this a question?"), Message("assistant", "Yes, it is.")]
+    assert mf.messages == [
+        Message("user", "Is this a question?"),
+        Message("assistant", "Yes, it is."),
+    ]
 
 
 def test_render_parses_back_to_an_equal_modelfile() -> None:
@@ -51,7 +54,8 @@ def test_render_parses_back_to_an_equal_modelfile() -> None:
 
 
 _text = st.text(
-    alphabet=st.characters(blacklist_categories=("Cs", "Cc"), blacklist_characters='"\\') | st.sampled_from(["\n", '"', "\\", " "]),
+    alphabet=st.characters(blacklist_categories=("Cs", "Cc"), blacklist_characters='"\\')
+    | st.sampled_from(["\n", '"', "\\", " "]),
     max_size=40,
 )
 
@@ -82,14 +86,20 @@ def test_render_round_trips_arbitrary_text(system: str, template: str, msg: str)
         ("FROM x\nPARAMETER warp_speed 9\n", 2, 'unknown parameter "warp_speed"'),
         ("FROM x\nPARAMETER\n", 2, "PARAMETER needs a name and a value"),
         ("FROM x\nPARAMETER top_k\n", 2, "PARAMETER needs a value"),
-        ("FROM x\nMESSAGE robot hi\n", 2, 'MESSAGE role "robot" is not one of system, user, assistant'),
-        ("FROM x\n\nTEMPLATE \"\"\"abc\nmore\n", 3, 'unterminated """'),
+        (
+            "FROM x\nMESSAGE robot hi\n",
+            2,
+            'MESSAGE role "robot" is not one of system, user, assistant',
+        ),
+        ('FROM x\n\nTEMPLATE """abc\nmore\n', 3, 'unterminated """'),
         ('FROM x\nSYSTEM "abc\n', 2, "unterminated quoted value"),
         ('FROM x\nSYSTEM "a" b\n', 2, "unexpected text after closing quote"),
         ('FROM x\nSYSTEM """a\nb""" c\n', 3, 'unexpected text after closing """'),
     ],
 )
-def test_errors_name_the_line_and_what_was_expected(text: str, line: int | None, needle: str) -> None:
+def test_errors_name_the_line_and_what_was_expected(
+    text: str, line: int | None, needle: str
+) -> None:
     with pytest.raises(ModelfileError) as info:
         parse_modelfile(text)
     assert info.value.line == line
