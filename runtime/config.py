@@ -1,0 +1,179 @@
+"""Configuration: every ``OFFLOAD_*`` variable and the data directory, read at call time.
+
+The names mirror Ollama's (``OLLAMA_HOST`` -> ``OFFLOAD_HOST`` ...), so what users know carries
+over. Nothing here is read at import, so tests and embedders can change the environment freely.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import platformdirs
+
+from offload.planner.errors import OffloadError
+
+__all__ = [
+    "ConfigError",
+    "Host",
+    "data_dir",
+    "models_dir",
+    "ollama_models_dir",
+    "host",
+    "keep_alive_s",
+    "gpu_memory_bytes",
+    "parse_bytes",
+    "parse_duration_s",
+    "max_loaded_models",
+    "max_queue",
+    "num_parallel",
+    "origins",
+    "log_dir",
+]
+
+DEFAULT_PORT = 11435
+
+
+class ConfigError(OffloadError):
+    """An ``OFFLOAD_*`` variable or option has a value we cannot use."""
+
+    http_status = 400
+
+
+@dataclass(frozen=True)
+class Host:
+    """Where the server listens and clients connect."""
+
+    scheme: str
+    host: str
+    port: int
+
+    @property
+    def url(self) -> str:
+        """Base URL for clients (an all-interfaces bind is reached on loopback)."""
+        h = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+        if ":" in h and not h.startswith("["):
+            h = f"[{h}]"
+        return f"{self.scheme}://{h}:{self.port}"
+
+
+def data_dir() -> Path:
+    """``OFFLOAD_HOME`` or the platform's user data dir; created on demand."""
+    d = Path(os.environ.get("OFFLOAD_HOME") or platformdirs.user_data_dir("offload", appauthor=False))
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def models_dir() -> Path:
+    """Where our model store lives: ``OFFLOAD_MODELS`` or ``<data dir>/models``."""
+    env = os.environ.get("OFFLOAD_MODELS")
+    return Path(env).expanduser() if env else data_dir() / "models"
+
+
+def ollama_models_dir() -> Path | None:
+    """An existing Ollama store to read from (``OLLAMA_MODELS`` or ``~/.ollama/models``), if any."""
+    env = os.environ.get("OLLAMA_MODELS")
+    p = Path(env).expanduser() if env else Path.home() / ".ollama" / "models"
+    return p if (p / "manifests").is_dir() else None
+
+
+def log_dir() -> Path:
+    """``<data dir>/logs``."""
+    d = data_dir() / "logs"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def host() -> Host:
+    """``OFFLOAD_HOST``: ``[scheme://]host[:port]``, default ``127.0.0.1:11435``."""
+    raw = os.environ.get("OFFLOAD_HOST", "").strip()
+    if not raw:
+        return Host("http", "127.0.0.1", DEFAULT_PORT)
+    scheme = "http"
+    if "://" in raw:
+        scheme, raw = raw.split("://", 1)
+    raw = raw.rstrip("/")
+    m = re.fullmatch(r"\[?([^\]]*?)\]?(?::(\d+))?", raw) if raw.count(":") <= 1 or raw.startswith("[") else None
+    if m is None:
+        raise ConfigError(f"OFFLOAD_HOST={raw!r} is not host[:port]")
+    h, port = m.group(1) or "127.0.0.1", int(m.group(2) or DEFAULT_PORT)
+    if not 0 < port < 65536:
+        raise ConfigError(f"OFFLOAD_HOST port {port} is out of range")
+    return Host(scheme, h, port)
+
+
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3,
+          "gb": 1000**3, "t": 1000**4, "tb": 1000**4, "kib": 1 << 10, "mib": 1 << 20,
+          "gib": 1 << 30, "tib": 1 << 40}
+
+
+def parse_bytes(text: str) -> int:
+    """Parse ``8GiB``, ``7.5G``, ``512MiB`` or a plain byte count."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ConfigError(f"{text!r} is not a size (try 8GiB, 7.5GB or 512MiB)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def parse_duration_s(value: str | int | float | None, default_s: float) -> float:
+    """Ollama's keep_alive: ``5m``, ``1h30m``, ``300`` (seconds), ``0``, negative = forever (inf)."""
+    if value is None or value == "":
+        return default_s
+    if isinstance(value, (int, float)):
+        return float("inf") if value < 0 else float(value)
+    s = str(value).strip()
+    try:
+        v = float(s)
+        return float("inf") if v < 0 else v
+    except ValueError:
+        pass
+    if s.startswith("-"):
+        return float("inf")
+    parts = re.findall(r"([0-9]*\.?[0-9]+)(ms|s|m|h)", s)
+    if not parts or "".join(a + b for a, b in parts) != s:
+        raise ConfigError(f"{value!r} is not a duration (try 5m, 30s, 1h or -1 for forever)")
+    mult = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
+    return sum(float(a) * mult[b] for a, b in parts)
+
+
+def keep_alive_s() -> float:
+    """``OFFLOAD_KEEP_ALIVE`` (default 5 minutes)."""
+    return parse_duration_s(os.environ.get("OFFLOAD_KEEP_ALIVE"), 300.0)
+
+
+def gpu_memory_bytes() -> int | None:
+    """``OFFLOAD_GPU_MEMORY``: a per-GPU budget, e.g. ``8GiB``; None when unset."""
+    v = os.environ.get("OFFLOAD_GPU_MEMORY")
+    return parse_bytes(v) if v else None
+
+
+def _int_env(name: str, default: int) -> int:
+    v = os.environ.get(name)
+    if not v:
+        return default
+    try:
+        return int(v)
+    except ValueError:
+        raise ConfigError(f"{name}={v!r} is not a whole number") from None
+
+
+def max_loaded_models() -> int:
+    """``OFFLOAD_MAX_LOADED_MODELS`` (default 3, as Ollama per GPU)."""
+    return _int_env("OFFLOAD_MAX_LOADED_MODELS", 3)
+
+
+def max_queue() -> int:
+    """``OFFLOAD_MAX_QUEUE`` (default 512)."""
+    return _int_env("OFFLOAD_MAX_QUEUE", 512)
+
+
+def num_parallel() -> int:
+    """``OFFLOAD_NUM_PARALLEL`` (default 1)."""
+    return _int_env("OFFLOAD_NUM_PARALLEL", 1)
+
+
+def origins() -> list[str]:
+    """Browser origins allowed besides localhost: ``OFFLOAD_ORIGINS`` (comma separated)."""
+    return [o.strip() for o in os.environ.get("OFFLOAD_ORIGINS", "").split(",") if o.strip()]

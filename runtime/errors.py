@@ -1,0 +1,37 @@
+"""Errors of the runtime: loading, generating, serving."""
+
+from __future__ import annotations
+
+from offload.planner.errors import OffloadError
+
+__all__ = ["RuntimeFailure", "LoadFailed", "BadRequest", "ServerUnavailable", "QueueFull", "ContextTooLong"]
+
+
+class RuntimeFailure(OffloadError):
+    """Something went wrong running a model."""
+
+
+class LoadFailed(RuntimeFailure):
+    """llama.cpp could not load the model with this plan."""
+
+    http_status = 500
+
+
+class BadRequest(RuntimeFailure):
+    """A request the runtime cannot honour as asked."""
+
+    http_status = 400
+
+
+class ContextTooLong(BadRequest):
+    """The prompt does not fit the context and truncation was refused."""
+
+
+class QueueFull(RuntimeFailure):
+    """Too many requests are waiting (``OFFLOAD_MAX_QUEUE``)."""
+
+    http_status = 503
+
+
+class ServerUnavailable(RuntimeFailure):
+    """No server answers and one could not be started."""
