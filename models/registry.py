@@ -32,14 +32,9 @@ from offload.models.errors import (
     RegistryModelNotFound,
     RegistryUnreachable,
 )
-from offload.models.layout import (
-    MEDIA_MANIFEST,
-    atomic_write,
-    blob_path,
-    check_digest,
-    manifest_path,
-)
+from offload.models.layout import MEDIA_MANIFEST, atomic_write, check_digest
 from offload.models.names import ModelName, parse_name
+from offload.models.store import Store
 
 __all__ = ["Progress", "pull", "push", "CHUNK_BYTES"]
 
@@ -148,7 +143,7 @@ def _write(f: Any, data: bytes, path: Path, done: int, total: int) -> None:
 
 # ------------------------------------------------------------------------------------ pull
 def pull(
-    root: Path,
+    store: Store,
     name: str | ModelName,
     *,
     insecure: bool = False,
@@ -158,11 +153,10 @@ def pull(
     retries: int = 3,
     timeout_s: float = 60.0,
 ) -> dict[str, Any]:
-    """Pull ``name`` into the store at ``root``; return the manifest. Progress gets Ollama's dicts."""
+    """Pull ``name`` into ``store``; return the manifest. ``progress`` gets Ollama's progress dicts."""
     mn = parse_name(name) if isinstance(name, str) else name
     report = progress or _noop
     base = _base_url(mn, insecure)
-    root = Path(root)
     with _client(timeout_s) as client:
         s = _Session(client, mn)
         report({"status": "pulling manifest"})
@@ -182,15 +176,15 @@ def pull(
         except (ValueError, KeyError, TypeError) as exc:
             raise RegistryError(f"{mn.host} sent a manifest offload cannot read: {exc}") from exc
         for layer in layers:
-            _pull_blob(s, base, root, layer, report, chunk_bytes, parallel, retries)
+            _pull_blob(s, base, store, layer, report, chunk_bytes, parallel, retries)
         report({"status": "verifying sha256 digest"})
         for layer in layers:
             # Another process's rm could race us; check before the manifest makes the model visible.
-            p = blob_path(root, layer["digest"])
+            p = store.blob_path(layer["digest"])
             if not p.exists() or p.stat().st_size != int(layer["size"]):
                 raise RegistryError(f"blob {layer['digest']} vanished during the pull; pull again")
         report({"status": "writing manifest"})
-        atomic_write(manifest_path(root, mn), raw)
+        store.write_manifest_bytes(mn, raw)
         report({"status": "success"})
         log.info("pulled %s (%d layers)", mn.full, len(layers))
         return manifest
@@ -199,7 +193,7 @@ def pull(
 def _pull_blob(
     s: _Session,
     base: str,
-    root: Path,
+    store: Store,
     layer: dict[str, Any],
     report: Progress,
     chunk_bytes: int,
@@ -207,7 +201,7 @@ def _pull_blob(
     retries: int,
 ) -> None:
     digest, size = check_digest(layer["digest"]), int(layer["size"])
-    final = blob_path(root, digest)
+    final = store.blob_path(digest)
     status = f"pulling {digest[7:19]}"
 
     def tell(done: int) -> None:
@@ -216,7 +210,7 @@ def _pull_blob(
     if final.exists() and final.stat().st_size == size:
         tell(size)
         return
-    locks = root / ".locks"
+    locks = store.root / ".locks"
     locks.mkdir(parents=True, exist_ok=True)
     final.parent.mkdir(parents=True, exist_ok=True)
     # Two pulls of one blob at once: the second waits, then finds the blob committed.
@@ -402,17 +396,18 @@ def _download_chunks(
 
 # ------------------------------------------------------------------------------------ push
 def push(
+    store: Store,
     name: str | ModelName,
-    manifest_raw: bytes,
-    blob_for: Callable[[str], Path],
     *,
+    source: str | ModelName | None = None,
     insecure: bool = False,
     progress: Progress | None = None,
     chunk_bytes: int = CHUNK_BYTES,
     timeout_s: float = 60.0,
 ) -> None:
-    """Upload the blobs of a manifest (skipping those the registry has), then the manifest."""
+    """Upload ``source`` (default: ``name``) as ``name``: blobs the registry lacks, then the manifest."""
     mn = parse_name(name) if isinstance(name, str) else name
+    holder, manifest_raw = store.locate_manifest(source if source is not None else mn)
     report = progress or _noop
     base = _base_url(mn, insecure)
     manifest = json.loads(manifest_raw)
@@ -430,7 +425,7 @@ def push(
             location = str(r.url.join(r.headers["Location"]))
             sent = 0
             report({"status": status, "digest": digest, "total": size, "completed": 0})
-            with open(blob_for(digest), "rb") as f:
+            with open(holder.blob_path(digest), "rb") as f:
                 while block := f.read(chunk_bytes):
                     r = s.request(
                         "PATCH",
