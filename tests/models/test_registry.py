@@ -8,7 +8,6 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,12 +27,6 @@ from tests.registry_server import RegistryServer, sha256
 
 MODEL = "application/vnd.ollama.image.model"
 TEMPLATE = "application/vnd.ollama.image.template"
-
-
-@pytest.fixture
-def reg() -> Iterator[RegistryServer]:
-    with RegistryServer() as server:
-        yield server
 
 
 def weights(n_bytes: int, seed: int = 1) -> bytes:
