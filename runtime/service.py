@@ -58,10 +58,6 @@ def _run(runner: Runner, text: str, options: dict[str, Any], add_bos: bool, canc
                                truncate=options.get("truncate", True))
 
 
-def _load_time(sched: Scheduler, name: str) -> tuple[float, float]:
-    t0 = time.perf_counter()
-    return t0, 0.0
-
 
 def generate(sched: Scheduler, req: dict[str, Any], cancel: threading.Event | None = None) -> Iterator[dict[str, Any]]:
     """Ollama /api/generate: pieces of ``response``, then the summary."""

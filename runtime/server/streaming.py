@@ -1,0 +1,62 @@
+"""Running a blocking generation in its own thread and streaming what it yields.
+
+Generation holds a model for its whole length, so it runs to its end in a worker thread whatever
+the client does: a client that goes away sets the cancel event, the engine stops within a token,
+and the worker returns the model to the scheduler. The event loop never blocks on llama.cpp.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+__all__ = ["ThreadedStream"]
+
+_END = object()
+
+
+class ThreadedStream:
+    """Iterate ``make(cancel)`` in a thread; ``first()`` surfaces errors before any byte is sent."""
+
+    def __init__(self, make: Callable[[threading.Event], Iterator[Any]]) -> None:
+        self.cancel = threading.Event()
+        self._make = make
+        self._queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._work, name="offload-generate", daemon=True)
+        self._thread.start()
+
+    def _put(self, item: Any) -> None:
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+
+    def _work(self) -> None:
+        try:
+            for item in self._make(self.cancel):
+                self._put(item)
+        except BaseException as e:  # noqa: BLE001 - handed to the event loop to report
+            self._put(e)
+        finally:
+            self._put(_END)
+
+    async def next(self) -> Any:
+        """The next item; raises what the worker raised; ``StopAsyncIteration`` at the end."""
+        item = await self._queue.get()
+        if item is _END:
+            raise StopAsyncIteration
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    async def __aiter__(self) -> AsyncIterator[Any]:
+        try:
+            while True:
+                try:
+                    yield await self.next()
+                except StopAsyncIteration:
+                    return
+        finally:
+            # Reached on normal end, on error, and when the client disconnects (the task is
+            # cancelled): the worker sees the event at its next token and lets go of the model.
+            self.cancel.set()
