@@ -236,3 +236,14 @@ def test_a_manifest_pointing_at_a_missing_blob_is_refused(store: Store, workdir:
     info.model_path.unlink()
     with pytest.raises(StoreError, match="missing"):
         store.resolve("tiny")
+
+
+def test_embedded_gemma_show_modelfile_recreates_the_same_model(store: Store) -> None:
+    from offload.models import embedded
+
+    embedded.ensure(store, "gemma3:270m")
+    info = store.resolve("gemma3:270m")
+    assert info.template and "<start_of_turn>" in info.template
+    assert info.config["model_family"] == "gemma3" and info.config["file_type"] == "Q4_K_M"
+    create(store, "gemma-again", modelfile_text(store, "gemma3:270m"))
+    assert manifest_bytes(store, "gemma-again") == manifest_bytes(store, "gemma3:270m")
