@@ -218,6 +218,12 @@ def _pull_blob(
         if final.exists() and final.stat().st_size == size:
             tell(size)
             return
+        elsewhere = store.find_blob(digest)
+        if elsewhere is not None and elsewhere != final:
+            # The read-only Ollama store has it: a local copy beats a download.
+            store.add_blob_file(elsewhere, expected=digest)
+            tell(size)
+            return
         partial = final.with_name(final.name + "-partial")
         url = f"{base}/blobs/{digest}"
         for attempt in range(retries + 1):

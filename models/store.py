@@ -403,6 +403,12 @@ class Store:
         n = parse_name(name) if isinstance(name, str) else name
         p = self.manifest_path(n)
         if not p.is_file():
+            for fb in self.fallbacks:
+                if fb.manifest_path(n).is_file():
+                    raise StoreError(
+                        f"{n.display} is in the read-only store at {fb.root}; remove it with the "
+                        "tool that owns that store (ollama rm)"
+                    )
             raise ModelNotFound(n.display)
         p.unlink()
         for d in [p.parent, p.parent.parent, p.parent.parent.parent]:

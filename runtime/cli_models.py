@@ -144,10 +144,9 @@ def create_cmd(name: str, path: Path, quantize: str | None) -> None:
         from offload.runtime.quantize import quantize_gguf
 
         quantizer = quantize_gguf
-    console = Console(stderr=True)
 
     def on(event: dict[str, Any]) -> None:
-        console.print(event["status"])
+        click.echo(event["status"], err=True)
 
     create(store, name, mf, base_dir=path.resolve().parent, quantize=quantize,
            quantizer=quantizer, progress=on)  # fmt: skip
@@ -183,7 +182,7 @@ def show_cmd(name: str, what: str | None) -> None:
     for title, key in (("Parameters", "parameters"), ("System", "system"), ("License", "license")):
         if info.get(key):
             click.echo(f"\n  {title}")
-            for line in str(info[key]).splitlines()[:6]:
+            for line in str(info[key]).strip().splitlines()[:6]:
                 click.echo(f"    {line}")
 
 

@@ -154,7 +154,7 @@ def test_read_only_ollama_store_models_list_and_resolve_without_copying(
     assert listed["theirs:latest"].read_only and not listed["mine:latest"].read_only
     info = ours.resolve("theirs")
     assert info.model_path.is_relative_to(tmp_path / "ollama")
-    with pytest.raises(ModelNotFound):
+    with pytest.raises(StoreError, match="read-only store"):
         ours.delete("theirs")
     assert ollama.exists("theirs")
 

@@ -239,3 +239,16 @@ def test_push_uploads_missing_blobs_then_manifest(reg: RegistryServer, tmp_path:
     assert events[-1] == {"status": "success"}
     pushed = [e for e in events if e.get("digest") == sha256(data)]
     assert pushed[-1]["completed"] == len(data) and len(pushed) >= 3
+
+
+def test_pull_copies_blobs_the_ollama_store_already_has(
+    reg: RegistryServer, tmp_path: Path
+) -> None:
+    data = add_tiny(reg)
+    name = f"{reg.host}/library/tiny"
+    registry.pull(Store(tmp_path / "ollama"), name, insecure=True)
+    served = reg.state.bytes_served
+    ours = Store(tmp_path / "ours", read_only_roots=[tmp_path / "ollama"])
+    registry.pull(ours, name, insecure=True)
+    assert reg.state.bytes_served == served, "blobs were downloaded again"
+    assert ours.blob_path(sha256(data)).read_bytes() == data
