@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from offload.models.gotemplate import TemplateError, parse, render
 
 TEMPLATES = Path(__file__).parent / "templates"

@@ -1,0 +1,111 @@
+"""The ``offload`` command in a subprocess, as a user runs it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import free_port
+
+
+@pytest.fixture(scope="module")
+def cli_env(offload_home: Path) -> Iterator[dict[str, str]]:
+    """Environment for CLI runs: the session's store, a port of its own; the server is stopped after."""
+    env = {**os.environ, "OFFLOAD_HOST": f"127.0.0.1:{free_port()}", "PYTHONUNBUFFERED": "1"}
+    yield env
+    try:
+        pid_info = httpx.get(f"http://{env['OFFLOAD_HOST']}/", timeout=1)
+    except httpx.HTTPError:
+        return
+    if pid_info.status_code == 200:
+        # The background server started by `offload run`: find it by its port and stop it.
+        out = subprocess.run(["pgrep", "-f", "offload.runtime.cli serve"], capture_output=True, text=True)
+        for pid in out.stdout.split():
+            try:
+                env_of = Path(f"/proc/{pid}/environ").read_bytes()
+            except OSError:
+                continue
+            if env["OFFLOAD_HOST"].encode() in env_of:
+                os.kill(int(pid), signal.SIGTERM)
+
+
+def offload(env: dict[str, str], *args: str, stdin: str | None = None, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "offload.runtime.cli", *args], env=env, input=stdin,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_run_one_shot_starts_a_server_and_answers(cli_env: dict[str, str], offload_home: Path) -> None:
+    r = offload(cli_env, "run", "gemma3:270m", "Say hello.", "--verbose", stdin="")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip(), "no answer printed"
+    for stat in ("total duration:", "load duration:", "prompt eval count:", "prompt eval rate:",
+                 "eval count:", "eval rate:"):
+        assert stat in r.stderr
+    # The server it started keeps running, logging under the data dir.
+    assert httpx.get(f"http://{cli_env['OFFLOAD_HOST']}/", timeout=5).status_code == 200
+    assert (offload_home / "logs" / "server.log").is_file()
+
+
+def test_run_reads_a_piped_prompt(cli_env: dict[str, str]) -> None:
+    r = offload(cli_env, "run", "gemma3:270m", stdin="Paris is the capital of which country?\n")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip()
+
+
+def test_run_unknown_model_says_how_to_get_it(cli_env: dict[str, str]) -> None:
+    r = offload(cli_env, "run", "nosuchmodel", "hi", stdin="")
+    assert r.returncode == 1
+    assert r.stderr.strip() == 'Error: model "nosuchmodel" not found, try "offload pull nosuchmodel"'
+    assert "Traceback" not in r.stderr
+
+
+def test_list_shows_the_embedded_model(cli_env: dict[str, str]) -> None:
+    r = offload(cli_env, "list")
+    assert r.returncode == 0, r.stderr
+    assert "gemma3:270m" in r.stdout and "NAME" in r.stdout
+
+
+def test_interactive_session_sets_parameters_and_exits_on_bye(cli_env: dict[str, str]) -> None:
+    import pty
+
+    pid, fd = pty.fork()
+    if pid == 0:  # child: the CLI on a terminal
+        os.execve(sys.executable, [sys.executable, "-m", "offload.runtime.cli", "run", "gemma3:270m"], cli_env)
+    out = b""
+
+    def read_until(marker: bytes, timeout: float = 120) -> bytes:
+        nonlocal out
+        deadline = time.monotonic() + timeout
+        while marker not in out:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no {marker!r} in {out[-500:]!r}")
+            try:
+                out += os.read(fd, 4096)
+            except OSError:
+                break
+        return out
+
+    read_until(b">>> ")
+    os.write(fd, b"/?\n")
+    read_until(b"/bye")
+    os.write(fd, b"/set parameter num_predict 3\n")
+    read_until(b"Set parameter 'num_predict' to '3'")
+    os.write(fd, b'"""Say\nhello"""\n')
+    start = len(out)
+    out_mark = out
+    read_until(b">>> ", timeout=120)
+    while out.count(b">>> ") < out_mark.count(b">>> ") + 1:
+        out += os.read(fd, 4096)
+    answer = out[start:].split(b">>> ")[0]
+    assert answer.strip(), "no answer to the multi-line prompt"
+    os.write(fd, b"/bye\n")
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
