@@ -23,6 +23,7 @@ from typing import Any
 
 import httpx
 from filelock import FileLock
+
 from offload.models.errors import (
     AuthRequired,
     DigestMismatch,

@@ -15,12 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import click
-from offload.models import embedded, registry
-from offload.models.create import create
-from offload.models.modelfile import parse_modelfile
-from offload.models.show import modelfile_text, show
-from offload.models.store import Store
-from offload.runtime import config
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -31,6 +25,13 @@ from rich.progress import (
     TimeRemainingColumn,
     TransferSpeedColumn,
 )
+
+from offload.models import embedded, registry
+from offload.models.create import create
+from offload.models.modelfile import parse_modelfile
+from offload.models.show import modelfile_text, show
+from offload.models.store import Store
+from offload.runtime import config
 
 __all__ = ["register", "open_store", "human_bytes", "human_ago"]
 

@@ -18,6 +18,8 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict
+
 from offload.models import embedded, registry
 from offload.models.create import create
 from offload.models.errors import ModelError
@@ -27,7 +29,6 @@ from offload.models.names import parse_name
 from offload.models.show import show
 from offload.models.store import Store
 from offload.planner.errors import OffloadError
-from pydantic import BaseModel, ConfigDict
 
 __all__ = ["router"]
 

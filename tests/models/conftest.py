@@ -6,8 +6,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from offload.models.store import Store
 
+from offload.models.store import Store
 from tests.registry_server import RegistryServer
 from tests.synth import write_lora, write_model
 

@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+
 from offload.models import registry
 from offload.models.create import create
 from offload.models.errors import ModelError, ModelNotFound, StoreError
@@ -14,7 +15,6 @@ from offload.models.modelfile import ModelfileError, parse_modelfile
 from offload.models.show import modelfile_text, parameters_text, show
 from offload.models.store import MEDIA_ADAPTER, MEDIA_MODEL, Store
 from offload.planner.gguf_header import read_header
-
 from tests.registry_server import RegistryServer
 
 REPO = Path(__file__).resolve().parents[2]

@@ -13,11 +13,11 @@ import pytest
 from click.testing import CliRunner
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
+
 from offload.models.store import Store
 from offload.planner.errors import OffloadError
 from offload.runtime import cli_models
 from offload.runtime.server.models_api import router
-
 from tests.registry_server import RegistryServer
 
 MODEL = "application/vnd.ollama.image.model"

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from offload.models.errors import InvalidModelName
 from offload.models.names import parse_name
 from offload.models.store import Store

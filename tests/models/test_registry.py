@@ -11,6 +11,7 @@ import threading
 from pathlib import Path
 
 import pytest
+
 from offload.models import registry
 from offload.models.errors import (
     AuthRequired,
@@ -22,7 +23,6 @@ from offload.models.errors import (
 )
 from offload.models.names import parse_name
 from offload.models.store import Store
-
 from tests.registry_server import RegistryServer, sha256
 
 MODEL = "application/vnd.ollama.image.model"
