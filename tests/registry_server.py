@@ -35,6 +35,8 @@ class RegistryState:
     uploads: dict[str, bytearray] = field(default_factory=dict)
     redirect_blobs: bool = False
     drop_after_bytes: dict[str, int] = field(default_factory=dict)  # digest -> bytes, fires once
+    stall_after_bytes: dict[str, int] = field(default_factory=dict)  # digest -> bytes, then hang
+    release: threading.Event = field(default_factory=threading.Event)
     corrupt: set[str] = field(default_factory=set)
     ignore_range: bool = False
     require_auth: str | None = None  # None, or "401" / "403"
@@ -168,6 +170,16 @@ class _Handler(BaseHTTPRequestHandler):
             return
         with self.state.lock:
             drop = self.state.drop_after_bytes.pop(digest, None)
+            stall = self.state.stall_after_bytes.pop(digest, None)
+        if stall is not None:
+            self.wfile.write(body[:stall])
+            self.wfile.flush()
+            with self.state.lock:
+                self.state.bytes_served += stall
+            # Hang mid-body (until released) so a test can kill the client at a known point.
+            self.state.release.wait(30)
+            self.close_connection = True
+            return
         if drop is not None:
             part = body[:drop]
             self.wfile.write(part)
@@ -262,5 +274,6 @@ class RegistryServer:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.state.release.set()
         self.httpd.shutdown()
         self.httpd.server_close()

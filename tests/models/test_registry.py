@@ -252,3 +252,35 @@ def test_pull_copies_blobs_the_ollama_store_already_has(
     registry.pull(ours, name, insecure=True)
     assert reg.state.bytes_served == served, "blobs were downloaded again"
     assert ours.blob_path(sha256(data)).read_bytes() == data
+
+
+def test_a_killed_pull_leaves_no_model_and_resumes(reg: RegistryServer, tmp_path: Path) -> None:
+    import signal
+    import time
+
+    data = add_tiny(reg, 2_000_000)
+    reg.state.stall_after_bytes[sha256(data)] = 700_000
+    name = f"{reg.host}/library/tiny"
+    code = (
+        "from offload.models import registry\n"
+        "from offload.models.store import Store\n"
+        f"registry.pull(Store({str(tmp_path)!r}), {name!r}, insecure=True)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    partial = blob_path(tmp_path, sha256(data)).with_name(
+        blob_path(tmp_path, sha256(data)).name + "-partial"
+    )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not (
+        partial.exists() and partial.stat().st_size >= 700_000
+    ):
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(10)
+    assert partial.stat().st_size == 700_000
+    assert not manifest_path(tmp_path, parse_name(name)).exists(), "a killed pull left a manifest"
+    assert not blob_path(tmp_path, sha256(data)).exists()
+    served = reg.state.bytes_served
+    registry.pull(Store(tmp_path), name, insecure=True)
+    assert reg.state.bytes_served - served < len(data) - 600_000
+    assert blob_path(tmp_path, sha256(data)).read_bytes() == data
