@@ -263,9 +263,23 @@ def _download_stream(
     s: _Session, url: str, partial: Path, size: int, tell: Callable[[int], None]
 ) -> None:
     have = partial.stat().st_size if partial.exists() else 0
+    state_file = _state_path(partial)
+    if state_file.exists():
+        # Left by a chunked download: only the unbroken run of bytes from the start is valid.
+        have = 0
+        try:
+            saved = json.loads(state_file.read_text())
+            for done in saved["done"]:
+                have += int(done)
+                if int(done) < int(saved["chunk_bytes"]):
+                    break
+        except (OSError, ValueError, KeyError, TypeError):
+            have = 0
+        with open(partial, "r+b" if partial.exists() else "wb") as f:
+            f.truncate(have)
+        state_file.unlink()
     if have > size:
         have = 0
-    _state_path(partial).unlink(missing_ok=True)
     headers = {"Range": f"bytes={have}-"} if have else {}
     tell(have)
     try:

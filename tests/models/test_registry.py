@@ -284,3 +284,16 @@ def test_a_killed_pull_leaves_no_model_and_resumes(reg: RegistryServer, tmp_path
     registry.pull(Store(tmp_path), name, insecure=True)
     assert reg.state.bytes_served - served < len(data) - 600_000
     assert blob_path(tmp_path, sha256(data)).read_bytes() == data
+
+
+def test_a_chunked_partial_resumes_as_a_single_stream(reg: RegistryServer, tmp_path: Path) -> None:
+    data = add_tiny(reg, 1_000_000)
+    reg.state.drop_after_bytes[sha256(data)] = 50_000
+    name = f"{reg.host}/library/tiny"
+    with pytest.raises(DownloadInterrupted):
+        registry.pull(
+            Store(tmp_path), name, insecure=True, retries=0, chunk_bytes=100_000, parallel=2
+        )
+    # Pull again with settings that make the blob a single stream: the chunk state is honoured.
+    registry.pull(Store(tmp_path), name, insecure=True)
+    assert blob_path(tmp_path, sha256(data)).read_bytes() == data
