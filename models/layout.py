@@ -1,7 +1,7 @@
-"""Where things live in a store (Ollama's layout) and how files are written so no one sees half.
+"""Small shared pieces of the store's format: media types, digest checks, atomic writes.
 
-``blobs/sha256-<hex>`` and ``manifests/<host>/<namespace>/<model>/<tag>``. Every path is built from
-a validated digest or ``ModelName``, so nothing here can point outside the store root.
+Paths inside a store are ``Store.blob_path`` / ``Store.manifest_path``; a digest is checked here
+before it becomes a file name, so none can point outside the store.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import tempfile
 from pathlib import Path
 
 from offload.models.errors import ModelError
-from offload.models.names import ModelName
 
 __all__ = [
     "MEDIA_CONFIG",
@@ -20,9 +19,7 @@ __all__ = [
     "MEDIA_PREFIX",
     "InvalidDigest",
     "atomic_write",
-    "blob_path",
     "check_digest",
-    "manifest_path",
 ]
 
 MEDIA_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
@@ -48,16 +45,6 @@ def check_digest(digest: str) -> str:
     if not m:
         raise InvalidDigest(str(digest))
     return f"sha256:{m.group(1)}"
-
-
-def blob_path(root: Path, digest: str) -> Path:
-    """The file of a blob in a store rooted at ``root``."""
-    return Path(root) / "blobs" / check_digest(digest).replace(":", "-")
-
-
-def manifest_path(root: Path, name: ModelName) -> Path:
-    """The manifest file of ``name`` in a store rooted at ``root``."""
-    return Path(root, "manifests", *name.manifest_parts())
 
 
 def atomic_write(path: Path, data: bytes) -> None:
