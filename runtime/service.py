@@ -100,6 +100,10 @@ def generate(sched: Scheduler, req: dict[str, Any], cancel: threading.Event | No
     context = req.get("context") or []
     if not isinstance(context, list) or not all(isinstance(t, int) for t in context):
         raise BadRequest("context must be a list of token ids")
+    if keep == 0 and not req.get("prompt") and not req.get("suffix") and not context:
+        sched.unload(name)  # Ollama's way to unload: an empty request with keep_alive 0; loads nothing
+        yield {"model": name, "created_at": now_iso(), "response": "", "done": True, "done_reason": "unload"}
+        return
     before = _loaded_names(sched)
     with sched.acquire(name, options, keep) as runner:
         load_s = 0.0 if (runner.name, id(runner)) in before else runner.engine.load_s
@@ -144,6 +148,11 @@ def chat(sched: Scheduler, req: dict[str, Any], cancel: threading.Event | None =
     if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
         raise BadRequest("messages must be a list of {role, content} objects")
     info = sched.resolve(name)
+    if keep == 0 and not messages:
+        sched.unload(name)
+        yield {"model": name, "created_at": now_iso(), "message": {"role": "assistant", "content": ""},
+               "done": True, "done_reason": "unload"}
+        return
     tools = req.get("tools") or None
     grammar = grammar_for_format(req.get("format"))
     options = merge_options(info.params, req.get("options"))

@@ -79,6 +79,13 @@ def create_app(store: Store | None = None, scheduler: Scheduler | None = None) -
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # A body that is not JSON at all gets the parser's own message, as Ollama gives.
+        raw = await request.body()
+        if raw.strip():
+            try:
+                json.loads(raw)
+            except ValueError as e:
+                return error_response(400, f"invalid JSON: {e}", _is_openai(request))
         return error_response(400, _validation_message(exc), _is_openai(request))
 
     @app.exception_handler(json.JSONDecodeError)
