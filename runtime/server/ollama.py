@@ -12,7 +12,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 
 from offload.planner.errors import OffloadError
 from offload.runtime import embeddings, service
@@ -30,7 +30,7 @@ from offload.runtime.server.schemas import (
     ListResponse,
     ProcessResponse,
 )
-from offload.runtime.server.streaming import ThreadedStream
+from offload.runtime.server.streaming import CancellingStreamingResponse, ThreadedStream
 
 __all__ = ["router", "respond", "running_model", "merge_chunks", "collect"]
 
@@ -73,7 +73,7 @@ async def collect(ts: ThreadedStream) -> list[dict[str, Any]]:
 
 
 async def respond(make: Callable[[threading.Event], Iterator[dict[str, Any]]], stream: bool,
-                  key: str) -> JSONResponse | StreamingResponse:
+                  key: str) -> JSONResponse | CancellingStreamingResponse:
     """Run a generation; NDJSON stream or one merged object. Errors before output get a status."""
     ts = ThreadedStream(make)
     if not stream:
@@ -98,7 +98,7 @@ async def respond(make: Callable[[threading.Event], Iterator[dict[str, Any]]], s
         finally:
             ts.cancel.set()  # a client gone mid-stream stops the generation at its next token
 
-    return StreamingResponse(lines(), media_type="application/x-ndjson")
+    return CancellingStreamingResponse(lines(), ts, media_type="application/x-ndjson")
 
 
 def _sched(request: Request) -> Scheduler:

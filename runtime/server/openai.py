@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 
 from offload.models.errors import ModelNotFound
@@ -27,7 +27,7 @@ from offload.planner.errors import OffloadError
 from offload.runtime import embeddings, service
 from offload.runtime.errors import BadRequest
 from offload.runtime.server.ollama import collect, merge_chunks
-from offload.runtime.server.streaming import ThreadedStream
+from offload.runtime.server.streaming import CancellingStreamingResponse, ThreadedStream
 
 __all__ = ["router"]
 
@@ -285,7 +285,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
         return [{**base([]), "usage": _usage(last)}] if include_usage else []
 
     first = await _start(ts)
-    return StreamingResponse(_sse_stream(ts, first, convert, tail), media_type="text/event-stream")
+    return CancellingStreamingResponse(_sse_stream(ts, first, convert, tail), ts, media_type="text/event-stream")
 
 
 @router.post("/completions", responses=_ERRORS)
@@ -329,7 +329,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
         return [{**base([]), "usage": _usage(last)}] if include_usage else []
 
     first = await _start(ts)
-    return StreamingResponse(_sse_stream(ts, first, convert, tail), media_type="text/event-stream")
+    return CancellingStreamingResponse(_sse_stream(ts, first, convert, tail), ts, media_type="text/event-stream")
 
 
 def _model_object(m: Any) -> dict[str, Any]:

@@ -113,9 +113,15 @@ def offload_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 
 @pytest.fixture(scope="session")
-def server(offload_home: Path) -> Iterator[Running]:
+def store(offload_home: Path) -> Store:
+    """The session's store with the test models."""
+    return make_store(offload_home)
+
+
+@pytest.fixture(scope="session")
+def server(store: Store) -> Iterator[Running]:
     """The shared real server."""
-    running, srv, thread = start_server(make_store(offload_home))
+    running, srv, thread = start_server(store)
     yield running
     srv.should_exit = True
     thread.join(timeout=10)
