@@ -68,9 +68,8 @@ def ps_command() -> None:
 @click.argument("model")
 def stop_command(model: str) -> None:
     """Unload a model now."""
-    from offload.runtime.client import ensure_server
-
     from offload.planner.errors import OffloadError
+    from offload.runtime.client import ensure_server
 
     client = ensure_server()
     loaded = {m["name"] for m in client.get("/api/ps").get("models", [])}

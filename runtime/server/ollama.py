@@ -13,7 +13,6 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
-
 from offload.planner.errors import OffloadError
 from offload.runtime import embeddings, service
 from offload.runtime.scheduler import Runner, Scheduler

@@ -20,14 +20,13 @@ from typing import Any, Literal
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict
-
 from offload.models.errors import ModelNotFound
 from offload.planner.errors import OffloadError
 from offload.runtime import embeddings, service
 from offload.runtime.errors import BadRequest
 from offload.runtime.server.ollama import collect, merge_chunks
 from offload.runtime.server.streaming import CancellingStreamingResponse, ThreadedStream
+from pydantic import BaseModel, ConfigDict
 
 __all__ = ["router"]
 

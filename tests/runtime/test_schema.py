@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import schemathesis
 from hypothesis import HealthCheck, given, settings
-from schemathesis.checks import not_a_server_error
-from schemathesis.specs.openapi.checks import response_schema_conformance
-
 from offload.models.store import Store
 from offload.runtime.server.app import create_app
+from schemathesis.checks import not_a_server_error
+from schemathesis.specs.openapi.checks import response_schema_conformance
 
 
 def test_api_answers_without_server_errors_and_matches_its_schema(store: Store) -> None:
