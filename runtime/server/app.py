@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -67,7 +69,12 @@ def create_app(store: Store | None = None, scheduler: Scheduler | None = None) -
     """Build the app; ``store``/``scheduler`` default to the configured ones."""
     store = store or Store(config.models_dir(), read_only_roots=[p for p in [config.ollama_models_dir()] if p])
     scheduler = scheduler or Scheduler(store)
-    app = FastAPI(title="offload", version=__version__,
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        scheduler.close()  # models are freed when the server stops, not at interpreter exit
+
+    app = FastAPI(title="offload", version=__version__, lifespan=lifespan,
                   description="A local LLM runtime with Ollama- and OpenAI-compatible APIs.")
     app.state.store = store
     app.state.scheduler = scheduler
@@ -113,9 +120,5 @@ def create_app(store: Store | None = None, scheduler: Scheduler | None = None) -
         models_api = None  # type: ignore[assignment]
     if models_api is not None:
         app.include_router(models_api.router)
-
-    @app.on_event("shutdown")
-    def _shutdown() -> None:
-        scheduler.close()
 
     return app

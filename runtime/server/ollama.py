@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import threading
@@ -66,17 +67,33 @@ def merge_chunks(chunks: list[dict[str, Any]], key: str) -> dict[str, Any]:
     return final
 
 
-async def collect(ts: ThreadedStream) -> list[dict[str, Any]]:
-    """Every chunk of a stream (errors propagate to the app's handlers)."""
-    return [c async for c in ts]
+async def collect(ts: ThreadedStream, request: Request | None = None) -> list[dict[str, Any]]:
+    """Every chunk of a stream (errors propagate to the app's handlers).
+
+    A client that hangs up on a non-streamed request is noticed by polling, so its generation
+    stops too instead of running to ``num_predict`` for nobody.
+    """
+
+    async def watch() -> None:
+        while not ts.cancel.is_set():
+            if request is not None and await request.is_disconnected():
+                ts.cancel.set()
+                return
+            await asyncio.sleep(0.25)
+
+    watcher = asyncio.create_task(watch())
+    try:
+        return [c async for c in ts]
+    finally:
+        watcher.cancel()
 
 
 async def respond(make: Callable[[threading.Event], Iterator[dict[str, Any]]], stream: bool,
-                  key: str) -> JSONResponse | CancellingStreamingResponse:
+                  key: str, request: Request | None = None) -> JSONResponse | CancellingStreamingResponse:
     """Run a generation; NDJSON stream or one merged object. Errors before output get a status."""
     ts = ThreadedStream(make)
     if not stream:
-        chunks = await collect(ts)
+        chunks = await collect(ts, request)
         return JSONResponse(merge_chunks(chunks, key) if chunks else {})
     try:
         first = await ts.next()
@@ -112,14 +129,16 @@ def _dump(model: Any) -> dict[str, Any]:
 async def generate(body: GenerateRequest, request: Request) -> Any:
     """Generate a completion for a prompt."""
     req, sched = _dump(body), _sched(request)
-    return await respond(lambda cancel: service.generate(sched, req, cancel), body.stream is not False, "response")
+    return await respond(lambda cancel: service.generate(sched, req, cancel), body.stream is not False, "response",
+                         request)
 
 
 @router.post("/api/chat", responses=_ndjson(ChatResponse), response_model=None)
 async def chat(body: ChatRequest, request: Request) -> Any:
     """Generate the next message of a chat."""
     req, sched = _dump(body), _sched(request)
-    return await respond(lambda cancel: service.chat(sched, req, cancel), body.stream is not False, "message")
+    return await respond(lambda cancel: service.chat(sched, req, cancel), body.stream is not False, "message",
+                         request)
 
 
 @router.post("/api/embed", response_model=EmbedResponse, responses=_ERRORS)

@@ -244,7 +244,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
     ts = ThreadedStream(lambda cancel: service.chat(sched, req, cancel))
     if not body.stream:
-        final = merge_chunks(await collect(ts), "message")
+        final = merge_chunks(await collect(ts, request), "message")
         msg = final.get("message") or {}
         calls = msg.get("tool_calls") or []
         out_msg: dict[str, Any] = {"role": "assistant", "content": msg.get("content", "")}
@@ -306,7 +306,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
         return {"text": text, "index": 0, "logprobs": None, "finish_reason": finish}
 
     if not body.stream:
-        final = merge_chunks(await collect(ts), "response")
+        final = merge_chunks(await collect(ts, request), "response")
         return JSONResponse({"id": cid, "object": "text_completion", "created": created, "model": body.model,
                              "system_fingerprint": "fp_offload",
                              "choices": [choice(final.get("response", ""), _finish(final.get("done_reason"), False))],

@@ -57,3 +57,15 @@ def test_binds_to_loopback_unless_told(monkeypatch: pytest.MonkeyPatch) -> None:
     assert config.host().host == "127.0.0.1"
     monkeypatch.setenv("OFFLOAD_HOST", "0.0.0.0:9999")
     assert (config.host().host, config.host().port) == ("0.0.0.0", 9999)
+
+
+def test_hanging_up_on_a_non_streamed_request_cancels_it_too(server: Running) -> None:
+    body = {"model": MODEL, "prompt": "Write a very long story.", "stream": False, "options": {"num_predict": 4000}}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.url}/api/chat", json={**body, "messages": [{"role": "user", "content": "story"}]},
+                   timeout=httpx.Timeout(10, read=1.5))
+    runner = next(x for x in server.scheduler.loaded() if x.name == MODEL and not x.embedding)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not (runner.last_stats and runner.last_stats.done_reason == "cancel"):
+        time.sleep(0.05)
+    assert runner.last_stats.done_reason == "cancel" and runner.last_stats.eval_count < 1000
