@@ -117,7 +117,7 @@ def generate(sched: Scheduler, req: dict[str, Any], cancel: threading.Event | No
         text = prompt.render_generate(template, text_prompt, system, req.get("suffix"), raw)
         engine = runner.engine
         tokens = list(context) + engine.tokenize(text, add_bos=not context)
-        splitter = ThinkSplitter() if think else None
+        splitter = ThinkSplitter(inside=text.rstrip().endswith("<think>")) if think else None
         for ev in _run(runner, tokens, options, cancel, grammar, req.get("truncate", True) is not False):
             if isinstance(ev, Piece):
                 thinking, content = splitter.feed(ev.text) if splitter else ("", ev.text)
@@ -173,7 +173,7 @@ def chat(sched: Scheduler, req: dict[str, Any], cancel: threading.Event | None =
             history = [{"role": "system", "content": info.system}, *history]
         text, has_bos = prompt.render_chat(info.template, gguf_template, history, tools, think=think)
         tokens = runner.engine.tokenize(text, add_bos=not has_bos)
-        splitter = ThinkSplitter() if think else None
+        splitter = ThinkSplitter(inside=text.rstrip().endswith("<think>")) if think else None
         held: list[str] = []  # with tools, the answer is read whole for calls before it is sent
         for ev in _run(runner, tokens, options, cancel, grammar, req.get("truncate", True) is not False):
             if isinstance(ev, Piece):

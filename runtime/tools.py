@@ -83,9 +83,9 @@ def parse_tool_calls(text: str, tools: Sequence[dict[str, Any]] | None) -> tuple
 class ThinkSplitter:
     """Streams text into (thinking, content), holding back a tag cut between pieces."""
 
-    def __init__(self, open_tag: str = "<think>", close_tag: str = "</think>") -> None:
+    def __init__(self, open_tag: str = "<think>", close_tag: str = "</think>", inside: bool = False) -> None:
         self.open_tag, self.close_tag = open_tag, close_tag
-        self.inside = False
+        self.inside = inside  # True when the prompt itself opened the reasoning section
         self.buf = ""
 
     def feed(self, text: str) -> tuple[str, str]:

@@ -99,7 +99,9 @@ def test_think_is_refused_without_a_reasoning_template_and_accepted_with_one(cli
         client.chat(model=MODEL, messages=[{"role": "user", "content": "x"}], think=True)
     assert e.value.status_code == 400 and "does not support thinking" in e.value.error
     r = client.chat(model=THINK_MODEL, messages=[{"role": "user", "content": "2+2?"}], think=True, options=FAST)
-    assert r.done and r.eval_count <= 8
+    # The template opens <think>, so what the model writes first is its reasoning.
+    assert r.done and r.eval_count <= 8 and r.message.thinking
+    assert "<think>" not in (r.message.content or "")
 
 
 def test_embed_gives_unit_vectors_for_a_list_and_honours_dimensions(client: ollama.Client) -> None:

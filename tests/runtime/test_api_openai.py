@@ -104,3 +104,16 @@ def test_errors_take_openai_shape(server: Running, client: openai.OpenAI) -> Non
     assert r.status_code == 400 and r.json()["error"]["message"].startswith("invalid JSON")
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], n=2)
+
+
+def test_streamed_tool_calls_arrive_in_the_last_chunk(client: openai.OpenAI) -> None:
+    tools = [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}]
+    forced = {"type": "object", "properties": {"name": {"const": "lookup"}, "arguments": {
+        "type": "object", "properties": {"q": {"enum": ["dogs"]}}, "required": ["q"]}}, "required": ["name", "arguments"]}
+    chunks = list(client.chat.completions.create(
+        model=TOOLS_MODEL, messages=[{"role": "user", "content": "Look up dogs"}], tools=tools, max_tokens=48,
+        temperature=0, stream=True,
+        response_format={"type": "json_schema", "json_schema": {"name": "call", "schema": forced}}))
+    calls = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
+    assert len(calls) == 1 and calls[0].function.name == "lookup" and calls[0].index == 0
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
