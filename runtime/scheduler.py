@@ -127,7 +127,8 @@ class Scheduler:
         """(per-GPU budget, RAM budget) left over by ``held``; None where nothing limits it."""
         cap = config.gpu_memory_bytes()
         gpu_budget: int | None = cap
-        if hw.gpus:
+        if hw.gpus and any(k == "GPU" for k, _ in held):
+            # Only when other models hold GPU memory; otherwise the planner's own view (free VRAM) stands.
             free = [max(0, min(cap or g.vram_bytes, g.vram_bytes) - held.get(("GPU", g.index), 0)) for g in hw.gpus]
             gpu_budget = min(free)
         ram = held.get(("CPU", 0), 0)

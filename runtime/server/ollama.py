@@ -144,7 +144,8 @@ async def chat(body: ChatRequest, request: Request) -> Any:
 @router.post("/api/embed", response_model=EmbedResponse, responses=_ERRORS)
 async def embed(body: EmbedRequest, request: Request) -> dict[str, Any]:
     """Embeddings of one input or a list of inputs (unit length)."""
-    inputs = [body.input] if isinstance(body.input, str) else list(body.input)
+    # An empty string is no input, as in Ollama: the model is loaded and nothing is embedded.
+    inputs = ([body.input] if body.input else []) if isinstance(body.input, str) else list(body.input)
     keep = service.keep_alive_from(body.keep_alive)
     out = await run_in_threadpool(embeddings.embed, _sched(request), body.model, inputs, body.truncate is not False,
                                   body.dimensions, body.options, keep)
