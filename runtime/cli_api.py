@@ -46,9 +46,17 @@ def _human_bytes(n: int) -> str:
 
 def ps_rows(models: list[dict[str, Any]]) -> list[tuple[str, str, str, str, str, str]]:
     """Table rows (NAME, ID, SIZE, PROCESSOR, CONTEXT, UNTIL) for /api/ps models."""
-    return [(m["name"], m.get("digest", "")[:12], _human_bytes(m.get("size", 0)),
-             processor(m.get("size", 0), m.get("size_vram", 0)), str(m.get("context_length", "")),
-             until(m["expires_at"])) for m in models]
+    return [
+        (
+            m["name"],
+            m.get("digest", "")[:12],
+            _human_bytes(m.get("size", 0)),
+            processor(m.get("size", 0), m.get("size_vram", 0)),
+            str(m.get("context_length", "")),
+            until(m["expires_at"]),
+        )
+        for m in models
+    ]
 
 
 @click.command("ps")

@@ -43,8 +43,15 @@ def _pool(out: Any) -> list[float]:
     return [float(x) for x in out]
 
 
-def embed(sched: Scheduler, name: str, inputs: Sequence[str], truncate: bool = True, dimensions: int | None = None,
-          options: dict[str, Any] | None = None, keep_alive_s: float | None = None) -> Embedded:
+def embed(
+    sched: Scheduler,
+    name: str,
+    inputs: Sequence[str],
+    truncate: bool = True,
+    dimensions: int | None = None,
+    options: dict[str, Any] | None = None,
+    keep_alive_s: float | None = None,
+) -> Embedded:
     """Embed each input with ``name``; too-long inputs are cut to the context unless ``truncate`` is False."""
     t0 = time.perf_counter()
     if dimensions is not None and dimensions <= 0:
@@ -62,7 +69,9 @@ def embed(sched: Scheduler, name: str, inputs: Sequence[str], truncate: bool = T
             tokens = engine.tokenize(text, add_bos=True)
             if len(tokens) > n_ctx:
                 if not truncate:
-                    raise ContextTooLong(f"the input is {len(tokens)} tokens but the context holds {n_ctx}")
+                    raise ContextTooLong(
+                        f"the input is {len(tokens)} tokens but the context holds {n_ctx}"
+                    )
                 # llama.cpp's embed takes text: a cut input goes back as the text of its first tokens.
                 text = engine.detokenize(engine.tokenize(text, add_bos=False)[: n_ctx - 1])
                 tokens = tokens[:n_ctx]

@@ -93,7 +93,10 @@ class _Converter:
             return "( " + " | ".join(_literal(v) for v in schema["enum"]) + " )"
         for key in ("anyOf", "oneOf"):
             if key in schema:
-                alts = [self._add(f"{hint}-{i}", self.visit(s, f"{hint}-{i}")) for i, s in enumerate(schema[key])]
+                alts = [
+                    self._add(f"{hint}-{i}", self.visit(s, f"{hint}-{i}"))
+                    for i, s in enumerate(schema[key])
+                ]
                 return "( " + " | ".join(alts) + " )"
         if "allOf" in schema and len(schema["allOf"]) == 1:
             return self.visit(schema["allOf"][0], hint)
@@ -119,8 +122,10 @@ class _Converter:
             return "object"
         required = [k for k in schema.get("required", []) if k in props]
         optional = [k for k in props if k not in required]
-        pairs = {k: f'{_literal(k)} ":" {self._add(f"{hint}-{k}", self.visit(props[k], f"{hint}-{k}"))}'
-                 for k in props}
+        pairs = {
+            k: f'{_literal(k)} ":" {self._add(f"{hint}-{k}", self.visit(props[k], f"{hint}-{k}"))}'
+            for k in props
+        }
         if required:
             body = ' "," '.join(pairs[k] for k in required)
             tail = " ".join(f'( "," {pairs[k]} )?' for k in optional)
@@ -128,7 +133,7 @@ class _Converter:
         # All optional: each may appear, in order, commas only between those present.
         alts = []
         for i, k in enumerate(optional):
-            rest = " ".join(f'( "," {pairs[j]} )?' for j in optional[i + 1:])
+            rest = " ".join(f'( "," {pairs[j]} )?' for j in optional[i + 1 :])
             alts.append(f"{pairs[k]} {rest}")
         return '"{" ( ' + " | ".join(f"( {a} )" for a in alts) + ' )? "}"'
 
@@ -141,7 +146,11 @@ class _Converter:
         if lo == 0:
             more = f'( "," {item} )*' if hi is None else f'( "," {item} ){{0,{int(hi) - 1}}}'
             return f'"[" ( {item} {more} )? "]"'
-        more = f'( "," {item} ){{{lo - 1},}}' if hi is None else f'( "," {item} ){{{lo - 1},{int(hi) - 1}}}'
+        more = (
+            f'( "," {item} ){{{lo - 1},}}'
+            if hi is None
+            else f'( "," {item} ){{{lo - 1},{int(hi) - 1}}}'
+        )
         return f'"[" {item} {more} "]"'
 
     def _string(self, schema: dict[str, Any]) -> str:

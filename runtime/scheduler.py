@@ -85,8 +85,12 @@ class Scheduler:
     requests in flight (beyond it: ``QueueFull``, a 503).
     """
 
-    def __init__(self, store: Store, hardware: Callable[[], Hardware] | None = None,
-                 on_event: Callable[[str, dict[str, Any]], None] | None = None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        hardware: Callable[[], Hardware] | None = None,
+        on_event: Callable[[str, dict[str, Any]], None] | None = None,
+    ) -> None:
         self.store = store
         self.hardware = hardware or current_hardware
         self.runners: dict[tuple[str, bool], Runner] = {}
@@ -123,20 +127,29 @@ class Scheduler:
                     held[(d.kind, d.index)] = held.get((d.kind, d.index), 0) + d.total_bytes
         return held
 
-    def _budgets(self, hw: Hardware, held: dict[tuple[str, int], int]) -> tuple[int | None, int | None]:
+    def _budgets(
+        self, hw: Hardware, held: dict[tuple[str, int], int]
+    ) -> tuple[int | None, int | None]:
         """(per-GPU budget, RAM budget) left over by ``held``; None where nothing limits it."""
         cap = config.gpu_memory_bytes()
         gpu_budget: int | None = cap
         if hw.gpus and any(k == "GPU" for k, _ in held):
             # Only when other models hold GPU memory; otherwise the planner's own view (free VRAM) stands.
-            free = [max(0, min(cap or g.vram_bytes, g.vram_bytes) - held.get(("GPU", g.index), 0)) for g in hw.gpus]
+            free = [
+                max(0, min(cap or g.vram_bytes, g.vram_bytes) - held.get(("GPU", g.index), 0))
+                for g in hw.gpus
+            ]
             gpu_budget = min(free)
         ram = held.get(("CPU", 0), 0)
         ram_budget = max(0, hw.cpu.ram_bytes - ram) if ram else None
         return gpu_budget, ram_budget
 
-    def plan_for(self, info: ModelInfo, options: dict[str, Any],
-                 held: dict[tuple[str, int], int] | None = None) -> Plan:
+    def plan_for(
+        self,
+        info: ModelInfo,
+        options: dict[str, Any],
+        held: dict[tuple[str, int], int] | None = None,
+    ) -> Plan:
         """The plan this model gets here with these options, in what ``held`` leaves free."""
         anatomy = anatomy_mod.read(info.model_path)
         hw = self.hardware()
@@ -145,7 +158,9 @@ class Scheduler:
         request = dataclasses.replace(request, ram_budget_bytes=ram_budget)
         return make_plan(anatomy, hw, request)
 
-    def _fitting_plan(self, info: ModelInfo, options: dict[str, Any], slot: tuple[str, bool]) -> Plan | None:
+    def _fitting_plan(
+        self, info: ModelInfo, options: dict[str, Any], slot: tuple[str, bool]
+    ) -> Plan | None:
         """A plan in the free memory that is not much slower than the best; None: make room first."""
         held = self.held_bytes(exclude=slot)
         try:
@@ -161,20 +176,31 @@ class Scheduler:
             return None
         return shared
 
-    def _load(self, info: ModelInfo, options: dict[str, Any], embedding: bool, plan: Plan) -> Runner:
+    def _load(
+        self, info: ModelInfo, options: dict[str, Any], embedding: bool, plan: Plan
+    ) -> Runner:
         engine = Engine.load(info.model_path, plan, adapters=info.adapters, embedding=embedding)
         self._event("load", model=info.name.display, embedding=embedding, n_ctx=plan.n_ctx)
-        return Runner(info=info, plan=plan, engine=engine, key=plan_key(options), embedding=embedding)
+        return Runner(
+            info=info, plan=plan, engine=engine, key=plan_key(options), embedding=embedding
+        )
 
     @contextlib.contextmanager
-    def acquire(self, name: str, options: dict[str, Any] | None = None, keep_alive_s: float | None = None,
-                embedding: bool = False) -> Iterator[Runner]:
+    def acquire(
+        self,
+        name: str,
+        options: dict[str, Any] | None = None,
+        keep_alive_s: float | None = None,
+        embedding: bool = False,
+    ) -> Iterator[Runner]:
         """Hold a loaded model for one request; it is kept alive ``keep_alive_s`` after (0: unload now)."""
         options = options or {}
         keep = config.keep_alive_s() if keep_alive_s is None else keep_alive_s
         with self._lock:
             if self._waiting >= max(1, config.max_queue()):
-                raise QueueFull(f"server busy: {self._waiting} requests are in flight; try again shortly")
+                raise QueueFull(
+                    f"server busy: {self._waiting} requests are in flight; try again shortly"
+                )
             self._waiting += 1
         try:
             info = self.resolve(name)
@@ -261,7 +287,11 @@ class Scheduler:
         except Exception:  # noqa: BLE001 - unloading a name we can't resolve unloads nothing
             display = name
         with self._lock:
-            slots = [s for s in self.runners if s[0] == display and (embedding is None or s[1] == embedding)]
+            slots = [
+                s
+                for s in self.runners
+                if s[0] == display and (embedding is None or s[1] == embedding)
+            ]
             for s in slots:
                 r = self.runners[s]
                 if r.refs:

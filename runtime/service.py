@@ -60,8 +60,14 @@ def _summary(model: str, stats: Stats, load_s: float, t_start: float) -> dict[st
     }
 
 
-def _run(runner: Runner, tokens: list[int], options: dict[str, Any], cancel: threading.Event | None,
-         grammar: str | None, truncate: bool) -> Iterator[Piece | Stats]:
+def _run(
+    runner: Runner,
+    tokens: list[int],
+    options: dict[str, Any],
+    cancel: threading.Event | None,
+    grammar: str | None,
+    truncate: bool,
+) -> Iterator[Piece | Stats]:
     sampling = sampling_from({**options, "stop": list(options.get("stop", []))}, grammar)
     for ev in runner.engine.generate(tokens, sampling, cancel=cancel, truncate=truncate):
         if isinstance(ev, Stats):
@@ -85,7 +91,9 @@ def _loaded_names(sched: Scheduler) -> set[tuple[str, int]]:
     return {(r.name, id(r)) for r in sched.loaded()}
 
 
-def generate(sched: Scheduler, req: dict[str, Any], cancel: threading.Event | None = None) -> Iterator[dict[str, Any]]:
+def generate(
+    sched: Scheduler, req: dict[str, Any], cancel: threading.Event | None = None
+) -> Iterator[dict[str, Any]]:
     """Ollama /api/generate: pieces of ``response`` (and ``thinking``), then the summary."""
     t_start = time.perf_counter()
     name = model_name(req)
@@ -101,16 +109,29 @@ def generate(sched: Scheduler, req: dict[str, Any], cancel: threading.Event | No
     if not isinstance(context, list) or not all(isinstance(t, int) for t in context):
         raise BadRequest("context must be a list of token ids")
     if keep == 0 and not req.get("prompt") and not req.get("suffix") and not context:
-        sched.unload(name)  # Ollama's way to unload: an empty request with keep_alive 0; loads nothing
-        yield {"model": name, "created_at": now_iso(), "response": "", "done": True, "done_reason": "unload"}
+        sched.unload(
+            name
+        )  # Ollama's way to unload: an empty request with keep_alive 0; loads nothing
+        yield {
+            "model": name,
+            "created_at": now_iso(),
+            "response": "",
+            "done": True,
+            "done_reason": "unload",
+        }
         return
     before = _loaded_names(sched)
     with sched.acquire(name, options, keep) as runner:
         load_s = 0.0 if (runner.name, id(runner)) in before else runner.engine.load_s
         text_prompt = req.get("prompt") or ""
         if not text_prompt and not req.get("suffix") and not context:
-            yield {"model": name, "created_at": now_iso(), "response": "", "done": True,
-                   "done_reason": "unload" if keep == 0 else "load"}
+            yield {
+                "model": name,
+                "created_at": now_iso(),
+                "response": "",
+                "done": True,
+                "done_reason": "unload" if keep == 0 else "load",
+            }
             return
         raw = bool(req.get("raw"))
         system = req.get("system") if req.get("system") is not None else info.system
@@ -118,11 +139,18 @@ def generate(sched: Scheduler, req: dict[str, Any], cancel: threading.Event | No
         engine = runner.engine
         tokens = list(context) + engine.tokenize(text, add_bos=not context)
         splitter = ThinkSplitter(inside=text.rstrip().endswith("<think>")) if think else None
-        for ev in _run(runner, tokens, options, cancel, grammar, req.get("truncate", True) is not False):
+        for ev in _run(
+            runner, tokens, options, cancel, grammar, req.get("truncate", True) is not False
+        ):
             if isinstance(ev, Piece):
                 thinking, content = splitter.feed(ev.text) if splitter else ("", ev.text)
                 if thinking or content:
-                    chunk = {"model": name, "created_at": now_iso(), "response": content, "done": False}
+                    chunk = {
+                        "model": name,
+                        "created_at": now_iso(),
+                        "response": content,
+                        "done": False,
+                    }
                     if thinking:
                         chunk["thinking"] = thinking
                     yield chunk
@@ -139,7 +167,9 @@ def generate(sched: Scheduler, req: dict[str, Any], cancel: threading.Event | No
                 yield out
 
 
-def chat(sched: Scheduler, req: dict[str, Any], cancel: threading.Event | None = None) -> Iterator[dict[str, Any]]:
+def chat(
+    sched: Scheduler, req: dict[str, Any], cancel: threading.Event | None = None
+) -> Iterator[dict[str, Any]]:
     """Ollama /api/chat: pieces of ``message.content``, then the summary (with any ``tool_calls``)."""
     t_start = time.perf_counter()
     name = model_name(req)
@@ -150,8 +180,13 @@ def chat(sched: Scheduler, req: dict[str, Any], cancel: threading.Event | None =
     info = sched.resolve(name)
     if keep == 0 and not messages:
         sched.unload(name)
-        yield {"model": name, "created_at": now_iso(), "message": {"role": "assistant", "content": ""},
-               "done": True, "done_reason": "unload"}
+        yield {
+            "model": name,
+            "created_at": now_iso(),
+            "message": {"role": "assistant", "content": ""},
+            "done": True,
+            "done_reason": "unload",
+        }
         return
     tools = req.get("tools") or None
     grammar = grammar_for_format(req.get("format"))
@@ -165,17 +200,26 @@ def chat(sched: Scheduler, req: dict[str, Any], cancel: threading.Event | None =
         if tools and not supports_tools(template):
             raise BadRequest(f'"{name}" does not support tools')
         if not messages:
-            yield {"model": name, "created_at": now_iso(), "message": {"role": "assistant", "content": ""},
-                   "done": True, "done_reason": "unload" if keep == 0 else "load"}
+            yield {
+                "model": name,
+                "created_at": now_iso(),
+                "message": {"role": "assistant", "content": ""},
+                "done": True,
+                "done_reason": "unload" if keep == 0 else "load",
+            }
             return
         history = list(info.messages) + messages
         if info.system and not any(m.get("role") == "system" for m in history):
             history = [{"role": "system", "content": info.system}, *history]
-        text, has_bos = prompt.render_chat(info.template, gguf_template, history, tools, think=think)
+        text, has_bos = prompt.render_chat(
+            info.template, gguf_template, history, tools, think=think
+        )
         tokens = runner.engine.tokenize(text, add_bos=not has_bos)
         splitter = ThinkSplitter(inside=text.rstrip().endswith("<think>")) if think else None
         held: list[str] = []  # with tools, the answer is read whole for calls before it is sent
-        for ev in _run(runner, tokens, options, cancel, grammar, req.get("truncate", True) is not False):
+        for ev in _run(
+            runner, tokens, options, cancel, grammar, req.get("truncate", True) is not False
+        ):
             if isinstance(ev, Piece):
                 thinking, content = splitter.feed(ev.text) if splitter else ("", ev.text)
                 if tools:

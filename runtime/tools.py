@@ -12,7 +12,13 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["supports_tools", "supports_thinking", "supports_insert", "parse_tool_calls", "ThinkSplitter"]
+__all__ = [
+    "supports_tools",
+    "supports_thinking",
+    "supports_insert",
+    "parse_tool_calls",
+    "ThinkSplitter",
+]
 
 
 def supports_tools(template: str | None) -> bool:
@@ -47,7 +53,9 @@ def _as_call(obj: Any, names: set[str]) -> dict[str, Any] | None:
     return {"function": {"name": name, "arguments": args}}
 
 
-def parse_tool_calls(text: str, tools: Sequence[dict[str, Any]] | None) -> tuple[str, list[dict[str, Any]]]:
+def parse_tool_calls(
+    text: str, tools: Sequence[dict[str, Any]] | None
+) -> tuple[str, list[dict[str, Any]]]:
     """Split output into (remaining content, tool calls); calls name one of ``tools``."""
     names = {(t.get("function") or {}).get("name", "") for t in tools or []} - {""}
     decoder = json.JSONDecoder()
@@ -62,10 +70,12 @@ def parse_tool_calls(text: str, tools: Sequence[dict[str, Any]] | None) -> tuple
         try:
             obj, end = decoder.raw_decode(text, j)
         except ValueError:
-            kept.append(text[i:j + 1])
+            kept.append(text[i : j + 1])
             i = j + 1
             continue
-        found = [c for c in (_as_call(o, names) for o in (obj if isinstance(obj, list) else [obj])) if c]
+        found = [
+            c for c in (_as_call(o, names) for o in (obj if isinstance(obj, list) else [obj])) if c
+        ]
         if found:
             calls.extend(found)
             kept.append(text[i:j])
@@ -83,7 +93,9 @@ def parse_tool_calls(text: str, tools: Sequence[dict[str, Any]] | None) -> tuple
 class ThinkSplitter:
     """Streams text into (thinking, content), holding back a tag cut between pieces."""
 
-    def __init__(self, open_tag: str = "<think>", close_tag: str = "</think>", inside: bool = False) -> None:
+    def __init__(
+        self, open_tag: str = "<think>", close_tag: str = "</think>", inside: bool = False
+    ) -> None:
         self.open_tag, self.close_tag = open_tag, close_tag
         self.inside = inside  # True when the prompt itself opened the reasoning section
         self.buf = ""
@@ -97,12 +109,19 @@ class ThinkSplitter:
             k = self.buf.find(tag)
             if k >= 0:
                 (thinking if self.inside else content).append(self.buf[:k])
-                self.buf = self.buf[k + len(tag):]
+                self.buf = self.buf[k + len(tag) :]
                 self.inside = not self.inside
                 continue
-            hold = next((n for n in range(min(len(tag) - 1, len(self.buf)), 0, -1) if self.buf.endswith(tag[:n])), 0)
-            (thinking if self.inside else content).append(self.buf[:len(self.buf) - hold])
-            self.buf = self.buf[len(self.buf) - hold:]
+            hold = next(
+                (
+                    n
+                    for n in range(min(len(tag) - 1, len(self.buf)), 0, -1)
+                    if self.buf.endswith(tag[:n])
+                ),
+                0,
+            )
+            (thinking if self.inside else content).append(self.buf[: len(self.buf) - hold])
+            self.buf = self.buf[len(self.buf) - hold :]
             return "".join(thinking), "".join(content)
 
     def flush(self) -> tuple[str, str]:

@@ -31,8 +31,14 @@ def error_response(status: int, message: str, openai: bool = False) -> JSONRespo
     """Ollama's error shape, or OpenAI's for the /v1 routes."""
     if openai:
         code = "model_not_found" if status == 404 else None
-        body: dict[str, Any] = {"error": {"message": message, "type": _OPENAI_TYPES.get(status, "api_error"),
-                                          "param": None, "code": code}}
+        body: dict[str, Any] = {
+            "error": {
+                "message": message,
+                "type": _OPENAI_TYPES.get(status, "api_error"),
+                "param": None,
+                "code": code,
+            }
+        }
         return JSONResponse(body, status_code=status)
     return JSONResponse({"error": message}, status_code=status)
 
@@ -42,8 +48,12 @@ def _is_openai(request: Request) -> bool:
 
 
 # Browsers may call us from local pages and desktop-app shells; OFFLOAD_ORIGINS adds more.
-_LOCAL_ORIGINS = [r"https?://(localhost|127\.0\.0\.1|0\.0\.0\.0|\[::1\])(:\d+)?", r"app://.*",
-                  r"file://.*", r"tauri://.*"]
+_LOCAL_ORIGINS = [
+    r"https?://(localhost|127\.0\.0\.1|0\.0\.0\.0|\[::1\])(:\d+)?",
+    r"app://.*",
+    r"file://.*",
+    r"tauri://.*",
+]
 
 
 def origin_regex(extra: list[str]) -> str:
@@ -67,15 +77,22 @@ def _validation_message(exc: RequestValidationError) -> str:
 
 def create_app(store: Store | None = None, scheduler: Scheduler | None = None) -> FastAPI:
     """Build the app; ``store``/``scheduler`` default to the configured ones."""
-    store = store or Store(config.models_dir(), read_only_roots=[p for p in [config.ollama_models_dir()] if p])
+    store = store or Store(
+        config.models_dir(), read_only_roots=[p for p in [config.ollama_models_dir()] if p]
+    )
     scheduler = scheduler or Scheduler(store)
+
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
         scheduler.close()  # models are freed when the server stops, not at interpreter exit
 
-    app = FastAPI(title="offload", version=__version__, lifespan=lifespan,
-                  description="A local LLM runtime with Ollama- and OpenAI-compatible APIs.")
+    app = FastAPI(
+        title="offload",
+        version=__version__,
+        lifespan=lifespan,
+        description="A local LLM runtime with Ollama- and OpenAI-compatible APIs.",
+    )
     app.state.store = store
     app.state.scheduler = scheduler
 
@@ -98,8 +115,13 @@ def create_app(store: Store | None = None, scheduler: Scheduler | None = None) -
     async def _bad_json(request: Request, exc: json.JSONDecodeError) -> JSONResponse:
         return error_response(400, f"invalid JSON: {exc}", _is_openai(request))
 
-    app.add_middleware(CORSMiddleware, allow_origin_regex=origin_regex(config.origins()), allow_methods=["*"],
-                       allow_headers=["*"], allow_credentials=False)
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origin_regex=origin_regex(config.origins()),
+        allow_methods=["*"],
+        allow_headers=["*"],
+        allow_credentials=False,
+    )
 
     @app.get("/", response_class=PlainTextResponse)
     @app.head("/", response_class=PlainTextResponse)

@@ -45,8 +45,14 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 
 
 def _ndjson(model: type) -> dict[int | str, dict[str, Any]]:
-    return {200: {"model": model, "content": {"application/x-ndjson": {}},
-                  "description": "One object, or NDJSON chunks when streaming"}, **_ERRORS}
+    return {
+        200: {
+            "model": model,
+            "content": {"application/x-ndjson": {}},
+            "description": "One object, or NDJSON chunks when streaming",
+        },
+        **_ERRORS,
+    }
 
 
 def merge_chunks(chunks: list[dict[str, Any]], key: str) -> dict[str, Any]:
@@ -88,8 +94,12 @@ async def collect(ts: ThreadedStream, request: Request | None = None) -> list[di
         watcher.cancel()
 
 
-async def respond(make: Callable[[threading.Event], Iterator[dict[str, Any]]], stream: bool,
-                  key: str, request: Request | None = None) -> JSONResponse | CancellingStreamingResponse:
+async def respond(
+    make: Callable[[threading.Event], Iterator[dict[str, Any]]],
+    stream: bool,
+    key: str,
+    request: Request | None = None,
+) -> JSONResponse | CancellingStreamingResponse:
     """Run a generation; NDJSON stream or one merged object. Errors before output get a status."""
     ts = ThreadedStream(make)
     if not stream:
@@ -129,28 +139,51 @@ def _dump(model: Any) -> dict[str, Any]:
 async def generate(body: GenerateRequest, request: Request) -> Any:
     """Generate a completion for a prompt."""
     req, sched = _dump(body), _sched(request)
-    return await respond(lambda cancel: service.generate(sched, req, cancel), body.stream is not False, "response",
-                         request)
+    return await respond(
+        lambda cancel: service.generate(sched, req, cancel),
+        body.stream is not False,
+        "response",
+        request,
+    )
 
 
 @router.post("/api/chat", responses=_ndjson(ChatResponse), response_model=None)
 async def chat(body: ChatRequest, request: Request) -> Any:
     """Generate the next message of a chat."""
     req, sched = _dump(body), _sched(request)
-    return await respond(lambda cancel: service.chat(sched, req, cancel), body.stream is not False, "message",
-                         request)
+    return await respond(
+        lambda cancel: service.chat(sched, req, cancel),
+        body.stream is not False,
+        "message",
+        request,
+    )
 
 
 @router.post("/api/embed", response_model=EmbedResponse, responses=_ERRORS)
 async def embed(body: EmbedRequest, request: Request) -> dict[str, Any]:
     """Embeddings of one input or a list of inputs (unit length)."""
     # An empty string is no input, as in Ollama: the model is loaded and nothing is embedded.
-    inputs = ([body.input] if body.input else []) if isinstance(body.input, str) else list(body.input)
+    inputs = (
+        ([body.input] if body.input else []) if isinstance(body.input, str) else list(body.input)
+    )
     keep = service.keep_alive_from(body.keep_alive)
-    out = await run_in_threadpool(embeddings.embed, _sched(request), body.model, inputs, body.truncate is not False,
-                                  body.dimensions, body.options, keep)
-    return {"model": body.model, "embeddings": out.embeddings, "total_duration": int(out.total_s * 1e9),
-            "load_duration": int(out.load_s * 1e9), "prompt_eval_count": out.prompt_eval_count}
+    out = await run_in_threadpool(
+        embeddings.embed,
+        _sched(request),
+        body.model,
+        inputs,
+        body.truncate is not False,
+        body.dimensions,
+        body.options,
+        keep,
+    )
+    return {
+        "model": body.model,
+        "embeddings": out.embeddings,
+        "total_duration": int(out.total_s * 1e9),
+        "load_duration": int(out.load_s * 1e9),
+        "prompt_eval_count": out.prompt_eval_count,
+    }
 
 
 @router.post("/api/embeddings", response_model=EmbeddingsResponse, responses=_ERRORS)
@@ -159,8 +192,9 @@ async def embeddings_legacy(body: EmbeddingsRequest, request: Request) -> dict[s
     if not body.prompt:
         return {"embedding": []}
     keep = service.keep_alive_from(body.keep_alive)
-    out = await run_in_threadpool(embeddings.embed, _sched(request), body.model, [body.prompt], True, None,
-                                  body.options, keep)
+    out = await run_in_threadpool(
+        embeddings.embed, _sched(request), body.model, [body.prompt], True, None, body.options, keep
+    )
     return {"embedding": out.embeddings[0]}
 
 
@@ -169,9 +203,14 @@ def _iso(ts: float) -> str:
 
 
 def _details(config: dict[str, Any]) -> dict[str, Any]:
-    return {"parent_model": "", "format": config.get("model_format", "gguf"),
-            "family": config.get("model_family", ""), "families": config.get("model_families") or None,
-            "parameter_size": config.get("model_type", ""), "quantization_level": config.get("file_type", "")}
+    return {
+        "parent_model": "",
+        "format": config.get("model_format", "gguf"),
+        "family": config.get("model_family", ""),
+        "families": config.get("model_families") or None,
+        "parameter_size": config.get("model_type", ""),
+        "quantization_level": config.get("file_type", ""),
+    }
 
 
 @router.get("/api/tags", response_model=ListResponse)
@@ -180,11 +219,16 @@ async def tags(request: Request) -> dict[str, Any]:
     store = request.app.state.store
     models = []
     for m in store.list():
-        models.append({
-            "name": m.name.display, "model": m.name.display,
-            "modified_at": m.modified_at.isoformat().replace("+00:00", "Z"),
-            "size": m.size_bytes, "digest": m.digest.removeprefix("sha256:"), "details": _details(m.details),
-        })
+        models.append(
+            {
+                "name": m.name.display,
+                "model": m.name.display,
+                "modified_at": m.modified_at.isoformat().replace("+00:00", "Z"),
+                "size": m.size_bytes,
+                "digest": m.digest.removeprefix("sha256:"),
+                "details": _details(m.details),
+            }
+        )
     return {"models": models}
 
 
@@ -201,9 +245,15 @@ def running_model(r: Runner) -> dict[str, Any]:
         remaining = r.keep_alive_s  # in use: it expires keep_alive after this request
     expires = _FOREVER_TS if remaining == float("inf") else time.time() + max(0.0, remaining)
     return {
-        "name": r.name, "model": r.name, "size": total, "size_vram": gpu,
-        "digest": r.info.digest.removeprefix("sha256:"), "details": _details(r.info.config),
-        "expires_at": _iso(expires), "context_length": r.plan.n_ctx, "plan": r.plan.to_dict(),
+        "name": r.name,
+        "model": r.name,
+        "size": total,
+        "size_vram": gpu,
+        "digest": r.info.digest.removeprefix("sha256:"),
+        "details": _details(r.info.config),
+        "expires_at": _iso(expires),
+        "context_length": r.plan.n_ctx,
+        "plan": r.plan.to_dict(),
     }
 
 

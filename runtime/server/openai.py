@@ -41,8 +41,11 @@ class OpenAIError(BaseModel):
     error: dict[str, Any]
 
 
-_ERRORS: dict[int | str, dict[str, Any]] = {400: {"model": OpenAIError}, 404: {"model": OpenAIError},
-                                            503: {"model": OpenAIError}}
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": OpenAIError},
+    404: {"model": OpenAIError},
+    503: {"model": OpenAIError},
+}
 
 
 class ChatCompletionRequest(BaseModel):
@@ -113,13 +116,20 @@ class ModelList(BaseModel):
     data: list[ModelObject]
 
 
-def _options(body: ChatCompletionRequest | CompletionRequest, max_tokens: int | None) -> dict[str, Any]:
+def _options(
+    body: ChatCompletionRequest | CompletionRequest, max_tokens: int | None
+) -> dict[str, Any]:
     if body.n not in (None, 1):
         raise BadRequest("n must be 1")
-    opts: dict[str, Any] = {"temperature": body.temperature, "top_p": body.top_p, "num_predict": max_tokens,
-                            "seed": body.seed, "frequency_penalty": body.frequency_penalty,
-                            "presence_penalty": body.presence_penalty,
-                            "stop": [body.stop] if isinstance(body.stop, str) else body.stop}
+    opts: dict[str, Any] = {
+        "temperature": body.temperature,
+        "top_p": body.top_p,
+        "num_predict": max_tokens,
+        "seed": body.seed,
+        "frequency_penalty": body.frequency_penalty,
+        "presence_penalty": body.presence_penalty,
+        "stop": [body.stop] if isinstance(body.stop, str) else body.stop,
+    }
     return {k: v for k, v in opts.items() if v is not None}
 
 
@@ -141,7 +151,10 @@ def _messages(msgs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for m in msgs:
         images: list[str] = []
-        msg: dict[str, Any] = {"role": m.get("role", "user"), "content": _content_text(m.get("content"), images)}
+        msg: dict[str, Any] = {
+            "role": m.get("role", "user"),
+            "content": _content_text(m.get("content"), images),
+        }
         if images:
             msg["images"] = images
         if m.get("tool_calls"):
@@ -188,9 +201,14 @@ def _usage(final: dict[str, Any]) -> dict[str, int]:
 def _tool_calls(calls: list[dict[str, Any]], streaming: bool) -> list[dict[str, Any]]:
     out = []
     for i, c in enumerate(calls):
-        item: dict[str, Any] = {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-                                "function": {"name": c["function"]["name"],
-                                             "arguments": json.dumps(c["function"]["arguments"])}}
+        item: dict[str, Any] = {
+            "id": f"call_{uuid.uuid4().hex[:24]}",
+            "type": "function",
+            "function": {
+                "name": c["function"]["name"],
+                "arguments": json.dumps(c["function"]["arguments"]),
+            },
+        }
         if streaming:
             item["index"] = i
         out.append(item)
@@ -201,8 +219,9 @@ def _sse(obj: Any) -> bytes:
     return f"data: {json.dumps(obj)}\n\n".encode()
 
 
-async def _sse_stream(ts: ThreadedStream, first: dict[str, Any] | None,
-                      convert: Any, tail: Any) -> AsyncIterator[bytes]:
+async def _sse_stream(
+    ts: ThreadedStream, first: dict[str, Any] | None, convert: Any, tail: Any
+) -> AsyncIterator[bytes]:
     try:
         chunks = [first] if first is not None else []
         for c in chunks:
@@ -218,7 +237,16 @@ async def _sse_stream(ts: ThreadedStream, first: dict[str, Any] | None,
         yield _sse({"error": {"message": str(e), "type": "api_error", "param": None, "code": None}})
     except Exception as e:  # noqa: BLE001 - headers are sent: the error goes in the stream
         log.exception("generation failed mid-stream")
-        yield _sse({"error": {"message": f"internal error: {e}", "type": "api_error", "param": None, "code": None}})
+        yield _sse(
+            {
+                "error": {
+                    "message": f"internal error: {e}",
+                    "type": "api_error",
+                    "param": None,
+                    "code": None,
+                }
+            }
+        )
     finally:
         ts.cancel.set()
 
@@ -234,9 +262,12 @@ async def _start(ts: ThreadedStream) -> dict[str, Any] | None:
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
     """Chat completions, streamed as SSE or whole."""
     sched = request.app.state.scheduler
-    req: dict[str, Any] = {"model": body.model, "messages": _messages(body.messages),
-                           "options": _options(body, body.max_completion_tokens or body.max_tokens),
-                           "format": _format(body.response_format)}
+    req: dict[str, Any] = {
+        "model": body.model,
+        "messages": _messages(body.messages),
+        "options": _options(body, body.max_completion_tokens or body.max_tokens),
+        "format": _format(body.response_format),
+    }
     if body.tools and body.tool_choice != "none":
         req["tools"] = body.tools
     if body.reasoning_effort:
@@ -252,18 +283,36 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
             out_msg["reasoning"] = msg["thinking"]
         if calls:
             out_msg["tool_calls"] = _tool_calls(calls, streaming=False)
-        return JSONResponse({
-            "id": cid, "object": "chat.completion", "created": created, "model": body.model,
-            "system_fingerprint": "fp_offload",
-            "choices": [{"index": 0, "message": out_msg, "logprobs": None,
-                         "finish_reason": _finish(final.get("done_reason"), bool(calls))}],
-            "usage": _usage(final)})
+        return JSONResponse(
+            {
+                "id": cid,
+                "object": "chat.completion",
+                "created": created,
+                "model": body.model,
+                "system_fingerprint": "fp_offload",
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": out_msg,
+                        "logprobs": None,
+                        "finish_reason": _finish(final.get("done_reason"), bool(calls)),
+                    }
+                ],
+                "usage": _usage(final),
+            }
+        )
     include_usage = bool((body.stream_options or {}).get("include_usage"))
     last: dict[str, Any] = {}
 
     def base(choices: list[dict[str, Any]]) -> dict[str, Any]:
-        return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": body.model,
-                "system_fingerprint": "fp_offload", "choices": choices}
+        return {
+            "id": cid,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": body.model,
+            "system_fingerprint": "fp_offload",
+            "choices": choices,
+        }
 
     def convert(c: dict[str, Any]) -> list[dict[str, Any]]:
         msg = c.get("message") or {}
@@ -284,7 +333,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
         return [{**base([]), "usage": _usage(last)}] if include_usage else []
 
     first = await _start(ts)
-    return CancellingStreamingResponse(_sse_stream(ts, first, convert, tail), ts, media_type="text/event-stream")
+    return CancellingStreamingResponse(
+        _sse_stream(ts, first, convert, tail), ts, media_type="text/event-stream"
+    )
 
 
 @router.post("/completions", responses=_ERRORS)
@@ -296,7 +347,11 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
         if len(prompt) > 1:
             raise BadRequest("only one prompt per request is supported")
         prompt = prompt[0] if prompt else ""
-    req: dict[str, Any] = {"model": body.model, "prompt": prompt, "options": _options(body, body.max_tokens)}
+    req: dict[str, Any] = {
+        "model": body.model,
+        "prompt": prompt,
+        "options": _options(body, body.max_tokens),
+    }
     if body.suffix:
         req["suffix"] = body.suffix
     cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
@@ -307,16 +362,31 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
 
     if not body.stream:
         final = merge_chunks(await collect(ts, request), "response")
-        return JSONResponse({"id": cid, "object": "text_completion", "created": created, "model": body.model,
-                             "system_fingerprint": "fp_offload",
-                             "choices": [choice(final.get("response", ""), _finish(final.get("done_reason"), False))],
-                             "usage": _usage(final)})
+        return JSONResponse(
+            {
+                "id": cid,
+                "object": "text_completion",
+                "created": created,
+                "model": body.model,
+                "system_fingerprint": "fp_offload",
+                "choices": [
+                    choice(final.get("response", ""), _finish(final.get("done_reason"), False))
+                ],
+                "usage": _usage(final),
+            }
+        )
     include_usage = bool((body.stream_options or {}).get("include_usage"))
     last: dict[str, Any] = {}
 
     def base(choices: list[dict[str, Any]]) -> dict[str, Any]:
-        return {"id": cid, "object": "text_completion", "created": created, "model": body.model,
-                "system_fingerprint": "fp_offload", "choices": choices}
+        return {
+            "id": cid,
+            "object": "text_completion",
+            "created": created,
+            "model": body.model,
+            "system_fingerprint": "fp_offload",
+            "choices": choices,
+        }
 
     def convert(c: dict[str, Any]) -> list[dict[str, Any]]:
         if c.get("done"):
@@ -328,12 +398,18 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
         return [{**base([]), "usage": _usage(last)}] if include_usage else []
 
     first = await _start(ts)
-    return CancellingStreamingResponse(_sse_stream(ts, first, convert, tail), ts, media_type="text/event-stream")
+    return CancellingStreamingResponse(
+        _sse_stream(ts, first, convert, tail), ts, media_type="text/event-stream"
+    )
 
 
 def _model_object(m: Any) -> dict[str, Any]:
-    return {"id": m.name.display, "object": "model", "created": int(m.modified_at.timestamp()),
-            "owned_by": m.name.namespace if getattr(m.name, "namespace", "") else "library"}
+    return {
+        "id": m.name.display,
+        "object": "model",
+        "created": int(m.modified_at.timestamp()),
+        "owned_by": m.name.namespace if getattr(m.name, "namespace", "") else "library",
+    }
 
 
 @router.get("/models", response_model=ModelList)
@@ -372,11 +448,23 @@ async def create_embeddings(body: EmbeddingRequest, request: Request) -> dict[st
         inputs = [str(x) for x in raw]
     if not inputs or any(not s for s in inputs):
         raise BadRequest("input must not be empty")
-    out = await run_in_threadpool(embeddings.embed, sched, body.model, inputs, True, body.dimensions)
-    data = [{"object": "embedding", "index": i,
-             "embedding": _b64(v) if body.encoding_format == "base64" else v} for i, v in enumerate(out.embeddings)]
-    return {"object": "list", "data": data, "model": body.model,
-            "usage": {"prompt_tokens": out.prompt_eval_count, "total_tokens": out.prompt_eval_count}}
+    out = await run_in_threadpool(
+        embeddings.embed, sched, body.model, inputs, True, body.dimensions
+    )
+    data = [
+        {
+            "object": "embedding",
+            "index": i,
+            "embedding": _b64(v) if body.encoding_format == "base64" else v,
+        }
+        for i, v in enumerate(out.embeddings)
+    ]
+    return {
+        "object": "list",
+        "data": data,
+        "model": body.model,
+        "usage": {"prompt_tokens": out.prompt_eval_count, "total_tokens": out.prompt_eval_count},
+    }
 
 
 def _detok(sched: Any, model: str, tokens: list[int]) -> str:

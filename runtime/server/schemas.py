@@ -11,8 +11,18 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = [
-    "ChatRequest", "ChatResponse", "EmbedRequest", "EmbedResponse", "EmbeddingsRequest", "EmbeddingsResponse",
-    "ErrorResponse", "GenerateRequest", "GenerateResponse", "Message", "ProcessResponse", "ListResponse",
+    "ChatRequest",
+    "ChatResponse",
+    "EmbedRequest",
+    "EmbedResponse",
+    "EmbeddingsRequest",
+    "EmbeddingsResponse",
+    "ErrorResponse",
+    "GenerateRequest",
+    "GenerateResponse",
+    "Message",
+    "ProcessResponse",
+    "ListResponse",
     "VersionResponse",
 ]
 

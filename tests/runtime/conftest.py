@@ -69,8 +69,13 @@ def _model_with_template(store: Store, name: str, template: str) -> None:
     assert base is not None
     model_layer = next(layer for layer in base["layers"] if layer["mediaType"] == MEDIA_MODEL)
     layers = [model_layer, store.layer_for_bytes(MEDIA_TEMPLATE, template.encode())]
-    config = {"model_format": "gguf", "model_family": "gemma3", "model_families": ["gemma3"],
-              "model_type": "268M", "file_type": "Q4_K_M"}
+    config = {
+        "model_format": "gguf",
+        "model_family": "gemma3",
+        "model_families": ["gemma3"],
+        "model_type": "268M",
+        "file_type": "Q4_K_M",
+    }
     store.write_manifest(parse_name(name), store.new_manifest(layers, config))
 
 

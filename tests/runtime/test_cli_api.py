@@ -26,11 +26,21 @@ def test_until_column_reads_like_ollamas() -> None:
     assert until((now - timedelta(seconds=1)).isoformat(), now) == "Stopping..."
 
 
-def test_ps_lists_a_loaded_model_and_stop_unloads_it(server: Running, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_ps_lists_a_loaded_model_and_stop_unloads_it(
+    server: Running, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("OFFLOAD_HOST", server.url.removeprefix("http://"))
-    httpx.post(f"{server.url}/api/generate", timeout=60,
-               json={"model": MODEL, "prompt": "hi", "stream": False, "keep_alive": "10m",
-                     "options": {"num_predict": 1}})
+    httpx.post(
+        f"{server.url}/api/generate",
+        timeout=60,
+        json={
+            "model": MODEL,
+            "prompt": "hi",
+            "stream": False,
+            "keep_alive": "10m",
+            "options": {"num_predict": 1},
+        },
+    )
     out = CliRunner().invoke(cli, ["ps"])
     assert out.exit_code == 0, out.output
     header, *rows = out.output.splitlines()

@@ -31,11 +31,14 @@ def events() -> list[tuple[str, dict[str, Any]]]:
 
 
 def _sched(store: Store, events: list, hw: Hardware | None = None) -> Scheduler:
-    return Scheduler(store, hardware=(lambda: hw) if hw else None, on_event=lambda k, d: events.append((k, d)))
+    return Scheduler(
+        store, hardware=(lambda: hw) if hw else None, on_event=lambda k, d: events.append((k, d))
+    )
 
 
-def test_a_model_that_does_not_fit_beside_another_evicts_it(store: Store, events: list,
-                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_model_that_does_not_fit_beside_another_evicts_it(
+    store: Store, events: list, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("OFFLOAD_MAX_LOADED_MODELS", "3")
     probe = _sched(store, events)
     one_bytes = sum(d.total_bytes for d in probe.plan_for(store.resolve(MODEL), {}).devices)
@@ -52,7 +55,9 @@ def test_a_model_that_does_not_fit_beside_another_evicts_it(store: Store, events
         sched.close()
 
 
-def test_models_that_fit_together_stay_loaded(store: Store, events: list, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_models_that_fit_together_stay_loaded(
+    store: Store, events: list, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("OFFLOAD_MAX_LOADED_MODELS", "3")
     sched = _sched(store, events)
     try:
@@ -61,15 +66,19 @@ def test_models_that_fit_together_stay_loaded(store: Store, events: list, monkey
         with sched.acquire(OTHER, {}, 60) as r:
             held = sched.held_bytes(exclude=(OTHER, False))
             # The second plan was made against what the first one holds.
-            assert r.plan.devices[0].budget_bytes == current_hardware().cpu.ram_bytes - held[("CPU", 0)]
+            assert (
+                r.plan.devices[0].budget_bytes
+                == current_hardware().cpu.ram_bytes - held[("CPU", 0)]
+            )
         assert {r.name for r in sched.loaded()} == {MODEL, OTHER}
         assert not [e for e in events if e[0] == "evict"]
     finally:
         sched.close()
 
 
-def test_max_loaded_models_evicts_the_least_recently_used(store: Store, events: list,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_max_loaded_models_evicts_the_least_recently_used(
+    store: Store, events: list, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("OFFLOAD_MAX_LOADED_MODELS", "1")
     sched = _sched(store, events)
     try:
@@ -126,16 +135,20 @@ def test_unload_of_a_busy_model_waits_for_its_request(store: Store, events: list
         sched.close()
 
 
-def test_twenty_clients_over_two_models_are_all_answered_or_503(server: Running,
-                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_twenty_clients_over_two_models_are_all_answered_or_503(
+    server: Running, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("OFFLOAD_MAX_LOADED_MODELS", "1")
     monkeypatch.setenv("OFFLOAD_MAX_QUEUE", "6")
 
     def ask(i: int) -> int:
         model = MODEL if i % 2 else OTHER
         path = "/api/generate" if i % 3 else "/v1/completions"
-        body = ({"model": model, "prompt": f"n{i}", "stream": False, "options": FAST} if i % 3
-                else {"model": model, "prompt": f"n{i}", "max_tokens": 2})
+        body = (
+            {"model": model, "prompt": f"n{i}", "stream": False, "options": FAST}
+            if i % 3
+            else {"model": model, "prompt": f"n{i}", "max_tokens": 2}
+        )
         return httpx.post(f"{server.url}{path}", json=body, timeout=120).status_code
 
     def round_of_20() -> list[int]:

@@ -26,11 +26,14 @@ def test_api_answers_without_server_errors_and_matches_its_schema(store: Store) 
     failures: dict[str, str] = {}
     operations = [r.ok() for r in schema.get_all_operations()]
     assert {"/api/generate", "/api/chat", "/api/embed", "/v1/chat/completions", "/api/ps"} <= {
-        op.path for op in operations}
+        op.path for op in operations
+    }
     for op in operations:
 
         @given(case=op.as_strategy())
-        @settings(max_examples=12, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+        @settings(
+            max_examples=12, deadline=None, database=None, suppress_health_check=list(HealthCheck)
+        )
         def check(case: schemathesis.Case) -> None:
             case.call_and_validate(checks=[not_a_server_error, response_schema_conformance])
 
@@ -44,23 +47,42 @@ def test_api_answers_without_server_errors_and_matches_its_schema(store: Store) 
 def _validator(spec: dict, name: str):  # noqa: ANN202 - jsonschema_rs has no public validator type
     import jsonschema_rs
 
-    return jsonschema_rs.validator_for({"$ref": f"#/components/schemas/{name}", "components": spec["components"]})
+    return jsonschema_rs.validator_for(
+        {"$ref": f"#/components/schemas/{name}", "components": spec["components"]}
+    )
 
 
 def test_real_answers_match_the_published_response_schemas(server: Running) -> None:
     spec = httpx.get(f"{server.url}/openapi.json").json()
     opts = {"num_predict": 3, "temperature": 0}
     gen = _validator(spec, "GenerateResponse")
-    with httpx.stream("POST", f"{server.url}/api/generate", json={"model": MODEL, "prompt": "hi", "options": opts},
-                      timeout=60) as r:
+    with httpx.stream(
+        "POST",
+        f"{server.url}/api/generate",
+        json={"model": MODEL, "prompt": "hi", "options": opts},
+        timeout=60,
+    ) as r:
         chunks = [json.loads(x) for x in r.iter_lines() if x]
     for c in chunks:
         gen.validate(c)
     chat = _validator(spec, "ChatResponse")
-    chat.validate(httpx.post(f"{server.url}/api/chat", timeout=60, json={
-        "model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": False, "options": opts}).json())
+    chat.validate(
+        httpx.post(
+            f"{server.url}/api/chat",
+            timeout=60,
+            json={
+                "model": MODEL,
+                "messages": [{"role": "user", "content": "hi"}],
+                "stream": False,
+                "options": opts,
+            },
+        ).json()
+    )
     _validator(spec, "EmbedResponse").validate(
-        httpx.post(f"{server.url}/api/embed", json={"model": MODEL, "input": "hi"}, timeout=60).json())
+        httpx.post(
+            f"{server.url}/api/embed", json={"model": MODEL, "input": "hi"}, timeout=60
+        ).json()
+    )
     _validator(spec, "ProcessResponse").validate(httpx.get(f"{server.url}/api/ps").json())
     _validator(spec, "ListResponse").validate(httpx.get(f"{server.url}/api/tags").json())
     bad = {**chunks[-1], "done": "yes"}
