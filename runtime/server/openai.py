@@ -187,6 +187,35 @@ def _format(rf: dict[str, Any] | None) -> Any:
     raise BadRequest(f"unsupported response_format type {rf.get('type')!r}")
 
 
+def _forced_call_schema(tools: list[dict[str, Any]], choice: Any) -> dict[str, Any] | None:
+    """A JSON Schema that makes the model call a tool ("required" or a named function), else None.
+
+    The model's answer is then a call by construction, which the tool-call parser reads back.
+    """
+    if choice == "required":
+        names = None
+    elif isinstance(choice, dict) and (choice.get("function") or {}).get("name"):
+        names = {choice["function"]["name"]}
+    else:
+        return None
+    alts = []
+    for t in tools:
+        fn = t.get("function") or {}
+        if not fn.get("name") or (names is not None and fn["name"] not in names):
+            continue
+        params = fn.get("parameters") or {"type": "object"}
+        alts.append(
+            {
+                "type": "object",
+                "properties": {"name": {"const": fn["name"]}, "arguments": params},
+                "required": ["name", "arguments"],
+            }
+        )
+    if not alts:
+        raise BadRequest(f"tool_choice names a function that is not in tools: {choice!r}")
+    return alts[0] if len(alts) == 1 else {"anyOf": alts}
+
+
 def _finish(done_reason: str | None, has_calls: bool) -> str:
     if has_calls:
         return "tool_calls"
@@ -270,6 +299,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     }
     if body.tools and body.tool_choice != "none":
         req["tools"] = body.tools
+        forced = _forced_call_schema(body.tools, body.tool_choice)
+        if forced is not None and req["format"] is None:
+            req["format"] = forced
     if body.reasoning_effort:
         req["think"] = body.reasoning_effort
     cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())

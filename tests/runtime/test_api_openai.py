@@ -219,3 +219,33 @@ def test_streamed_tool_calls_arrive_in_the_last_chunk(client: openai.OpenAI) -> 
     calls = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
     assert len(calls) == 1 and calls[0].function.name == "lookup" and calls[0].index == 0
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_tool_choice_naming_a_function_makes_the_model_call_it(client: openai.OpenAI) -> None:
+    params = {
+        "type": "object",
+        "properties": {"unit": {"enum": ["celsius", "fahrenheit"]}},
+        "required": ["unit"],
+    }
+    tools = [
+        {"type": "function", "function": {"name": "weather", "parameters": params}},
+        {"type": "function", "function": {"name": "time", "parameters": {"type": "object"}}},
+    ]
+    r = client.chat.completions.create(
+        model=TOOLS_MODEL,
+        messages=[{"role": "user", "content": "Weather?"}],
+        tools=tools,
+        tool_choice={"type": "function", "function": {"name": "weather"}},
+        max_tokens=48,
+        temperature=0,
+    )
+    call = r.choices[0].message.tool_calls[0]
+    assert call.function.name == "weather"
+    assert json.loads(call.function.arguments)["unit"] in ("celsius", "fahrenheit")
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(
+            model=TOOLS_MODEL,
+            messages=[{"role": "user", "content": "x"}],
+            tools=tools,
+            tool_choice={"type": "function", "function": {"name": "nope"}},
+        )
