@@ -15,7 +15,7 @@ import struct
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any, Literal
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
@@ -25,20 +25,20 @@ from offload.planner.errors import OffloadError
 from offload.runtime import embeddings, service
 from offload.runtime.errors import BadRequest
 from offload.runtime.server.ollama import collect, merge_chunks
+from offload.runtime.server.openai_schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    ModelList,
+    ModelObject,
+    OpenAIError,
+)
 from offload.runtime.server.streaming import CancellingStreamingResponse, ThreadedStream
-from pydantic import BaseModel, ConfigDict
 
 __all__ = ["router"]
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", tags=["openai"])
-_IGNORE = ConfigDict(extra="ignore")
-
-
-class OpenAIError(BaseModel):
-    """OpenAI's error body."""
-
-    error: dict[str, Any]
 
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
@@ -46,74 +46,6 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     404: {"model": OpenAIError},
     503: {"model": OpenAIError},
 }
-
-
-class ChatCompletionRequest(BaseModel):
-    """POST /v1/chat/completions."""
-
-    model_config = _IGNORE
-    model: str
-    messages: list[dict[str, Any]]
-    temperature: float | None = None
-    top_p: float | None = None
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    frequency_penalty: float | None = None
-    presence_penalty: float | None = None
-    stream: bool | None = False
-    stream_options: dict[str, Any] | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: Any = None
-    response_format: dict[str, Any] | None = None
-    n: int | None = None
-    reasoning_effort: str | None = None
-
-
-class CompletionRequest(BaseModel):
-    """POST /v1/completions."""
-
-    model_config = _IGNORE
-    model: str
-    prompt: str | list[str] = ""
-    suffix: str | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    max_tokens: int | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    frequency_penalty: float | None = None
-    presence_penalty: float | None = None
-    stream: bool | None = False
-    stream_options: dict[str, Any] | None = None
-    n: int | None = None
-
-
-class EmbeddingRequest(BaseModel):
-    """POST /v1/embeddings."""
-
-    model_config = _IGNORE
-    model: str
-    input: str | list[str] | list[int] | list[list[int]]
-    encoding_format: Literal["float", "base64"] | None = "float"
-    dimensions: int | None = None
-
-
-class ModelObject(BaseModel):
-    """One model in /v1/models."""
-
-    id: str
-    object: Literal["model"] = "model"
-    created: int
-    owned_by: str
-
-
-class ModelList(BaseModel):
-    """GET /v1/models."""
-
-    object: Literal["list"] = "list"
-    data: list[ModelObject]
 
 
 def _options(
