@@ -359,14 +359,14 @@ class Engine:
                 engine = cls(llm, plan, model_path, time.perf_counter() - t0, lines, overrides)
                 if verify_decode:
                     engine._verify_decode()
-            except (ValueError, RuntimeError, OSError) as e:
+            except (ValueError, RuntimeError, OSError, MemoryError) as e:
                 if llm is not None:
                     llm.close()
                 llm = None
                 # A half-built Llama holds the model until collected; free it before a retry.
                 gc.collect()
                 reason = next((ln.strip() for ln in lines if buffers.is_out_of_memory([ln])), str(e))
-                if buffers.is_out_of_memory(lines):
+                if isinstance(e, MemoryError) or buffers.is_out_of_memory(lines):
                     raise OutOfMemory(f"not enough memory for this plan of {model_path.name}: {reason}") from None
                 raise LoadFailed(f"llama.cpp could not load {model_path}: {e}") from None
             engine.load_log = list(lines)
