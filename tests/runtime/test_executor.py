@@ -122,12 +122,14 @@ def test_absurd_context_fails_as_out_of_memory(gemma: Path) -> None:
 
 
 def test_batched_decode_runs_several_sequences_at_once(gemma: Path) -> None:
-    e = Engine.load(gemma, cpu_plan(n_parallel=3, n_ctx=256))
+    e = Engine.load(gemma, cpu_plan(n_parallel=3, n_ctx=512, n_batch=64))
     try:
-        n, secs = e.decode_parallel(3, e.tokenize("Once upon a time"), 5)
-        assert n == 15 and secs > 0
+        prompt = e.tokenize("Once upon a time " * 40)
+        t = e.run_batch(3, prompt, 5)
+        assert t.tokens == 15 and t.decode_s > 0 and t.prompt_tokens == len(prompt) > 100
+        assert t.prompt_tps > 0 and t.decode_tps > 0 and t.ttft_s >= t.prompt_s
         with pytest.raises(LoadFailed, match="n_parallel"):
-            e.decode_parallel(4, e.tokenize("x"), 1)
+            e.run_batch(4, e.tokenize("x"), 1)
         # The engine still generates normally afterwards.
         out = list(e.generate(e.tokenize("Hello"), Sampling(temperature=0, num_predict=3)))
         assert out[-1].eval_count == 3  # type: ignore[union-attr]
