@@ -26,10 +26,15 @@ MIN_CTX = 512
 # (plan, retry number from 0) -> (smaller plan, what was given up) or None when nothing is left.
 Shrink = Callable[[Plan, int], "tuple[Plan, str] | None"]
 _EXPERT = re.compile(r"^blk\.(\d+)\.ffn_\w+_exps")
+_LAYER = re.compile(r"^blk\.(\d+)\.")
 
 
 def _expert_layers(tensor_names: Sequence[str]) -> list[int]:
     return sorted({int(m[1]) for n in tensor_names if (m := _EXPERT.match(n))})
+
+
+def _n_layers(tensor_names: Sequence[str]) -> int:
+    return 1 + max((int(m[1]) for n in tensor_names if (m := _LAYER.match(n))), default=-1)
 
 
 def _cpu_expert_layers(plan: Plan, tensor_names: Sequence[str]) -> set[int]:
@@ -64,7 +69,9 @@ def shrink_step(plan: Plan, retry: int, tensor_names: Sequence[str] = ()) -> tup
         on_cpu = _cpu_expert_layers(plan, tensor_names)
         # Expert tensors of the last GPU layers go first, as llama.cpp's --fit does: only the active
         # experts are read per token, so they cost decode speed least per byte freed.
-        candidates = [i for i in reversed(experts) if i < plan.n_gpu_layers and i not in on_cpu][:count]
+        # llama.cpp puts the last n_gpu_layers - 1 repeating layers (and the output) on the GPU.
+        first_gpu = _n_layers(tensor_names) + 1 - plan.n_gpu_layers
+        candidates = [i for i in reversed(experts) if i >= first_gpu and i not in on_cpu][:count]
         if candidates:
             layers = sorted(candidates)
             pattern = r"^blk\.(" + "|".join(map(str, layers)) + r")\.ffn_(up|down|gate)_exps"

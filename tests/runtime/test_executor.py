@@ -165,6 +165,14 @@ def test_shrink_moves_expert_groups_of_the_last_gpu_layers_first() -> None:
     assert p4.n_gpu_layers == 4 and "GPU layer" in why4
 
 
+def test_shrink_only_moves_experts_of_layers_that_are_on_the_gpu() -> None:
+    # n_gpu_layers=2 of 4 layers: the output and layer 3 (llama.cpp offloads the last layers).
+    p, why = shrink_step(cpu_plan(n_gpu_layers=2), 3, MOE_NAMES)  # type: ignore[misc]
+    assert p.cpu_tensor_patterns == (r"^blk\.(3)\.ffn_(up|down|gate)_exps",)
+    p, why = shrink_step(p, 0, MOE_NAMES)  # type: ignore[misc]
+    assert p.n_gpu_layers == 1 and "GPU layer" in why
+
+
 def test_shrink_drops_layers_then_halves_context_then_gives_up() -> None:
     p, why = shrink_step(cpu_plan(n_gpu_layers=3), 1, ["blk.0.attn_q.weight"])  # type: ignore[misc]
     assert p.n_gpu_layers == 1 and "gave up 2 GPU layer" in why
