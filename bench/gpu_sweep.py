@@ -405,8 +405,8 @@ class Sweep:
 def heal_only(args: argparse.Namespace) -> dict[str, Any]:
     """Hold GPU memory so that a full-GPU plan no longer fits, then load it with healing."""
     from offload.planner import anatomy as anatomy_mod
-    from offload.planner import hardware as hw_mod
     from offload.planner import evaluate  # type: ignore[attr-defined]
+    from offload.planner import hardware as hw_mod
     from offload.planner.types import Placement, PlanRequest  # type: ignore[attr-defined]
     from offload.runtime.benchmark import measure_plan
     from offload.runtime.loader import load_healing

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-
 from offload.planner.types import Anatomy, Hardware, Plan, Prediction
 
 __all__ = ["Observation", "placement_of", "fit", "fit_error", "FIT_BOUNDS"]
@@ -96,7 +95,7 @@ def fit(observations: Sequence[Observation], base: Any, predict: Predict | None 
     prior = math.sqrt(_PRIOR_WEIGHT)
 
     def params_at(x: np.ndarray) -> Any:
-        return dataclasses.replace(base, **{n: getattr(base, n) * math.exp(v) for n, v in zip(names, x)})
+        return dataclasses.replace(base, **{n: getattr(base, n) * math.exp(v) for n, v in zip(names, x, strict=True)})
 
     def resid(x: np.ndarray) -> np.ndarray:
         return np.array(_residuals(obs, params_at(x), predict) + [prior * v for v in x])

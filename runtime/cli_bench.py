@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import click
-
 from offload.planner.errors import OffloadError
 
 __all__ = ["register", "resolve_model", "bench"]

@@ -17,17 +17,17 @@ import re
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import llama_cpp
 import numpy as np
 from llama_cpp import llama_cpp as llama_c
-
 from offload.planner.types import Plan
 from offload.runtime import buffers
 from offload.runtime.errors import ContextTooLong, LoadFailed, OutOfMemory, PlanNotApplicable
+from offload.runtime.generation import Piece, Sampling, Stats, StopScanner
 
 __all__ = ["Sampling", "Piece", "Stats", "Engine", "BatchTiming", "llama_params", "KV_TYPES", "check_applicable",
            "gpu_device_count"]
@@ -37,48 +37,6 @@ log = logging.getLogger(__name__)
 KV_TYPES = {"f16": llama_c.GGML_TYPE_F16, "q8_0": llama_c.GGML_TYPE_Q8_0, "q4_0": llama_c.GGML_TYPE_Q4_0, "f32": llama_c.GGML_TYPE_F32}
 _SPLIT = {"none": llama_c.LLAMA_SPLIT_MODE_NONE, "layer": llama_c.LLAMA_SPLIT_MODE_LAYER,
           "row": llama_c.LLAMA_SPLIT_MODE_ROW}
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """Sampling options, with Ollama's defaults."""
-
-    temperature: float = 0.8
-    top_k: int = 40
-    top_p: float = 0.9
-    min_p: float = 0.0
-    typical_p: float = 1.0
-    repeat_penalty: float = 1.1
-    repeat_last_n: int = 64
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    mirostat: int = 0
-    mirostat_tau: float = 5.0
-    mirostat_eta: float = 0.1
-    seed: int | None = None
-    num_predict: int = -1
-    stop: tuple[str, ...] = ()
-    grammar: str | None = None
-
-
-@dataclass(frozen=True)
-class Piece:
-    """A piece of generated text (one or more tokens' worth)."""
-
-    text: str
-
-
-@dataclass
-class Stats:
-    """Counts and durations of one generation, as Ollama reports them."""
-
-    prompt_eval_count: int = 0
-    prompt_eval_s: float = 0.0
-    eval_count: int = 0
-    eval_s: float = 0.0
-    done_reason: str = "stop"
-    cached_tokens: int = 0
-    tokens: list[int] = field(default_factory=list)
 
 
 def llama_params(plan: Plan) -> dict[str, Any]:
@@ -110,7 +68,6 @@ def llama_params(plan: Plan) -> dict[str, Any]:
 
 # -- llama.cpp's log: captured while loading, otherwise sent to logging at debug level ---------
 
-_LOG_LEVEL = {2: logging.ERROR, 3: logging.WARNING, 4: logging.INFO, 1: logging.DEBUG, 5: logging.DEBUG}
 _llama_log = logging.getLogger("offload.runtime.llama_cpp")
 
 
@@ -277,38 +234,6 @@ def check_applicable(plan: Plan, model_path: Path | str, tensor_names: Sequence[
         raise PlanNotApplicable(f"the plan's main GPU is {plan.main_gpu}; llama.cpp sees {gpus}")
     if plan.split_mode not in _SPLIT:
         raise PlanNotApplicable(f"unknown split mode {plan.split_mode!r}; known: {', '.join(_SPLIT)}")
-
-
-class _StopScanner:
-    """Finds stop strings in streamed text, holding back what could be the start of one."""
-
-    def __init__(self, stops: Sequence[str]) -> None:
-        self.stops = [s for s in stops if s]
-        self.buf = ""
-
-    def feed(self, text: str) -> tuple[str, bool]:
-        """Add text; return (text safe to emit, whether a stop string was hit)."""
-        self.buf += text
-        if not self.stops:
-            out, self.buf = self.buf, ""
-            return out, False
-        hits = [i for i in (self.buf.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            out, self.buf = self.buf[: min(hits)], ""
-            return out, True
-        hold = 0
-        for s in self.stops:
-            for k in range(min(len(s) - 1, len(self.buf)), 0, -1):
-                if self.buf.endswith(s[:k]):
-                    hold = max(hold, k)
-                    break
-        out = self.buf[: len(self.buf) - hold]
-        self.buf = self.buf[len(self.buf) - hold :]
-        return out, False
-
-    def flush(self) -> str:
-        out, self.buf = self.buf, ""
-        return out
 
 
 @dataclass(frozen=True)
@@ -550,7 +475,7 @@ class Engine:
         t0 = time.perf_counter()
         stats.cached_tokens = self._prefill(tokens)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        scanner = _StopScanner(sampling.stop)
+        scanner = StopScanner(sampling.stop)
         t1 = time.perf_counter()
         stats.prompt_eval_s = t1 - t0
         limit = sampling.num_predict if sampling.num_predict >= 0 else 1 << 30
