@@ -237,13 +237,20 @@ class Sweep:
             self.measure(b, label, p, group="key", extra={"reasons": list(p.reasons)})
         parsed = fit.get("parsed")
         if parsed:
-            p = self.evaluate(b, n_gpu_layers=parsed["n_gpu_layers"],
-                              cpu_tensor_patterns=tuple(parsed["cpu_tensor_patterns"]), flash_attn=True,
-                              threads=self.threads())
-            self.measure(b, "fit", p, group="key", extra={"fit_line": parsed["line"]})
-        best = self.best_layers(b)
-        if best is not None:
-            self.measure(b, "best_layers", best, group="key")
+            def fit_run() -> None:
+                p = self.evaluate(b, n_gpu_layers=parsed["n_gpu_layers"],
+                                  cpu_tensor_patterns=tuple(parsed["cpu_tensor_patterns"]), flash_attn=True,
+                                  threads=self.threads())
+                self.measure(b, "fit", p, group="key", extra={"fit_line": parsed["line"]})
+
+            self.guarded(f"fit run at {b:g} GiB", fit_run)
+
+        def best_run() -> None:
+            best = self.best_layers(b)
+            if best is not None:
+                self.measure(b, "best_layers", best, group="key")
+
+        self.guarded(f"best whole layers at {b:g} GiB", best_run)
 
     def threads(self) -> int:
         """The planner's thread count (the same at every budget), used for the non-planner placements."""
@@ -331,7 +338,12 @@ class Sweep:
                     cands.append((f"planner_threads_{t}", {**bp, "threads": t}))
         for label, knobs in cands:
             knobs = {"flash_attn": True, "threads": threads, **knobs}
-            if self.measure(b, label, self.evaluate(b, **knobs)) is None:
+            try:
+                plan = self.evaluate(b, **knobs)
+            except Exception as e:  # noqa: BLE001
+                self.notes.append(f"evaluate failed for {label}: {e}"[:300])
+                continue
+            if self.measure(b, label, plan) is None:
                 break
 
     # -- results --------------------------------------------------------------------------------
@@ -387,16 +399,26 @@ class Sweep:
         tmp.write_text(json.dumps(data, indent=1, default=str))
         os.replace(tmp, path)
 
+    def guarded(self, what: str, fn: Any, *args: Any) -> None:
+        """Run one phase; a failure is noted in the results and the sweep goes on."""
+        try:
+            fn(*args)
+        except Exception as e:  # noqa: BLE001 - partial results beat none on a 10-minute machine
+            self.notes.append(f"{what} failed: {type(e).__name__}: {e}"[:400])
+            log(f"{what} failed:\n{traceback.format_exc()}")
+
     def run(self, budgets: list[float]) -> None:
+        """All phases, most important first: key placements at every budget, then the extras."""
         self.budgets = budgets
-        fits = self.fit_placements(budgets)
+        fits: dict[float, dict[str, Any]] = {b: {} for b in budgets}
+        self.guarded("llama-fit-params", lambda: fits.update(self.fit_placements(budgets)))
         for b in budgets:
-            self.key_runs(b, fits[b])
-        self.llama_bench(budgets[0])
+            self.guarded(f"key runs at {b:g} GiB", self.key_runs, b, fits[b])
+        self.guarded("llama-bench", self.llama_bench, budgets[0])
         if self.args.heal:
-            self.heal()
+            self.guarded("heal", self.heal)
         for b in budgets:
-            self.sweep_runs(b)
+            self.guarded(f"sweep at {b:g} GiB", self.sweep_runs, b)
         for b in budgets:
             self.write(b)
             log(f"summary {b:g} GiB: {json.dumps(self.summary(b), default=str)}")
