@@ -304,8 +304,9 @@ class Sweep:
         self.results.setdefault(self.budgets[0], {"runs": []})["heal"] = res
         self.write(self.budgets[0])
 
-    def sweep_runs(self, b: float) -> None:
-        """Alternatives around the edge, for regret: layers, expert groups, n_ubatch, threads."""
+    def sweep_candidates(self, b: float) -> list[tuple[str, dict[str, Any]]]:
+        """Alternatives around the edge, for regret, most telling first: expert groups, n_ubatch,
+        whole layers near the edge, threads."""
         key = {r["label"]: r for r in self.results.get(b, {}).get("runs", [])}
         best = self.best_layers(b)
         threads = self.threads()
@@ -336,15 +337,31 @@ class Sweep:
             for t in (4, 8, 12, 16):
                 if t != bp["threads"] and t <= max(self.hw.cpu.threads or 0, self.hw.cpu.cores):
                     cands.append((f"planner_threads_{t}", {**bp, "threads": t}))
-        for label, knobs in cands:
-            knobs = {"flash_attn": True, "threads": threads, **knobs}
+        order = ("experts_cpu", "planner_ubatch_2048", "layers", "planner_ubatch", "planner_threads")
+        return sorted(cands, key=lambda c: next(i for i, o in enumerate(order) if c[0].startswith(o)))
+
+    def sweep_runs(self, budgets: list[float]) -> None:
+        """The alternatives of every budget, taken in turn across budgets so each gets some."""
+        lists: dict[float, list[tuple[str, dict[str, Any]]]] = {}
+        for b in budgets:
             try:
-                plan = self.evaluate(b, **knobs)
+                lists[b] = self.sweep_candidates(b)
             except Exception as e:  # noqa: BLE001
-                self.notes.append(f"evaluate failed for {label}: {e}"[:300])
-                continue
-            if self.measure(b, label, plan) is None:
-                break
+                self.notes.append(f"sweep candidates at {b:g} GiB failed: {e}"[:300])
+        threads = self.threads()
+        while any(lists.values()):
+            for b in budgets:
+                if not lists.get(b):
+                    continue
+                label, knobs = lists[b].pop(0)
+                knobs = {"flash_attn": True, "threads": threads, **knobs}
+                try:
+                    plan = self.evaluate(b, **knobs)
+                except Exception as e:  # noqa: BLE001
+                    self.notes.append(f"evaluate failed for {label}: {e}"[:300])
+                    continue
+                if self.measure(b, label, plan) is None:
+                    return
 
     # -- results --------------------------------------------------------------------------------
 
@@ -417,8 +434,7 @@ class Sweep:
         self.guarded("llama-bench", self.llama_bench, budgets[0])
         if self.args.heal:
             self.guarded("heal", self.heal)
-        for b in budgets:
-            self.guarded(f"sweep at {b:g} GiB", self.sweep_runs, b)
+        self.guarded("sweep", self.sweep_runs, budgets)
         for b in budgets:
             self.write(b)
             log(f"summary {b:g} GiB: {json.dumps(self.summary(b), default=str)}")

@@ -51,7 +51,7 @@ def measure_plan(model_path: Path | str, plan: Plan, *, prompt_tokens: int, gen_
     try:
         prompt = bench_prompt(eng, prompt_tokens)
         # Warm-up, as llama-bench does: pages mmapped weights in and lets the backends settle.
-        eng.run_batch(1, prompt[: min(len(prompt), eng.plan.n_batch)], 8)
+        eng.run_batch(1, prompt[:64], 4)
         single = eng.run_batch(1, prompt, gen_tokens)
         agg: dict[str, float] = {"1": round(single.decode_tps, 3)}
         for n in sorted(set(parallel) - {1}):
