@@ -75,3 +75,7 @@ def test_speed_params_are_fitted_from_recorded_runs(tmp_path: Path) -> None:
         calibration.record_speeds(p, "d", prompt_tokens=256, prompt_tps=150.0, decode_tps=dec, hardware=HW)
     params, n = calibration.speed_params_for("fp-test")
     assert n == 2 and isinstance(params, cost.SpeedParams) and params != cost.SpeedParams()
+    stored = json.loads(calibration.store_path().read_text())["machines"]["fp-test"]["fitted"]
+    assert stored["n_runs"] == 2 and stored["params"]["cpu_bw_eff"] == params.cpu_bw_eff
+    calibration._fit_cache.clear()  # as a new process would see it: the stored fit is reused
+    assert calibration.observations("fp-test")[1] and calibration.speed_params_for("fp-test") == (params, 2)
