@@ -278,6 +278,8 @@ class Engine:
         self.overridden_tensors: dict[str, str] = buffers.overridden_tensors(self.load_log)
         # llama.cpp keeps a pointer to the override array for the model's life.
         self._keep_alive = keep_alive
+        # What a healing load gave up to fit (sentences for the user; empty when the plan fitted).
+        self.gave_up: list[str] = []
 
     @classmethod
     def load(cls, model_path: Path | str, plan: Plan, adapters: Sequence[Path] = (),
@@ -340,7 +342,7 @@ class Engine:
             for d in self.plan.devices
         }
         return {"predicted": predicted, "measured": self.measured_bytes,
-                "cpu_tensor_overrides": len(self.overridden_tensors)}
+                "cpu_tensor_overrides": len(self.overridden_tensors), "gave_up": list(self.gave_up)}
 
     def run_batch(self, n_seq: int, prompt: Sequence[int], gen_tokens: int) -> BatchTiming:
         """Evaluate ``prompt`` once, then decode ``gen_tokens`` greedily for ``n_seq`` sequences at once.

@@ -134,5 +134,6 @@ def load_healing(info_or_path: Any, plan: Plan, shrink: Shrink | None = None, *,
         if gave_up:
             current = dataclasses.replace(current, reasons=(*current.reasons, *gave_up))
             engine.plan = current
+            engine.gave_up = list(gave_up)
         return engine, current, gave_up
     raise AssertionError("unreachable")  # the loop returns or raises

@@ -195,6 +195,7 @@ HEAL_SCRIPT = textwrap.dedent("""
     engine, healed, gave_up = load_healing(sys.argv[1], plan)
     toks = [t for t in engine.llm.tokenize(b"Hello")]
     engine.llm.eval(toks)
+    assert engine.memory_report()["gave_up"] == gave_up
     print(json.dumps({"n_ctx": healed.n_ctx, "gave_up": gave_up, "engine_ctx": engine.n_ctx,
                       "reasons": list(healed.reasons)}))
 """)
