@@ -219,8 +219,11 @@ class Sweep:
             if not tool.exists() or not self.gpu0:
                 out[b] = {"skipped": f"{tool} absent" if not tool.exists() else "no GPU"}
                 continue
-            margin = int(self.gpu0["free_bytes"] / 2**20 - b * 1024)
-            out[b] = {"margin_mib": margin, "free_mib": self.gpu0["free_bytes"] >> 20,
+            # GPU.md's convention: a budget of B MiB is a margin of free_MiB - B, with free memory
+            # read just before the call (this process may hold a CUDA context after the probe).
+            free = (gpu_tools.gpu_memory(0) or self.gpu0)["free_bytes"]
+            margin = int(free / 2**20 - b * 1024)
+            out[b] = {"margin_mib": margin, "free_mib": free >> 20,
                       **gpu_tools.run_fit_params(tool, self.model, N_CTX, margin)}
             log(f"fit-params {b:g} GiB (margin {margin} MiB): {(out[b].get('parsed') or {}).get('line', out[b])}")
         return out
