@@ -19,7 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter
+
+try:  # gguf's package init imports yaml for model cards only; a bare device may lack it
+    import yaml  # noqa: F401
+except ImportError:
+    import types
+
+    sys.modules["yaml"] = types.ModuleType("yaml")
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter  # noqa: E402
 
 __all__ = ["Spec", "SPECS", "write_model", "tensors"]
 
