@@ -170,7 +170,7 @@ def write_model(path: str | os.PathLike[str], kind_or_spec: str | Spec, seed: in
                     data = np.ones(nb // 4, dtype=np.float32).tobytes()
                 f.write(data)
             else:
-                pool = pools[qt]
+                pool = memoryview(pools[qt])  # slices of a memoryview are not copies
                 block = GGML_QUANT_SIZES[qt][1]
                 pos = int(rng.integers(0, len(pool) // block)) * block  # vary tensors' contents
                 left = nb
