@@ -208,7 +208,10 @@ def gpu_device_count() -> int:
 def _gguf_tensor_names(model_path: Path) -> list[str]:
     from offload.planner.gguf_header import read_header
 
-    return [t.name for t in read_header(model_path).tensors]
+    try:
+        return [t.name for t in read_header(model_path).tensors]
+    except OSError as e:
+        raise LoadFailed(f"cannot read {model_path}: {e.strerror or e}") from None
 
 
 def check_applicable(plan: Plan, model_path: Path | str, tensor_names: Sequence[str] | None = None,

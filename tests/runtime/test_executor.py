@@ -110,6 +110,11 @@ def test_pattern_matching_no_tensor_is_refused_before_loading(gemma: Path) -> No
         Engine.load(gemma, cpu_plan(cpu_tensor_patterns=(r"blk\.\d+\.ffn_up_exps",)))
 
 
+def test_a_missing_model_file_is_a_load_failure(tmp_path: Path) -> None:
+    with pytest.raises(LoadFailed, match="cannot read"):
+        Engine.load(tmp_path / "absent.gguf", cpu_plan())
+
+
 def test_gpu_layers_without_a_gpu_are_refused_not_silently_run_on_cpu(gemma: Path) -> None:
     with pytest.raises(PlanNotApplicable, match="no GPU"):
         Engine.load(gemma, cpu_plan(n_gpu_layers=4))
