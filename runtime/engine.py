@@ -206,12 +206,13 @@ def gpu_device_count() -> int:
 
 
 def _gguf_tensor_names(model_path: Path) -> list[str]:
+    from offload.planner.errors import GGUFError
     from offload.planner.gguf_header import read_header
 
     try:
         return [t.name for t in read_header(model_path).tensors]
-    except OSError as e:
-        raise LoadFailed(f"cannot read {model_path}: {e.strerror or e}") from None
+    except (OSError, GGUFError) as e:
+        raise LoadFailed(f"cannot read {model_path}: {e}") from None
 
 
 def check_applicable(plan: Plan, model_path: Path | str, tensor_names: Sequence[str] | None = None,
