@@ -255,6 +255,18 @@ class Sweep:
 
         self.guarded(f"best whole layers at {b:g} GiB", best_run)
 
+    def warm_up(self, b: float) -> None:
+        """One unrecorded run first, so that process-wide first-time costs (CUDA context, cuBLAS
+        handles, kernels) do not land on the planner's run, which is measured first."""
+        from offload.runtime.benchmark import measure_plan
+
+        plan = self.plan(b, "balanced")
+        if self.smoke:
+            plan = dataclasses.replace(plan, n_gpu_layers=0, devices=tuple(d for d in plan.devices if d.kind == "CPU"))
+        t0 = time.monotonic()
+        measure_plan(self.model, plan, prompt_tokens=min(256, self.args.prompt), gen_tokens=16, record=False)
+        log(f"warm-up run took {time.monotonic() - t0:.1f} s")
+
     def threads(self) -> int:
         """The planner's thread count (the same at every budget), used for the non-planner placements."""
         if self._threads is None:
@@ -286,6 +298,14 @@ class Sweep:
                                         prompt=self.args.prompt, gen=self.args.gen,
                                         n_ubatch=fit["placement"]["n_ubatch"])
         res["ours"] = fit.get("measured")
+        # llama-bench's tg runs from an empty context; ours decodes after the prompt. Measure its
+        # decode at the same depth too (needs a llama-bench with -d; an error is recorded if not).
+        if self.time_left() > 60:
+            deep = gpu_tools.run_llama_bench(tool, self.model, fit["placement"]["n_gpu_layers"],
+                                             fit["cpu_tensor_patterns"], threads=fit["placement"]["threads"],
+                                             prompt=0, gen=self.args.gen, n_ubatch=fit["placement"]["n_ubatch"],
+                                             depth=self.args.prompt)
+            res["decode_at_depth"] = deep
         self.results[b]["llama_bench"] = res
         log(f"llama-bench of the fit placement: {res}")
         self.write(b)
@@ -432,6 +452,7 @@ class Sweep:
         self.budgets = budgets
         fits: dict[float, dict[str, Any]] = {b: {} for b in budgets}
         self.guarded("llama-fit-params", lambda: fits.update(self.fit_placements(budgets)))
+        self.guarded("warm-up", self.warm_up, budgets[0])
         for b in budgets:
             self.guarded(f"key runs at {b:g} GiB", self.key_runs, b, fits[b])
         self.guarded("llama-bench", self.llama_bench, budgets[0])

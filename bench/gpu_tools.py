@@ -66,10 +66,13 @@ def run_fit_params(tool: Path, model: Path, n_ctx: int, margin_mib: int, timeout
 
 
 def run_llama_bench(tool: Path, model: Path, n_gpu_layers: int, cpu_patterns: list[str], *, threads: int,
-                    prompt: int, gen: int, n_ubatch: int = 512, timeout_s: float = 240) -> dict[str, Any]:
-    """One llama-bench measurement of a placement: prompt and decode t/s."""
+                    prompt: int, gen: int, n_ubatch: int = 512, depth: int = 0,
+                    timeout_s: float = 240) -> dict[str, Any]:
+    """One llama-bench measurement of a placement: prompt and decode t/s (decode after ``depth``)."""
     cmd = [str(tool), "-m", str(model), "-ngl", str(n_gpu_layers), "-fa", "1", "-p", str(prompt), "-n", str(gen),
            "-t", str(threads), "-ub", str(n_ubatch), "-r", "1", "-o", "json"]
+    if depth:
+        cmd += ["-d", str(depth)]
     if cpu_patterns:
         cmd += ["-ot", ";".join(f"{p}=CPU" for p in cpu_patterns)]  # llama-bench separates with ';'
     try:

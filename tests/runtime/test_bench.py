@@ -107,3 +107,17 @@ def test_gpu_sweep_runs_end_to_end_on_cpu(tmp_path: Path) -> None:
     fit = next(r for r in data["runs"] if r["label"] == "fit")
     assert fit["overridden_tensors"] == 3  # gate, up, down experts of layer 1, on the CPU
     assert all("predicted" in r and "measured" in r for r in data["runs"] if "error" not in r)
+
+
+def test_llama_bench_json_is_read_and_overrides_use_its_separator(tmp_path: Path) -> None:
+    tools = _gpu_tools()
+    fake = tmp_path / "llama-bench"
+    fake.write_text("#!/bin/sh\necho \"$@\" > \"$(dirname \"$0\")/args\"\n"
+                    "echo 'build: x'\necho '[{\"n_prompt\": 2048, \"n_gen\": 0, \"avg_ts\": 900.5},"
+                    " {\"n_prompt\": 0, \"n_gen\": 128, \"avg_ts\": 44.25}]'\n")
+    fake.chmod(0o755)
+    got = tools.run_llama_bench(fake, tmp_path / "m.gguf", 49, ["a=b", r"blk\.1\.x"], threads=8, prompt=2048,
+                                gen=128, depth=2048)
+    assert got["prompt_tps"] == 900.5 and got["decode_tps"] == 44.25
+    args = (tmp_path / "args").read_text().split()
+    assert args[args.index("-ot") + 1] == r"a=b=CPU;blk\.1\.x=CPU" and args[args.index("-d") + 1] == "2048"
