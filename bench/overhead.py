@@ -73,15 +73,13 @@ def main() -> None:
     args = ap.parse_args()
 
     from offload.models.modelfile import parse_modelfile  # noqa: F401 - the store needs it
-    from offload.runtime import prompt
+    from offload.models.store import Store
+    from offload.runtime import config, prompt
     from offload.runtime.client import ensure_server
     from offload.runtime.engine import llama_params
     from offload.runtime.options import merge_options
     from offload.runtime.scheduler import Scheduler
     from offload.runtime.server.app import create_app  # noqa: F401 - same import cost as serve
-
-    from offload.models.store import Store
-    from offload.runtime import config
 
     sched = Scheduler(Store(config.models_dir()))
     info = sched.resolve(args.model)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
 from offload.planner.types import Anatomy, Hardware, Plan, Prediction
 
 __all__ = ["Observation", "placement_of", "fit", "fit_error", "FIT_BOUNDS"]

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from filelock import FileLock
+
 from offload.planner.types import Hardware, Plan
 from offload.runtime import config
 

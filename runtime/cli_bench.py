@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+
 from offload.planner.errors import OffloadError
 
 __all__ = ["register", "resolve_model", "bench"]

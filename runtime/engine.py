@@ -24,10 +24,11 @@ from typing import Any
 import llama_cpp
 import numpy as np
 from llama_cpp import llama_cpp as llama_c
+
 from offload.planner.types import Plan
 from offload.runtime import buffers
 from offload.runtime.errors import ContextTooLong, LoadFailed, OutOfMemory, PlanNotApplicable
-from offload.runtime.generation import Piece, Sampling, Stats, StopScanner
+from offload.runtime.generation import Piece, Sampling, Stats, StopScanner, TokenLogprob
 
 __all__ = ["Sampling", "Piece", "Stats", "Engine", "BatchTiming", "llama_params", "KV_TYPES", "check_applicable",
            "gpu_device_count"]
@@ -409,7 +410,9 @@ class Engine:
     @property
     def n_ctx(self) -> int:
         """The context length of one sequence in tokens."""
-        return int(llama_c.llama_n_ctx_seq(self.llm._ctx.ctx))
+        # llama.cpp pads a small context up (to 256), but llama-cpp-python sizes its token
+        # buffer to the n_ctx asked for: the smaller of the two is what we can really use.
+        return min(int(llama_c.llama_n_ctx_seq(self.llm._ctx.ctx)), len(self.llm.input_ids))
 
     def tokenize(self, text: str, add_bos: bool = True, special: bool = True) -> list[int]:
         """Text to token ids; special tokens in the text (template markers) are parsed as such."""
@@ -486,6 +489,7 @@ class Engine:
         stats.prompt_eval_s = t1 - t0
         limit = sampling.num_predict if sampling.num_predict >= 0 else 1 << 30
         generated: list[int] = []
+        pending: list[TokenLogprob] = []  # log probabilities not yet attached to an emitted piece
         done_reason = "stop"
         while True:
             if cancel is not None and cancel.is_set():
@@ -497,24 +501,46 @@ class Engine:
             if llm.n_tokens >= self.n_ctx:
                 done_reason = "length"
                 break
+            logits = self._last_logits() if sampling.logprobs is not None else None
             token = sampler.sample(llm._ctx, -1)
             if self.is_eog(token):
                 break
             generated.append(token)
-            text, hit = scanner.feed(decoder.decode(self._piece(token)))
+            raw = self._piece(token)
+            if logits is not None:
+                pending.append(self._logprob(logits, token, raw, sampling.logprobs or 0))
+            text, hit = scanner.feed(decoder.decode(raw))
             if text:
-                yield Piece(text)
+                yield Piece(text, tuple(pending))
+                pending.clear()
             if hit:
                 break
             llm.eval([token])
         tail = scanner.flush() + decoder.decode(b"", final=True)
-        if tail and done_reason != "cancel":
-            yield Piece(tail)
+        if (tail or pending) and done_reason != "cancel":
+            yield Piece(tail, tuple(pending))
         stats.eval_count = len(generated)
         stats.eval_s = time.perf_counter() - t1
         stats.done_reason = done_reason
         stats.tokens = generated
         yield stats
+
+    def _last_logits(self) -> np.ndarray:
+        n_vocab = llama_c.llama_vocab_n_tokens(self._vocab)
+        ptr = llama_c.llama_get_logits_ith(self.llm._ctx.ctx, -1)
+        return np.ctypeslib.as_array(ptr, shape=(n_vocab,)).astype(np.float64)
+
+    def _logprob(self, logits: np.ndarray, token: int, raw: bytes, top_n: int) -> TokenLogprob:
+        """The token's log probability under the model's own distribution (before sampling tweaks)."""
+        shifted = logits - logits.max()
+        logp = shifted - np.log(np.exp(shifted).sum())
+        top: tuple[tuple[str, float, tuple[int, ...]], ...] = ()
+        if top_n > 0:
+            ids = np.argpartition(-logp, top_n)[:top_n]
+            ids = ids[np.argsort(-logp[ids])]
+            top = tuple((self._piece(int(i)).decode("utf-8", errors="replace"), float(logp[i]),
+                         tuple(self._piece(int(i)))) for i in ids)
+        return TokenLogprob(raw.decode("utf-8", errors="replace"), float(logp[token]), tuple(raw), top)
 
     def embed(self, texts: Sequence[str]) -> list[list[float]]:
         """Embeddings of texts (the model must be loaded with ``embedding=True``)."""

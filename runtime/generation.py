@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-__all__ = ["Sampling", "Piece", "Stats", "StopScanner"]
+__all__ = ["Sampling", "Piece", "Stats", "StopScanner", "TokenLogprob"]
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,23 @@ class Sampling:
     num_predict: int = -1
     stop: tuple[str, ...] = ()
     grammar: str | None = None
+    # None: no log probabilities; k >= 0: each token's, with its k most likely alternatives.
+    logprobs: int | None = None
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log probability under the model, and the likeliest alternatives."""
+
+    token: str
+    logprob: float
+    bytes: tuple[int, ...]
+    top: tuple[tuple[str, float, tuple[int, ...]], ...] = ()
+
+    def to_dict(self) -> dict[str, object]:
+        """Ollama's and OpenAI's shape: token, logprob, bytes, top_logprobs."""
+        return {"token": self.token, "logprob": self.logprob, "bytes": list(self.bytes),
+                "top_logprobs": [{"token": t, "logprob": lp, "bytes": list(b)} for t, lp, b in self.top]}
 
 
 @dataclass(frozen=True)
@@ -38,6 +55,7 @@ class Piece:
     """A piece of generated text (one or more tokens' worth)."""
 
     text: str
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass

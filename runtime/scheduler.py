@@ -26,6 +26,7 @@ from offload.planner.types import Hardware, Plan
 from offload.runtime import config
 from offload.runtime.engine import Engine
 from offload.runtime.errors import QueueFull
+from offload.runtime.loader import load_healing
 from offload.runtime.options import plan_key, plan_request_from
 
 __all__ = ["Runner", "Scheduler", "current_hardware"]
@@ -179,8 +180,11 @@ class Scheduler:
     def _load(
         self, info: ModelInfo, options: dict[str, Any], embedding: bool, plan: Plan
     ) -> Runner:
-        engine = Engine.load(info.model_path, plan, adapters=info.adapters, embedding=embedding)
-        self._event("load", model=info.name.display, embedding=embedding, n_ctx=plan.n_ctx)
+        # Out of memory at load or first decode: shrink one step and retry, saying what was given up.
+        engine, plan, gave_up = load_healing(info, plan, embedding=embedding, verify_decode=not embedding)
+        self._event("load", model=info.name.display, embedding=embedding, n_ctx=plan.n_ctx, gave_up=gave_up)
+        for sentence in gave_up:
+            log.warning("%s: %s", info.name.display, sentence)
         return Runner(
             info=info, plan=plan, engine=engine, key=plan_key(options), embedding=embedding
         )

@@ -14,11 +14,11 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
-from offload.runtime import config, prompt
+from offload.runtime import calibration, config, prompt
 from offload.runtime.engine import Piece, Stats
 from offload.runtime.errors import BadRequest
 from offload.runtime.grammar import grammar_for_format
-from offload.runtime.options import merge_options, sampling_from
+from offload.runtime.options import logprobs_from, merge_options, sampling_from
 from offload.runtime.scheduler import Runner, Scheduler
 from offload.runtime.tools import (
     ThinkSplitter,
@@ -67,12 +67,16 @@ def _run(
     cancel: threading.Event | None,
     grammar: str | None,
     truncate: bool,
+    logprobs: int | None = None,
 ) -> Iterator[Piece | Stats]:
-    sampling = sampling_from({**options, "stop": list(options.get("stop", []))}, grammar)
+    sampling = sampling_from({**options, "stop": list(options.get("stop", []))}, grammar, logprobs)
     for ev in runner.engine.generate(tokens, sampling, cancel=cancel, truncate=truncate):
         if isinstance(ev, Stats):
             runner.last_stats = ev  # what the last generation did, for `ps` and tests
         yield ev
+        if isinstance(ev, Stats) and not runner.embedding:
+            # After the answer is out: measured speeds calibrate this machine's speed model.
+            calibration.record(runner.plan, runner.info.digest, ev)
 
 
 def _check_common(name: str, req: dict[str, Any], template: str | None) -> bool | None:
@@ -105,6 +109,7 @@ def generate(
         raise BadRequest(f'"{name}" does not support insert')
     grammar = grammar_for_format(req.get("format"))
     options = merge_options(info.params, req.get("options"))
+    lp = logprobs_from(req)
     context = req.get("context") or []
     if not isinstance(context, list) or not all(isinstance(t, int) for t in context):
         raise BadRequest("context must be a list of token ids")
@@ -140,11 +145,11 @@ def generate(
         tokens = list(context) + engine.tokenize(text, add_bos=not context)
         splitter = ThinkSplitter(inside=text.rstrip().endswith("<think>")) if think else None
         for ev in _run(
-            runner, tokens, options, cancel, grammar, req.get("truncate", True) is not False
+            runner, tokens, options, cancel, grammar, req.get("truncate", True) is not False, lp
         ):
             if isinstance(ev, Piece):
                 thinking, content = splitter.feed(ev.text) if splitter else ("", ev.text)
-                if thinking or content:
+                if thinking or content or ev.logprobs:
                     chunk = {
                         "model": name,
                         "created_at": now_iso(),
@@ -153,6 +158,8 @@ def generate(
                     }
                     if thinking:
                         chunk["thinking"] = thinking
+                    if ev.logprobs:
+                        chunk["logprobs"] = [t.to_dict() for t in ev.logprobs]
                     yield chunk
             else:
                 out = _summary(name, ev, load_s, t_start)
@@ -191,6 +198,7 @@ def chat(
     tools = req.get("tools") or None
     grammar = grammar_for_format(req.get("format"))
     options = merge_options(info.params, req.get("options"))
+    lp = logprobs_from(req)
     before = _loaded_names(sched)
     with sched.acquire(name, options, keep) as runner:
         load_s = 0.0 if (runner.name, id(runner)) in before else runner.engine.load_s
@@ -218,18 +226,21 @@ def chat(
         splitter = ThinkSplitter(inside=text.rstrip().endswith("<think>")) if think else None
         held: list[str] = []  # with tools, the answer is read whole for calls before it is sent
         for ev in _run(
-            runner, tokens, options, cancel, grammar, req.get("truncate", True) is not False
+            runner, tokens, options, cancel, grammar, req.get("truncate", True) is not False, lp
         ):
             if isinstance(ev, Piece):
                 thinking, content = splitter.feed(ev.text) if splitter else ("", ev.text)
                 if tools:
                     held.append(content)
                     content = ""
-                if thinking or content:
+                if thinking or content or ev.logprobs:
                     msg: dict[str, Any] = {"role": "assistant", "content": content}
                     if thinking:
                         msg["thinking"] = thinking
-                    yield {"model": name, "created_at": now_iso(), "message": msg, "done": False}
+                    chunk = {"model": name, "created_at": now_iso(), "message": msg, "done": False}
+                    if ev.logprobs:
+                        chunk["logprobs"] = [t.to_dict() for t in ev.logprobs]
+                    yield chunk
             else:
                 out = _summary(name, ev, load_s, t_start)
                 msg = {"role": "assistant", "content": ""}

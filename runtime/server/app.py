@@ -13,6 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse
+
 from offload.models.store import Store
 from offload.planner.errors import OffloadError
 from offload.runtime import __version__, config

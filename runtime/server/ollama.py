@@ -14,6 +14,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
+
 from offload.planner.errors import OffloadError
 from offload.runtime import embeddings, service
 from offload.runtime.scheduler import Runner, Scheduler
@@ -70,6 +71,9 @@ def merge_chunks(chunks: list[dict[str, Any]], key: str) -> dict[str, Any]:
         if thinking:
             msg["thinking"] = thinking
         final["message"] = msg
+    logprobs = [lp for c in chunks for lp in c.get("logprobs") or []]
+    if logprobs:
+        final["logprobs"] = logprobs
     return final
 
 
@@ -238,8 +242,14 @@ _FOREVER_TS = 4102444800.0
 
 def running_model(r: Runner) -> dict[str, Any]:
     """One /api/ps entry: sizes, expiry, context and our plan."""
-    gpu = sum(d.total_bytes for d in r.plan.devices if d.kind == "GPU")
-    total = sum(d.total_bytes for d in r.plan.devices)
+    # What llama.cpp reported allocating, where we have it; the plan's prediction otherwise.
+    measured = r.engine.measured_bytes if r.engine is not None else {}
+    if measured:
+        gpu = sum(sum(v.values()) for dev, v in measured.items() if dev != "CPU")
+        total = sum(sum(v.values()) for v in measured.values())
+    else:
+        gpu = sum(d.total_bytes for d in r.plan.devices if d.kind == "GPU")
+        total = sum(d.total_bytes for d in r.plan.devices)
     remaining = r.expires_at - time.monotonic()
     if r.busy and r.expires_at == float("inf"):
         remaining = r.keep_alive_s  # in use: it expires keep_alive after this request
@@ -254,6 +264,7 @@ def running_model(r: Runner) -> dict[str, Any]:
         "expires_at": _iso(expires),
         "context_length": r.plan.n_ctx,
         "plan": r.plan.to_dict(),
+        "memory": r.engine.memory_report() if r.engine is not None else None,
     }
 
 

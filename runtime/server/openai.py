@@ -20,6 +20,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
+
 from offload.models.errors import ModelNotFound
 from offload.planner.errors import OffloadError
 from offload.runtime import embeddings, service
@@ -228,6 +229,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
         "messages": _messages(body.messages),
         "options": _options(body, body.max_completion_tokens or body.max_tokens),
         "format": _format(body.response_format),
+        "logprobs": bool(body.logprobs),
+        "top_logprobs": body.top_logprobs or 0,
     }
     if body.tools and body.tool_choice != "none":
         req["tools"] = body.tools
@@ -258,7 +261,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
                     {
                         "index": 0,
                         "message": out_msg,
-                        "logprobs": None,
+                        "logprobs": {"content": final["logprobs"]} if final.get("logprobs") else None,
                         "finish_reason": _finish(final.get("done_reason"), bool(calls)),
                     }
                 ],
@@ -291,7 +294,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
             last.update(c)
             if not delta["content"] and not calls and "reasoning" not in delta:
                 delta = {}
-        return [base([{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}])]
+        lps = {"content": c["logprobs"]} if c.get("logprobs") else None
+        return [base([{"index": 0, "delta": delta, "logprobs": lps, "finish_reason": finish}])]
 
     def tail() -> list[dict[str, Any]]:
         return [{**base([]), "usage": _usage(last)}] if include_usage else []
@@ -315,14 +319,16 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
         "model": body.model,
         "prompt": prompt,
         "options": _options(body, body.max_tokens),
+        "logprobs": body.logprobs is not None,
+        "top_logprobs": body.logprobs or 0,
     }
     if body.suffix:
         req["suffix"] = body.suffix
     cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
     ts = ThreadedStream(lambda cancel: service.generate(sched, req, cancel))
 
-    def choice(text: str, finish: str | None) -> dict[str, Any]:
-        return {"text": text, "index": 0, "logprobs": None, "finish_reason": finish}
+    def choice(text: str, finish: str | None, lps: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        return {"text": text, "index": 0, "logprobs": _legacy_logprobs(lps), "finish_reason": finish}
 
     if not body.stream:
         final = merge_chunks(await collect(ts, request), "response")
@@ -334,7 +340,8 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
                 "model": body.model,
                 "system_fingerprint": "fp_offload",
                 "choices": [
-                    choice(final.get("response", ""), _finish(final.get("done_reason"), False))
+                    choice(final.get("response", ""), _finish(final.get("done_reason"), False),
+                           final.get("logprobs"))
                 ],
                 "usage": _usage(final),
             }
@@ -356,7 +363,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
         if c.get("done"):
             last.update(c)
         finish = _finish(c.get("done_reason"), False) if c.get("done") else None
-        return [base([choice(c.get("response") or "", finish)])]
+        return [base([choice(c.get("response") or "", finish, c.get("logprobs"))])]
 
     def tail() -> list[dict[str, Any]]:
         return [{**base([]), "usage": _usage(last)}] if include_usage else []
@@ -365,6 +372,19 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     return CancellingStreamingResponse(
         _sse_stream(ts, first, convert, tail), ts, media_type="text/event-stream"
     )
+
+
+def _legacy_logprobs(lps: list[dict[str, Any]] | None) -> dict[str, Any] | None:
+    """The completions API's older logprobs shape: parallel lists and a dict per position."""
+    if not lps:
+        return None
+    offsets, pos = [], 0
+    for t in lps:
+        offsets.append(pos)
+        pos += len(t["token"])
+    return {"tokens": [t["token"] for t in lps], "token_logprobs": [t["logprob"] for t in lps],
+            "top_logprobs": [{a["token"]: a["logprob"] for a in t.get("top_logprobs") or []} for t in lps],
+            "text_offset": offsets}
 
 
 def _model_object(m: Any) -> dict[str, Any]:

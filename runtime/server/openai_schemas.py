@@ -45,6 +45,8 @@ class ChatCompletionRequest(BaseModel):
     response_format: dict[str, Any] | None = None
     n: int | None = None
     reasoning_effort: str | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
 
 
 class CompletionRequest(BaseModel):
@@ -64,6 +66,7 @@ class CompletionRequest(BaseModel):
     stream: bool | None = False
     stream_options: dict[str, Any] | None = None
     n: int | None = None
+    logprobs: int | None = None  # legacy completions: how many alternatives per token
 
 
 class EmbeddingRequest(BaseModel):

@@ -102,6 +102,20 @@ class ChatRequest(BaseModel):
     top_logprobs: int | None = None
 
 
+class TopLogprob(BaseModel):
+    """One alternative token and its log probability."""
+
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class Logprob(TopLogprob):
+    """A generated token's log probability and the likeliest alternatives."""
+
+    top_logprobs: list[TopLogprob] | None = None
+
+
 class _Timings(BaseModel):
     model_config = _OPEN
     model: str
@@ -114,6 +128,7 @@ class _Timings(BaseModel):
     prompt_eval_duration: int | None = None
     eval_count: int | None = None
     eval_duration: int | None = None
+    logprobs: list[Logprob] | None = None
 
 
 class GenerateResponse(_Timings):
@@ -205,6 +220,7 @@ class RunningModel(BaseModel):
     expires_at: str
     context_length: int
     plan: dict[str, Any] | None = None
+    memory: dict[str, Any] | None = None  # predicted beside measured bytes per device
 
 
 class ProcessResponse(BaseModel):

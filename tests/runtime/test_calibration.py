@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from offload.planner.types import CPUInfo, DevicePlan, Hardware, Plan, Prediction
 from offload.runtime import calibration
 from offload.runtime.engine import Stats

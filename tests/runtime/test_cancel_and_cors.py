@@ -7,10 +7,10 @@ import time
 import httpx
 import pytest
 from fastapi.testclient import TestClient
+
 from offload.models.store import Store
 from offload.runtime import config
 from offload.runtime.server.app import create_app
-
 from tests.runtime.conftest import MODEL, Running
 
 

@@ -11,6 +11,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+
 from offload.planner.types import DevicePlan, Plan, Prediction
 from offload.runtime import buffers
 from offload.runtime.engine import KV_TYPES, Engine, Sampling, Stats, llama_params

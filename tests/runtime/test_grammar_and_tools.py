@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from offload.runtime.errors import BadRequest
 from offload.runtime.grammar import JSON_GBNF, grammar_for_format, schema_to_gbnf
 from offload.runtime.tools import ThinkSplitter, parse_tool_calls, supports_thinking, supports_tools

@@ -11,10 +11,10 @@ from typing import Any
 import httpx
 import psutil
 import pytest
+
 from offload.models.store import Store
 from offload.planner.types import Hardware
 from offload.runtime.scheduler import Scheduler, current_hardware
-
 from tests.runtime.conftest import MODEL, OTHER, Running
 
 FAST = {"num_predict": 2, "temperature": 0}

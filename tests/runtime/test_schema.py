@@ -13,11 +13,11 @@ import json
 import httpx
 import schemathesis
 from hypothesis import HealthCheck, given, settings
-from offload.models.store import Store
-from offload.runtime.server.app import create_app
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import response_schema_conformance
 
+from offload.models.store import Store
+from offload.runtime.server.app import create_app
 from tests.runtime.conftest import MODEL, Running
 
 
