@@ -8,19 +8,15 @@ runs from the store like any pulled model.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 
+from offload.models.create import create
 from offload.models.errors import StoreError
 from offload.models.modelfile import parse_modelfile
 from offload.models.names import ModelName, parse_name
 from offload.models.store import (
-    MEDIA_LICENSE,
-    MEDIA_MODEL,
-    MEDIA_PARAMS,
-    MEDIA_TEMPLATE,
     Store,
 )
 
@@ -47,7 +43,11 @@ def _chunks(paths: list[Path]) -> Iterator[bytes]:
 
 
 def _modelfile_text() -> str:
-    return resources.files("offload.models").joinpath("data/gemma3.Modelfile").read_text(encoding="utf-8")
+    return (
+        resources.files("offload.models")
+        .joinpath("data/gemma3.Modelfile")
+        .read_text(encoding="utf-8")
+    )
 
 
 def import_default(store: Store) -> str:
@@ -64,22 +64,18 @@ def import_default(store: Store) -> str:
             paths = pkg.chunk_paths()
             pkg.verify_chunks()
         except (FileNotFoundError, ModuleNotFoundError) as e:
-            raise StoreError(f"the embedded model package is incomplete ({e}); reinstall it") from None
+            raise StoreError(
+                f"the embedded model package is incomplete ({e}); reinstall it"
+            ) from None
         store.add_blob_stream(_chunks(paths), expected=expected)
-    size = store.blob_path(expected).stat().st_size
     mf = parse_modelfile(_modelfile_text())
-    layers = [{"mediaType": MEDIA_MODEL, "digest": expected, "size": size}]
-    if mf.template:
-        layers.append(store.layer_for_bytes(MEDIA_TEMPLATE, mf.template.encode()))
-    if mf.parameters:
-        layers.append(store.layer_for_bytes(MEDIA_PARAMS, json.dumps(mf.parameters).encode()))
+    # Built through create() like any model, so show --modelfile fed back to create gives the
+    # same manifest.
+    mf.from_ = str(store.blob_path(expected))
     terms = resources.files(pkg.__name__).joinpath("data/GEMMA_TERMS.html")
     if terms.is_file():
-        layers.append(store.layer_for_bytes(MEDIA_LICENSE, terms.read_bytes()))
-    config = {"model_format": "gguf", "model_family": "gemma3", "model_families": ["gemma3"],
-              "model_type": "268M", "file_type": "Q4_K_M", "architecture": "amd64", "os": "linux",
-              "rootfs": {"type": "layers", "diff_ids": [layer["digest"] for layer in layers]}}
-    store.write_manifest(parse_name(DEFAULT_MODEL), store.new_manifest(layers, config))
+        mf.licenses.append(terms.read_text(encoding="utf-8"))
+    create(store, DEFAULT_MODEL, mf)
     return expected
 
 

@@ -10,6 +10,12 @@ __all__ = [
     "ModelNotFound",
     "DigestMismatch",
     "StoreError",
+    "RegistryError",
+    "RegistryUnreachable",
+    "RegistryModelNotFound",
+    "AuthRequired",
+    "DownloadInterrupted",
+    "DiskFull",
 ]
 
 
@@ -54,3 +60,72 @@ class DigestMismatch(ModelError):
 
 class StoreError(ModelError):
     """The model store on disk could not be read or written."""
+
+
+class RegistryError(ModelError):
+    """A registry answered something we cannot use."""
+
+    http_status = 502
+
+
+class RegistryUnreachable(RegistryError):
+    """No answer from the registry host (DNS, refused connection, timeout, TLS)."""
+
+    def __init__(self, host: str, reason: str) -> None:
+        super().__init__(
+            f"registry {host} is unreachable: {reason}; check the network, the host name, and "
+            "--insecure for a plain-http registry"
+        )
+        self.host = host
+        self.reason = reason
+
+
+class RegistryModelNotFound(RegistryError):
+    """The registry has no manifest for that name."""
+
+    http_status = 404
+
+    def __init__(self, name: str, host: str) -> None:
+        super().__init__(f'model "{name}" not found on {host}: check the name and tag')
+        self.name = name
+        self.host = host
+
+
+class AuthRequired(RegistryError):
+    """The registry answered 401 or 403."""
+
+    http_status = 401
+
+    def __init__(self, name: str, host: str, status: int) -> None:
+        super().__init__(
+            f'model requires authentication: {host} answered {status} for "{name}"; offload pulls '
+            "and pushes anonymously, so use a public model, or a registry (or namespace) you may "
+            "write to without credentials"
+        )
+        self.name = name
+        self.host = host
+        self.status = status
+
+
+class DownloadInterrupted(RegistryError):
+    """The connection broke mid-blob; the partial file is kept for resume."""
+
+    def __init__(self, digest: str, done_bytes: int, total_bytes: int, reason: str) -> None:
+        super().__init__(
+            f"download of {digest[:19]} interrupted after {done_bytes} of {total_bytes} bytes "
+            f"({reason}); run pull again to resume"
+        )
+        self.digest = digest
+
+
+class DiskFull(StoreError):
+    """No space left while writing into the store; nothing half-written is visible."""
+
+    http_status = 507
+
+    def __init__(self, path: str, done_bytes: int, total_bytes: int) -> None:
+        super().__init__(
+            f"disk full while writing {path} ({done_bytes} of {total_bytes} bytes kept for "
+            "resume); free some space and pull again"
+        )
+        self.path = path

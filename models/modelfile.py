@@ -127,6 +127,8 @@ class Modelfile:
     adapters: list[str] = field(default_factory=list)
     licenses: list[str] = field(default_factory=list)
     messages: list[Message] = field(default_factory=list)
+    #: Where each instruction was: "FROM", "TEMPLATE", "ADAPTER0"... -> 1-based line (not compared).
+    lines: dict[str, int] = field(default_factory=dict, compare=False, repr=False)
 
     def render(self) -> str:
         """Text that ``parse_modelfile`` reads back to an equal Modelfile."""
@@ -250,6 +252,7 @@ def parse_modelfile(text: str) -> Modelfile:
             if from_ is not None:
                 raise ModelfileError(f"FROM given twice (first at line {from_line})", line)
             from_, from_line = value, line
+            mf.lines["FROM"] = line
         elif instr == "PARAMETER":
             name = key.lower()
             coerced = coerce_parameter(name, value, line)
@@ -259,9 +262,11 @@ def parse_modelfile(text: str) -> Modelfile:
                 mf.parameters[name] = coerced
         elif instr == "TEMPLATE":
             mf.template = value
+            mf.lines["TEMPLATE"] = line
         elif instr == "SYSTEM":
             mf.system = value
         elif instr == "ADAPTER":
+            mf.lines[f"ADAPTER{len(mf.adapters)}"] = line
             mf.adapters.append(value)
         elif instr == "LICENSE":
             mf.licenses.append(value)

@@ -7,13 +7,16 @@ from dataclasses import dataclass
 
 from offload.models.errors import InvalidModelName
 
-__all__ = ["DEFAULT_HOST", "DEFAULT_NAMESPACE", "DEFAULT_TAG", "ModelName", "parse_name"]
+__all__ = ["HF_HOST", "DEFAULT_HOST", "DEFAULT_NAMESPACE", "DEFAULT_TAG", "ModelName", "parse_name"]
 
 DEFAULT_HOST = "registry.ollama.ai"
 DEFAULT_NAMESPACE = "library"
 DEFAULT_TAG = "latest"
+HF_HOST = "hf.co"
+# Hugging Face serves GGUF repos over the registry protocol at hf.co; these spell the same host.
+_HF_ALIASES = {"hf.co", "huggingface.co", "www.huggingface.co"}
 
-_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$")
+_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 _HOST = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.-]{0,252}(:[0-9]{1,5})?$")
 _TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
 
@@ -72,6 +75,8 @@ def parse_name(name: str) -> ModelName:
     if len(parts) == 1:
         host, namespace, model = DEFAULT_HOST, DEFAULT_NAMESPACE, parts[0]
     elif len(parts) == 2:
+        if parts[0].lower() in _HF_ALIASES:
+            raise InvalidModelName(raw, "Hugging Face names are hf.co/user/repo[:quant]")
         host, namespace, model = DEFAULT_HOST, parts[0], parts[1]
     elif len(parts) == 3:
         host, namespace, model = parts
@@ -86,4 +91,8 @@ def parse_name(name: str) -> ModelName:
             )
     if not _TAG.match(tag) or ".." in tag:
         raise InvalidModelName(raw, f"bad tag {tag!r}")
-    return ModelName(host.lower(), namespace.lower(), model.lower(), tag)
+    host = host.lower()
+    if host in _HF_ALIASES:
+        # Hugging Face repo names keep their case (the quant tag too): hf.co/unsloth/Qwen3-GGUF:Q4_K_M.
+        return ModelName(HF_HOST, namespace, model, tag)
+    return ModelName(host, namespace.lower(), model.lower(), tag)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
+import re
 import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -51,6 +51,7 @@ MEDIA_PROJECTOR = "application/vnd.ollama.image.projector"
 MEDIA_MESSAGES = "application/vnd.ollama.image.messages"
 
 _CHUNK = 1 << 20
+_BLOB_NAME = re.compile(r"^sha256-[0-9a-f]{64}$")
 
 
 def sha256_file(path: Path) -> str:
@@ -106,7 +107,9 @@ class ListedModel:
 class Store:
     """A model store rooted at ``root``, with optional read-only stores behind it."""
 
-    def __init__(self, root: Path, read_only_roots: Iterable[Path] = (), writable: bool = True) -> None:
+    def __init__(
+        self, root: Path, read_only_roots: Iterable[Path] = (), writable: bool = True
+    ) -> None:
         self.root = Path(root)
         self.writable = writable
         self.fallbacks = [Store(p, writable=False) for p in read_only_roots if Path(p) != self.root]
@@ -193,6 +196,42 @@ class Store:
 
     # -- manifests -----------------------------------------------------------------------------
 
+    def read_manifest_bytes(self, name: ModelName) -> bytes | None:
+        """The manifest file's exact bytes in this store (not the fallbacks), or None."""
+        try:
+            return self.manifest_path(name).read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise StoreError(f"manifest of {name.display} is unreadable: {e}") from None
+
+    def locate_manifest(self, name: str | ModelName) -> tuple[Store, bytes]:
+        """The store holding ``name`` and its manifest's exact bytes; raises ``ModelNotFound``."""
+        n = parse_name(name) if isinstance(name, str) else name
+        for store in [self, *self.fallbacks]:
+            raw = store.read_manifest_bytes(n)
+            if raw is not None:
+                return store, raw
+        raise ModelNotFound(n.display)
+
+    def write_manifest_bytes(self, name: ModelName, raw: bytes) -> str:
+        """Write manifest bytes as they are (a pulled or copied manifest keeps its digest)."""
+        self._require_writable()
+        manifest = json.loads(raw)
+        for layer in [manifest.get("config"), *manifest.get("layers", [])]:
+            if layer and not self.has_blob(layer["digest"]):
+                raise StoreError(f"manifest refers to missing blob {layer['digest']}")
+        p = self.manifest_path(name)
+        f, tmp = self._tempfile(p.parent)
+        try:
+            with f:
+                f.write(raw)
+            os.replace(tmp, p)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return "sha256:" + hashlib.sha256(raw).hexdigest()
+
     def read_manifest(self, name: ModelName) -> dict[str, Any] | None:
         """The manifest of a name in this store (not the fallbacks), or None."""
         p = self.manifest_path(name)
@@ -209,13 +248,7 @@ class Store:
         for layer in [manifest.get("config"), *manifest.get("layers", [])]:
             if layer and not self.has_blob(layer["digest"]):
                 raise StoreError(f"manifest refers to missing blob {layer['digest']}")
-        data = json.dumps(manifest, separators=(",", ":")).encode()
-        p = self.manifest_path(name)
-        f, tmp = self._tempfile(p.parent)
-        with f:
-            f.write(data)
-        os.replace(tmp, p)
-        return "sha256:" + hashlib.sha256(data).hexdigest()
+        return self.write_manifest_bytes(name, json.dumps(manifest, separators=(",", ":")).encode())
 
     def new_manifest(self, layers: list[dict[str, Any]], config: dict[str, Any]) -> dict[str, Any]:
         """Build a manifest for layers, writing the config blob."""
@@ -275,8 +308,8 @@ class Store:
         if found is None:
             raise ModelNotFound(name if isinstance(name, str) else n.display)
         store, manifest = found
-        raw = json.dumps(manifest, separators=(",", ":")).encode()
         mpath = store.manifest_path(n)
+        raw = store.read_manifest_bytes(n) or b""
         model_path = model_digest = None
         size = 0
         text: dict[str, str] = {}
@@ -288,7 +321,9 @@ class Store:
             if mt == MEDIA_MODEL:
                 model_path, model_digest = self.find_blob(digest), digest
                 if model_path is None:
-                    raise StoreError(f"model blob {digest} of {n.display} is missing; pull it again")
+                    raise StoreError(
+                        f"model blob {digest} of {n.display} is missing; pull it again"
+                    )
             elif mt in (MEDIA_TEMPLATE, MEDIA_SYSTEM):
                 text[mt] = self._read_text(digest)
             elif mt == MEDIA_PARAMS:
@@ -326,7 +361,9 @@ class Store:
             license=tuple(licenses),
             config=config,
             manifest=manifest,
-            modified_at=datetime.fromtimestamp(mpath.stat().st_mtime, UTC) if mpath.exists() else None,
+            modified_at=datetime.fromtimestamp(mpath.stat().st_mtime, UTC)
+            if mpath.exists()
+            else None,
             read_only=not store.writable,
         )
 
@@ -339,10 +376,10 @@ class Store:
                     continue
                 p = store.manifest_path(n)
                 try:
-                    m = json.loads(p.read_bytes())
+                    raw = p.read_bytes()
+                    m = json.loads(raw)
                 except (OSError, ValueError):
                     continue
-                raw = json.dumps(m, separators=(",", ":")).encode()
                 cfg: dict[str, Any] = {}
                 cdig = (m.get("config") or {}).get("digest")
                 if cdig and store.find_blob(cdig):
@@ -366,6 +403,12 @@ class Store:
         n = parse_name(name) if isinstance(name, str) else name
         p = self.manifest_path(n)
         if not p.is_file():
+            for fb in self.fallbacks:
+                if fb.manifest_path(n).is_file():
+                    raise StoreError(
+                        f"{n.display} is in the read-only store at {fb.root}; remove it with the "
+                        "tool that owns that store (ollama rm)"
+                    )
             raise ModelNotFound(n.display)
         p.unlink()
         for d in [p.parent, p.parent.parent, p.parent.parent.parent]:
@@ -386,7 +429,8 @@ class Store:
         removed = []
         if self.blobs_dir.is_dir():
             for b in self.blobs_dir.iterdir():
-                if b.name.startswith("sha256-") and b.name.replace("-", ":", 1) not in used:
+                # Only whole blobs: "-partial" files and their state are resumable downloads.
+                if _BLOB_NAME.match(b.name) and b.name.replace("-", ":", 1) not in used:
                     b.unlink(missing_ok=True)
                     removed.append(b.name.replace("-", ":", 1))
         return removed
@@ -395,16 +439,14 @@ class Store:
         """Give a model a second name (the blobs are shared)."""
         s = parse_name(src) if isinstance(src, str) else src
         d = parse_name(dst) if isinstance(dst, str) else dst
-        found = self._locate(s)
-        if found is None:
-            raise ModelNotFound(s.display)
-        store, manifest = found
+        store, raw = self.locate_manifest(s)
+        manifest = json.loads(raw)
         if store is not self:
             for layer in [manifest.get("config"), *manifest.get("layers", [])]:
                 if layer and not self.blob_path(layer["digest"]).is_file():
                     self.blob_path(layer["digest"]).parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copyfile(store.blob_path(layer["digest"]), self.blob_path(layer["digest"]))
-        self.write_manifest(d, manifest)
+                    self.add_blob_file(store.blob_path(layer["digest"]), expected=layer["digest"])
+        self.write_manifest_bytes(d, raw)
 
     @staticmethod
     def now() -> datetime:

@@ -227,7 +227,8 @@ def _register_optional() -> None:
     """Add the command groups that live in their own modules."""
     import importlib
 
-    for mod in ("offload.runtime.cli_models", "offload.runtime.cli_planner"):
+    for mod in ("offload.runtime.cli_models", "offload.runtime.cli_planner", "offload.runtime.cli_api",
+                "offload.runtime.cli_bench"):
         try:
             m = importlib.import_module(mod)
         except ImportError:

@@ -8,71 +8,36 @@ the token limit, a full context or a cancel event.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import ctypes
+import gc
 import logging
 import random
+import re
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import llama_cpp
+import numpy as np
 from llama_cpp import llama_cpp as llama_c
 
 from offload.planner.types import Plan
-from offload.runtime.errors import ContextTooLong, LoadFailed
+from offload.runtime import buffers
+from offload.runtime.errors import ContextTooLong, LoadFailed, OutOfMemory, PlanNotApplicable
+from offload.runtime.generation import Piece, Sampling, Stats, StopScanner, TokenLogprob
 
-__all__ = ["Sampling", "Piece", "Stats", "Engine", "llama_params", "KV_TYPES"]
+__all__ = ["Sampling", "Piece", "Stats", "Engine", "BatchTiming", "llama_params", "KV_TYPES", "check_applicable",
+           "gpu_device_count"]
 
 log = logging.getLogger(__name__)
 
 KV_TYPES = {"f16": llama_c.GGML_TYPE_F16, "q8_0": llama_c.GGML_TYPE_Q8_0, "q4_0": llama_c.GGML_TYPE_Q4_0, "f32": llama_c.GGML_TYPE_F32}
 _SPLIT = {"none": llama_c.LLAMA_SPLIT_MODE_NONE, "layer": llama_c.LLAMA_SPLIT_MODE_LAYER,
           "row": llama_c.LLAMA_SPLIT_MODE_ROW}
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """Sampling options, with Ollama's defaults."""
-
-    temperature: float = 0.8
-    top_k: int = 40
-    top_p: float = 0.9
-    min_p: float = 0.0
-    typical_p: float = 1.0
-    repeat_penalty: float = 1.1
-    repeat_last_n: int = 64
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    mirostat: int = 0
-    mirostat_tau: float = 5.0
-    mirostat_eta: float = 0.1
-    seed: int | None = None
-    num_predict: int = -1
-    stop: tuple[str, ...] = ()
-    grammar: str | None = None
-
-
-@dataclass(frozen=True)
-class Piece:
-    """A piece of generated text (one or more tokens' worth)."""
-
-    text: str
-
-
-@dataclass
-class Stats:
-    """Counts and durations of one generation, as Ollama reports them."""
-
-    prompt_eval_count: int = 0
-    prompt_eval_s: float = 0.0
-    eval_count: int = 0
-    eval_s: float = 0.0
-    done_reason: str = "stop"
-    cached_tokens: int = 0
-    tokens: list[int] = field(default_factory=list)
 
 
 def llama_params(plan: Plan) -> dict[str, Any]:
@@ -86,7 +51,9 @@ def llama_params(plan: Plan) -> dict[str, Any]:
         "tensor_split": list(plan.tensor_split) or None,
         "use_mmap": plan.use_mmap,
         "use_mlock": plan.use_mlock,
-        "n_ctx": plan.n_ctx,
+        # The plan's n_ctx is per sequence (Ollama's num_ctx); llama.cpp splits its context
+        # evenly between n_seq_max sequences.
+        "n_ctx": plan.n_ctx * max(1, plan.n_parallel),
         "n_batch": plan.n_batch,
         "n_ubatch": plan.n_ubatch,
         "n_threads": plan.threads,
@@ -100,71 +67,352 @@ def llama_params(plan: Plan) -> dict[str, Any]:
     return params
 
 
-class _StopScanner:
-    """Finds stop strings in streamed text, holding back what could be the start of one."""
+# -- llama.cpp's log: captured while loading, otherwise sent to logging at debug level ---------
 
-    def __init__(self, stops: Sequence[str]) -> None:
-        self.stops = [s for s in stops if s]
-        self.buf = ""
+_llama_log = logging.getLogger("offload.runtime.llama_cpp")
 
-    def feed(self, text: str) -> tuple[str, bool]:
-        """Add text; return (text safe to emit, whether a stop string was hit)."""
-        self.buf += text
-        if not self.stops:
-            out, self.buf = self.buf, ""
-            return out, False
-        hits = [i for i in (self.buf.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            out, self.buf = self.buf[: min(hits)], ""
-            return out, True
-        hold = 0
-        for s in self.stops:
-            for k in range(min(len(s) - 1, len(self.buf)), 0, -1):
-                if self.buf.endswith(s[:k]):
-                    hold = max(hold, k)
-                    break
-        out = self.buf[: len(self.buf) - hold]
-        self.buf = self.buf[len(self.buf) - hold :]
-        return out, False
 
-    def flush(self) -> str:
-        out, self.buf = self.buf, ""
-        return out
+class _LogSink:
+    """Receives llama.cpp's log; one capture at a time (loads are serialised by ``_LOAD_LOCK``)."""
+
+    def __init__(self) -> None:
+        self.partial = ""
+        self.capture: list[str] | None = None
+
+    def write(self, level: int, text: str) -> None:
+        self.partial += text
+        while "\n" in self.partial:
+            line, self.partial = self.partial.split("\n", 1)
+            if self.capture is not None:
+                self.capture.append(line)
+            if line.strip():
+                # Everything goes to logging at debug level: llama.cpp's own warnings during a load
+                # are reported through our typed errors, never printed on stderr.
+                _llama_log.debug("%s", line)
+
+
+_SINK = _LogSink()
+
+
+@llama_c.llama_log_callback
+def _on_llama_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+    try:
+        _SINK.write(int(level), text.decode("utf-8", errors="replace"))
+    except Exception:  # noqa: BLE001 - an exception must never cross back into C
+        pass
+
+
+# The callback object must outlive every llama.cpp call, so it lives at module level.
+llama_c.llama_log_set(_on_llama_log, ctypes.c_void_p(0))
+_LOAD_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _captured_log() -> Iterator[list[str]]:
+    lines: list[str] = []
+    _SINK.capture = lines
+    try:
+        yield lines
+    finally:
+        _SINK.capture = None
+
+
+# -- tensor buffer overrides (not exposed by the high-level Llama) ------------------------------
+
+
+class _BuftOverride(ctypes.Structure):
+    _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]
+
+
+def _ggml_symbol(name: str) -> Any:
+    """A function from the ggml libraries llama-cpp-python ships (the ctypes module lacks them)."""
+    lib_dir = Path(llama_cpp.__file__).parent / "lib"
+    for lib_name in ("libggml-cpu", "libggml-base", "libggml"):
+        for ext in (".so", ".dylib", ".dll"):
+            path = lib_dir / (lib_name + ext)
+            if path.exists():
+                fn = getattr(ctypes.CDLL(str(path)), name, None)
+                if fn is not None:
+                    return fn
+    raise LoadFailed(f"{name} not found in {lib_dir}")
+
+
+def _cpu_buffer_type() -> int:
+    """``ggml_backend_cpu_buffer_type()``: where overridden tensors go."""
+    fn = _ggml_symbol("ggml_backend_cpu_buffer_type")
+    fn.restype, fn.argtypes = ctypes.c_void_p, []
+    return int(fn())
+
+
+def _overrides_array(patterns: Sequence[str]) -> ctypes.Array[_BuftOverride] | None:
+    """A NULL-terminated ``llama_model_tensor_buft_override`` array placing ``patterns`` on the CPU."""
+    if not patterns:
+        return None
+    buft = _cpu_buffer_type()
+    arr = (_BuftOverride * (len(patterns) + 1))()
+    for i, p in enumerate(patterns):
+        arr[i].pattern = p.encode("utf-8")
+        arr[i].buft = buft
+    arr[len(patterns)].pattern = None
+    arr[len(patterns)].buft = None
+    return arr
+
+
+@contextlib.contextmanager
+def _patched_defaults(overrides: ctypes.Array[_BuftOverride] | None, n_seq_max: int) -> Iterator[None]:
+    """Make ``Llama.__init__`` start from params carrying our overrides and sequence count.
+
+    ``Llama`` builds its params from these two default functions and then sets only the fields it
+    knows, so what we put in survives. Callers hold ``_LOAD_LOCK``: the patch is module-global.
+    """
+    model_default, ctx_default = llama_c.llama_model_default_params, llama_c.llama_context_default_params
+
+    def model_params() -> Any:
+        p = model_default()
+        if overrides is not None:
+            p.tensor_buft_overrides = ctypes.cast(overrides, ctypes.c_void_p).value
+        return p
+
+    def ctx_params() -> Any:
+        p = ctx_default()
+        p.n_seq_max = n_seq_max
+        return p
+
+    llama_c.llama_model_default_params = model_params
+    llama_c.llama_context_default_params = ctx_params
+    try:
+        yield
+    finally:
+        llama_c.llama_model_default_params = model_default
+        llama_c.llama_context_default_params = ctx_default
+
+
+# -- checking a plan before loading -------------------------------------------------------------
+
+
+def gpu_device_count() -> int:
+    """GPUs llama.cpp can offload to (0 on a CPU-only build)."""
+    if not llama_c.llama_supports_gpu_offload():
+        return 0
+    try:
+        count, get, kind = (_ggml_symbol(n) for n in ("ggml_backend_dev_count", "ggml_backend_dev_get",
+                                                      "ggml_backend_dev_type"))
+    except LoadFailed:
+        return 1  # no device API to ask; offload support implies at least one GPU
+    count.restype, count.argtypes = ctypes.c_size_t, []
+    get.restype, get.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    kind.restype, kind.argtypes = ctypes.c_int, [ctypes.c_void_p]
+    # ggml_backend_dev_type: 0 CPU, 1 GPU, 2 IGPU, 3 ACCEL
+    return sum(1 for i in range(count()) if kind(get(i)) in (1, 2))
+
+
+def _gguf_tensor_names(model_path: Path) -> list[str]:
+    from offload.planner.errors import GGUFError
+    from offload.planner.gguf_header import read_header
+
+    try:
+        return [t.name for t in read_header(model_path).tensors]
+    except (OSError, GGUFError) as e:
+        raise LoadFailed(f"cannot read {model_path}: {e}") from None
+
+
+def check_applicable(plan: Plan, model_path: Path | str, tensor_names: Sequence[str] | None = None,
+                     n_gpus: int | None = None) -> None:
+    """Raise ``PlanNotApplicable`` when llama.cpp could not apply ``plan`` as written."""
+    names = list(tensor_names) if tensor_names is not None else _gguf_tensor_names(Path(model_path))
+    for pattern in plan.cpu_tensor_patterns:
+        try:
+            rx = re.compile(pattern)
+        except re.error as e:
+            raise PlanNotApplicable(f"tensor pattern {pattern!r} is not a valid regex: {e}") from None
+        # llama.cpp uses std::regex_search, i.e. a match anywhere in the name.
+        if not any(rx.search(n) for n in names):
+            raise PlanNotApplicable(f"tensor pattern {pattern!r} matches no tensor of {Path(model_path).name}")
+    gpus = gpu_device_count() if n_gpus is None else n_gpus
+    uses_gpu = plan.n_gpu_layers != 0 or any(d.kind == "GPU" and d.weights_bytes for d in plan.devices)
+    if uses_gpu and gpus == 0:
+        raise PlanNotApplicable(
+            f"the plan puts {plan.n_gpu_layers} layers on a GPU, but llama.cpp sees no GPU here")
+    if plan.tensor_split and len([x for x in plan.tensor_split if x > 0]) > max(gpus, 1):
+        raise PlanNotApplicable(f"the plan splits over {len(plan.tensor_split)} GPUs; llama.cpp sees {gpus}")
+    if uses_gpu and plan.main_gpu >= max(gpus, 1):
+        raise PlanNotApplicable(f"the plan's main GPU is {plan.main_gpu}; llama.cpp sees {gpus}")
+    if plan.split_mode not in _SPLIT:
+        raise PlanNotApplicable(f"unknown split mode {plan.split_mode!r}; known: {', '.join(_SPLIT)}")
+
+
+@dataclass(frozen=True)
+class BatchTiming:
+    """Timings of ``Engine.run_batch``: one prompt, then ``n_seq`` sequences decoded together."""
+
+    n_seq: int
+    prompt_tokens: int
+    prompt_s: float
+    ttft_s: float  # prompt evaluated and the first token chosen
+    tokens: int  # generated, all sequences together
+    decode_s: float
+
+    @property
+    def prompt_tps(self) -> float:
+        """Prompt tokens per second."""
+        return self.prompt_tokens / self.prompt_s if self.prompt_s > 0 else 0.0
+
+    @property
+    def decode_tps(self) -> float:
+        """Generated tokens per second, all sequences together."""
+        return self.tokens / self.decode_s if self.decode_s > 0 else 0.0
 
 
 class Engine:
-    """A loaded model and context; one generation at a time (callers serialise)."""
+    """A loaded model and context; one generation at a time (callers serialise).
 
-    def __init__(self, llm: llama_cpp.Llama, plan: Plan, model_path: Path, load_s: float) -> None:
+    ``measured_bytes`` is what llama.cpp reported allocating, per device (``"CPU"``, ``"CUDA0"``...)
+    and kind (``weights``, ``kv``, ``compute``), to set beside ``plan.devices``' predictions.
+    """
+
+    def __init__(self, llm: llama_cpp.Llama, plan: Plan, model_path: Path, load_s: float,
+                 log_lines: Sequence[str] = (), keep_alive: Any = None) -> None:
         self.llm = llm
         self.plan = plan
         self.model_path = model_path
         self.load_s = load_s
         self.lock = threading.Lock()
         self._vocab = llm._model.vocab
+        self.load_log: list[str] = list(log_lines)
+        self.measured_bytes: dict[str, dict[str, int]] = buffers.measured_bytes(self.load_log)
+        self.overridden_tensors: dict[str, str] = buffers.overridden_tensors(self.load_log)
+        # llama.cpp keeps a pointer to the override array for the model's life.
+        self._keep_alive = keep_alive
+        # What a healing load gave up to fit (sentences for the user; empty when the plan fitted).
+        self.gave_up: list[str] = []
 
     @classmethod
     def load(cls, model_path: Path | str, plan: Plan, adapters: Sequence[Path] = (),
-             embedding: bool = False) -> Engine:
-        """Load the model as ``plan`` says; raise ``LoadFailed`` with llama.cpp's reason."""
+             embedding: bool = False, check: bool = True, verify_decode: bool = False) -> Engine:
+        """Load the model exactly as ``plan`` says.
+
+        Raises ``PlanNotApplicable`` before loading when the plan cannot be applied, ``OutOfMemory``
+        when llama.cpp ran out of memory (loading, or the first decode with ``verify_decode``), and
+        ``LoadFailed`` with llama.cpp's reason otherwise. Nothing stays allocated after a failure.
+        """
+        model_path = Path(model_path)
+        if check:
+            check_applicable(plan, model_path)
         t0 = time.perf_counter()
         kwargs = llama_params(plan)
         if adapters:
             if len(adapters) > 1:
                 raise LoadFailed("only one LoRA adapter per model is supported")
             kwargs["lora_path"] = str(adapters[0])
+        overrides = _overrides_array(plan.cpu_tensor_patterns)
+        llm: llama_cpp.Llama | None = None
+        with _LOAD_LOCK, _captured_log() as lines:
+            try:
+                with _patched_defaults(overrides, max(1, plan.n_parallel)):
+                    llm = llama_cpp.Llama(str(model_path), embedding=embedding, verbose=False, **kwargs)
+                engine = cls(llm, plan, model_path, time.perf_counter() - t0, lines, overrides)
+                if verify_decode:
+                    engine._verify_decode()
+            except (ValueError, RuntimeError, OSError, MemoryError) as e:
+                if llm is not None:
+                    llm.close()
+                llm = None
+                # A half-built Llama holds the model until collected; free it before a retry.
+                gc.collect()
+                reason = next((ln.strip() for ln in lines if buffers.is_out_of_memory([ln])), str(e))
+                if isinstance(e, MemoryError) or buffers.is_out_of_memory(lines):
+                    raise OutOfMemory(f"not enough memory for this plan of {model_path.name}: {reason}") from None
+                raise LoadFailed(f"llama.cpp could not load {model_path}: {e}") from None
+            engine.load_log = list(lines)
+        return engine
+
+    def _verify_decode(self) -> None:
+        """Decode one full micro-batch so compute buffers that allocate lazily fail now, not mid-request."""
+        llm = self.llm
+        n = max(1, min(self.plan.n_ubatch, self.n_ctx - 1, 512))
+        tok = llm.token_bos() if llm.token_bos() >= 0 else 0
         try:
-            llm = llama_cpp.Llama(str(model_path), embedding=embedding, verbose=False, **kwargs)
-        except (ValueError, RuntimeError, OSError) as e:
-            raise LoadFailed(f"llama.cpp could not load {model_path}: {e}") from None
-        return cls(llm, plan, Path(model_path), time.perf_counter() - t0)
+            llm.eval([tok] * n)
+        finally:
+            llm.reset()
+            llm._ctx.kv_cache_seq_rm(-1, 0, -1)
+
+    def memory_report(self) -> dict[str, Any]:
+        """Predicted and measured bytes per device, for ``/api/ps`` and ``offload ps``."""
+        predicted = {
+            d.name if d.kind == "CPU" else f"CUDA{d.index}": {
+                "weights": d.weights_bytes, "kv": d.kv_bytes, "compute": d.compute_bytes + d.overhead_bytes,
+                "budget": d.budget_bytes,
+            }
+            for d in self.plan.devices
+        }
+        return {"predicted": predicted, "measured": self.measured_bytes,
+                "cpu_tensor_overrides": len(self.overridden_tensors), "gave_up": list(self.gave_up)}
+
+    def run_batch(self, n_seq: int, prompt: Sequence[int], gen_tokens: int) -> BatchTiming:
+        """Evaluate ``prompt`` once, then decode ``gen_tokens`` greedily for ``n_seq`` sequences at once.
+
+        Sequences 1.. start from a copy of sequence 0's cache; each decode step is one llama.cpp
+        batch holding one token of every sequence (real batched decoding, not streams in turn).
+        End-of-generation tokens are not honoured: a benchmark wants exactly ``gen_tokens``.
+        """
+        if n_seq > max(1, self.plan.n_parallel):
+            raise LoadFailed(f"{n_seq} sequences need a context loaded with n_parallel >= {n_seq}")
+        llm = self.llm
+        ctx = llm._ctx.ctx
+        mem = llama_c.llama_get_memory(ctx)
+        llama_c.llama_memory_clear(mem, True)
+        llm.reset()
+        prompt = list(prompt)[: max(1, self.n_ctx - gen_tokens - 1)]
+        n_vocab = llama_c.llama_vocab_n_tokens(self._vocab)
+        chunk = max(1, min(self.plan.n_batch, len(prompt)))
+        batch = llama_c.llama_batch_init(max(chunk, n_seq), 0, n_seq)
+
+        def logits_row(i: int) -> np.ndarray:
+            return np.ctypeslib.as_array(llama_c.llama_get_logits_ith(ctx, i), shape=(n_vocab,))
+
+        try:
+            t0 = time.perf_counter()
+            for start in range(0, len(prompt), chunk):  # llama_decode takes at most n_batch tokens
+                part = prompt[start : start + chunk]
+                batch.n_tokens = len(part)
+                for i, t in enumerate(part):
+                    batch.token[i], batch.pos[i], batch.n_seq_id[i] = t, start + i, 1
+                    batch.seq_id[i][0] = 0
+                    batch.logits[i] = start + i == len(prompt) - 1
+                if llama_c.llama_decode(ctx, batch) != 0:
+                    raise LoadFailed("the prompt decode failed")
+            first = int(logits_row(len(prompt) - 1 - (len(prompt) - 1) // chunk * chunk).argmax())
+            t1 = time.perf_counter()
+            for s in range(1, n_seq):
+                llama_c.llama_memory_seq_cp(mem, 0, s, -1, -1)
+            nxt = [first] * n_seq
+            pos = len(prompt)
+            for _ in range(gen_tokens):
+                batch.n_tokens = n_seq
+                for s in range(n_seq):
+                    batch.token[s], batch.pos[s], batch.n_seq_id[s] = nxt[s], pos, 1
+                    batch.seq_id[s][0] = s
+                    batch.logits[s] = True
+                if llama_c.llama_decode(ctx, batch) != 0:
+                    raise LoadFailed(f"batched decode of {n_seq} sequences failed")
+                nxt = [int(logits_row(s).argmax()) for s in range(n_seq)]
+                pos += 1
+            t2 = time.perf_counter()
+        finally:
+            llama_c.llama_batch_free(batch)
+            llama_c.llama_memory_clear(mem, True)
+        return BatchTiming(n_seq=n_seq, prompt_tokens=len(prompt), prompt_s=t1 - t0, ttft_s=t1 - t0,
+                           tokens=n_seq * gen_tokens, decode_s=t2 - t1)
 
     # -- tokens --------------------------------------------------------------------------------
 
     @property
     def n_ctx(self) -> int:
-        """The context length in tokens."""
-        return self.llm.n_ctx()
+        """The context length of one sequence in tokens."""
+        # llama.cpp pads a small context up (to 256), but llama-cpp-python sizes its token
+        # buffer to the n_ctx asked for: the smaller of the two is what we can really use.
+        return min(int(llama_c.llama_n_ctx_seq(self.llm._ctx.ctx)), len(self.llm.input_ids))
 
     def tokenize(self, text: str, add_bos: bool = True, special: bool = True) -> list[int]:
         """Text to token ids; special tokens in the text (template markers) are parsed as such."""
@@ -236,11 +484,12 @@ class Engine:
         t0 = time.perf_counter()
         stats.cached_tokens = self._prefill(tokens)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        scanner = _StopScanner(sampling.stop)
+        scanner = StopScanner(sampling.stop)
         t1 = time.perf_counter()
         stats.prompt_eval_s = t1 - t0
         limit = sampling.num_predict if sampling.num_predict >= 0 else 1 << 30
         generated: list[int] = []
+        pending: list[TokenLogprob] = []  # log probabilities not yet attached to an emitted piece
         done_reason = "stop"
         while True:
             if cancel is not None and cancel.is_set():
@@ -252,24 +501,46 @@ class Engine:
             if llm.n_tokens >= self.n_ctx:
                 done_reason = "length"
                 break
+            logits = self._last_logits() if sampling.logprobs is not None else None
             token = sampler.sample(llm._ctx, -1)
             if self.is_eog(token):
                 break
             generated.append(token)
-            text, hit = scanner.feed(decoder.decode(self._piece(token)))
+            raw = self._piece(token)
+            if logits is not None:
+                pending.append(self._logprob(logits, token, raw, sampling.logprobs or 0))
+            text, hit = scanner.feed(decoder.decode(raw))
             if text:
-                yield Piece(text)
+                yield Piece(text, tuple(pending))
+                pending.clear()
             if hit:
                 break
             llm.eval([token])
         tail = scanner.flush() + decoder.decode(b"", final=True)
-        if tail and done_reason != "cancel":
-            yield Piece(tail)
+        if (tail or pending) and done_reason != "cancel":
+            yield Piece(tail, tuple(pending))
         stats.eval_count = len(generated)
         stats.eval_s = time.perf_counter() - t1
         stats.done_reason = done_reason
         stats.tokens = generated
         yield stats
+
+    def _last_logits(self) -> np.ndarray:
+        n_vocab = llama_c.llama_vocab_n_tokens(self._vocab)
+        ptr = llama_c.llama_get_logits_ith(self.llm._ctx.ctx, -1)
+        return np.ctypeslib.as_array(ptr, shape=(n_vocab,)).astype(np.float64)
+
+    def _logprob(self, logits: np.ndarray, token: int, raw: bytes, top_n: int) -> TokenLogprob:
+        """The token's log probability under the model's own distribution (before sampling tweaks)."""
+        shifted = logits - logits.max()
+        logp = shifted - np.log(np.exp(shifted).sum())
+        top: tuple[tuple[str, float, tuple[int, ...]], ...] = ()
+        if top_n > 0:
+            ids = np.argpartition(-logp, top_n)[:top_n]
+            ids = ids[np.argsort(-logp[ids])]
+            top = tuple((self._piece(int(i)).decode("utf-8", errors="replace"), float(logp[i]),
+                         tuple(self._piece(int(i)))) for i in ids)
+        return TokenLogprob(raw.decode("utf-8", errors="replace"), float(logp[token]), tuple(raw), top)
 
     def embed(self, texts: Sequence[str]) -> list[list[float]]:
         """Embeddings of texts (the model must be loaded with ``embedding=True``)."""

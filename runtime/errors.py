@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from offload.planner.errors import OffloadError
 
-__all__ = ["RuntimeFailure", "LoadFailed", "BadRequest", "ServerUnavailable", "QueueFull", "ContextTooLong"]
+__all__ = ["RuntimeFailure", "LoadFailed", "OutOfMemory", "PlanNotApplicable", "BadRequest", "ServerUnavailable", "QueueFull", "ContextTooLong"]
 
 
 class RuntimeFailure(OffloadError):
@@ -35,3 +35,15 @@ class QueueFull(RuntimeFailure):
 
 class ServerUnavailable(RuntimeFailure):
     """No server answers and one could not be started."""
+
+
+class OutOfMemory(LoadFailed):
+    """llama.cpp ran out of memory loading the model or its context; a smaller plan may fit."""
+
+    http_status = 507
+
+
+class PlanNotApplicable(LoadFailed):
+    """The plan cannot be applied to this model or machine (checked before loading)."""
+
+    http_status = 400

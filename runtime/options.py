@@ -61,12 +61,23 @@ def merge_options(model_params: dict[str, Any], request_options: dict[str, Any] 
     return merged
 
 
-def sampling_from(options: dict[str, Any], grammar: str | None = None) -> Sampling:
-    """The ``Sampling`` for merged options."""
+def sampling_from(options: dict[str, Any], grammar: str | None = None,
+                  logprobs: int | None = None) -> Sampling:
+    """The ``Sampling`` for merged options (``logprobs``: None off, k = with k alternatives)."""
     known = {f.name for f in fields(Sampling)}
     kw = {SAMPLING_OPTIONS[k][0]: v for k, v in options.items() if k in SAMPLING_OPTIONS}
     kw = {k: v for k, v in kw.items() if k in known}
-    return Sampling(**kw, stop=tuple(options.get("stop", ())), grammar=grammar)
+    return Sampling(**kw, stop=tuple(options.get("stop", ())), grammar=grammar, logprobs=logprobs)
+
+
+def logprobs_from(req: dict[str, Any]) -> int | None:
+    """``logprobs``/``top_logprobs`` of a request: None when off, else how many alternatives (0-20)."""
+    if not req.get("logprobs"):
+        return None
+    top = req.get("top_logprobs") or 0
+    if not isinstance(top, int) or isinstance(top, bool) or not 0 <= top <= 20:
+        raise BadRequest(f"top_logprobs must be a whole number from 0 to 20, got {top!r}")
+    return top
 
 
 def plan_request_from(options: dict[str, Any], gpu_budget_bytes: int | None = None) -> PlanRequest:

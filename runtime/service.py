@@ -1,7 +1,9 @@
 """The work behind /api/generate and /api/chat, as plain functions yielding Ollama's chunks.
 
-The HTTP routes and tests call these; each yields response dicts (``done: false`` pieces, then one
-``done: true`` summary with Ollama's counts and nanosecond durations).
+The HTTP routes (Ollama's and OpenAI's) and tests call these; each yields response dicts
+(``done: false`` pieces, then one ``done: true`` summary with Ollama's counts and nanosecond
+durations). Output that must be seen whole before it can be answered (tool calls) is held back
+and sent with the summary.
 """
 
 from __future__ import annotations
@@ -12,13 +14,21 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
-from offload.runtime import config, prompt
+from offload.runtime import calibration, config, prompt
 from offload.runtime.engine import Piece, Stats
 from offload.runtime.errors import BadRequest
-from offload.runtime.options import merge_options, sampling_from
+from offload.runtime.grammar import grammar_for_format
+from offload.runtime.options import logprobs_from, merge_options, sampling_from
 from offload.runtime.scheduler import Runner, Scheduler
+from offload.runtime.tools import (
+    ThinkSplitter,
+    parse_tool_calls,
+    supports_insert,
+    supports_thinking,
+    supports_tools,
+)
 
-__all__ = ["generate", "chat", "now_iso"]
+__all__ = ["generate", "chat", "now_iso", "keep_alive_from", "model_name"]
 
 
 def now_iso() -> str:
@@ -30,7 +40,8 @@ def _ns(seconds: float) -> int:
     return int(seconds * 1e9)
 
 
-def _keep_alive(value: Any) -> float | None:
+def keep_alive_from(value: Any) -> float | None:
+    """A request's ``keep_alive`` in seconds (None: the server default; inf: forever)."""
     return None if value is None else config.parse_duration_s(value, config.keep_alive_s())
 
 
@@ -49,76 +60,204 @@ def _summary(model: str, stats: Stats, load_s: float, t_start: float) -> dict[st
     }
 
 
-def _run(runner: Runner, text: str, options: dict[str, Any], add_bos: bool, cancel: threading.Event | None,
-         grammar: str | None = None) -> Iterator[Piece | Stats]:
-    engine = runner.engine
-    tokens = engine.tokenize(text, add_bos=add_bos)
-    stop = list(options.get("stop", []))
-    yield from engine.generate(tokens, sampling_from({**options, "stop": stop}, grammar), cancel=cancel,
-                               truncate=options.get("truncate", True))
+def _run(
+    runner: Runner,
+    tokens: list[int],
+    options: dict[str, Any],
+    cancel: threading.Event | None,
+    grammar: str | None,
+    truncate: bool,
+    logprobs: int | None = None,
+) -> Iterator[Piece | Stats]:
+    sampling = sampling_from({**options, "stop": list(options.get("stop", []))}, grammar, logprobs)
+    for ev in runner.engine.generate(tokens, sampling, cancel=cancel, truncate=truncate):
+        if isinstance(ev, Stats):
+            runner.last_stats = ev  # what the last generation did, for `ps` and tests
+        yield ev
+        if isinstance(ev, Stats) and not runner.embedding:
+            # After the answer is out: measured speeds calibrate this machine's speed model.
+            calibration.record(runner.plan, runner.info.digest, ev)
 
 
+def _check_common(name: str, req: dict[str, Any], template: str | None) -> bool | None:
+    """Refuse what the model cannot do; returns the effective ``think``."""
+    if req.get("images") or any((m or {}).get("images") for m in req.get("messages") or []):
+        raise BadRequest(f'"{name}" has no vision support; send text only')
+    think = req.get("think")
+    if isinstance(think, str):  # gpt-oss style "low"/"medium"/"high" means on
+        think = think.lower() not in ("", "false", "none")
+    if think and not supports_thinking(template):
+        raise BadRequest(f'"{name}" does not support thinking')
+    return think if think is None else bool(think)
 
-def generate(sched: Scheduler, req: dict[str, Any], cancel: threading.Event | None = None) -> Iterator[dict[str, Any]]:
-    """Ollama /api/generate: pieces of ``response``, then the summary."""
+
+def _loaded_names(sched: Scheduler) -> set[tuple[str, int]]:
+    return {(r.name, id(r)) for r in sched.loaded()}
+
+
+def generate(
+    sched: Scheduler, req: dict[str, Any], cancel: threading.Event | None = None
+) -> Iterator[dict[str, Any]]:
+    """Ollama /api/generate: pieces of ``response`` (and ``thinking``), then the summary."""
     t_start = time.perf_counter()
-    name = _model_name(req)
-    keep = _keep_alive(req.get("keep_alive"))
-    if req.get("images"):
-        raise BadRequest(f'model "{name}" has no vision support; send text only')
+    name = model_name(req)
+    keep = keep_alive_from(req.get("keep_alive"))
     info = sched.resolve(name)
+    template = req.get("template") or info.template
+    think = _check_common(name, req, template)
+    if req.get("suffix") and not supports_insert(template):
+        raise BadRequest(f'"{name}" does not support insert')
+    grammar = grammar_for_format(req.get("format"))
     options = merge_options(info.params, req.get("options"))
-    loaded_before = {r.name for r in sched.loaded()}
+    lp = logprobs_from(req)
+    context = req.get("context") or []
+    if not isinstance(context, list) or not all(isinstance(t, int) for t in context):
+        raise BadRequest("context must be a list of token ids")
+    if keep == 0 and not req.get("prompt") and not req.get("suffix") and not context:
+        sched.unload(
+            name
+        )  # Ollama's way to unload: an empty request with keep_alive 0; loads nothing
+        yield {
+            "model": name,
+            "created_at": now_iso(),
+            "response": "",
+            "done": True,
+            "done_reason": "unload",
+        }
+        return
+    before = _loaded_names(sched)
     with sched.acquire(name, options, keep) as runner:
-        load_s = 0.0 if runner.name in loaded_before else runner.engine.load_s
+        load_s = 0.0 if (runner.name, id(runner)) in before else runner.engine.load_s
         text_prompt = req.get("prompt") or ""
-        if not text_prompt and not req.get("suffix"):
-            yield {"model": name, "created_at": now_iso(), "response": "", "done": True,
-                   "done_reason": "unload" if keep == 0 else "load"}
+        if not text_prompt and not req.get("suffix") and not context:
+            yield {
+                "model": name,
+                "created_at": now_iso(),
+                "response": "",
+                "done": True,
+                "done_reason": "unload" if keep == 0 else "load",
+            }
             return
-        template = req.get("template") or info.template
+        raw = bool(req.get("raw"))
         system = req.get("system") if req.get("system") is not None else info.system
-        text = prompt.render_generate(template, text_prompt, system, req.get("suffix"), bool(req.get("raw")))
-        for ev in _run(runner, text, options, add_bos=True, cancel=cancel):
+        text = prompt.render_generate(template, text_prompt, system, req.get("suffix"), raw)
+        engine = runner.engine
+        tokens = list(context) + engine.tokenize(text, add_bos=not context)
+        splitter = ThinkSplitter(inside=text.rstrip().endswith("<think>")) if think else None
+        for ev in _run(
+            runner, tokens, options, cancel, grammar, req.get("truncate", True) is not False, lp
+        ):
             if isinstance(ev, Piece):
-                yield {"model": name, "created_at": now_iso(), "response": ev.text, "done": False}
+                thinking, content = splitter.feed(ev.text) if splitter else ("", ev.text)
+                if thinking or content or ev.logprobs:
+                    chunk = {
+                        "model": name,
+                        "created_at": now_iso(),
+                        "response": content,
+                        "done": False,
+                    }
+                    if thinking:
+                        chunk["thinking"] = thinking
+                    if ev.logprobs:
+                        chunk["logprobs"] = [t.to_dict() for t in ev.logprobs]
+                    yield chunk
             else:
                 out = _summary(name, ev, load_s, t_start)
                 out["response"] = ""
+                if splitter:
+                    thinking, content = splitter.flush()
+                    out["response"] = content
+                    if thinking:
+                        out["thinking"] = thinking
+                if not raw:
+                    out["context"] = tokens + list(ev.tokens)
                 yield out
 
 
-def chat(sched: Scheduler, req: dict[str, Any], cancel: threading.Event | None = None) -> Iterator[dict[str, Any]]:
-    """Ollama /api/chat: pieces of ``message.content``, then the summary."""
+def chat(
+    sched: Scheduler, req: dict[str, Any], cancel: threading.Event | None = None
+) -> Iterator[dict[str, Any]]:
+    """Ollama /api/chat: pieces of ``message.content``, then the summary (with any ``tool_calls``)."""
     t_start = time.perf_counter()
-    name = _model_name(req)
-    keep = _keep_alive(req.get("keep_alive"))
+    name = model_name(req)
+    keep = keep_alive_from(req.get("keep_alive"))
     messages = req.get("messages") or []
     if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
         raise BadRequest("messages must be a list of {role, content} objects")
-    if any(m.get("images") for m in messages):
-        raise BadRequest(f'model "{name}" has no vision support; send text only')
     info = sched.resolve(name)
+    if keep == 0 and not messages:
+        sched.unload(name)
+        yield {
+            "model": name,
+            "created_at": now_iso(),
+            "message": {"role": "assistant", "content": ""},
+            "done": True,
+            "done_reason": "unload",
+        }
+        return
+    tools = req.get("tools") or None
+    grammar = grammar_for_format(req.get("format"))
     options = merge_options(info.params, req.get("options"))
-    loaded_before = {r.name for r in sched.loaded()}
+    lp = logprobs_from(req)
+    before = _loaded_names(sched)
     with sched.acquire(name, options, keep) as runner:
-        load_s = 0.0 if runner.name in loaded_before else runner.engine.load_s
+        load_s = 0.0 if (runner.name, id(runner)) in before else runner.engine.load_s
+        gguf_template = None if info.template else _gguf_template(runner)
+        template = info.template or gguf_template
+        think = _check_common(name, req, template)
+        if tools and not supports_tools(template):
+            raise BadRequest(f'"{name}" does not support tools')
         if not messages:
-            yield {"model": name, "created_at": now_iso(), "message": {"role": "assistant", "content": ""},
-                   "done": True, "done_reason": "unload" if keep == 0 else "load"}
+            yield {
+                "model": name,
+                "created_at": now_iso(),
+                "message": {"role": "assistant", "content": ""},
+                "done": True,
+                "done_reason": "unload" if keep == 0 else "load",
+            }
             return
         history = list(info.messages) + messages
         if info.system and not any(m.get("role") == "system" for m in history):
             history = [{"role": "system", "content": info.system}, *history]
-        gguf_template = None if info.template else _gguf_template(runner)
-        text, has_bos = prompt.render_chat(info.template, gguf_template, history, req.get("tools"))
-        for ev in _run(runner, text, options, add_bos=not has_bos, cancel=cancel):
+        text, has_bos = prompt.render_chat(
+            info.template, gguf_template, history, tools, think=think
+        )
+        tokens = runner.engine.tokenize(text, add_bos=not has_bos)
+        splitter = ThinkSplitter(inside=text.rstrip().endswith("<think>")) if think else None
+        held: list[str] = []  # with tools, the answer is read whole for calls before it is sent
+        for ev in _run(
+            runner, tokens, options, cancel, grammar, req.get("truncate", True) is not False, lp
+        ):
             if isinstance(ev, Piece):
-                yield {"model": name, "created_at": now_iso(),
-                       "message": {"role": "assistant", "content": ev.text}, "done": False}
+                thinking, content = splitter.feed(ev.text) if splitter else ("", ev.text)
+                if tools:
+                    held.append(content)
+                    content = ""
+                if thinking or content or ev.logprobs:
+                    msg: dict[str, Any] = {"role": "assistant", "content": content}
+                    if thinking:
+                        msg["thinking"] = thinking
+                    chunk = {"model": name, "created_at": now_iso(), "message": msg, "done": False}
+                    if ev.logprobs:
+                        chunk["logprobs"] = [t.to_dict() for t in ev.logprobs]
+                    yield chunk
             else:
                 out = _summary(name, ev, load_s, t_start)
-                out["message"] = {"role": "assistant", "content": ""}
+                msg = {"role": "assistant", "content": ""}
+                if splitter:
+                    thinking, content = splitter.flush()
+                    if thinking:
+                        msg["thinking"] = thinking
+                    if tools:
+                        held.append(content)
+                    else:
+                        msg["content"] = content
+                if tools:
+                    content, calls = parse_tool_calls("".join(held), tools)
+                    msg["content"] = content
+                    if calls:
+                        msg["tool_calls"] = calls
+                out["message"] = msg
                 yield out
 
 
@@ -128,7 +267,8 @@ def _gguf_template(runner: Runner) -> str | None:
     return anatomy.read(runner.info.model_path).chat_template
 
 
-def _model_name(req: dict[str, Any]) -> str:
+def model_name(req: dict[str, Any]) -> str:
+    """The request's model name (``model``, or the older ``name``)."""
     name = req.get("model") or req.get("name")
     if not name or not isinstance(name, str):
         raise BadRequest("model is required")

@@ -5,26 +5,62 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from offload.models.store import Store
 from offload.planner.errors import OffloadError
 from offload.runtime import __version__, config
 from offload.runtime.scheduler import Scheduler
+from offload.runtime.server.schemas import VersionResponse
 
-__all__ = ["create_app", "error_response"]
+__all__ = ["create_app", "error_response", "origin_regex"]
 
 log = logging.getLogger(__name__)
 
 
-def error_response(status: int, message: str) -> JSONResponse:
-    """Ollama's error shape."""
+_OPENAI_TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 503: "server_error"}
+
+
+def error_response(status: int, message: str, openai: bool = False) -> JSONResponse:
+    """Ollama's error shape, or OpenAI's for the /v1 routes."""
+    if openai:
+        code = "model_not_found" if status == 404 else None
+        body: dict[str, Any] = {
+            "error": {
+                "message": message,
+                "type": _OPENAI_TYPES.get(status, "api_error"),
+                "param": None,
+                "code": code,
+            }
+        }
+        return JSONResponse(body, status_code=status)
     return JSONResponse({"error": message}, status_code=status)
+
+
+def _is_openai(request: Request) -> bool:
+    return request.url.path.startswith("/v1/")
+
+
+# Browsers may call us from local pages and desktop-app shells; OFFLOAD_ORIGINS adds more.
+_LOCAL_ORIGINS = [
+    r"https?://(localhost|127\.0\.0\.1|0\.0\.0\.0|\[::1\])(:\d+)?",
+    r"app://.*",
+    r"file://.*",
+    r"tauri://.*",
+]
+
+
+def origin_regex(extra: list[str]) -> str:
+    """One regex for the allowed origins; ``*`` in an ``OFFLOAD_ORIGINS`` entry matches anything."""
+    pats = list(_LOCAL_ORIGINS) + [re.escape(o).replace(r"\*", ".*") for o in extra]
+    return "^(" + "|".join(pats) + ")$"
 
 
 def _validation_message(exc: RequestValidationError) -> str:
@@ -42,42 +78,65 @@ def _validation_message(exc: RequestValidationError) -> str:
 
 def create_app(store: Store | None = None, scheduler: Scheduler | None = None) -> FastAPI:
     """Build the app; ``store``/``scheduler`` default to the configured ones."""
-    store = store or Store(config.models_dir(), read_only_roots=[p for p in [config.ollama_models_dir()] if p])
+    store = store or Store(
+        config.models_dir(), read_only_roots=[p for p in [config.ollama_models_dir()] if p]
+    )
     scheduler = scheduler or Scheduler(store)
+
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
-        scheduler.close()
+        scheduler.close()  # models are freed when the server stops, not at interpreter exit
 
-    app = FastAPI(title="offload", version=__version__, lifespan=lifespan,
-                  description="A local LLM runtime with Ollama- and OpenAI-compatible APIs.")
+    app = FastAPI(
+        title="offload",
+        version=__version__,
+        lifespan=lifespan,
+        description="A local LLM runtime with Ollama- and OpenAI-compatible APIs.",
+    )
     app.state.store = store
     app.state.scheduler = scheduler
 
     @app.exception_handler(OffloadError)
-    async def _offload_error(_: Request, exc: OffloadError) -> JSONResponse:
-        return error_response(exc.http_status, str(exc))
+    async def _offload_error(request: Request, exc: OffloadError) -> JSONResponse:
+        return error_response(exc.http_status, str(exc), _is_openai(request))
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(400, _validation_message(exc))
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # A body that is not JSON at all gets the parser's own message, as Ollama gives.
+        raw = await request.body()
+        if raw.strip():
+            try:
+                json.loads(raw)
+            except ValueError as e:
+                return error_response(400, f"invalid JSON: {e}", _is_openai(request))
+        return error_response(400, _validation_message(exc), _is_openai(request))
 
     @app.exception_handler(json.JSONDecodeError)
-    async def _bad_json(_: Request, exc: json.JSONDecodeError) -> JSONResponse:
-        return error_response(400, f"invalid JSON: {exc}")
+    async def _bad_json(request: Request, exc: json.JSONDecodeError) -> JSONResponse:
+        return error_response(400, f"invalid JSON: {exc}", _is_openai(request))
+
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origin_regex=origin_regex(config.origins()),
+        allow_methods=["*"],
+        allow_headers=["*"],
+        allow_credentials=False,
+    )
 
     @app.get("/", response_class=PlainTextResponse)
     @app.head("/", response_class=PlainTextResponse)
     async def root() -> str:
         return "Offload is running"
 
-    @app.get("/api/version")
+    @app.get("/api/version", response_model=VersionResponse)
     async def version() -> dict[str, Any]:
         return {"version": __version__}
 
-    from offload.runtime.server import ollama
+    from offload.runtime.server import ollama, openai
 
     app.include_router(ollama.router)
+    app.include_router(openai.router)
     try:
         from offload.runtime.server import models_api
     except ImportError:

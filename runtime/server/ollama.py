@@ -1,129 +1,274 @@
-"""Ollama's /api routes for generation and the model list."""
+"""Ollama's /api routes: generate, chat, embed, embeddings, tags, ps."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
 
 from offload.planner.errors import OffloadError
-from offload.runtime import service
-from offload.runtime.scheduler import Scheduler
-from offload.runtime.server.streaming import ThreadedStream
+from offload.runtime import embeddings, service
+from offload.runtime.scheduler import Runner, Scheduler
+from offload.runtime.server.schemas import (
+    ChatRequest,
+    ChatResponse,
+    EmbeddingsRequest,
+    EmbeddingsResponse,
+    EmbedRequest,
+    EmbedResponse,
+    ErrorResponse,
+    GenerateRequest,
+    GenerateResponse,
+    ListResponse,
+    ProcessResponse,
+)
+from offload.runtime.server.streaming import CancellingStreamingResponse, ThreadedStream
 
-__all__ = ["router", "respond"]
+__all__ = ["router", "respond", "running_model", "merge_chunks", "collect"]
 
-router = APIRouter()
+log = logging.getLogger(__name__)
+router = APIRouter(tags=["ollama"])
 
-
-async def _body(request: Request) -> dict[str, Any]:
-    raw = await request.body()
-    if not raw.strip():
-        return {}
-    data = json.loads(raw)  # JSONDecodeError -> 400 by the app's handler
-    if not isinstance(data, dict):
-        raise json.JSONDecodeError("expected a JSON object", raw.decode(errors="replace"), 0)
-    return data
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorResponse, "description": "Bad request"},
+    404: {"model": ErrorResponse, "description": "Model not found"},
+    503: {"model": ErrorResponse, "description": "Server busy"},
+}
 
 
-def _merge_final(chunks: list[dict[str, Any]], key: str) -> dict[str, Any]:
+def _ndjson(model: type) -> dict[int | str, dict[str, Any]]:
+    return {
+        200: {
+            "model": model,
+            "content": {"application/x-ndjson": {}},
+            "description": "One object, or NDJSON chunks when streaming",
+        },
+        **_ERRORS,
+    }
+
+
+def merge_chunks(chunks: list[dict[str, Any]], key: str) -> dict[str, Any]:
     """Fold streamed chunks into one non-streamed response."""
     final = dict(chunks[-1])
     if key == "response":
         final["response"] = "".join(c.get("response", "") for c in chunks)
+        thinking = "".join(c.get("thinking") or "" for c in chunks)
+        if thinking:
+            final["thinking"] = thinking
     else:
         msg = dict(final.get("message") or {"role": "assistant"})
-        msg["content"] = "".join((c.get("message") or {}).get("content", "") for c in chunks)
+        msg["content"] = "".join((c.get("message") or {}).get("content") or "" for c in chunks)
+        thinking = "".join((c.get("message") or {}).get("thinking") or "" for c in chunks)
+        if thinking:
+            msg["thinking"] = thinking
         final["message"] = msg
+    logprobs = [lp for c in chunks for lp in c.get("logprobs") or []]
+    if logprobs:
+        final["logprobs"] = logprobs
     return final
 
 
-async def respond(make: Callable[[threading.Event], Iterator[dict[str, Any]]], stream: bool,
-                  key: str) -> JSONResponse | StreamingResponse:
+async def collect(ts: ThreadedStream, request: Request | None = None) -> list[dict[str, Any]]:
+    """Every chunk of a stream (errors propagate to the app's handlers).
+
+    A client that hangs up on a non-streamed request is noticed by polling, so its generation
+    stops too instead of running to ``num_predict`` for nobody.
+    """
+
+    async def watch() -> None:
+        while not ts.cancel.is_set():
+            if request is not None and await request.is_disconnected():
+                ts.cancel.set()
+                return
+            await asyncio.sleep(0.25)
+
+    watcher = asyncio.create_task(watch())
+    try:
+        return [c async for c in ts]
+    finally:
+        watcher.cancel()
+
+
+async def respond(
+    make: Callable[[threading.Event], Iterator[dict[str, Any]]],
+    stream: bool,
+    key: str,
+    request: Request | None = None,
+) -> JSONResponse | CancellingStreamingResponse:
     """Run a generation; NDJSON stream or one merged object. Errors before output get a status."""
     ts = ThreadedStream(make)
+    if not stream:
+        chunks = await collect(ts, request)
+        return JSONResponse(merge_chunks(chunks, key) if chunks else {})
     try:
         first = await ts.next()
     except StopAsyncIteration:
         first = None
-    if not stream:
-        chunks = [first] if first else []
-        async for c in ts:
-            chunks.append(c)
-        return JSONResponse(_merge_final(chunks, key)) if chunks else JSONResponse({})
 
     async def lines() -> AsyncIterator[bytes]:
-        if first is not None:
-            yield (json.dumps(first) + "\n").encode()
         try:
+            if first is not None:
+                yield (json.dumps(first) + "\n").encode()
             async for c in ts:
                 yield (json.dumps(c) + "\n").encode()
         except OffloadError as e:
             yield (json.dumps({"error": str(e)}) + "\n").encode()
+        except Exception as e:  # noqa: BLE001 - headers are sent: the error goes in the stream
+            log.exception("generation failed mid-stream")
+            yield (json.dumps({"error": f"internal error: {e}"}) + "\n").encode()
+        finally:
+            ts.cancel.set()  # a client gone mid-stream stops the generation at its next token
 
-    return StreamingResponse(lines(), media_type="application/x-ndjson")
+    return CancellingStreamingResponse(lines(), ts, media_type="application/x-ndjson")
 
 
 def _sched(request: Request) -> Scheduler:
     return request.app.state.scheduler
 
 
-@router.post("/api/generate")
-async def generate(request: Request) -> Any:
-    body = await _body(request)
-    sched = _sched(request)
-    return await respond(lambda cancel: service.generate(sched, body, cancel), body.get("stream", True) is not False,
-                         "response")
+def _dump(model: Any) -> dict[str, Any]:
+    return model.model_dump(exclude_none=True)
 
 
-@router.post("/api/chat")
-async def chat(request: Request) -> Any:
-    body = await _body(request)
-    sched = _sched(request)
-    return await respond(lambda cancel: service.chat(sched, body, cancel), body.get("stream", True) is not False,
-                         "message")
+@router.post("/api/generate", responses=_ndjson(GenerateResponse), response_model=None)
+async def generate(body: GenerateRequest, request: Request) -> Any:
+    """Generate a completion for a prompt."""
+    req, sched = _dump(body), _sched(request)
+    return await respond(
+        lambda cancel: service.generate(sched, req, cancel),
+        body.stream is not False,
+        "response",
+        request,
+    )
 
 
-@router.get("/api/tags")
+@router.post("/api/chat", responses=_ndjson(ChatResponse), response_model=None)
+async def chat(body: ChatRequest, request: Request) -> Any:
+    """Generate the next message of a chat."""
+    req, sched = _dump(body), _sched(request)
+    return await respond(
+        lambda cancel: service.chat(sched, req, cancel),
+        body.stream is not False,
+        "message",
+        request,
+    )
+
+
+@router.post("/api/embed", response_model=EmbedResponse, responses=_ERRORS)
+async def embed(body: EmbedRequest, request: Request) -> dict[str, Any]:
+    """Embeddings of one input or a list of inputs (unit length)."""
+    # An empty string is no input, as in Ollama: the model is loaded and nothing is embedded.
+    inputs = (
+        ([body.input] if body.input else []) if isinstance(body.input, str) else list(body.input)
+    )
+    keep = service.keep_alive_from(body.keep_alive)
+    out = await run_in_threadpool(
+        embeddings.embed,
+        _sched(request),
+        body.model,
+        inputs,
+        body.truncate is not False,
+        body.dimensions,
+        body.options,
+        keep,
+    )
+    return {
+        "model": body.model,
+        "embeddings": out.embeddings,
+        "total_duration": int(out.total_s * 1e9),
+        "load_duration": int(out.load_s * 1e9),
+        "prompt_eval_count": out.prompt_eval_count,
+    }
+
+
+@router.post("/api/embeddings", response_model=EmbeddingsResponse, responses=_ERRORS)
+async def embeddings_legacy(body: EmbeddingsRequest, request: Request) -> dict[str, Any]:
+    """The older single-prompt embedding endpoint."""
+    if not body.prompt:
+        return {"embedding": []}
+    keep = service.keep_alive_from(body.keep_alive)
+    out = await run_in_threadpool(
+        embeddings.embed, _sched(request), body.model, [body.prompt], True, None, body.options, keep
+    )
+    return {"embedding": out.embeddings[0]}
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
+
+
+def _details(config: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "parent_model": "",
+        "format": config.get("model_format", "gguf"),
+        "family": config.get("model_family", ""),
+        "families": config.get("model_families") or None,
+        "parameter_size": config.get("model_type", ""),
+        "quantization_level": config.get("file_type", ""),
+    }
+
+
+@router.get("/api/tags", response_model=ListResponse)
 async def tags(request: Request) -> dict[str, Any]:
+    """The models in the store."""
     store = request.app.state.store
     models = []
     for m in store.list():
-        d = m.details
-        models.append({
-            "name": m.name.display, "model": m.name.display,
-            "modified_at": m.modified_at.isoformat().replace("+00:00", "Z"),
-            "size": m.size_bytes, "digest": m.digest.removeprefix("sha256:"),
-            "details": {"parent_model": "", "format": d.get("model_format", "gguf"),
-                        "family": d.get("model_family", ""), "families": d.get("model_families") or None,
-                        "parameter_size": d.get("model_type", ""), "quantization_level": d.get("file_type", "")},
-        })
+        models.append(
+            {
+                "name": m.name.display,
+                "model": m.name.display,
+                "modified_at": m.modified_at.isoformat().replace("+00:00", "Z"),
+                "size": m.size_bytes,
+                "digest": m.digest.removeprefix("sha256:"),
+                "details": _details(m.details),
+            }
+        )
     return {"models": models}
 
 
-@router.get("/api/ps")
-async def ps(request: Request) -> dict[str, Any]:
-    import time
-    from datetime import UTC, datetime
+# Ollama writes a far-future expiry for models kept forever.
+_FOREVER_TS = 4102444800.0
 
-    out = []
-    for r in _sched(request).loaded():
+
+def running_model(r: Runner) -> dict[str, Any]:
+    """One /api/ps entry: sizes, expiry, context and our plan."""
+    # What llama.cpp reported allocating, where we have it; the plan's prediction otherwise.
+    measured = r.engine.measured_bytes if r.engine is not None else {}
+    if measured:
+        gpu = sum(sum(v.values()) for dev, v in measured.items() if dev != "CPU")
+        total = sum(sum(v.values()) for v in measured.values())
+    else:
         gpu = sum(d.total_bytes for d in r.plan.devices if d.kind == "GPU")
         total = sum(d.total_bytes for d in r.plan.devices)
-        remaining = r.expires_at - time.monotonic()
-        expires = (datetime.now(UTC).timestamp() + remaining) if remaining != float("inf") else 4102444800
-        out.append({
-            "name": r.name, "model": r.name, "size": total, "size_vram": gpu,
-            "digest": r.info.digest.removeprefix("sha256:"),
-            "details": {"format": "gguf", "family": r.info.config.get("model_family", ""),
-                        "parameter_size": r.info.config.get("model_type", ""),
-                        "quantization_level": r.info.config.get("file_type", "")},
-            "expires_at": datetime.fromtimestamp(expires, UTC).isoformat().replace("+00:00", "Z"),
-            "context_length": r.plan.n_ctx,
-            "plan": r.plan.to_dict(),
-        })
-    return {"models": out}
+    remaining = r.expires_at - time.monotonic()
+    if r.busy and r.expires_at == float("inf"):
+        remaining = r.keep_alive_s  # in use: it expires keep_alive after this request
+    expires = _FOREVER_TS if remaining == float("inf") else time.time() + max(0.0, remaining)
+    return {
+        "name": r.name,
+        "model": r.name,
+        "size": total,
+        "size_vram": gpu,
+        "digest": r.info.digest.removeprefix("sha256:"),
+        "details": _details(r.info.config),
+        "expires_at": _iso(expires),
+        "context_length": r.plan.n_ctx,
+        "plan": r.plan.to_dict(),
+        "memory": r.engine.memory_report() if r.engine is not None else None,
+    }
+
+
+@router.get("/api/ps", response_model=ProcessResponse)
+async def ps(request: Request) -> dict[str, Any]:
+    """The loaded models."""
+    return {"models": [running_model(r) for r in _sched(request).loaded()]}

@@ -12,7 +12,9 @@ import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
-__all__ = ["ThreadedStream"]
+from starlette.responses import StreamingResponse
+
+__all__ = ["ThreadedStream", "CancellingStreamingResponse"]
 
 _END = object()
 
@@ -60,3 +62,23 @@ class ThreadedStream:
             # Reached on normal end, on error, and when the client disconnects (the task is
             # cancelled): the worker sees the event at its next token and lets go of the model.
             self.cancel.set()
+
+
+class CancellingStreamingResponse(StreamingResponse):
+    """A streaming response that cancels its generation however it ends.
+
+    Starlette ends a response whose client went away by raising out of ``__call__`` (or cancelling
+    it); the body generator itself may not be closed until garbage collection, so the cancel is
+    set here, where the end is certain.
+    """
+
+    def __init__(self, content: Any, stream: ThreadedStream, media_type: str) -> None:
+        super().__init__(content, media_type=media_type)
+        self._stream = stream
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        """Send the stream; on any exit (done, disconnect, error) tell the worker to stop."""
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._stream.cancel.set()

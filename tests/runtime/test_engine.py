@@ -105,3 +105,14 @@ def test_an_overlong_prompt_is_refused_when_truncation_is_off(engine: Engine) ->
     tokens = engine.tokenize("word " * 3000)
     with pytest.raises(ContextTooLong, match="context holds"):
         list(engine.generate(tokens, Sampling(num_predict=4), truncate=False))
+
+
+def test_a_context_smaller_than_llama_cpps_padding_still_truncates_safely(gemma_gguf: Path) -> None:
+    p = plan(anatomy.read(gemma_gguf), hardware.probe(), PlanRequest(n_ctx=128))
+    e = Engine.load(gemma_gguf, p)
+    try:
+        assert e.n_ctx == 128
+        stats = [ev for ev in e.generate(e.tokenize("word " * 300), Sampling(num_predict=4)) if isinstance(ev, Stats)][0]
+        assert stats.prompt_eval_count < 128 and stats.eval_count == 4
+    finally:
+        e.close()

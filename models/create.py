@@ -1,0 +1,260 @@
+"""``create``: build a model in the store from a Modelfile, as Ollama does.
+
+FROM a GGUF file imports it as the model blob; FROM a model name reuses that model's layers and
+inherits its template, system, parameters, messages, license and adapters unless the Modelfile
+overrides them (parameters merge key by key). Quantizing needs llama.cpp, which this package may
+not import: the caller passes a ``quantizer``. The manifest is deterministic (no timestamps), so
+the same Modelfile and files always give the same model ID.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from offload.models import gotemplate
+from offload.models.errors import ModelError
+from offload.models.modelfile import Modelfile, ModelfileError, parse_modelfile
+from offload.models.names import ModelName, parse_name
+from offload.models.store import (
+    MEDIA_ADAPTER,
+    MEDIA_LICENSE,
+    MEDIA_MESSAGES,
+    MEDIA_MODEL,
+    MEDIA_PARAMS,
+    MEDIA_PROJECTOR,
+    MEDIA_SYSTEM,
+    MEDIA_TEMPLATE,
+    Store,
+    sha256_file,
+)
+from offload.planner.errors import GGUFError
+from offload.planner.gguf_header import read_header
+
+__all__ = ["FILE_TYPES", "Quantizer", "create", "file_type_name", "gguf_config", "quant_type"]
+
+log = logging.getLogger(__name__)
+
+#: (source GGUF, destination GGUF, llama.cpp file type number) -> None.
+Quantizer = Callable[[Path, Path, int], None]
+Progress = Callable[[dict[str, Any]], None]
+
+#: llama.cpp's ``llama_ftype`` numbers by the names users type (``ollama create --quantize``).
+FILE_TYPES: dict[str, int] = {
+    "F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q2_K": 10,
+    "Q3_K_S": 11, "Q3_K_M": 12, "Q3_K_L": 13, "Q4_K_S": 14, "Q4_K_M": 15, "Q5_K_S": 16,
+    "Q5_K_M": 17, "Q6_K": 18, "IQ2_XXS": 19, "IQ2_XS": 20, "Q2_K_S": 21, "IQ3_XS": 22,
+    "IQ3_XXS": 23, "IQ1_S": 24, "IQ4_NL": 25, "IQ3_S": 26, "IQ3_M": 27, "IQ2_S": 28, "IQ2_M": 29,
+    "IQ4_XS": 30, "IQ1_M": 31, "BF16": 32, "TQ1_0": 36, "TQ2_0": 37,
+}  # fmt: skip
+_UNQUANTIZED = {0, 1, 32}
+_LAYER_ORDER = [MEDIA_MODEL, MEDIA_PROJECTOR, MEDIA_ADAPTER, MEDIA_TEMPLATE, MEDIA_SYSTEM,
+                MEDIA_LICENSE, MEDIA_PARAMS, MEDIA_MESSAGES]  # fmt: skip
+
+
+def _noop(_: dict[str, Any]) -> None:
+    pass
+
+
+def file_type_name(number: int | None) -> str:
+    """``Q4_K_M`` for 15; ``unknown`` when absent."""
+    for k, v in FILE_TYPES.items():
+        if v == number:
+            return k
+    return "unknown"
+
+
+def quant_type(name: str) -> int:
+    """The llama.cpp file type for a name like ``q4_K_M`` (any case); raise on unknown names."""
+    key = name.strip().upper()
+    if key not in FILE_TYPES:
+        raise ModelError(f'unknown quantization "{name}", expected one of {", ".join(FILE_TYPES)}')
+    return FILE_TYPES[key]
+
+
+def _human_count(n: int) -> str:
+    for div, unit in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(n)
+
+
+def gguf_config(path: Path) -> dict[str, Any]:
+    """The config-blob fields Ollama derives from a GGUF header (family, size, file type)."""
+    h = read_header(path)
+    md = h.metadata
+    arch = str(md.get("general.architecture", "unknown"))
+    n_params = 0
+    for t in h.tensors:
+        count = 1
+        for d in t.shape:
+            count *= d
+        n_params += count
+    return {
+        "model_format": "gguf",
+        "model_family": arch,
+        "model_families": [arch],
+        "model_type": _human_count(n_params),
+        "file_type": file_type_name(md.get("general.file_type")),
+    }
+
+
+def _is_path(value: str, base_dir: Path) -> bool:
+    if value.startswith(("/", "./", "../", "~", ".\\")) or value.lower().endswith(".gguf"):
+        return True
+    return (base_dir / value).exists()
+
+
+def _file(value: str, base_dir: Path, what: str, line: int | None) -> Path:
+    p = Path(value).expanduser()
+    p = p if p.is_absolute() else base_dir / p
+    if not p.exists():
+        raise ModelfileError(f"{what} {value}: no such file", line)
+    if p.is_dir():
+        raise ModelfileError(
+            f"{what} {value} is a folder; offload imports GGUF files only (convert safetensors "
+            "with llama.cpp's convert_hf_to_gguf.py first)",
+            line,
+        )
+    with p.open("rb") as f:
+        if f.read(4) != b"GGUF":
+            raise ModelfileError(f"{what} {value} is not a GGUF file", line)
+    return p
+
+
+def _import_file(store: Store, path: Path, media: str, report: Progress) -> dict[str, Any]:
+    digest = sha256_file(path)
+    if store.has_blob(digest):
+        report({"status": f"using existing layer {digest}"})
+    else:
+        report({"status": f"creating new layer {digest}"})
+        store.add_blob_file(path, expected=digest)
+    return {"mediaType": media, "digest": digest, "size": path.stat().st_size}
+
+
+def _text_layer(store: Store, media: str, data: bytes, report: Progress) -> dict[str, Any]:
+    layer = store.layer_for_bytes(media, data)
+    report({"status": f"using layer {layer['digest']}"})
+    return layer
+
+
+def create(
+    store: Store,
+    name: str | ModelName,
+    modelfile: Modelfile | str,
+    *,
+    base_dir: Path | None = None,
+    quantize: str | None = None,
+    quantizer: Quantizer | None = None,
+    progress: Progress | None = None,
+) -> str:
+    """Create ``name`` from a Modelfile (text or parsed); return the new manifest's digest."""
+    report = progress or _noop
+    mn = parse_name(name) if isinstance(name, str) else name
+    base_dir = Path(base_dir or Path.cwd())
+    report({"status": "parsing modelfile"})
+    mf = parse_modelfile(modelfile) if isinstance(modelfile, str) else modelfile
+    from_line = mf.lines.get("FROM")
+    if mf.template is not None:
+        try:
+            gotemplate.parse(mf.template)
+        except gotemplate.TemplateError as e:
+            start = mf.lines.get("TEMPLATE")
+            line = start + e.line - 1 if start and e.line else start
+            raise ModelfileError(f"TEMPLATE does not parse: {e.problem}", line) from None
+
+    inherited: dict[str, list[dict[str, Any]]] = {}
+    base_params: dict[str, Any] = {}
+    if _is_path(mf.from_, base_dir):
+        model_file = _file(mf.from_, base_dir, "FROM", from_line)
+        model_layer = _import_file(store, model_file, MEDIA_MODEL, report)
+        inherited[MEDIA_MODEL] = [model_layer]
+    else:
+        try:
+            holder, raw = store.locate_manifest(mf.from_)
+        except ModelError as e:
+            raise ModelfileError(f"FROM {mf.from_}: {e}", from_line) from None
+        for layer in json.loads(raw).get("layers", []):
+            inherited.setdefault(layer["mediaType"], []).append(layer)
+            if holder is not store and not store.blob_path(layer["digest"]).is_file():
+                # Blobs from the read-only Ollama store are copied so our manifest is whole.
+                store.add_blob_file(holder.blob_path(layer["digest"]), expected=layer["digest"])
+        if MEDIA_PARAMS in inherited:
+            base_params = json.loads(
+                store.find_blob(inherited[MEDIA_PARAMS][0]["digest"]).read_bytes()
+            )  # type: ignore[union-attr]
+        if MEDIA_MODEL not in inherited:
+            raise ModelfileError(f"FROM {mf.from_}: that model has no weights layer", from_line)
+
+    model_path = store.find_blob(inherited[MEDIA_MODEL][0]["digest"])
+    assert model_path is not None
+    if quantize:
+        inherited[MEDIA_MODEL] = [_quantize(store, model_path, quantize, quantizer, report)]
+        model_path = store.find_blob(inherited[MEDIA_MODEL][0]["digest"])
+        assert model_path is not None
+
+    layers: dict[str, list[dict[str, Any]]] = dict(inherited)
+    for i, adapter in enumerate(mf.adapters):
+        path = _file(adapter, base_dir, "ADAPTER", mf.lines.get(f"ADAPTER{i}"))
+        layers.setdefault(MEDIA_ADAPTER, []).append(
+            _import_file(store, path, MEDIA_ADAPTER, report)
+        )
+    if mf.template is not None:
+        layers[MEDIA_TEMPLATE] = [_text_layer(store, MEDIA_TEMPLATE, mf.template.encode(), report)]
+    if mf.system is not None:
+        layers[MEDIA_SYSTEM] = [_text_layer(store, MEDIA_SYSTEM, mf.system.encode(), report)]
+    if mf.licenses:
+        layers[MEDIA_LICENSE] = [
+            _text_layer(store, MEDIA_LICENSE, lic.encode(), report) for lic in mf.licenses
+        ]
+    if mf.parameters:
+        params = {**base_params, **mf.parameters}
+        data = json.dumps(params, sort_keys=True, separators=(",", ":")).encode()
+        layers[MEDIA_PARAMS] = [_text_layer(store, MEDIA_PARAMS, data, report)]
+    if mf.messages:
+        msgs = [{"role": m.role, "content": m.content} for m in mf.messages]
+        data = json.dumps(msgs, separators=(",", ":")).encode()
+        layers[MEDIA_MESSAGES] = [_text_layer(store, MEDIA_MESSAGES, data, report)]
+
+    ordered = [layer for media in _LAYER_ORDER for layer in layers.get(media, [])]
+    ordered += [layer for media, ls in layers.items() if media not in _LAYER_ORDER for layer in ls]
+    try:
+        config = gguf_config(model_path)
+    except GGUFError as e:
+        raise ModelfileError(f"FROM {mf.from_}: {e}", from_line) from None
+    config["rootfs"] = {"type": "layers", "diff_ids": [layer["digest"] for layer in ordered]}
+    report({"status": "writing manifest"})
+    digest = store.write_manifest(mn, store.new_manifest(ordered, config))
+    report({"status": "success"})
+    log.info("created %s (%s)", mn.full, digest)
+    return digest
+
+
+def _quantize(
+    store: Store, src: Path, quantize: str, quantizer: Quantizer | None, report: Progress
+) -> dict[str, Any]:
+    ftype = quant_type(quantize)
+    current = read_header(src).metadata.get("general.file_type")
+    if current not in _UNQUANTIZED:
+        raise ModelError(
+            f"quantize: only F16, BF16 or F32 models can be quantized, this one is "
+            f"{file_type_name(current)}"
+        )
+    if quantizer is None:
+        raise ModelError("quantize: no quantizer available in this build")
+    report({"status": f"quantizing {file_type_name(current)} model to {file_type_name(ftype)}"})
+    tmp_dir = store.root / ".tmp"
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=tmp_dir, suffix=".gguf")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        quantizer(src, tmp, ftype)
+        return _import_file(store, tmp, MEDIA_MODEL, report)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -1,0 +1,343 @@
+"""Parsing Go's text/template: splitting text from actions, lexing them, building the tree.
+
+The nodes are private to ``offload.models.gotemplate``, which executes them.
+"""
+
+from __future__ import annotations
+
+import json as _json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from offload.models.errors import ModelError
+from offload.models.gofuncs import FUNCS
+
+__all__ = ["TemplateError", "build"]
+
+
+class TemplateError(ModelError):
+    """A template that does not parse or fails while rendering; ``line`` is 1-based."""
+
+    http_status = 400
+
+    def __init__(self, problem: str, line: int | None = None) -> None:
+        where = f"template line {line}: " if line else "template: "
+        super().__init__(where + problem)
+        self.problem = problem
+        self.line = line
+
+
+# ---------------------------------------------------------------- lexing the action text
+_TOKEN = re.compile(
+    r"""(?P<ws>\s+)
+    |(?P<str>"(?:[^"\\\n]|\\.)*")
+    |(?P<raw>`[^`]*`)
+    |(?P<char>'(?:[^'\\]|\\.)+')
+    |(?P<num>[-+]?(?:0[xX][0-9a-fA-F_]+|(?:\d[\d_]*\.?\d*|\.\d+)(?:[eE][-+]?\d+)?))
+    |(?P<decl>:=)
+    |(?P<assign>=)
+    |(?P<field>(?:\.[A-Za-z_][A-Za-z0-9_]*)+)
+    |(?P<dot>\.)
+    |(?P<var>\$[A-Za-z0-9_]*)
+    |(?P<ident>[A-Za-z_][A-Za-z0-9_]*)
+    |(?P<lparen>\()
+    |(?P<rparen>\))
+    |(?P<pipe>\|)
+    |(?P<comma>,)
+    """,
+    re.VERBOSE,
+)
+
+
+_CHAIN = re.compile(r"(?:\.[A-Za-z_][A-Za-z0-9_]*)+")
+
+
+@dataclass
+class _Tok:
+    kind: str
+    text: str
+
+
+def _tokenize(src: str, line: int) -> list[_Tok]:
+    toks: list[_Tok] = []
+    pos = 0
+    while pos < len(src):
+        # A field chain right after ")" or a variable belongs to that operand, so try it first.
+        m = _CHAIN.match(src, pos)
+        if (
+            m
+            and toks
+            and toks[-1].kind in ("rparen", "var")
+            and pos > 0
+            and not src[pos - 1].isspace()
+        ):
+            toks.append(_Tok("chain", m.group()))
+            pos = m.end()
+            continue
+        m = _TOKEN.match(src, pos)
+        if not m:
+            raise TemplateError(f"unexpected {src[pos]!r} in action", line)
+        kind = m.lastgroup or ""
+        if kind != "ws":
+            toks.append(_Tok(kind, m.group()))
+        pos = m.end()
+    return toks
+
+
+# ---------------------------------------------------------------- nodes
+@dataclass
+class _Operand:
+    kind: str  # lit, dot, field, var, func, pipe
+    value: Any
+    chain: tuple[str, ...] = ()
+    line: int = 0
+
+
+@dataclass
+class _Pipe:
+    decl: list[str]
+    op: str  # ":=", "=" or ""
+    cmds: list[list[_Operand]]
+    line: int
+
+
+@dataclass
+class _Node:
+    kind: str  # text, action, if, range, with, break, continue
+    line: int
+    text: str = ""
+    pipe: _Pipe | None = None
+    body: list[_Node] = field(default_factory=list)
+    else_body: list[_Node] = field(default_factory=list)
+
+
+class _PipeParser:
+    def __init__(self, toks: list[_Tok], line: int) -> None:
+        self.toks, self.i, self.line = toks, 0, line
+
+    def peek(self) -> _Tok | None:
+        return self.toks[self.i] if self.i < len(self.toks) else None
+
+    def next(self) -> _Tok:
+        tok = self.peek()
+        if tok is None:
+            raise TemplateError("unexpected end of action", self.line)
+        self.i += 1
+        return tok
+
+    def pipeline(self, allow_decl: bool = True, range_decl: bool = False) -> _Pipe:
+        decl: list[str] = []
+        op = ""
+        if allow_decl:
+            # Look ahead for "$x :=", "$x =" or "$i, $x :=".
+            j = self.i
+            names: list[str] = []
+            while j < len(self.toks) and self.toks[j].kind == "var":
+                names.append(self.toks[j].text)
+                j += 1
+                if (
+                    j < len(self.toks)
+                    and self.toks[j].kind == "comma"
+                    and range_decl
+                    and len(names) < 2
+                ):
+                    j += 1
+                    continue
+                break
+            if names and j < len(self.toks) and self.toks[j].kind in ("decl", "assign"):
+                decl, op, self.i = names, self.toks[j].text, j + 1
+        cmds = [self.command()]
+        while (tok := self.peek()) is not None and tok.kind == "pipe":
+            self.i += 1
+            cmds.append(self.command())
+        return _Pipe(decl, op, cmds, self.line)
+
+    def command(self) -> list[_Operand]:
+        ops: list[_Operand] = []
+        while (tok := self.peek()) is not None and tok.kind not in ("pipe", "rparen"):
+            ops.append(self.operand())
+        if not ops:
+            raise TemplateError("missing value in pipeline", self.line)
+        return ops
+
+    def operand(self) -> _Operand:
+        tok = self.next()
+        k, t = tok.kind, tok.text
+        if k == "str":
+            op = _Operand("lit", _unquote(t, self.line))
+        elif k == "raw":
+            op = _Operand("lit", t[1:-1])
+        elif k == "char":
+            op = _Operand("lit", ord(_unquote('"' + t[1:-1] + '"', self.line)))
+        elif k == "num":
+            op = _Operand("lit", _number(t, self.line))
+        elif k == "dot":
+            op = _Operand("dot", None)
+        elif k == "field":
+            op = _Operand("dot", None, tuple(t[1:].split(".")))
+        elif k == "var":
+            op = _Operand("var", t)
+        elif k == "ident":
+            if t in ("true", "false"):
+                op = _Operand("lit", t == "true")
+            elif t == "nil":
+                op = _Operand("lit", None)
+            elif t in FUNCS or t in ("and", "or"):
+                op = _Operand("func", t)
+            else:
+                raise TemplateError(f'function "{t}" not defined', self.line)
+        elif k == "lparen":
+            inner = self.pipeline(allow_decl=False)
+            if (close := self.peek()) is None or close.kind != "rparen":
+                raise TemplateError("unclosed '('", self.line)
+            self.i += 1
+            op = _Operand("pipe", inner)
+        else:
+            raise TemplateError(f"unexpected {t!r} in operand", self.line)
+        nxt = self.peek()
+        if nxt is not None and nxt.kind == "chain":
+            self.i += 1
+            op.chain = op.chain + tuple(nxt.text[1:].split("."))
+        op.line = self.line
+        return op
+
+
+def _unquote(text: str, line: int) -> str:
+    try:
+        return (
+            _json.loads(text, strict=False) if "\\x" not in text else text[1:-1].encode().decode("unicode_escape")
+        )
+    except ValueError as exc:
+        raise TemplateError(f"bad string literal {text}", line) from exc
+
+
+def _number(text: str, line: int) -> int | float:
+    t = text.replace("_", "")
+    try:
+        if t.lower().lstrip("+-").startswith("0x"):
+            return int(t, 16)
+        if any(c in t for c in ".eE"):
+            return float(t)
+        return int(t)
+    except ValueError as exc:
+        raise TemplateError(f"bad number {text}", line) from exc
+
+
+# ---------------------------------------------------------------- splitting text and actions
+_ACTION = re.compile(r"\{\{(-\s)?(.*?)(\s-)?\}\}", re.DOTALL)
+
+
+def _split(source: str) -> list[tuple[str, str, int]]:
+    """Yield ('text'|'action', content, line) with trim markers applied."""
+    out: list[tuple[str, str, int]] = []
+    pos = 0
+    trim_next = False
+    for m in _ACTION.finditer(source):
+        text = source[pos : m.start()]
+        if trim_next:
+            text = text.lstrip(" \t\r\n")
+        if m.group(1):
+            text = text.rstrip(" \t\r\n")
+        line = source.count("\n", 0, m.start()) + 1
+        if text:
+            out.append(("text", text, line))
+        body = m.group(2)
+        out.append(("action", body, line))
+        trim_next = m.group(3) is not None
+        pos = m.end()
+    rest = source[pos:]
+    if "{{" in rest:
+        raise TemplateError("unclosed action", source.count("\n", 0, pos + rest.index("{{")) + 1)
+    if trim_next:
+        rest = rest.lstrip(" \t\r\n")
+    if rest:
+        out.append(("text", rest, source.count("\n", 0, pos) + 1))
+    return out
+
+
+def _build(source: str) -> list[_Node]:
+    items = _split(source)
+    root: list[_Node] = []
+    # Stack of (node, which list we are filling, opener name); "else if" chains share one "end".
+    stack: list[tuple[_Node, list[_Node], int]] = []
+    current = root
+
+    def close_chain() -> None:
+        nonlocal current
+        # Pop this block and any "else if"/"else with" links that end with it.
+        while True:
+            _node, _lst, chained = stack.pop()
+            if not chained:
+                break
+        current = stack[-1][1] if stack else root
+
+    for kind, content, line in items:
+        if kind == "text":
+            current.append(_Node("text", line, text=content))
+            continue
+        body = content.strip()
+        if body.startswith("/*"):
+            if not body.endswith("*/"):
+                raise TemplateError("unclosed comment", line)
+            continue
+        toks = _tokenize(body, line)
+        if not toks:
+            raise TemplateError("missing value for command", line)
+        head = toks[0].text if toks[0].kind == "ident" else ""
+        p = _PipeParser(toks[1:], line)
+        if head in ("if", "with", "range"):
+            pipe = p.pipeline(range_decl=head == "range")
+            node = _Node(head, line, pipe=pipe)
+            current.append(node)
+            stack.append((node, node.body, 0))
+            current = node.body
+        elif head == "else":
+            if not stack or stack[-1][0].kind not in ("if", "with", "range"):
+                raise TemplateError("unexpected {{else}}", line)
+            node, _lst, chained = stack.pop()
+            if node.else_body or _lst is node.else_body:
+                raise TemplateError("expected {{end}} after {{else}}", line)
+            if len(toks) > 1:
+                sub_kind = toks[1].text
+                if sub_kind not in ("if", "with") or toks[1].kind != "ident":
+                    raise TemplateError(f"unexpected {sub_kind!r} after else", line)
+                sub = _Node(sub_kind, line, pipe=_PipeParser(toks[2:], line).pipeline())
+                node.else_body.append(sub)
+                stack.append((node, node.else_body, chained))
+                stack.append((sub, sub.body, 1))
+                current = sub.body
+            else:
+                stack.append((node, node.else_body, chained))
+                current = node.else_body
+            continue
+        elif head == "end":
+            if len(toks) > 1:
+                raise TemplateError("unexpected words after {{end}}", line)
+            if not stack:
+                raise TemplateError("unexpected {{end}}", line)
+            close_chain()
+            continue
+        elif head in ("break", "continue"):
+            if not any(n.kind == "range" for n, _l, _c in stack):
+                raise TemplateError(f"{{{{{head}}}}} outside {{{{range}}}}", line)
+            current.append(_Node(head, line))
+            continue
+        elif head in ("define", "template", "block"):
+            raise TemplateError(f"{{{{{head}}}}} is not supported", line)
+        else:
+            p = _PipeParser(toks, line)
+            current.append(_Node("action", line, pipe=p.pipeline()))
+        if p.peek() is not None:
+            raise TemplateError(f"unexpected {p.peek().text!r} in action", line)  # type: ignore[union-attr]
+    if stack:
+        raise TemplateError(
+            f"unexpected EOF: {{{{{stack[-1][0].kind}}}}} at line {stack[-1][0].line} has no {{{{end}}}}",
+            stack[-1][0].line,
+        )
+    return root
+
+
+def build(source: str) -> list[_Node]:
+    """The node tree of ``source``; raise ``TemplateError`` with a line number on bad syntax."""
+    return _build(source)

@@ -1,0 +1,142 @@
+"""``offload bench MODEL``: measure the planner's placement (or a sweep of them) in-process.
+
+Measured and predicted speeds side by side; every run is recorded in the calibration store.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+from offload.planner.errors import OffloadError
+
+__all__ = ["register", "resolve_model", "bench"]
+
+
+def resolve_model(model: str) -> tuple[Path, str]:
+    """A GGUF path as given, or a model name from the store; returns (path, digest)."""
+    p = Path(model).expanduser()
+    if p.is_file():
+        return p, ""
+    from offload.models import embedded
+    from offload.models.store import Store
+    from offload.runtime import config
+
+    store = Store(config.models_dir(), [d for d in [config.ollama_models_dir()] if d])
+    embedded.ensure(store, model)
+    info = store.resolve(model)
+    return Path(info.model_path), info.digest
+
+
+def _plans(model_path: Path, gpu_layers: str, prompt: int, gen: int, parallel: int, optimize: str) -> list[Any]:
+    from offload.planner import anatomy as anatomy_mod
+    from offload.planner import plan as make_plan
+    from offload.planner.types import PlanRequest
+    from offload.runtime import config
+    from offload.runtime.scheduler import current_hardware
+
+    anatomy = anatomy_mod.read(model_path)
+    hw = current_hardware()
+    base = {"n_ctx": prompt + gen + 16, "n_parallel": parallel, "optimize": optimize,
+            "prompt_tokens": prompt, "gpu_budget_bytes": config.gpu_memory_bytes()}
+    if gpu_layers == "auto":
+        return [make_plan(anatomy, hw, PlanRequest(**base))]
+    if gpu_layers == "sweep":
+        top = anatomy.n_layers + 1 if hw.gpus else 0
+        counts = sorted({0, top, *range(0, top + 1, max(1, top // 6))})
+    else:
+        try:
+            counts = [int(gpu_layers)]
+        except ValueError:
+            raise click.BadParameter("use 'auto', 'sweep' or a number", param_hint="--gpu-layers") from None
+    plans = []
+    for n in counts:
+        try:
+            plans.append(make_plan(anatomy, hw, PlanRequest(**base, num_gpu=n)))
+        except OffloadError as e:
+            click.echo(f"skipping {n} GPU layers: {e}", err=True)
+    return plans
+
+
+def bench(model: str, prompt: int = 512, gen: int = 128, gpu_layers: str = "auto",
+          parallel: tuple[int, ...] = (1,), optimize: str = "balanced") -> list[dict[str, Any]]:
+    """Measure the plan(s) for ``model`` on this machine; one result dict per plan."""
+    from offload.runtime.benchmark import measure_plan
+
+    path, digest = resolve_model(model)
+    plans = _plans(path, gpu_layers, prompt, gen, max(parallel), optimize)
+    return [measure_plan(path, p, prompt_tokens=prompt, gen_tokens=gen, parallel=parallel, model_digest=digest)
+            for p in plans]
+
+
+def _chart(results: list[dict[str, Any]], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise OffloadError("--chart needs matplotlib (pip install 'offload[charts]')") from None
+    labels = [f"{r['plan']['n_gpu_layers']} GPU layers" for r in results]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key in zip(axes, ("decode_tps", "prompt_tps"), strict=True):
+        xs = range(len(results))
+        ax.bar([x - 0.2 for x in xs], [r["measured"][key] for r in results], 0.4, label="measured")
+        ax.bar([x + 0.2 for x in xs], [r["predicted"][key] for r in results], 0.4, label="predicted")
+        ax.set_xticks(list(xs), labels, rotation=30, ha="right")
+        ax.set_ylabel(key.replace("_tps", " tokens/s"))
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def _parallel(value: str) -> tuple[int, ...]:
+    try:
+        out = tuple(sorted({int(x) for x in value.split(",") if x.strip()}))
+    except ValueError:
+        raise click.BadParameter("a comma-separated list of sequence counts, e.g. 1,4,8") from None
+    if not out or min(out) < 1:
+        raise click.BadParameter("sequence counts must be at least 1")
+    return out
+
+
+def register(group: click.Group) -> None:
+    """Add ``offload bench`` to the CLI group."""
+
+    @group.command("bench")
+    @click.argument("model")
+    @click.option("--prompt", "prompt_tokens", default=512, show_default=True, help="Prompt tokens.")
+    @click.option("--gen", "gen_tokens", default=128, show_default=True, help="Tokens to generate.")
+    @click.option("--gpu-layers", default="auto", show_default=True,
+                  help="'auto' (the planner's plan), 'sweep', or a number of whole layers.")
+    @click.option("--parallel", default="1", show_default=True,
+                  help="Sequence counts for batched throughput, e.g. 1,4,8.")
+    @click.option("--optimize", type=click.Choice(["balanced", "decode", "prompt"]), default="balanced")
+    @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+    @click.option("--chart", type=click.Path(dir_okay=False, path_type=Path), help="Write a PNG chart.")
+    def bench_cmd(model: str, prompt_tokens: int, gen_tokens: int, gpu_layers: str, parallel: str,
+                  optimize: str, as_json: bool, chart: Path | None) -> None:
+        """Measure MODEL on this machine: prompt and decode speed, time to first token, batched
+        throughput, each beside the planner's prediction. Calibrates the speed model."""
+        results = bench(model, prompt_tokens, gen_tokens, gpu_layers, _parallel(parallel), optimize)
+        if chart is not None and results:
+            _chart(results, chart)
+        if as_json:
+            out: Any = results[0] if len(results) == 1 else {**results[0], "runs": results}
+            click.echo(json.dumps(out, indent=2))
+            return
+        click.echo(f"{'PLACEMENT':<22}{'PROMPT t/s':>22}{'DECODE t/s':>22}{'TTFT s':>18}  PARALLEL t/s")
+        click.echo(f"{'':<22}{'measured / predicted':>22}{'measured / predicted':>22}"
+                   f"{'meas / pred':>18}")
+        for r in results:
+            m, p, pl = r["measured"], r["predicted"], r["plan"]
+            where = f"{pl['n_gpu_layers']} GPU layers" + (
+                f", {len(pl['cpu_tensor_patterns'])} overrides" if pl["cpu_tensor_patterns"] else "")
+            par = ", ".join(f"{k}: {v:.1f}" for k, v in m["parallel"].items())
+            click.echo(f"{where:<22}{m['prompt_tps']:>12.1f} / {p['prompt_tps']:<7.1f}"
+                       f"{m['decode_tps']:>12.1f} / {p['decode_tps']:<7.1f}"
+                       f"{m['ttft_s']:>9.2f} / {p['ttft_s']:<6.2f}  {par}")
+        click.echo(f"recorded {len(results)} run(s) in the calibration store")

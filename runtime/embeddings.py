@@ -1,0 +1,83 @@
+"""Embeddings as Ollama's /api/embed gives them: one vector per input, mean-pooled, L2-normalised.
+
+Models without a pooling layer (Gemma 3 base) hand back one vector per token; those are averaged.
+Vectors are unit length so that a dot product is the cosine similarity, as Ollama's are.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from offload.runtime.errors import BadRequest, ContextTooLong
+from offload.runtime.options import merge_options
+from offload.runtime.scheduler import Scheduler
+
+__all__ = ["Embedded", "embed", "normalize"]
+
+
+@dataclass
+class Embedded:
+    """Vectors and what computing them cost."""
+
+    model: str
+    embeddings: list[list[float]]
+    prompt_eval_count: int
+    load_s: float
+    total_s: float
+
+
+def normalize(vec: Sequence[float]) -> list[float]:
+    """``vec`` scaled to unit length (a zero vector stays zero)."""
+    norm = math.sqrt(sum(x * x for x in vec))
+    return [float(x) / norm for x in vec] if norm > 0 else [float(x) for x in vec]
+
+
+def _pool(out: Any) -> list[float]:
+    if out and isinstance(out[0], (list, tuple)):
+        n = len(out)
+        return [sum(col) / n for col in zip(*out, strict=True)]
+    return [float(x) for x in out]
+
+
+def embed(
+    sched: Scheduler,
+    name: str,
+    inputs: Sequence[str],
+    truncate: bool = True,
+    dimensions: int | None = None,
+    options: dict[str, Any] | None = None,
+    keep_alive_s: float | None = None,
+) -> Embedded:
+    """Embed each input with ``name``; too-long inputs are cut to the context unless ``truncate`` is False."""
+    t0 = time.perf_counter()
+    if dimensions is not None and dimensions <= 0:
+        raise BadRequest("dimensions must be a positive number")
+    info = sched.resolve(name)
+    opts = merge_options(info.params, options)
+    loaded = {id(r) for r in sched.loaded()}
+    with sched.acquire(name, opts, keep_alive_s, embedding=True) as runner:
+        load_s = 0.0 if id(runner) in loaded else runner.engine.load_s
+        engine = runner.engine
+        llm = engine.llm
+        n_ctx = engine.n_ctx
+        vectors, count = [], 0
+        for text in inputs:
+            tokens = engine.tokenize(text, add_bos=True)
+            if len(tokens) > n_ctx:
+                if not truncate:
+                    raise ContextTooLong(
+                        f"the input is {len(tokens)} tokens but the context holds {n_ctx}"
+                    )
+                # llama.cpp's embed takes text: a cut input goes back as the text of its first tokens.
+                text = engine.detokenize(engine.tokenize(text, add_bos=False)[: n_ctx - 1])
+                tokens = tokens[:n_ctx]
+            count += len(tokens)
+            vec = _pool(llm.embed(text, truncate=True))
+            if dimensions is not None:
+                vec = vec[:dimensions]
+            vectors.append(normalize(vec))
+    return Embedded(name, vectors, count, load_s, time.perf_counter() - t0)

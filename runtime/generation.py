@@ -1,0 +1,104 @@
+"""What a generation takes and yields: sampling options, text pieces, stats, stop-string scanning.
+
+Pure data and text handling, apart from the engine so that it can be used and tested without a model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+__all__ = ["Sampling", "Piece", "Stats", "StopScanner", "TokenLogprob"]
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Sampling options, with Ollama's defaults."""
+
+    temperature: float = 0.8
+    top_k: int = 40
+    top_p: float = 0.9
+    min_p: float = 0.0
+    typical_p: float = 1.0
+    repeat_penalty: float = 1.1
+    repeat_last_n: int = 64
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    mirostat: int = 0
+    mirostat_tau: float = 5.0
+    mirostat_eta: float = 0.1
+    seed: int | None = None
+    num_predict: int = -1
+    stop: tuple[str, ...] = ()
+    grammar: str | None = None
+    # None: no log probabilities; k >= 0: each token's, with its k most likely alternatives.
+    logprobs: int | None = None
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log probability under the model, and the likeliest alternatives."""
+
+    token: str
+    logprob: float
+    bytes: tuple[int, ...]
+    top: tuple[tuple[str, float, tuple[int, ...]], ...] = ()
+
+    def to_dict(self) -> dict[str, object]:
+        """Ollama's and OpenAI's shape: token, logprob, bytes, top_logprobs."""
+        return {"token": self.token, "logprob": self.logprob, "bytes": list(self.bytes),
+                "top_logprobs": [{"token": t, "logprob": lp, "bytes": list(b)} for t, lp, b in self.top]}
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A piece of generated text (one or more tokens' worth)."""
+
+    text: str
+    logprobs: tuple[TokenLogprob, ...] = ()
+
+
+@dataclass
+class Stats:
+    """Counts and durations of one generation, as Ollama reports them."""
+
+    prompt_eval_count: int = 0
+    prompt_eval_s: float = 0.0
+    eval_count: int = 0
+    eval_s: float = 0.0
+    done_reason: str = "stop"
+    cached_tokens: int = 0
+    tokens: list[int] = field(default_factory=list)
+
+
+class StopScanner:
+    """Finds stop strings in streamed text, holding back what could be the start of one."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self.buf = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """Add text; return (text safe to emit, whether a stop string was hit)."""
+        self.buf += text
+        if not self.stops:
+            out, self.buf = self.buf, ""
+            return out, False
+        hits = [i for i in (self.buf.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out, self.buf = self.buf[: min(hits)], ""
+            return out, True
+        hold = 0
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(self.buf)), 0, -1):
+                if self.buf.endswith(s[:k]):
+                    hold = max(hold, k)
+                    break
+        out = self.buf[: len(self.buf) - hold]
+        self.buf = self.buf[len(self.buf) - hold :]
+        return out, False
+
+    def flush(self) -> str:
+        """Whatever is held back, at the end of generation."""
+        out, self.buf = self.buf, ""
+        return out

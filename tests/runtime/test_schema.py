@@ -1,0 +1,89 @@
+"""Schemathesis against the server's own OpenAPI schema: no 5xx, responses match the schema.
+
+Generated requests name models that do not exist (so generation endpoints answer 400/404 fast)
+and probe every field's type; the cheap GET endpoints run against the real store. max_examples
+is small to keep the suite quick. (Run from plain Hypothesis: schemathesis's pytest plugin does
+not load under this pytest.)
+"""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import schemathesis
+from hypothesis import HealthCheck, given, settings
+from schemathesis.checks import not_a_server_error
+from schemathesis.specs.openapi.checks import response_schema_conformance
+
+from offload.models.store import Store
+from offload.runtime.server.app import create_app
+from tests.runtime.conftest import MODEL, Running
+
+
+def test_api_answers_without_server_errors_and_matches_its_schema(store: Store) -> None:
+    schema = schemathesis.openapi.from_asgi("/openapi.json", create_app(store))
+    failures: dict[str, str] = {}
+    operations = [r.ok() for r in schema.get_all_operations()]
+    assert {"/api/generate", "/api/chat", "/api/embed", "/v1/chat/completions", "/api/ps"} <= {
+        op.path for op in operations
+    }
+    for op in operations:
+
+        @given(case=op.as_strategy())
+        @settings(
+            max_examples=12, deadline=None, database=None, suppress_health_check=list(HealthCheck)
+        )
+        def check(case: schemathesis.Case) -> None:
+            case.call_and_validate(checks=[not_a_server_error, response_schema_conformance])
+
+        try:
+            check()
+        except Exception as e:  # noqa: BLE001 - gather every operation's failure, then report
+            failures[f"{op.method.upper()} {op.path}"] = str(e)[:2000]
+    assert not failures, "\n\n".join(f"{k}:\n{v}" for k, v in failures.items())
+
+
+def _validator(spec: dict, name: str):  # noqa: ANN202 - jsonschema_rs has no public validator type
+    import jsonschema_rs
+
+    return jsonschema_rs.validator_for(
+        {"$ref": f"#/components/schemas/{name}", "components": spec["components"]}
+    )
+
+
+def test_real_answers_match_the_published_response_schemas(server: Running) -> None:
+    spec = httpx.get(f"{server.url}/openapi.json").json()
+    opts = {"num_predict": 3, "temperature": 0}
+    gen = _validator(spec, "GenerateResponse")
+    with httpx.stream(
+        "POST",
+        f"{server.url}/api/generate",
+        json={"model": MODEL, "prompt": "hi", "options": opts},
+        timeout=60,
+    ) as r:
+        chunks = [json.loads(x) for x in r.iter_lines() if x]
+    for c in chunks:
+        gen.validate(c)
+    chat = _validator(spec, "ChatResponse")
+    chat.validate(
+        httpx.post(
+            f"{server.url}/api/chat",
+            timeout=60,
+            json={
+                "model": MODEL,
+                "messages": [{"role": "user", "content": "hi"}],
+                "stream": False,
+                "options": opts,
+            },
+        ).json()
+    )
+    _validator(spec, "EmbedResponse").validate(
+        httpx.post(
+            f"{server.url}/api/embed", json={"model": MODEL, "input": "hi"}, timeout=60
+        ).json()
+    )
+    _validator(spec, "ProcessResponse").validate(httpx.get(f"{server.url}/api/ps").json())
+    _validator(spec, "ListResponse").validate(httpx.get(f"{server.url}/api/tags").json())
+    bad = {**chunks[-1], "done": "yes"}
+    assert not gen.is_valid(bad)  # the schema has teeth
