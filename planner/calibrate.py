@@ -44,10 +44,18 @@ def placement_of(plan: Plan) -> Any:
     from offload.planner.types import Placement  # type: ignore[attr-defined]
 
     return Placement(
-        n_gpu_layers=plan.n_gpu_layers, cpu_tensor_patterns=tuple(plan.cpu_tensor_patterns),
-        n_ctx=plan.n_ctx, n_parallel=plan.n_parallel, n_batch=plan.n_batch, n_ubatch=plan.n_ubatch,
-        threads=plan.threads, threads_batch=plan.threads_batch, kv_type=plan.kv_type,
-        flash_attn=plan.flash_attn, offload_kqv=plan.offload_kqv, op_offload=plan.op_offload,
+        n_gpu_layers=plan.n_gpu_layers,
+        cpu_tensor_patterns=tuple(plan.cpu_tensor_patterns),
+        n_ctx=plan.n_ctx,
+        n_parallel=plan.n_parallel,
+        n_batch=plan.n_batch,
+        n_ubatch=plan.n_ubatch,
+        threads=plan.threads,
+        threads_batch=plan.threads_batch,
+        kv_type=plan.kv_type,
+        flash_attn=plan.flash_attn,
+        offload_kqv=plan.offload_kqv,
+        op_offload=plan.op_offload,
         tensor_split=tuple(plan.tensor_split),
     )
 
@@ -58,13 +66,22 @@ Predict = Callable[[Observation, Any], Prediction]
 def _default_predict(obs: Observation, params: Any) -> Prediction:
     from offload.planner.cost import predict  # type: ignore[import-not-found]
 
-    return predict(obs.anatomy, obs.hardware, obs.placement, params, prompt_tokens=obs.prompt_tokens,
-                   context_tokens=obs.context_tokens)
+    return predict(
+        obs.anatomy,
+        obs.hardware,
+        obs.placement,
+        params,
+        prompt_tokens=obs.prompt_tokens,
+        context_tokens=obs.context_tokens,
+    )
 
 
 def _fitted_fields(base: Any) -> list[str]:
-    return [f.name for f in dataclasses.fields(base)
-            if isinstance(getattr(base, f.name), float) and getattr(base, f.name) > 0]
+    return [
+        f.name
+        for f in dataclasses.fields(base)
+        if isinstance(getattr(base, f.name), float) and getattr(base, f.name) > 0
+    ]
 
 
 def _residuals(obs: Sequence[Observation], params: Any, predict: Predict) -> list[float]:
@@ -78,14 +95,21 @@ def _residuals(obs: Sequence[Observation], params: Any, predict: Predict) -> lis
     return out
 
 
-def fit_error(observations: Sequence[Observation], params: Any, predict: Predict | None = None) -> float:
+def fit_error(
+    observations: Sequence[Observation], params: Any, predict: Predict | None = None
+) -> float:
     """Root mean square of log(predicted / measured) over all measured speeds (0 is perfect)."""
     r = _residuals(observations, params, predict or _default_predict)
     return math.sqrt(sum(x * x for x in r) / len(r)) if r else 0.0
 
 
-def fit(observations: Sequence[Observation], base: Any, predict: Predict | None = None,
-        names: Sequence[str] | None = None, iterations: int = 25) -> Any:
+def fit(
+    observations: Sequence[Observation],
+    base: Any,
+    predict: Predict | None = None,
+    names: Sequence[str] | None = None,
+    iterations: int = 25,
+) -> Any:
     """``base`` with its efficiency factors fitted to the observations (bounded; base if none)."""
     predict = predict or _default_predict
     obs = [o for o in observations if o.decode_tps or o.prompt_tps][-_MAX_OBSERVATIONS:]
@@ -96,7 +120,9 @@ def fit(observations: Sequence[Observation], base: Any, predict: Predict | None 
     prior = math.sqrt(_PRIOR_WEIGHT)
 
     def params_at(x: np.ndarray) -> Any:
-        return dataclasses.replace(base, **{n: getattr(base, n) * math.exp(v) for n, v in zip(names, x, strict=True)})
+        return dataclasses.replace(
+            base, **{n: getattr(base, n) * math.exp(v) for n, v in zip(names, x, strict=True)}
+        )
 
     def resid(x: np.ndarray) -> np.ndarray:
         return np.array(_residuals(obs, params_at(x), predict) + [prior * v for v in x])

@@ -16,7 +16,7 @@ __all__ = ["plan", "expert_pattern", "ffn_pattern", "ffn_patterns", "choose"]
 log = logging.getLogger(__name__)
 
 _GiB = float(1 << 30)
-_CTX_STEPS = (32768, 16384, 8192, 4096)
+_CTX_STEPS = (131072, 65536, 32768, 16384, 8192, 4096)
 _UBATCHES = (512, 1024, 2048)
 _BALANCED_DECODE = 0.95
 _DECODE_TIE = 0.99
@@ -245,10 +245,9 @@ def _contexts(anatomy: Anatomy, req: PlanRequest) -> list[int]:
     if req.n_ctx:
         return [req.n_ctx]
     train = anatomy.n_ctx_train or 4096
-    steps = sorted(
-        {min(train, c) for c in _CTX_STEPS} | ({train} if train < 4096 else set()), reverse=True
-    )
-    return [c for c in steps if c >= min(4096, train)]
+    cap = min(train, max(req.max_ctx, 4096))
+    steps = {min(cap, c) for c in _CTX_STEPS} | {cap}
+    return sorted((c for c in steps if c >= min(4096, train)), reverse=True)
 
 
 def plan(
@@ -375,8 +374,8 @@ def _with_reasons(
         r.append(f"KV cache in {p.kv_type} (with flash attention) to leave GPU memory for weights.")
     if not req.n_ctx:
         r.append(
-            f"Context {p.n_ctx} tokens (trained for {anatomy.n_ctx_train}): the largest tried that fits "
-            "without slowing decode by more than 3%."
+            f"Context {p.n_ctx} tokens (trained for {anatomy.n_ctx_train}; planned up to {req.max_ctx}): "
+            "the largest that fits without slowing decode by more than 3%."
         )
     if req.num_gpu is not None:
         r.append(f"{req.num_gpu} GPU layers as requested.")

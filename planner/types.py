@@ -266,6 +266,10 @@ class PlanRequest:
     use_mlock: bool = False
     # Prompt length the prompt speed and TTFT are predicted for (pp2048 as in GPU.md's n_ubatch test).
     prompt_tokens: int = 2048
+    # Largest context planned when n_ctx is not given: Ollama's default 4096 keeps the runtime's
+    # behaviour; raise it to let the planner pick the longest context (up to the model's training
+    # context) that fits and costs at most 3% decode speed.
+    max_ctx: int = 4096
     extra: dict[str, Any] = field(default_factory=dict)
 
 

@@ -213,6 +213,13 @@ def _chart(path: str, p: Plan, a: Anatomy, hw: Hardware, req: PlanRequest) -> No
     help="A profile name (rtx3060, ...) or profile JSON; default: this machine.",
 )
 @click.option("--ctx", type=int, help="Context length per sequence (default: planned).")
+@click.option(
+    "--max-ctx",
+    type=int,
+    default=4096,
+    show_default=True,
+    help="Largest context to plan when --ctx is not given (up to the model's training context).",
+)
 @click.option("--parallel", type=int, default=1, show_default=True, help="Parallel sequences.")
 @click.option(
     "--gpu-layers", type=int, help="Force this many layers on the GPU (output layer counts as one)."
@@ -241,6 +248,7 @@ def plan_cmd(
     model: str,
     hardware_name: str | None,
     ctx: int | None,
+    max_ctx: int,
     parallel: int,
     gpu_layers: int | None,
     gpu_memory: str | None,
@@ -255,6 +263,7 @@ def plan_cmd(
         hw = _hardware(hardware_name)
         req = PlanRequest(
             n_ctx=ctx,
+            max_ctx=max_ctx,
             n_parallel=parallel,
             num_gpu=gpu_layers,
             optimize=optimize,

@@ -11,8 +11,12 @@ import pytest
 from offload.planner.calibrate import FIT_BOUNDS, Observation, fit, fit_error
 from offload.planner.types import Anatomy, CPUInfo, GPUInfo, Hardware, Prediction
 
-HW = Hardware("box", CPUInfo(cores=8, ram_bytes=64 << 30, mem_bandwidth_Bps=60e9),
-              (GPUInfo("GPU", 12 << 30, 900e9, 25e9),), fingerprint="fp")
+HW = Hardware(
+    "box",
+    CPUInfo(cores=8, ram_bytes=64 << 30, mem_bandwidth_Bps=60e9),
+    (GPUInfo("GPU", 12 << 30, 900e9, 25e9),),
+    fingerprint="fp",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,14 +34,18 @@ def roofline(obs: Observation, p: Roofline) -> Prediction:
     return Prediction(1 / t, 40 / t, obs.prompt_tokens * t / 40)
 
 
-def obs_from(truth: Roofline, placements: list[tuple[float, float]], noise: float = 0.0) -> list[Observation]:
+def obs_from(
+    truth: Roofline, placements: list[tuple[float, float]], noise: float = 0.0
+) -> list[Observation]:
     anatomy = Anatomy("x", "llama", "x", 1, 1, 1, 1, (), 0)
     out = []
     for i, pl in enumerate(placements):
         o = Observation(anatomy, HW, pl, 512)
         p = roofline(o, truth)
         wiggle = math.exp(noise * ((i % 3) - 1))
-        out.append(dataclasses.replace(o, decode_tps=p.decode_tps * wiggle, prompt_tps=p.prompt_tps))
+        out.append(
+            dataclasses.replace(o, decode_tps=p.decode_tps * wiggle, prompt_tps=p.prompt_tps)
+        )
     return out
 
 
@@ -58,7 +66,10 @@ def test_fit_recovers_the_factors_that_produced_the_measurements() -> None:
 def test_fit_stays_within_bounds_when_measurements_are_absurd() -> None:
     obs = obs_from(Roofline(cpu_eff=0.5 * 100, gpu_eff=0.7 * 100), PLACEMENTS)
     fitted = fit(obs, Roofline(), predict=roofline)
-    assert fitted.cpu_eff <= 0.5 * FIT_BOUNDS[1] + 1e-9 and fitted.gpu_eff <= 0.7 * FIT_BOUNDS[1] + 1e-9
+    assert (
+        fitted.cpu_eff <= 0.5 * FIT_BOUNDS[1] + 1e-9
+        and fitted.gpu_eff <= 0.7 * FIT_BOUNDS[1] + 1e-9
+    )
 
 
 def test_fit_without_observations_returns_the_base() -> None:
@@ -83,7 +94,9 @@ def test_fit_with_the_planners_speed_model(tmp_path: Path) -> None:
 
     a = anatomy_mod.read(g.assemble(tmp_path / "g.gguf"))
     base = cost.SpeedParams()
-    truth = dataclasses.replace(base, cpu_bw_eff=base.cpu_bw_eff * 0.5, gpu_bw_eff=base.gpu_bw_eff * 1.4)
+    truth = dataclasses.replace(
+        base, cpu_bw_eff=base.cpu_bw_eff * 0.5, gpu_bw_eff=base.gpu_bw_eff * 1.4
+    )
     obs = []
     for ngl in (0, 6, 12, 19):
         for threads in (4, 8):

@@ -307,3 +307,23 @@ def test_random_moe_at_a_tight_budget_moves_experts_before_attention(
         t.name for t, d in zip(a.tensors, devs, strict=True) if t.role == "expert" and d != CPU
     ]
     assert not (attention_cpu and experts_gpu), (attention_cpu[:2], experts_gpu[:2])
+
+
+def test_default_context_is_ollamas_4096_and_max_ctx_lets_the_planner_go_longer(
+    gemma_path: Path,
+) -> None:
+    a = anatomy.read(gemma_path)
+    assert plan(a, _hw(0, n_gpus=0), PlanRequest()).n_ctx == 4096
+    long = plan(a, _hw(0, n_gpus=0), PlanRequest(max_ctx=1 << 20))
+    assert long.n_ctx == a.n_ctx_train == 32768
+
+
+def test_longer_context_is_dropped_when_it_would_push_weights_off_the_gpu(mistral) -> None:
+    # 4.8 GB of weights in a 5.3 GiB budget: a 32k f16 KV cache (4 GiB) cannot join them.
+    p = plan(
+        mistral,
+        _hw(80),
+        PlanRequest(max_ctx=32768, gpu_budget_bytes=int(5.6 * GiB), optimize="decode"),
+    )
+    assert p.n_gpu_layers == mistral.n_layers + 1 and not p.cpu_tensor_patterns
+    assert 4096 <= p.n_ctx < 32768
