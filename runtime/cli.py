@@ -223,33 +223,15 @@ def run(model: str, prompt: tuple[str, ...], verbose: bool, fmt: str | None, kee
     _interactive(client, model, options, keepalive, fmt, verbose)
 
 
-def _register_optional() -> None:
-    """Add the command groups that live in their own modules."""
-    import importlib
+def _register_commands() -> None:
+    """Add the commands that live in modules of their own (each a thin face over one library)."""
+    from offload.runtime import cli_api, cli_bench, cli_models, cli_planner
 
-    for mod in ("offload.runtime.cli_models", "offload.runtime.cli_planner", "offload.runtime.cli_api",
-                "offload.runtime.cli_bench"):
-        try:
-            m = importlib.import_module(mod)
-        except ImportError:
-            continue
-        m.register(cli)
+    for module in (cli_models, cli_planner, cli_api, cli_bench):
+        module.register(cli)
 
 
-_register_optional()
-
-if "list" not in cli.commands:
-
-    @cli.command("list")
-    def list_models() -> None:
-        """List the models in the store."""
-        from offload.models.store import Store
-
-        store = Store(config.models_dir(), [p for p in [config.ollama_models_dir()] if p])
-        click.echo(f"{'NAME':<40}{'ID':<15}{'SIZE':<10}MODIFIED")
-        for m in store.list():
-            click.echo(f"{m.name.display:<40}{m.digest[7:19]:<15}{m.size_bytes / 1e6:>7.0f} MB  "
-                       f"{m.modified_at:%Y-%m-%d %H:%M}")
+_register_commands()
 
 
 def main() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -270,7 +271,7 @@ def plan_cmd(
             gpu_budget_bytes=parse_size(gpu_memory) if gpu_memory else _default_gpu_budget(),
             prompt_tokens=prompt_tokens,
         )
-        p = plan(a, hw, req)
+        p = plan_with_calibration(a, hw, req, measured=hardware_name is None)
         if chart:
             _chart(chart, p, a, hw, req)
     except OffloadError as e:
@@ -279,6 +280,20 @@ def plan_cmd(
         click.echo(json.dumps(p.to_dict(), indent=2))
     else:
         _print_plan(p, a, hw)
+
+
+def plan_with_calibration(a: Anatomy, hw: Hardware, req: PlanRequest, measured: bool) -> Plan:
+    """Plan with this machine's calibrated speed model when there are runs to learn from."""
+    if not measured:
+        return plan(a, hw, req)
+    from offload.runtime import calibration
+
+    speed, n_runs = calibration.speed_params_for(hw.fingerprint)
+    p = plan(a, hw, req, speed)
+    if speed is not None:
+        note = f"speeds calibrated from {n_runs} runs on this machine"
+        p = dataclasses.replace(p, reasons=(*p.reasons, note))
+    return p
 
 
 @click.command("hardware")

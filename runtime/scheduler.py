@@ -23,7 +23,7 @@ from offload.planner import hardware as hardware_mod
 from offload.planner import plan as make_plan
 from offload.planner.errors import PlanInfeasible
 from offload.planner.types import Hardware, Plan
-from offload.runtime import config
+from offload.runtime import calibration, config
 from offload.runtime.engine import Engine
 from offload.runtime.errors import QueueFull
 from offload.runtime.loader import load_healing
@@ -157,7 +157,11 @@ class Scheduler:
         gpu_budget, ram_budget = self._budgets(hw, held or {})
         request = plan_request_from(options, gpu_budget_bytes=gpu_budget)
         request = dataclasses.replace(request, ram_budget_bytes=ram_budget)
-        return make_plan(anatomy, hw, request)
+        speed, n_runs = calibration.speed_params_for(hw.fingerprint)
+        p = make_plan(anatomy, hw, request, speed)
+        if speed is not None:
+            p = dataclasses.replace(p, reasons=(*p.reasons, f"speeds calibrated from {n_runs} runs on this machine"))
+        return p
 
     def _fitting_plan(
         self, info: ModelInfo, options: dict[str, Any], slot: tuple[str, bool]
