@@ -34,9 +34,14 @@ if [ $synth_rc -ne 0 ]; then echo "writing the model failed"; exit 1; fi
 nvidia-smi --query-gpu=name,memory.total,memory.used,memory.free --format=csv,noheader 2>/dev/null
 
 export PYTHONPATH=/tmp/site${EXTRA_PYTHONPATH:+:$EXTRA_PYTHONPATH}
+# A first load in a process of its own: a crash here shows where (faulthandler) and spares the sweep.
+if [ -n "${PREFLIGHT_GIB:-}" ]; then
+  timeout 150 python3 -X faulthandler bench/preflight.py "$model" "$PREFLIGHT_GIB" > "$OUT/preflight.log" 2>&1
+  echo "preflight rc=$?"; tail -25 "$OUT/preflight.log"
+fi
 # Keep 25 s for the last run to finish and the results to come back.
 left=$(( total - ($(date +%s) - start) - 25 ))
 echo "sweep: $kind budgets=${budgets:-default} ${left}s left"
-python3 bench/gpu_sweep.py --model "$kind" --model-path "$model" --out "$OUT" --time-budget-s "$left" \
+python3 -X faulthandler bench/gpu_sweep.py --model "$kind" --model-path "$model" --out "$OUT" --time-budget-s "$left" \
   ${budgets:+--budgets "$budgets"} "$@" 2>&1 | tee "$OUT/sweep-$kind.log" | grep -v '^\[.*summary' | tail -60
 echo "elapsed $(( $(date +%s) - start ))s; files:"; ls -la "$OUT"

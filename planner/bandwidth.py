@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-__all__ = ["cpu_read_Bps", "cpu_copy_Bps", "find_cudart", "cuda_bandwidths"]
+__all__ = ["cpu_read_Bps", "cpu_copy_Bps", "find_cudart", "cuda_bandwidths", "cuda_bandwidths_isolated"]
 
 log = logging.getLogger(__name__)
 
@@ -79,17 +79,22 @@ def find_cudart() -> str | None:
     if spec and spec.origin:
         base = os.path.dirname(spec.origin)
         dirs += [os.path.join(base, "lib"), base]
-    # pip-installed CUDA runtimes (nvidia-cuda-runtime wheels) live under site-packages/nvidia/.
-    for entry in sys.path:
-        dirs += glob.glob(os.path.join(entry, "nvidia", "cuda_runtime", "lib"))
-        dirs += glob.glob(os.path.join(entry, "nvidia", "cu*", "lib"))
     for d in dirs:
         hits = sorted(glob.glob(os.path.join(d, "libcudart.so*")))
         if hits:
             return hits[0]
+    # The runtime llama.cpp's CUDA backend really resolves comes before any other copy.
     linked = _cudart_linked_by_ggml(dirs[:2])
     if linked:
         return linked
+    # pip-installed CUDA runtimes (nvidia-cuda-runtime wheels) live under site-packages/nvidia/.
+    for entry in sys.path:
+        for d in glob.glob(os.path.join(entry, "nvidia", "cuda_runtime", "lib")) + glob.glob(
+            os.path.join(entry, "nvidia", "cu*", "lib")
+        ):
+            hits = sorted(glob.glob(os.path.join(d, "libcudart.so*")))
+            if hits:
+                return hits[0]
     found = ctypes.util.find_library("cudart")
     if found:
         return found
@@ -157,3 +162,39 @@ def cuda_bandwidths(device: int, lib_path: str, size_bytes: int = 256 << 20) -> 
             if p.value:
                 rt.cudaFree(p)
         rt.cudaFreeHost(host)
+
+
+def cuda_bandwidths_isolated(devices: list[int], timeout_s: float = 120.0) -> tuple[str | None, dict[int, tuple[float, float]], dict[int, str]]:
+    """Measure every GPU's bandwidths in a child process: (libcudart used, results, errors).
+
+    A second CUDA runtime loaded beside the one llama.cpp links can crash the process that later
+    runs the model, and a driver fault would take the caller down with it: the child keeps both
+    away from the process that asked.
+    """
+    import json
+    import subprocess
+
+    code = (
+        "import json, sys\n"
+        "from offload.planner.bandwidth import cuda_bandwidths, find_cudart\n"
+        "lib = find_cudart()\n"
+        "out = {'lib': lib, 'ok': {}, 'err': {}}\n"
+        "for d in map(int, sys.argv[1:]):\n"
+        "    try:\n"
+        "        out['ok'][d] = cuda_bandwidths(d, lib) if lib else None\n"
+        "    except Exception as e:\n"
+        "        out['err'][d] = f'{type(e).__name__}: {e}'\n"
+        "print(json.dumps(out))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    try:
+        r = subprocess.run([sys.executable, "-c", code, *map(str, devices)], capture_output=True,
+                           text=True, timeout=timeout_s, env=env)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return None, {}, {d: f"measurement process failed: {e}" for d in devices}
+    if r.returncode != 0:
+        tail = (r.stderr.strip().splitlines() or ["no output"])[-1]
+        return None, {}, {d: f"measurement process exited with {r.returncode}: {tail}" for d in devices}
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    ok = {int(d): tuple(v) for d, v in out["ok"].items() if v}
+    return out["lib"], ok, {int(d): e for d, e in out["err"].items()}  # type: ignore[misc]

@@ -14,7 +14,7 @@ from typing import Any
 
 import psutil
 
-from offload.planner.bandwidth import cpu_read_Bps, cuda_bandwidths, find_cudart
+from offload.planner.bandwidth import cpu_read_Bps, cuda_bandwidths_isolated
 from offload.planner.errors import HardwareProfileError
 from offload.planner.types import CPUInfo, GPUInfo, Hardware
 
@@ -119,8 +119,10 @@ def _nvml(fn: Any, default: Any, *args: Any) -> Any:
 def _measure_gpus(gpus: list[GPUInfo], notes: list[str]) -> list[GPUInfo]:
     from dataclasses import replace
 
-    lib = find_cudart()
-    if lib is None:
+    if not gpus:
+        return gpus
+    lib, measured, errors = cuda_bandwidths_isolated([g.index for g in gpus])
+    if lib is None and not errors:
         notes.append(
             "no CUDA runtime found: host-to-device bandwidth from the PCIe link, "
             "GPU bandwidth from bus width and clock (not measured)"
@@ -128,23 +130,15 @@ def _measure_gpus(gpus: list[GPUInfo], notes: list[str]) -> list[GPUInfo]:
         return gpus
     out = []
     for g in gpus:
-        try:
-            h2d, dev = cuda_bandwidths(g.index, lib)
-            # Without a nominal figure (NVML lacked bus width or clock), a copy reaches ~85% of it.
-            nominal = g.mem_bandwidth_Bps or dev / 0.85
-            out.append(
-                replace(
-                    g,
-                    h2d_bandwidth_Bps=h2d,
-                    mem_bandwidth_Bps=nominal,
-                    mem_bandwidth_measured_Bps=dev,
-                )
-            )
-        except (OSError, RuntimeError, AttributeError) as e:
-            notes.append(
-                f"GPU {g.index}: CUDA bandwidth measurement failed ({e}); using link/bus estimates"
-            )
+        if g.index not in measured:
+            why = errors.get(g.index, "no CUDA runtime")
+            notes.append(f"GPU {g.index}: CUDA bandwidth measurement failed ({why}); using link/bus estimates")
             out.append(g)
+            continue
+        h2d, dev = measured[g.index]
+        # Without a nominal figure (NVML lacked bus width or clock), a copy reaches ~85% of it.
+        nominal = g.mem_bandwidth_Bps or dev / 0.85
+        out.append(replace(g, h2d_bandwidth_Bps=h2d, mem_bandwidth_Bps=nominal, mem_bandwidth_measured_Bps=dev))
     return out
 
 
