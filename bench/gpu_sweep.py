@@ -50,6 +50,7 @@ def _use_checkout() -> None:
 
 _use_checkout()
 
+import offload.runtime  # noqa: E402,F401 - loads llama.cpp's libraries before numpy (runtime/native.py)
 import gpu_tools  # noqa: E402
 import synth_models  # noqa: E402
 
