@@ -242,9 +242,15 @@ class Sweep:
         parsed = fit.get("parsed")
         if parsed:
             def fit_run() -> None:
-                p = self.evaluate(b, n_gpu_layers=parsed["n_gpu_layers"],
-                                  cpu_tensor_patterns=tuple(parsed["cpu_tensor_patterns"]), flash_attn=True,
-                                  threads=self.threads())
+                # llama-fit-params writes patterns for layers the model may not have (blk.48 of a
+                # 48-layer model); llama.cpp ignores those, our executor refuses them: drop them here.
+                import re
+
+                names = [t.name for t in self.anatomy.tensors]
+                patterns = tuple(pat for pat in parsed["cpu_tensor_patterns"]
+                                 if any(re.search(pat, n) for n in names))
+                p = self.evaluate(b, n_gpu_layers=parsed["n_gpu_layers"], cpu_tensor_patterns=patterns,
+                                  flash_attn=True, threads=self.threads())
                 self.measure(b, "fit", p, group="key", extra={"fit_line": parsed["line"]})
 
             self.guarded(f"fit run at {b:g} GiB", fit_run)

@@ -26,8 +26,8 @@ class SpeedParams:
     """Efficiency factors of the speed model (defaults from GPU.md's H100 host and a 2-core EPYC)."""
 
     # Fraction of the probed CPU read bandwidth that decode reaches with threads = physical cores
-    # (2-core EPYC, Gemma 3 270M: 92 t/s, i.e. ~27 GB/s past fixed costs, against 33 GB/s read).
-    cpu_bw_eff: float = 0.8
+    # (2-core EPYC, Gemma 3 270M: 86 t/s against a 48 GB/s read probe with one process per core).
+    cpu_bw_eff: float = 0.6
     # Bandwidth saturates with threads as 1 - exp(-threads / (tau * cores)) (GPU.md: 4/8/12/16 threads).
     cpu_thread_tau: float = 0.33
     gpu_bw_eff: float = 0.70
