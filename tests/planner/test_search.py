@@ -165,7 +165,7 @@ def test_balanced_buys_prompt_speed_with_a_larger_ubatch_on_moe(qwen_moe) -> Non
     dec = plan(qwen_moe, hw, replace(req, optimize="decode"))
     bal = plan(qwen_moe, hw, replace(req, optimize="balanced"))
     assert bal.predicted.decode_tps >= 0.95 * dec.predicted.decode_tps
-    assert bal.predicted.prompt_tps > 1.5 * dec.predicted.prompt_tps
+    assert bal.predicted.prompt_tps > 1.3 * dec.predicted.prompt_tps
     assert bal.n_ubatch > 512 and any("n_ubatch" in r for r in bal.reasons)
 
 
@@ -319,11 +319,12 @@ def test_default_context_is_ollamas_4096_and_max_ctx_lets_the_planner_go_longer(
 
 
 def test_longer_context_is_dropped_when_it_would_push_weights_off_the_gpu(mistral) -> None:
-    # 4.8 GB of weights in a 5.3 GiB budget: a 32k f16 KV cache (4 GiB) cannot join them.
+    # 4.8 GB of weights (plus CUDA's allocation allowance) in a 6 GiB budget: a 32k f16 KV cache
+    # (4 GiB) cannot join them.
     p = plan(
         mistral,
         _hw(80),
-        PlanRequest(max_ctx=32768, gpu_budget_bytes=int(5.6 * GiB), optimize="decode"),
+        PlanRequest(max_ctx=32768, gpu_budget_bytes=int(6.0 * GiB), optimize="decode"),
     )
     assert p.n_gpu_layers == mistral.n_layers + 1 and not p.cpu_tensor_patterns
     assert 4096 <= p.n_ctx < 32768
