@@ -50,9 +50,10 @@ def _use_checkout() -> None:
 
 _use_checkout()
 
-import offload.runtime  # noqa: E402,F401 - loads llama.cpp's libraries before numpy (runtime/native.py)
 import gpu_tools  # noqa: E402
 import synth_models  # noqa: E402
+
+import offload.runtime  # noqa: E402,F401 - loads llama.cpp's libraries before numpy (runtime/native.py)
 
 GiB = 1 << 30
 DEFAULT_BUDGETS = {"dense": [3.0, 4.0, 6.0], "moe": [8.0, 12.0, 16.0, 24.0]}
