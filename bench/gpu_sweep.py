@@ -16,6 +16,7 @@ every run to ``OUT/<kind>-<budget>gib.json`` as ``{"summary": ..., "runs": [...]
 from __future__ import annotations
 
 import argparse
+import importlib
 import dataclasses
 import datetime
 import gc
@@ -46,14 +47,14 @@ def _use_checkout() -> None:
         if not link.exists():
             link.symlink_to(HERE.parent / name)
     sys.path.insert(0, str(shim))
+    # Before anything imports numpy: llama.cpp's libraries must load first (runtime/native.py).
+    importlib.import_module("offload.runtime")
 
 
 _use_checkout()
 
 import gpu_tools  # noqa: E402
 import synth_models  # noqa: E402
-
-import offload.runtime  # noqa: E402,F401 - loads llama.cpp's libraries before numpy (runtime/native.py)
 
 GiB = 1 << 30
 DEFAULT_BUDGETS = {"dense": [3.0, 4.0, 6.0], "moe": [8.0, 12.0, 16.0, 24.0]}
