@@ -16,10 +16,10 @@ every run to ``OUT/<kind>-<budget>gib.json`` as ``{"summary": ..., "runs": [...]
 from __future__ import annotations
 
 import argparse
-import importlib
 import dataclasses
 import datetime
 import gc
+import importlib
 import json
 import os
 import statistics
