@@ -39,6 +39,10 @@ class SpeedParams:
     gpu_layer_overhead_prompt_s: float = 20e-6
     # Each hand-over between CPU and GPU inside a token (sync + activation copy).
     split_overhead_s: float = 50e-6
+    # Decode is a roofline: a core dequantizes and dots about this many weight bytes per second, so
+    # with few cores decode is compute-bound before it is bandwidth-bound (2-core EPYC, Gemma 3
+    # 270M: 86-100 t/s whether the read probe said 49 or 70 GB/s).
+    cpu_decode_Bps_per_core: float = 12e9
     # Effective CPU matmul throughput per physical core for quantized weights (prompt processing).
     cpu_flops_per_core: float = 2.4e11
     # Batched expert matmuls (MUL_MAT_ID) on the CPU reach a fraction of dense throughput.
@@ -154,9 +158,10 @@ def predict(
         if d == CPU:
             out = ld.output_decode_bytes * (p.cpu_output_decode_factor if n_gpus else 1.0)
             dense = ld.decode_bytes - ld.expert_decode_bytes - ld.output_decode_bytes + out
-            t_dec += (dense + kv_read) / cpu_bw + ld.expert_decode_bytes / (
-                cpu_bw * p.cpu_expert_bw_factor
-            )
+            t_mem = (dense + kv_read) / cpu_bw + ld.expert_decode_bytes / (cpu_bw * p.cpu_expert_bw_factor)
+            cores_used = max(min(threads, hardware.cpu.cores), 1)
+            t_compute = (dense + ld.expert_decode_bytes) / (cores_used * p.cpu_decode_Bps_per_core)
+            t_dec += max(t_mem, t_compute)
             t_dec += len(ld.layers) * p.cpu_layer_overhead_s
         else:
             g = hardware.gpus[d]

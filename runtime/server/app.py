@@ -13,6 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from offload.models.store import Store
 from offload.planner.errors import OffloadError
@@ -111,6 +112,12 @@ def create_app(store: Store | None = None, scheduler: Scheduler | None = None) -
             except ValueError as e:
                 return error_response(400, f"invalid JSON: {e}", _is_openai(request))
         return error_response(400, _validation_message(exc), _is_openai(request))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # Unknown paths and methods answer in our error shape too, not Starlette's {"detail": ...}.
+        message = "404 page not found" if exc.status_code == 404 else str(exc.detail)
+        return error_response(exc.status_code, message, _is_openai(request))
 
     @app.exception_handler(json.JSONDecodeError)
     async def _bad_json(request: Request, exc: json.JSONDecodeError) -> JSONResponse:

@@ -29,6 +29,7 @@ from offload.models.names import parse_name
 from offload.models.show import show
 from offload.models.store import Store
 from offload.planner.errors import OffloadError
+from offload.runtime.errors import BadRequest
 
 __all__ = ["router"]
 
@@ -170,7 +171,7 @@ def _modelfile_from_request(store: Store, body: CreateRequest) -> Modelfile:
             raise ModelError(f"blob {digest} is not on the server; upload it with POST /api/blobs")
         source = str(store.find_blob(digest))
     if not source:
-        raise ModelError('create needs "from" (a model name), "files" or "modelfile"')
+        raise BadRequest('create needs "from" (a model name), "files" or "modelfile"')
     params: dict[str, Any] = {}
     for key, value in (body.parameters or {}).items():
         values = value if isinstance(value, list) else [value]

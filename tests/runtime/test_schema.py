@@ -29,6 +29,10 @@ def test_api_answers_without_server_errors_and_matches_its_schema(store: Store) 
         op.path for op in operations
     }
     for op in operations:
+        if op.path in ("/api/pull", "/api/push"):
+            # They talk to a registry: with no network they answer 502 by design. tests/models
+            # drives them against a real registry on 127.0.0.1.
+            continue
 
         @given(case=op.as_strategy())
         @settings(
