@@ -109,3 +109,21 @@ def test_interactive_session_sets_parameters_and_exits_on_bye(cli_env: dict[str,
     os.write(fd, b"/bye\n")
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_ctrl_c_stops_the_answer_and_the_server_stays_healthy(cli_env: dict[str, str]) -> None:
+    proc = subprocess.Popen([sys.executable, "-m", "offload.runtime.cli", "run", "gemma3:270m",
+                             "Tell me a long story about the sea."], env=cli_env, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None
+    assert proc.stdout.read(1), "no answer started"
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err
+    assert time.monotonic() - t0 < 5
+    assert b"Traceback" not in err
+    # The server carries on and answers the next request.
+    r = httpx.post(f"http://{cli_env['OFFLOAD_HOST']}/api/generate", timeout=60,
+                   json={"model": "gemma3:270m", "prompt": "Hi", "stream": False, "options": {"num_predict": 2}})
+    assert r.status_code == 200 and r.json()["done"] is True
