@@ -77,6 +77,28 @@ def _validation_message(exc: RequestValidationError) -> str:
     return "; ".join(parts) or "invalid request"
 
 
+class JSONBodyByDefault:
+    """Treat request bodies as JSON whatever their content type says, as Ollama does.
+
+    ``curl URL -d '{...}'`` (the way Ollama's documentation calls the API) sends
+    ``application/x-www-form-urlencoded``; our routes read JSON, so the header is set right here.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope.get("method") in ("POST", "PUT", "DELETE", "PATCH"):
+            headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+            old = dict(scope["headers"]).get(b"content-type", b"")
+            # Blob uploads carry bytes, not JSON: leave those alone.
+            if not scope.get("path", "").startswith("/api/blobs/") and (
+                not old or old.startswith((b"application/x-www-form-urlencoded", b"text/plain"))
+            ):
+                scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
+        await self.app(scope, receive, send)
+
+
 def create_app(store: Store | None = None, scheduler: Scheduler | None = None) -> FastAPI:
     """Build the app; ``store``/``scheduler`` default to the configured ones."""
     store = store or Store(
@@ -123,6 +145,7 @@ def create_app(store: Store | None = None, scheduler: Scheduler | None = None) -
     async def _bad_json(request: Request, exc: json.JSONDecodeError) -> JSONResponse:
         return error_response(400, f"invalid JSON: {exc}", _is_openai(request))
 
+    app.add_middleware(JSONBodyByDefault)
     app.add_middleware(
         CORSMiddleware,
         allow_origin_regex=origin_regex(config.origins()),

@@ -86,7 +86,9 @@ def test_hanging_up_on_a_non_streamed_request_cancels_it_too(server: Running) ->
         "model": MODEL,
         "prompt": "Write a very long story.",
         "stream": False,
-        "options": {"num_predict": 4000},
+        # Greedy, so the answer is the same every time: this one runs to num_predict, far longer
+        # than the client waits (a sampled one may end early and make the test pass vacuously).
+        "options": {"num_predict": 4000, "temperature": 0, "seed": 1},
     }
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(

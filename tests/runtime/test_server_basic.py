@@ -98,3 +98,11 @@ def test_malformed_json_is_400_with_the_parser_message(http: httpx.Client) -> No
 def test_bad_option_type_is_400(http: httpx.Client) -> None:
     r = http.post("/api/generate", json={"model": "gemma3:270m", "prompt": "hi", "options": {"top_k": "many"}})
     assert r.status_code == 400 and "top_k" in r.json()["error"]
+
+
+def test_a_json_body_sent_as_form_data_is_read_as_json_like_curl_d(http: httpx.Client) -> None:
+    # `curl URL -d '{...}'`, as Ollama's docs call the API, labels the body as form data.
+    body = json.dumps({"model": "gemma3:270m", "prompt": "Hi", "raw": True, "stream": False,
+                       "options": {"num_predict": 2}})
+    r = http.post("/api/generate", content=body, headers={"content-type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 200 and r.json()["eval_count"] == 2
