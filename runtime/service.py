@@ -8,6 +8,7 @@ and sent with the summary.
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections.abc import Iterator
@@ -262,9 +263,16 @@ def chat(
 
 
 def _gguf_template(runner: Runner) -> str | None:
+    return _chat_template_of(str(runner.info.model_path))
+
+
+@functools.lru_cache(maxsize=32)
+def _chat_template_of(model_path: str) -> str | None:
+    # Blobs are content-addressed, so a path's template never changes: read the header (a quarter
+    # of a second for a large vocabulary) once, not on every chat request.
     from offload.planner import anatomy
 
-    return anatomy.read(runner.info.model_path).chat_template
+    return anatomy.read(model_path).chat_template
 
 
 def model_name(req: dict[str, Any]) -> str:
