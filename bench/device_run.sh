@@ -2,6 +2,8 @@
 # The GPU sweep on the device, in one command of at most 10 minutes:
 #   bash bench/device_run.sh KIND [BUDGETS_GIB] [TOTAL_S] [extra gpu_sweep.py args...]
 #   e.g. bash bench/device_run.sh dense 3,4,6 560 --heal
+# Environment: PREFLIGHT_GIB=N first loads the planner's plan at N GiB in a process of its own;
+# ALSO_WRITE=KIND writes that model too while llama.cpp builds, for a following call.
 # Starts .gpu/build.sh (CUDA llama-cpp-python, llama-bench, llama-fit-params; skipped on a warm
 # machine) in the background, meanwhile writes the synthetic model to /tmp (kept on a warm machine),
 # then sweeps until TOTAL_S seconds after the start, writing $OUT/KIND-<budget>gib.json after
@@ -25,12 +27,20 @@ gguf_whl=$(ls .gpu/wheels/gguf-*.whl 2>/dev/null | head -1)
 PYTHONPATH="$gguf_whl" python3 bench/synth_models.py "$synth_kind" "$model" > /tmp/synth-$kind.out 2>&1 &
 synth_pid=$!
 
+# ALSO_WRITE=KIND writes a second model meanwhile (kept for the next call on a warm machine).
+also_pid=
+if [ -n "${ALSO_WRITE:-}" ]; then
+  PYTHONPATH="$gguf_whl" python3 bench/synth_models.py "$ALSO_WRITE" "/tmp/synth-$ALSO_WRITE.gguf" > /tmp/synth-$ALSO_WRITE.out 2>&1 &
+  also_pid=$!
+fi
+
 wait $build_pid; build_rc=$?
 tail -3 /tmp/build.out
 if [ $build_rc -ne 0 ]; then cp /tmp/build.out "$OUT/build.out"; echo "build failed"; exit 1; fi
 wait $synth_pid; synth_rc=$?
 cat /tmp/synth-$kind.out
 if [ $synth_rc -ne 0 ]; then echo "writing the model failed"; exit 1; fi
+if [ -n "$also_pid" ]; then wait $also_pid; echo "also wrote: $(tail -1 /tmp/synth-$ALSO_WRITE.out)"; fi
 nvidia-smi --query-gpu=name,memory.total,memory.used,memory.free --format=csv,noheader 2>/dev/null
 
 export PYTHONPATH=/tmp/site${EXTRA_PYTHONPATH:+:$EXTRA_PYTHONPATH}

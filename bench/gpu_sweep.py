@@ -156,7 +156,8 @@ class Sweep:
         run: dict[str, Any] = {
             "label": label, "group": group, "budget_gib": budget_gib,
             "placement": {k: getattr(plan, k) for k in ("n_gpu_layers", "n_ctx", "n_batch", "n_ubatch",
-                                                        "threads", "threads_batch", "flash_attn", "kv_type")},
+                                                        "threads", "threads_batch", "flash_attn", "kv_type",
+                                                        "use_mmap")},
             "cpu_tensor_patterns": list(plan.cpu_tensor_patterns),
             "predicted": {"decode_tps": plan.predicted.decode_tps, "prompt_tps": plan.predicted.prompt_tps,
                           "ttft_s": plan.predicted.ttft_s},
@@ -178,6 +179,8 @@ class Sweep:
             run["load_s"] = engine.load_s
             run["measured_bytes"] = engine.measured_bytes
             run["overridden_tensors"] = len(engine.overridden_tensors)
+            # llama.cpp's own lines: which buffer types (CUDA_Host is pinned, CPU_Mapped the file) hold what.
+            run["buffer_lines"] = [ln.strip() for ln in engine.load_log if "buffer size" in ln][:16]
             gpu_bytes = sum(sum(v.values()) for d, v in engine.measured_bytes.items() if d != "CPU")
             run["gpu_buffer_bytes"] = gpu_bytes
             run["nvml_delta_bytes"] = used1 - used0 if used0 is not None and used1 is not None else None
@@ -343,11 +346,27 @@ class Sweep:
         best = self.best_layers(b)
         threads = self.threads()
         cands: list[tuple[str, dict[str, Any]]] = []
+        base = key.get("planner")
+        # The alternatives run in host memory of the kind the planner chose (pinned or mapped), so
+        # that they differ from the planner's plan in placement only; fit and best_layers keep
+        # llama.cpp's and Ollama's default (mapped) as baselines, and two runs swap it over.
+        pinned = bool(base and "placement" in base and base["placement"].get("use_mmap") is False)
+        if pinned and base:
+            bp0 = {"n_gpu_layers": base["placement"]["n_gpu_layers"],
+                   "cpu_tensor_patterns": tuple(base["cpu_tensor_patterns"]),
+                   "n_ubatch": base["placement"]["n_ubatch"], "threads": base["placement"]["threads"],
+                   "kv_type": base["placement"]["kv_type"]}
+            cands.append(("planner_mmap", {**bp0, "pinned_weights": False}))
+            fit = key.get("fit")
+            if fit and "placement" in fit:
+                cands.append(("fit_pinned", {"n_gpu_layers": fit["placement"]["n_gpu_layers"],
+                                             "cpu_tensor_patterns": tuple(fit["cpu_tensor_patterns"]),
+                                             "pinned_weights": True}))
         if best is not None:
             for d in (-1, 1, -2):
                 n = best.n_gpu_layers + d
                 if 0 <= n <= self.anatomy.n_layers + 1:
-                    cands.append((f"layers_{n}", {"n_gpu_layers": n}))
+                    cands.append((f"layers_{n}", {"n_gpu_layers": n, "pinned_weights": pinned}))
         if self.anatomy.expert_count:
             n_layers = self.anatomy.n_layers
             k_min = next((k for k in range(n_layers + 1)
@@ -357,19 +376,21 @@ class Sweep:
             if k_min is not None:
                 for k in sorted({k_min, min(k_min + 2, n_layers), min(k_min + 6, n_layers), n_layers}):
                     pats = (self.expert_pattern(list(range(k))),) if k else ()
-                    cands.append((f"experts_cpu_{k}", {"n_gpu_layers": n_layers + 1, "cpu_tensor_patterns": pats}))
-        base = key.get("planner")
+                    cands.append((f"experts_cpu_{k}", {"n_gpu_layers": n_layers + 1, "cpu_tensor_patterns": pats,
+                                                       "pinned_weights": pinned}))
         if base and "placement" in base:
             bp = {"n_gpu_layers": base["placement"]["n_gpu_layers"],
                   "cpu_tensor_patterns": tuple(base["cpu_tensor_patterns"]),
-                  "n_ubatch": base["placement"]["n_ubatch"], "threads": base["placement"]["threads"]}
+                  "n_ubatch": base["placement"]["n_ubatch"], "threads": base["placement"]["threads"],
+                  "kv_type": base["placement"]["kv_type"], "pinned_weights": pinned}
             for ub in (512, 1024, 2048):
                 if ub != bp["n_ubatch"]:
                     cands.append((f"planner_ubatch_{ub}", {**bp, "n_ubatch": ub}))
             for t in (4, 8, 12, 16):
                 if t != bp["threads"] and t <= max(self.hw.cpu.threads or 0, self.hw.cpu.cores):
                     cands.append((f"planner_threads_{t}", {**bp, "threads": t}))
-        order = ("experts_cpu", "planner_ubatch_2048", "layers", "planner_ubatch", "planner_threads")
+        order = ("planner_mmap", "fit_pinned", "experts_cpu", "planner_ubatch_2048", "layers", "planner_ubatch",
+                 "planner_threads")
         return sorted(cands, key=lambda c: next(i for i, o in enumerate(order) if c[0].startswith(o)))
 
     def sweep_runs(self, budgets: list[float]) -> None:

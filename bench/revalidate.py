@@ -39,7 +39,8 @@ def main(files: list[str]) -> dict[str, object]:
             m = r.get("measured") or {}
             if not m.get("decode_tps"):
                 continue
-            pl = {**r["placement"], "cpu_tensor_patterns": tuple(r.get("cpu_tensor_patterns") or ())}
+            pl = {**r["placement"], "cpu_tensor_patterns": tuple(r.get("cpu_tensor_patterns") or ()),
+                  "pinned_weights": r["placement"].get("use_mmap") is False}
             if pl.get("n_gpu_layers", 0) < 0:
                 pl["n_gpu_layers"] = a.n_layers + 1  # type: ignore[attr-defined]
             p = evaluate(a, hw, PlanRequest(n_ctx=4096, prompt_tokens=2048),

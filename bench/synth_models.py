@@ -102,13 +102,23 @@ def _nbytes(qt: Q, shape: tuple[int, ...]) -> int:
 
 
 def _block_pool(qt: Q, rng: np.random.Generator, n_bytes: int) -> bytes:
-    """Random quant blocks with finite, small fp16 scales (d = 1e-4, dmin = 5e-5)."""
+    """Random quant blocks with small, finite and zero-mean weights.
+
+    Zero mean matters for MoE timing: weights with a common offset give every hidden state a
+    shared direction, the random router then sends most tokens to the same few experts, and
+    llama.cpp's op offload, which copies only the experts a micro-batch uses, moves a fraction of
+    the bytes a trained (load-balanced) model makes it move.
+    """
     block = GGML_QUANT_SIZES[qt][1]
     blocks = rng.integers(0, 256, size=(n_bytes // block, block), dtype=np.uint8)
     d = np.frombuffer(np.float16(1e-4).tobytes(), dtype=np.uint8)
     if qt == Q.Q4_K:  # struct: half d, half dmin, u8 scales[12], u8 qs[128]
+        # w = d * sc * q - dmin * m with q uniform in 0..15: sc = m = 17 in all eight sub-blocks
+        # (6-bit fields packed as in ggml's get_scale_min_k4) and dmin = 7.5 d centre it on zero.
         blocks[:, 0:2] = d
-        blocks[:, 2:4] = np.frombuffer(np.float16(5e-5).tobytes(), dtype=np.uint8)
+        blocks[:, 2:4] = np.frombuffer(np.float16(7.5e-4).tobytes(), dtype=np.uint8)
+        blocks[:, 4:12] = 0x51
+        blocks[:, 12:16] = 0x11
     elif qt == Q.Q6_K:  # struct: u8 ql[128], u8 qh[64], i8 scales[16], half d
         blocks[:, 208:210] = d
     return blocks.tobytes()

@@ -171,8 +171,13 @@ def _check(rc: int, what: str) -> None:
         raise RuntimeError(f"{what} failed with CUDA error {rc}")
 
 
-def cuda_bandwidths(device: int, lib_path: str, size_bytes: int = 256 << 20) -> tuple[float, float]:
-    """(pinned host-to-device Bps, device copy Bps) measured with cudaMemcpyAsync and events."""
+def cuda_bandwidths(device: int, lib_path: str, size_bytes: int = 256 << 20) -> tuple[float, float, float]:
+    """(pinned host-to-device Bps, device copy Bps, pageable host-to-device Bps).
+
+    Pinned and device copies are timed with cudaMemcpyAsync and events; the pageable copy (from
+    ordinary memory, as llama.cpp copies from a memory-mapped model) with a wall clock, since the
+    driver stages it synchronously.
+    """
     rt = ctypes.CDLL(lib_path)
     _check(rt.cudaSetDevice(device), "cudaSetDevice")
     host, dev_a, dev_b = ctypes.c_void_p(), ctypes.c_void_p(), ctypes.c_void_p()
@@ -200,7 +205,16 @@ def cuda_bandwidths(device: int, lib_path: str, size_bytes: int = 256 << 20) -> 
         d2d = 2 * timed(dev_b, dev_a, 3, 10)  # device-to-device: read + write
         rt.cudaEventDestroy(start)
         rt.cudaEventDestroy(stop)
-        return h2d, d2d
+        pageable = np.ones(size_bytes, dtype=np.uint8)  # written, so every page is resident
+        src = ctypes.c_void_p(pageable.ctypes.data)
+        _check(rt.cudaMemcpy(dev_a, src, size, 1), "cudaMemcpy")  # warm-up
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            _check(rt.cudaMemcpy(dev_a, src, size, 1), "cudaMemcpy")
+            _check(rt.cudaDeviceSynchronize(), "cudaDeviceSynchronize")
+            times.append(time.perf_counter() - t0)
+        return h2d, d2d, size_bytes / min(times)
     finally:
         for p in (dev_a, dev_b):
             if p.value:
@@ -208,7 +222,7 @@ def cuda_bandwidths(device: int, lib_path: str, size_bytes: int = 256 << 20) -> 
         rt.cudaFreeHost(host)
 
 
-def cuda_bandwidths_isolated(devices: list[int], timeout_s: float = 120.0) -> tuple[str | None, dict[int, tuple[float, float]], dict[int, str]]:
+def cuda_bandwidths_isolated(devices: list[int], timeout_s: float = 120.0) -> tuple[str | None, dict[int, tuple[float, ...]], dict[int, str]]:
     """Measure every GPU's bandwidths in a child process: (libcudart used, results, errors).
 
     A second CUDA runtime loaded beside the one llama.cpp links can crash the process that later

@@ -57,6 +57,7 @@ def placement_of(plan: Plan) -> Any:
         offload_kqv=plan.offload_kqv,
         op_offload=plan.op_offload,
         tensor_split=tuple(plan.tensor_split),
+        pinned_weights=not plan.use_mmap and any(d.kind == "GPU" for d in plan.devices),
     )
 
 

@@ -18,7 +18,7 @@ from offload.planner.memory import kv_elem_bytes
 from offload.planner.placement import CPU, DeviceLoad, device_loads
 from offload.planner.types import Anatomy, Hardware, Placement, Prediction
 
-__all__ = ["SpeedParams", "predict", "cpu_bandwidth_Bps", "gpu_flops"]
+__all__ = ["SpeedParams", "predict", "cpu_bandwidth_Bps", "gpu_flops", "experts_touched", "stream_seconds"]
 
 
 @dataclass(frozen=True)
@@ -26,19 +26,21 @@ class SpeedParams:
     """Efficiency factors of the speed model (defaults from GPU.md's H100 host and a 2-core EPYC)."""
 
     # Fraction of the probed CPU read bandwidth that decode reaches with threads = physical cores
-    # (2-core EPYC, Gemma 3 270M: 86 t/s against a 48 GB/s read probe with one process per core).
-    cpu_bw_eff: float = 0.6
+    # (fitted on the H100 host's 84 recorded runs: 0.48 against a 109 GB/s probe; the 2-core EPYC
+    # reached 0.6 of 48 GB/s on Gemma 3 270M, where the compute roofline below binds first).
+    cpu_bw_eff: float = 0.5
     # Bandwidth saturates with threads as 1 - exp(-threads / (tau * cores)) (GPU.md: 4/8/12/16 threads).
     cpu_thread_tau: float = 0.33
     gpu_bw_eff: float = 0.70
     token_overhead_s: float = 0.8e-3
-    # Per layer and token: kernel launches on a GPU, thread barriers between ops on the CPU.
+    # Per layer and token: kernel launches on a GPU.
     gpu_layer_overhead_s: float = 50e-6
-    cpu_layer_overhead_s: float = 50e-6
+    # Per whole CPU layer and token, per thread (H100 host sweep: ~0.2 ms a layer at 16 threads).
+    cpu_layer_overhead_s: float = 20e-6
     # Per GPU layer and micro-batch in prompt processing (kernel launches amortised over the batch).
     gpu_layer_overhead_prompt_s: float = 20e-6
     # Each hand-over between CPU and GPU inside a token (sync + activation copy).
-    split_overhead_s: float = 50e-6
+    split_overhead_s: float = 20e-6
     # Decode is a roofline: a core dequantizes and dots about this many weight bytes per second, so
     # with few cores decode is compute-bound before it is bandwidth-bound (2-core EPYC, Gemma 3
     # 270M: 86-100 t/s whether the read probe said 49 or 70 GB/s).
@@ -47,8 +49,9 @@ class SpeedParams:
     cpu_flops_per_core: float = 2.4e11
     # Batched expert matmuls (MUL_MAT_ID) on the CPU reach a fraction of dense throughput.
     cpu_expert_flops_eff: float = 0.25
-    # Decode reads CPU-resident expert slices faster than the dense mix of small matmuls (GPU.md MoE table).
-    cpu_expert_bw_factor: float = 1.2
+    # Decode speed of CPU-resident expert slices relative to dense weights (1.0 fitted on the H100
+    # host once whole CPU layers carry their own per-layer cost).
+    cpu_expert_bw_factor: float = 1.0
     # GPU.md: with everything else on the GPU, a CPU-resident output layer cost ~1 ms per token for
     # 255 MB (MoE, 24 GiB) and nothing measurable for 107 MB (dense) -- far below bytes / CPU
     # bandwidth. Cause not understood; this factor reproduces it and calibration should refit it.
@@ -57,10 +60,13 @@ class SpeedParams:
     gpu_flops_eff: float = 0.15
     # Expert matmuls (MUL_MAT_ID) run far below dense efficiency on GPUs.
     gpu_expert_flops_eff: float = 0.07
-    # Op offload streams CPU-resident weights to the GPU once per micro-batch. Fitted on the H100
-    # sweep (bench/results): 0.6 of pinned h2d bandwidth (MoE experts measured near 1.0, dense
-    # FFN tensors lower; GPU.md's older 0.17 came from a run 5x slower than ours).
-    stream_h2d_eff: float = 0.6
+    # Op offload copies CPU-resident weights to the GPU once per micro-batch: from pinned memory
+    # at this fraction of the measured pinned host-to-device bandwidth, from the mapped model file
+    # (pageable memory) at this fraction of the measured pageable copy bandwidth.
+    stream_h2d_eff: float = 0.9
+    stream_pageable_eff: float = 1.0
+    # Where the pageable copy bandwidth was not measured: this share of the pinned one.
+    pageable_h2d_ratio: float = 0.15
     ubatch_overhead_s: float = 0.5e-3
     op_offload_min_batch: int = 32
     # Flops of an unknown GPU per byte/s of its memory bandwidth (H100: ~1e15 / 3.35e12).
@@ -162,7 +168,9 @@ def predict(
             cores_used = max(min(threads, hardware.cpu.cores), 1)
             t_compute = (dense + ld.expert_decode_bytes) / (cores_used * p.cpu_decode_Bps_per_core)
             t_dec += max(t_mem, t_compute)
-            t_dec += len(ld.layers) * p.cpu_layer_overhead_s
+            # Whole layers on the CPU: attention, norms and rope are many small ops, each ending in
+            # a barrier of all threads, so the cost grows with the thread count.
+            t_dec += sum(1 for x in layer_dev if x == CPU) * p.cpu_layer_overhead_s * max(threads, 1)
         else:
             g = hardware.gpus[d]
             t_dec += (ld.decode_bytes + kv_read) / (g.mem_bandwidth_Bps * p.gpu_bw_eff)
@@ -171,6 +179,38 @@ def predict(
     t_prompt = _prompt_time_s(anatomy, hardware, placement, loads, p, prompt_tokens, threads_batch)
     decode_tps = 1.0 / t_dec
     return Prediction(decode_tps=decode_tps, prompt_tps=prompt_tokens / t_prompt, ttft_s=t_prompt)
+
+
+def experts_touched(anatomy: Anatomy, ubatch: int) -> float:
+    """Expected share of a layer's experts that ``ubatch`` tokens route to (balanced routing).
+
+    llama.cpp's op offload copies only the experts a micro-batch uses; with 8 of 128 experts per
+    token, 512 tokens use all of them, 32 tokens about 87%.
+    """
+    if not anatomy.expert_count:
+        return 1.0
+    share = anatomy.expert_used_count / anatomy.expert_count
+    return 1.0 - (1.0 - min(share, 1.0)) ** max(ubatch, 1)
+
+
+def stream_seconds(
+    anatomy: Anatomy,
+    hardware: Hardware,
+    cpu: DeviceLoad,
+    ubatch: int,
+    pinned: bool,
+    params: SpeedParams,
+) -> float:
+    """Seconds to copy the CPU-resident weights one micro-batch uses to GPU 0 (op offload)."""
+    g = hardware.gpus[0]
+    if pinned:
+        rate = g.h2d_bandwidth_Bps * params.stream_h2d_eff
+    else:
+        rate = (g.h2d_pageable_Bps or g.h2d_bandwidth_Bps * params.pageable_h2d_ratio) * (
+            params.stream_pageable_eff
+        )
+    dense = cpu.stream_bytes - cpu.stream_expert_bytes
+    return (dense + cpu.stream_expert_bytes * experts_touched(anatomy, ubatch)) / max(rate, 1.0)
 
 
 def _attn_flops_per_token(anatomy: Anatomy, n_layers_here: int, prompt_tokens: int) -> float:
@@ -210,8 +250,7 @@ def _prompt_time_s(
     cpu_attn = _attn_flops_per_token(anatomy, round(attn_layers * cpu_share), n_tokens)
     if streams and cpu.stream_bytes:
         f = gpu_flops(hardware, 0, p)
-        h2d = hardware.gpus[0].h2d_bandwidth_Bps * p.stream_h2d_eff
-        total += n_ub * cpu.stream_bytes / h2d
+        total += n_ub * stream_seconds(anatomy, hardware, cpu, ubatch, placement.pinned_weights, p)
         total += n_tokens * (
             cpu.dense_flops / (f * p.gpu_flops_eff)
             + cpu.expert_flops / (f * p.gpu_expert_flops_eff)

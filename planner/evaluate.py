@@ -142,7 +142,7 @@ def evaluate(
         flash_attn=placement.flash_attn,
         offload_kqv=placement.offload_kqv,
         op_offload=placement.op_offload,
-        use_mmap=True if request.use_mmap is None else request.use_mmap,
+        use_mmap=not placement.pinned_weights if request.use_mmap is None else request.use_mmap,
         use_mlock=request.use_mlock,
         optimize=request.optimize,
         model_path=anatomy.path,

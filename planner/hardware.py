@@ -135,10 +135,11 @@ def _measure_gpus(gpus: list[GPUInfo], notes: list[str]) -> list[GPUInfo]:
             notes.append(f"GPU {g.index}: CUDA bandwidth measurement failed ({why}); using link/bus estimates")
             out.append(g)
             continue
-        h2d, dev = measured[g.index]
+        h2d, dev, pageable = (*measured[g.index], 0.0)[:3]
         # Without a nominal figure (NVML lacked bus width or clock), a copy reaches ~85% of it.
         nominal = g.mem_bandwidth_Bps or dev / 0.85
-        out.append(replace(g, h2d_bandwidth_Bps=h2d, mem_bandwidth_Bps=nominal, mem_bandwidth_measured_Bps=dev))
+        out.append(replace(g, h2d_bandwidth_Bps=h2d, mem_bandwidth_Bps=nominal, mem_bandwidth_measured_Bps=dev,
+                           h2d_pageable_Bps=pageable))
     return out
 
 

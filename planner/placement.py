@@ -94,6 +94,7 @@ class DeviceLoad:
     dense_flops: float = 0.0  # flops per token of non-expert matmuls
     expert_flops: float = 0.0  # flops per token of the active experts
     stream_bytes: int = 0  # bytes op offload streams to a GPU per ubatch (CPU only)
+    stream_expert_bytes: int = 0  # the expert part of stream_bytes (only used experts are copied)
     repack_bytes: int = 0
     layers: set[int] = field(default_factory=set)
     has_output: bool = False
@@ -178,6 +179,8 @@ def _device_loads(
             ld.output_decode_bytes += nbytes
         if d == CPU:
             ld.stream_bytes += nbytes
+            if role == "expert":
+                ld.stream_expert_bytes += nbytes
             ld.repack_bytes += repack
     if anatomy.tied_embeddings:
         emb = next((t for t in anatomy.tensors if t.role == "embedding"), None)

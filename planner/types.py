@@ -58,6 +58,9 @@ class GPUInfo:
     # Measured device-to-device copy bandwidth (read + write); the speed model uses the nominal
     # mem_bandwidth_Bps, as profiles of machines we don't have can only give that.
     mem_bandwidth_measured_Bps: float = 0.0
+    # Measured host-to-device copy bandwidth from ordinary (pageable) memory, as from a mapped
+    # model file; 0 where not measured.
+    h2d_pageable_Bps: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -295,6 +298,9 @@ class Placement:
     op_offload: bool = True
     tensor_split: tuple[float, ...] = ()
     swa_full: bool = True
+    # CPU-resident weights loaded into the GPU driver's pinned host memory instead of mapped from
+    # the file: op offload copies them to the GPU for prompt processing several times faster.
+    pinned_weights: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""

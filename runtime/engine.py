@@ -137,18 +137,37 @@ def _ggml_symbol(name: str) -> Any:
     raise LoadFailed(f"{name} not found in {lib_dir}")
 
 
-def _cpu_buffer_type() -> int:
-    """``ggml_backend_cpu_buffer_type()``: where overridden tensors go."""
+def _cpu_buffer_type(pinned: bool = False) -> int:
+    """Where overridden tensors go: ``ggml_backend_cpu_buffer_type()``, or with ``pinned`` the
+    first GPU's host buffer type (pinned memory, which op offload copies from at full PCIe speed).
+
+    llama.cpp itself puts CPU layers in that host buffer when the model is not memory-mapped;
+    overridden tensors get exactly the buffer type we name, so we name the same one. A build
+    without a GPU device (or one with no host buffer type) falls back to the plain CPU buffer.
+    """
+    if pinned:
+        try:
+            by_type = _ggml_symbol("ggml_backend_dev_by_type")
+            host = _ggml_symbol("ggml_backend_dev_host_buffer_type")
+        except LoadFailed:
+            by_type = host = None
+        if by_type is not None and host is not None:
+            by_type.restype, by_type.argtypes = ctypes.c_void_p, [ctypes.c_int]
+            host.restype, host.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
+            dev = by_type(1)  # GGML_BACKEND_DEVICE_TYPE_GPU
+            buft = host(dev) if dev else None
+            if buft:
+                return int(buft)
     fn = _ggml_symbol("ggml_backend_cpu_buffer_type")
     fn.restype, fn.argtypes = ctypes.c_void_p, []
     return int(fn())
 
 
-def _overrides_array(patterns: Sequence[str]) -> ctypes.Array[_BuftOverride] | None:
+def _overrides_array(patterns: Sequence[str], pinned: bool = False) -> ctypes.Array[_BuftOverride] | None:
     """A NULL-terminated ``llama_model_tensor_buft_override`` array placing ``patterns`` on the CPU."""
     if not patterns:
         return None
-    buft = _cpu_buffer_type()
+    buft = _cpu_buffer_type(pinned)
     arr = (_BuftOverride * (len(patterns) + 1))()
     for i, p in enumerate(patterns):
         arr[i].pattern = p.encode("utf-8")
@@ -304,7 +323,9 @@ class Engine:
             if len(adapters) > 1:
                 raise LoadFailed("only one LoRA adapter per model is supported")
             kwargs["lora_path"] = str(adapters[0])
-        overrides = _overrides_array(plan.cpu_tensor_patterns)
+        # Without mmap, llama.cpp keeps CPU layers in the GPU's pinned host buffer; overridden
+        # tensors follow them there, so op offload copies all CPU-resident weights at full speed.
+        overrides = _overrides_array(plan.cpu_tensor_patterns, pinned=not plan.use_mmap)
         llm: llama_cpp.Llama | None = None
         with _LOAD_LOCK, _captured_log() as lines:
             try:
