@@ -31,6 +31,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter  # noqa: E40
 __all__ = ["Spec", "SPECS", "write_model", "tensors"]
 
 Q = GGMLQuantizationType
+ATTN_OUT_SCALE = 1e-7
 
 
 @dataclass(frozen=True)
@@ -101,7 +102,7 @@ def _nbytes(qt: Q, shape: tuple[int, ...]) -> int:
     return int(np.prod(shape)) // block * size
 
 
-def _block_pool(qt: Q, rng: np.random.Generator, n_bytes: int) -> bytes:
+def _block_pool(qt: Q, rng: np.random.Generator, n_bytes: int, scale: float = 1e-4) -> bytes:
     """Random quant blocks with small, finite and zero-mean weights.
 
     Zero mean matters for MoE timing: weights with a common offset give every hidden state a
@@ -111,12 +112,12 @@ def _block_pool(qt: Q, rng: np.random.Generator, n_bytes: int) -> bytes:
     """
     block = GGML_QUANT_SIZES[qt][1]
     blocks = rng.integers(0, 256, size=(n_bytes // block, block), dtype=np.uint8)
-    d = np.frombuffer(np.float16(1e-4).tobytes(), dtype=np.uint8)
+    d = np.frombuffer(np.float16(scale).tobytes(), dtype=np.uint8)
     if qt == Q.Q4_K:  # struct: half d, half dmin, u8 scales[12], u8 qs[128]
         # w = d * sc * q - dmin * m with q uniform in 0..15: sc = m = 17 in all eight sub-blocks
         # (6-bit fields packed as in ggml's get_scale_min_k4) and dmin = 7.5 d centre it on zero.
         blocks[:, 0:2] = d
-        blocks[:, 2:4] = np.frombuffer(np.float16(7.5e-4).tobytes(), dtype=np.uint8)
+        blocks[:, 2:4] = np.frombuffer(np.float16(7.5 * scale).tobytes(), dtype=np.uint8)
         blocks[:, 4:12] = 0x51
         blocks[:, 12:16] = 0x11
     elif qt == Q.Q6_K:  # struct: u8 ql[128], u8 qh[64], i8 scales[16], half d
@@ -168,6 +169,10 @@ def write_model(path: str | os.PathLike[str], kind_or_spec: str | Spec, seed: in
     w.close()
     rng = np.random.default_rng(seed)
     pools = {qt: _block_pool(qt, rng, 64 << 20) for qt in (Q.Q4_K, Q.Q6_K)}
+    # Attention's output projection, scaled down: random attention averages over the positions, and
+    # at full scale that average swamps every token's own state within a few layers, so all tokens
+    # route to the same experts (a trained model's residual stream keeps tokens apart).
+    quiet = {qt: _block_pool(qt, rng, 8 << 20, scale=ATTN_OUT_SCALE) for qt in (Q.Q4_K, Q.Q6_K)}
     align = 32
     with tmp.open("r+b") as f:
         f.seek(0, os.SEEK_END)
@@ -180,7 +185,7 @@ def write_model(path: str | os.PathLike[str], kind_or_spec: str | Spec, seed: in
                     data = np.ones(nb // 4, dtype=np.float32).tobytes()
                 f.write(data)
             else:
-                pool = memoryview(pools[qt])  # slices of a memoryview are not copies
+                pool = memoryview((quiet if "attn_output" in name else pools)[qt])  # views, not copies
                 block = GGML_QUANT_SIZES[qt][1]
                 pos = int(rng.integers(0, len(pool) // block)) * block  # vary tensors' contents
                 left = nb

@@ -26,17 +26,19 @@ class SpeedParams:
     """Efficiency factors of the speed model (defaults from GPU.md's H100 host and a 2-core EPYC)."""
 
     # Fraction of the probed CPU read bandwidth that decode reaches with threads = physical cores
-    # (fitted on the H100 host's 84 recorded runs: 0.48 against a 109 GB/s probe; the 2-core EPYC
-    # reached 0.6 of 48 GB/s on Gemma 3 270M, where the compute roofline below binds first).
-    cpu_bw_eff: float = 0.5
-    # Bandwidth saturates with threads as 1 - exp(-threads / (tau * cores)) (GPU.md: 4/8/12/16 threads).
-    cpu_thread_tau: float = 0.33
+    # (fitted on the H100 host's sweep: 0.70 of an 84-109 GB/s probe; the 2-core EPYC's Gemma 3
+    # 270M decode is compute-bound, see the roofline below).
+    cpu_bw_eff: float = 0.7
+    # Bandwidth saturates with threads as 1 - exp(-threads / (tau * cores)); the H100 host's
+    # 4/8/12/16-thread runs fit tau = 1.07 (nearly linear up to all 16 vCPUs).
+    cpu_thread_tau: float = 1.0
     gpu_bw_eff: float = 0.70
     token_overhead_s: float = 0.8e-3
     # Per layer and token: kernel launches on a GPU.
     gpu_layer_overhead_s: float = 50e-6
-    # Per whole CPU layer and token, per thread (H100 host sweep: ~0.2 ms a layer at 16 threads).
-    cpu_layer_overhead_s: float = 20e-6
+    # Per whole CPU layer and token, per thread (attention, norms, rope: small ops, each ending in
+    # a barrier of all threads; H100 host sweep: 34 us, so ~0.5 ms a layer at 16 threads).
+    cpu_layer_overhead_s: float = 35e-6
     # Per GPU layer and micro-batch in prompt processing (kernel launches amortised over the batch).
     gpu_layer_overhead_prompt_s: float = 20e-6
     # Each hand-over between CPU and GPU inside a token (sync + activation copy).
@@ -46,16 +48,16 @@ class SpeedParams:
     # 270M: 86-100 t/s whether the read probe said 49 or 70 GB/s).
     cpu_decode_Bps_per_core: float = 12e9
     # Effective CPU matmul throughput per physical core for quantized weights (prompt processing).
-    cpu_flops_per_core: float = 2.4e11
+    cpu_flops_per_core: float = 2.2e11
     # Batched expert matmuls (MUL_MAT_ID) on the CPU reach a fraction of dense throughput.
     cpu_expert_flops_eff: float = 0.25
-    # Decode speed of CPU-resident expert slices relative to dense weights (1.0 fitted on the H100
-    # host once whole CPU layers carry their own per-layer cost).
-    cpu_expert_bw_factor: float = 1.0
-    # GPU.md: with everything else on the GPU, a CPU-resident output layer cost ~1 ms per token for
-    # 255 MB (MoE, 24 GiB) and nothing measurable for 107 MB (dense) -- far below bytes / CPU
-    # bandwidth. Cause not understood; this factor reproduces it and calibration should refit it.
-    cpu_output_decode_factor: float = 0.13
+    # Decode speed of CPU-resident expert slices relative to dense weights: eight small matrices
+    # per layer stream less efficiently than one large one (H100 host sweep: 0.74).
+    cpu_expert_bw_factor: float = 0.75
+    # Decode cost of a CPU-resident output layer relative to its bytes over CPU bandwidth. An
+    # earlier 0.13 came from reading GPU.md's "48 layers" runs as output-on-CPU; llama.cpp offloads
+    # the output layer first, so those runs had it on the GPU. Kept for calibration to refit.
+    cpu_output_decode_factor: float = 1.0
     # H100, 2048-token prompts all on the GPU: 9.7k t/s dense 7B, 10.7k t/s MoE (bench/results).
     gpu_flops_eff: float = 0.15
     # Expert matmuls (MUL_MAT_ID) run far below dense efficiency on GPUs.
@@ -176,7 +178,7 @@ def predict(
             t_dec += (ld.decode_bytes + kv_read) / (g.mem_bandwidth_Bps * p.gpu_bw_eff)
             t_dec += len(ld.layers) * p.gpu_layer_overhead_s
 
-    t_prompt = _prompt_time_s(anatomy, hardware, placement, loads, p, prompt_tokens, threads_batch)
+    t_prompt = _prompt_time_s(anatomy, hardware, placement, loads, layer_dev, p, prompt_tokens, threads_batch)
     decode_tps = 1.0 / t_dec
     return Prediction(decode_tps=decode_tps, prompt_tps=prompt_tokens / t_prompt, ttft_s=t_prompt)
 
@@ -223,6 +225,7 @@ def _prompt_time_s(
     hardware: Hardware,
     placement: Placement,
     loads: dict[int, DeviceLoad],
+    layer_dev: list[int],
     p: SpeedParams,
     prompt_tokens: int,
     threads_batch: int,
@@ -232,12 +235,14 @@ def _prompt_time_s(
     n_ub = math.ceil(n_tokens / ubatch)
     cpu = loads[CPU]
     cpu_flops = p.cpu_flops_per_core * max(min(threads_batch, hardware.cpu.cores), 1)
-    attn_layers = sum(1 for k in anatomy.kv_bytes_per_token_f16 if k)
+    # Attention runs where its layer is (the KV cache is there), whatever FFN tensors moved.
+    has_attn = [bool(k) for k in anatomy.kv_bytes_per_token_f16] or [True] * anatomy.n_layers
+    attn_on = {d: sum(1 for il, x in enumerate(layer_dev) if x == d and il < len(has_attn) and has_attn[il])
+               for d in loads}
     total = 0.0
     streams = bool(hardware.gpus) and placement.op_offload and ubatch >= p.op_offload_min_batch
     for d, ld in loads.items():
-        share = len(ld.layers) / max(anatomy.n_layers, 1)
-        attn = _attn_flops_per_token(anatomy, round(attn_layers * share), n_tokens)
+        attn = _attn_flops_per_token(anatomy, attn_on[d], n_tokens)
         if d == CPU:
             continue
         f = gpu_flops(hardware, d, p)
@@ -246,8 +251,7 @@ def _prompt_time_s(
             + ld.expert_flops / (f * p.gpu_expert_flops_eff)
         )
         total += n_ub * len(ld.layers) * p.gpu_layer_overhead_prompt_s
-    cpu_share = len(cpu.layers) / max(anatomy.n_layers, 1)
-    cpu_attn = _attn_flops_per_token(anatomy, round(attn_layers * cpu_share), n_tokens)
+    cpu_attn = _attn_flops_per_token(anatomy, attn_on[CPU], n_tokens)
     if streams and cpu.stream_bytes:
         f = gpu_flops(hardware, 0, p)
         total += n_ub * stream_seconds(anatomy, hardware, cpu, ubatch, placement.pinned_weights, p)

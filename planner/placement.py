@@ -1,7 +1,7 @@
 """Which device each tensor lands on for a placement, by llama.cpp's rules, and what each device holds.
 
-llama.cpp puts the last ``n_gpu_layers`` repeating layers on the GPUs (the output layer counts as
-one more), keeps the input embedding on the CPU, splits GPU layers by ``tensor_split``, and then
+llama.cpp offloads ``n_gpu_layers`` layers from the top: the output layer first, then the last
+repeating layers; it keeps the input embedding on the CPU, splits GPU layers by ``tensor_split``, and then
 moves every tensor whose name a buffer-override pattern matches (``re.search``) to the CPU.
 """
 
@@ -32,13 +32,23 @@ def _gpu_for(il: int, i_gpu_start: int, act_gpu_layers: int, split: tuple[float,
     return len(split) - 1
 
 
+def _gpu_start(n_layers: int, n_gpu_layers: int) -> int:
+    # llama.cpp counts the output layer as layer n_layers and offloads from the top down: the
+    # output layer goes first, then the last repeating layers (i_gpu_start = n_layer + 1 - ngl).
+    return max(n_layers + 1 - n_gpu_layers, 0)
+
+
 def layer_devices(
     n_layers: int, n_gpu_layers: int, n_gpus: int, split: tuple[float, ...] = ()
 ) -> list[int]:
-    """Device of each repeating layer: a GPU index or ``CPU``."""
-    if n_gpus == 0:
+    """Device of each repeating layer: a GPU index or ``CPU``.
+
+    ``n_gpu_layers`` = k puts the output layer and the last k - 1 repeating layers on the GPUs
+    (llama.cpp's rule, confirmed by its buffer sizes on the H100 sweep); n_layers + 1 is all.
+    """
+    if n_gpus == 0 or n_gpu_layers <= 0:
         return [CPU] * n_layers
-    start = max(n_layers - n_gpu_layers, 0)
+    start = _gpu_start(n_layers, n_gpu_layers)
     act = min(n_gpu_layers, n_layers + 1)
     split = split[:n_gpus] if split else tuple([1.0] * n_gpus)
     return [CPU if il < start else _gpu_for(il, start, act, split) for il in range(n_layers)]
@@ -47,11 +57,12 @@ def layer_devices(
 def output_device(
     n_layers: int, n_gpu_layers: int, n_gpus: int, split: tuple[float, ...] = ()
 ) -> int:
-    """Device of the output layer (the ``+1`` in ``n_gpu_layers``)."""
-    if n_gpus == 0 or n_gpu_layers <= n_layers:
+    """Device of the output layer: on a GPU as soon as one layer is offloaded."""
+    if n_gpus == 0 or n_gpu_layers <= 0:
         return CPU
+    start = _gpu_start(n_layers, n_gpu_layers)
     split = split[:n_gpus] if split else tuple([1.0] * n_gpus)
-    return _gpu_for(n_layers, 0, n_layers + 1, split)
+    return _gpu_for(n_layers, start, min(n_gpu_layers, n_layers + 1), split)
 
 
 @lru_cache(maxsize=4096)

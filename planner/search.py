@@ -23,6 +23,8 @@ _UBATCHES = (512, 1024, 2048)
 _BALANCED_DECODE = 0.95
 _DECODE_TIE = 0.99
 _BALANCED_MIN_GAIN = 1.10
+# The output layer alone (llama.cpp's name; "attn_output" must not match).
+OUTPUT_PATTERN = r"^output\.weight$"
 # Pinned host memory cannot be paged out: pin CPU-resident weights only up to this share of RAM.
 PIN_RAM_FRACTION = 0.5
 
@@ -143,15 +145,20 @@ def _ffn_family(
     fit, then every mix of tensor kinds for the partial layer (down_exps alone is the biggest)."""
     n_layers, experts = anatomy.n_layers, bool(anatomy.expert_count)
     out: list[Plan] = []
-    # Output layer on the GPU and, as a second try, on the CPU (its decode cost there is small).
-    for ngl in sorted({top, min(top, n_layers)}, reverse=True):
-        gpu_layers = list(range(max(n_layers - ngl, 0), n_layers))
-        if not gpu_layers:
-            continue
-        units = [(il, kind) for il in gpu_layers for kind in _FFN_KINDS]
+    # Output layer on the GPU and, as a second try, kept on the CPU by a pattern of its own (its
+    # decode cost there can be smaller than the FFN tensors it makes room for).
+    outputs: list[tuple[str, ...]] = [()]
+    if top > n_layers and any(t.name == "output.weight" for t in anatomy.tensors):
+        outputs.append((OUTPUT_PATTERN,))
+    ngl = top
+    gpu_layers = list(range(max(n_layers + 1 - ngl, 0), n_layers))
+    if not gpu_layers:
+        return out
+    units = [(il, kind) for il in gpu_layers for kind in _FFN_KINDS]
+    for extra in outputs:
 
-        def moved(k: int, units: list = units, ngl: int = ngl) -> Plan:
-            return evaluate_at(ngl, ffn_patterns(units[:k], experts))
+        def moved(k: int, units: list = units, extra: tuple[str, ...] = extra) -> Plan:
+            return evaluate_at(ngl, extra + ffn_patterns(units[:k], experts))
 
         found = _first_fit(0, len(units), moved, descending=False)
         if found is None:
@@ -164,7 +171,8 @@ def _ffn_family(
                 kinds = [k for i, k in enumerate(_FFN_KINDS) if mask >> i & 1]
                 out.append(
                     evaluate_at(
-                        ngl, ffn_patterns(base + [(gpu_layers[full], k) for k in kinds], experts)
+                        ngl,
+                        extra + ffn_patterns(base + [(gpu_layers[full], k) for k in kinds], experts),
                     )
                 )
     return [p for p in out if fits(p)]
@@ -348,8 +356,9 @@ def _with_reasons(
             "everything runs there."
         )
     elif p.cpu_tensor_patterns and anatomy.expert_count:
+        pats = [x for x in p.cpu_tensor_patterns if x != OUTPUT_PATTERN]
         r.append(
-            f"All layers on the GPU except expert tensors matched by {' and '.join(p.cpu_tensor_patterns)}: "
+            f"All layers on the GPU except expert tensors matched by {' and '.join(pats)}: "
             f"a token reads only {anatomy.expert_used_count} of {anatomy.expert_count} experts, so "
             "experts cost least on the CPU, while attention, KV cache and shared tensors stay on the GPU."
         )
@@ -359,10 +368,16 @@ def _with_reasons(
             "to fit the budget."
         )
     else:
-        where = "with the output layer" if p.n_gpu_layers > n_layers else "without the output layer"
+        # llama.cpp offloads the output layer first, then the last repeating layers.
+        rep = min(max(p.n_gpu_layers - 1, 0), n_layers)
         r.append(
-            f"{min(p.n_gpu_layers, n_layers)} of {n_layers} layers on the GPU ({where}): that is "
-            "what fits the budget."
+            f"The output layer and the last {rep} of {n_layers} layers on the GPU: that is what fits "
+            "the budget."
+        )
+    if OUTPUT_PATTERN in p.cpu_tensor_patterns:
+        r.append(
+            "The output layer stays on the CPU: the GPU memory it would take holds weights that cost "
+            "more there."
         )
     if hw.gpus and cpu.weights_bytes > 0:
         if p.op_offload:

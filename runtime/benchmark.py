@@ -64,7 +64,7 @@ def measure_plan(model_path: Path | str, plan: Plan, *, prompt_tokens: int, gen_
             eng.close()
     result = {
         "measured": {"prompt_tps": single.prompt_tps, "decode_tps": single.decode_tps,
-                     "ttft_s": single.ttft_s, "load_s": load_s if own else None,
+                     "decode_tps_median": single.decode_tps_median, "ttft_s": single.ttft_s, "load_s": load_s if own else None,
                      "prompt_tokens": single.prompt_tokens, "gen_tokens": gen_tokens, "parallel": agg},
         "predicted": {"prompt_tps": plan.predicted.prompt_tps, "decode_tps": plan.predicted.decode_tps,
                       "ttft_s": plan.predicted.ttft_s,

@@ -270,6 +270,16 @@ class BatchTiming:
     ttft_s: float  # prompt evaluated and the first token chosen
     tokens: int  # generated, all sequences together
     decode_s: float
+    step_s: tuple[float, ...] = ()  # wall time of each decode step
+
+    @property
+    def decode_tps_median(self) -> float:
+        """Generated tokens per second from the median step: robust to a step the OS delayed."""
+        if not self.step_s:
+            return self.decode_tps
+        steps = sorted(self.step_s)
+        mid = steps[len(steps) // 2] if len(steps) % 2 else (steps[len(steps) // 2 - 1] + steps[len(steps) // 2]) / 2
+        return self.n_seq / mid if mid > 0 else 0.0
 
     @property
     def prompt_tps(self) -> float:
@@ -409,7 +419,9 @@ class Engine:
                 llama_c.llama_memory_seq_cp(mem, 0, s, -1, -1)
             nxt = [first] * n_seq
             pos = len(prompt)
+            steps: list[float] = []
             for _ in range(gen_tokens):
+                ts = time.perf_counter()
                 batch.n_tokens = n_seq
                 for s in range(n_seq):
                     batch.token[s], batch.pos[s], batch.n_seq_id[s] = nxt[s], pos, 1
@@ -419,12 +431,13 @@ class Engine:
                     raise LoadFailed(f"batched decode of {n_seq} sequences failed")
                 nxt = [int(logits_row(s).argmax()) for s in range(n_seq)]
                 pos += 1
+                steps.append(time.perf_counter() - ts)
             t2 = time.perf_counter()
         finally:
             llama_c.llama_batch_free(batch)
             llama_c.llama_memory_clear(mem, True)
         return BatchTiming(n_seq=n_seq, prompt_tokens=len(prompt), prompt_s=t1 - t0, ttft_s=t1 - t0,
-                           tokens=n_seq * gen_tokens, decode_s=t2 - t1)
+                           tokens=n_seq * gen_tokens, decode_s=t2 - t1, step_s=tuple(steps))
 
     # -- tokens --------------------------------------------------------------------------------
 

@@ -328,3 +328,49 @@ def test_longer_context_is_dropped_when_it_would_push_weights_off_the_gpu(mistra
     )
     assert p.n_gpu_layers == mistral.n_layers + 1 and not p.cpu_tensor_patterns
     assert 4096 <= p.n_ctx < 32768
+
+
+# -- llama.cpp's layer order, pinned host memory, the copy model of op offload -----------------
+
+
+def test_n_gpu_layers_offloads_the_output_layer_first_as_llama_cpp_does(mistral) -> None:
+    from offload.planner.placement import layer_devices, output_device
+
+    n = mistral.n_layers
+    # i_gpu_start = n_layer + 1 - ngl: one offloaded layer is the output layer, not the last block.
+    assert output_device(n, 1, 1) == 0 and layer_devices(n, 1, 1) == [CPU] * n
+    assert layer_devices(n, n, 1) == [CPU] + [0] * (n - 1) and output_device(n, n, 1) == 0
+    assert layer_devices(n, n + 1, 1) == [0] * n
+    assert output_device(n, 0, 1) == CPU and layer_devices(n, 5, 0) == [CPU] * n
+
+
+def test_cpu_resident_weights_are_pinned_when_op_offload_streams_them(mistral) -> None:
+    hw = _hw(3, ram_gib=64)
+    p = plan(mistral, hw, PlanRequest(n_ctx=4096))
+    assert p.devices[0].weights_bytes > 0 and not p.use_mmap
+    assert any("pinned memory" in r for r in p.reasons)
+    # The user's use_mmap wins; a model whose CPU part would pin over half the RAM stays mapped;
+    # everything on the GPU, or no GPU at all, leaves nothing to pin.
+    assert plan(mistral, hw, PlanRequest(n_ctx=4096, use_mmap=True)).use_mmap
+    assert plan(mistral, _hw(3, ram_gib=4.5), PlanRequest(n_ctx=4096)).use_mmap
+    assert plan(mistral, _hw(24), PlanRequest(n_ctx=4096)).use_mmap
+    assert plan(mistral, replace(hw, gpus=()), PlanRequest(n_ctx=4096)).use_mmap
+
+
+def test_pinned_weights_predict_faster_prompts_and_the_same_decode(mistral) -> None:
+    hw = _hw(3)
+    hw = replace(hw, gpus=(replace(hw.gpus[0], h2d_bandwidth_Bps=50e9, h2d_pageable_Bps=7e9),))
+    req = PlanRequest(n_ctx=4096, gpu_budget_bytes=3 * GiB)
+    at = {pin: evaluate(mistral, hw, req, Placement(16, n_ctx=4096, pinned_weights=pin)) for pin in (False, True)}
+    assert at[True].predicted.prompt_tps > 1.5 * at[False].predicted.prompt_tps
+    assert at[True].predicted.decode_tps == at[False].predicted.decode_tps
+    assert not at[True].use_mmap and at[False].use_mmap
+
+
+def test_a_micro_batch_copies_only_the_experts_it_routes_to(qwen_moe) -> None:
+    from offload.planner.cost import experts_touched
+
+    # 8 of 128 experts a token: 32 tokens reach ~87% of the experts, 512 all of them.
+    assert experts_touched(qwen_moe, 1) == pytest.approx(8 / 128)
+    assert experts_touched(qwen_moe, 32) == pytest.approx(1 - (120 / 128) ** 32)
+    assert experts_touched(qwen_moe, 512) > 0.999

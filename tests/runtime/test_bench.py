@@ -122,3 +122,63 @@ def test_llama_bench_json_is_read_and_overrides_use_its_separator(tmp_path: Path
     assert got["prompt_tps"] == 900.5 and got["decode_tps"] == 44.25
     args = (tmp_path / "args").read_text().split()
     assert args[args.index("-ot") + 1] == r"a=b=CPU;blk\.1\.x=CPU" and args[args.index("-d") + 1] == "2048"
+
+
+def test_synthetic_moe_routes_a_batch_across_all_experts_like_a_trained_model(tmp_path: Path) -> None:
+    """llama.cpp's op offload copies only the experts a micro-batch uses, so the GPU sweep's
+    prompt timings are only real if the synthetic model's router spreads tokens as a trained one
+    does. Counted here through llama.cpp's own eval callback on the tensor of chosen experts."""
+    import ctypes
+    import importlib.util
+    import random
+    import sys
+
+    import llama_cpp
+    import llama_cpp.llama_cpp as llama_c
+
+    from offload.runtime import engine as eng
+
+    path = Path(__file__).parents[2] / "bench" / "synth_models.py"
+    spec_mod = importlib.util.spec_from_file_location("synth_models", path)
+    sm = importlib.util.module_from_spec(spec_mod)  # type: ignore[arg-type]
+    sys.modules["synth_models"] = sm  # dataclasses look their module up there
+    spec_mod.loader.exec_module(sm)  # type: ignore[union-attr]
+    spec = sm.Spec("qwen3moe", 4, 512, 1024, 8, 2, 2048, head_dim=64, n_ctx_train=2048,
+                   expert_count=32, expert_used=4, n_ff_exp=256, qk_norm=True)
+    model = sm.write_model(tmp_path / "moe.gguf", spec)
+
+    get_name, nel, get_i32 = (eng._ggml_symbol(n) for n in ("ggml_get_name", "ggml_nelements", "ggml_get_i32_1d"))
+    get_name.restype, get_name.argtypes = ctypes.c_char_p, [ctypes.c_void_p]
+    nel.restype, nel.argtypes = ctypes.c_int64, [ctypes.c_void_p]
+    get_i32.restype, get_i32.argtypes = ctypes.c_int32, [ctypes.c_void_p, ctypes.c_int]
+    used: dict[str, int] = {}
+
+    def on_tensor(t: int, ask: bool, _: object) -> bool:
+        name = get_name(t).decode()
+        if not name.startswith("ffn_moe_topk"):
+            return not ask
+        if not ask:
+            used[name] = len({get_i32(t, i) for i in range(nel(t))})
+        return True
+
+    callback = llama_c.ggml_backend_sched_eval_callback(on_tensor)
+    default = llama_c.llama_context_default_params
+
+    def with_callback() -> object:
+        p = default()
+        p.cb_eval = callback
+        return p
+
+    llama_c.llama_context_default_params = with_callback
+    try:
+        llm = llama_cpp.Llama(str(model), n_ctx=512, n_batch=256, n_ubatch=256, n_threads=2, verbose=False)
+    finally:
+        llama_c.llama_context_default_params = default
+    try:
+        rng = random.Random(0)
+        llm.eval([llm.token_bos()] + [rng.randrange(300, 2000) for _ in range(255)])
+    finally:
+        llm.close()
+    # Every layer but the last (llama.cpp computes that one for the final token only).
+    inner = [used[f"ffn_moe_topk-{il}"] for il in range(3)]
+    assert inner == [32, 32, 32], used

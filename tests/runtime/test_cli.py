@@ -97,7 +97,8 @@ def test_interactive_session_sets_parameters_and_exits_on_bye(cli_env: dict[str,
     os.write(fd, b"/?\n")
     read_until(b"/bye")
     os.write(fd, b"/set parameter num_predict 3\n")
-    read_until(b"Set parameter 'num_predict' to '3'")
+    # Wait for the prompt after the reply too: counting prompts below must start after it.
+    read_until(b"Set parameter 'num_predict' to '3'\r\n>>> ")
     os.write(fd, b'"""Say\nhello"""\n')
     start = len(out)
     out_mark = out
@@ -105,7 +106,7 @@ def test_interactive_session_sets_parameters_and_exits_on_bye(cli_env: dict[str,
     while out.count(b">>> ") < out_mark.count(b">>> ") + 1:
         out += os.read(fd, 4096)
     answer = out[start:].split(b">>> ")[0]
-    assert answer.strip(), "no answer to the multi-line prompt"
+    assert answer.strip(), f"no answer to the multi-line prompt: {out[-800:]!r}"
     os.write(fd, b"/bye\n")
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0

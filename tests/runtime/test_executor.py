@@ -133,6 +133,9 @@ def test_batched_decode_runs_several_sequences_at_once(gemma: Path) -> None:
         t = e.run_batch(3, prompt, 5)
         assert t.tokens == 15 and t.decode_s > 0 and t.prompt_tokens == len(prompt) > 100
         assert t.prompt_tps > 0 and t.decode_tps > 0 and t.ttft_s >= t.prompt_s
+        # One timing per decode step; the median step gives a rate robust to one delayed step.
+        assert len(t.step_s) == 5 and sum(t.step_s) <= t.decode_s
+        assert t.decode_tps_median == pytest.approx(3 / sorted(t.step_s)[2])
         with pytest.raises(LoadFailed, match="n_parallel"):
             e.run_batch(4, e.tokenize("x"), 1)
         # The engine still generates normally afterwards.
@@ -216,3 +219,18 @@ def test_load_heals_by_shrinking_context_when_memory_runs_out(gemma: Path) -> No
     assert got["gave_up"] and all("reduced the context" in s for s in got["gave_up"])
     assert got["n_ctx"] < 1 << 20 and got["engine_ctx"] == got["n_ctx"]
     assert got["reasons"][-len(got["gave_up"]):] == got["gave_up"]  # the plan says what it gave up
+
+
+def test_a_plan_without_mmap_loads_and_its_overrides_fall_back_to_the_cpu_buffer_without_a_gpu(gemma: Path) -> None:
+    from offload.runtime import engine as eng
+
+    # On a GPU build overridden tensors go to the GPU's pinned host buffer when the plan does not
+    # map the file; this build has no GPU device, so the plain CPU buffer type is what it names.
+    assert eng._cpu_buffer_type(pinned=True) == eng._cpu_buffer_type(pinned=False)
+    e = Engine.load(gemma, cpu_plan(use_mmap=False))
+    try:
+        assert not any("CPU_Mapped" in ln for ln in e.load_log if "model buffer size" in ln)
+        out = list(e.generate(e.tokenize("Hello"), Sampling(temperature=0, num_predict=2)))
+        assert out[-1].eval_count == 2  # type: ignore[union-attr]
+    finally:
+        e.close()
