@@ -6,8 +6,8 @@ shows how its predictions fare on those same runs without another trip to the GP
     python bench/revalidate.py bench/results/{dense-3,dense-4,dense-6,moe-8,moe-12,moe-16}gib.json
 
 The synthetic models must be at /tmp/synth-{dense,moe}.gguf (``python bench/synth_models.py KIND
-PATH``: same seed, same header). All runs are re-predicted on the hardware profile of the first
-file (the dense runs were recorded before the CPU probe was fixed).
+PATH``: same seed, same header). Each file's runs are re-predicted on the hardware profile that
+file recorded.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from offload.planner.types import Hardware, Placement, PlanRequest
 
 
 def main(files: list[str]) -> dict[str, object]:
-    hw = Hardware.from_dict(json.load(open(files[0]))["hardware"])
     names = {f.name for f in dataclasses.fields(Placement)}
     anatomies: dict[str, object] = {}
     out: dict[str, object] = {}
@@ -32,6 +31,7 @@ def main(files: list[str]) -> dict[str, object]:
     all_p: list[float] = []
     for f in files:
         d = json.load(open(f))
+        hw = Hardware.from_dict(d["hardware"])
         kind = d["summary"]["model_kind"]
         a = anatomies.setdefault(kind, anatomy.read(f"/tmp/synth-{kind}.gguf"))
         de, pe = [], []

@@ -125,8 +125,13 @@ def _block_pool(qt: Q, rng: np.random.Generator, n_bytes: int, scale: float = 1e
     return blocks.tobytes()
 
 
-def write_model(path: str | os.PathLike[str], kind_or_spec: str | Spec, seed: int = 0) -> Path:
-    """Write the model (tokenizer included, so llama.cpp loads it); returns the path."""
+def write_model(path: str | os.PathLike[str], kind_or_spec: str | Spec, seed: int = 0,
+                header_only: bool = False) -> Path:
+    """Write the model (tokenizer included, so llama.cpp loads it); returns the path.
+
+    ``header_only`` leaves the tensor data as a hole (a sparse file of the full size): enough for
+    the planner, which reads only the header, in seconds and without the disk space.
+    """
     s = SPECS[kind_or_spec] if isinstance(kind_or_spec, str) else kind_or_spec
     p = Path(path)
     tmp = p.with_name(p.name + ".part")
@@ -167,6 +172,13 @@ def write_model(path: str | os.PathLike[str], kind_or_spec: str | Spec, seed: in
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
     w.close()
+    if header_only:
+        with tmp.open("r+b") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell() + (-f.tell() % 32) + sum(nb + (-nb % 32) for _, _, nb in layout)
+            f.truncate(size)
+        os.replace(tmp, p)
+        return p
     rng = np.random.default_rng(seed)
     pools = {qt: _block_pool(qt, rng, 64 << 20) for qt in (Q.Q4_K, Q.Q6_K)}
     # Attention's output projection, scaled down: random attention averages over the positions, and

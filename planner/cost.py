@@ -23,26 +23,31 @@ __all__ = ["SpeedParams", "predict", "cpu_bandwidth_Bps", "gpu_flops", "experts_
 
 @dataclass(frozen=True)
 class SpeedParams:
-    """Efficiency factors of the speed model (defaults from GPU.md's H100 host and a 2-core EPYC)."""
+    """Efficiency factors of the speed model.
+
+    Defaults are fitted on the H100 host's final sweep (bench/results: 63 runs of a dense 7B and a
+    30B-A3B MoE shape, median errors 0.02 decode and 0.03 prompt in-sample) and, for the CPU
+    roofline, a 2-core EPYC; ``offload bench`` refits them per machine (calibration).
+    """
 
     # Fraction of the probed CPU read bandwidth that decode reaches with threads = physical cores
-    # (fitted on the H100 host's sweep: 0.70 of an 84-109 GB/s probe; the 2-core EPYC's Gemma 3
-    # 270M decode is compute-bound, see the roofline below).
-    cpu_bw_eff: float = 0.7
+    # (H100 host: 0.84 of an 84 GB/s probe; the 2-core EPYC's Gemma 3 270M decode is
+    # compute-bound, see the roofline below).
+    cpu_bw_eff: float = 0.84
     # Bandwidth saturates with threads as 1 - exp(-threads / (tau * cores)); the H100 host's
-    # 4/8/12/16-thread runs fit tau = 1.07 (nearly linear up to all 16 vCPUs).
+    # 4/8/12/16-thread runs fit tau = 1.0 (nearly linear up to all 16 vCPUs).
     cpu_thread_tau: float = 1.0
-    gpu_bw_eff: float = 0.70
+    gpu_bw_eff: float = 0.83
     token_overhead_s: float = 0.8e-3
     # Per layer and token: kernel launches on a GPU.
     gpu_layer_overhead_s: float = 50e-6
     # Per whole CPU layer and token, per thread (attention, norms, rope: small ops, each ending in
-    # a barrier of all threads; H100 host sweep: 34 us, so ~0.5 ms a layer at 16 threads).
-    cpu_layer_overhead_s: float = 35e-6
+    # a barrier of all threads; H100 host sweep: 24 us, so ~0.4 ms a layer at 16 threads).
+    cpu_layer_overhead_s: float = 24e-6
     # Per GPU layer and micro-batch in prompt processing (kernel launches amortised over the batch).
     gpu_layer_overhead_prompt_s: float = 20e-6
     # Each hand-over between CPU and GPU inside a token (sync + activation copy).
-    split_overhead_s: float = 20e-6
+    split_overhead_s: float = 21e-6
     # Decode is a roofline: a core dequantizes and dots about this many weight bytes per second, so
     # with few cores decode is compute-bound before it is bandwidth-bound (2-core EPYC, Gemma 3
     # 270M: 86-100 t/s whether the read probe said 49 or 70 GB/s).
@@ -52,21 +57,26 @@ class SpeedParams:
     # Batched expert matmuls (MUL_MAT_ID) on the CPU reach a fraction of dense throughput.
     cpu_expert_flops_eff: float = 0.25
     # Decode speed of CPU-resident expert slices relative to dense weights: eight small matrices
-    # per layer stream less efficiently than one large one (H100 host sweep: 0.74).
-    cpu_expert_bw_factor: float = 0.75
+    # per layer stream less efficiently than one large one (H100 host sweep: 0.9).
+    cpu_expert_bw_factor: float = 0.9
     # Decode cost of a CPU-resident output layer relative to its bytes over CPU bandwidth. An
     # earlier 0.13 came from reading GPU.md's "48 layers" runs as output-on-CPU; llama.cpp offloads
     # the output layer first, so those runs had it on the GPU. Kept for calibration to refit.
     cpu_output_decode_factor: float = 1.0
-    # H100, 2048-token prompts all on the GPU: 9.7k t/s dense 7B, 10.7k t/s MoE (bench/results).
-    gpu_flops_eff: float = 0.15
+    # H100, 2048-token prompts all on the GPU: ~10k t/s dense 7B (bench/results).
+    gpu_flops_eff: float = 0.14
     # Expert matmuls (MUL_MAT_ID) run far below dense efficiency on GPUs.
-    gpu_expert_flops_eff: float = 0.07
+    gpu_expert_flops_eff: float = 0.036
+    # ... and it grows with the tokens each expert gets in a micro-batch (ubatch * used / count):
+    # half its full value at this many (H100, MoE all on the GPU: pp2048 6.5k t/s at ubatch 512,
+    # 32 tokens an expert, against 10-11k t/s at 2048).
+    gpu_expert_batch_half: float = 47.0
     # Op offload copies CPU-resident weights to the GPU once per micro-batch: from pinned memory
     # at this fraction of the measured pinned host-to-device bandwidth, from the mapped model file
-    # (pageable memory) at this fraction of the measured pageable copy bandwidth.
-    stream_h2d_eff: float = 0.9
-    stream_pageable_eff: float = 1.0
+    # (pageable memory) at this fraction of the measured pageable copy bandwidth (H100 host:
+    # 52 GB/s pinned, 6.7 GB/s pageable, both probed in a child process).
+    stream_h2d_eff: float = 0.95
+    stream_pageable_eff: float = 1.08
     # Where the pageable copy bandwidth was not measured: this share of the pinned one.
     pageable_h2d_ratio: float = 0.15
     ubatch_overhead_s: float = 0.5e-3
@@ -241,6 +251,12 @@ def _prompt_time_s(
                for d in loads}
     total = 0.0
     streams = bool(hardware.gpus) and placement.op_offload and ubatch >= p.op_offload_min_batch
+    per_expert = ubatch * anatomy.expert_used_count / max(anatomy.expert_count, 1)
+    expert_eff = (
+        p.gpu_expert_flops_eff * 2 * per_expert / (per_expert + p.gpu_expert_batch_half)
+        if anatomy.expert_count
+        else p.gpu_expert_flops_eff
+    )
     for d, ld in loads.items():
         attn = _attn_flops_per_token(anatomy, attn_on[d], n_tokens)
         if d == CPU:
@@ -248,7 +264,7 @@ def _prompt_time_s(
         f = gpu_flops(hardware, d, p)
         total += n_tokens * (
             (ld.dense_flops + attn) / (f * p.gpu_flops_eff)
-            + ld.expert_flops / (f * p.gpu_expert_flops_eff)
+            + ld.expert_flops / (f * expert_eff)
         )
         total += n_ub * len(ld.layers) * p.gpu_layer_overhead_prompt_s
     cpu_attn = _attn_flops_per_token(anatomy, attn_on[CPU], n_tokens)
@@ -257,7 +273,7 @@ def _prompt_time_s(
         total += n_ub * stream_seconds(anatomy, hardware, cpu, ubatch, placement.pinned_weights, p)
         total += n_tokens * (
             cpu.dense_flops / (f * p.gpu_flops_eff)
-            + cpu.expert_flops / (f * p.gpu_expert_flops_eff)
+            + cpu.expert_flops / (f * expert_eff)
         )
         total += n_tokens * cpu_attn / cpu_flops
     else:

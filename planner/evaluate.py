@@ -84,7 +84,8 @@ def memory_by_device(
             out[d] = (ld.weights_bytes, kv_on[d], comp, ld.repack_bytes if n_gpus == 0 else 0)
         else:
             main = d == 0
-            used = bool(ld.layers) or ld.has_output or main
+            # The main GPU holds a compute buffer even with no layers when op offload may use it.
+            used = bool(ld.layers) or ld.has_output or (main and placement.op_offload)
             comp = (
                 compute_buffer_bytes(
                     anatomy,
@@ -100,6 +101,10 @@ def memory_by_device(
             # On the H100 sweep llama.cpp's CUDA weight and KV buffers matched the model to the
             # byte (weights +0.5% kept as slack), while its compute buffers came out up to 22%
             # above our estimate: plan with that allowance so that no plan exceeds its budget.
+            if main and placement.op_offload:
+                # Op offload copies a dense tensor moved off a GPU layer into this buffer (H100:
+                # +48 MB for a 48 MB ffn_down); experts go through their own used-expert copies.
+                comp += loads[CPU].largest_moved_dense_bytes
             out[d] = (int(ld.weights_bytes * CUDA_WEIGHTS_ALLOWANCE), kv_on[d],
                       int(comp * CUDA_COMPUTE_ALLOWANCE), 0)
     return out

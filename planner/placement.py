@@ -107,6 +107,9 @@ class DeviceLoad:
     stream_bytes: int = 0  # bytes op offload streams to a GPU per ubatch (CPU only)
     stream_expert_bytes: int = 0  # the expert part of stream_bytes (only used experts are copied)
     repack_bytes: int = 0
+    # Largest dense tensor an override pattern moved here from a GPU layer: op offload copies it
+    # into the GPU's compute buffer for prompt processing (CPU only).
+    largest_moved_dense_bytes: int = 0
     layers: set[int] = field(default_factory=set)
     has_output: bool = False
 
@@ -167,11 +170,15 @@ def _device_loads(
     anatomy: Anatomy, placement: Placement, n_gpus: int
 ) -> tuple[dict[int, DeviceLoad], list[int]]:
     devs = tensor_devices(anatomy, placement, n_gpus)
+    home = tensor_devices(anatomy, Placement(**{**placement.__dict__, "cpu_tensor_patterns": ()}), n_gpus)
     loads: dict[int, DeviceLoad] = {CPU: DeviceLoad(), **{g: DeviceLoad() for g in range(n_gpus)}}
     share = (anatomy.expert_used_count / anatomy.expert_count) if anatomy.expert_count else 1.0
     vocab = max(anatomy.n_vocab, 1)
-    for (layer, role, nbytes, flops, repack), d in zip(_rows(anatomy), devs, strict=True):
+    for (layer, role, nbytes, flops, repack), d, h in zip(_rows(anatomy), devs, home, strict=True):
         ld = loads[d]
+        # (The output layer's matmul covers only the tokens that need logits: too small to offload.)
+        if d == CPU and h != CPU and role not in ("expert", "output"):
+            ld.largest_moved_dense_bytes = max(ld.largest_moved_dense_bytes, nbytes)
         ld.weights_bytes += nbytes
         if layer is not None:
             ld.layers.add(layer)

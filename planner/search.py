@@ -6,6 +6,7 @@ import logging
 from collections.abc import Callable, Iterable
 from dataclasses import replace
 
+from offload.planner.calibrate import placement_of
 from offload.planner.cost import SpeedParams
 from offload.planner.errors import PlanInfeasible
 from offload.planner.evaluate import device_budgets, evaluate, fits
@@ -78,7 +79,25 @@ def choose(plans: list[Plan], optimize: str) -> Plan:
     return best
 
 
+def _leaner(pick: Plan, plans: list[Plan]) -> Plan:
+    """The same placement with the smallest micro-batch that is as fast (prompt within 5%): a
+    larger one only costs compute-buffer memory then."""
+    same = [
+        p
+        for p in plans
+        if (p.n_gpu_layers, p.cpu_tensor_patterns, p.kv_type, p.n_ctx)
+        == (pick.n_gpu_layers, pick.cpu_tensor_patterns, pick.kv_type, pick.n_ctx)
+        and p.predicted.decode_tps >= 0.999 * pick.predicted.decode_tps
+        and p.predicted.prompt_tps >= 0.95 * pick.predicted.prompt_tps
+    ]
+    return min(same, key=lambda p: p.n_ubatch, default=pick)
+
+
 def _choose(plans: list[Plan], optimize: str) -> Plan:
+    return _leaner(_choose_fastest(plans, optimize), plans)
+
+
+def _choose_fastest(plans: list[Plan], optimize: str) -> Plan:
     if optimize == "decode":
         # Within 1% (below the model's resolution) prefer more layers on the GPU: attention and KV
         # there keep decode fast as the context grows, which a 2k-token prediction underweights.
@@ -89,7 +108,7 @@ def _choose(plans: list[Plan], optimize: str) -> Plan:
         )
     if optimize == "prompt":
         return max(plans, key=lambda p: (round(p.predicted.prompt_tps, 6), p.predicted.decode_tps))
-    fastest = _choose(plans, "decode")
+    fastest = _choose_fastest(plans, "decode")
     best = fastest.predicted.decode_tps
     near = [p for p in plans if p.predicted.decode_tps >= _BALANCED_DECODE * best]
     pick = max(near, key=lambda p: (p.predicted.prompt_tps, p.predicted.decode_tps))
@@ -236,6 +255,15 @@ def _candidates(
                 out.append(p)
                 # Op offload stays on: with it off, CPU-resident weights are multiplied on the CPU in
                 # prompt processing, measured 5-8x slower on the H100 sweep, and decode is the same.
+    if not out and req.num_gpu in (None, 0):
+        # A GPU too small even for op offload's compute buffer: run on the CPU and leave it alone.
+        pl = Placement(0, kv_type=req.kv_type or "f16", op_offload=False,
+                       flash_attn=bool(req.flash_attn) or (req.kv_type not in (None, "f16")),
+                       n_batch=max(req.n_batch or 2048, req.n_ubatch or 512),
+                       n_ubatch=req.n_ubatch or 512, **base)
+        only = evaluate(anatomy, hw, req, pl, speed)
+        if fits(only):
+            out.append(only)
     return out
 
 
@@ -344,7 +372,6 @@ def _with_reasons(
 ) -> Plan:
     r: list[str] = []
     n_layers = anatomy.n_layers
-    cpu = p.devices[0]
     if not hw.gpus:
         r.append(
             f"No GPU on this machine: everything runs on the CPU with {p.threads} threads; "
@@ -367,6 +394,8 @@ def _with_reasons(
             "All attention and KV on the GPU; the dense FFN tensors of the first layers stay on the CPU "
             "to fit the budget."
         )
+    elif p.n_gpu_layers == 0:
+        r.append("No layer fits the GPU budget: the model runs on the CPU.")
     else:
         # llama.cpp offloads the output layer first, then the last repeating layers.
         rep = min(max(p.n_gpu_layers - 1, 0), n_layers)
@@ -379,12 +408,19 @@ def _with_reasons(
             "The output layer stays on the CPU: the GPU memory it would take holds weights that cost "
             "more there."
         )
-    if hw.gpus and cpu.weights_bytes > 0:
+    # The input embedding always stays on the CPU but is only looked up, never copied over.
+    streamed = device_loads(anatomy, placement_of(p), len(hw.gpus))[0][CPU].stream_bytes if hw.gpus else 0
+    if hw.gpus and (streamed > 0 or not p.op_offload):
         if p.op_offload:
             r.append(
-                f"n_ubatch {p.n_ubatch}: CPU-resident weights ({cpu.weights_bytes / _GiB:.1f} GiB) cross "
+                f"n_ubatch {p.n_ubatch}: CPU-resident weights ({streamed / _GiB:.1f} GiB) cross "
                 "PCIe once per micro-batch for prompt processing, so a larger micro-batch is faster; "
                 "its compute buffer is paid for in GPU memory."
+            )
+        elif p.n_gpu_layers == 0:
+            r.append(
+                "The GPU budget is too small even for the compute buffer op offload needs: "
+                "everything, prompt processing included, runs on the CPU."
             )
         else:
             r.append(

@@ -1,19 +1,18 @@
 """The executor: one llama.cpp model and context, loaded exactly as a ``Plan`` says.
 
-This is the only module that imports ``llama_cpp``. It turns a plan into llama.cpp parameters,
-streams tokens with Ollama's timing fields, and stops cleanly on a stop string, end of generation,
-the token limit, a full context or a cancel event.
+With ``native_llama`` (log capture, ctypes overrides, plan checks) the only modules that import
+``llama_cpp``. It turns a plan into llama.cpp parameters, streams tokens with Ollama's timing
+fields, and stops cleanly on a stop string, end of generation, the token limit, a full context or
+a cancel event.
 """
 
 from __future__ import annotations
 
 import codecs
-import contextlib
 import ctypes
 import gc
 import logging
 import random
-import re
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -27,8 +26,17 @@ from llama_cpp import llama_cpp as llama_c
 
 from offload.planner.types import Plan
 from offload.runtime import buffers
-from offload.runtime.errors import ContextTooLong, LoadFailed, OutOfMemory, PlanNotApplicable
+from offload.runtime.errors import ContextTooLong, LoadFailed, OutOfMemory
 from offload.runtime.generation import Piece, Sampling, Stats, StopScanner, TokenLogprob
+from offload.runtime.native_llama import (
+    _SPLIT,
+    LOAD_LOCK,
+    captured_log,
+    check_applicable,
+    gpu_device_count,
+    overrides_array,
+    patched_defaults,
+)
 
 __all__ = ["Sampling", "Piece", "Stats", "Engine", "BatchTiming", "llama_params", "KV_TYPES", "check_applicable",
            "gpu_device_count"]
@@ -36,8 +44,6 @@ __all__ = ["Sampling", "Piece", "Stats", "Engine", "BatchTiming", "llama_params"
 log = logging.getLogger(__name__)
 
 KV_TYPES = {"f16": llama_c.GGML_TYPE_F16, "q8_0": llama_c.GGML_TYPE_Q8_0, "q4_0": llama_c.GGML_TYPE_Q4_0, "f32": llama_c.GGML_TYPE_F32}
-_SPLIT = {"none": llama_c.LLAMA_SPLIT_MODE_NONE, "layer": llama_c.LLAMA_SPLIT_MODE_LAYER,
-          "row": llama_c.LLAMA_SPLIT_MODE_ROW}
 
 
 def llama_params(plan: Plan) -> dict[str, Any]:
@@ -65,199 +71,6 @@ def llama_params(plan: Plan) -> dict[str, Any]:
         "type_v": KV_TYPES[plan.kv_type],
     }
     return params
-
-
-# -- llama.cpp's log: captured while loading, otherwise sent to logging at debug level ---------
-
-_llama_log = logging.getLogger("offload.runtime.llama_cpp")
-
-
-class _LogSink:
-    """Receives llama.cpp's log; one capture at a time (loads are serialised by ``_LOAD_LOCK``)."""
-
-    def __init__(self) -> None:
-        self.partial = ""
-        self.capture: list[str] | None = None
-
-    def write(self, level: int, text: str) -> None:
-        self.partial += text
-        while "\n" in self.partial:
-            line, self.partial = self.partial.split("\n", 1)
-            if self.capture is not None:
-                self.capture.append(line)
-            if line.strip():
-                # Everything goes to logging at debug level: llama.cpp's own warnings during a load
-                # are reported through our typed errors, never printed on stderr.
-                _llama_log.debug("%s", line)
-
-
-_SINK = _LogSink()
-
-
-@llama_c.llama_log_callback
-def _on_llama_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
-    try:
-        _SINK.write(int(level), text.decode("utf-8", errors="replace"))
-    except Exception:  # noqa: BLE001 - an exception must never cross back into C
-        pass
-
-
-# The callback object must outlive every llama.cpp call, so it lives at module level.
-llama_c.llama_log_set(_on_llama_log, ctypes.c_void_p(0))
-_LOAD_LOCK = threading.Lock()
-
-
-@contextlib.contextmanager
-def _captured_log() -> Iterator[list[str]]:
-    lines: list[str] = []
-    _SINK.capture = lines
-    try:
-        yield lines
-    finally:
-        _SINK.capture = None
-
-
-# -- tensor buffer overrides (not exposed by the high-level Llama) ------------------------------
-
-
-class _BuftOverride(ctypes.Structure):
-    _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]
-
-
-def _ggml_symbol(name: str) -> Any:
-    """A function from the ggml libraries llama-cpp-python ships (the ctypes module lacks them)."""
-    lib_dir = Path(llama_cpp.__file__).parent / "lib"
-    for lib_name in ("libggml-cpu", "libggml-base", "libggml"):
-        for ext in (".so", ".dylib", ".dll"):
-            path = lib_dir / (lib_name + ext)
-            if path.exists():
-                fn = getattr(ctypes.CDLL(str(path)), name, None)
-                if fn is not None:
-                    return fn
-    raise LoadFailed(f"{name} not found in {lib_dir}")
-
-
-def _cpu_buffer_type(pinned: bool = False) -> int:
-    """Where overridden tensors go: ``ggml_backend_cpu_buffer_type()``, or with ``pinned`` the
-    first GPU's host buffer type (pinned memory, which op offload copies from at full PCIe speed).
-
-    llama.cpp itself puts CPU layers in that host buffer when the model is not memory-mapped;
-    overridden tensors get exactly the buffer type we name, so we name the same one. A build
-    without a GPU device (or one with no host buffer type) falls back to the plain CPU buffer.
-    """
-    if pinned:
-        try:
-            by_type = _ggml_symbol("ggml_backend_dev_by_type")
-            host = _ggml_symbol("ggml_backend_dev_host_buffer_type")
-        except LoadFailed:
-            by_type = host = None
-        if by_type is not None and host is not None:
-            by_type.restype, by_type.argtypes = ctypes.c_void_p, [ctypes.c_int]
-            host.restype, host.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
-            dev = by_type(1)  # GGML_BACKEND_DEVICE_TYPE_GPU
-            buft = host(dev) if dev else None
-            if buft:
-                return int(buft)
-    fn = _ggml_symbol("ggml_backend_cpu_buffer_type")
-    fn.restype, fn.argtypes = ctypes.c_void_p, []
-    return int(fn())
-
-
-def _overrides_array(patterns: Sequence[str], pinned: bool = False) -> ctypes.Array[_BuftOverride] | None:
-    """A NULL-terminated ``llama_model_tensor_buft_override`` array placing ``patterns`` on the CPU."""
-    if not patterns:
-        return None
-    buft = _cpu_buffer_type(pinned)
-    arr = (_BuftOverride * (len(patterns) + 1))()
-    for i, p in enumerate(patterns):
-        arr[i].pattern = p.encode("utf-8")
-        arr[i].buft = buft
-    arr[len(patterns)].pattern = None
-    arr[len(patterns)].buft = None
-    return arr
-
-
-@contextlib.contextmanager
-def _patched_defaults(overrides: ctypes.Array[_BuftOverride] | None, n_seq_max: int) -> Iterator[None]:
-    """Make ``Llama.__init__`` start from params carrying our overrides and sequence count.
-
-    ``Llama`` builds its params from these two default functions and then sets only the fields it
-    knows, so what we put in survives. Callers hold ``_LOAD_LOCK``: the patch is module-global.
-    """
-    model_default, ctx_default = llama_c.llama_model_default_params, llama_c.llama_context_default_params
-
-    def model_params() -> Any:
-        p = model_default()
-        if overrides is not None:
-            p.tensor_buft_overrides = ctypes.cast(overrides, ctypes.c_void_p).value
-        return p
-
-    def ctx_params() -> Any:
-        p = ctx_default()
-        p.n_seq_max = n_seq_max
-        return p
-
-    llama_c.llama_model_default_params = model_params
-    llama_c.llama_context_default_params = ctx_params
-    try:
-        yield
-    finally:
-        llama_c.llama_model_default_params = model_default
-        llama_c.llama_context_default_params = ctx_default
-
-
-# -- checking a plan before loading -------------------------------------------------------------
-
-
-def gpu_device_count() -> int:
-    """GPUs llama.cpp can offload to (0 on a CPU-only build)."""
-    if not llama_c.llama_supports_gpu_offload():
-        return 0
-    try:
-        count, get, kind = (_ggml_symbol(n) for n in ("ggml_backend_dev_count", "ggml_backend_dev_get",
-                                                      "ggml_backend_dev_type"))
-    except LoadFailed:
-        return 1  # no device API to ask; offload support implies at least one GPU
-    count.restype, count.argtypes = ctypes.c_size_t, []
-    get.restype, get.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
-    kind.restype, kind.argtypes = ctypes.c_int, [ctypes.c_void_p]
-    # ggml_backend_dev_type: 0 CPU, 1 GPU, 2 IGPU, 3 ACCEL
-    return sum(1 for i in range(count()) if kind(get(i)) in (1, 2))
-
-
-def _gguf_tensor_names(model_path: Path) -> list[str]:
-    from offload.planner.errors import GGUFError
-    from offload.planner.gguf_header import read_header
-
-    try:
-        return [t.name for t in read_header(model_path).tensors]
-    except (OSError, GGUFError) as e:
-        raise LoadFailed(f"cannot read {model_path}: {e}") from None
-
-
-def check_applicable(plan: Plan, model_path: Path | str, tensor_names: Sequence[str] | None = None,
-                     n_gpus: int | None = None) -> None:
-    """Raise ``PlanNotApplicable`` when llama.cpp could not apply ``plan`` as written."""
-    names = list(tensor_names) if tensor_names is not None else _gguf_tensor_names(Path(model_path))
-    for pattern in plan.cpu_tensor_patterns:
-        try:
-            rx = re.compile(pattern)
-        except re.error as e:
-            raise PlanNotApplicable(f"tensor pattern {pattern!r} is not a valid regex: {e}") from None
-        # llama.cpp uses std::regex_search, i.e. a match anywhere in the name.
-        if not any(rx.search(n) for n in names):
-            raise PlanNotApplicable(f"tensor pattern {pattern!r} matches no tensor of {Path(model_path).name}")
-    gpus = gpu_device_count() if n_gpus is None else n_gpus
-    uses_gpu = plan.n_gpu_layers != 0 or any(d.kind == "GPU" and d.weights_bytes for d in plan.devices)
-    if uses_gpu and gpus == 0:
-        raise PlanNotApplicable(
-            f"the plan puts {plan.n_gpu_layers} layers on a GPU, but llama.cpp sees no GPU here")
-    if plan.tensor_split and len([x for x in plan.tensor_split if x > 0]) > max(gpus, 1):
-        raise PlanNotApplicable(f"the plan splits over {len(plan.tensor_split)} GPUs; llama.cpp sees {gpus}")
-    if uses_gpu and plan.main_gpu >= max(gpus, 1):
-        raise PlanNotApplicable(f"the plan's main GPU is {plan.main_gpu}; llama.cpp sees {gpus}")
-    if plan.split_mode not in _SPLIT:
-        raise PlanNotApplicable(f"unknown split mode {plan.split_mode!r}; known: {', '.join(_SPLIT)}")
 
 
 @dataclass(frozen=True)
@@ -335,11 +148,11 @@ class Engine:
             kwargs["lora_path"] = str(adapters[0])
         # Without mmap, llama.cpp keeps CPU layers in the GPU's pinned host buffer; overridden
         # tensors follow them there, so op offload copies all CPU-resident weights at full speed.
-        overrides = _overrides_array(plan.cpu_tensor_patterns, pinned=not plan.use_mmap)
+        overrides = overrides_array(plan.cpu_tensor_patterns, pinned=not plan.use_mmap)
         llm: llama_cpp.Llama | None = None
-        with _LOAD_LOCK, _captured_log() as lines:
+        with LOAD_LOCK, captured_log() as lines:
             try:
-                with _patched_defaults(overrides, max(1, plan.n_parallel)):
+                with patched_defaults(overrides, max(1, plan.n_parallel)):
                     llm = llama_cpp.Llama(str(model_path), embedding=embedding, verbose=False, **kwargs)
                 engine = cls(llm, plan, model_path, time.perf_counter() - t0, lines, overrides)
                 if verify_decode:

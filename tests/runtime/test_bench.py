@@ -136,7 +136,7 @@ def test_synthetic_moe_routes_a_batch_across_all_experts_like_a_trained_model(tm
     import llama_cpp
     import llama_cpp.llama_cpp as llama_c
 
-    from offload.runtime import engine as eng
+    from offload.runtime import native_llama as eng
 
     path = Path(__file__).parents[2] / "bench" / "synth_models.py"
     spec_mod = importlib.util.spec_from_file_location("synth_models", path)
@@ -147,7 +147,7 @@ def test_synthetic_moe_routes_a_batch_across_all_experts_like_a_trained_model(tm
                    expert_count=32, expert_used=4, n_ff_exp=256, qk_norm=True)
     model = sm.write_model(tmp_path / "moe.gguf", spec)
 
-    get_name, nel, get_i32 = (eng._ggml_symbol(n) for n in ("ggml_get_name", "ggml_nelements", "ggml_get_i32_1d"))
+    get_name, nel, get_i32 = (eng.ggml_symbol(n) for n in ("ggml_get_name", "ggml_nelements", "ggml_get_i32_1d"))
     get_name.restype, get_name.argtypes = ctypes.c_char_p, [ctypes.c_void_p]
     nel.restype, nel.argtypes = ctypes.c_int64, [ctypes.c_void_p]
     get_i32.restype, get_i32.argtypes = ctypes.c_int32, [ctypes.c_void_p, ctypes.c_int]

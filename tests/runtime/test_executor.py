@@ -222,11 +222,11 @@ def test_load_heals_by_shrinking_context_when_memory_runs_out(gemma: Path) -> No
 
 
 def test_a_plan_without_mmap_loads_and_its_overrides_fall_back_to_the_cpu_buffer_without_a_gpu(gemma: Path) -> None:
-    from offload.runtime import engine as eng
+    from offload.runtime import native_llama as eng
 
     # On a GPU build overridden tensors go to the GPU's pinned host buffer when the plan does not
     # map the file; this build has no GPU device, so the plain CPU buffer type is what it names.
-    assert eng._cpu_buffer_type(pinned=True) == eng._cpu_buffer_type(pinned=False)
+    assert eng.cpu_buffer_type(pinned=True) == eng.cpu_buffer_type(pinned=False)
     e = Engine.load(gemma, cpu_plan(use_mmap=False))
     try:
         assert not any("CPU_Mapped" in ln for ln in e.load_log if "model buffer size" in ln)
