@@ -74,7 +74,7 @@ class SpeedParams:
     # Op offload copies CPU-resident weights to the GPU once per micro-batch: from pinned memory
     # at this fraction of the measured pinned host-to-device bandwidth, from the mapped model file
     # (pageable memory) at this fraction of the measured pageable copy bandwidth (H100 host:
-    # 52 GB/s pinned, 6.7 GB/s pageable, both probed in a child process).
+    # 55 GB/s pinned, 7.1 GB/s pageable, both probed in a child process).
     stream_h2d_eff: float = 0.95
     stream_pageable_eff: float = 1.08
     # Where the pageable copy bandwidth was not measured: this share of the pinned one.
