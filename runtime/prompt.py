@@ -94,12 +94,13 @@ def _go_tools(tools: Sequence[dict[str, Any]] | None) -> list[dict[str, Any]]:
 
 
 def render_generate(template: str | None, prompt: str, system: str | None, suffix: str | None = None,
-                    raw: bool = False) -> str:
-    """Prompt text for /api/generate: the template with .System/.Prompt (and as .Messages)."""
+                    raw: bool = False, think: bool | None = None) -> str:
+    """Prompt text for /api/generate: the template with .System/.Prompt (and as .Messages);
+    ``think`` sets .Think and .IsThinkSet as /api/chat does."""
     if raw or not template:
         return prompt
     messages = ([{"role": "system", "content": system}] if system else []) + (
         [{"role": "user", "content": prompt}] if prompt else [])
     data = {"System": system or "", "Prompt": prompt, "Response": "", "Suffix": suffix or "",
-            "Messages": go_messages(messages), "Tools": [], "Think": False, "IsThinkSet": False}
+            "Messages": go_messages(messages), "Tools": [], "Think": bool(think), "IsThinkSet": think is not None}
     return _render_go(template, data)

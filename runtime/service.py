@@ -141,7 +141,7 @@ def generate(
             return
         raw = bool(req.get("raw"))
         system = req.get("system") if req.get("system") is not None else info.system
-        text = prompt.render_generate(template, text_prompt, system, req.get("suffix"), raw)
+        text = prompt.render_generate(template, text_prompt, system, req.get("suffix"), raw, think=think)
         engine = runner.engine
         tokens = list(context) + engine.tokenize(text, add_bos=not context)
         splitter = ThinkSplitter(inside=text.rstrip().endswith("<think>")) if think else None

@@ -153,6 +153,11 @@ def test_think_is_refused_without_a_reasoning_template_and_accepted_with_one(
     # The template opens <think>, so what the model writes first is its reasoning.
     assert r.done and r.eval_count <= 8 and r.message.thinking
     assert "<think>" not in (r.message.content or "")
+    # /api/generate renders the same template with .Think set, and splits the same way.
+    g = client.generate(model=THINK_MODEL, prompt="2+2?", think=True, options=FAST)
+    assert g.done and g.thinking and "<think>" not in (g.response or "")
+    plain = client.generate(model=THINK_MODEL, prompt="2+2?", options=FAST)
+    assert not plain.thinking
 
 
 def test_embed_gives_unit_vectors_for_a_list_and_honours_dimensions(client: ollama.Client) -> None:
