@@ -28,7 +28,6 @@ __all__ = [
     "parse_duration_s",
     "max_loaded_models",
     "max_queue",
-    "num_parallel",
     "origins",
     "log_dir",
 ]
@@ -167,11 +166,6 @@ def max_loaded_models() -> int:
 def max_queue() -> int:
     """``OFFLOAD_MAX_QUEUE`` (default 512)."""
     return _int_env("OFFLOAD_MAX_QUEUE", 512)
-
-
-def num_parallel() -> int:
-    """``OFFLOAD_NUM_PARALLEL`` (default 1)."""
-    return _int_env("OFFLOAD_NUM_PARALLEL", 1)
 
 
 def origins() -> list[str]:
