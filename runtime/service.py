@@ -23,7 +23,7 @@ from offload.runtime.options import logprobs_from, merge_options, sampling_from
 from offload.runtime.scheduler import Runner, Scheduler
 from offload.runtime.tools import (
     ThinkSplitter,
-    parse_tool_calls,
+    ToolCallStreamer,
     supports_insert,
     supports_thinking,
     supports_tools,
@@ -225,15 +225,15 @@ def chat(
         )
         tokens = runner.engine.tokenize(text, add_bos=not has_bos)
         splitter = ThinkSplitter(inside=text.rstrip().endswith("<think>")) if think else None
-        held: list[str] = []  # with tools, the answer is read whole for calls before it is sent
+        # With tools, text streams until something could open a call; the rest is parsed at the end.
+        calls_out = ToolCallStreamer(tools) if tools else None
         for ev in _run(
             runner, tokens, options, cancel, grammar, req.get("truncate", True) is not False, lp
         ):
             if isinstance(ev, Piece):
                 thinking, content = splitter.feed(ev.text) if splitter else ("", ev.text)
-                if tools:
-                    held.append(content)
-                    content = ""
+                if calls_out:
+                    content = calls_out.feed(content)
                 if thinking or content or ev.logprobs:
                     msg: dict[str, Any] = {"role": "assistant", "content": content}
                     if thinking:
@@ -249,13 +249,10 @@ def chat(
                     thinking, content = splitter.flush()
                     if thinking:
                         msg["thinking"] = thinking
-                    if tools:
-                        held.append(content)
-                    else:
-                        msg["content"] = content
-                if tools:
-                    content, calls = parse_tool_calls("".join(held), tools)
-                    msg["content"] = content
+                    msg["content"] = calls_out.feed(content) if calls_out else content
+                if calls_out:
+                    rest, calls = calls_out.finish()
+                    msg["content"] += rest
                     if calls:
                         msg["tool_calls"] = calls
                 out["message"] = msg

@@ -18,6 +18,7 @@ __all__ = [
     "supports_insert",
     "parse_tool_calls",
     "ThinkSplitter",
+    "ToolCallStreamer",
 ]
 
 
@@ -88,6 +89,45 @@ def parse_tool_calls(
             content = content.replace(marker, "")
         content = content.strip()
     return content, calls
+
+
+_CALL_OPENERS = ("{", "[", "<tool_call>", "[TOOL_CALLS]", "<|python_tag|>")
+
+
+class ToolCallStreamer:
+    """Streams an answer's text while it cannot be a tool call; from the first thing that could
+    open one (JSON, a call marker, or the start of a marker cut between pieces) it holds the rest,
+    which ``finish`` parses into the remaining content and the calls."""
+
+    def __init__(self, tools: Sequence[dict[str, Any]]) -> None:
+        self.tools = tools
+        self.pending = ""
+        self.holding = False
+
+    def feed(self, text: str) -> str:
+        """Text that can be sent now."""
+        self.pending += text
+        if self.holding:
+            return ""
+        cut = min((k for k in (self.pending.find(o) for o in _CALL_OPENERS) if k >= 0), default=-1)
+        if cut >= 0:
+            self.holding = True
+            safe = self.pending[:cut].rstrip()
+            self.pending = self.pending[len(safe):]
+        else:
+            # Keep back a tail that could still grow into a marker, and trailing whitespace (a
+            # call may follow it; parsing strips it then).
+            keep = max((n for o in _CALL_OPENERS for n in range(1, len(o))
+                        if self.pending.endswith(o[:n])), default=0)
+            safe = self.pending[: len(self.pending) - keep]
+            safe = safe[: len(safe.rstrip())]
+            self.pending = self.pending[len(safe):]
+        return safe
+
+    def finish(self) -> tuple[str, list[dict[str, Any]]]:
+        """(content not yet sent, tool calls) at the end of the answer."""
+        text, self.pending = self.pending, ""
+        return parse_tool_calls(text, self.tools) if self.holding else (text, [])
 
 
 class ThinkSplitter:

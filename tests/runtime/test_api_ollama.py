@@ -129,6 +129,19 @@ def test_tool_calls_are_parsed_from_a_model_whose_template_supports_tools(
     call = r.message.tool_calls[0]
     assert call.function.name == "get_weather" and call.function.arguments == {"city": "Paris"}
     assert r.message.content == ""
+    # Streamed, the call's JSON is never sent as text and the call arrives parsed at the end.
+    chunks = list(client.chat(model=TOOLS_MODEL, messages=[{"role": "user", "content": "Weather in Paris?"}],
+                              tools=tools, format=forced, stream=True,
+                              options={"num_predict": 64, "temperature": 0}))
+    assert "".join(c.message.content or "" for c in chunks) == ""
+    assert chunks[-1].done and chunks[-1].message.tool_calls[0].function.arguments == {"city": "Paris"}
+    # An answer in prose streams while it is written, tools or not.
+    prose = {"type": "string", "enum": ["It is sunny in Paris today, as far as I know."]}
+    chunks = list(client.chat(model=TOOLS_MODEL, messages=[{"role": "user", "content": "Weather in Paris?"}],
+                              tools=tools, format=prose, stream=True,
+                              options={"num_predict": 32, "temperature": 0}))
+    early = [c.message.content for c in chunks if not c.done and c.message.content]
+    assert len(early) >= 3 and not chunks[-1].message.tool_calls
 
 
 def test_tools_on_a_model_without_tool_support_is_a_400(client: ollama.Client) -> None:

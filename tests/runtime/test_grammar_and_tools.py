@@ -6,7 +6,13 @@ import pytest
 
 from offload.runtime.errors import BadRequest
 from offload.runtime.grammar import JSON_GBNF, grammar_for_format, schema_to_gbnf
-from offload.runtime.tools import ThinkSplitter, parse_tool_calls, supports_thinking, supports_tools
+from offload.runtime.tools import (
+    ThinkSplitter,
+    ToolCallStreamer,
+    parse_tool_calls,
+    supports_thinking,
+    supports_tools,
+)
 
 
 def test_json_format_gives_the_generic_object_grammar() -> None:
@@ -86,3 +92,24 @@ def test_capabilities_are_read_from_templates() -> None:
     assert supports_thinking("{{ if .Thinking }}x{{ end }}") and not supports_thinking(
         "{{ .Prompt }}"
     )
+
+
+def test_tool_call_streamer_sends_prose_at_once_and_holds_what_could_be_a_call() -> None:
+    tools = [{"type": "function", "function": {"name": "f"}}]
+
+    def run(pieces: list[str]) -> tuple[list[str], str, list]:
+        st = ToolCallStreamer(tools)
+        sent = [st.feed(p) for p in pieces]
+        rest, calls = st.finish()
+        return sent, rest, calls
+
+    # Prose streams as it comes (trailing space held a moment in case a call follows it).
+    sent, rest, calls = run(["It is ", "sunny ", "today."])
+    assert sent == ["It is", " sunny", " today."] and rest == "" and calls == []
+    # A call, its marker cut between pieces, is never sent as text and comes back parsed.
+    sent, rest, calls = run(["Let me check. <tool", '_call>{"name": "f", ', '"arguments": {"x": 1}}</tool_call>'])
+    assert "".join(sent) == "Let me check." and rest == ""
+    assert calls == [{"function": {"name": "f", "arguments": {"x": 1}}}]
+    # Held text that turns out not to be a call is not lost.
+    sent, rest, calls = run(["a set {1, 2}", " here"])
+    assert "".join(sent) + rest == "a set {1, 2} here" and calls == []
