@@ -433,7 +433,8 @@ def _with_reasons(
             r.append(
                 f"CPU-resident weights loaded into pinned memory (no mmap): the GPU copies them at "
                 f"{g.h2d_bandwidth_Bps / 1e9:.0f} GB/s instead of {pageable / 1e9:.0f} GB/s from the "
-                "mapped file; they cannot be paged out while the model is loaded."
+                f"mapped file{'' if g.h2d_pageable_Bps else ' (estimated)'}; they cannot be paged out "
+                "while the model is loaded."
             )
     if p.kv_type != "f16":
         r.append(f"KV cache in {p.kv_type} (with flash attention) to leave GPU memory for weights.")

@@ -151,6 +151,7 @@ def _print_plan(p: Plan, a: Anatomy, hw: Hardware) -> None:
     s.add_row("threads", f"{p.threads} (batch {p.threads_batch})")
     s.add_row("KV cache", f"{p.kv_type}, flash attention {'on' if p.flash_attn else 'off'}")
     s.add_row("op offload", "on" if p.op_offload else "off")
+    s.add_row("model file", "memory-mapped" if p.use_mmap else "read into memory (pinned where a GPU copies it)")
     c.print(s)
     pr = p.predicted
     c.print(
