@@ -250,36 +250,20 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
             out_msg["reasoning"] = msg["thinking"]
         if calls:
             out_msg["tool_calls"] = _tool_calls(calls, streaming=False)
+        choice = {
+            "index": 0,
+            "message": out_msg,
+            "logprobs": {"content": final["logprobs"]} if final.get("logprobs") else None,
+            "finish_reason": _finish(final.get("done_reason"), bool(calls)),
+        }
         return JSONResponse(
-            {
-                "id": cid,
-                "object": "chat.completion",
-                "created": created,
-                "model": body.model,
-                "system_fingerprint": "fp_offload",
-                "choices": [
-                    {
-                        "index": 0,
-                        "message": out_msg,
-                        "logprobs": {"content": final["logprobs"]} if final.get("logprobs") else None,
-                        "finish_reason": _finish(final.get("done_reason"), bool(calls)),
-                    }
-                ],
-                "usage": _usage(final),
-            }
+            {**_envelope(cid, "chat.completion", created, body.model, [choice]), "usage": _usage(final)}
         )
     include_usage = bool((body.stream_options or {}).get("include_usage"))
     last: dict[str, Any] = {}
 
     def base(choices: list[dict[str, Any]]) -> dict[str, Any]:
-        return {
-            "id": cid,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": body.model,
-            "system_fingerprint": "fp_offload",
-            "choices": choices,
-        }
+        return _envelope(cid, "chat.completion.chunk", created, body.model, choices)
 
     def convert(c: dict[str, Any]) -> list[dict[str, Any]]:
         msg = c.get("message") or {}
@@ -332,32 +316,15 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
 
     if not body.stream:
         final = merge_chunks(await collect(ts, request), "response")
+        whole = choice(final.get("response", ""), _finish(final.get("done_reason"), False), final.get("logprobs"))
         return JSONResponse(
-            {
-                "id": cid,
-                "object": "text_completion",
-                "created": created,
-                "model": body.model,
-                "system_fingerprint": "fp_offload",
-                "choices": [
-                    choice(final.get("response", ""), _finish(final.get("done_reason"), False),
-                           final.get("logprobs"))
-                ],
-                "usage": _usage(final),
-            }
+            {**_envelope(cid, "text_completion", created, body.model, [whole]), "usage": _usage(final)}
         )
     include_usage = bool((body.stream_options or {}).get("include_usage"))
     last: dict[str, Any] = {}
 
     def base(choices: list[dict[str, Any]]) -> dict[str, Any]:
-        return {
-            "id": cid,
-            "object": "text_completion",
-            "created": created,
-            "model": body.model,
-            "system_fingerprint": "fp_offload",
-            "choices": choices,
-        }
+        return _envelope(cid, "text_completion", created, body.model, choices)
 
     def convert(c: dict[str, Any]) -> list[dict[str, Any]]:
         if c.get("done"):
@@ -372,6 +339,12 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     return CancellingStreamingResponse(
         _sse_stream(ts, first, convert, tail), ts, media_type="text/event-stream"
     )
+
+
+def _envelope(cid: str, obj: str, created: int, model: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
+    """The fields every completion object and chunk share."""
+    return {"id": cid, "object": obj, "created": created, "model": model,
+            "system_fingerprint": "fp_offload", "choices": choices}
 
 
 def _legacy_logprobs(lps: list[dict[str, Any]] | None) -> dict[str, Any] | None:

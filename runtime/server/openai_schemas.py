@@ -24,48 +24,41 @@ class OpenAIError(BaseModel):
     error: dict[str, Any]
 
 
-class ChatCompletionRequest(BaseModel):
-    """POST /v1/chat/completions."""
+class _Sampling(BaseModel):
+    """The sampling and streaming fields both completion requests take."""
 
     model_config = _IGNORE
     model: str
-    messages: list[dict[str, Any]]
     temperature: float | None = None
     top_p: float | None = None
     max_tokens: int | None = None
-    max_completion_tokens: int | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
     stream: bool | None = False
     stream_options: dict[str, Any] | None = None
+    n: int | None = None
+
+
+class ChatCompletionRequest(_Sampling):
+    """POST /v1/chat/completions."""
+
+    messages: list[dict[str, Any]]
+    max_completion_tokens: int | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
     response_format: dict[str, Any] | None = None
-    n: int | None = None
     reasoning_effort: str | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = None
 
 
-class CompletionRequest(BaseModel):
+class CompletionRequest(_Sampling):
     """POST /v1/completions."""
 
-    model_config = _IGNORE
-    model: str
     prompt: str | list[str] = ""
     suffix: str | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    max_tokens: int | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    frequency_penalty: float | None = None
-    presence_penalty: float | None = None
-    stream: bool | None = False
-    stream_options: dict[str, Any] | None = None
-    n: int | None = None
     logprobs: int | None = None  # legacy completions: how many alternatives per token
 
 
