@@ -16,9 +16,10 @@ from typing import Any
 
 from offload.planner.memory import kv_elem_bytes
 from offload.planner.placement import CPU, DeviceLoad, device_loads
-from offload.planner.types import Anatomy, Hardware, Placement, Prediction
+from offload.planner.types import Anatomy, GPUInfo, Hardware, Placement, Prediction
 
-__all__ = ["SpeedParams", "predict", "cpu_bandwidth_Bps", "gpu_flops", "experts_touched", "stream_seconds"]
+__all__ = ["SpeedParams", "predict", "cpu_bandwidth_Bps", "gpu_flops", "experts_touched", "pageable_h2d_Bps",
+           "stream_seconds"]
 
 
 @dataclass(frozen=True)
@@ -65,11 +66,11 @@ class SpeedParams:
     cpu_output_decode_factor: float = 1.0
     # H100, 2048-token prompts all on the GPU: ~10k t/s dense 7B (bench/results).
     gpu_flops_eff: float = 0.14
-    # Expert matmuls (MUL_MAT_ID) run far below dense efficiency on GPUs.
-    gpu_expert_flops_eff: float = 0.036
-    # ... and it grows with the tokens each expert gets in a micro-batch (ubatch * used / count):
-    # half its full value at this many (H100, MoE all on the GPU: pp2048 6.5k t/s at ubatch 512,
+    # Expert matmuls (MUL_MAT_ID) run far below dense efficiency on GPUs: this much with
+    # gpu_expert_batch_half tokens an expert in a micro-batch (ubatch * used / count), rising
+    # towards twice it as they grow (H100, MoE all on the GPU: pp2048 6.5k t/s at ubatch 512,
     # 32 tokens an expert, against 10-11k t/s at 2048).
+    gpu_expert_flops_eff: float = 0.036
     gpu_expert_batch_half: float = 47.0
     # Op offload copies CPU-resident weights to the GPU once per micro-batch: from pinned memory
     # at this fraction of the measured pinned host-to-device bandwidth, from the mapped model file
@@ -205,6 +206,11 @@ def experts_touched(anatomy: Anatomy, ubatch: int) -> float:
     return 1.0 - (1.0 - min(share, 1.0)) ** max(ubatch, 1)
 
 
+def pageable_h2d_Bps(gpu: GPUInfo, params: SpeedParams) -> float:
+    """Host-to-device copy bandwidth from pageable memory: measured, else a share of pinned."""
+    return gpu.h2d_pageable_Bps or gpu.h2d_bandwidth_Bps * params.pageable_h2d_ratio
+
+
 def stream_seconds(
     anatomy: Anatomy,
     hardware: Hardware,
@@ -218,9 +224,7 @@ def stream_seconds(
     if pinned:
         rate = g.h2d_bandwidth_Bps * params.stream_h2d_eff
     else:
-        rate = (g.h2d_pageable_Bps or g.h2d_bandwidth_Bps * params.pageable_h2d_ratio) * (
-            params.stream_pageable_eff
-        )
+        rate = pageable_h2d_Bps(g, params) * params.stream_pageable_eff
     dense = cpu.stream_bytes - cpu.stream_expert_bytes
     return (dense + cpu.stream_expert_bytes * experts_touched(anatomy, ubatch)) / max(rate, 1.0)
 

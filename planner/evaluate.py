@@ -98,13 +98,13 @@ def memory_by_device(
                 if used
                 else 0
             )
-            # On the H100 sweep llama.cpp's CUDA weight and KV buffers matched the model to the
-            # byte (weights +0.5% kept as slack), while its compute buffers came out up to 22%
-            # above our estimate: plan with that allowance so that no plan exceeds its budget.
             if main and placement.op_offload:
                 # Op offload copies a dense tensor moved off a GPU layer into this buffer (H100:
                 # +48 MB for a 48 MB ffn_down); experts go through their own used-expert copies.
                 comp += loads[CPU].largest_moved_dense_bytes
+            # On the H100 sweep llama.cpp's CUDA weight and KV buffers matched the model to the
+            # byte (weights +0.5% kept as slack), while its compute buffers came out up to 22%
+            # above our estimate: plan with that allowance so that no plan exceeds its budget.
             out[d] = (int(ld.weights_bytes * CUDA_WEIGHTS_ALLOWANCE), kv_on[d],
                       int(comp * CUDA_COMPUTE_ALLOWANCE), 0)
     return out

@@ -8,7 +8,7 @@ moves every tensor whose name a buffer-override pattern matches (``re.search``) 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
 from offload.planner.types import Anatomy, Placement
@@ -170,7 +170,7 @@ def _device_loads(
     anatomy: Anatomy, placement: Placement, n_gpus: int
 ) -> tuple[dict[int, DeviceLoad], list[int]]:
     devs = tensor_devices(anatomy, placement, n_gpus)
-    home = tensor_devices(anatomy, Placement(**{**placement.__dict__, "cpu_tensor_patterns": ()}), n_gpus)
+    home = tensor_devices(anatomy, replace(placement, cpu_tensor_patterns=()), n_gpus)  # before overrides
     loads: dict[int, DeviceLoad] = {CPU: DeviceLoad(), **{g: DeviceLoad() for g in range(n_gpus)}}
     share = (anatomy.expert_used_count / anatomy.expert_count) if anatomy.expert_count else 1.0
     vocab = max(anatomy.n_vocab, 1)

@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import replace
 
 from offload.planner.calibrate import placement_of
-from offload.planner.cost import SpeedParams
+from offload.planner.cost import SpeedParams, pageable_h2d_Bps
 from offload.planner.errors import PlanInfeasible
 from offload.planner.evaluate import device_budgets, evaluate, fits
 from offload.planner.memory import kv_bytes_per_layer
@@ -429,7 +429,7 @@ def _with_reasons(
             )
         if p.op_offload and not p.use_mmap:
             g = hw.gpus[0]
-            pageable = g.h2d_pageable_Bps or g.h2d_bandwidth_Bps * SpeedParams().pageable_h2d_ratio
+            pageable = pageable_h2d_Bps(g, SpeedParams())
             r.append(
                 f"CPU-resident weights loaded into pinned memory (no mmap): the GPU copies them at "
                 f"{g.h2d_bandwidth_Bps / 1e9:.0f} GB/s instead of {pageable / 1e9:.0f} GB/s from the "
