@@ -92,7 +92,7 @@ def record_speeds(plan: Plan, model_digest: str, *, prompt_tokens: int, prompt_t
 
 def record(plan: Plan, model_digest: str, stats: Any, hardware: Hardware | None = None) -> bool:
     """Record a finished generation's measured speeds (``stats`` is the engine's ``Stats``)."""
-    evaluated = int(stats.prompt_eval_count) - int(getattr(stats, "cached_tokens", 0))
+    evaluated = int(stats.prompt_eval_count)  # only what was computed (a reused prefix is not counted)
     prompt_tps = evaluated / stats.prompt_eval_s if evaluated >= MIN_PROMPT_TOKENS and stats.prompt_eval_s > 0 else None
     decode_tps = stats.eval_count / stats.eval_s if stats.eval_count >= MIN_DECODE_TOKENS and stats.eval_s > 0 else None
     try:

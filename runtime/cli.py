@@ -45,8 +45,10 @@ def serve() -> None:
 
     from offload.runtime.server.app import create_app
 
+    config.check()
     h = config.host()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        force=True)
     try:
         uvicorn.run(create_app(), host=h.host, port=h.port, log_level="info", access_log=True)
     except OSError as e:

@@ -30,6 +30,9 @@ __all__ = [
     "max_queue",
     "origins",
     "log_dir",
+    "load_timeout_s",
+    "num_parallel",
+    "check",
 ]
 
 DEFAULT_PORT = 11435
@@ -171,3 +174,42 @@ def max_queue() -> int:
 def origins() -> list[str]:
     """Browser origins allowed besides localhost: ``OFFLOAD_ORIGINS`` (comma separated)."""
     return [o.strip() for o in os.environ.get("OFFLOAD_ORIGINS", "").split(",") if o.strip()]
+
+
+def load_timeout_s() -> float:
+    """``OFFLOAD_LOAD_TIMEOUT`` (Ollama's ``OLLAMA_LOAD_TIMEOUT``): how long a runner may go without
+    a sign of progress, loading or serving, before it is stopped as hung (default 5 minutes)."""
+    value = parse_duration_s(os.environ.get("OFFLOAD_LOAD_TIMEOUT"), 300.0)
+    if value <= 0:
+        raise ConfigError("OFFLOAD_LOAD_TIMEOUT must be a positive duration such as 5m")
+    return value
+
+
+MAX_PARALLEL = 64
+
+
+def num_parallel() -> int | None:
+    """``OFFLOAD_NUM_PARALLEL`` (Ollama's ``OLLAMA_NUM_PARALLEL``): sequences each runner decodes at
+    once; None when unset (the planner chooses)."""
+    v = os.environ.get("OFFLOAD_NUM_PARALLEL", "").strip()
+    if not v:
+        return None
+    try:
+        n = int(v)
+    except ValueError:
+        raise ConfigError(f"OFFLOAD_NUM_PARALLEL={v!r} is not a whole number (try 4)") from None
+    if not 1 <= n <= MAX_PARALLEL:
+        raise ConfigError(f"OFFLOAD_NUM_PARALLEL={n} is out of range: use 1 to {MAX_PARALLEL}")
+    return n
+
+
+def check() -> None:
+    """Read every setting once, so a bad value stops ``offload serve`` at start with its reason."""
+    host()
+    keep_alive_s()
+    gpu_memory_bytes()
+    num_parallel()
+    load_timeout_s()
+    for name, read in (("OFFLOAD_MAX_LOADED_MODELS", max_loaded_models), ("OFFLOAD_MAX_QUEUE", max_queue)):
+        if read() < 1:
+            raise ConfigError(f"{name} must be at least 1")

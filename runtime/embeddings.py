@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from offload.runtime.errors import BadRequest, ContextTooLong
+from offload.runtime.errors import BadRequest
 from offload.runtime.options import merge_options
 from offload.runtime.scheduler import Scheduler
 
@@ -36,17 +36,10 @@ def normalize(vec: Sequence[float]) -> list[float]:
     return [float(x) / norm for x in vec] if norm > 0 else [float(x) for x in vec]
 
 
-def _pool(out: Any) -> list[float]:
-    if out and isinstance(out[0], (list, tuple)):
-        n = len(out)
-        return [sum(col) / n for col in zip(*out, strict=True)]
-    return [float(x) for x in out]
-
-
 def embed(
     sched: Scheduler,
     name: str,
-    inputs: Sequence[str],
+    inputs: Sequence[str | Sequence[int]],
     truncate: bool = True,
     dimensions: int | None = None,
     options: dict[str, Any] | None = None,
@@ -60,24 +53,7 @@ def embed(
     opts = merge_options(info.params, options)
     loaded = {id(r) for r in sched.loaded()}
     with sched.acquire(name, opts, keep_alive_s, embedding=True) as runner:
-        load_s = 0.0 if id(runner) in loaded else runner.engine.load_s
-        engine = runner.engine
-        llm = engine.llm
-        n_ctx = engine.n_ctx
-        vectors, count = [], 0
-        for text in inputs:
-            tokens = engine.tokenize(text, add_bos=True)
-            if len(tokens) > n_ctx:
-                if not truncate:
-                    raise ContextTooLong(
-                        f"the input is {len(tokens)} tokens but the context holds {n_ctx}"
-                    )
-                # llama.cpp's embed takes text: a cut input goes back as the text of its first tokens.
-                text = engine.detokenize(engine.tokenize(text, add_bos=False)[: n_ctx - 1])
-                tokens = tokens[:n_ctx]
-            count += len(tokens)
-            vec = _pool(llm.embed(text, truncate=True))
-            if dimensions is not None:
-                vec = vec[:dimensions]
-            vectors.append(normalize(vec))
+        load_s = 0.0 if id(runner) in loaded else runner.proc.load_s
+        raw, count = runner.proc.embed(list(inputs), truncate=truncate)
+    vectors = [normalize(v[:dimensions] if dimensions is not None else v) for v in raw]
     return Embedded(name, vectors, count, load_s, time.perf_counter() - t0)

@@ -5,10 +5,12 @@ Pure data and text handling, apart from the engine so that it can be used and te
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any
 
-__all__ = ["Sampling", "Piece", "Stats", "StopScanner", "TokenLogprob"]
+__all__ = ["Sampling", "Piece", "Stats", "StopScanner", "TokenLogprob", "CancelEvent"]
 
 
 @dataclass(frozen=True)
@@ -44,10 +46,17 @@ class TokenLogprob:
     bytes: tuple[int, ...]
     top: tuple[tuple[str, float, tuple[int, ...]], ...] = ()
 
-    def to_dict(self) -> dict[str, object]:
+    def to_dict(self) -> dict[str, Any]:
         """Ollama's and OpenAI's shape: token, logprob, bytes, top_logprobs."""
         return {"token": self.token, "logprob": self.logprob, "bytes": list(self.bytes),
                 "top_logprobs": [{"token": t, "logprob": lp, "bytes": list(b)} for t, lp, b in self.top]}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TokenLogprob:
+        """Inverse of ``to_dict``."""
+        top = tuple((str(t.get("token", "")), float(t.get("logprob", 0.0)), tuple(t.get("bytes") or ()))
+                    for t in d.get("top_logprobs") or ())
+        return cls(str(d.get("token", "")), float(d.get("logprob", 0.0)), tuple(d.get("bytes") or ()), top)
 
 
 @dataclass(frozen=True)
@@ -62,13 +71,65 @@ class Piece:
 class Stats:
     """Counts and durations of one generation, as Ollama reports them."""
 
-    prompt_eval_count: int = 0
+    prompt_eval_count: int = 0  # prompt tokens evaluated (a reused cached prefix is not counted)
     prompt_eval_s: float = 0.0
     eval_count: int = 0
     eval_s: float = 0.0
     done_reason: str = "stop"
-    cached_tokens: int = 0
-    tokens: list[int] = field(default_factory=list)
+    cached_tokens: int = 0  # prompt tokens whose cache was reused
+    tokens: list[int] = field(default_factory=list)  # generated ids (when asked for)
+    prompt_tokens: list[int] = field(default_factory=list)  # the prompt as evaluated (when asked for)
+    max_gap_s: float = 0.0  # longest wait between two of this request's tokens
+    alone: bool = True  # no other request shared its steps (its speeds are single-stream speeds)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Stats:
+        """Stats from the runner's JSON (unknown keys are ignored)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+class CancelEvent(threading.Event):
+    """An event that also calls back when set, so a waiting generation can be told at once.
+
+    It also carries the other signal a streaming response needs: ``accept()``, called when the
+    request has passed every check and waits only for the model, so the response can start (its
+    status and headers go out; errors after that travel inside the stream).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._callbacks: list[Callable[[], None]] = []
+        self._on_accept: list[Callable[[], None]] = []
+        self._cb_lock = threading.Lock()
+        self.accepted = threading.Event()
+
+    def on_accept(self, fn: Callable[[], None]) -> None:
+        """Call ``fn`` (once) when the request is accepted."""
+        self._on_accept.append(fn)
+
+    def accept(self) -> None:
+        """The request is valid and queued for its model."""
+        if not self.accepted.is_set():
+            self.accepted.set()
+            for fn in self._on_accept:
+                fn()
+
+    def add_callback(self, fn: Callable[[], None]) -> None:
+        """Call ``fn`` when the event is set (at once if it already is)."""
+        with self._cb_lock:
+            self._callbacks.append(fn)
+            done = self.is_set()
+        if done:
+            fn()
+
+    def set(self) -> None:
+        """Set the event and run the callbacks (each at most once)."""
+        super().set()
+        with self._cb_lock:
+            callbacks, self._callbacks = self._callbacks, []
+        for fn in callbacks:
+            fn()
 
 
 class StopScanner:

@@ -6,8 +6,8 @@ from dataclasses import fields
 from typing import Any
 
 from offload.planner.types import PlanRequest
-from offload.runtime.engine import Sampling
 from offload.runtime.errors import BadRequest
+from offload.runtime.generation import Sampling
 
 __all__ = ["SAMPLING_OPTIONS", "PLAN_OPTIONS", "merge_options", "sampling_from", "plan_request_from"]
 
@@ -81,8 +81,11 @@ def logprobs_from(req: dict[str, Any]) -> int | None:
 
 
 def plan_request_from(options: dict[str, Any], gpu_budget_bytes: int | None = None) -> PlanRequest:
-    """The planner request implied by the plan-changing options."""
+    """The planner request implied by the plan-changing options (and ``OFFLOAD_NUM_PARALLEL``)."""
+    from offload.runtime import config
+
     return PlanRequest(
+        n_parallel=config.num_parallel() or 1,
         n_ctx=options.get("num_ctx"),
         num_gpu=options.get("num_gpu"),
         n_batch=options.get("num_batch"),

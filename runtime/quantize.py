@@ -1,11 +1,13 @@
-"""Quantizing a GGUF through llama.cpp's quantizer, for ``create --quantize``.
+"""Quantizing a GGUF for ``create --quantize``, through llama.cpp in a child process.
 
-``offload.models.create`` may not import llama.cpp, so the CLI and server hand it this function.
+``offload.models.create`` may not import llama.cpp (nor may the server), so the CLI and the
+server hand it this function, which runs ``offload.runtime.runner.quantize``.
 """
 
 from __future__ import annotations
 
-import ctypes
+import subprocess
+import sys
 from pathlib import Path
 
 from offload.models.errors import ModelError
@@ -15,10 +17,9 @@ __all__ = ["quantize_gguf"]
 
 def quantize_gguf(src: Path, dst: Path, ftype: int) -> None:
     """Write ``src`` quantized to llama.cpp file type ``ftype`` at ``dst``."""
-    import llama_cpp  # imported here: loading llama.cpp costs time the other commands don't need
-
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = ftype
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
-    if rc != 0:
-        raise ModelError(f"quantize: llama.cpp could not quantize {src} (error {rc})")
+    cmd = [sys.executable, "-m", "offload.runtime.runner.quantize", str(src), str(dst), str(int(ftype))]
+    r = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+    if r.returncode != 0:
+        lines = [ln for ln in (r.stderr or "").splitlines() if ln.strip()]
+        why = lines[-1] if lines else f"exit code {r.returncode}"
+        raise ModelError(f"quantize: could not quantize {src}: {why}")

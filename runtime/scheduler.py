@@ -1,9 +1,11 @@
-"""Which models are loaded, with which plan, and for how long.
+"""Which models are loaded, each in its own runner process, with which plan, and for how long.
 
-``Scheduler.acquire(name, options)`` resolves the model, plans it against this machine, loads it
-(or reuses the loaded one when the plan-changing options match), and hands it out to one request at
-a time. Idle models expire after their keep-alive; at most ``max_loaded`` stay loaded, the least
-recently used going first.
+``Scheduler.acquire(name, options)`` resolves the model, plans it against this machine, starts a
+runner process for it (or reuses the loaded one when the plan-changing options match) and hands it
+to the request; any number of requests share one runner, which batches them. Idle models expire
+after their keep-alive; at most ``max_loaded`` stay loaded, the least recently used going first.
+A runner that dies is dropped at once, and the next request for its model starts a new one. A
+runner that dies while loading is retried with one safer setting at a time (``safety``).
 """
 
 from __future__ import annotations
@@ -22,48 +24,56 @@ from offload.planner import anatomy as anatomy_mod
 from offload.planner import hardware as hardware_mod
 from offload.planner import plan as make_plan
 from offload.planner.errors import PlanInfeasible
+from offload.planner.gguf_header import read_header
 from offload.planner.types import Hardware, Plan
 from offload.runtime import calibration, config
-from offload.runtime.engine import Engine
 from offload.runtime.errors import QueueFull
-from offload.runtime.loader import load_healing
+from offload.runtime.healing import shrink_step
 from offload.runtime.options import plan_key, plan_request_from
+from offload.runtime.process import RunnerCrashed, RunnerProcess
+from offload.runtime.safety import SAFER_STEPS, Safety
 
-__all__ = ["Runner", "Scheduler", "current_hardware"]
+__all__ = ["Runner", "Scheduler", "current_hardware", "CRASH_SHRINK_STEPS"]
 
 log = logging.getLogger(__name__)
+
+# After the safer settings, a load that keeps crashing gives up this many shrink steps (GPU layers,
+# expert tensors, context) before the error is the user's.
+CRASH_SHRINK_STEPS = 3
 
 
 def current_hardware(refresh: bool = False) -> Hardware:
     """This machine's hardware profile (probed once, cached under the data dir)."""
-    current = getattr(hardware_mod, "current", None)
-    if current is not None:
-        return current(config.data_dir() / "hardware.json", refresh=refresh)
-    return hardware_mod.probe()
+    return hardware_mod.current(config.data_dir() / "hardware.json", refresh=refresh)
 
 
 @dataclass
 class Runner:
-    """One loaded model."""
+    """One loaded model: its runner process and how the server uses it."""
 
     info: ModelInfo
     plan: Plan
-    engine: Engine
+    proc: RunnerProcess
     key: tuple[tuple[str, Any], ...]
-    embedding: bool = False
     keep_alive_s: float = 300.0
     last_used: float = field(default_factory=time.monotonic)
     expires_at: float = float("inf")
     refs: int = 0  # requests holding or waiting for this runner; only a runner at 0 may be unloaded
-    busy: int = 0
-    lock: threading.Lock = field(default_factory=threading.Lock)
     last_stats: Any = None
     doomed: bool = False  # unload asked for while in use: unload when its requests end
+    # What the load gave up (memory) or turned off (after crashes), as sentences for the user.
+    gave_up: list[str] = field(default_factory=list)
+    safety: list[str] = field(default_factory=list)
 
     @property
     def name(self) -> str:
         """The model's display name."""
         return self.info.name.display
+
+    @property
+    def busy(self) -> int:
+        """Requests using this runner now."""
+        return self.refs
 
     def touch(self, keep_alive_s: float) -> None:
         """Mark used now and restart the keep-alive clock."""
@@ -82,8 +92,9 @@ class Scheduler:
 
     Loading plans a model against the memory the loaded ones leave free. When it would not fit,
     or would run much slower than with the whole machine, idle models are unloaded, least recently
-    used first; when none is idle the request waits for one. ``OFFLOAD_MAX_QUEUE`` bounds the
-    requests in flight (beyond it: ``QueueFull``, a 503).
+    used first; when none is idle the request waits for one. Requests beyond every runner's
+    parallel slots wait in their runner's queue; beyond ``OFFLOAD_MAX_QUEUE`` of those, a request
+    gets ``QueueFull`` (a 503).
     """
 
     def __init__(
@@ -94,10 +105,11 @@ class Scheduler:
     ) -> None:
         self.store = store
         self.hardware = hardware or current_hardware
-        self.runners: dict[tuple[str, bool], Runner] = {}
+        self.runners: dict[str, Runner] = {}
         self._lock = threading.RLock()
+        self._load_lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
-        self._waiting = 0
+        self._in_flight = 0
         self._stop = threading.Event()
         self._on_event = on_event
         self._reaper = threading.Thread(target=self._reap_loop, name="offload-reaper", daemon=True)
@@ -108,7 +120,7 @@ class Scheduler:
         if self._on_event is not None:
             self._on_event(kind, data)
 
-    # -- loading -------------------------------------------------------------------------------
+    # -- planning ------------------------------------------------------------------------------
 
     def resolve(self, name: str) -> ModelInfo:
         """Resolve a model name (importing the embedded default on first use)."""
@@ -117,12 +129,13 @@ class Scheduler:
         embedded.ensure(self.store, name)
         return self.store.resolve(name)
 
-    def held_bytes(self, exclude: tuple[str, bool] | None = None) -> dict[tuple[str, int], int]:
+    def held_bytes(self, exclude: str | tuple[str, bool] | None = None) -> dict[tuple[str, int], int]:
         """Bytes the loaded models hold, per device (``("CPU", 0)``, ``("GPU", index)``)."""
+        skip = exclude[0] if isinstance(exclude, tuple) else exclude
         held: dict[tuple[str, int], int] = {}
         with self._lock:
-            for slot, r in self.runners.items():
-                if slot == exclude:
+            for name, r in self.runners.items():
+                if name == skip:
                     continue
                 for d in r.plan.devices:
                     held[(d.kind, d.index)] = held.get((d.kind, d.index), 0) + d.total_bytes
@@ -157,17 +170,17 @@ class Scheduler:
         gpu_budget, ram_budget = self._budgets(hw, held or {})
         request = plan_request_from(options, gpu_budget_bytes=gpu_budget)
         request = dataclasses.replace(request, ram_budget_bytes=ram_budget)
+        if Safety(hw.fingerprint).is_off("mmap") and request.use_mmap is None:
+            request = dataclasses.replace(request, use_mmap=True)
         speed, n_runs = calibration.speed_params_for(hw.fingerprint)
         p = make_plan(anatomy, hw, request, speed)
         if speed is not None:
             p = dataclasses.replace(p, reasons=(*p.reasons, f"speeds calibrated from {n_runs} runs on this machine"))
         return p
 
-    def _fitting_plan(
-        self, info: ModelInfo, options: dict[str, Any], slot: tuple[str, bool]
-    ) -> Plan | None:
+    def _fitting_plan(self, info: ModelInfo, options: dict[str, Any]) -> Plan | None:
         """A plan in the free memory that is not much slower than the best; None: make room first."""
-        held = self.held_bytes(exclude=slot)
+        held = self.held_bytes(exclude=info.name.display)
         try:
             shared = self.plan_for(info, options, held)
         except PlanInfeasible:
@@ -181,17 +194,78 @@ class Scheduler:
             return None
         return shared
 
-    def _load(
-        self, info: ModelInfo, options: dict[str, Any], embedding: bool, plan: Plan
-    ) -> Runner:
-        # Out of memory at load or first decode: shrink one step and retry, saying what was given up.
-        engine, plan, gave_up = load_healing(info, plan, embedding=embedding, verify_decode=not embedding)
-        self._event("load", model=info.name.display, embedding=embedding, n_ctx=plan.n_ctx, gave_up=gave_up)
+    # -- starting runners ----------------------------------------------------------------------
+
+    def _start(self, info: ModelInfo, plan: Plan) -> tuple[RunnerProcess, list[str], list[str]]:
+        """Start a runner; when it dies while loading, try again with one safer setting at a time,
+        then smaller plans. Returns (runner, what was given up, what is off on this machine)."""
+        safety = Safety(self.hardware().fingerprint)
+        extra_bufts = not safety.is_off("extra_bufts")
+        if safety.is_off("mmap") and not plan.use_mmap:
+            plan = dataclasses.replace(plan, use_mmap=True)
+        name = info.name.display
+        gave_up: list[str] = []
+        turned_off: list[tuple[str, str]] = []
+        shrinks = 0
+        names: list[str] | None = None
+        while True:
+            try:
+                proc = RunnerProcess.start(name, info.model_path, plan, adapters=info.adapters,
+                                           extra_bufts=extra_bufts, on_exit=self._on_exit)
+                break
+            except RunnerCrashed as crash:
+                if crash.hung:
+                    raise  # a safer setting does not make a hang go away
+                how = f"a runner {str(crash).split(' while ')[0].removeprefix(f'the runner for {name} ')}"
+                log.warning("%s; trying a safer setting", crash)
+                if extra_bufts:
+                    extra_bufts = False
+                    turned_off.append(("extra_bufts", f"{how} while loading {name} with them on"))
+                    continue
+                if not plan.use_mmap:
+                    plan = dataclasses.replace(plan, use_mmap=True)
+                    turned_off.append(("mmap", f"{how} while loading {name} with the file read into memory"))
+                    continue
+                if names is None:
+                    names = [t.name for t in read_header(info.model_path).tensors]
+                step = shrink_step(plan, shrinks, names) if shrinks < CRASH_SHRINK_STEPS else None
+                if step is None:
+                    tried = "; ".join(w for _, w in turned_off) or ""
+                    raise RunnerCrashed(f"{crash}" + (f" (after turning off: {tried})" if tried else "")) from None
+                shrinks += 1
+                plan, sentence = step
+                gave_up.append(f"{sentence} after {how}")
+        for key, why in turned_off:
+            safety.remember(key, why)
+        what = {s.key: s.what for s in SAFER_STEPS}
+        for key, _ in turned_off:
+            log.warning("%s: %s turned off after a crash", name, what[key])
+        return proc, gave_up + proc.gave_up, safety.sentences()
+
+    def _load(self, info: ModelInfo, options: dict[str, Any], plan: Plan) -> Runner:
+        proc, gave_up, safety = self._start(info, plan)
+        loaded = proc.plan or plan
+        if gave_up:
+            loaded = dataclasses.replace(loaded, reasons=(*loaded.reasons, *gave_up))
+        if safety:
+            loaded = dataclasses.replace(loaded, reasons=(*loaded.reasons, *safety))
+        self._event("load", model=info.name.display, n_ctx=loaded.n_ctx, parallel=proc.n_parallel,
+                    pid=proc.pid, gave_up=gave_up)
         for sentence in gave_up:
             log.warning("%s: %s", info.name.display, sentence)
-        return Runner(
-            info=info, plan=plan, engine=engine, key=plan_key(options), embedding=embedding
-        )
+        return Runner(info=info, plan=loaded, proc=proc, key=plan_key(options), gave_up=gave_up, safety=safety)
+
+    def _on_exit(self, proc: RunnerProcess) -> None:
+        """A runner process ended: drop it if it is still the loaded one (a crash, not an unload)."""
+        with self._lock:
+            for name, r in list(self.runners.items()):
+                if r.proc is proc:
+                    del self.runners[name]
+                    if not proc.closing:
+                        self._event("crash", model=name, pid=proc.pid, returncode=proc.returncode)
+                    self._changed.notify_all()
+
+    # -- handing runners out -------------------------------------------------------------------
 
     @contextlib.contextmanager
     def acquire(
@@ -201,92 +275,124 @@ class Scheduler:
         keep_alive_s: float | None = None,
         embedding: bool = False,
     ) -> Iterator[Runner]:
-        """Hold a loaded model for one request; it is kept alive ``keep_alive_s`` after (0: unload now)."""
+        """Hold a loaded model for one request; it is kept alive ``keep_alive_s`` after (0: unload now).
+
+        Embedding and generation share one runner, as in Ollama (``embedding`` is accepted for
+        callers that say which they do).
+        """
         options = options or {}
         keep = config.keep_alive_s() if keep_alive_s is None else keep_alive_s
         with self._lock:
-            if self._waiting >= max(1, config.max_queue()):
+            slots = sum(r.proc.n_parallel for r in self.runners.values())
+            if self._in_flight >= max(1, config.max_queue()) + slots:
                 raise QueueFull(
-                    f"server busy: {self._waiting} requests are in flight; try again shortly"
+                    f"server busy: {self._in_flight} requests are in flight; try again shortly"
                 )
-            self._waiting += 1
+            self._in_flight += 1
         try:
             info = self.resolve(name)
-            runner = self._get_or_load(info, options, embedding)
+            runner = self._get_or_load(info, options)
             try:
-                with runner.lock:
-                    runner.busy += 1
-                    runner.expires_at = float("inf")
-                    try:
-                        yield runner
-                    finally:
-                        runner.busy -= 1
-                        runner.touch(keep)
+                runner.expires_at = float("inf")
+                yield runner
             finally:
+                to_close = None
                 with self._lock:
                     runner.refs -= 1
+                    if runner.refs == 0:
+                        runner.touch(keep)
                     if (keep <= 0 or runner.doomed) and runner.refs == 0:
-                        self._close((runner.name, embedding))
+                        to_close = self._pop(runner.name, runner)
                     self._changed.notify_all()
+                if to_close is not None:
+                    self._close_runner(to_close)
         finally:
             with self._lock:
-                self._waiting -= 1
+                self._in_flight -= 1
 
-    def _get_or_load(self, info: ModelInfo, options: dict[str, Any], embedding: bool) -> Runner:
-        slot = (info.name.display, embedding)
+    def _get_or_load(self, info: ModelInfo, options: dict[str, Any]) -> Runner:
+        name = info.name.display
         key = plan_key(options)
-        with self._lock:
-            while True:
-                runner = self.runners.get(slot)
+        while True:
+            to_close: Runner | None = None
+            with self._lock:
+                runner = self.runners.get(name)
                 if runner is not None and runner.info.digest == info.digest and runner.key == key:
                     runner.refs += 1
                     return runner
                 if runner is not None:
                     # Another digest or plan-changing options: reload once nobody uses the old one.
-                    if runner.refs == 0:
-                        self._close(slot)
-                        self._event("reload", model=slot[0])
-                    else:
+                    if runner.refs:
                         self._changed.wait(1.0)
-                    continue
-                if len(self.runners) >= max(1, config.max_loaded_models()):
-                    if not self._evict_one():
-                        self._changed.wait(1.0)
-                    continue
-                plan = self._fitting_plan(info, options, slot)
-                if plan is None:
-                    if not self._evict_one():
-                        if not any(r.refs for r in self.runners.values()):
-                            plan = self.plan_for(info, options, self.held_bytes(exclude=slot))
-                        else:
-                            self._changed.wait(1.0)
-                            continue
-                    else:
                         continue
-                runner = self._load(info, options, embedding, plan)
-                runner.refs += 1
-                self.runners[slot] = runner
-                return runner
+                    to_close = self._pop(name, runner)
+                    self._event("reload", model=name)
+            if to_close is not None:
+                self._close_runner(to_close)
+                continue
+            # One load at a time, so that each plan counts what the others hold; requests for
+            # models already loaded go on meanwhile.
+            with self._load_lock:
+                loaded = self._load_when_room(info, options)
+            if loaded is not None:
+                return loaded
 
-    def _evict_one(self) -> bool:
-        """Unload the least recently used idle model; False when every one is in use."""
-        idle = [s for s, r in self.runners.items() if r.refs == 0]
+    def _load_when_room(self, info: ModelInfo, options: dict[str, Any]) -> Runner | None:
+        """Make room and load ``info``; None when the caller must look again (it changed meanwhile)."""
+        name = info.name.display
+        while True:
+            to_close: Runner | None = None
+            plan: Plan | None = None
+            with self._lock:
+                if name in self.runners:
+                    return None
+                if len(self.runners) >= max(1, config.max_loaded_models()):
+                    to_close = self._evict_one()
+                    if to_close is None:
+                        self._changed.wait(1.0)
+                        continue
+                else:
+                    plan = self._fitting_plan(info, options)
+                    if plan is None:
+                        to_close = self._evict_one()
+                        if to_close is None:
+                            if any(r.refs for r in self.runners.values()):
+                                self._changed.wait(1.0)
+                                continue
+                            plan = self.plan_for(info, options, self.held_bytes(exclude=name))
+            if to_close is not None:
+                self._close_runner(to_close)
+                continue
+            assert plan is not None
+            runner = self._load(info, options, plan)
+            with self._lock:
+                runner.refs += 1
+                self.runners[name] = runner
+                self._changed.notify_all()
+            return runner
+
+    def _evict_one(self) -> Runner | None:
+        """Take the least recently used idle runner out (the caller closes it); None when all are busy."""
+        idle = [n for n, r in self.runners.items() if r.refs == 0]
         if not idle:
-            return False
-        victim = min(idle, key=lambda s: self.runners[s].last_used)
-        self._close(victim)
-        self._event("evict", model=victim[0])
-        return True
+            return None
+        victim = min(idle, key=lambda n: self.runners[n].last_used)
+        self._event("evict", model=victim)
+        return self._pop(victim, self.runners[victim])
 
     # -- unloading -----------------------------------------------------------------------------
 
-    def _close(self, slot: tuple[str, bool]) -> None:
-        runner = self.runners.pop(slot, None)
-        if runner is not None:
-            with runner.lock:
-                runner.engine.close()
-            log.info("unloaded %s", runner.name)
+    def _pop(self, name: str, runner: Runner) -> Runner | None:
+        if self.runners.get(name) is runner:
+            del self.runners[name]
             self._changed.notify_all()
+            return runner
+        return None
+
+    def _close_runner(self, runner: Runner) -> None:
+        # Ending the process gives back every byte it held, GPU and pinned memory included.
+        runner.proc.close()
+        log.info("unloaded %s (runner %d)", runner.name, runner.proc.pid)
 
     def unload(self, name: str, embedding: bool | None = None) -> bool:
         """Unload a model now (after its running requests); True when one was loaded."""
@@ -294,19 +400,18 @@ class Scheduler:
             display = self.store.resolve(name).name.display
         except Exception:  # noqa: BLE001 - unloading a name we can't resolve unloads nothing
             display = name
+        to_close = None
         with self._lock:
-            slots = [
-                s
-                for s in self.runners
-                if s[0] == display and (embedding is None or s[1] == embedding)
-            ]
-            for s in slots:
-                r = self.runners[s]
-                if r.refs:
-                    r.doomed = True
-                else:
-                    self._close(s)
-            return bool(slots)
+            r = self.runners.get(display)
+            if r is None:
+                return False
+            if r.refs:
+                r.doomed = True
+            else:
+                to_close = self._pop(display, r)
+        if to_close is not None:
+            self._close_runner(to_close)
+        return True
 
     def loaded(self) -> list[Runner]:
         """The loaded models, most recently used first."""
@@ -316,15 +421,21 @@ class Scheduler:
     def _reap_loop(self) -> None:
         while not self._stop.wait(0.5):
             now = time.monotonic()
+            expired = []
             with self._lock:
-                for slot, r in list(self.runners.items()):
+                for name, r in list(self.runners.items()):
                     if r.refs == 0 and r.expires_at <= now:
-                        self._close(slot)
-                        self._event("expire", model=slot[0])
+                        expired.append(self._pop(name, r))
+                        self._event("expire", model=name)
+            for r in expired:
+                if r is not None:
+                    self._close_runner(r)
 
     def close(self) -> None:
         """Unload everything and stop the reaper."""
         self._stop.set()
         with self._lock:
-            for slot in list(self.runners):
-                self._close(slot)
+            runners = list(self.runners.values())
+            self.runners.clear()
+        for r in runners:
+            self._close_runner(r)

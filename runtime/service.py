@@ -16,8 +16,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from offload.runtime import calibration, config, prompt
-from offload.runtime.engine import Piece, Stats
 from offload.runtime.errors import BadRequest
+from offload.runtime.generation import Piece, Stats
 from offload.runtime.grammar import grammar_for_format
 from offload.runtime.options import logprobs_from, merge_options, sampling_from
 from offload.runtime.scheduler import Runner, Scheduler
@@ -63,20 +63,30 @@ def _summary(model: str, stats: Stats, load_s: float, t_start: float) -> dict[st
 
 def _run(
     runner: Runner,
-    tokens: list[int],
     options: dict[str, Any],
     cancel: threading.Event | None,
     grammar: str | None,
     truncate: bool,
     logprobs: int | None = None,
+    *,
+    tokens: list[int] | None = None,
+    text: str | None = None,
+    add_bos: bool = True,
+    want_tokens: bool = False,
 ) -> Iterator[Piece | Stats]:
+    """Generate on the runner: the prompt is token ids, text the runner tokenizes, or both."""
     sampling = sampling_from({**options, "stop": list(options.get("stop", []))}, grammar, logprobs)
-    for ev in runner.engine.generate(tokens, sampling, cancel=cancel, truncate=truncate):
+    accept = getattr(cancel, "accept", None)
+    if accept is not None:
+        accept()  # every check has passed: a streaming response may start now
+    for ev in runner.proc.generate(sampling, tokens=tokens, text=text, add_bos=add_bos, truncate=truncate,
+                                   cancel=cancel, want_tokens=want_tokens):
         if isinstance(ev, Stats):
             runner.last_stats = ev  # what the last generation did, for `ps` and tests
         yield ev
-        if isinstance(ev, Stats) and not runner.embedding:
-            # After the answer is out: measured speeds calibrate this machine's speed model.
+        if isinstance(ev, Stats) and ev.alone:
+            # After the answer is out: a request that ran alone calibrates this machine's speed
+            # model (batched steps measure another thing).
             calibration.record(runner.plan, runner.info.digest, ev)
 
 
@@ -128,7 +138,7 @@ def generate(
         return
     before = _loaded_names(sched)
     with sched.acquire(name, options, keep) as runner:
-        load_s = 0.0 if (runner.name, id(runner)) in before else runner.engine.load_s
+        load_s = 0.0 if (runner.name, id(runner)) in before else runner.proc.load_s
         text_prompt = req.get("prompt") or ""
         if not text_prompt and not req.get("suffix") and not context:
             yield {
@@ -142,11 +152,10 @@ def generate(
         raw = bool(req.get("raw"))
         system = req.get("system") if req.get("system") is not None else info.system
         text = prompt.render_generate(template, text_prompt, system, req.get("suffix"), raw, think=think)
-        engine = runner.engine
-        tokens = list(context) + engine.tokenize(text, add_bos=not context)
         splitter = ThinkSplitter(inside=text.rstrip().endswith("<think>")) if think else None
         for ev in _run(
-            runner, tokens, options, cancel, grammar, req.get("truncate", True) is not False, lp
+            runner, options, cancel, grammar, req.get("truncate", True) is not False, lp,
+            tokens=list(context), text=text, add_bos=not context, want_tokens=not raw,
         ):
             if isinstance(ev, Piece):
                 thinking, content = splitter.feed(ev.text) if splitter else ("", ev.text)
@@ -171,7 +180,7 @@ def generate(
                     if thinking:
                         out["thinking"] = thinking
                 if not raw:
-                    out["context"] = tokens + list(ev.tokens)
+                    out["context"] = list(ev.prompt_tokens) + list(ev.tokens)
                 yield out
 
 
@@ -202,7 +211,7 @@ def chat(
     lp = logprobs_from(req)
     before = _loaded_names(sched)
     with sched.acquire(name, options, keep) as runner:
-        load_s = 0.0 if (runner.name, id(runner)) in before else runner.engine.load_s
+        load_s = 0.0 if (runner.name, id(runner)) in before else runner.proc.load_s
         gguf_template = None if info.template else _gguf_template(runner)
         template = info.template or gguf_template
         think = _check_common(name, req, template)
@@ -223,12 +232,12 @@ def chat(
         text, has_bos = prompt.render_chat(
             info.template, gguf_template, history, tools, think=think
         )
-        tokens = runner.engine.tokenize(text, add_bos=not has_bos)
         splitter = ThinkSplitter(inside=text.rstrip().endswith("<think>")) if think else None
         # With tools, text streams until something could open a call; the rest is parsed at the end.
         calls_out = ToolCallStreamer(tools) if tools else None
         for ev in _run(
-            runner, tokens, options, cancel, grammar, req.get("truncate", True) is not False, lp
+            runner, options, cancel, grammar, req.get("truncate", True) is not False, lp,
+            text=text, add_bos=not has_bos,
         ):
             if isinstance(ev, Piece):
                 thinking, content = splitter.feed(ev.text) if splitter else ("", ev.text)

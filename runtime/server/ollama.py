@@ -109,10 +109,9 @@ async def respond(
     if not stream:
         chunks = await collect(ts, request)
         return JSONResponse(merge_chunks(chunks, key) if chunks else {})
-    try:
-        first = await ts.next()
-    except StopAsyncIteration:
-        first = None
+    # Headers go out once the request is accepted (queued for its model), so a client can cancel
+    # a request that waits; errors found before that still get their status code.
+    first = await ts.start()
 
     async def lines() -> AsyncIterator[bytes]:
         try:
@@ -243,7 +242,7 @@ _FOREVER_TS = 4102444800.0
 def running_model(r: Runner) -> dict[str, Any]:
     """One /api/ps entry: sizes, expiry, context and our plan."""
     # What llama.cpp reported allocating, where we have it; the plan's prediction otherwise.
-    measured = r.engine.measured_bytes if r.engine is not None else {}
+    measured = r.proc.measured_bytes
     if measured:
         gpu = sum(sum(v.values()) for dev, v in measured.items() if dev != "CPU")
         total = sum(sum(v.values()) for v in measured.values())
@@ -264,7 +263,13 @@ def running_model(r: Runner) -> dict[str, Any]:
         "expires_at": _iso(expires),
         "context_length": r.plan.n_ctx,
         "plan": r.plan.to_dict(),
-        "memory": r.engine.memory_report() if r.engine is not None else None,
+        "memory": r.proc.memory_report(),
+        # Beyond Ollama's fields: the runner process, its parallel sequences, and what a healing
+        # load gave up or turned off on this machine.
+        "pid": r.proc.pid,
+        "parallel": r.proc.n_parallel,
+        "gave_up": list(r.gave_up),
+        "safety": list(r.safety),
     }
 
 

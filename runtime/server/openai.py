@@ -214,10 +214,7 @@ async def _sse_stream(
 
 
 async def _start(ts: ThreadedStream) -> dict[str, Any] | None:
-    try:
-        return await ts.next()
-    except StopAsyncIteration:
-        return None
+    return await ts.start()
 
 
 @router.post("/chat/completions", responses=_ERRORS)
@@ -395,12 +392,13 @@ async def create_embeddings(body: EmbeddingRequest, request: Request) -> dict[st
     """Embeddings (unit length), as floats or base64 float32."""
     sched = request.app.state.scheduler
     raw = body.input
+    inputs: list[Any]
     if isinstance(raw, str):
         inputs = [raw]
     elif raw and all(isinstance(x, int) for x in raw):
-        inputs = [await run_in_threadpool(_detok, sched, body.model, raw)]
+        inputs = [list(raw)]  # token ids, checked against the vocabulary where the model runs
     elif raw and all(isinstance(x, list) for x in raw):
-        inputs = [await run_in_threadpool(_detok, sched, body.model, x) for x in raw]
+        inputs = [list(x) for x in raw]
     else:
         inputs = [str(x) for x in raw]
     if not inputs or any(not s for s in inputs):
@@ -422,8 +420,3 @@ async def create_embeddings(body: EmbeddingRequest, request: Request) -> dict[st
         "model": body.model,
         "usage": {"prompt_tokens": out.prompt_eval_count, "total_tokens": out.prompt_eval_count},
     }
-
-
-def _detok(sched: Any, model: str, tokens: list[int]) -> str:
-    with sched.acquire(model, {}, None, embedding=True) as runner:
-        return runner.engine.detokenize(tokens)

@@ -14,16 +14,20 @@ from typing import Any
 
 from starlette.responses import StreamingResponse
 
+from offload.runtime.generation import CancelEvent
+
 __all__ = ["ThreadedStream", "CancellingStreamingResponse"]
 
 _END = object()
+_ACCEPTED = object()
 
 
 class ThreadedStream:
     """Iterate ``make(cancel)`` in a thread; ``first()`` surfaces errors before any byte is sent."""
 
     def __init__(self, make: Callable[[threading.Event], Iterator[Any]]) -> None:
-        self.cancel = threading.Event()
+        self.cancel = CancelEvent()
+        self.cancel.on_accept(lambda: self._put(_ACCEPTED))
         self._make = make
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
         self._loop = asyncio.get_running_loop()
@@ -45,8 +49,24 @@ class ThreadedStream:
     async def next(self) -> Any:
         """The next item; raises what the worker raised; ``StopAsyncIteration`` at the end."""
         item = await self._queue.get()
+        while item is _ACCEPTED:
+            item = await self._queue.get()
         if item is _END:
             raise StopAsyncIteration
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    async def start(self) -> Any:
+        """Wait until the request is accepted or yields its first item; returns that item (None
+        when it was accepted first or ended empty). Errors before either are raised here, so
+        they can still get a status code."""
+        item = await self._queue.get()
+        if item is _ACCEPTED:
+            return None
+        if item is _END:
+            self._queue.put_nowait(_END)
+            return None
         if isinstance(item, BaseException):
             raise item
         return item

@@ -136,7 +136,7 @@ def test_synthetic_moe_routes_a_batch_across_all_experts_like_a_trained_model(tm
     import llama_cpp
     import llama_cpp.llama_cpp as llama_c
 
-    from offload.runtime import native_llama as eng
+    from offload.runtime.runner import native as eng
 
     path = Path(__file__).parents[2] / "bench" / "synth_models.py"
     spec_mod = importlib.util.spec_from_file_location("synth_models", path)

@@ -9,7 +9,7 @@ import pytest
 
 from offload.planner.types import CPUInfo, DevicePlan, Hardware, Plan, Prediction
 from offload.runtime import calibration
-from offload.runtime.engine import Stats
+from offload.runtime.generation import Stats
 
 HW = Hardware("box", CPUInfo(cores=2, ram_bytes=8 << 30, mem_bandwidth_Bps=20e9), fingerprint="fp-test")
 PLAN = Plan(devices=(DevicePlan("CPU", "CPU", 0, 1, 1, 1, 0, 1 << 33),), n_gpu_layers=0, n_ctx=1024,
@@ -41,7 +41,9 @@ def test_runs_too_short_to_measure_are_not_recorded() -> None:
 
 
 def test_cached_prompt_tokens_do_not_inflate_prompt_speed() -> None:
-    stats = Stats(prompt_eval_count=300, prompt_eval_s=0.5, eval_count=10, eval_s=1.0, cached_tokens=100)
+    # prompt_eval_count counts only what was computed: 200 of a 300-token prompt whose first 100
+    # were cached.
+    stats = Stats(prompt_eval_count=200, prompt_eval_s=0.5, eval_count=10, eval_s=1.0, cached_tokens=100)
     calibration.record(PLAN, "d", stats, hardware=HW)
     assert calibration.observations("fp-test")[1][0]["prompt_tps"] == pytest.approx(400.0)
 

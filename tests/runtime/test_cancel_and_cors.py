@@ -22,7 +22,7 @@ def test_disconnect_mid_stream_cancels_and_frees_the_model(server: Running) -> N
     ):
         lines = r.iter_lines()
         next(lines), next(lines)
-        runner = next(x for x in server.scheduler.loaded() if x.name == MODEL and not x.embedding)
+        runner = next(x for x in server.scheduler.loaded() if x.name == MODEL)
     # The connection is closed here; the engine sees the cancel at its next token.
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and not (
@@ -96,7 +96,7 @@ def test_hanging_up_on_a_non_streamed_request_cancels_it_too(server: Running) ->
             json={**body, "messages": [{"role": "user", "content": "story"}]},
             timeout=httpx.Timeout(10, read=1.5),
         )
-    runner = next(x for x in server.scheduler.loaded() if x.name == MODEL and not x.embedding)
+    runner = next(x for x in server.scheduler.loaded() if x.name == MODEL)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and not (
         runner.last_stats and runner.last_stats.done_reason == "cancel"

@@ -13,10 +13,13 @@ from pathlib import Path
 import pytest
 
 from offload.planner.types import DevicePlan, Plan, Prediction
-from offload.runtime import buffers
-from offload.runtime.engine import KV_TYPES, Engine, Sampling, Stats, llama_params
-from offload.runtime.errors import LoadFailed, OutOfMemory, PlanNotApplicable
-from offload.runtime.loader import shrink_step
+from offload.runtime.errors import BadRequest, LoadFailed, OutOfMemory, PlanNotApplicable
+from offload.runtime.generation import Sampling
+from offload.runtime.healing import shrink_step
+from offload.runtime.runner import buffers
+from offload.runtime.runner.batch import BatchLoop, Job
+from offload.runtime.runner.engine import Engine, _context_params, _model_params
+from offload.runtime.runner.native import KV_TYPES, llama_c
 
 
 @pytest.fixture(scope="session")
@@ -34,22 +37,24 @@ def cpu_plan(**kw: object) -> Plan:
 
 
 def test_llama_params_carry_every_plan_field() -> None:
-    plan = cpu_plan(n_gpu_layers=7, split_mode="row", main_gpu=1, tensor_split=(0.25, 0.75), n_ctx=3000,
+    plan = cpu_plan(n_gpu_layers=7, split_mode="row", main_gpu=1, n_ctx=3000,
                     n_parallel=2, n_batch=1024, n_ubatch=256, threads=3, threads_batch=5, kv_type="q8_0",
                     flash_attn=True, offload_kqv=False, op_offload=False, use_mmap=False, use_mlock=True)
-    p = llama_params(plan)
-    assert p["n_gpu_layers"] == 7 and p["main_gpu"] == 1 and p["tensor_split"] == [0.25, 0.75]
-    assert p["split_mode"] == 2  # LLAMA_SPLIT_MODE_ROW
-    assert p["n_ctx"] == 6000  # per-sequence context times sequences
-    assert (p["n_batch"], p["n_ubatch"], p["n_threads"], p["n_threads_batch"]) == (1024, 256, 3, 5)
-    assert p["type_k"] == p["type_v"] == KV_TYPES["q8_0"]
-    assert p["flash_attn"] is True and p["offload_kqv"] is False and p["op_offload"] is False
-    assert p["use_mmap"] is False and p["use_mlock"] is True
+    m = _model_params(plan, extra_bufts=False, overrides=None, progress=None)
+    assert m.n_gpu_layers == 7 and m.main_gpu == 1 and m.split_mode == 2  # LLAMA_SPLIT_MODE_ROW
+    assert m.load_mode == llama_c.LLAMA_LOAD_MODE_MLOCK and m.use_extra_bufts is False
+    assert _model_params(cpu_plan(), True, None, None).load_mode == llama_c.LLAMA_LOAD_MODE_MMAP
+    c = _context_params(plan, n_seq_max=3)
+    assert c.n_ctx == 6000  # per-sequence context times sequences, in one unified cache
+    assert c.kv_unified is True and c.n_seq_max == 3
+    assert (c.n_batch, c.n_ubatch, c.n_threads, c.n_threads_batch) == (1024, 256, 3, 5)
+    assert c.type_k == c.type_v == KV_TYPES["q8_0"]
+    assert c.flash_attn_type == 1 and c.offload_kqv is False and c.op_offload is False
 
 
-def test_unknown_kv_type_is_refused() -> None:
-    with pytest.raises(LoadFailed, match="KV cache type"):
-        llama_params(cpu_plan(kv_type="q3_weird"))
+def test_unknown_kv_type_is_refused(gemma: Path) -> None:
+    with pytest.raises(PlanNotApplicable, match="KV cache type"):
+        Engine.load(gemma, cpu_plan(kv_type="q3_weird"))
 
 
 def test_loaded_context_has_the_plans_values(gemma: Path) -> None:
@@ -57,15 +62,26 @@ def test_loaded_context_has_the_plans_values(gemma: Path) -> None:
                     kv_type="q8_0", flash_attn=True, offload_kqv=False, op_offload=False)
     e = Engine.load(gemma, plan)
     try:
-        cp, mp = e.llm.context_params, e.llm.model_params
-        assert (cp.n_ctx, cp.n_seq_max, cp.n_batch, cp.n_ubatch) == (1536, 2, 256, 128)
-        assert (cp.n_threads, cp.n_threads_batch) == (1, 2)
-        assert cp.type_k == cp.type_v == KV_TYPES["q8_0"]
-        assert cp.flash_attn_type == 1 and cp.offload_kqv is False and cp.op_offload is False
-        assert mp.n_gpu_layers == 0 and mp.tensor_buft_overrides is None
-        assert e.n_ctx == 768  # one sequence's share
+        ctx = e.ctx
+        assert llama_c.llama_n_ctx(ctx) == 1536 and llama_c.llama_n_seq_max(ctx) == 3  # + the embedding sequence
+        assert (llama_c.llama_n_batch(ctx), llama_c.llama_n_ubatch(ctx)) == (256, 128)
+        assert (llama_c.llama_n_threads(ctx), llama_c.llama_n_threads_batch(ctx)) == (1, 2)
+        assert any("type_k = 'q8_0'" in ln or "q8_0" in ln for ln in e.load_log if "llama_kv_cache" in ln)
+        assert e.n_ctx == 768 and e.n_slots == 2  # one sequence's context; two sequences
     finally:
         e.close()
+
+
+def generate(e: Engine, text: str, sampling: Sampling) -> tuple[str, dict]:
+    """Run one request through the batch loop in this process."""
+    events: list[dict] = []
+    loop = BatchLoop(e, events.extend)
+    loop._submit(Job(id=1, prompt=e.tokenize(text), sampling=sampling))
+    while not any(ev["ev"] in ("done", "error") for ev in events):
+        loop.step()
+        loop._flush()
+    assert events[-1]["ev"] == "done", events[-1]
+    return "".join(ev["text"] for ev in events if ev["ev"] == "piece"), events[-1]["stats"]
 
 
 def test_cpu_tensor_patterns_are_applied_to_exactly_the_matched_tensors(gemma: Path) -> None:
@@ -74,9 +90,8 @@ def test_cpu_tensor_patterns_are_applied_to_exactly_the_matched_tensors(gemma: P
         assert e.overridden_tensors == {"blk.1.ffn_up.weight": "CPU", "blk.1.ffn_down.weight": "CPU",
                                         "blk.3.attn_q.weight": "CPU"}
         assert any("buffer type overridden to CPU" in ln for ln in e.load_log)
-        assert e.llm.model_params.tensor_buft_overrides  # the pointer llama.cpp was given
-        out = list(e.generate(e.tokenize("The capital of France is"), Sampling(temperature=0, num_predict=4)))
-        assert isinstance(out[-1], Stats) and out[-1].eval_count > 0
+        _, stats = generate(e, "The capital of France is", Sampling(temperature=0, num_predict=4))
+        assert stats["eval_count"] > 0
     finally:
         e.close()
 
@@ -98,12 +113,6 @@ def test_measured_bytes_come_from_llama_cpp_and_sit_beside_the_prediction(gemma:
         assert e4.measured_bytes["CPU"]["kv"] > cpu["kv"]  # more context, more KV: really measured
     finally:
         e4.close()
-
-
-def test_llama_cpp_log_is_not_printed(gemma: Path, capfd: pytest.CaptureFixture[str]) -> None:
-    Engine.load(gemma, cpu_plan()).close()
-    out, err = capfd.readouterr()
-    assert "load_tensors" not in err + out and "llama_context" not in err + out
 
 
 def test_pattern_matching_no_tensor_is_refused_before_loading(gemma: Path) -> None:
@@ -136,11 +145,10 @@ def test_batched_decode_runs_several_sequences_at_once(gemma: Path) -> None:
         # One timing per decode step; the median step gives a rate robust to one delayed step.
         assert len(t.step_s) == 5 and sum(t.step_s) <= t.decode_s
         assert t.decode_tps_median == pytest.approx(3 / sorted(t.step_s)[2])
-        with pytest.raises(LoadFailed, match="n_parallel"):
+        with pytest.raises(BadRequest, match="parallel"):
             e.run_batch(4, e.tokenize("x"), 1)
         # The engine still generates normally afterwards.
-        out = list(e.generate(e.tokenize("Hello"), Sampling(temperature=0, num_predict=3)))
-        assert out[-1].eval_count == 3  # type: ignore[union-attr]
+        assert generate(e, "Hello", Sampling(temperature=0, num_predict=3))[1]["eval_count"] == 3
     finally:
         e.close()
 
@@ -192,8 +200,8 @@ def test_shrink_drops_layers_then_halves_context_then_gives_up() -> None:
 HEAL_SCRIPT = textwrap.dedent("""
     import dataclasses, json, resource, sys
     from offload.planner.types import DevicePlan, Plan, Prediction
-    from offload.runtime.engine import Engine
-    from offload.runtime.loader import load_healing
+    from offload.runtime.runner.engine import Engine
+    from offload.runtime.runner.loader import load_healing
     plan = Plan(devices=(DevicePlan("CPU", "CPU", 0, 1, 1, 1, 0, 1 << 34),), n_gpu_layers=0,
                 n_ctx=1 << 20, n_batch=512, n_ubatch=512, threads=2, threads_batch=2,
                 predicted=Prediction(40.0, 200.0, 1.0))
@@ -202,9 +210,8 @@ HEAL_SCRIPT = textwrap.dedent("""
     limit = vm + (2 << 30)  # 2 GiB of address space beyond a small load: the 1M-token KV can't fit
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     engine, healed, gave_up = load_healing(sys.argv[1], plan)
-    toks = [t for t in engine.llm.tokenize(b"Hello")]
-    engine.llm.eval(toks)
-    assert engine.memory_report()["gave_up"] == gave_up
+    engine.gave_up = gave_up
+    assert engine.tokenize("Hello") and engine.memory_report()["gave_up"] == gave_up
     print(json.dumps({"n_ctx": healed.n_ctx, "gave_up": gave_up, "engine_ctx": engine.n_ctx,
                       "reasons": list(healed.reasons)}))
 """)
@@ -222,7 +229,7 @@ def test_load_heals_by_shrinking_context_when_memory_runs_out(gemma: Path) -> No
 
 
 def test_a_plan_without_mmap_loads_and_its_overrides_fall_back_to_the_cpu_buffer_without_a_gpu(gemma: Path) -> None:
-    from offload.runtime import native_llama as eng
+    from offload.runtime.runner import native as eng
 
     # On a GPU build overridden tensors go to the GPU's pinned host buffer when the plan does not
     # map the file; this build has no GPU device, so the plain CPU buffer type is what it names.
@@ -230,7 +237,6 @@ def test_a_plan_without_mmap_loads_and_its_overrides_fall_back_to_the_cpu_buffer
     e = Engine.load(gemma, cpu_plan(use_mmap=False))
     try:
         assert not any("CPU_Mapped" in ln for ln in e.load_log if "model buffer size" in ln)
-        out = list(e.generate(e.tokenize("Hello"), Sampling(temperature=0, num_predict=2)))
-        assert out[-1].eval_count == 2  # type: ignore[union-attr]
+        assert generate(e, "Hello", Sampling(temperature=0, num_predict=2))[1]["eval_count"] == 2
     finally:
         e.close()

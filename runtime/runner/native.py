@@ -1,54 +1,80 @@
-"""llama.cpp's native side, below the executor: its log captured while loading, tensor buffer
-overrides and defaults patched in through ctypes (the high-level ``Llama`` has neither), and the
-checks that a plan can be applied to this build and this file before anything is loaded.
+"""llama.cpp's native side, below the engine: the libraries loaded in the right order, its log,
+tensor buffer overrides, and the checks that a plan can be applied before anything is loaded.
+
+Only runner processes import this module (it loads llama.cpp).
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import importlib.util
 import logging
 import re
+import sys
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import llama_cpp
-from llama_cpp import llama_cpp as llama_c
 
-from offload.planner.types import Plan
-from offload.runtime.errors import LoadFailed, PlanNotApplicable
+def _preload() -> None:
+    """Load ``libllama`` with ``RTLD_GLOBAL`` before numpy's native libraries can be loaded.
 
-_SPLIT = {"none": llama_c.LLAMA_SPLIT_MODE_NONE, "layer": llama_c.LLAMA_SPLIT_MODE_LAYER,
-          "row": llama_c.LLAMA_SPLIT_MODE_ROW}
+    Seen on a CUDA build: with numpy's libraries loaded first (numpy comes in through ``gguf`` and
+    the planner), llama.cpp crashed with a segmentation fault on its first GPU load; with
+    llama.cpp's loaded first, both work.
+    """
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec is None or spec.origin is None:
+        return
+    suffix = {"darwin": ".dylib", "win32": ".dll"}.get(sys.platform, ".so")
+    lib = Path(spec.origin).parent / "lib" / f"libllama{suffix}"
+    if lib.exists():
+        with contextlib.suppress(OSError):  # importing llama_cpp below reports a broken install
+            ctypes.CDLL(str(lib), mode=getattr(ctypes, "RTLD_GLOBAL", 0))
 
-__all__ = ["check_applicable", "gpu_device_count", "captured_log", "patched_defaults", "overrides_array",
-           "cpu_buffer_type", "ggml_symbol", "LOAD_LOCK"]
+
+_preload()
+
+import llama_cpp  # noqa: E402 - after the preload above, on purpose
+from llama_cpp import llama_cpp as llama_c  # noqa: E402
+
+from offload.planner.types import Plan  # noqa: E402
+from offload.runtime.errors import LoadFailed, PlanNotApplicable  # noqa: E402
+
+__all__ = ["llama_c", "llama_cpp", "SPLIT_MODES", "KV_TYPES", "check_applicable", "gpu_device_count",
+           "captured_log", "overrides_array", "cpu_buffer_type", "ggml_symbol", "set_progress_hook"]
+
+SPLIT_MODES = {"none": llama_c.LLAMA_SPLIT_MODE_NONE, "layer": llama_c.LLAMA_SPLIT_MODE_LAYER,
+               "row": llama_c.LLAMA_SPLIT_MODE_ROW}
+KV_TYPES = {"f16": llama_c.GGML_TYPE_F16, "q8_0": llama_c.GGML_TYPE_Q8_0, "q4_0": llama_c.GGML_TYPE_Q4_0,
+            "f32": llama_c.GGML_TYPE_F32}
 
 
-# -- llama.cpp's log: captured while loading, otherwise sent to logging at debug level ---------
+# -- llama.cpp's log: to our logger (the runner's stderr, i.e. its log file), captured while loading
+
 
 _llama_log = logging.getLogger("offload.runtime.llama_cpp")
 
 
 class _LogSink:
-    """Receives llama.cpp's log; one capture at a time (loads are serialised by ``LOAD_LOCK``)."""
+    """Receives llama.cpp's log; one capture at a time (a runner loads one model)."""
 
     def __init__(self) -> None:
         self.partial = ""
         self.capture: list[str] | None = None
+        self.lock = threading.Lock()
 
     def write(self, level: int, text: str) -> None:
-        self.partial += text
-        while "\n" in self.partial:
-            line, self.partial = self.partial.split("\n", 1)
-            if self.capture is not None:
-                self.capture.append(line)
-            if line.strip():
-                # Everything goes to logging at debug level: llama.cpp's own warnings during a load
-                # are reported through our typed errors, never printed on stderr.
-                _llama_log.debug("%s", line)
+        with self.lock:
+            self.partial += text
+            while "\n" in self.partial:
+                line, self.partial = self.partial.split("\n", 1)
+                if self.capture is not None:
+                    self.capture.append(line)
+                if line.strip():
+                    _llama_log.info("%s", line)
 
 
 _SINK = _LogSink()
@@ -64,11 +90,11 @@ def _on_llama_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
 
 # The callback object must outlive every llama.cpp call, so it lives at module level.
 llama_c.llama_log_set(_on_llama_log, ctypes.c_void_p(0))
-LOAD_LOCK = threading.Lock()
 
 
 @contextlib.contextmanager
 def captured_log() -> Iterator[list[str]]:
+    """Collect llama.cpp's log lines while the block runs (they still reach the log file)."""
     lines: list[str] = []
     _SINK.capture = lines
     try:
@@ -77,7 +103,30 @@ def captured_log() -> Iterator[list[str]]:
         _SINK.capture = None
 
 
-# -- tensor buffer overrides (not exposed by the high-level Llama) ------------------------------
+# -- load progress ------------------------------------------------------------------------------
+
+_progress_hook: Callable[[float], None] | None = None
+
+
+@llama_c.llama_progress_callback
+def _on_progress(fraction: float, user_data: ctypes.c_void_p) -> bool:
+    hook = _progress_hook
+    if hook is not None:
+        try:
+            hook(float(fraction))
+        except Exception:  # noqa: BLE001 - never across into C
+            pass
+    return True
+
+
+def set_progress_hook(hook: Callable[[float], None] | None) -> Any:
+    """Call ``hook(fraction)`` as llama.cpp loads tensors; returns the C callback for model params."""
+    global _progress_hook
+    _progress_hook = hook
+    return _on_progress
+
+
+# -- tensor buffer overrides --------------------------------------------------------------------
 
 
 class _BuftOverride(ctypes.Structure):
@@ -137,35 +186,6 @@ def overrides_array(patterns: Sequence[str], pinned: bool = False) -> ctypes.Arr
     return arr
 
 
-@contextlib.contextmanager
-def patched_defaults(overrides: ctypes.Array[_BuftOverride] | None, n_seq_max: int) -> Iterator[None]:
-    """Make ``Llama.__init__`` start from params carrying our overrides and sequence count.
-
-    ``Llama`` builds its params from these two default functions and then sets only the fields it
-    knows, so what we put in survives. Callers hold ``LOAD_LOCK``: the patch is module-global.
-    """
-    model_default, ctx_default = llama_c.llama_model_default_params, llama_c.llama_context_default_params
-
-    def model_params() -> Any:
-        p = model_default()
-        if overrides is not None:
-            p.tensor_buft_overrides = ctypes.cast(overrides, ctypes.c_void_p).value
-        return p
-
-    def ctx_params() -> Any:
-        p = ctx_default()
-        p.n_seq_max = n_seq_max
-        return p
-
-    llama_c.llama_model_default_params = model_params
-    llama_c.llama_context_default_params = ctx_params
-    try:
-        yield
-    finally:
-        llama_c.llama_model_default_params = model_default
-        llama_c.llama_context_default_params = ctx_default
-
-
 # -- checking a plan before loading -------------------------------------------------------------
 
 
@@ -216,5 +236,7 @@ def check_applicable(plan: Plan, model_path: Path | str, tensor_names: Sequence[
         raise PlanNotApplicable(f"the plan splits over {len(plan.tensor_split)} GPUs; llama.cpp sees {gpus}")
     if uses_gpu and plan.main_gpu >= max(gpus, 1):
         raise PlanNotApplicable(f"the plan's main GPU is {plan.main_gpu}; llama.cpp sees {gpus}")
-    if plan.split_mode not in _SPLIT:
-        raise PlanNotApplicable(f"unknown split mode {plan.split_mode!r}; known: {', '.join(_SPLIT)}")
+    if plan.split_mode not in SPLIT_MODES:
+        raise PlanNotApplicable(f"unknown split mode {plan.split_mode!r}; known: {', '.join(SPLIT_MODES)}")
+    if plan.kv_type not in KV_TYPES:
+        raise PlanNotApplicable(f"plan asks for KV cache type {plan.kv_type!r}; known: {', '.join(KV_TYPES)}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-__all__ = ["measured_bytes", "is_out_of_memory", "overridden_tensors", "device_name"]
+__all__ = ["measured_bytes", "is_out_of_memory", "overridden_tensors", "device_name", "buffer_names"]
 
 # "load_tensors:   CPU_Mapped model buffer size =   235.16 MiB"
 # "llama_kv_cache:        CPU KV buffer size =    12.00 MiB"
@@ -53,3 +53,13 @@ def is_out_of_memory(lines: Iterable[str]) -> bool:
 def overridden_tensors(lines: Iterable[str]) -> dict[str, str]:
     """Tensor name -> buffer type for each tensor llama.cpp says it overrode."""
     return {m["name"]: m["buft"] for line in lines if (m := _OVERRIDE.search(line))}
+
+
+def buffer_names(lines: Iterable[str]) -> list[str]:
+    """The weight buffers llama.cpp made (``CPU_Mapped``, ``CPU_REPACK``, ``CUDA0``...), in order."""
+    names: list[str] = []
+    for line in lines:
+        m = _BUFFER.search(line.strip())
+        if m and m["kind"] == "model" and m["dev"] not in names:
+            names.append(m["dev"])
+    return names

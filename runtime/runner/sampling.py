@@ -1,0 +1,166 @@
+"""One llama.cpp sampler chain per request: its own temperature, top-k/p, min-p, penalties, seed,
+mirostat and grammar, and each token's log probability when asked.
+
+Sampling runs in C over the whole vocabulary, which is where the per-token time goes with large
+vocabularies (262k tokens for Gemma 3): a full chain of penalties then top-k took 1.1 ms a token on
+a 2-core EPYC, against 0.22 ms with top-k first. Penalties can only lower a logit, and at most
+``penalty_last_n`` tokens carry one, so the true top-k after penalties always lies within the top
+``k + penalty_last_n`` before them: cutting to that first gives exactly the same distribution.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import random
+from dataclasses import dataclass
+
+import numpy as np
+
+from offload.runtime.generation import Sampling, TokenLogprob
+from offload.runtime.runner.native import llama_c
+
+__all__ = ["Sampler"]
+
+_NEG_INF = float("-inf")
+
+
+def _add(chain: int, smpl: int | None) -> None:
+    if smpl:
+        llama_c.llama_sampler_chain_add(chain, smpl)
+
+
+def _lowers_only(s: Sampling) -> bool:
+    """True when the penalties can only lower logits (the top-k-first shortcut is then exact)."""
+    return s.repeat_penalty >= 1.0 and s.frequency_penalty >= 0.0 and s.presence_penalty >= 0.0
+
+
+@dataclass
+class _Grammar:
+    smpl: int
+    single: ctypes.Array  # one llama_token_data, for checking a sampled token cheaply
+    single_arr: llama_c.llama_token_data_array
+
+
+class Sampler:
+    """A request's sampler chain (and grammar); ``sample`` picks and accepts the next token."""
+
+    def __init__(self, sampling: Sampling, vocab: int, n_vocab: int, n_ctx: int) -> None:
+        self.n_vocab = n_vocab
+        self.vocab = vocab
+        self.logprobs = sampling.logprobs
+        params = llama_c.llama_sampler_chain_default_params()
+        params.no_perf = True
+        self.chain = llama_c.llama_sampler_chain_init(params)
+        self.grammar: _Grammar | None = None
+        self._cur: ctypes.Array | None = None
+        self._build(sampling, n_ctx)
+        if sampling.grammar:
+            smpl = llama_c.llama_sampler_init_grammar(vocab, sampling.grammar.encode("utf-8"), b"root")
+            if not smpl:
+                self.close()
+                raise ValueError("the grammar for this format could not be parsed")
+            single = (llama_c.llama_token_data * 1)()
+            arr = llama_c.llama_token_data_array(data=single, size=1, selected=-1, sorted=False)
+            self.grammar = _Grammar(smpl, single, arr)
+
+    def _build(self, s: Sampling, n_ctx: int) -> None:
+        chain = self.chain
+        last_n = n_ctx if s.repeat_last_n < 0 else min(s.repeat_last_n, n_ctx)
+        penalize = last_n > 0 and (s.repeat_penalty != 1.0 or s.frequency_penalty != 0.0
+                                   or s.presence_penalty != 0.0)
+        top_k = s.top_k if s.top_k > 0 else 0
+        greedy = s.temperature <= 0.0
+        keep = 1 if greedy else top_k
+        if penalize and keep and _lowers_only(s) and not s.mirostat:
+            _add(chain, llama_c.llama_sampler_init_top_k(keep + last_n))
+        if penalize:
+            _add(chain, llama_c.llama_sampler_init_penalties(self.n_vocab, last_n, s.repeat_penalty,
+                                                             s.frequency_penalty, s.presence_penalty))
+        if greedy:
+            _add(chain, llama_c.llama_sampler_init_greedy())
+            return
+        seed = s.seed if s.seed is not None and s.seed >= 0 else random.getrandbits(31)
+        if s.mirostat == 1:
+            _add(chain, llama_c.llama_sampler_init_temp(s.temperature))
+            _add(chain, llama_c.llama_sampler_init_mirostat(self.n_vocab, seed & 0xFFFFFFFF, s.mirostat_tau,
+                                                            s.mirostat_eta, 100))
+            return
+        if s.mirostat == 2:
+            _add(chain, llama_c.llama_sampler_init_temp(s.temperature))
+            _add(chain, llama_c.llama_sampler_init_mirostat_v2(seed & 0xFFFFFFFF, s.mirostat_tau, s.mirostat_eta))
+            return
+        if top_k:
+            _add(chain, llama_c.llama_sampler_init_top_k(top_k))
+        if s.typical_p < 1.0:
+            _add(chain, llama_c.llama_sampler_init_typical(s.typical_p, 1))
+        if s.top_p < 1.0:
+            _add(chain, llama_c.llama_sampler_init_top_p(s.top_p, 1))
+        if s.min_p > 0.0:
+            _add(chain, llama_c.llama_sampler_init_min_p(s.min_p, 1))
+        _add(chain, llama_c.llama_sampler_init_temp(s.temperature))
+        _add(chain, llama_c.llama_sampler_init_dist(seed & 0xFFFFFFFF))
+
+    # -- sampling -----------------------------------------------------------------------------
+
+    def sample(self, ctx: int, idx: int) -> int:
+        """Pick the token for output ``idx`` of the last decode and accept it into the chain."""
+        if self.grammar is None:
+            return int(llama_c.llama_sampler_sample(self.chain, ctx, idx))
+        # Sample freely, then check the one token against the grammar: applying a grammar to the
+        # whole vocabulary is slow, and most tokens a constrained model picks are allowed anyway.
+        logits = llama_c.llama_get_logits_ith(ctx, idx)
+        token = self._apply(self.chain, logits, with_grammar=False)
+        g = self.grammar
+        g.single[0].id, g.single[0].logit, g.single[0].p = token, 1.0, 0.0
+        g.single_arr.size, g.single_arr.selected, g.single_arr.sorted = 1, -1, False
+        llama_c.llama_sampler_apply(g.smpl, ctypes.byref(g.single_arr))
+        if g.single[0].logit == _NEG_INF:
+            token = self._apply(self.chain, logits, with_grammar=True)
+        llama_c.llama_sampler_accept(g.smpl, token)
+        llama_c.llama_sampler_accept(self.chain, token)
+        return token
+
+    def _apply(self, chain: int, logits: ctypes.Array, with_grammar: bool) -> int:
+        if self._cur is None:
+            self._cur = (llama_c.llama_token_data * self.n_vocab)()
+            self._view = np.ctypeslib.as_array(self._cur).view(
+                np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)]))
+            self._ids = np.arange(self.n_vocab, dtype=np.int32)
+        view = self._view
+        view["id"] = self._ids
+        view["logit"] = np.ctypeslib.as_array(logits, shape=(self.n_vocab,))
+        view["p"] = 0.0
+        arr = llama_c.llama_token_data_array(data=self._cur, size=self.n_vocab, selected=-1, sorted=False)
+        if with_grammar and self.grammar is not None:
+            llama_c.llama_sampler_apply(self.grammar.smpl, ctypes.byref(arr))
+        llama_c.llama_sampler_apply(chain, ctypes.byref(arr))
+        if arr.selected < 0:
+            raise ValueError("the sampler chain selected no token")
+        return int(arr.data[arr.selected].id)
+
+    # -- log probabilities --------------------------------------------------------------------
+
+    def logprob(self, ctx: int, idx: int, token: int, piece: bytes, pieces: object) -> TokenLogprob:
+        """The token's log probability under the model (before sampling tweaks) and its top rivals."""
+        ptr = llama_c.llama_get_logits_ith(ctx, idx)
+        logits = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).astype(np.float64)
+        shifted = logits - logits.max()
+        logp = shifted - math.log(float(np.exp(shifted).sum()))
+        top: tuple[tuple[str, float, tuple[int, ...]], ...] = ()
+        k = self.logprobs or 0
+        if k > 0:
+            ids = np.argpartition(-logp, k)[:k]
+            ids = ids[np.argsort(-logp[ids])]
+            top = tuple((pieces(int(i)).decode("utf-8", errors="replace"), float(logp[i]),  # type: ignore[operator]
+                         tuple(pieces(int(i)))) for i in ids)  # type: ignore[operator]
+        return TokenLogprob(piece.decode("utf-8", errors="replace"), float(logp[token]), tuple(piece), top)
+
+    def close(self) -> None:
+        """Free the chain and grammar."""
+        if self.chain:
+            llama_c.llama_sampler_free(self.chain)
+            self.chain = None  # type: ignore[assignment]
+        if self.grammar is not None:
+            llama_c.llama_sampler_free(self.grammar.smpl)
+            self.grammar = None
