@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-__all__ = ["register", "processor", "until", "ps_rows"]
+__all__ = ["register", "processor", "until", "ps_rows", "ps_notes", "PS_HEADER"]
 
 
 def processor(size: int, size_vram: int) -> str:
@@ -44,8 +44,11 @@ def _human_bytes(n: int) -> str:
     return f"{n} B"
 
 
-def ps_rows(models: list[dict[str, Any]]) -> list[tuple[str, str, str, str, str, str]]:
-    """Table rows (NAME, ID, SIZE, PROCESSOR, CONTEXT, UNTIL) for /api/ps models."""
+PS_HEADER = ("NAME", "ID", "SIZE", "PROCESSOR", "CONTEXT", "PARALLEL", "PID", "UNTIL")
+
+
+def ps_rows(models: list[dict[str, Any]]) -> list[tuple[str, ...]]:
+    """Table rows (``PS_HEADER``'s columns: Ollama's, plus each runner's sequences and process)."""
     return [
         (
             m["name"],
@@ -53,10 +56,17 @@ def ps_rows(models: list[dict[str, Any]]) -> list[tuple[str, str, str, str, str,
             _human_bytes(m.get("size", 0)),
             processor(m.get("size", 0), m.get("size_vram", 0)),
             str(m.get("context_length", "")),
+            str(m.get("parallel", 1)),
+            str(m.get("pid", "")),
             until(m["expires_at"]),
         )
         for m in models
     ]
+
+
+def ps_notes(models: list[dict[str, Any]]) -> list[str]:
+    """What a healing load gave up, or turned off on this machine, per model."""
+    return [f"{m['name']}: {s}" for m in models for s in [*(m.get("gave_up") or []), *(m.get("safety") or [])]]
 
 
 @click.command("ps")
@@ -65,11 +75,14 @@ def ps_command() -> None:
     from offload.runtime.client import ensure_server
 
     client = ensure_server()
-    rows = ps_rows(client.get("/api/ps").get("models", []))
-    header = ("NAME", "ID", "SIZE", "PROCESSOR", "CONTEXT", "UNTIL")
+    models = client.get("/api/ps").get("models", [])
+    rows = ps_rows(models)
+    header = PS_HEADER
     widths = [max(len(str(r[i])) for r in [header, *rows]) + 3 for i in range(len(header))]
     for r in [header, *rows]:
         click.echo("".join(str(v).ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
+    for note in ps_notes(models):
+        click.echo(note)
 
 
 @click.command("stop")

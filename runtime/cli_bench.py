@@ -128,15 +128,23 @@ def register(group: click.Group) -> None:
             out: Any = results[0] if len(results) == 1 else {**results[0], "runs": results}
             click.echo(json.dumps(out, indent=2))
             return
-        click.echo(f"{'PLACEMENT':<22}{'PROMPT t/s':>22}{'DECODE t/s':>22}{'TTFT s':>18}  PARALLEL t/s")
+        click.echo(f"{'PLACEMENT':<22}{'PROMPT t/s':>22}{'DECODE t/s':>22}{'TTFT s':>18}")
         click.echo(f"{'':<22}{'measured / predicted':>22}{'measured / predicted':>22}"
                    f"{'meas / pred':>18}")
         for r in results:
             m, p, pl = r["measured"], r["predicted"], r["plan"]
             where = f"{pl['n_gpu_layers']} GPU layers" + (
                 f", {len(pl['cpu_tensor_patterns'])} overrides" if pl["cpu_tensor_patterns"] else "")
-            par = ", ".join(f"{k}: {v:.1f}" for k, v in m["parallel"].items())
             click.echo(f"{where:<22}{m['prompt_tps']:>12.1f} / {p['prompt_tps']:<7.1f}"
                        f"{m['decode_tps']:>12.1f} / {p['decode_tps']:<7.1f}"
-                       f"{m['ttft_s']:>9.2f} / {p['ttft_s']:<6.2f}  {par}")
+                       f"{m['ttft_s']:>9.2f} / {p['ttft_s']:<6.2f}")
+            batched = m.get("batched") or []
+            if batched:
+                click.echo(f"  {'STREAMS':>8}{'AGGREGATE t/s':>24}{'PER STREAM t/s':>16}{'TTFT p50 / p95 s':>20}"
+                           f"{'LONGEST STALL s':>17}")
+                for b in batched:
+                    pred = b.get("predicted_aggregate_decode_tps")
+                    agg = f"{b['aggregate_decode_tps']:.1f} / " + (f"{pred:.1f}" if pred else "-")
+                    click.echo(f"  {b['streams']:>8}{agg:>24}{b['per_stream_decode_tps']:>16.1f}"
+                               f"{b['ttft_p50_s']:>11.2f} / {b['ttft_p95_s']:<6.2f}{b['max_gap_s']:>17.2f}")
         click.echo(f"recorded {len(results)} run(s) in the calibration store")

@@ -288,12 +288,18 @@ def plan_with_calibration(a: Anatomy, hw: Hardware, req: PlanRequest, measured: 
     if not measured:
         return plan(a, hw, req)
     from offload.runtime import calibration
+    from offload.runtime.safety import Safety
 
+    safety = Safety(hw.fingerprint)
+    if safety.is_off("mmap") and req.use_mmap is None:
+        req = dataclasses.replace(req, use_mmap=True)
     speed, n_runs = calibration.speed_params_for(hw.fingerprint)
     p = plan(a, hw, req, speed)
-    if speed is not None:
-        note = f"speeds calibrated from {n_runs} runs on this machine"
-        p = dataclasses.replace(p, reasons=(*p.reasons, note))
+    notes = [f"speeds calibrated from {n_runs} runs on this machine"] if speed is not None else []
+    # Settings a runner crashed without on this machine, and why (the server loads with them off).
+    notes += safety.sentences()
+    if notes:
+        p = dataclasses.replace(p, reasons=(*p.reasons, *notes))
     return p
 
 

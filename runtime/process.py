@@ -267,8 +267,9 @@ class RunnerProcess:
         """The process ended before llama.cpp was even loaded: an install problem, not the model."""
         self._ended("starting")
         tail = self.log.last()
-        return LoadFailed(f"the runner for {self.name} could not start ({_how(self.returncode).removeprefix('stopped ')})"
-                          + (f": {tail}" if tail else "") + f"; see {self.log.path}")
+        how = _how(self.returncode).removeprefix("stopped ")
+        return LoadFailed(f"the runner for {self.name} could not start {how}" + (f": {tail}" if tail else "")
+                          + f"; see {self.log.path}")
 
     # -- reading -----------------------------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""``offload bench`` measures in-process, prints measured beside predicted, and calibrates."""
+"""``offload bench`` measures through a runner process, prints measured beside predicted, and calibrates."""
 
 from __future__ import annotations
 
@@ -37,6 +37,10 @@ def test_bench_json_has_measured_and_predicted_side_by_side_and_calibrates(cli: 
         assert out["measured"][key] > 0 and out["predicted"][key] > 0
     assert out["measured"]["prompt_tokens"] == 96 and set(out["measured"]["parallel"]) == {"1", "2"}
     assert out["plan"]["n_parallel"] == 2 and out["plan"]["n_ctx"] >= 96 + 12
+    two = out["measured"]["batched"][1]
+    # Two real requests at once: steps held both streams, each got its first token and its tokens.
+    assert two["streams"] == 2 and two["steps_all_decoding"] > 0 and two["aggregate_decode_tps"] > 0
+    assert 0 < two["ttft_p50_s"] <= two["ttft_p95_s"] and two["per_stream_decode_tps"] > 0
     assert out["measured_bytes"]["CPU"]["weights"] > 0
     fp = current_hardware().fingerprint
     _, obs = calibration.observations(fp)

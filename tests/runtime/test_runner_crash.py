@@ -85,9 +85,10 @@ def test_twenty_clients_over_two_models_while_a_runner_is_killed_all_end(server:
     def one(i: int) -> str:
         model = MODEL if i % 2 else OTHER
         try:
-            with httpx.stream("POST", f"{server.url}/api/chat", timeout=httpx.Timeout(120, connect=10),
+            # A queued request gets its headers at once and its first bytes when its turn comes.
+            with httpx.stream("POST", f"{server.url}/api/chat", timeout=httpx.Timeout(300, connect=10),
                               json={"model": model, "messages": [{"role": "user", "content": f"Story {i}"}],
-                                    "options": {"num_predict": 60, "temperature": 0}}) as r:
+                                    "options": {"num_predict": 24, "temperature": 0}}) as r:
                 if r.status_code != 200:
                     r.read()
                     return f"status {r.status_code}: {r.json()['error']}"
@@ -145,6 +146,14 @@ def test_a_load_that_crashes_in_its_first_evaluation_heals_with_extra_buffer_typ
     log_text = runner.proc.log.path.read_text()
     remembered = json.loads((Path(os.environ["OFFLOAD_HOME"]) / "runner-safety.json").read_text())
     assert any("extra_bufts" in m for m in remembered.values())
+    # `offload plan` says so too.
+    from click.testing import CliRunner
+
+    from offload.runtime.cli import cli
+
+    out = CliRunner().invoke(cli, ["plan", MODEL, "--json"])
+    assert out.exit_code == 0, out.output
+    assert any("CPU extra buffer types" in r for r in json.loads(out.output)["reasons"])
     # The next load starts safe: no crash this time.
     isolated.scheduler.unload(MODEL)
     crashes_before = log_text.count("Segmentation fault")
@@ -176,8 +185,9 @@ def test_a_load_that_always_crashes_is_a_clear_error_after_the_safer_settings(
 
 
 def test_a_hung_runner_is_stopped_after_the_timeout(isolated: Running, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("OFFLOAD_LOAD_TIMEOUT", "3s")
     monkeypatch.setenv(FAULT_ENV, "hang-after-tokens=3")
+    _load(isolated)  # the runner hangs at its third token from now on
+    monkeypatch.setenv("OFFLOAD_LOAD_TIMEOUT", "3s")
     t0 = time.monotonic()
     r = httpx.post(f"{isolated.url}/api/generate", timeout=120,
                    json={"model": MODEL, "prompt": "Tell me a story", "stream": False, "options": LONG})
