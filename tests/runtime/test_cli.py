@@ -128,3 +128,51 @@ def test_ctrl_c_stops_the_answer_and_the_server_stays_healthy(cli_env: dict[str,
     r = httpx.post(f"http://{cli_env['OFFLOAD_HOST']}/api/generate", timeout=60,
                    json={"model": "gemma3:270m", "prompt": "Hi", "stream": False, "options": {"num_predict": 2}})
     assert r.status_code == 200 and r.json()["done"] is True
+
+
+@pytest.fixture()
+def fresh_env(tmp_path: Path, offload_home: Path) -> Iterator[dict[str, str]]:
+    """A CLI environment over a data dir of its own (nothing remembered yet), its server stopped after."""
+    import shutil
+
+    home = tmp_path / "home"
+    home.mkdir()
+    if (offload_home / "hardware.json").exists():
+        shutil.copy(offload_home / "hardware.json", home / "hardware.json")
+    env = {**os.environ, "OFFLOAD_HOME": str(home), "OFFLOAD_HOST": f"127.0.0.1:{free_port()}",
+           "PYTHONUNBUFFERED": "1"}
+    yield env
+    out = subprocess.run(["pgrep", "-f", "offload.runtime.cli serve"], capture_output=True, text=True)
+    for pid in out.stdout.split():
+        try:
+            if env["OFFLOAD_HOST"].encode() in Path(f"/proc/{pid}/environ").read_bytes():
+                os.kill(int(pid), signal.SIGTERM)
+        except OSError:
+            continue
+
+
+def test_the_first_command_answers_on_a_cpu_whose_extra_kernels_crash(fresh_env: dict[str, str]) -> None:
+    # As on a VM whose CPU advertises AMX: llama.cpp's first evaluation faults with CPU extra
+    # buffer types on. The runner dies, the load is retried with them off, and the answer comes.
+    env = {**fresh_env, "OFFLOAD_TEST_RUNNER_FAULT": "crash-first-eval-with-extra-bufts"}
+    r = offload(env, "run", "gemma3:270m", "Why is the sky blue?", stdin="")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() and "Traceback" not in r.stderr
+    ps = offload(env, "ps")
+    assert "CPU extra buffer types" in ps.stdout and "SIGSEGV" in ps.stdout
+
+
+def test_a_runner_crash_mid_answer_is_one_line_and_exit_code_1(fresh_env: dict[str, str]) -> None:
+    env = {**fresh_env, "OFFLOAD_TEST_RUNNER_FAULT": "crash-after-tokens=4"}
+    r = offload(env, "run", "gemma3:270m", "Tell me a long story.", stdin="")
+    assert r.returncode == 1
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("Error: the runner for gemma3:270m stopped (SIGSEGV) while generating")
+    assert "Traceback" not in r.stderr
+
+
+def test_serve_refuses_a_bad_parallel_setting_at_start(fresh_env: dict[str, str]) -> None:
+    for bad in ("0", "-2", "1000", "many"):
+        r = offload({**fresh_env, "OFFLOAD_NUM_PARALLEL": bad}, "serve", timeout=60)
+        assert r.returncode == 1, (bad, r.stderr)
+        assert r.stderr.strip().startswith("Error: OFFLOAD_NUM_PARALLEL") and "Traceback" not in r.stderr

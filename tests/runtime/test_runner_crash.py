@@ -264,3 +264,17 @@ def test_unload_ends_the_runner_process(server: Running) -> None:
         assert time.monotonic() < deadline
         time.sleep(0.1)
 
+
+
+def test_a_runner_log_is_capped_and_rotated_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from offload.runtime import process
+
+    monkeypatch.setattr(process, "LOG_CAP_BYTES", 4096)
+    log = process._Log(tmp_path / "runner-x.log")
+    for i in range(400):
+        log.write(f"line {i} {'x' * 40}\n".encode())
+    log.close()
+    assert (tmp_path / "runner-x.log").stat().st_size <= 4096 + 64
+    assert (tmp_path / "runner-x.log.1").stat().st_size <= 4096 + 64
+    assert not (tmp_path / "runner-x.log.2").exists()
+    assert "line 399" in log.last(1)
