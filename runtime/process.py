@@ -186,7 +186,13 @@ class RunnerProcess:
         runner._copier.start()
         runner._send([{"op": "load", "model": str(model_path), "plan": plan.to_dict(),
                        "adapters": [str(a) for a in adapters], "extra_bufts": extra_bufts, "verify": verify}])
-        runner._handshake(load_timeout_s if load_timeout_s is not None else config.load_timeout_s())
+        try:
+            runner._handshake(load_timeout_s if load_timeout_s is not None else config.load_timeout_s())
+        except BaseException:
+            # Whatever went wrong, no half-started runner is left holding memory.
+            runner._kill()
+            runner.close(timeout_s=5)
+            raise
         threading.Thread(target=runner._read_loop, name=f"runner-read-{proc.pid}", daemon=True).start()
         threading.Thread(target=runner._watch, name=f"runner-watch-{proc.pid}", daemon=True).start()
         return runner
