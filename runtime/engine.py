@@ -258,8 +258,9 @@ class Engine:
     def n_ctx(self) -> int:
         """The context length of one sequence in tokens."""
         # llama.cpp pads a small context up (to 256), but llama-cpp-python sizes its token
-        # buffer to the n_ctx asked for: the smaller of the two is what we can really use.
-        return min(int(llama_c.llama_n_ctx_seq(self.llm._ctx.ctx)), len(self.llm.input_ids))
+        # buffer to the n_ctx asked for: the smaller of the two is what we can really use. With
+        # n_parallel sequences in one unified cache, each still gets the plan's n_ctx (num_ctx).
+        return min(int(llama_c.llama_n_ctx_seq(self.llm._ctx.ctx)), len(self.llm.input_ids), self.plan.n_ctx)
 
     def tokenize(self, text: str, add_bos: bool = True, special: bool = True) -> list[int]:
         """Text to token ids; special tokens in the text (template markers) are parsed as such."""

@@ -9,7 +9,6 @@ recently used going first.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import threading
 import time
@@ -18,28 +17,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from offload.models.store import ModelInfo, Store
-from offload.planner import anatomy as anatomy_mod
-from offload.planner import hardware as hardware_mod
-from offload.planner import plan as make_plan
 from offload.planner.errors import PlanInfeasible
 from offload.planner.types import Hardware, Plan
-from offload.runtime import calibration, config
+from offload.runtime import config, planning
 from offload.runtime.engine import Engine
 from offload.runtime.errors import QueueFull
 from offload.runtime.loader import load_healing
-from offload.runtime.options import plan_key, plan_request_from
+from offload.runtime.options import plan_key
+from offload.runtime.planning import current_hardware
 
 __all__ = ["Runner", "Scheduler", "current_hardware"]
 
 log = logging.getLogger(__name__)
-
-
-def current_hardware(refresh: bool = False) -> Hardware:
-    """This machine's hardware profile (probed once, cached under the data dir)."""
-    current = getattr(hardware_mod, "current", None)
-    if current is not None:
-        return current(config.data_dir() / "hardware.json", refresh=refresh)
-    return hardware_mod.probe()
 
 
 @dataclass
@@ -128,23 +117,6 @@ class Scheduler:
                     held[(d.kind, d.index)] = held.get((d.kind, d.index), 0) + d.total_bytes
         return held
 
-    def _budgets(
-        self, hw: Hardware, held: dict[tuple[str, int], int]
-    ) -> tuple[int | None, int | None]:
-        """(per-GPU budget, RAM budget) left over by ``held``; None where nothing limits it."""
-        cap = config.gpu_memory_bytes()
-        gpu_budget: int | None = cap
-        if hw.gpus and any(k == "GPU" for k, _ in held):
-            # Only when other models hold GPU memory; otherwise the planner's own view (free VRAM) stands.
-            free = [
-                max(0, min(cap or g.vram_bytes, g.vram_bytes) - held.get(("GPU", g.index), 0))
-                for g in hw.gpus
-            ]
-            gpu_budget = min(free)
-        ram = held.get(("CPU", 0), 0)
-        ram_budget = max(0, hw.cpu.ram_bytes - ram) if ram else None
-        return gpu_budget, ram_budget
-
     def plan_for(
         self,
         info: ModelInfo,
@@ -152,16 +124,7 @@ class Scheduler:
         held: dict[tuple[str, int], int] | None = None,
     ) -> Plan:
         """The plan this model gets here with these options, in what ``held`` leaves free."""
-        anatomy = anatomy_mod.read(info.model_path)
-        hw = self.hardware()
-        gpu_budget, ram_budget = self._budgets(hw, held or {})
-        request = plan_request_from(options, gpu_budget_bytes=gpu_budget)
-        request = dataclasses.replace(request, ram_budget_bytes=ram_budget)
-        speed, n_runs = calibration.speed_params_for(hw.fingerprint)
-        p = make_plan(anatomy, hw, request, speed)
-        if speed is not None:
-            p = dataclasses.replace(p, reasons=(*p.reasons, f"speeds calibrated from {n_runs} runs on this machine"))
-        return p
+        return planning.plan_for(info.model_path, options, digest=info.digest, hw=self.hardware(), held=held)
 
     def _fitting_plan(
         self, info: ModelInfo, options: dict[str, Any], slot: tuple[str, bool]
