@@ -33,7 +33,7 @@ MODES = ("workload", "decode", "prompt")
 MODE_ALIASES = {"balanced": "workload"}
 # Plans within 1% of the best on the mode's measure count as tied; among them the one with more
 # layers on the GPU wins (attention and KV there keep decode fast as the context grows, which a
-# prediction at one context length underweights).
+# prediction at one context length underweights), in prompt mode the one with the fastest decode.
 TIE = 0.01
 # A larger micro-batch costs compute-buffer memory; it is kept only for a real gain: the same
 # placement with a smaller one wins when it loses at most this much decode (0.1%) and prompt (5%)
@@ -70,9 +70,11 @@ def objective_s(p: Plan, mode: str) -> float:
 
 
 def _fastest(plans: list[Plan], mode: str) -> Plan:
-    if mode == "prompt":
-        return max(plans, key=lambda p: (round(p.predicted.prompt_tps, 6), p.predicted.decode_tps))
     best = min(objective_s(p, mode) for p in plans)
+    if mode == "prompt":
+        # Among the tied, the fastest decode: a hair of prompt speed is not worth a real loss.
+        near = [p for p in plans if objective_s(p, mode) <= (1 + TIE) * best]
+        return max(near, key=lambda p: (p.predicted.decode_tps, p.predicted.prompt_tps))
     near = [p for p in plans if objective_s(p, mode) <= (1 + TIE) * best]
     return max(near, key=lambda p: (p.n_gpu_layers, -objective_s(p, mode), p.predicted.prompt_tps))
 

@@ -65,7 +65,7 @@ def test_decode_and_prompt_modes_still_maximize_their_speed(qwen_moe) -> None:
     hw, req = load_profile("h100-sxm"), PlanRequest(gpu_budget_bytes=12 * GiB)
     modes = {m: plan(qwen_moe, hw, replace(req, optimize=m)) for m in ("workload", "decode", "prompt", "balanced")}
     assert modes["decode"].predicted.decode_tps >= (1 - TIE) * modes["workload"].predicted.decode_tps
-    assert modes["prompt"].predicted.prompt_tps >= modes["workload"].predicted.prompt_tps
+    assert modes["prompt"].predicted.prompt_tps >= (1 - TIE) * modes["workload"].predicted.prompt_tps
     assert modes["balanced"] == modes["workload"]  # the old name of the workload mode
     with pytest.raises(ValueError, match="optimize must be"):
         plan(qwen_moe, hw, replace(req, optimize="fastest"))

