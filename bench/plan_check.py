@@ -107,9 +107,13 @@ def _row(label: str, p: Plan, hw: Any, res: dict[str, Any]) -> dict[str, Any]:
         if d.kind != "GPU":
             continue
         peak = (res.get("nvidia_smi_peak_mib") or {}).get(str(d.index))
-        bufs = sum((res.get("measured_bytes") or {}).get(f"CUDA{d.index}", {}).values())
+        llama = (res.get("measured_bytes") or {}).get(f"CUDA{d.index}", {})
+        bufs = sum(llama.values())
         checks.append({
             "gpu": d.index, "budget_mib": d.budget_bytes / MiB, "planned_mib": d.total_bytes / MiB,
+            # Layers landed where the plan put them when these agree (weights to 0.6%, KV exactly).
+            "planned_weights_mib": d.weights_bytes / MiB, "llama_weights_mib": llama.get("weights", 0) / MiB,
+            "planned_kv_mib": d.kv_bytes / MiB, "llama_kv_mib": llama.get("kv", 0) / MiB,
             "peak_mib": peak, "over_budget": peak is not None and peak * MiB > d.budget_bytes,
             "llama_buffers_mib": bufs / MiB,
             # What the process holds beyond llama.cpp's buffers: what CUDA_CONTEXT_BYTES stands for.
