@@ -1,7 +1,15 @@
 """offload.planner: knows machines and models, decides placements. Imports nothing of ours."""
 
-from offload.planner.cost import SpeedParams, predict
-from offload.planner.errors import GGUFError, OffloadError, PlanInfeasible, PlannerError
+from offload.planner.cost import SpeedParams, predict, predict_aggregate
+from offload.planner.errors import (
+    BudgetTooSmall,
+    GGUFError,
+    GPUBudgetError,
+    OffloadError,
+    PlanInfeasible,
+    PlannerError,
+    WorkloadError,
+)
 from offload.planner.evaluate import evaluate, fits
 from offload.planner.search import plan
 from offload.planner.types import (
@@ -15,10 +23,16 @@ from offload.planner.types import (
     PlanRequest,
     Prediction,
     TensorInfo,
+    Workload,
 )
 
 __all__ = [
     "Anatomy",
+    "BudgetTooSmall",
+    "GPUBudgetError",
+    "Workload",
+    "WorkloadError",
+    "predict_aggregate",
     "CPUInfo",
     "DevicePlan",
     "GGUFError",

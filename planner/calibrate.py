@@ -15,9 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from offload.planner.types import Anatomy, Hardware, Plan, Prediction
+from offload.planner.cost import predict
+from offload.planner.types import Anatomy, Hardware, Placement, Prediction
 
-__all__ = ["Observation", "placement_of", "fit", "fit_error", "FIT_BOUNDS"]
+__all__ = ["Observation", "fit", "fit_error", "FIT_BOUNDS"]
 
 # Each factor may move between a quarter and four times its base: enough for a machine that is
 # twice as fast or slow as assumed, not enough for a few noisy runs to make predictions absurd.
@@ -28,45 +29,25 @@ _MAX_OBSERVATIONS = 48
 
 @dataclass(frozen=True)
 class Observation:
-    """One measured run: the model, the machine, the placement it ran with and what it measured."""
+    """One measured run: the model, the machine, the placement it ran with and what it measured.
+
+    ``placement`` is a ``Placement`` for the planner's speed model; a custom ``predict`` passed to
+    ``fit`` may use any description of its own.
+    """
 
     anatomy: Anatomy
     hardware: Hardware
-    placement: Any  # offload.planner.types.Placement
+    placement: Placement | Any
     prompt_tokens: int
     decode_tps: float | None = None
     prompt_tps: float | None = None
     context_tokens: int | None = None
 
 
-def placement_of(plan: Plan) -> Any:
-    """The ``Placement`` a plan was made from (the knobs llama.cpp takes)."""
-    from offload.planner.types import Placement  # type: ignore[attr-defined]
-
-    return Placement(
-        n_gpu_layers=plan.n_gpu_layers,
-        cpu_tensor_patterns=tuple(plan.cpu_tensor_patterns),
-        n_ctx=plan.n_ctx,
-        n_parallel=plan.n_parallel,
-        n_batch=plan.n_batch,
-        n_ubatch=plan.n_ubatch,
-        threads=plan.threads,
-        threads_batch=plan.threads_batch,
-        kv_type=plan.kv_type,
-        flash_attn=plan.flash_attn,
-        offload_kqv=plan.offload_kqv,
-        op_offload=plan.op_offload,
-        tensor_split=tuple(plan.tensor_split),
-        pinned_weights=not plan.use_mmap and any(d.kind == "GPU" for d in plan.devices),
-    )
-
-
 Predict = Callable[[Observation, Any], Prediction]
 
 
 def _default_predict(obs: Observation, params: Any) -> Prediction:
-    from offload.planner.cost import predict  # type: ignore[import-not-found]
-
     return predict(
         obs.anatomy,
         obs.hardware,

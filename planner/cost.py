@@ -15,11 +15,11 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from offload.planner.memory import kv_elem_bytes
-from offload.planner.placement import CPU, DeviceLoad, device_loads
+from offload.planner.placement import CPU, DeviceLoad, device_loads, layer_devices
 from offload.planner.types import Anatomy, GPUInfo, Hardware, Placement, Prediction
 
-__all__ = ["SpeedParams", "predict", "cpu_bandwidth_Bps", "gpu_flops", "experts_touched", "pageable_h2d_Bps",
-           "stream_seconds"]
+__all__ = ["SpeedParams", "predict", "predict_aggregate", "cpu_bandwidth_Bps", "gpu_flops", "experts_touched",
+           "pageable_h2d_Bps", "stream_seconds"]
 
 
 @dataclass(frozen=True)
@@ -61,8 +61,9 @@ class SpeedParams:
     # per layer stream less efficiently than one large one (H100 host sweep: 0.9).
     cpu_expert_bw_factor: float = 0.9
     # Decode cost of a CPU-resident output layer relative to its bytes over CPU bandwidth. An
-    # earlier 0.13 came from reading GPU.md's "48 layers" runs as output-on-CPU; llama.cpp offloads
-    # the output layer first, so those runs had it on the GPU. Kept for calibration to refit.
+    # earlier 0.13 came from reading whole-layer runs with 48 layers offloaded as output-on-CPU;
+    # llama.cpp offloads the output layer first, so those runs had it on the GPU (bench/results,
+    # "layers_48"). Kept for calibration to refit.
     cpu_output_decode_factor: float = 1.0
     # H100, 2048-token prompts all on the GPU: ~10k t/s dense 7B (bench/results).
     gpu_flops_eff: float = 0.14
@@ -84,6 +85,17 @@ class SpeedParams:
     op_offload_min_batch: int = 32
     # Flops of an unknown GPU per byte/s of its memory bandwidth (H100: ~1e15 / 3.35e12).
     gpu_flops_per_Bps: float = 300.0
+    # Batched decode (several streams, one token each per step): the weights are read once a step,
+    # each further token costs its flops at this fraction of the device's peak (GPU: its fp16
+    # flops; CPU: the prompt-processing rate above). Small-batch decode kernels run far below
+    # prompt-processing efficiency. Set to the gains llama.cpp's batched bench measured: the dense
+    # 7B shape fully on an H200 3.7x at eight streams (265 -> 981 t/s), Gemma 3 270M on a 2-core
+    # EPYC 2.4x at four and 3.2x at eight (44 -> 106 -> 140 t/s). Single-stream runs, all that
+    # calibration records today, say nothing about them. Consumer GPUs have fewer tensor-core
+    # flops per vector flop than Hopper (about 4 against 15), so their gains are likely larger
+    # than predicted until measured.
+    gpu_batch_flops_eff: float = 0.023
+    cpu_batch_flops_eff: float = 0.45
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
@@ -122,7 +134,7 @@ def _kv_per_token_by_device(
 
 
 def _switches(anatomy: Anatomy, devs: list[int]) -> int:
-    """CPU<->GPU hand-overs per token: walk layers in order through attention, FFN and expert parts."""
+    """Device hand-overs per token: walk layers in order through attention, FFN and expert parts."""
     parts: dict[tuple[int, int], tuple[int, int]] = {}  # (layer, part) -> (bytes, device)
     part_of = {
         "attention": 0,
@@ -143,7 +155,8 @@ def _switches(anatomy: Anatomy, devs: list[int]) -> int:
         if t.nbytes > parts.get(key, (-1, 0))[0]:
             parts[key] = (t.nbytes, d)
     seq = [CPU] + [parts[k][1] for k in sorted(parts)] + [out_dev]
-    return sum(1 for a, b in zip(seq, seq[1:], strict=False) if (a == CPU) != (b == CPU))
+    # Between CPU and GPU, or from one GPU to the next in a layer split.
+    return sum(1 for a, b in zip(seq, seq[1:], strict=False) if a != b)
 
 
 def predict(
@@ -159,39 +172,89 @@ def predict(
     p = params or SpeedParams()
     n_gpus = len(hardware.gpus)
     loads, devs = device_loads(anatomy, placement, n_gpus)
-    from offload.planner.placement import layer_devices
-
-    layer_dev = layer_devices(
-        anatomy.n_layers, placement.n_gpu_layers, n_gpus, placement.tensor_split
-    )
-    threads = placement.threads or hardware.cpu.cores
-    threads_batch = placement.threads_batch or threads
-    cpu_bw = cpu_bandwidth_Bps(hardware, threads, p)
+    layer_dev = layer_devices(anatomy.n_layers, placement.n_gpu_layers, n_gpus, placement.tensor_split)
+    threads_batch = placement.threads_batch or placement.threads or hardware.cpu.cores
     ctx = prompt_tokens if context_tokens is None else context_tokens
-    kv_tok = _kv_per_token_by_device(anatomy, layer_dev, placement.kv_type, placement.offload_kqv)
+    t_dec = _decode_step_s(anatomy, hardware, placement, p, ctx, 1)
+    t_prompt = _prompt_time_s(anatomy, hardware, placement, loads, layer_dev, p, prompt_tokens, threads_batch)
+    return Prediction(decode_tps=1.0 / t_dec, prompt_tps=prompt_tokens / t_prompt, ttft_s=t_prompt)
 
-    # Decode: bytes per token over bandwidth, per device.
-    t_dec = p.token_overhead_s + _switches(anatomy, devs) * p.split_overhead_s
+
+def predict_aggregate(
+    anatomy: Anatomy,
+    hardware: Hardware,
+    placement: Placement,
+    streams: int,
+    params: SpeedParams | None = None,
+    *,
+    context_tokens: int = 512,
+) -> float:
+    """Predicted decode t/s of ``streams`` sequences together (one ``llama_decode`` per step holding
+    one token of each): all streams' tokens, per second. One stream gives ``predict``'s decode."""
+    p = params or SpeedParams()
+    n = max(int(streams), 1)
+    return n / _decode_step_s(anatomy, hardware, placement, p, context_tokens, n)
+
+
+def _decode_step_s(
+    anatomy: Anatomy, hardware: Hardware, placement: Placement, p: SpeedParams, ctx: int, streams: int
+) -> float:
+    """Seconds of one decode step holding one token of each of ``streams`` sequences.
+
+    Per device a roofline: reading the weights (once a step; an MoE step reads the experts any of
+    its tokens route to) and each stream's KV cache, against computing every token. One stream
+    is bandwidth-bound on GPUs and as measured on CPUs; further streams add only their flops and
+    KV reads, so the step grows by the roofline's increase over one stream.
+    """
+    n_gpus = len(hardware.gpus)
+    loads, devs = device_loads(anatomy, placement, n_gpus)
+    layer_dev = layer_devices(anatomy.n_layers, placement.n_gpu_layers, n_gpus, placement.tensor_split)
+    threads = placement.threads or hardware.cpu.cores
+    cpu_bw = cpu_bandwidth_Bps(hardware, threads, p)
+    kv_tok = _kv_per_token_by_device(anatomy, layer_dev, placement.kv_type, placement.offload_kqv)
+    share = anatomy.expert_used_count / anatomy.expert_count if anatomy.expert_count else 1.0
+    touched = experts_touched(anatomy, streams) / share if anatomy.expert_count else 1.0
+    attn_layers = {d: sum(1 for x in layer_dev if x == d) for d in loads}
+    t = p.token_overhead_s + _switches(anatomy, devs) * p.split_overhead_s
     for d, ld in loads.items():
         kv_read = kv_tok.get(d, 0.0) * ctx
+        # Flops of one more token here: its matmuls and its attention over the context.
+        flops = ld.dense_flops + ld.expert_flops + _attn_flops_per_token(anatomy, attn_layers[d], ctx)
         if d == CPU:
             out = ld.output_decode_bytes * (p.cpu_output_decode_factor if n_gpus else 1.0)
             dense = ld.decode_bytes - ld.expert_decode_bytes - ld.output_decode_bytes + out
-            t_mem = (dense + kv_read) / cpu_bw + ld.expert_decode_bytes / (cpu_bw * p.cpu_expert_bw_factor)
-            cores_used = max(min(threads, hardware.cpu.cores), 1)
-            t_compute = (dense + ld.expert_decode_bytes) / (cores_used * p.cpu_decode_Bps_per_core)
-            t_dec += max(t_mem, t_compute)
+
+            def cpu_roof(n: int, dense: float = dense, kv_read: float = kv_read, flops: float = flops,
+                         ld: DeviceLoad = ld) -> float:
+                experts = ld.expert_decode_bytes * (touched if n > 1 else 1.0)
+                t_mem = (dense + n * kv_read) / cpu_bw + experts / (cpu_bw * p.cpu_expert_bw_factor)
+                cores_used = max(min(threads, hardware.cpu.cores), 1)
+                # The first token dequantizes and dots every weight byte; batched kernels then
+                # handle each further token at a share of the prompt-processing rate.
+                t_compute = (dense + ld.expert_decode_bytes) / (cores_used * p.cpu_decode_Bps_per_core)
+                t_compute += (n - 1) * flops / (p.cpu_flops_per_core * cores_used * p.cpu_batch_flops_eff)
+                return max(t_mem, t_compute)
+
+            t += cpu_roof(1) + (cpu_roof(streams) - cpu_roof(1) if streams > 1 else 0.0)
             # Whole layers on the CPU: attention, norms and rope are many small ops, each ending in
             # a barrier of all threads, so the cost grows with the thread count.
-            t_dec += sum(1 for x in layer_dev if x == CPU) * p.cpu_layer_overhead_s * max(threads, 1)
+            t += sum(1 for x in layer_dev if x == CPU) * p.cpu_layer_overhead_s * max(threads, 1)
         else:
             g = hardware.gpus[d]
-            t_dec += (ld.decode_bytes + kv_read) / (g.mem_bandwidth_Bps * p.gpu_bw_eff)
-            t_dec += len(ld.layers) * p.gpu_layer_overhead_s
+            bw = g.mem_bandwidth_Bps * p.gpu_bw_eff
+            f = gpu_flops(hardware, d, p) * p.gpu_batch_flops_eff
 
-    t_prompt = _prompt_time_s(anatomy, hardware, placement, loads, layer_dev, p, prompt_tokens, threads_batch)
-    decode_tps = 1.0 / t_dec
-    return Prediction(decode_tps=decode_tps, prompt_tps=prompt_tokens / t_prompt, ttft_s=t_prompt)
+            def gpu_roof(n: int, ld: DeviceLoad = ld, kv_read: float = kv_read, flops: float = flops,
+                         bw: float = bw, f: float = f) -> float:
+                experts = ld.expert_decode_bytes * (touched if n > 1 else 1.0)
+                t_mem = (ld.decode_bytes - ld.expert_decode_bytes + experts + n * kv_read) / bw
+                return max(t_mem, n * flops / f)
+
+            # One stream: the bandwidth term, as fitted on the H100 sweep.
+            single = (ld.decode_bytes + kv_read) / bw
+            t += single + (gpu_roof(streams) - gpu_roof(1) if streams > 1 else 0.0)
+            t += len(ld.layers) * p.gpu_layer_overhead_s
+    return t
 
 
 def experts_touched(anatomy: Anatomy, ubatch: int) -> float:

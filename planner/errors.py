@@ -12,6 +12,9 @@ __all__ = [
     "GGUFError",
     "PlanInfeasible",
     "HardwareProfileError",
+    "WorkloadError",
+    "GPUBudgetError",
+    "BudgetTooSmall",
 ]
 
 
@@ -58,3 +61,20 @@ class HardwareProfileError(PlannerError):
     """A hardware profile name or file could not be read."""
 
     http_status = 400
+
+
+class WorkloadError(PlannerError):
+    """A workload (prompt and answer lengths) that no request could have."""
+
+    http_status = 400
+
+
+class GPUBudgetError(PlannerError):
+    """A GPU memory budget the GPUs cannot honour: larger than the card, or one per GPU that
+    does not match the GPUs there are."""
+
+    http_status = 400
+
+
+class BudgetTooSmall(PlanInfeasible):
+    """A GPU memory budget below the smallest plan that uses the GPU at all."""

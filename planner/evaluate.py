@@ -2,42 +2,106 @@
 
 from __future__ import annotations
 
-from offload.planner.cost import SpeedParams, predict
+from dataclasses import replace
+
+from offload.planner.cost import SpeedParams, predict, predict_aggregate
+from offload.planner.errors import GPUBudgetError
 from offload.planner.memory import (
     CUDA_CONTEXT_BYTES,
     compute_buffer_bytes,
     kv_bytes_per_layer,
     output_buffer_bytes,
+    pipeline_copy_bytes,
     recurrent_bytes_per_layer,
 )
 from offload.planner.placement import CPU, device_loads, layer_devices, output_device
-from offload.planner.types import Anatomy, DevicePlan, Hardware, Placement, Plan, PlanRequest
+from offload.planner.types import (
+    Anatomy,
+    DevicePlan,
+    Hardware,
+    Placement,
+    Plan,
+    PlanRequest,
+    Prediction,
+    Workload,
+)
 
-__all__ = ["evaluate", "device_budgets", "fits", "memory_by_device"]
+__all__ = [
+    "evaluate",
+    "device_budgets",
+    "given_gpu_budgets",
+    "fits",
+    "memory_by_device",
+    "pipelined",
+    "CUDA_WEIGHTS_ALLOWANCE",
+    "CUDA_COMPUTE_ALLOWANCE",
+]
+
+_GiB = float(1 << 30)
+
+
+def given_gpu_budgets(hardware: Hardware, request: PlanRequest) -> list[int] | None:
+    """The caller's GPU budgets, one per GPU (``None``: none given); ``GPUBudgetError`` when
+    there is one per GPU for a different number of GPUs, or one exceeds its card."""
+    b = request.gpu_budget_bytes
+    if b is None or not hardware.gpus:
+        return None
+    given = [int(x) for x in b] if isinstance(b, tuple) else [int(b)] * len(hardware.gpus)
+    if len(given) != len(hardware.gpus):
+        raise GPUBudgetError(
+            f"{len(given)} GPU memory budgets for {len(hardware.gpus)} GPU(s): give one figure for "
+            "every GPU, or one per GPU"
+        )
+    for g, x in zip(hardware.gpus, given, strict=True):
+        if x < 0:
+            raise GPUBudgetError(f"a GPU memory budget cannot be negative ({x} bytes)")
+        if x > g.vram_bytes:
+            raise GPUBudgetError(
+                f"a GPU memory budget of {x / _GiB:.2f} GiB is larger than GPU {g.index} "
+                f"({g.name}, {g.vram_bytes / _GiB:.2f} GiB); give at most {g.vram_bytes / _GiB:.2f} GiB"
+            )
+    return given
 
 
 def device_budgets(hardware: Hardware, request: PlanRequest) -> tuple[int, list[int], list[int]]:
     """RAM budget, each GPU's budget, and each GPU's fixed overhead (CUDA context) in bytes.
 
-    An explicit GPU budget (``--gpu-memory``) is what llama.cpp's buffers may use, as ``--fit``'s
-    target does; otherwise the card's free memory less the CUDA context and the margin.
+    GPU budgets count what nvidia-smi counts: everything the process holds on the card, its CUDA
+    context included (what llama.cpp's ``--fit`` target means). A given budget is capped by the
+    card's free memory where that was measured; without one, the free memory less the margin.
     """
     cpu = hardware.cpu
     ram = request.ram_budget_bytes or cpu.ram_available_bytes or int(cpu.ram_bytes * 0.9)
+    given = given_gpu_budgets(hardware, request)
     budgets, overheads = [], []
-    for g in hardware.gpus:
-        if request.gpu_budget_bytes is not None:
-            budgets.append(int(request.gpu_budget_bytes))
-            overheads.append(0)
+    for i, g in enumerate(hardware.gpus):
+        overheads.append(CUDA_CONTEXT_BYTES)
+        if given is not None:
+            budgets.append(min(given[i], g.vram_free_bytes) if g.vram_free_bytes else given[i])
         else:
             free = g.vram_free_bytes or g.vram_bytes
             budgets.append(max(free - request.gpu_margin_bytes, 0))
-            overheads.append(CUDA_CONTEXT_BYTES)
     return ram, budgets, overheads
 
 
+# On the H100 sweep llama.cpp's CUDA weight and KV buffers matched the model to the byte (weights
+# +0.5% kept as slack), while its compute buffers came out up to 22% above our estimate
+# (bench/results/*gib.json, measured_bytes): plan with that allowance so that no plan exceeds its
+# budget.
 CUDA_WEIGHTS_ALLOWANCE = 1.005
 CUDA_COMPUTE_ALLOWANCE = 1.25
+
+
+def pipelined(anatomy: Anatomy, placement: Placement, n_gpus: int) -> bool:
+    """Whether llama.cpp pipelines micro-batches across the GPUs for this placement (it does with
+    several GPUs, every layer offloaded, a layer split, KV on the GPUs and no tensor overrides)."""
+    return (
+        n_gpus > 1
+        and placement.n_gpu_layers > anatomy.n_layers
+        and placement.split_mode == "layer"
+        and placement.offload_kqv
+        and not placement.cpu_tensor_patterns
+    )
 
 
 def memory_by_device(
@@ -61,8 +125,9 @@ def memory_by_device(
     for il in range(anatomy.n_layers):
         d = ldev[il] if placement.offload_kqv else CPU
         kv_on[d] += (kv[il] if il < len(kv) else 0) + (rec[il] if il < len(rec) else 0)
-    n_ctx_total = placement.n_ctx * max(placement.n_parallel, 1)
+    n_ctx_total = placement.n_ctx_total
     ub = min(placement.n_ubatch, placement.n_batch)
+    pipe = pipelined(anatomy, placement, n_gpus)
     out: dict[int, tuple[int, int, int, int]] = {}
     for d, ld in loads.items():
         if d == CPU:
@@ -102,12 +167,55 @@ def memory_by_device(
                 # Op offload copies a dense tensor moved off a GPU layer into this buffer (H100:
                 # +48 MB for a 48 MB ffn_down); experts go through their own used-expert copies.
                 comp += loads[CPU].largest_moved_dense_bytes
-            # On the H100 sweep llama.cpp's CUDA weight and KV buffers matched the model to the
-            # byte (weights +0.5% kept as slack), while its compute buffers came out up to 22%
-            # above our estimate: plan with that allowance so that no plan exceeds its budget.
-            out[d] = (int(ld.weights_bytes * CUDA_WEIGHTS_ALLOWANCE), kv_on[d],
-                      int(comp * CUDA_COMPUTE_ALLOWANCE), 0)
+            if pipe and used:
+                comp += pipeline_copy_bytes(anatomy, ub, n_ctx_total, placement.flash_attn)
+            out[d] = (
+                int(ld.weights_bytes * CUDA_WEIGHTS_ALLOWANCE),
+                kv_on[d],
+                int(comp * CUDA_COMPUTE_ALLOWANCE),
+                0,
+            )
     return out
+
+
+def _resolved(hardware: Hardware, request: PlanRequest, placement: Placement) -> Placement:
+    """The placement with everything llama.cpp is handed spelled out (threads, mmap, mlock)."""
+    threads = placement.threads or hardware.cpu.cores
+    use_mmap = request.use_mmap if request.use_mmap is not None else placement.mmap
+    return replace(
+        placement,
+        threads=threads,
+        threads_batch=placement.threads_batch or threads,
+        use_mmap=use_mmap,
+        use_mlock=placement.use_mlock or request.use_mlock,
+    )
+
+
+def _prediction(
+    anatomy: Anatomy,
+    hardware: Hardware,
+    request: PlanRequest,
+    placement: Placement,
+    speed: SpeedParams | None,
+    workload: Workload,
+) -> Prediction:
+    # Decode is predicted half-way through the workload's answer; the prompt at its length unless
+    # the caller asks for another (pp2048 in the GPU sweeps).
+    context = workload.prompt_tokens + workload.answer_tokens // 2
+    at = predict(
+        anatomy, hardware, placement, speed, prompt_tokens=workload.prompt_tokens, context_tokens=context
+    )
+    request_s = workload.request_s(at)
+    shown = at
+    if request.prompt_tokens and request.prompt_tokens != workload.prompt_tokens:
+        shown = predict(anatomy, hardware, placement, speed, prompt_tokens=request.prompt_tokens)
+        context = request.prompt_tokens
+    aggregate = shown.decode_tps
+    if placement.n_parallel > 1:
+        aggregate = predict_aggregate(
+            anatomy, hardware, placement, placement.n_parallel, speed, context_tokens=context
+        )
+    return replace(shown, request_s=request_s, aggregate_decode_tps=aggregate)
 
 
 def evaluate(
@@ -120,6 +228,7 @@ def evaluate(
 ) -> Plan:
     """Build the Plan for a given placement: memory per device, budgets and predicted speeds."""
     ram, budgets, overheads = device_budgets(hardware, request)
+    placement = _resolved(hardware, request, placement)
     mem = memory_by_device(anatomy, hardware, placement)
     w, k, c, x = mem[CPU]
     devices = [DevicePlan("CPU", "CPU", 0, w, k, c, x, ram)]
@@ -128,32 +237,16 @@ def evaluate(
         devices.append(
             DevicePlan(g.name, "GPU", i, w, k, c, overheads[i] if (w or k or c) else 0, budgets[i])
         )
-    pred = predict(anatomy, hardware, placement, speed, prompt_tokens=request.prompt_tokens)
-    threads = placement.threads or hardware.cpu.cores
+    workload = request.workload or Workload()
     return Plan(
         devices=tuple(devices),
-        n_gpu_layers=placement.n_gpu_layers,
-        n_ctx=placement.n_ctx,
-        n_batch=placement.n_batch,
-        n_ubatch=placement.n_ubatch,
-        threads=threads,
-        threads_batch=placement.threads_batch or threads,
-        predicted=pred,
+        placement=placement,
+        predicted=_prediction(anatomy, hardware, request, placement, speed, workload),
         reasons=reasons,
-        cpu_tensor_patterns=placement.cpu_tensor_patterns,
-        tensor_split=placement.tensor_split,
-        n_parallel=placement.n_parallel,
-        kv_type=placement.kv_type,
-        flash_attn=placement.flash_attn,
-        offload_kqv=placement.offload_kqv,
-        op_offload=placement.op_offload,
-        use_mmap=not placement.pinned_weights if request.use_mmap is None else request.use_mmap,
-        use_mlock=request.use_mlock,
         optimize=request.optimize,
         model_path=anatomy.path,
         hardware_fingerprint=hardware.fingerprint,
-        n_ctx_total=placement.n_ctx * max(placement.n_parallel, 1),
-        swa_full=placement.swa_full,
+        workload=workload,
     )
 
 

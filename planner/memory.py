@@ -15,6 +15,8 @@ from offload.planner.types import Anatomy, TensorInfo
 __all__ = [
     "KV_TYPES",
     "CUDA_CONTEXT_BYTES",
+    "PIPELINE_COPIES",
+    "pipeline_copy_bytes",
     "kv_elem_bytes",
     "kv_cells",
     "kv_bytes_per_layer",
@@ -36,8 +38,21 @@ KV_TYPES: dict[str, float] = {
     "q4_0": 18 / 32,
     "iq4_nl": 18 / 32,
 }
-# What a CUDA context, cuBLAS handles and the pool take before llama.cpp allocates anything.
-CUDA_CONTEXT_BYTES = 320 << 20
+# What a process holds on a GPU beside llama.cpp's own buffers, as nvidia-smi counts it: the CUDA
+# context, cuBLAS handles and workspace, and llama.cpp's pool of temporary buffers. No run in
+# bench/results recorded an nvidia-smi peak (the sweep's NVML deltas were read after a warm-up,
+# context already held, and came out 0-34 MiB above the buffers). Bounds from what was recorded:
+# llama.cpp's fit, whose target is the whole process, left 535-664 MiB between its buffers and
+# the budget at every consumer budget (bench/results/{dense-3,dense-4,moe-8,moe-12,moe-16}gib.json,
+# label "fit"), so its context took at most 535 MiB; plans whose buffers were 40-170 MiB under
+# the budget peaked 360-450 MiB over it on an H200, i.e. 400-620 MiB beyond their buffers. Plans
+# keep 512 MiB for it, which together with the compute-buffer allowance (evaluate.py) covers all
+# of those. GPUs with fewer SMs than an H100/H200 need less.
+CUDA_CONTEXT_BYTES = 512 << 20
+# llama.cpp pipelines micro-batches across GPUs (all layers offloaded, layer split, no tensor
+# overrides): the scheduler then keeps this many copies of every graph input and of every
+# activation crossing between devices (ggml-backend's GGML_SCHED_MAX_COPIES).
+PIPELINE_COPIES = 4
 # CPU weight types llama.cpp repacks into an extra CPU_REPACK buffer (x86 AVX2/AVX512, ARM NEON).
 _REPACKED = frozenset({"Q4_0", "Q4_K", "IQ4_NL"})
 _KV_PAD = 256
@@ -142,3 +157,12 @@ def compute_buffer_bytes(
 def repack_bytes(tensors: Iterable[TensorInfo]) -> int:
     """Extra CPU memory for weights llama.cpp repacks for its CPU kernels (CPU_REPACK buffer)."""
     return sum(t.nbytes for t in tensors if t.ggml_type in _REPACKED and t.layer is not None)
+
+
+def pipeline_copy_bytes(anatomy: Anatomy, n_ubatch: int, n_ctx_total: int, flash_attn: bool) -> int:
+    """Extra compute-buffer bytes a GPU needs when llama.cpp pipelines micro-batches across GPUs:
+    more copies of the inputs (embeddings, positions, the KQ mask) and of the activations handed
+    between devices, which its allocator may not reuse."""
+    mask = _pad(n_ctx_total, _KV_PAD) * n_ubatch * (2 if flash_attn else 4)
+    activations = 2 * n_ubatch * anatomy.n_embd * 4
+    return (PIPELINE_COPIES - 1) * (mask + activations)

@@ -8,28 +8,42 @@ moves every tensor whose name a buffer-override pattern matches (``re.search``) 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import lru_cache
+
+import numpy as np
 
 from offload.planner.types import Anatomy, Placement
 
-__all__ = ["CPU", "layer_devices", "output_device", "tensor_devices", "DeviceLoad", "device_loads"]
+__all__ = ["CPU", "layer_devices", "output_device", "tensor_devices", "DeviceLoad", "device_loads",
+           "split_for_counts"]
 
 CPU = -1
 
 
-def _gpu_for(il: int, i_gpu_start: int, act_gpu_layers: int, split: tuple[float, ...]) -> int:
-    # llama.cpp: upper_bound over the cumulative split of (il - i_gpu_start) / act_gpu_layers.
-    if len(split) <= 1:
+@lru_cache(maxsize=1024)
+def _split_points(split: tuple[float, ...]) -> tuple[np.float32, ...]:
+    """llama.cpp's split points: the cumulative shares, summed and divided in float32."""
+    if not any(split):
+        split = tuple([1.0] * len(split))  # llama.cpp splits by free memory then; equal cards
+    acc, points = np.float32(0.0), []
+    for s in split:
+        acc = np.float32(acc + np.float32(s))
+        points.append(acc)
+    return tuple(np.float32(p / acc) for p in points)
+
+
+def _gpu_for(il: int, i_gpu_start: int, act_gpu_layers: int, points: tuple[np.float32, ...]) -> int:
+    # llama.cpp (llama-model.cpp, load_tensors): upper_bound over the split points of
+    # float(il - i_gpu_start) / act_gpu_layers, all in float32. Whole-layer counts as the split
+    # put each boundary exactly where the counts say.
+    if len(points) <= 1:
         return 0
-    total = sum(split) or 1.0
-    x = (il - i_gpu_start) / max(act_gpu_layers, 1)
-    acc = 0.0
-    for i, s in enumerate(split):
-        acc += s / total
-        if x < acc:
+    x = np.float32(np.float32(il - i_gpu_start) / np.float32(max(act_gpu_layers, 1)))
+    for i, point in enumerate(points):
+        if x < point:
             return i
-    return len(split) - 1
+    return len(points) - 1
 
 
 def _gpu_start(n_layers: int, n_gpu_layers: int) -> int:
@@ -46,12 +60,23 @@ def layer_devices(
     ``n_gpu_layers`` = k puts the output layer and the last k - 1 repeating layers on the GPUs
     (llama.cpp's rule, confirmed by its buffer sizes on the H100 sweep); n_layers + 1 is all.
     """
+    return list(_layer_devices(n_layers, n_gpu_layers, n_gpus, tuple(split)))
+
+
+@lru_cache(maxsize=8192)
+def _layer_devices(n_layers: int, n_gpu_layers: int, n_gpus: int, split: tuple[float, ...]) -> tuple[int, ...]:
     if n_gpus == 0 or n_gpu_layers <= 0:
-        return [CPU] * n_layers
+        return (CPU,) * n_layers
     start = _gpu_start(n_layers, n_gpu_layers)
     act = min(n_gpu_layers, n_layers + 1)
-    split = split[:n_gpus] if split else tuple([1.0] * n_gpus)
-    return [CPU if il < start else _gpu_for(il, start, act, split) for il in range(n_layers)]
+    points = _split_points(split[:n_gpus] if split else tuple([1.0] * n_gpus))
+    return tuple(CPU if il < start else _gpu_for(il, start, act, points) for il in range(n_layers))
+
+
+def split_for_counts(counts: tuple[int, ...]) -> tuple[float, ...]:
+    """The tensor_split that gives GPU i exactly ``counts[i]`` of the offloaded layers (the output
+    layer counts as the last one): the counts themselves, which llama.cpp divides exactly."""
+    return tuple(float(c) for c in counts)
 
 
 def output_device(
@@ -61,8 +86,8 @@ def output_device(
     if n_gpus == 0 or n_gpu_layers <= 0:
         return CPU
     start = _gpu_start(n_layers, n_gpu_layers)
-    split = split[:n_gpus] if split else tuple([1.0] * n_gpus)
-    return _gpu_for(n_layers, start, min(n_gpu_layers, n_layers + 1), split)
+    points = _split_points(tuple(split[:n_gpus]) if split else tuple([1.0] * n_gpus))
+    return _gpu_for(n_layers, start, min(n_gpu_layers, n_layers + 1), points)
 
 
 @lru_cache(maxsize=4096)
@@ -166,48 +191,129 @@ def device_loads(
     return loads, devs
 
 
+@dataclass
+class _Block:
+    """Tensors that always share a device (one layer's, overridden or not): their sums."""
+
+    weights_bytes: int = 0
+    decode_bytes: float = 0.0
+    expert_decode_bytes: float = 0.0
+    output_decode_bytes: float = 0.0
+    dense_flops: float = 0.0
+    expert_flops: float = 0.0
+    stream_bytes: int = 0
+    stream_expert_bytes: int = 0
+    repack_bytes: int = 0
+    largest_dense_bytes: int = 0  # largest tensor that is neither expert nor output
+    has_output: bool = False
+    layers: set[int] = field(default_factory=set)
+
+
+_BLOCKS: dict[tuple, tuple[Anatomy, dict[tuple, _Block], list[tuple]]] = {}
+
+
+def _blocks(anatomy: Anatomy, patterns: tuple[str, ...]) -> tuple[dict[tuple, _Block], list[tuple]]:
+    """Tensors grouped by what decides their device, and each tensor's group.
+
+    Groups: ("emb",) the input embedding (always the CPU), ("cpu",) tensors outside the repeating
+    layers and the output (the CPU), ("out", forced) the output layer, ("L", il, forced) a layer's
+    tensors an override pattern moves to the CPU (forced) or not.
+    """
+    key = (id(anatomy), patterns)
+    hit = _BLOCKS.get(key)
+    if hit is not None and hit[0] is anatomy:
+        return hit[1], hit[2]
+    names = tuple(t.name for t in anatomy.tensors)
+    forced = _matched(names, patterns)
+    share = (anatomy.expert_used_count / anatomy.expert_count) if anatomy.expert_count else 1.0
+    vocab = max(anatomy.n_vocab, 1)
+    blocks: dict[tuple, _Block] = {}
+    groups: list[tuple] = []
+    for i, (t, (layer, role, nbytes, flops, repack)) in enumerate(zip(anatomy.tensors, _rows(anatomy), strict=True)):
+        if t.role == "embedding":
+            g: tuple = ("emb",)
+        elif t.layer is not None and t.layer < anatomy.n_layers:
+            g = ("L", t.layer, i in forced)
+        elif t.layer is None and t.name.startswith("output"):
+            g = ("out", i in forced)
+        else:
+            g = ("cpu",)
+        groups.append(g)
+        b = blocks.setdefault(g, _Block())
+        b.weights_bytes += nbytes
+        if layer is not None:
+            b.layers.add(layer)
+        if role == "embedding":
+            b.decode_bytes += nbytes / vocab  # one row per token
+            continue
+        if role == "expert":
+            b.decode_bytes += nbytes * share
+            b.expert_decode_bytes += nbytes * share
+            b.expert_flops += flops * share
+            b.stream_expert_bytes += nbytes
+        else:
+            b.decode_bytes += nbytes
+            b.dense_flops += flops
+        if role == "output":
+            b.has_output = True
+            b.output_decode_bytes += nbytes
+        elif role != "expert":
+            b.largest_dense_bytes = max(b.largest_dense_bytes, nbytes)
+        b.stream_bytes += nbytes
+        b.repack_bytes += repack
+    if len(_BLOCKS) > 4096:
+        _BLOCKS.clear()
+    _BLOCKS[key] = (anatomy, blocks, groups)
+    return blocks, groups
+
+
+def _add(ld: DeviceLoad, b: _Block, on_cpu: bool) -> None:
+    ld.weights_bytes += b.weights_bytes
+    ld.decode_bytes += b.decode_bytes
+    ld.expert_decode_bytes += b.expert_decode_bytes
+    ld.output_decode_bytes += b.output_decode_bytes
+    ld.dense_flops += b.dense_flops
+    ld.expert_flops += b.expert_flops
+    ld.has_output = ld.has_output or b.has_output
+    ld.layers |= b.layers
+    if on_cpu:
+        # What op offload streams to a GPU, and what the CPU repacks for its own kernels.
+        ld.stream_bytes += b.stream_bytes
+        ld.stream_expert_bytes += b.stream_expert_bytes
+        ld.repack_bytes += b.repack_bytes
+
+
 def _device_loads(
     anatomy: Anatomy, placement: Placement, n_gpus: int
 ) -> tuple[dict[int, DeviceLoad], list[int]]:
-    devs = tensor_devices(anatomy, placement, n_gpus)
-    home = tensor_devices(anatomy, replace(placement, cpu_tensor_patterns=()), n_gpus)  # before overrides
-    loads: dict[int, DeviceLoad] = {CPU: DeviceLoad(), **{g: DeviceLoad() for g in range(n_gpus)}}
-    share = (anatomy.expert_used_count / anatomy.expert_count) if anatomy.expert_count else 1.0
-    vocab = max(anatomy.n_vocab, 1)
-    for (layer, role, nbytes, flops, repack), d, h in zip(_rows(anatomy), devs, home, strict=True):
-        ld = loads[d]
-        # (The output layer's matmul covers only the tokens that need logits: too small to offload.)
-        if d == CPU and h != CPU and role not in ("expert", "output"):
-            ld.largest_moved_dense_bytes = max(ld.largest_moved_dense_bytes, nbytes)
-        ld.weights_bytes += nbytes
-        if layer is not None:
-            ld.layers.add(layer)
-        if role == "embedding":
-            ld.decode_bytes += nbytes / vocab  # one row per token
-            continue
-        if role == "expert":
-            ld.decode_bytes += nbytes * share
-            ld.expert_decode_bytes += nbytes * share
-            ld.expert_flops += flops * share
-        else:
-            ld.decode_bytes += nbytes
-            ld.dense_flops += flops
-        if role == "output":
-            ld.has_output = True
-            ld.output_decode_bytes += nbytes
-        if d == CPU:
-            ld.stream_bytes += nbytes
-            if role == "expert":
-                ld.stream_expert_bytes += nbytes
-            ld.repack_bytes += repack
+    patterns = tuple(placement.cpu_tensor_patterns) if n_gpus else ()
+    blocks, groups = _blocks(anatomy, patterns)
+    layers = layer_devices(anatomy.n_layers, placement.n_gpu_layers, n_gpus, placement.tensor_split)
+    out_dev = output_device(anatomy.n_layers, placement.n_gpu_layers, n_gpus, placement.tensor_split)
+
+    def device(g: tuple) -> int:
+        if g[0] == "L":
+            return CPU if g[2] else layers[g[1]]
+        if g[0] == "out":
+            return CPU if g[1] else out_dev
+        return CPU
+
+    loads: dict[int, DeviceLoad] = {CPU: DeviceLoad(), **{i: DeviceLoad() for i in range(n_gpus)}}
+    where = {g: device(g) for g in blocks}
+    for g, b in blocks.items():
+        d = where[g]
+        _add(loads[d], b, d == CPU)
+        # A dense tensor an override moved off a GPU layer: op offload copies it whole into the
+        # GPU's compute buffer for prompt processing. (The output layer's matmul covers only the
+        # tokens that need logits: too small to offload.)
+        if g[0] == "L" and g[2] and layers[g[1]] != CPU:
+            cpu = loads[CPU]
+            cpu.largest_moved_dense_bytes = max(cpu.largest_moved_dense_bytes, b.largest_dense_bytes)
     if anatomy.tied_embeddings:
         emb = next((t for t in anatomy.tensors if t.role == "embedding"), None)
         if emb is not None:
-            od = output_device(
-                anatomy.n_layers, placement.n_gpu_layers, n_gpus, placement.tensor_split
-            )
-            ld = loads[od]
-            if od != CPU:
+            ld = loads[out_dev]
+            if out_dev != CPU:
                 ld.weights_bytes += emb.nbytes  # llama.cpp duplicates token_embd as output there
             else:
                 ld.stream_bytes += emb.nbytes
@@ -215,4 +321,4 @@ def _device_loads(
             ld.output_decode_bytes += emb.nbytes
             ld.dense_flops += 2 * _elements(emb.shape)
             ld.has_output = True
-    return loads, devs
+    return loads, [where[g] for g in groups]

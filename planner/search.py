@@ -4,28 +4,44 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
-from offload.planner.calibrate import placement_of
-from offload.planner.cost import SpeedParams, pageable_h2d_Bps
-from offload.planner.errors import PlanInfeasible
-from offload.planner.evaluate import device_budgets, evaluate, fits
-from offload.planner.memory import kv_bytes_per_layer
+from offload.planner.cost import SpeedParams
+from offload.planner.errors import BudgetTooSmall, PlanInfeasible
+from offload.planner.evaluate import device_budgets, evaluate, fits, given_gpu_budgets
+from offload.planner.objective import (
+    CONTEXT_MAX_DECODE_LOSS,
+    CONTEXT_MAX_PROMPT_LOSS,
+    KV_FALLBACK,
+    PARALLEL_MAX,
+    PARALLEL_MAX_DECODE_LOSS,
+    choose,
+    mode_of,
+)
 from offload.planner.placement import CPU, device_loads
-from offload.planner.types import Anatomy, Hardware, Placement, Plan, PlanRequest
+from offload.planner.reasons import OUTPUT_PATTERN, Outcome, explain, infeasible_reason
+from offload.planner.split import fit_split
+from offload.planner.types import Anatomy, Hardware, Placement, Plan, PlanRequest, Workload
 
-__all__ = ["plan", "expert_pattern", "ffn_pattern", "ffn_patterns", "choose"]
+__all__ = [
+    "plan",
+    "expert_pattern",
+    "ffn_pattern",
+    "ffn_patterns",
+    "choose",
+    "OUTPUT_PATTERN",
+    "PIN_RAM_FRACTION",
+    "CONTEXT_MAX_DECODE_LOSS",
+    "CONTEXT_MAX_PROMPT_LOSS",
+    "PARALLEL_MAX",
+    "PARALLEL_MAX_DECODE_LOSS",
+    "KV_FALLBACK",
+]
 
 log = logging.getLogger(__name__)
 
-_GiB = float(1 << 30)
 _CTX_STEPS = (131072, 65536, 32768, 16384, 8192, 4096)
 _UBATCHES = (512, 1024, 2048)
-_BALANCED_DECODE = 0.95
-_DECODE_TIE = 0.99
-_BALANCED_MIN_GAIN = 1.10
-# The output layer alone (llama.cpp's name; "attn_output" must not match).
-OUTPUT_PATTERN = r"^output\.weight$"
 # Pinned host memory cannot be paged out: pin CPU-resident weights only up to this share of RAM.
 PIN_RAM_FRACTION = 0.5
 
@@ -60,62 +76,6 @@ def ffn_patterns(units: list[tuple[int, str]], experts: bool) -> tuple[str, ...]
         if len(kinds) < len(_FFN_KINDS):
             pats.append(rf"blk\.{il}\.ffn_({'|'.join(sorted(kinds))}){suffix}\.weight")
     return tuple(pats)
-
-
-def choose(plans: list[Plan], optimize: str) -> Plan:
-    """Pick by mode: decode, prompt, or balanced (best prompt within 5% of the best decode).
-
-    A quantized KV cache costs quality: it is chosen only when it is more than 3% faster.
-    """
-    best = _choose(plans, optimize)
-    f16 = [p for p in plans if p.kv_type == "f16"]
-    if best.kv_type != "f16" and f16:
-        alt = _choose(f16, optimize)
-        if (
-            alt.predicted.decode_tps >= best.predicted.decode_tps / 1.03
-            and alt.predicted.prompt_tps >= best.predicted.prompt_tps / 1.03
-        ):
-            return alt
-    return best
-
-
-def _leaner(pick: Plan, plans: list[Plan]) -> Plan:
-    """The same placement with the smallest micro-batch that is as fast (prompt within 5%): a
-    larger one only costs compute-buffer memory then."""
-    same = [
-        p
-        for p in plans
-        if (p.n_gpu_layers, p.cpu_tensor_patterns, p.kv_type, p.n_ctx)
-        == (pick.n_gpu_layers, pick.cpu_tensor_patterns, pick.kv_type, pick.n_ctx)
-        and p.predicted.decode_tps >= 0.999 * pick.predicted.decode_tps
-        and p.predicted.prompt_tps >= 0.95 * pick.predicted.prompt_tps
-    ]
-    return min(same, key=lambda p: p.n_ubatch, default=pick)
-
-
-def _choose(plans: list[Plan], optimize: str) -> Plan:
-    return _leaner(_choose_fastest(plans, optimize), plans)
-
-
-def _choose_fastest(plans: list[Plan], optimize: str) -> Plan:
-    if optimize == "decode":
-        # Within 1% (below the model's resolution) prefer more layers on the GPU: attention and KV
-        # there keep decode fast as the context grows, which a 2k-token prediction underweights.
-        best = max(p.predicted.decode_tps for p in plans)
-        near = [p for p in plans if p.predicted.decode_tps >= _DECODE_TIE * best]
-        return max(
-            near, key=lambda p: (p.n_gpu_layers, p.predicted.decode_tps, p.predicted.prompt_tps)
-        )
-    if optimize == "prompt":
-        return max(plans, key=lambda p: (round(p.predicted.prompt_tps, 6), p.predicted.decode_tps))
-    fastest = _choose_fastest(plans, "decode")
-    best = fastest.predicted.decode_tps
-    near = [p for p in plans if p.predicted.decode_tps >= _BALANCED_DECODE * best]
-    pick = max(near, key=lambda p: (p.predicted.prompt_tps, p.predicted.decode_tps))
-    # Giving up decode speed is worth it only for a real prompt gain, not a rounding error.
-    if pick.predicted.prompt_tps < _BALANCED_MIN_GAIN * fastest.predicted.prompt_tps:
-        return fastest
-    return pick
 
 
 def _gpu_over(p: Plan) -> bool:
@@ -197,29 +157,43 @@ def _ffn_family(
     return [p for p in out if fits(p)]
 
 
+def _flash_attn(req: PlanRequest, kv: str) -> bool:
+    """Flash attention on GPUs unless the user turns it off (a quantized V cache needs it)."""
+    return True if kv != "f16" or req.flash_attn is None else req.flash_attn
+
+
+def _explicit_gpu_budget(hw: Hardware, req: PlanRequest) -> bool:
+    """The caller capped GPU memory at more than nothing (0 keeps the GPUs out of the plan)."""
+    given = given_gpu_budgets(hw, req)
+    return given is not None and any(given)
+
+
+def _cpu_plan(
+    anatomy: Anatomy, hw: Hardware, req: PlanRequest, kv: str, base: dict, speed: SpeedParams | None,
+    op_offload: bool,
+) -> Plan:
+    ub = req.n_ubatch or min(512, req.n_batch or 512)
+    pl = Placement(
+        0,
+        n_batch=max(req.n_batch or 2048, ub),
+        n_ubatch=ub,
+        kv_type=kv,
+        flash_attn=bool(req.flash_attn) or kv != "f16",
+        op_offload=op_offload,
+        **base,
+    )
+    return evaluate(anatomy, hw, req, pl, speed)
+
+
 def _candidates(
-    anatomy: Anatomy, hw: Hardware, req: PlanRequest, n_ctx: int, speed: SpeedParams | None
+    anatomy: Anatomy, hw: Hardware, req: PlanRequest, n_ctx: int, kv: str, speed: SpeedParams | None
 ) -> list[Plan]:
     n_layers = anatomy.n_layers
     threads = req.threads or hw.cpu.cores
-    parallel = max(req.n_parallel, 1)
-    base = dict(n_ctx=n_ctx, n_parallel=parallel, threads=threads, threads_batch=threads)
+    base = dict(n_ctx=n_ctx, n_parallel=max(req.n_parallel or 1, 1), threads=threads, threads_batch=threads)
     if not hw.gpus:
-        fa = bool(req.flash_attn) or (req.kv_type not in (None, "f16"))
-        ub = req.n_ubatch or min(512, req.n_batch or 512)
-        pl = Placement(
-            0,
-            n_batch=max(req.n_batch or 2048, ub),
-            n_ubatch=ub,
-            kv_type=req.kv_type or "f16",
-            flash_attn=fa,
-            **base,
-        )
-        only = evaluate(anatomy, hw, req, pl, speed)
+        only = _cpu_plan(anatomy, hw, req, kv, base, speed, op_offload=True)
         return [only] if fits(only) else []
-    _, budgets, _ = device_budgets(hw, req)
-    split = tuple(b / sum(budgets) for b in budgets) if len(hw.gpus) > 1 and sum(budgets) else ()
-    kv_types = [req.kv_type] if req.kv_type else ["f16", "q8_0"]
     ubatches = (
         [req.n_ubatch]
         if req.n_ubatch
@@ -227,41 +201,31 @@ def _candidates(
     )
     ubatches = ubatches or [req.n_batch or 512]
     out: list[Plan] = []
-    for kv in kv_types:
-        fa = True if kv != "f16" else (True if req.flash_attn is None else req.flash_attn)
-        if kv != "f16" and req.flash_attn is False:
-            continue  # a quantized V cache needs flash attention
-        for ub in ubatches:
-            nb = max(req.n_batch or 2048, ub)
-            common = dict(
-                n_batch=nb, n_ubatch=ub, kv_type=kv, flash_attn=fa, tensor_split=split, **base
-            )
+    fa = _flash_attn(req, kv)
+    if kv != "f16" and req.flash_attn is False:
+        return out  # a quantized V cache needs flash attention
+    for ub in ubatches:
+        nb = max(req.n_batch or 2048, ub)
+        common = dict(n_batch=nb, n_ubatch=ub, kv_type=kv, flash_attn=fa, **base)
 
-            def at(ngl: int, pats: tuple[str, ...] = (), common: dict = common) -> Plan:
-                pl = Placement(ngl, pats, **common)
-                return evaluate(anatomy, hw, req, _pinned(anatomy, hw, req, pl), speed)
+        def at(ngl: int, pats: tuple[str, ...] = (), common: dict = common) -> Plan:
+            pl = fit_split(anatomy, hw, req, Placement(ngl, pats, **common))
+            return evaluate(anatomy, hw, req, _pinned(anatomy, hw, req, pl), speed)
 
-            top = n_layers + 1 if req.num_gpu is None else min(req.num_gpu, n_layers + 1)
-            ffn = _ffn_family(anatomy, at, top)
-            whole = _whole_layers(at, top, forced=req.num_gpu is not None)
-            if anatomy.expert_count and ffn:
-                # MoE: expert tensors leave the GPU before any attention does (GPU.md: +20% decode,
-                # +22% prompt at equal memory); whole layers only when even that cannot fit.
-                whole = [p for p in whole if p.n_gpu_layers >= min(top, n_layers)]
-            found: list[Plan | None] = [*whole, *ffn]
-            for p in found:
-                if p is None or not fits(p):
-                    continue
-                out.append(p)
-                # Op offload stays on: with it off, CPU-resident weights are multiplied on the CPU in
-                # prompt processing, measured 5-8x slower on the H100 sweep, and decode is the same.
-    if not out and req.num_gpu in (None, 0):
+        top = n_layers + 1 if req.num_gpu is None else min(req.num_gpu, n_layers + 1)
+        ffn = _ffn_family(anatomy, at, top)
+        whole = _whole_layers(at, top, forced=req.num_gpu is not None)
+        if anatomy.expert_count and ffn:
+            # MoE: expert tensors leave the GPU before any attention does (at equal GPU memory they
+            # beat the best whole-layer split: bench/results/moe-*gib.json, "planner" against
+            # "best_layers"); whole layers only when even that cannot fit.
+            whole = [p for p in whole if p.n_gpu_layers >= min(top, n_layers)]
+        # Op offload stays on: with it off, CPU-resident weights are multiplied on the CPU in
+        # prompt processing, measured 5-8x slower on the H100 sweep, and decode is the same.
+        out += [p for p in (*whole, *ffn) if fits(p)]
+    if not out and req.num_gpu in (None, 0) and not _explicit_gpu_budget(hw, req):
         # A GPU too small even for op offload's compute buffer: run on the CPU and leave it alone.
-        pl = Placement(0, kv_type=req.kv_type or "f16", op_offload=False,
-                       flash_attn=bool(req.flash_attn) or (req.kv_type not in (None, "f16")),
-                       n_batch=max(req.n_batch or 2048, req.n_ubatch or 512),
-                       n_ubatch=req.n_ubatch or 512, **base)
-        only = evaluate(anatomy, hw, req, pl, speed)
+        only = _cpu_plan(anatomy, hw, req, kv, base, speed, op_offload=False)
         if fits(only):
             out.append(only)
     return out
@@ -294,160 +258,109 @@ def _contexts(anatomy: Anatomy, req: PlanRequest) -> list[int]:
     return sorted((c for c in steps if c >= min(4096, train)), reverse=True)
 
 
+@dataclass(frozen=True)
+class _Found:
+    plan: Plan
+    candidates: tuple[Plan, ...]
+    kv_why: str  # "requested", "needed" (f16 could not fit) or "" (f16)
+
+
+def _smallest_gpu_plan(anatomy: Anatomy, hw: Hardware, req: PlanRequest, n_ctx: int, kv: str) -> Plan:
+    """The least GPU memory any plan that uses a GPU needs: no layers there, op offload only."""
+    ub = req.n_ubatch or min(_UBATCHES)
+    pl = Placement(0, n_ctx=n_ctx, n_parallel=max(req.n_parallel or 1, 1), n_ubatch=ub,
+                   n_batch=max(req.n_batch or ub, ub), kv_type=kv, flash_attn=_flash_attn(req, kv))
+    return evaluate(anatomy, hw, req, pl)
+
+
+def _too_small(anatomy: Anatomy, hw: Hardware, req: PlanRequest, n_ctx: int, kv: str) -> BudgetTooSmall | None:
+    given = given_gpu_budgets(hw, req)
+    if not given or not any(given):
+        return None
+    least = _smallest_gpu_plan(anatomy, hw, req, n_ctx, kv)
+    gpu = least.devices[1]
+    _, budgets, _ = device_budgets(hw, req)
+    if budgets[0] >= gpu.total_bytes:
+        return None
+    mib = 1 << 20
+    return BudgetTooSmall(
+        f"a GPU memory budget of {budgets[0] / mib:.0f} MiB is below the smallest plan that uses the "
+        f"GPU, {gpu.total_bytes / mib:.0f} MiB ({gpu.overhead_bytes / mib:.0f} MiB CUDA context and "
+        f"{gpu.compute_bytes / mib:.0f} MiB compute buffer); give at least {gpu.total_bytes / mib:.0f} MiB, "
+        "or 0 to run on the CPU alone"
+    )
+
+
+def _search(anatomy: Anatomy, hw: Hardware, req: PlanRequest, speed: SpeedParams | None) -> _Found:
+    """The best plan for a fixed number of sequences: KV type, context, then placement."""
+    contexts = _contexts(anatomy, req)
+    smallest = contexts[-1]
+    if req.kv_type:
+        kv_types, why = [req.kv_type], "requested"
+    else:
+        kv_types, why = ["f16", *KV_FALLBACK], ""
+    first: list[Plan] = []
+    kv = kv_types[0]
+    for kv in kv_types:
+        first = _candidates(anatomy, hw, req, smallest, kv, speed)
+        if first:
+            break
+        if kv == "f16":
+            why = "needed"
+    if not first:
+        raise _too_small(anatomy, hw, req, smallest, kv_types[0]) or PlanInfeasible(
+            infeasible_reason(anatomy, hw, req, smallest)
+        )
+    reference = chosen = choose(first, req.optimize)
+    chosen_from = first
+    # Larger contexts, while they cost little: the shortest one is the reference.
+    for n_ctx in reversed(contexts[:-1]):
+        cands = _candidates(anatomy, hw, req, n_ctx, kv, speed)
+        if not cands:
+            break
+        best = choose(cands, req.optimize)
+        if (
+            best.predicted.decode_tps < (1 - CONTEXT_MAX_DECODE_LOSS) * reference.predicted.decode_tps
+            or best.predicted.prompt_tps < (1 - CONTEXT_MAX_PROMPT_LOSS) * reference.predicted.prompt_tps
+        ):
+            break
+        chosen, chosen_from = best, cands
+    return _Found(chosen, tuple(chosen_from), why)
+
+
+def _normalized(req: PlanRequest) -> PlanRequest:
+    mode = mode_of(req.optimize)
+    if req.n_parallel is not None and req.n_parallel < 1:
+        raise ValueError(f"n_parallel must be at least 1, not {req.n_parallel}")
+    return replace(req, optimize=mode, workload=req.workload or Workload())
+
+
 def plan(
     anatomy: Anatomy,
     hardware: Hardware,
     request: PlanRequest | None = None,
     speed: SpeedParams | None = None,
 ) -> Plan:
-    """Place the model on this hardware for the best predicted speed within every budget."""
-    req = request or PlanRequest()
-    if req.optimize not in ("decode", "prompt", "balanced"):
-        raise ValueError(f"optimize must be decode, prompt or balanced, not {req.optimize!r}")
-    contexts = _contexts(anatomy, req)
-    # Smallest context first: it is the reference the larger ones must not slow down by much.
-    reference: Plan | None = None
-    chosen: Plan | None = None
-    chosen_from: list[Plan] = []
-    for n_ctx in reversed(contexts):
-        cands = _candidates(anatomy, hardware, req, n_ctx, speed)
-        if not cands:
+    """Place the model on this hardware for the best predicted speed within every budget.
+
+    ``request.n_parallel = None`` lets the planner choose how many sequences run side by side.
+    """
+    req = _normalized(request or PlanRequest())
+    given_gpu_budgets(hardware, req)  # a budget the GPUs cannot honour is an error before anything
+    if req.n_parallel is not None:
+        found = _search(anatomy, hardware, req, speed)
+        return explain(Outcome(found.plan, found.candidates, found.kv_why), anatomy, hardware, req)
+    single = _search(anatomy, hardware, replace(req, n_parallel=1), speed)
+    outcome = Outcome(single.plan, single.candidates, single.kv_why, parallel_chosen=True,
+                      single_decode_tps=single.plan.predicted.decode_tps)
+    for n in range(PARALLEL_MAX, 1, -1):
+        fixed = replace(req, n_parallel=n, n_ctx=single.plan.n_ctx, kv_type=single.plan.kv_type)
+        try:
+            multi = _search(anatomy, hardware, fixed, speed)
+        except PlanInfeasible:
+            continue
+        if multi.plan.predicted.decode_tps >= (1 - PARALLEL_MAX_DECODE_LOSS) * single.plan.predicted.decode_tps:
+            outcome = replace(outcome, plan=multi.plan, candidates=multi.candidates)
             break
-        best = choose(cands, req.optimize)
-        if reference is None:
-            reference, chosen, chosen_from = best, best, cands
-        elif (
-            best.predicted.decode_tps >= 0.97 * reference.predicted.decode_tps
-            and best.predicted.prompt_tps >= 0.9 * reference.predicted.prompt_tps
-        ):
-            chosen, chosen_from = best, cands
-        else:
-            break
-    if chosen is None:
-        raise PlanInfeasible(_infeasible_reason(anatomy, hardware, req, contexts[-1]))
-    return _with_reasons(chosen, anatomy, hardware, req, chosen_from)
-
-
-def _infeasible_reason(anatomy: Anatomy, hw: Hardware, req: PlanRequest, n_ctx: int) -> str:
-    ram, budgets, _ = device_budgets(hw, req)
-    kv = sum(kv_bytes_per_layer(anatomy, n_ctx, max(req.n_parallel, 1), req.kv_type or "f16"))
-    need = anatomy.weights_bytes + kv
-    return (
-        f"{anatomy.path or 'the model'} needs about {need / _GiB:.1f} GiB "
-        f"({anatomy.weights_bytes / _GiB:.1f} GiB of weights + {kv / _GiB:.1f} GiB of KV cache at "
-        f"n_ctx={n_ctx}) plus compute buffers, but this machine offers {ram / _GiB:.1f} GiB of RAM"
-        + (f" and {sum(budgets) / _GiB:.1f} GiB of GPU memory" if budgets else "")
-        + (f"; with {req.num_gpu} layers forced onto the GPU" if req.num_gpu is not None else "")
-        + "; use a smaller quantization, a smaller context, or more memory"
-    )
-
-
-def _comparisons(p: Plan, cands: list[Plan]) -> list[str]:
-    """Sentences comparing the chosen plan with the simpler plans it beat."""
-    out = []
-    whole = [c for c in cands if not c.cpu_tensor_patterns]
-    if p.cpu_tensor_patterns and whole:
-        w = max(whole, key=lambda c: c.predicted.decode_tps)
-        out.append(
-            f"Predicted {p.predicted.decode_tps:.1f} t/s decode and {p.predicted.prompt_tps:.0f} t/s prompt, "
-            f"against {w.predicted.decode_tps:.1f} / {w.predicted.prompt_tps:.0f} t/s for the best whole-layer "
-            f"split that fits ({w.n_gpu_layers} layers)."
-        )
-    small = [c for c in cands if c.n_ubatch == 512 and c.kv_type == p.kv_type]
-    if p.n_ubatch > 512 and small:
-        s = max(small, key=lambda c: c.predicted.decode_tps)
-        gpu_extra = sum(d.compute_bytes for d in p.devices[1:]) - sum(
-            d.compute_bytes for d in s.devices[1:]
-        )
-        out.append(
-            f"n_ubatch {p.n_ubatch} instead of 512: prompt {p.predicted.prompt_tps / s.predicted.prompt_tps:.1f}x "
-            f"faster for {100 * (1 - p.predicted.decode_tps / s.predicted.decode_tps):.0f}% less decode speed "
-            f"({gpu_extra / (1 << 20):.0f} MiB more GPU compute buffer)."
-        )
-    return out
-
-
-def _with_reasons(
-    p: Plan, anatomy: Anatomy, hw: Hardware, req: PlanRequest, cands: list[Plan]
-) -> Plan:
-    r: list[str] = []
-    n_layers = anatomy.n_layers
-    if not hw.gpus:
-        r.append(
-            f"No GPU on this machine: everything runs on the CPU with {p.threads} threads; "
-            f"decode is bound by memory bandwidth ({hw.cpu.mem_bandwidth_Bps / 1e9:.0f} GB/s measured)."
-        )
-    elif p.n_gpu_layers > n_layers and not p.cpu_tensor_patterns:
-        r.append(
-            f"The whole model ({anatomy.weights_bytes / _GiB:.1f} GiB) and its KV cache fit on the GPU: "
-            "everything runs there."
-        )
-    elif p.cpu_tensor_patterns and anatomy.expert_count:
-        pats = [x for x in p.cpu_tensor_patterns if x != OUTPUT_PATTERN]
-        r.append(
-            f"All layers on the GPU except expert tensors matched by {' and '.join(pats)}: "
-            f"a token reads only {anatomy.expert_used_count} of {anatomy.expert_count} experts, so "
-            "experts cost least on the CPU, while attention, KV cache and shared tensors stay on the GPU."
-        )
-    elif p.cpu_tensor_patterns:
-        r.append(
-            "All attention and KV on the GPU; the dense FFN tensors of the first layers stay on the CPU "
-            "to fit the budget."
-        )
-    elif p.n_gpu_layers == 0:
-        r.append("No layer fits the GPU budget: the model runs on the CPU.")
-    else:
-        # llama.cpp offloads the output layer first, then the last repeating layers.
-        rep = min(max(p.n_gpu_layers - 1, 0), n_layers)
-        r.append(
-            f"The output layer and the last {rep} of {n_layers} layers on the GPU: that is what fits "
-            "the budget."
-        )
-    if OUTPUT_PATTERN in p.cpu_tensor_patterns:
-        r.append(
-            "The output layer stays on the CPU: the GPU memory it would take holds weights that cost "
-            "more there."
-        )
-    # The input embedding always stays on the CPU but is only looked up, never copied over.
-    streamed = device_loads(anatomy, placement_of(p), len(hw.gpus))[0][CPU].stream_bytes if hw.gpus else 0
-    if hw.gpus and (streamed > 0 or not p.op_offload):
-        if p.op_offload:
-            r.append(
-                f"n_ubatch {p.n_ubatch}: CPU-resident weights ({streamed / _GiB:.1f} GiB) cross "
-                "PCIe once per micro-batch for prompt processing, so a larger micro-batch is faster; "
-                "its compute buffer is paid for in GPU memory."
-            )
-        elif p.n_gpu_layers == 0:
-            r.append(
-                "The GPU budget is too small even for the compute buffer op offload needs: "
-                "everything, prompt processing included, runs on the CPU."
-            )
-        else:
-            r.append(
-                "Prompt processing of CPU-resident weights stays on the CPU: streaming them over PCIe "
-                "would be slower."
-            )
-        if p.op_offload and not p.use_mmap:
-            g = hw.gpus[0]
-            pageable = pageable_h2d_Bps(g, SpeedParams())
-            r.append(
-                f"CPU-resident weights loaded into pinned memory (no mmap): the GPU copies them at "
-                f"{g.h2d_bandwidth_Bps / 1e9:.0f} GB/s instead of {pageable / 1e9:.0f} GB/s from the "
-                f"mapped file{'' if g.h2d_pageable_Bps else ' (estimated)'}; they cannot be paged out "
-                "while the model is loaded."
-            )
-    if p.kv_type != "f16":
-        r.append(f"KV cache in {p.kv_type} (with flash attention) to leave GPU memory for weights.")
-    if not req.n_ctx:
-        r.append(
-            f"Context {p.n_ctx} tokens (trained for {anatomy.n_ctx_train}; planned up to {req.max_ctx}): "
-            "the largest that fits without slowing decode by more than 3%."
-        )
-    if req.num_gpu is not None:
-        r.append(f"{req.num_gpu} GPU layers as requested.")
-    if req.gpu_budget_bytes is not None and hw.gpus:
-        r.append(f"GPU memory capped at {req.gpu_budget_bytes / _GiB:.1f} GiB as requested.")
-    r += _comparisons(p, cands)
-    for w in anatomy.warnings:
-        r.append(f"Warning: {w}.")
-    return replace(p, reasons=tuple(r))
+        outcome = replace(outcome, rejected_parallel=n, rejected_decode_tps=multi.plan.predicted.decode_tps)
+    return explain(outcome, anatomy, hardware, req)

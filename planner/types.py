@@ -6,8 +6,10 @@ machines we don't have, cached probes and plans handed to the executor are the s
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
+
+from offload.planner.errors import WorkloadError
 
 __all__ = [
     "CPUInfo",
@@ -20,6 +22,7 @@ __all__ = [
     "Plan",
     "PlanRequest",
     "Placement",
+    "Workload",
 ]
 
 
@@ -132,7 +135,7 @@ class Anatomy:
     chat_template: str | None = None
     file_type: str = ""
     warnings: tuple[str, ...] = ()
-    # Added by the planner's anatomy reader (issue 3).
+    # FFN widths: dense, and one expert's.
     n_ff: int = 0
     n_ff_exp: int = 0
     # Per layer: "attention", "recurrent" (Mamba/SSM state instead of a KV cache) or "none".
@@ -189,99 +192,70 @@ class DevicePlan:
 
 @dataclass(frozen=True)
 class Prediction:
-    """Predicted speeds of a plan."""
+    """Predicted speeds of a plan.
+
+    ``decode_tps`` and ``prompt_tps`` are one stream's; ``request_s`` is the predicted time of the
+    workload's typical request (prompt / prompt_tps + answer / decode_tps);
+    ``aggregate_decode_tps`` is all ``n_parallel`` streams decoding together.
+    """
 
     decode_tps: float
     prompt_tps: float
     ttft_s: float
+    request_s: float = 0.0
+    aggregate_decode_tps: float = 0.0
+
+
+# Longest prompt or answer a workload may name: beyond any model's context.
+MAX_WORKLOAD_TOKENS = 1 << 22
 
 
 @dataclass(frozen=True)
-class Plan:
-    """Where every tensor goes and how llama.cpp runs it; the executor applies it exactly."""
+class Workload:
+    """The request a plan is made for: ``prompt_tokens`` in, ``answer_tokens`` out.
 
-    devices: tuple[DevicePlan, ...]
-    n_gpu_layers: int
-    n_ctx: int
-    n_batch: int
-    n_ubatch: int
-    threads: int
-    threads_batch: int
-    predicted: Prediction
-    reasons: tuple[str, ...] = ()
-    cpu_tensor_patterns: tuple[str, ...] = ()
-    tensor_split: tuple[float, ...] = ()
-    split_mode: str = "layer"  # none | layer | row
-    main_gpu: int = 0
-    n_parallel: int = 1
-    kv_type: str = "f16"  # type_k and type_v
-    flash_attn: bool = False
-    offload_kqv: bool = True
-    op_offload: bool = True
-    use_mmap: bool = True
-    use_mlock: bool = False
-    optimize: str = "balanced"
-    model_path: str = ""
-    hardware_fingerprint: str = ""
-    # llama.cpp's own n_ctx: the per-sequence n_ctx times n_parallel (what the executor passes).
-    n_ctx_total: int = 0
-    # Full-size SWA cache (llama-cpp-python 0.3.36's default); False keeps only window + ubatch cells.
-    swa_full: bool = True
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict in the published ``offload plan --json`` shape."""
-        d = asdict(self)
-        d["devices"] = [dev.to_dict() for dev in self.devices]
-        for k in ("reasons", "cpu_tensor_patterns", "tensor_split"):
-            d[k] = list(d[k])
-        return d
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Plan:
-        """Inverse of ``to_dict``."""
-        devices = tuple(_from_dict(DevicePlan, dev) for dev in data["devices"])
-        predicted = _from_dict(Prediction, data["predicted"])
-        conv = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
-        return _from_dict(cls, {**conv, "devices": devices, "predicted": predicted})
-
-
-@dataclass(frozen=True)
-class PlanRequest:
-    """What the caller asks of a plan: context, parallelism, budgets and user overrides.
-
-    ``None`` means "decide for me". Budgets are bytes; ``gpu_budget_bytes`` caps each GPU (how
-    ``OFFLOAD_GPU_MEMORY`` / ``--gpu-memory`` emulate a smaller card).
+    ``source`` says where the figures come from: ``default`` (nothing known yet), ``recorded``
+    (medians of the requests this model served; ``requests`` of them) or ``requested``.
     """
 
-    n_ctx: int | None = None
-    n_parallel: int = 1
-    optimize: str = "balanced"  # decode | prompt | balanced
-    gpu_budget_bytes: int | None = None
-    ram_budget_bytes: int | None = None
-    gpu_margin_bytes: int = 512 << 20
-    num_gpu: int | None = None  # forced whole layers on GPU (Ollama's num_gpu)
-    kv_type: str | None = None
-    flash_attn: bool | None = None
-    n_batch: int | None = None
-    n_ubatch: int | None = None
-    threads: int | None = None
-    use_mmap: bool | None = None
-    use_mlock: bool = False
-    # Prompt length the prompt speed and TTFT are predicted for (pp2048 as in GPU.md's n_ubatch test).
-    prompt_tokens: int = 2048
-    # Largest context planned when n_ctx is not given: Ollama's default 4096 keeps the runtime's
-    # behaviour; raise it to let the planner pick the longest context (up to the model's training
-    # context) that fits and costs at most 3% decode speed.
-    max_ctx: int = 4096
-    extra: dict[str, Any] = field(default_factory=dict)
+    prompt_tokens: int = 1024
+    answer_tokens: int = 256
+    source: str = "default"
+    requests: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("prompt_tokens", "answer_tokens"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_WORKLOAD_TOKENS:
+                raise WorkloadError(
+                    f"a workload's {name.replace('_', ' ')} must be a whole number from 1 to "
+                    f"{MAX_WORKLOAD_TOKENS}, not {v!r}"
+                )
+
+    def request_s(self, prediction: Prediction) -> float:
+        """Predicted seconds of one such request under ``prediction``."""
+        return self.prompt_tokens / max(prediction.prompt_tps, 1e-9) + self.answer_tokens / max(
+            prediction.decode_tps, 1e-9
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Workload:
+        """Inverse of ``to_dict``."""
+        return _from_dict(cls, data)
 
 
 @dataclass(frozen=True)
 class Placement:
-    """One concrete way to run a model: the knobs llama.cpp takes, before any prediction.
+    """One concrete way to run a model: every knob llama.cpp takes, before any prediction.
 
-    ``n_ctx`` is per sequence (Ollama's ``num_ctx``); llama.cpp's context is ``n_ctx * n_parallel``.
-    ``threads == 0`` means the machine's physical cores.
+    ``n_ctx`` is per sequence (Ollama's ``num_ctx``); llama.cpp's context is ``n_ctx * n_parallel``
+    cells of one unified KV cache. ``threads == 0`` means the machine's physical cores.
+    ``tensor_split`` is what llama.cpp takes: relative shares of the offloaded layers per GPU (the
+    planner writes whole-layer counts, which llama.cpp's float arithmetic splits exactly).
     """
 
     n_gpu_layers: int
@@ -301,6 +275,21 @@ class Placement:
     # CPU-resident weights loaded into the GPU driver's pinned host memory instead of mapped from
     # the file: op offload copies them to the GPU for prompt processing several times faster.
     pinned_weights: bool = False
+    split_mode: str = "layer"  # none | layer | row
+    main_gpu: int = 0
+    # None: map the file unless the weights are pinned (pinned memory needs them read in).
+    use_mmap: bool | None = None
+    use_mlock: bool = False
+
+    @property
+    def n_ctx_total(self) -> int:
+        """llama.cpp's own n_ctx: the per-sequence context times the sequences."""
+        return self.n_ctx * max(self.n_parallel, 1)
+
+    @property
+    def mmap(self) -> bool:
+        """Whether llama.cpp maps the model file (``use_mmap`` resolved)."""
+        return (not self.pinned_weights) if self.use_mmap is None else self.use_mmap
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
@@ -311,6 +300,171 @@ class Placement:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Placement:
-        """Inverse of ``to_dict``."""
+        """Inverse of ``to_dict``; unknown keys are ignored."""
         conv = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
         return _from_dict(cls, conv)
+
+
+_KNOBS = frozenset(f.name for f in fields(Placement))
+
+
+def _knob(name: str) -> property:
+    def get(self: Plan) -> Any:
+        return getattr(self.placement, name)
+
+    get.__doc__ = f"``placement.{name}``."
+    return property(get)
+
+
+@dataclass(frozen=True, init=False)
+class Plan:
+    """A placement with what it costs and gains: memory per device, predicted speed, and why.
+
+    The knobs live in ``placement``; ``plan.n_gpu_layers`` and the others read through to it, and
+    ``Plan(...)`` / ``dataclasses.replace(plan, ...)`` accept them by name as well, so callers that
+    knew the knobs as the plan's own fields keep working. ``to_dict`` writes them flat, in the
+    published ``offload plan --json`` shape.
+    """
+
+    devices: tuple[DevicePlan, ...]
+    placement: Placement
+    predicted: Prediction
+    reasons: tuple[str, ...] = ()
+    optimize: str = "workload"
+    model_path: str = ""
+    hardware_fingerprint: str = ""
+    workload: Workload = field(default_factory=Workload)
+
+    def __init__(
+        self,
+        devices: tuple[DevicePlan, ...],
+        predicted: Prediction,
+        placement: Placement | None = None,
+        reasons: tuple[str, ...] = (),
+        optimize: str = "workload",
+        model_path: str = "",
+        hardware_fingerprint: str = "",
+        workload: Workload | None = None,
+        **knobs: Any,
+    ) -> None:
+        knobs.pop("n_ctx_total", None)  # derived from n_ctx and n_parallel
+        unknown = set(knobs) - _KNOBS
+        if unknown:
+            raise TypeError(f"Plan() got unexpected keyword arguments {sorted(unknown)}")
+        if placement is None:
+            placement = Placement(**{"n_gpu_layers": 0, **knobs})
+        elif knobs:
+            changed = {k: v for k, v in knobs.items() if getattr(placement, k) != v}
+            placement = replace(placement, **changed) if changed else placement
+        if placement.use_mmap is None:  # a plan says what llama.cpp gets
+            placement = replace(placement, use_mmap=placement.mmap)
+        set_ = object.__setattr__
+        set_(self, "devices", tuple(devices))
+        set_(self, "placement", placement)
+        set_(self, "predicted", predicted)
+        set_(self, "reasons", tuple(reasons))
+        set_(self, "optimize", optimize)
+        set_(self, "model_path", model_path)
+        set_(self, "hardware_fingerprint", hardware_fingerprint)
+        set_(self, "workload", workload or Workload())
+
+    n_gpu_layers = _knob("n_gpu_layers")
+    cpu_tensor_patterns = _knob("cpu_tensor_patterns")
+    n_ctx = _knob("n_ctx")
+    n_parallel = _knob("n_parallel")
+    n_batch = _knob("n_batch")
+    n_ubatch = _knob("n_ubatch")
+    threads = _knob("threads")
+    threads_batch = _knob("threads_batch")
+    kv_type = _knob("kv_type")
+    flash_attn = _knob("flash_attn")
+    offload_kqv = _knob("offload_kqv")
+    op_offload = _knob("op_offload")
+    tensor_split = _knob("tensor_split")
+    swa_full = _knob("swa_full")
+    pinned_weights = _knob("pinned_weights")
+    split_mode = _knob("split_mode")
+    main_gpu = _knob("main_gpu")
+    use_mlock = _knob("use_mlock")
+    n_ctx_total = _knob("n_ctx_total")
+
+    @property
+    def use_mmap(self) -> bool:
+        """Whether llama.cpp maps the model file."""
+        return self.placement.mmap
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict in the published ``offload plan --json`` shape (knobs flat)."""
+        d: dict[str, Any] = {
+            "devices": [dev.to_dict() for dev in self.devices],
+            **self.placement.to_dict(),
+            "use_mmap": self.use_mmap,
+            "n_ctx_total": self.n_ctx_total,
+            "predicted": asdict(self.predicted),
+            "reasons": list(self.reasons),
+            "optimize": self.optimize,
+            "model_path": self.model_path,
+            "hardware_fingerprint": self.hardware_fingerprint,
+            "workload": self.workload.to_dict(),
+        }
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Plan:
+        """Inverse of ``to_dict``; also reads plans written before the placement was nested."""
+        devices = tuple(_from_dict(DevicePlan, dev) for dev in data["devices"])
+        predicted = _from_dict(Prediction, data["predicted"])
+        knobs = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in _KNOBS}
+        if "pinned_weights" not in knobs:
+            # Older plans: llama.cpp puts CPU weights in pinned memory when it reads the file in
+            # (no mmap) and a GPU backend is present.
+            knobs["pinned_weights"] = data.get("use_mmap") is False and any(
+                d.kind == "GPU" for d in devices
+            )
+        workload = data.get("workload")
+        return cls(
+            devices=devices,
+            predicted=predicted,
+            placement=Placement.from_dict({"n_gpu_layers": 0, **knobs}),
+            reasons=tuple(data.get("reasons", ())),
+            optimize=data.get("optimize", "workload"),
+            model_path=data.get("model_path", ""),
+            hardware_fingerprint=data.get("hardware_fingerprint", ""),
+            workload=Workload.from_dict(workload) if isinstance(workload, dict) else None,
+        )
+
+
+@dataclass(frozen=True)
+class PlanRequest:
+    """What the caller asks of a plan: context, parallelism, budgets, workload and overrides.
+
+    ``None`` means "decide for me". Budgets are bytes as nvidia-smi counts them: a GPU budget caps
+    everything the process holds on that GPU (CUDA context included), one figure for every GPU
+    or one per GPU; 0 keeps the GPUs out of the plan.
+    """
+
+    n_ctx: int | None = None
+    # None: the planner chooses (up to 4 sequences when their KV cache costs at most 5% decode).
+    n_parallel: int | None = 1
+    optimize: str = "workload"  # workload | decode | prompt ("balanced" reads as workload)
+    gpu_budget_bytes: int | tuple[int, ...] | None = None
+    ram_budget_bytes: int | None = None
+    gpu_margin_bytes: int = 512 << 20
+    num_gpu: int | None = None  # forced whole layers on GPU (Ollama's num_gpu)
+    # None: f16, quantized (q8_0, then q4_0) only when the context cannot fit in f16.
+    kv_type: str | None = None
+    flash_attn: bool | None = None
+    n_batch: int | None = None
+    n_ubatch: int | None = None
+    threads: int | None = None
+    use_mmap: bool | None = None
+    use_mlock: bool = False
+    # The typical request the default mode plans for; None: 1024 prompt + 256 answer tokens.
+    workload: Workload | None = None
+    # Prompt length the shown prompt speed and TTFT are predicted for; None: the workload's.
+    prompt_tokens: int | None = None
+    # Largest context planned when n_ctx is not given: Ollama's default 4096 keeps the runtime's
+    # behaviour; raise it to let the planner pick the longest context (up to the model's training
+    # context) that fits and costs little decode speed (search.CONTEXT_MAX_DECODE_LOSS).
+    max_ctx: int = 4096
+    extra: dict[str, Any] = field(default_factory=dict)

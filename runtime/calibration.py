@@ -1,27 +1,39 @@
-"""The calibration store: measured speeds of every generation, and speed params fitted from them.
+"""The calibration store: measured speeds of every generation, and speed params fitted from them;
+beside it, the lengths of the requests each model serves (its workload).
 
 ``calibration.json`` under the data dir holds, per hardware fingerprint, the machine's profile and
-its most recent observations (plan, model digest, measured prompt and decode t/s). It is written
-atomically (temp file + ``os.replace``) under a file lock and bounded in size.
+its most recent observations (plan, model digest, measured prompt and decode t/s).
+``workloads.json`` beside it holds, per model digest, the prompt and answer lengths of its last
+requests; a file of its own because it changes with every request, and rewriting the larger
+calibration store that often would cost more than the request. Both are written atomically (temp
+file + ``os.replace``) under a file lock and bounded in size.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from filelock import FileLock
 
-from offload.planner.types import Hardware, Plan
+from offload.planner import anatomy as anatomy_mod
+from offload.planner import hardware as hardware_mod
+from offload.planner.calibrate import Observation, fit
+from offload.planner.cost import SpeedParams
+from offload.planner.errors import GGUFError, WorkloadError
+from offload.planner.types import Anatomy, Hardware, Plan, Workload
 from offload.runtime import config
 
 __all__ = ["record", "record_speeds", "observations", "speed_params_for", "store_path",
-           "MAX_PER_MACHINE"]
+           "record_workload", "workload_for", "workloads_path", "MAX_PER_MACHINE",
+           "MAX_WORKLOAD_REQUESTS", "MIN_WORKLOAD_REQUESTS"]
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +42,11 @@ MAX_MACHINES = 8
 # Shorter runs measure mostly noise and fixed costs.
 MIN_PROMPT_TOKENS = 32
 MIN_DECODE_TOKENS = 8
-_fit_cache: dict[tuple[str, int, float], tuple[Any, int]] = {}
+# Workloads: the last requests of each model, and how many make a median worth planning for.
+MAX_WORKLOAD_REQUESTS = 100
+MAX_WORKLOAD_MODELS = 64
+MIN_WORKLOAD_REQUESTS = 3
+_fit_cache: dict[tuple[str, int, float], tuple[SpeedParams, int]] = {}
 
 
 def store_path() -> Path:
@@ -49,7 +65,7 @@ def _read(path: Path) -> dict[str, Any]:
 
 
 def _write(path: Path, data: dict[str, Any]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".calibration.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(data, f, separators=(",", ":"))
@@ -60,9 +76,7 @@ def _write(path: Path, data: dict[str, Any]) -> None:
 
 
 def _hardware_now() -> Hardware:
-    from offload.runtime.scheduler import current_hardware
-
-    return current_hardware()
+    return hardware_mod.current(config.hardware_file())
 
 
 def record_speeds(plan: Plan, model_digest: str, *, prompt_tokens: int, prompt_tps: float | None,
@@ -90,7 +104,16 @@ def record_speeds(plan: Plan, model_digest: str, *, prompt_tokens: int, prompt_t
     return True
 
 
-def record(plan: Plan, model_digest: str, stats: Any, hardware: Hardware | None = None) -> bool:
+class GenerationStats(Protocol):
+    """What ``record`` reads of a finished generation (the engine's ``Stats``)."""
+
+    prompt_eval_count: int
+    prompt_eval_s: float
+    eval_count: int
+    eval_s: float
+
+
+def record(plan: Plan, model_digest: str, stats: GenerationStats, hardware: Hardware | None = None) -> bool:
     """Record a finished generation's measured speeds (``stats`` is the engine's ``Stats``)."""
     evaluated = int(stats.prompt_eval_count)  # only what was computed (a reused prefix is not counted)
     prompt_tps = evaluated / stats.prompt_eval_s if evaluated >= MIN_PROMPT_TOKENS and stats.prompt_eval_s > 0 else None
@@ -111,25 +134,20 @@ def observations(fingerprint: str) -> tuple[Hardware | None, list[dict[str, Any]
     return Hardware.from_dict(m["hardware"]), list(m.get("observations", []))
 
 
-def _anatomy(path: str, cache: dict[str, Any]) -> Any:
+def _anatomy(path: str, cache: dict[str, Anatomy | None]) -> Anatomy | None:
     if path not in cache:
-        from offload.planner import anatomy
-
-        cache[path] = anatomy.read(path) if path and Path(path).exists() else None
+        try:
+            cache[path] = anatomy_mod.read(path) if path and Path(path).exists() else None
+        except (OSError, GGUFError):
+            cache[path] = None
     return cache[path]
 
 
-def speed_params_for(fingerprint: str, base: Any = None) -> tuple[Any, int]:
+def speed_params_for(fingerprint: str, base: SpeedParams | None = None) -> tuple[SpeedParams | None, int]:
     """(SpeedParams fitted to this machine's runs, number of runs); (None, n) when none can be fitted."""
     hw, raw = observations(fingerprint)
     if hw is None or not raw:
         return None, 0
-    try:
-        from offload.planner.calibrate import Observation, fit, placement_of
-        from offload.planner.cost import SpeedParams  # type: ignore[import-not-found]
-    except ImportError:
-        log.debug("the planner has no speed model to calibrate yet")
-        return None, len(raw)
     key = (fingerprint, len(raw), raw[-1]["at"])
     if key in _fit_cache and base is None:
         return _fit_cache[key]
@@ -142,14 +160,14 @@ def speed_params_for(fingerprint: str, base: Any = None) -> tuple[Any, int]:
                 return fitted, stored["n_runs"]
             except TypeError:
                 pass  # the speed model's fields changed: fit again
-    anatomies: dict[str, Any] = {}
+    anatomies: dict[str, Anatomy | None] = {}
     obs = []
     for r in raw:
         a = _anatomy(r.get("model_path", ""), anatomies)
         if a is None:
             continue  # the model is gone; its runs can't be re-predicted
         plan = Plan.from_dict(r["plan"])
-        obs.append(Observation(a, hw, placement_of(plan), int(r.get("prompt_tokens", 512)),
+        obs.append(Observation(a, hw, plan.placement, int(r.get("prompt_tokens", 512)),
                                r.get("decode_tps"), r.get("prompt_tps")))
     if not obs:
         return None, len(raw)
@@ -160,10 +178,8 @@ def speed_params_for(fingerprint: str, base: Any = None) -> tuple[Any, int]:
     return fitted, len(obs)
 
 
-def _store_fit(fingerprint: str, fitted: Any, n_raw: int, last_at: float, n_runs: int) -> None:
+def _store_fit(fingerprint: str, fitted: SpeedParams, n_raw: int, last_at: float, n_runs: int) -> None:
     """Keep the fit beside its runs so that the next process need not fit again."""
-    import dataclasses
-
     path = store_path()
     try:
         with FileLock(str(path) + ".lock", timeout=10):
@@ -176,3 +192,67 @@ def _store_fit(fingerprint: str, fitted: Any, n_raw: int, last_at: float, n_runs
             _write(path, data)
     except (OSError, TimeoutError) as e:
         log.debug("could not store the fit: %s", e)
+
+
+# -- workloads ---------------------------------------------------------------------------------
+
+
+def workloads_path() -> Path:
+    """Where the served request lengths live (``<data dir>/workloads.json``)."""
+    return config.data_dir() / "workloads.json"
+
+
+def _read_workloads(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {"version": 1, "models": {}}
+    if not isinstance(data, dict) or not isinstance(data.get("models"), dict):
+        return {"version": 1, "models": {}}
+    return data
+
+
+def record_workload(model_digest: str, prompt_tokens: int, answer_tokens: int) -> bool:
+    """Remember one served request's prompt tokens (those evaluated) and answer tokens for the
+    model's next plan; False when there was nothing to keep. Never raises for a full disk or a
+    busy lock: a request must not fail for its bookkeeping."""
+    if not model_digest or prompt_tokens < 1 or answer_tokens < 1:
+        return False
+    path = workloads_path()
+    try:
+        with FileLock(str(path) + ".lock", timeout=10):
+            data = _read_workloads(path)
+            models = data["models"]
+            m = models.setdefault(model_digest, {"requests": []})
+            m["requests"] = (m.get("requests", []) + [[int(prompt_tokens), int(answer_tokens)]])[
+                -MAX_WORKLOAD_REQUESTS:
+            ]
+            m["updated_at"] = time.time()
+            if len(models) > MAX_WORKLOAD_MODELS:  # forget the models served least recently
+                keep = sorted(models, key=lambda k: models[k].get("updated_at", 0))[-MAX_WORKLOAD_MODELS:]
+                data["models"] = {k: models[k] for k in keep}
+            _write(path, data)
+    except (OSError, TimeoutError) as e:
+        log.warning("could not record the workload: %s", e)
+        return False
+    return True
+
+
+def workload_for(model_digest: str) -> Workload | None:
+    """The median prompt and answer lengths of this model's last requests; None until it has
+    served ``MIN_WORKLOAD_REQUESTS``."""
+    if not model_digest:
+        return None
+    reqs = _read_workloads(workloads_path())["models"].get(model_digest, {}).get("requests", [])
+    pairs = [(p, g) for p, g in (r for r in reqs if isinstance(r, list) and len(r) == 2)]
+    if len(pairs) < MIN_WORKLOAD_REQUESTS:
+        return None
+    try:
+        return Workload(
+            int(statistics.median_low([p for p, _ in pairs])),
+            int(statistics.median_low([g for _, g in pairs])),
+            source="recorded",
+            requests=len(pairs),
+        )
+    except (WorkloadError, TypeError):
+        return None  # a hand-edited file: plan for the default

@@ -45,7 +45,7 @@ def serve() -> None:
 
     from offload.runtime.server.app import create_app
 
-    config.check()
+    config.check()  # a bad OFFLOAD_* value fails here, not on the first request
     h = config.host()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         force=True)

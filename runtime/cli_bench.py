@@ -1,4 +1,4 @@
-"""``offload bench MODEL``: measure the planner's placement (or a sweep of them) in-process.
+"""``offload bench MODEL``: measure the planner's placement (or a sweep of them) in a runner process.
 
 Measured and predicted speeds side by side; every run is recorded in the calibration store.
 """
@@ -11,39 +11,27 @@ from typing import Any
 
 import click
 
+from offload.planner import Hardware, Plan, Workload, predict_aggregate
+from offload.planner.anatomy import read as read_anatomy
 from offload.planner.errors import OffloadError
+from offload.planner.types import Anatomy
+from offload.runtime import calibration, planning
 
-__all__ = ["register", "resolve_model", "bench"]
+__all__ = ["register", "bench"]
 
-
-def resolve_model(model: str) -> tuple[Path, str]:
-    """A GGUF path as given, or a model name from the store; returns (path, digest)."""
-    p = Path(model).expanduser()
-    if p.is_file():
-        return p, ""
-    from offload.models import embedded
-    from offload.models.store import Store
-    from offload.runtime import config
-
-    store = Store(config.models_dir(), [d for d in [config.ollama_models_dir()] if d])
-    embedded.ensure(store, model)
-    info = store.resolve(model)
-    return Path(info.model_path), info.digest
+# Each stream of the batched measurement has its own prompt of this many tokens, as
+# ``llama-batched-bench -npp 128`` runs them.
+PARALLEL_PROMPT_TOKENS = 128
 
 
-def _plans(model_path: Path, gpu_layers: str, prompt: int, gen: int, parallel: int, optimize: str) -> list[Any]:
-    from offload.planner import anatomy as anatomy_mod
-    from offload.planner import plan as make_plan
-    from offload.planner.types import PlanRequest
-    from offload.runtime import config
-    from offload.runtime.scheduler import current_hardware
-
-    anatomy = anatomy_mod.read(model_path)
-    hw = current_hardware()
-    base = {"n_ctx": prompt + gen + 16, "n_parallel": parallel, "optimize": optimize,
-            "prompt_tokens": prompt, "gpu_budget_bytes": config.gpu_memory_bytes()}
+def _plans(
+    ref: planning.ModelRef, anatomy: Anatomy, hw: Hardware, gpu_layers: str, prompt: int, gen: int,
+    parallel: int, optimize: str,
+) -> list[Plan]:
+    base = {"n_ctx": prompt + gen + 16, "n_parallel": parallel, "optimize": optimize, "prompt_tokens": prompt,
+            "workload": Workload(prompt, gen, source="requested")}
     if gpu_layers == "auto":
-        return [make_plan(anatomy, hw, PlanRequest(**base))]
+        return [planning.plan_model(anatomy, hw, planning.request(**base), digest=ref.digest)]
     if gpu_layers == "sweep":
         top = anatomy.n_layers + 1 if hw.gpus else 0
         counts = sorted({0, top, *range(0, top + 1, max(1, top // 6))})
@@ -55,21 +43,38 @@ def _plans(model_path: Path, gpu_layers: str, prompt: int, gen: int, parallel: i
     plans = []
     for n in counts:
         try:
-            plans.append(make_plan(anatomy, hw, PlanRequest(**base, num_gpu=n)))
+            plans.append(planning.plan_model(anatomy, hw, planning.request(**base, num_gpu=n), digest=ref.digest))
         except OffloadError as e:
             click.echo(f"skipping {n} GPU layers: {e}", err=True)
     return plans
 
 
+def _predicted_parallel(anatomy: Anatomy, hw: Hardware, plan: Plan, streams: tuple[int, ...], prompt: int,
+                        gen: int) -> dict[str, float]:
+    """The speed model's aggregate decode for each stream count, as ``measure_plan`` runs them (each
+    stream its own prompt of ``prompt`` tokens, then ``gen`` tokens each)."""
+    speed, _ = calibration.speed_params_for(hw.fingerprint)
+    context = prompt + gen // 2
+    return {str(n): round(predict_aggregate(anatomy, hw, plan.placement, n, speed, context_tokens=context), 3)
+            for n in streams}
+
+
 def bench(model: str, prompt: int = 512, gen: int = 128, gpu_layers: str = "auto",
-          parallel: tuple[int, ...] = (1,), optimize: str = "balanced") -> list[dict[str, Any]]:
+          parallel: tuple[int, ...] = (1,), optimize: str = "workload") -> list[dict[str, Any]]:
     """Measure the plan(s) for ``model`` on this machine; one result dict per plan."""
     from offload.runtime.benchmark import measure_plan
 
-    path, digest = resolve_model(model)
-    plans = _plans(path, gpu_layers, prompt, gen, max(parallel), optimize)
-    return [measure_plan(path, p, prompt_tokens=prompt, gen_tokens=gen, parallel=parallel, model_digest=digest)
-            for p in plans]
+    ref = planning.resolve(model)
+    anatomy = read_anatomy(ref.path)
+    hw = planning.current_hardware()
+    plans = _plans(ref, anatomy, hw, gpu_layers, prompt, gen, max(parallel), optimize)
+    results = []
+    for p in plans:
+        predicted = _predicted_parallel(anatomy, hw, p, parallel, PARALLEL_PROMPT_TOKENS, gen)
+        results.append(measure_plan(ref.path, p, prompt_tokens=prompt, gen_tokens=gen, parallel=parallel,
+                                    model_digest=ref.digest, parallel_prompt_tokens=PARALLEL_PROMPT_TOKENS,
+                                    predict_aggregate=lambda n, pr=predicted: pr.get(str(n))))
+    return results
 
 
 def _chart(results: list[dict[str, Any]], path: Path) -> None:
@@ -114,7 +119,8 @@ def register(group: click.Group) -> None:
                   help="'auto' (the planner's plan), 'sweep', or a number of whole layers.")
     @click.option("--parallel", default="1", show_default=True,
                   help="Sequence counts for batched throughput, e.g. 1,4,8.")
-    @click.option("--optimize", type=click.Choice(["balanced", "decode", "prompt"]), default="balanced")
+    @click.option("--optimize", type=click.Choice(["workload", "decode", "prompt", "balanced"]), default="workload",
+                  help="The planner's mode for 'auto' (balanced is the old name of workload).")
     @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
     @click.option("--chart", type=click.Path(dir_okay=False, path_type=Path), help="Write a PNG chart.")
     def bench_cmd(model: str, prompt_tokens: int, gen_tokens: int, gpu_layers: str, parallel: str,

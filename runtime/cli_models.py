@@ -30,16 +30,9 @@ from offload.models import embedded, registry
 from offload.models.create import create
 from offload.models.modelfile import parse_modelfile
 from offload.models.show import modelfile_text, show
-from offload.models.store import Store
-from offload.runtime import config
+from offload.runtime.planning import open_store
 
 __all__ = ["register", "open_store", "human_bytes", "human_ago"]
-
-
-def open_store() -> Store:
-    """Our store, with the Ollama store (if any) read-only behind it."""
-    ollama = config.ollama_models_dir()
-    return Store(config.models_dir(), read_only_roots=[ollama] if ollama else [])
 
 
 def human_bytes(n: int) -> str:

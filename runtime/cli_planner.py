@@ -2,112 +2,45 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import os
-import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import click
 
-from offload.planner import Plan, PlanRequest, anatomy, evaluate, plan
-from offload.planner import hardware as hw_mod
+from offload.planner import Plan, PlanRequest, Workload, anatomy, evaluate
 from offload.planner.errors import OffloadError
-from offload.planner.types import Anatomy, Hardware, Placement
+from offload.planner.types import Anatomy, Hardware
+from offload.runtime import config, planning
 
-__all__ = [
-    "register",
-    "plan_cmd",
-    "hardware_cmd",
-    "parse_size",
-    "hardware_cache_file",
-    "resolve_model",
-]
+__all__ = ["register", "plan_cmd", "hardware_cmd", "parse_workload", "parse_gpu_memory"]
 
 _GiB = float(1 << 30)
-_UNITS = {
-    "": 1,
-    "b": 1,
-    "k": 1000,
-    "kb": 1000,
-    "m": 1000**2,
-    "mb": 1000**2,
-    "g": 1000**3,
-    "gb": 1000**3,
-    "t": 1000**4,
-    "tb": 1000**4,
-    "kib": 1 << 10,
-    "mib": 1 << 20,
-    "gib": 1 << 30,
-    "tib": 1 << 40,
-}
 
 
-def parse_size(text: str) -> int:
-    """Bytes from ``8GiB``, ``7.5GB``, ``8192MiB`` or a plain number (``G`` alone means GiB, as Ollama)."""
-    m = re.fullmatch(r"\s*([\d.]+)\s*([a-zA-Z]*)\s*", text)
-    unit = m.group(2).lower() if m else ""
-    unit = {"g": "gib", "m": "mib", "k": "kib", "t": "tib"}.get(unit, unit)
-    if not m or unit not in _UNITS:
-        raise click.BadParameter(f"{text!r} is not a size like 8GiB, 7.5GB or 8192MiB")
-    return int(float(m.group(1)) * _UNITS[unit])
-
-
-def hardware_cache_file() -> Path:
-    """Where this machine's probed profile is cached: ``<data dir>/hardware.json``."""
+def parse_gpu_memory(text: str) -> int | tuple[int, ...]:
+    """``--gpu-memory``: one budget for every GPU (``8G``, ``8GiB``, ``7.5GB``) or one per GPU
+    (``8GiB,6GiB``), read as ``OFFLOAD_GPU_MEMORY`` is."""
     try:
-        from offload.runtime.config import data_dir
-
-        return data_dir() / "hardware.json"
-    except ImportError:  # config arrives with the runtime; until then the same rule by hand
-        import platformdirs
-
-        return (
-            Path(
-                os.environ.get("OFFLOAD_HOME")
-                or platformdirs.user_data_dir("offload", appauthor=False)
-            )
-            / "hardware.json"
-        )
+        budgets = config.gpu_memory_budgets(text)
+    except config.ConfigError as e:
+        raise click.BadParameter(str(e)) from None
+    if not budgets:
+        raise click.BadParameter(f"{text!r} is not a size (try 8GiB, 8G, 7.5GB or 512MiB)")
+    return budgets[0] if len(budgets) == 1 else budgets
 
 
-def resolve_model(name_or_path: str) -> Path:
-    """A GGUF path as given, else a model name resolved through the model store."""
-    p = Path(name_or_path).expanduser()
-    if p.is_file():
-        return p
+def parse_workload(text: str) -> Workload:
+    """``--workload P,G``: P prompt tokens and G answer tokens a typical request has."""
     try:
-        from offload.models.store import Store
-        from offload.runtime import config
-    except ImportError:
-        raise click.ClickException(
-            f"{name_or_path}: no such file (and no model store to resolve names)"
-        ) from None
-    store = Store(config.models_dir(), [q for q in [config.ollama_models_dir()] if q])
+        prompt, answer = (int(x) for x in text.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not PROMPT,ANSWER token counts like 1024,256") from None
     try:
-        from offload.models import embedded
-
-        embedded.ensure(store, name_or_path)  # the embedded default model is imported on first use
-    except ImportError:
-        pass
-    return Path(store.resolve(name_or_path).model_path)
-
-
-def _default_gpu_budget() -> int | None:
-    """``OFFLOAD_GPU_MEMORY`` as the server reads it, so `offload plan` shows what `serve` will do."""
-    try:
-        from offload.runtime import config
-    except ImportError:
-        return None
-    fn = getattr(config, "gpu_memory_bytes", None)
-    return fn() if fn else None
-
-
-def _hardware(name: str | None, refresh: bool = False) -> Hardware:
-    if name:
-        return hw_mod.load_profile(name)
-    return hw_mod.current(hardware_cache_file(), refresh=refresh)
+        return Workload(prompt, answer, source="requested")
+    except OffloadError as e:
+        raise click.BadParameter(str(e)) from None
 
 
 def _gib(n: float) -> str:
@@ -123,17 +56,17 @@ def _print_plan(p: Plan, a: Anatomy, hw: Hardware) -> None:
         f"[bold]{a.name or Path(a.path).name}[/] ({a.arch}, {a.n_layers} layers, {_gib(a.weights_bytes)}) "
         f"on [bold]{hw.name}[/]"
     )
-    t = Table(title="Memory per device")
-    for col in ("device", "weights", "KV cache", "compute", "overhead", "total", "budget"):
+    t = Table(title="Memory per device (GPU budgets as nvidia-smi counts them)")
+    for col in ("device", "weights", "KV cache", "compute", "CUDA context", "total", "budget"):
         t.add_column(col, justify="left" if col == "device" else "right")
     for d in p.devices:
         over = d.total_bytes > d.budget_bytes
         t.add_row(
-            d.name,
+            d.name if d.kind == "CPU" else f"GPU {d.index} {d.name}",
             _gib(d.weights_bytes),
             _gib(d.kv_bytes),
             _gib(d.compute_bytes),
-            _gib(d.overhead_bytes),
+            _gib(d.overhead_bytes) if d.kind == "GPU" else "-",
             f"[red]{_gib(d.total_bytes)}[/]" if over else _gib(d.total_bytes),
             _gib(d.budget_bytes),
         )
@@ -145,18 +78,23 @@ def _print_plan(p: Plan, a: Anatomy, hw: Hardware) -> None:
     for pat in p.cpu_tensor_patterns:
         s.add_row("kept on CPU", pat)
     if p.tensor_split:
-        s.add_row("tensor split", ", ".join(f"{x:.2f}" for x in p.tensor_split))
-    s.add_row("context", f"{p.n_ctx} tokens x {p.n_parallel} sequence(s)")
+        s.add_row("tensor split", ", ".join(f"{x:g}" for x in p.tensor_split) + " (offloaded layers per GPU)")
+    s.add_row("context", f"{p.n_ctx} tokens x {p.n_parallel} sequence(s), one KV cache of {p.n_ctx_total} cells")
     s.add_row("batch / ubatch", f"{p.n_batch} / {p.n_ubatch}")
     s.add_row("threads", f"{p.threads} (batch {p.threads_batch})")
     s.add_row("KV cache", f"{p.kv_type}, flash attention {'on' if p.flash_attn else 'off'}")
     s.add_row("op offload", "on" if p.op_offload else "off")
     s.add_row("model file", "memory-mapped" if p.use_mmap else "read into memory (pinned where a GPU copies it)")
+    w = p.workload
+    s.add_row("planned for", f"{p.optimize}: requests of {w.prompt_tokens} prompt + {w.answer_tokens} answer "
+                             f"tokens ({w.source})")
     c.print(s)
     pr = p.predicted
     c.print(
         f"Predicted: [bold]{pr.decode_tps:.1f}[/] tokens/s decode, [bold]{pr.prompt_tps:.0f}[/] tokens/s prompt, "
-        f"{pr.ttft_s:.2f} s to first token"
+        f"{pr.ttft_s:.2f} s to first token, [bold]{pr.request_s:.2f} s[/] a request"
+        + (f"; [bold]{pr.aggregate_decode_tps:.1f}[/] tokens/s decoding {p.n_parallel} streams together"
+           if p.n_parallel > 1 else "")
     )
     for r in p.reasons:
         c.print(f"  - {r}")
@@ -173,18 +111,11 @@ def _chart(path: str, p: Plan, a: Anatomy, hw: Hardware, req: PlanRequest) -> No
             "--chart needs matplotlib: pip install 'offload[charts]'"
         ) from None
     ks = list(range(0, a.n_layers + 2))
-    base = dict(
-        n_ctx=p.n_ctx,
-        n_parallel=p.n_parallel,
-        n_batch=p.n_batch,
-        n_ubatch=p.n_ubatch,
-        threads=p.threads,
-        threads_batch=p.threads_batch,
-        kv_type=p.kv_type,
-        flash_attn=p.flash_attn,
-        tensor_split=p.tensor_split,
-    )
-    plans = [evaluate(a, hw, req, Placement(k, **base)) for k in ks]
+    plans = [
+        evaluate(a, hw, req, replace(p.placement, n_gpu_layers=k, cpu_tensor_patterns=(), pinned_weights=False,
+                                     use_mmap=None))
+        for k in ks
+    ]
     fits = [all(d.total_bytes <= d.budget_bytes for d in q.devices) for q in plans]
     fig, ax = plt.subplots(figsize=(8, 4.5))
     ax2 = ax.twinx()
@@ -212,7 +143,7 @@ def _chart(path: str, p: Plan, a: Anatomy, hw: Hardware, req: PlanRequest) -> No
 @click.option(
     "--hardware",
     "hardware_name",
-    help="A profile name (rtx3060, ...) or profile JSON; default: this machine.",
+    help="A profile name (rtx3060, 2x-rtx3060, ...) or profile JSON; default: this machine.",
 )
 @click.option("--ctx", type=int, help="Context length per sequence (default: planned).")
 @click.option(
@@ -222,23 +153,30 @@ def _chart(path: str, p: Plan, a: Anatomy, hw: Hardware, req: PlanRequest) -> No
     show_default=True,
     help="Largest context to plan when --ctx is not given (up to the model's training context).",
 )
-@click.option("--parallel", type=int, default=1, show_default=True, help="Parallel sequences.")
+@click.option("--parallel", type=click.IntRange(1, config.MAX_NUM_PARALLEL),
+              help="Sequences run side by side (default: OFFLOAD_NUM_PARALLEL, else the planner chooses).")
 @click.option(
     "--gpu-layers", type=int, help="Force this many layers on the GPU (output layer counts as one)."
 )
-@click.option("--gpu-memory", help="GPU memory budget per GPU, e.g. 8GiB.")
+@click.option("--gpu-memory", callback=lambda _c, _p, v: parse_gpu_memory(v) if v else None,
+              help="GPU memory budget per GPU as nvidia-smi counts it, CUDA context included: 8GiB, or "
+                   "one per GPU: 8GiB,6GiB (default: OFFLOAD_GPU_MEMORY).")
 @click.option(
     "--optimize",
-    type=click.Choice(["decode", "prompt", "balanced"]),
-    default="balanced",
+    type=click.Choice(["workload", "decode", "prompt", "balanced"]),
+    default="workload",
     show_default=True,
+    help="workload: the shortest typical request (balanced is its old name); decode or prompt: that speed.",
 )
+@click.option("--workload", callback=lambda _c, _p, v: parse_workload(v) if v else None,
+              help="PROMPT,ANSWER tokens of a typical request (default: this model's recorded medians, "
+                   "else 1024,256).")
+@click.option("--kv-type", type=click.Choice(list(config.KV_CACHE_TYPES)),
+              help="KV cache type (default: OFFLOAD_KV_CACHE_TYPE, else f16 unless the context needs less).")
 @click.option(
     "--prompt-tokens",
     type=int,
-    default=2048,
-    show_default=True,
-    help="Prompt length for prompt speed and TTFT.",
+    help="Prompt length the shown prompt speed and TTFT are predicted for (default: the workload's).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 @click.option(
@@ -251,28 +189,33 @@ def plan_cmd(
     hardware_name: str | None,
     ctx: int | None,
     max_ctx: int,
-    parallel: int,
+    parallel: int | None,
     gpu_layers: int | None,
-    gpu_memory: str | None,
+    gpu_memory: int | tuple[int, ...] | None,
     optimize: str,
-    prompt_tokens: int,
+    workload: Workload | None,
+    kv_type: str | None,
+    prompt_tokens: int | None,
     as_json: bool,
     chart: str | None,
 ) -> None:
     """Plan where every tensor of MODEL (a name or a GGUF path) goes, and predict its speed."""
     try:
-        a = anatomy.read(resolve_model(model))
-        hw = _hardware(hardware_name)
-        req = PlanRequest(
+        ref = planning.resolve(model)
+        a = anatomy.read(ref.path)
+        hw = planning.hardware(hardware_name)
+        req = planning.request(
             n_ctx=ctx,
             max_ctx=max_ctx,
             n_parallel=parallel,
             num_gpu=gpu_layers,
             optimize=optimize,
-            gpu_budget_bytes=parse_size(gpu_memory) if gpu_memory else _default_gpu_budget(),
+            gpu_budget_bytes=gpu_memory,
+            workload=workload,
+            kv_type=kv_type,
             prompt_tokens=prompt_tokens,
         )
-        p = plan_with_calibration(a, hw, req, measured=hardware_name is None)
+        p = planning.plan_model(a, hw, req, digest=ref.digest, calibrated=hardware_name is None)
         if chart:
             _chart(chart, p, a, hw, req)
     except OffloadError as e:
@@ -281,26 +224,6 @@ def plan_cmd(
         click.echo(json.dumps(p.to_dict(), indent=2))
     else:
         _print_plan(p, a, hw)
-
-
-def plan_with_calibration(a: Anatomy, hw: Hardware, req: PlanRequest, measured: bool) -> Plan:
-    """Plan with this machine's calibrated speed model when there are runs to learn from."""
-    if not measured:
-        return plan(a, hw, req)
-    from offload.runtime import calibration
-    from offload.runtime.safety import Safety
-
-    safety = Safety(hw.fingerprint)
-    if safety.is_off("mmap") and req.use_mmap is None:
-        req = dataclasses.replace(req, use_mmap=True)
-    speed, n_runs = calibration.speed_params_for(hw.fingerprint)
-    p = plan(a, hw, req, speed)
-    notes = [f"speeds calibrated from {n_runs} runs on this machine"] if speed is not None else []
-    # Settings a runner crashed without on this machine, and why (the server loads with them off).
-    notes += safety.sentences()
-    if notes:
-        p = dataclasses.replace(p, reasons=(*p.reasons, *notes))
-    return p
 
 
 @click.command("hardware")
@@ -312,7 +235,7 @@ def plan_with_calibration(a: Anatomy, hw: Hardware, req: PlanRequest, measured: 
 def hardware_cmd(refresh: bool, profile: str | None, as_json: bool) -> None:
     """Show this machine's measured hardware profile (cached under the data dir)."""
     try:
-        hw = _hardware(profile, refresh=refresh)
+        hw = planning.hardware(profile, refresh=refresh)
     except OffloadError as e:
         raise click.ClickException(str(e)) from None
     if as_json:

@@ -24,6 +24,13 @@ __all__ = [
     "host",
     "keep_alive_s",
     "gpu_memory_bytes",
+    "gpu_memory_budgets",
+    "kv_cache_type",
+    "num_parallel",
+    "hardware_file",
+    "check",
+    "KV_CACHE_TYPES",
+    "MAX_NUM_PARALLEL",
     "parse_bytes",
     "parse_duration_s",
     "max_loaded_models",
@@ -31,8 +38,6 @@ __all__ = [
     "origins",
     "log_dir",
     "load_timeout_s",
-    "num_parallel",
-    "check",
 ]
 
 DEFAULT_PORT = 11435
@@ -106,16 +111,18 @@ def host() -> Host:
     return Host(scheme, h, port)
 
 
-_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3,
-          "gb": 1000**3, "t": 1000**4, "tb": 1000**4, "kib": 1 << 10, "mib": 1 << 20,
-          "gib": 1 << 30, "tib": 1 << 40}
+# As Ollama reads sizes: a unit letter alone is binary (8G = 8 GiB), "B" after it makes it
+# decimal (8GB = 8 * 10**9), "iB" binary again.
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40,
+          "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4,
+          "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
 
 
 def parse_bytes(text: str) -> int:
-    """Parse ``8GiB``, ``7.5G``, ``512MiB`` or a plain byte count."""
+    """Bytes from ``8GiB``, ``8G`` (also GiB), ``7.5GB`` (10**9 bytes), ``512MiB`` or a plain count."""
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
     if not m or m.group(2).lower() not in _UNITS:
-        raise ConfigError(f"{text!r} is not a size (try 8GiB, 7.5GB or 512MiB)")
+        raise ConfigError(f"{text!r} is not a size (try 8GiB, 8G, 7.5GB or 512MiB)")
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
@@ -145,10 +152,58 @@ def keep_alive_s() -> float:
     return parse_duration_s(os.environ.get("OFFLOAD_KEEP_ALIVE"), 300.0)
 
 
+def gpu_memory_budgets(value: str | None = None) -> tuple[int, ...]:
+    """``OFFLOAD_GPU_MEMORY`` (or ``value``): one budget for every GPU (``8GiB``) or one per GPU
+    (``8GiB,6GiB``), as nvidia-smi counts them; () when unset."""
+    raw = os.environ.get("OFFLOAD_GPU_MEMORY", "") if value is None else value
+    parts = [x for x in raw.split(",") if x.strip()]
+    return tuple(parse_bytes(x) for x in parts)
+
+
 def gpu_memory_bytes() -> int | None:
-    """``OFFLOAD_GPU_MEMORY``: a per-GPU budget, e.g. ``8GiB``; None when unset."""
-    v = os.environ.get("OFFLOAD_GPU_MEMORY")
-    return parse_bytes(v) if v else None
+    """``OFFLOAD_GPU_MEMORY`` as one per-GPU budget (the smallest, when one per GPU is given)."""
+    budgets = gpu_memory_budgets()
+    return min(budgets) if budgets else None
+
+
+KV_CACHE_TYPES = ("f16", "q8_0", "q4_0")
+
+
+def kv_cache_type() -> str | None:
+    """``OFFLOAD_KV_CACHE_TYPE`` (Ollama's): f16, q8_0 or q4_0; None when unset (the planner keeps
+    f16 unless the context does not fit)."""
+    v = os.environ.get("OFFLOAD_KV_CACHE_TYPE", "").strip().lower()
+    if not v:
+        return None
+    if v not in KV_CACHE_TYPES:
+        raise ConfigError(f"OFFLOAD_KV_CACHE_TYPE={v!r} is not a KV cache type; use one of {', '.join(KV_CACHE_TYPES)}")
+    return v
+
+
+MAX_NUM_PARALLEL = 64
+
+
+def num_parallel() -> int | None:
+    """``OFFLOAD_NUM_PARALLEL`` (Ollama's): sequences a model runs side by side, 1 to 64; None
+    when unset (the planner chooses)."""
+    v = os.environ.get("OFFLOAD_NUM_PARALLEL", "").strip()
+    if not v:
+        return None
+    try:
+        n = int(v)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= MAX_NUM_PARALLEL:
+        raise ConfigError(
+            f"OFFLOAD_NUM_PARALLEL={v!r} is not a number of parallel sequences from 1 to "
+            f"{MAX_NUM_PARALLEL}; unset it to let the planner choose"
+        )
+    return n
+
+
+def hardware_file() -> Path:
+    """Where this machine's probed hardware profile is cached: ``<data dir>/hardware.json``."""
+    return data_dir() / "hardware.json"
 
 
 def _int_env(name: str, default: int) -> int:
@@ -185,29 +240,16 @@ def load_timeout_s() -> float:
     return value
 
 
-MAX_PARALLEL = 64
-
-
-def num_parallel() -> int | None:
-    """``OFFLOAD_NUM_PARALLEL`` (Ollama's ``OLLAMA_NUM_PARALLEL``): sequences each runner decodes at
-    once; None when unset (the planner chooses)."""
-    v = os.environ.get("OFFLOAD_NUM_PARALLEL", "").strip()
-    if not v:
-        return None
-    try:
-        n = int(v)
-    except ValueError:
-        raise ConfigError(f"OFFLOAD_NUM_PARALLEL={v!r} is not a whole number (try 4)") from None
-    if not 1 <= n <= MAX_PARALLEL:
-        raise ConfigError(f"OFFLOAD_NUM_PARALLEL={n} is out of range: use 1 to {MAX_PARALLEL}")
-    return n
-
-
 def check() -> None:
-    """Read every setting once, so a bad value stops ``offload serve`` at start with its reason."""
+    """Read every ``OFFLOAD_*`` variable once, so that a bad value fails at startup, not on the
+    first request; ``ConfigError`` names the variable."""
     host()
     keep_alive_s()
-    gpu_memory_bytes()
+    try:
+        gpu_memory_budgets()
+    except ConfigError as e:
+        raise ConfigError(f"OFFLOAD_GPU_MEMORY: {e}") from None
+    kv_cache_type()
     num_parallel()
     load_timeout_s()
     for name, read in (("OFFLOAD_MAX_LOADED_MODELS", max_loaded_models), ("OFFLOAD_MAX_QUEUE", max_queue)):

