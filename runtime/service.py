@@ -84,10 +84,13 @@ def _run(
         if isinstance(ev, Stats):
             runner.last_stats = ev  # what the last generation did, for `ps` and tests
         yield ev
-        if isinstance(ev, Stats) and ev.alone:
-            # After the answer is out: a request that ran alone calibrates this machine's speed
-            # model (batched steps measure another thing).
-            calibration.record(runner.plan, runner.info.digest, ev)
+        if isinstance(ev, Stats):
+            # After the answer is out: the lengths this model serves shape its next plan, and a
+            # request that ran alone calibrates this machine's speed model (batched steps measure
+            # another thing).
+            calibration.record_workload(runner.info.digest, ev.prompt_eval_count, ev.eval_count)
+            if ev.alone:
+                calibration.record(runner.plan, runner.info.digest, ev)
 
 
 def _check_common(name: str, req: dict[str, Any], template: str | None) -> bool | None:

@@ -83,3 +83,18 @@ def test_speed_params_are_fitted_from_recorded_runs(tmp_path: Path) -> None:
     assert stored["n_runs"] == 2 and stored["params"]["cpu_bw_eff"] == params.cpu_bw_eff
     calibration._fit_cache.clear()  # as a new process would see it: the stored fit is reused
     assert calibration.observations("fp-test")[1] and calibration.speed_params_for("fp-test") == (params, 2)
+
+
+def test_served_requests_record_the_models_workload(server) -> None:  # type: ignore[no-untyped-def]
+    import httpx
+
+    from tests.runtime.conftest import MODEL
+
+    digest = server.store.resolve(MODEL).digest
+    before = len(calibration._read_workloads(calibration.workloads_path())["models"].get(digest, {}).get("requests", []))
+    r = httpx.post(f"{server.url}/api/generate", timeout=120,
+                   json={"model": MODEL, "prompt": "Workload probe, a prompt of some words", "stream": False,
+                         "options": {"num_predict": 3, "temperature": 0}})
+    assert r.status_code == 200
+    reqs = calibration._read_workloads(calibration.workloads_path())["models"][digest]["requests"]
+    assert len(reqs) == before + 1 and reqs[-1] == [r.json()["prompt_eval_count"], 3]
