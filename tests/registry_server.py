@@ -12,6 +12,7 @@ import hashlib
 import json
 import re
 import socket
+import struct
 import threading
 import uuid
 from dataclasses import dataclass, field
@@ -24,6 +25,22 @@ MANIFEST_TYPE = "application/vnd.docker.distribution.manifest.v2+json"
 def sha256(data: bytes) -> str:
     """``sha256:<hex>`` of ``data``."""
     return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def gguf_bytes(n_bytes: int, seed: int = 1) -> bytes:
+    """A valid GGUF of exactly ``n_bytes``: a small header, then one int8 tensor of random bytes."""
+    import random
+
+    def string(text: bytes) -> bytes:
+        return struct.pack("<Q", len(text)) + text
+
+    head = b"GGUF" + struct.pack("<IQQ", 3, 1, 1)
+    head += string(b"general.architecture") + struct.pack("<I", 8) + string(b"llama")
+    n_data = n_bytes - (len(head) + len(string(b"w")) + 4 + 8 + 4 + 8 + 31) // 32 * 32
+    head += string(b"w") + struct.pack("<IQIQ", 1, n_data, 24, 0)  # one dim, GGML_TYPE_I8
+    head += bytes(-len(head) % 32)
+    assert n_data > 0 and len(head) + n_data == n_bytes, "too small for a GGUF"
+    return head + random.Random(seed).randbytes(n_data)
 
 
 @dataclass
