@@ -39,7 +39,9 @@ __all__ = ["register", "open_store", "human_bytes", "human_ago"]
 def open_store() -> Store:
     """Our store, with the Ollama store (if any) read-only behind it."""
     ollama = config.ollama_models_dir()
-    return Store(config.models_dir(), read_only_roots=[ollama] if ollama else [])
+    store = Store(config.models_dir(), read_only_roots=[ollama] if ollama else [])
+    store.prune_stale()  # what a killed create or pull left behind
+    return store
 
 
 def human_bytes(n: int) -> str:
