@@ -1,7 +1,8 @@
 """Blob uploads (``POST /api/blobs/:digest``) that no client can use to pin or fill the server.
 
-The body is read in the event loop and written in short thread calls, a megabyte at a time, so an
-upload holds no thread while it waits for bytes. A body that stops sending (for
+The body is read in the event loop and handed, a megabyte at a time, to a writer thread of the
+upload's own, which hashes and writes it and ends with the upload whatever happens, so no thread
+outlives its upload or waits on a client that is gone. A body that stops sending (for
 ``OFFLOAD_UPLOAD_TIMEOUT``) or trickles (slower than 16 KiB/s once that time has passed) is cut
 off with 408; a body larger than ``OFFLOAD_MAX_UPLOAD_SIZE`` gets 413, at once when its
 ``Content-Length`` says so; more than ``OFFLOAD_MAX_UPLOADS`` at once get 503; one the disk cannot
@@ -12,12 +13,12 @@ temporary file before the answer goes out.
 from __future__ import annotations
 
 import asyncio
+import queue
 import shutil
+import threading
 import time
 from typing import Any
 
-import anyio
-import anyio.to_thread
 from fastapi import Request
 
 from offload.models.errors import DiskFull
@@ -28,6 +29,7 @@ from offload.runtime import config
 __all__ = ["TooManyUploads", "UploadTooLarge", "UploadTooSlow", "receive_blob"]
 
 _FLUSH_BYTES = 1 << 20
+_QUEUE_CHUNKS = 4
 _MIN_RATE_BPS = 16 << 10
 
 
@@ -65,7 +67,6 @@ class _Slots:
 
     def __init__(self, limit: int) -> None:
         self.limit, self.active = limit, 0
-        self.threads = anyio.CapacityLimiter(limit)
 
 
 def _slots(request: Request) -> _Slots:
@@ -81,7 +82,70 @@ def _declared_bytes(request: Request) -> int | None:
     return int(value) if value.isdigit() else None
 
 
-async def _pump(request: Request, writer: BlobWriter, cap: int, limiter: Any) -> None:
+class _Writer:
+    """The upload's thread: writes what the event loop hands it, then commits or drops the blob.
+
+    The thread only ever waits on its queue, and the event loop always ends it (a final ``None``
+    after setting ``commit`` or not), so it cannot be left waiting by a client that went away.
+    """
+
+    def __init__(self, store: Store, digest: str, loop: asyncio.AbstractEventLoop) -> None:
+        self.store, self.digest, self.loop = store, digest, loop
+        self.queue: queue.Queue[bytes | None] = queue.Queue(maxsize=_QUEUE_CHUNKS)
+        self.commit = False
+        self.stopped = threading.Event()
+        self.error: BaseException | None = None
+        self.finished: asyncio.Future[None] = loop.create_future()
+        self.thread = threading.Thread(target=self._run, name="offload-upload", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        writer: BlobWriter | None = None
+        try:
+            writer = self.store.blob_writer(self.digest)
+            while (chunk := self.queue.get()) is not None and not self.stopped.is_set():
+                writer.write(chunk)
+            if self.commit and not self.stopped.is_set():
+                writer.commit()
+                writer = None
+        except BaseException as e:  # noqa: BLE001 - handed to the event loop, which raises it
+            self.error = e
+            self.stopped.set()
+        finally:
+            if writer is not None:
+                writer.abort()
+            self.loop.call_soon_threadsafe(self._finish)
+
+    def _finish(self) -> None:
+        if not self.finished.done():
+            self.finished.set_result(None)
+
+    async def put(self, chunk: bytes) -> None:
+        """Hand over a chunk, waiting (without a thread) while the writer is behind."""
+        while not self.stopped.is_set():
+            try:
+                self.queue.put_nowait(chunk)
+                return
+            except queue.Full:
+                await asyncio.sleep(0.002)
+        self.raise_error()
+
+    def raise_error(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def end(self, commit: bool) -> None:
+        """Tell the thread to finish; never blocks (a full queue is drained by the thread)."""
+        self.commit = commit
+        if not commit:
+            self.stopped.set()
+        try:
+            self.queue.put_nowait(None)
+        except queue.Full:
+            self.stopped.set()  # the thread sees this after the chunk in hand, and drops the blob
+
+
+async def _pump(request: Request, writer: _Writer, cap: int) -> None:
     idle_s = config.upload_timeout_s()
     start = time.monotonic()
     received = 0
@@ -108,10 +172,10 @@ async def _pump(request: Request, writer: BlobWriter, cap: int, limiter: Any) ->
             )
         buf += chunk
         if len(buf) >= _FLUSH_BYTES:
-            await anyio.to_thread.run_sync(writer.write, bytes(buf), limiter=limiter)
+            await writer.put(bytes(buf))
             buf.clear()
     if buf:
-        await anyio.to_thread.run_sync(writer.write, bytes(buf), limiter=limiter)
+        await writer.put(bytes(buf))
 
 
 async def receive_blob(request: Request, store: Store, digest: str) -> None:
@@ -129,15 +193,15 @@ async def receive_blob(request: Request, store: Store, digest: str) -> None:
     if slots.active >= slots.limit:
         raise TooManyUploads(slots.limit)
     slots.active += 1
-    writer: BlobWriter | None = None
+    writer = _Writer(store, digest, asyncio.get_running_loop())
+    committed = False
     try:
-        writer = await anyio.to_thread.run_sync(
-            store.blob_writer, digest, limiter=slots.threads
-        )
-        await _pump(request, writer, cap, slots.threads)
-        await anyio.to_thread.run_sync(writer.commit, limiter=slots.threads)
-        writer = None
+        await _pump(request, writer, cap)
+        writer.end(commit=True)
+        committed = True
+        await asyncio.shield(writer.finished)
+        writer.raise_error()
     finally:
-        if writer is not None:
-            writer.abort()  # fast (close and unlink), so it is safe even while being cancelled
+        if not committed:
+            writer.end(commit=False)
         slots.active -= 1
