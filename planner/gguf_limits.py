@@ -80,8 +80,8 @@ def _fail(path: str, problem: str) -> GGUFError:
 
 
 def _show(value: Any) -> str:
-    """A value for a one-line message: short, whatever it is."""
-    text = repr(value)
+    """A value for a one-line message: short, whatever it is (float32s without their noise)."""
+    text = f"{value:.6g}" if isinstance(value, float) else repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
 
 
@@ -168,13 +168,13 @@ def _check_floats(path: str, md: Mapping[str, Any], arch: str) -> None:
         if not _is_number(v):
             raise _fail(path, f"{key} is {_show(v)}, expected a number")
         if not math.isfinite(v):
-            raise _fail(path, f"{key} is {v}, expected a finite number")
+            raise _fail(path, f"{key} is {_show(v)}, expected a finite number")
         if suffix in _EPSILONS and not 0 < v < 1:
-            raise _fail(path, f"{key} is {v}, expected a small positive number such as 1e-6")
+            raise _fail(path, f"{key} is {_show(v)}, expected a small positive number such as 1e-6")
         if suffix in _POSITIVE_FLOATS and v <= 0:
-            raise _fail(path, f"{key} is {v}, expected a positive number")
+            raise _fail(path, f"{key} is {_show(v)}, expected a positive number")
         if suffix in _FINITE_FLOATS and v < 0:
-            raise _fail(path, f"{key} is {v}, expected zero or more")
+            raise _fail(path, f"{key} is {_show(v)}, expected zero or more")
 
 
 def check_metadata(
