@@ -20,6 +20,13 @@ __all__ = [
 ]
 
 
+def _human_bytes(n: int) -> str:
+    for unit, div in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= div:
+            return f"{n / div:.1f} {unit}"
+    return f"{n} bytes"
+
+
 class ModelError(OffloadError):
     """Something about a model's name, files or store went wrong."""
 
@@ -146,8 +153,8 @@ class DiskFull(StoreError):
     ) -> None:
         if free_bytes is not None:
             message = (
-                f"not enough disk space for {path}: it needs {total_bytes} bytes and "
-                f"{free_bytes} are free; free some space and try again"
+                f"not enough disk space for {path}: it needs {_human_bytes(total_bytes)} and "
+                f"{_human_bytes(free_bytes)} are free; free some space and try again"
             )
         elif resumable:
             message = (

@@ -163,7 +163,7 @@ def _check_layer(layer: Any, where: str, config: bool = False) -> dict[str, Any]
         raise InvalidManifest(f"{where} is {type(layer).__name__}, expected an object")
     media, size = layer.get("mediaType"), layer.get("size")
     if not isinstance(media, str) or not _MEDIA_TYPE.match(media):
-        raise InvalidManifest(f"{where} has media type {str(media)[:60]!r}")
+        raise InvalidManifest(f"{where} has media type {repr(media)[:60]}")
     if not config and not media.startswith(MEDIA_PREFIX):
         raise InvalidManifest(f"{where} has media type {media!r}, not an Ollama layer")
     try:
@@ -171,7 +171,7 @@ def _check_layer(layer: Any, where: str, config: bool = False) -> dict[str, Any]
     except InvalidDigest as e:
         raise InvalidManifest(f"{where}: {e}") from None
     if isinstance(size, bool) or not isinstance(size, int) or size < 0:
-        raise InvalidManifest(f"{where} has size {str(size)[:40]!r}, expected bytes")
+        raise InvalidManifest(f"{where} has size {repr(size)[:40]}, expected a byte count")
     cap = MAX_CONFIG_BYTES if config else layer_cap_bytes(media)
     if size > cap:
         raise InvalidManifest(f"{where} declares {size} bytes, more than the {cap} allowed")
