@@ -68,26 +68,28 @@ def model_file(
         p = p if p.is_absolute() else base_dir / p
         if allowed is not None and not _inside(p, allowed):
             raise PathNotAllowed(what, value, line)
-        st = p.stat()
+        # Opened without blocking and checked on the open file: a FIFO or a device never blocks.
+        f = os.fdopen(os.open(p, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb")
     except (FileNotFoundError, NotADirectoryError):
         raise ModelfileError(f"{what} {value}: no such file", line) from None
     except (OSError, ValueError, RuntimeError) as e:
         if allowed is not None:
             raise PathNotAllowed(what, value, line) from None
         raise ModelfileError(f"{what} {value}: cannot read it ({e})", line) from None
-    if stat.S_ISDIR(st.st_mode):
-        raise ModelfileError(
-            f"{what} {value} is a folder; offload imports GGUF files only (convert safetensors "
-            "with llama.cpp's convert_hf_to_gguf.py first)",
-            line,
-        )
-    if not stat.S_ISREG(st.st_mode):
-        raise ModelfileError(f"{what} {value} is not a regular file (a pipe or a device?)", line)
-    try:
-        with p.open("rb") as f:
+    with f:
+        mode = os.fstat(f.fileno()).st_mode
+        if stat.S_ISDIR(mode):
+            raise ModelfileError(
+                f"{what} {value} is a folder; offload imports GGUF files only (convert "
+                "safetensors with llama.cpp's convert_hf_to_gguf.py first)",
+                line,
+            )
+        if not stat.S_ISREG(mode):
+            raise ModelfileError(f"{what} {value} is not a regular file (a pipe or a device?)", line)
+        try:
             magic = f.read(4)
-    except OSError as e:
-        raise ModelfileError(f"{what} {value}: cannot read it ({e.strerror})", line) from None
+        except OSError as e:
+            raise ModelfileError(f"{what} {value}: cannot read it ({e.strerror})", line) from None
     if magic != b"GGUF":
         raise ModelfileError(f"{what} {value} is not a GGUF file", line)
     try:

@@ -11,6 +11,7 @@ llama.cpp asserts on (``gguf_limits``), so a hostile header costs a ``GGUFError`
 from __future__ import annotations
 
 import os
+import stat
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -252,13 +253,17 @@ def read_header(
     """Read and check a GGUF file's metadata and tensor table; ``GGUFError`` on anything unusable."""
     p = Path(path)
     try:
-        st = p.stat()
-        if not p.is_file():
-            raise GGUFError(p, "it is not a regular file")
-        size = st.st_size
-        f = p.open("rb")
+        # Non-blocking, then checked on the open file: a FIFO or device never blocks us, even one
+        # swapped in after a caller looked at the path.
+        fd = os.open(p, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except OSError as e:
         raise GGUFError(p, f"cannot open it ({e.strerror})") from None
+    f = os.fdopen(fd, "rb")
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        f.close()
+        raise GGUFError(p, "it is not a regular file")
+    size = st.st_size
     with f:
         r = _Reader(f, p, size)
         if size < 24:
