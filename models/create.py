@@ -11,17 +11,15 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from offload.models import gotemplate
-from offload.models.errors import ModelError
-from offload.models.modelfile import Modelfile, ModelfileError, parse_modelfile
-from offload.models.names import ModelName, parse_name
-from offload.models.store import (
+from offload.models.errors import ModelError, StoreError
+from offload.models.layout import (
+    MAX_TEXT_BYTES,
     MEDIA_ADAPTER,
     MEDIA_LICENSE,
     MEDIA_MESSAGES,
@@ -30,13 +28,27 @@ from offload.models.store import (
     MEDIA_PROJECTOR,
     MEDIA_SYSTEM,
     MEDIA_TEMPLATE,
-    Store,
+    open_temp,
+    read_capped,
     sha256_file,
 )
+from offload.models.modelfile import Modelfile, ModelfileError, parse_modelfile
+from offload.models.names import ModelName, parse_name
+from offload.models.sources import is_path, model_file
+from offload.models.store import Store
 from offload.planner.errors import GGUFError
-from offload.planner.gguf_header import read_header
+from offload.planner.gguf_header import GGUFHeader, read_header
 
-__all__ = ["FILE_TYPES", "Quantizer", "create", "file_type_name", "gguf_config", "quant_type"]
+__all__ = [
+    "FILE_TYPES",
+    "CheckedSources",
+    "Quantizer",
+    "check_sources",
+    "create",
+    "file_type_name",
+    "gguf_config",
+    "quant_type",
+]
 
 log = logging.getLogger(__name__)
 
@@ -84,9 +96,9 @@ def _human_count(n: int) -> str:
     return str(n)
 
 
-def gguf_config(path: Path) -> dict[str, Any]:
+def gguf_config(path: Path, header: GGUFHeader | None = None) -> dict[str, Any]:
     """The config-blob fields Ollama derives from a GGUF header (family, size, file type)."""
-    h = read_header(path)
+    h = header or read_header(path)
     md = h.metadata
     arch = str(md.get("general.architecture", "unknown"))
     n_params = 0
@@ -102,29 +114,6 @@ def gguf_config(path: Path) -> dict[str, Any]:
         "model_type": _human_count(n_params),
         "file_type": file_type_name(md.get("general.file_type")),
     }
-
-
-def _is_path(value: str, base_dir: Path) -> bool:
-    if value.startswith(("/", "./", "../", "~", ".\\")) or value.lower().endswith(".gguf"):
-        return True
-    return (base_dir / value).exists()
-
-
-def _file(value: str, base_dir: Path, what: str, line: int | None) -> Path:
-    p = Path(value).expanduser()
-    p = p if p.is_absolute() else base_dir / p
-    if not p.exists():
-        raise ModelfileError(f"{what} {value}: no such file", line)
-    if p.is_dir():
-        raise ModelfileError(
-            f"{what} {value} is a folder; offload imports GGUF files only (convert safetensors "
-            "with llama.cpp's convert_hf_to_gguf.py first)",
-            line,
-        )
-    with p.open("rb") as f:
-        if f.read(4) != b"GGUF":
-            raise ModelfileError(f"{what} {value} is not a GGUF file", line)
-    return p
 
 
 def _import_file(store: Store, path: Path, media: str, report: Progress) -> dict[str, Any]:
@@ -143,6 +132,66 @@ def _text_layer(store: Store, media: str, data: bytes, report: Progress) -> dict
     return layer
 
 
+@dataclass(frozen=True)
+class CheckedSources:
+    """What a Modelfile's FROM and ADAPTER lines resolved to, every file checked."""
+
+    model_file: Path | None  # FROM a file
+    base: tuple[Store, dict[str, Any]] | None  # FROM a model: its store and manifest
+    header: GGUFHeader  # the model's checked header
+    adapters: tuple[Path, ...]
+
+
+def check_sources(
+    store: Store,
+    mf: Modelfile,
+    *,
+    base_dir: Path,
+    allowed_dirs: Sequence[Path] | None = None,
+) -> CheckedSources:
+    """Check everything a Modelfile names, writing nothing; ``ModelfileError`` naming the line."""
+    from_line = mf.lines.get("FROM")
+    if mf.template is not None:
+        try:
+            gotemplate.parse(mf.template)
+        except gotemplate.TemplateError as e:
+            start = mf.lines.get("TEMPLATE")
+            line = start + e.line - 1 if start and e.line else start
+            raise ModelfileError(f"TEMPLATE does not parse: {e.problem}", line) from None
+    adapters = tuple(
+        model_file(a, base_dir, "ADAPTER", mf.lines.get(f"ADAPTER{i}"), allowed_dirs)[0]
+        for i, a in enumerate(mf.adapters)
+    )
+    if is_path(mf.from_, base_dir, allowed_dirs):
+        path, header = model_file(mf.from_, base_dir, "FROM", from_line, allowed_dirs)
+        return CheckedSources(path, None, header, adapters)
+    try:
+        holder, raw = store.locate_manifest(mf.from_)
+        manifest = holder._parse(parse_name(mf.from_), raw)
+    except ModelError as e:
+        raise ModelfileError(f"FROM {mf.from_}: {e}", from_line) from None
+    model = next((x for x in manifest["layers"] if x["mediaType"] == MEDIA_MODEL), None)
+    path = holder.find_blob(model["digest"]) if model else None
+    if path is None:
+        raise ModelfileError(f"FROM {mf.from_}: that model has no weights layer", from_line)
+    try:
+        header = read_header(path)
+    except GGUFError as e:
+        raise ModelfileError(f"FROM {mf.from_}: {e.problem}", from_line) from None
+    return CheckedSources(None, (holder, manifest), header, adapters)
+
+
+def _base_params(store: Store, digest: str, name: str) -> dict[str, Any]:
+    p = store.find_blob(digest)
+    try:
+        params = json.loads(read_capped(p, MAX_TEXT_BYTES, "parameters")) if p else None
+    except (OSError, StoreError, ValueError, UnicodeDecodeError):
+        params = None
+    if not isinstance(params, dict):
+        raise ModelfileError(f"FROM {name}: that model's parameters are unreadable")
+    return params
+
+
 def create(
     store: Store,
     name: str | ModelName,
@@ -152,55 +201,51 @@ def create(
     quantize: str | None = None,
     quantizer: Quantizer | None = None,
     progress: Progress | None = None,
+    allowed_dirs: Sequence[Path] | None = None,
 ) -> str:
-    """Create ``name`` from a Modelfile (text or parsed); return the new manifest's digest."""
+    """Create ``name`` from a Modelfile (text or parsed); return the new manifest's digest.
+
+    ``allowed_dirs`` is None for the user's own files (CLI, library); for a request over HTTP it
+    lists the only folders FROM and ADAPTER files may come from (see ``offload.models.sources``).
+    Every file is checked before anything is written, so a refused create leaves nothing behind.
+    """
     report = progress or _noop
     mn = parse_name(name) if isinstance(name, str) else name
     base_dir = Path(base_dir or Path.cwd())
     report({"status": "parsing modelfile"})
     mf = parse_modelfile(modelfile) if isinstance(modelfile, str) else modelfile
+    checked = check_sources(store, mf, base_dir=base_dir, allowed_dirs=allowed_dirs)
+    if quantize:
+        _check_quantizable(checked.header, quantize, quantizer)
     from_line = mf.lines.get("FROM")
-    if mf.template is not None:
-        try:
-            gotemplate.parse(mf.template)
-        except gotemplate.TemplateError as e:
-            start = mf.lines.get("TEMPLATE")
-            line = start + e.line - 1 if start and e.line else start
-            raise ModelfileError(f"TEMPLATE does not parse: {e.problem}", line) from None
 
     inherited: dict[str, list[dict[str, Any]]] = {}
     base_params: dict[str, Any] = {}
-    if _is_path(mf.from_, base_dir):
-        model_file = _file(mf.from_, base_dir, "FROM", from_line)
-        model_layer = _import_file(store, model_file, MEDIA_MODEL, report)
+    if checked.model_file is not None:
+        model_layer = _import_file(store, checked.model_file, MEDIA_MODEL, report)
         inherited[MEDIA_MODEL] = [model_layer]
     else:
-        try:
-            holder, raw = store.locate_manifest(mf.from_)
-        except ModelError as e:
-            raise ModelfileError(f"FROM {mf.from_}: {e}", from_line) from None
-        for layer in json.loads(raw).get("layers", []):
+        assert checked.base is not None
+        holder, manifest = checked.base
+        for layer in manifest["layers"]:
             inherited.setdefault(layer["mediaType"], []).append(layer)
             if holder is not store and not store.blob_path(layer["digest"]).is_file():
                 # Blobs from the read-only Ollama store are copied so our manifest is whole.
                 store.add_blob_file(holder.blob_path(layer["digest"]), expected=layer["digest"])
         if MEDIA_PARAMS in inherited:
-            base_params = json.loads(
-                store.find_blob(inherited[MEDIA_PARAMS][0]["digest"]).read_bytes()
-            )  # type: ignore[union-attr]
-        if MEDIA_MODEL not in inherited:
-            raise ModelfileError(f"FROM {mf.from_}: that model has no weights layer", from_line)
+            base_params = _base_params(store, inherited[MEDIA_PARAMS][0]["digest"], mf.from_)
 
     model_path = store.find_blob(inherited[MEDIA_MODEL][0]["digest"])
     assert model_path is not None
+    header = checked.header
     if quantize:
         inherited[MEDIA_MODEL] = [_quantize(store, model_path, quantize, quantizer, report)]
         model_path = store.find_blob(inherited[MEDIA_MODEL][0]["digest"])
         assert model_path is not None
+        header = read_header(model_path)
 
     layers: dict[str, list[dict[str, Any]]] = dict(inherited)
-    for i, adapter in enumerate(mf.adapters):
-        path = _file(adapter, base_dir, "ADAPTER", mf.lines.get(f"ADAPTER{i}"))
+    for path in checked.adapters:
         layers.setdefault(MEDIA_ADAPTER, []).append(
             _import_file(store, path, MEDIA_ADAPTER, report)
         )
@@ -224,9 +269,9 @@ def create(
     ordered = [layer for media in _LAYER_ORDER for layer in layers.get(media, [])]
     ordered += [layer for media, ls in layers.items() if media not in _LAYER_ORDER for layer in ls]
     try:
-        config = gguf_config(model_path)
+        config = gguf_config(model_path, header)
     except GGUFError as e:
-        raise ModelfileError(f"FROM {mf.from_}: {e}", from_line) from None
+        raise ModelfileError(f"FROM {mf.from_}: {e.problem}", from_line) from None
     config["rootfs"] = {"type": "layers", "diff_ids": [layer["digest"] for layer in ordered]}
     report({"status": "writing manifest"})
     digest = store.write_manifest(mn, store.new_manifest(ordered, config))
@@ -235,11 +280,9 @@ def create(
     return digest
 
 
-def _quantize(
-    store: Store, src: Path, quantize: str, quantizer: Quantizer | None, report: Progress
-) -> dict[str, Any]:
+def _check_quantizable(header: GGUFHeader, quantize: str, quantizer: Quantizer | None) -> int:
     ftype = quant_type(quantize)
-    current = read_header(src).metadata.get("general.file_type")
+    current = header.metadata.get("general.file_type")
     if current not in _UNQUANTIZED:
         raise ModelError(
             f"quantize: only F16, BF16 or F32 models can be quantized, this one is "
@@ -247,14 +290,23 @@ def _quantize(
         )
     if quantizer is None:
         raise ModelError("quantize: no quantizer available in this build")
+    return ftype
+
+
+def _quantize(
+    store: Store, src: Path, quantize: str, quantizer: Quantizer | None, report: Progress
+) -> dict[str, Any]:
+    header = read_header(src)
+    ftype = _check_quantizable(header, quantize, quantizer)
+    assert quantizer is not None
+    current = header.metadata.get("general.file_type")
     report({"status": f"quantizing {file_type_name(current)} model to {file_type_name(ftype)}"})
-    tmp_dir = store.root / ".tmp"
-    tmp_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=tmp_dir, suffix=".gguf")
-    os.close(fd)
-    tmp = Path(tmp_name)
+    # A locked temporary file: if this process dies mid-quantize, the store prunes it.
+    f, tmp = open_temp(store.root / ".tmp")
     try:
         quantizer(src, tmp, ftype)
+        read_header(tmp)
         return _import_file(store, tmp, MEDIA_MODEL, report)
     finally:
+        f.close()
         tmp.unlink(missing_ok=True)

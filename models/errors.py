@@ -14,9 +14,17 @@ __all__ = [
     "RegistryUnreachable",
     "RegistryModelNotFound",
     "AuthRequired",
+    "BlobOverflow",
     "DownloadInterrupted",
     "DiskFull",
 ]
+
+
+def _human_bytes(n: int) -> str:
+    for unit, div in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= div:
+            return f"{n / div:.1f} {unit}"
+    return f"{n} bytes"
 
 
 class ModelError(OffloadError):
@@ -107,6 +115,17 @@ class AuthRequired(RegistryError):
         self.status = status
 
 
+class BlobOverflow(RegistryError):
+    """A registry sent more bytes for a blob than its manifest declares; the download is dropped."""
+
+    def __init__(self, host: str, digest: str, size: int) -> None:
+        super().__init__(
+            f"{host} sent more than the {size} bytes its manifest declares for {digest[:19]}; "
+            "the download was discarded"
+        )
+        self.digest = digest
+
+
 class DownloadInterrupted(RegistryError):
     """The connection broke mid-blob; the partial file is kept for resume."""
 
@@ -119,13 +138,30 @@ class DownloadInterrupted(RegistryError):
 
 
 class DiskFull(StoreError):
-    """No space left while writing into the store; nothing half-written is visible."""
+    """No space left for what is being written into the store; nothing half-written is visible."""
 
     http_status = 507
 
-    def __init__(self, path: str, done_bytes: int, total_bytes: int) -> None:
-        super().__init__(
-            f"disk full while writing {path} ({done_bytes} of {total_bytes} bytes kept for "
-            "resume); free some space and pull again"
-        )
+    def __init__(
+        self,
+        path: str,
+        done_bytes: int = 0,
+        total_bytes: int = 0,
+        *,
+        resumable: bool = False,
+        free_bytes: int | None = None,
+    ) -> None:
+        if free_bytes is not None:
+            message = (
+                f"not enough disk space for {path}: it needs {_human_bytes(total_bytes)} and "
+                f"{_human_bytes(free_bytes)} are free; free some space and try again"
+            )
+        elif resumable:
+            message = (
+                f"disk full while writing {path} ({done_bytes} of {total_bytes} bytes kept for "
+                "resume); free some space and pull again"
+            )
+        else:
+            message = f"disk full while writing {path}; free some space and try again"
+        super().__init__(message)
         self.path = path

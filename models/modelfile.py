@@ -7,6 +7,9 @@ string (``\\"`` escapes a quote), or a ``\"\"\"multi-line\"\"\"`` block.
 
 from __future__ import annotations
 
+import json
+import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,9 +32,16 @@ class ModelfileError(ModelError):
     http_status = 400
 
     def __init__(self, problem: str, line: int | None = None) -> None:
+        # One line whatever the Modelfile held: line breaks inside quoted values are escaped.
+        problem = problem.replace("\r", "\\r").replace("\n", "\\n")
         super().__init__(f"Modelfile line {line}: {problem}" if line else f"Modelfile: {problem}")
         self.problem = problem
         self.line = line
+
+
+def _shown(text: str, limit: int = 80) -> str:
+    """A value quoted for a one-line message: escaped, and cut when long."""
+    return json.dumps(text[:limit] + ("..." if len(text) > limit else ""), ensure_ascii=False)
 
 
 def _int(text: str) -> int:
@@ -39,7 +49,10 @@ def _int(text: str) -> int:
 
 
 def _float(text: str) -> float:
-    return float(text)
+    value = float(text)
+    if not math.isfinite(value):  # NaN and infinity are no setting, and not JSON either
+        raise ValueError(text)
+    return value
 
 
 def _bool(text: str) -> bool:
@@ -51,7 +64,7 @@ def _bool(text: str) -> bool:
     raise ValueError(text)
 
 
-_TYPE_WORDS = {_int: "an integer", _float: "a number", _bool: "true or false", str: "a string"}
+_TYPE_WORDS = {_int: "an integer", _float: "a finite number", _bool: "true or false", str: "a string"}
 
 #: Ollama's option names and how each value is read; ``stop`` may repeat and collects a list.
 PARAMETER_TYPES: dict[str, Callable[[str], Any]] = {
@@ -94,7 +107,7 @@ def coerce_parameter(name: str, value: Any, line: int | None = None) -> Any:
     key = name.lower()
     if key not in PARAMETER_TYPES:
         raise ModelfileError(
-            f'unknown parameter "{name}", expected one of {", ".join(sorted(PARAMETER_TYPES))}',
+            f"unknown parameter {_shown(name)}, expected one of {', '.join(sorted(PARAMETER_TYPES))}",
             line,
         )
     reader = PARAMETER_TYPES[key]
@@ -104,7 +117,7 @@ def coerce_parameter(name: str, value: Any, line: int | None = None) -> Any:
         return reader(value.strip())
     except ValueError:
         raise ModelfileError(
-            f'PARAMETER {key} expects {_TYPE_WORDS[reader]}, got "{value}"', line
+            f"PARAMETER {key} expects {_TYPE_WORDS[reader]}, got {_shown(value)}", line
         ) from None
 
 
@@ -199,7 +212,8 @@ def _read_value(text: str, pos: int, line: int, lines_of: Callable[[int], int]) 
 
 def parse_modelfile(text: str) -> Modelfile:
     """Parse Modelfile text; raise ``ModelfileError`` naming the line and what was expected."""
-    text = text.replace("\r\n", "\n")
+    # CRLF line ends, however many CRs: a fixpoint, so a parsed value never holds CR LF itself.
+    text = re.sub(r"\r+\n", "\n", text)
     starts = [0] + [i + 1 for i, c in enumerate(text) if c == "\n"]
 
     def line_of(index: int) -> int:
@@ -229,7 +243,8 @@ def parse_modelfile(text: str) -> Modelfile:
         instr = word.upper()
         if instr not in _INSTRUCTIONS:
             raise ModelfileError(
-                f'unknown instruction "{word}", expected one of {", ".join(_INSTRUCTIONS)}', line
+                f"unknown instruction {_shown(word)}, expected one of {', '.join(_INSTRUCTIONS)}",
+                line,
             )
         vpos = lead + len(word)
         while vpos < eol and text[vpos] in " \t":
@@ -256,6 +271,8 @@ def parse_modelfile(text: str) -> Modelfile:
         elif instr == "PARAMETER":
             name = key.lower()
             coerced = coerce_parameter(name, value, line)
+            if coerced == "":
+                raise ModelfileError(f"PARAMETER {name} needs a value", line)
             if name == "stop":
                 mf.parameters.setdefault("stop", []).append(coerced)
             else:
@@ -273,7 +290,9 @@ def parse_modelfile(text: str) -> Modelfile:
         elif instr == "MESSAGE":
             role = key.lower()
             if role not in ROLES:
-                raise ModelfileError(f'MESSAGE role "{key}" is not one of {", ".join(ROLES)}', line)
+                raise ModelfileError(
+                    f"MESSAGE role {_shown(key)} is not one of {', '.join(ROLES)}", line
+                )
             mf.messages.append(Message(role, value))
     if from_ is None:
         raise ModelfileError("no FROM instruction, expected FROM <model name or GGUF file>")

@@ -4,16 +4,20 @@ A pull fetches the manifest, then the config and layers into ``blobs/``: large b
 ranged chunks, resuming from partial files (``Range``, and starting over on a 200), each verified
 against its sha256 before an atomic rename, under a file lock per blob. The manifest is written
 last, so a pull that dies midway never leaves a model that looks complete. httpx lives only here.
+
+A registry is untrusted: the manifest is read under a size cap and its shape checked, declared
+sizes are capped by media type and checked against free disk space before anything is written,
+no blob is read past its declared size, and each blob's content is checked for its media type
+(a config is a JSON object, a model is a GGUF whose header passes) before it enters the store.
 """
 
 from __future__ import annotations
 
-import errno
-import hashlib
 import json
 import logging
 import os
 import re
+import shutil
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +30,7 @@ from filelock import FileLock
 
 from offload.models.errors import (
     AuthRequired,
+    BlobOverflow,
     DigestMismatch,
     DiskFull,
     DownloadInterrupted,
@@ -33,9 +38,25 @@ from offload.models.errors import (
     RegistryModelNotFound,
     RegistryUnreachable,
 )
-from offload.models.layout import MEDIA_MANIFEST, atomic_write, check_digest
+from offload.models.layout import (
+    GGUF_MEDIA,
+    MAX_MANIFEST_BYTES,
+    MEDIA_CONFIG,
+    MEDIA_MANIFEST,
+    MEDIA_MESSAGES,
+    MEDIA_PARAMS,
+    InvalidManifest,
+    atomic_write,
+    check_digest,
+    check_manifest,
+    no_space,
+    read_capped,
+    sha256_file,
+)
 from offload.models.names import ModelName, parse_name
 from offload.models.store import Store
+from offload.planner.errors import GGUFError
+from offload.planner.gguf_header import read_header
 
 __all__ = ["Progress", "pull", "push", "CHUNK_BYTES"]
 
@@ -43,10 +64,9 @@ log = logging.getLogger(__name__)
 
 Progress = Callable[[dict[str, Any]], None]
 CHUNK_BYTES = 64 * 1024 * 1024
-_READ_BYTES = 1024 * 1024
 _STATE_EVERY_BYTES = 8 * 1024 * 1024
-# Out of room, whether the disk, a quota or a file-size limit says so.
-_NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+# Room left free after a download: a disk filled to the last byte breaks more than the pull.
+_DISK_RESERVE_BYTES = 256 * 1024 * 1024
 
 
 def _noop(_: dict[str, Any]) -> None:
@@ -117,6 +137,32 @@ class _Session:
         self.check(r, what)
         return r
 
+    def get_capped(self, url: str, headers: dict[str, str], cap: int, what: str) -> bytes:
+        """GET a small document, reading at most ``cap`` bytes of it."""
+        for attempt in range(2):
+            try:
+                with self.client.stream("GET", url, headers=self._headers(headers)) as r:
+                    if r.status_code == 401 and attempt == 0 and self._anonymous_token(r):
+                        continue
+                    self.check(r, what)
+                    declared = r.headers.get("Content-Length", "")
+                    if declared.isdigit() and int(declared) > cap:
+                        raise RegistryError(
+                            f"{self.name.host} sent {what} of {declared} bytes, more than the "
+                            f"{cap} allowed"
+                        )
+                    body = bytearray()
+                    for block in r.iter_bytes():
+                        body += block
+                        if len(body) > cap:
+                            raise RegistryError(
+                                f"{self.name.host} sent {what} of more than the {cap} bytes allowed"
+                            )
+                    return bytes(body)
+            except (httpx.TransportError, httpx.StreamError) as exc:
+                raise RegistryUnreachable(self.name.host, _reason(exc)) from exc
+        raise AuthRequired(self.name.display, self.name.host, 401)
+
     @contextmanager
     def stream(self, url: str, headers: dict[str, str]) -> Iterator[httpx.Response]:
         """GET ``url`` streaming; the caller reads the body."""
@@ -135,11 +181,48 @@ def _reason(exc: Exception) -> str:
 
 def _write(f: Any, data: bytes, path: Path, done: int, total: int) -> None:
     try:
-        f.write(data)
-    except OSError as exc:
-        if exc.errno in _NO_SPACE:
-            raise DiskFull(str(path), done, total) from exc
-        raise
+        with no_space(path, done_bytes=done, total_bytes=total):
+            f.write(data)
+    except DiskFull as exc:
+        raise DiskFull(str(path), done, total, resumable=True) from exc
+
+
+def _check_room(store: Store, name: ModelName, layers: list[dict[str, Any]]) -> None:
+    """Refuse a pull the disk cannot hold, before a byte is written."""
+    needed = 0
+    for layer in layers:
+        final = store.blob_path(layer["digest"])
+        if store.find_blob(layer["digest"]) is not None:
+            continue
+        partial = final.with_name(final.name + "-partial")
+        have = partial.stat().st_size if partial.exists() and not _state_path(partial).exists() else 0
+        needed += max(0, layer["size"] - have)
+    store.blobs_dir.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(store.blobs_dir).free
+    if needed and needed + _DISK_RESERVE_BYTES > free:
+        raise DiskFull(name.display, total_bytes=needed, free_bytes=free)
+
+
+def _check_content(path: Path, layer: dict[str, Any], host: str) -> None:
+    """Refuse a downloaded blob whose content does not fit its media type."""
+    media = layer["mediaType"]
+    what = {MEDIA_CONFIG: "config", MEDIA_PARAMS: "parameters", MEDIA_MESSAGES: "messages"}
+    if media in GGUF_MEDIA:
+        try:
+            read_header(path)
+        except GGUFError as e:
+            raise RegistryError(f"{host} sent a {media.rsplit('.', 1)[1]} layer offload "
+                                f"refuses: {e.problem}") from None
+    elif media in what:
+        kind = list if media == MEDIA_MESSAGES else dict
+        try:
+            value = json.loads(read_capped(path, layer["size"], what[media]))
+        except (ValueError, UnicodeDecodeError):
+            value = None
+        if not isinstance(value, kind):
+            raise RegistryError(
+                f"{host} sent {what[media]} that is not a JSON {kind.__name__}; offload refuses it"
+            )
 
 
 # ------------------------------------------------------------------------------------ pull
@@ -161,28 +244,27 @@ def pull(
     with _client(timeout_s) as client:
         s = _Session(client, mn)
         report({"status": "pulling manifest"})
-        r = s.request(
-            "GET",
+        raw = s.get_capped(
             f"{base}/manifests/{mn.tag}",
-            "the manifest request",
-            headers={"Accept": MEDIA_MANIFEST},
+            {"Accept": MEDIA_MANIFEST},
+            MAX_MANIFEST_BYTES,
+            "a manifest",
         )
-        raw = r.content
         try:
-            manifest = json.loads(raw)
-            layers = [manifest["config"], *manifest["layers"]]
-            for layer in layers:
-                check_digest(layer["digest"])
-                int(layer["size"])
-        except (ValueError, KeyError, TypeError) as exc:
-            raise RegistryError(f"{mn.host} sent a manifest offload cannot read: {exc}") from exc
+            manifest = check_manifest(raw)
+        except InvalidManifest as exc:
+            raise RegistryError(
+                f"{mn.host} sent a manifest offload cannot use: {exc.problem}"
+            ) from None
+        layers = [manifest["config"], *manifest["layers"]]
+        _check_room(store, mn, layers)
         for layer in layers:
             _pull_blob(s, base, store, layer, report, chunk_bytes, parallel, retries)
         report({"status": "verifying sha256 digest"})
         for layer in layers:
             # Another process's rm could race us; check before the manifest makes the model visible.
             p = store.blob_path(layer["digest"])
-            if not p.exists() or p.stat().st_size != int(layer["size"]):
+            if not p.exists() or p.stat().st_size != layer["size"]:
                 raise RegistryError(f"blob {layer['digest']} vanished during the pull; pull again")
         report({"status": "writing manifest"})
         store.write_manifest_bytes(mn, raw)
@@ -201,7 +283,7 @@ def _pull_blob(
     parallel: int,
     retries: int,
 ) -> None:
-    digest, size = check_digest(layer["digest"]), int(layer["size"])
+    digest, size = check_digest(layer["digest"]), layer["size"]
     final = store.blob_path(digest)
     status = f"pulling {digest[7:19]}"
 
@@ -242,21 +324,25 @@ def _pull_blob(
                 log.warning(
                     "retrying %s after an interruption (%d/%d)", digest, attempt + 1, retries
                 )
-        actual = _sha256_file(partial)
+            except BlobOverflow:
+                _discard(partial)  # a registry that misbehaves gets no second chance here
+                raise
+        actual = sha256_file(partial)
         if actual != digest:
-            partial.unlink(missing_ok=True)
-            _state_path(partial).unlink(missing_ok=True)
+            _discard(partial)
             raise DigestMismatch(digest, actual)
+        try:
+            _check_content(partial, layer, s.name.host)
+        except RegistryError:
+            _discard(partial)
+            raise
         os.replace(partial, final)
         _state_path(partial).unlink(missing_ok=True)
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(4 * _READ_BYTES):
-            h.update(block)
-    return "sha256:" + h.hexdigest()
+def _discard(partial: Path) -> None:
+    partial.unlink(missing_ok=True)
+    _state_path(partial).unlink(missing_ok=True)
 
 
 def _download_stream(
@@ -282,6 +368,7 @@ def _download_stream(
         have = 0
     headers = {"Range": f"bytes={have}-"} if have else {}
     tell(have)
+    digest = url.rsplit("/", 1)[-1]
     try:
         with s.stream(url, headers) as r:
             if r.status_code == 416 and have == size:
@@ -294,15 +381,22 @@ def _download_stream(
                     raise RegistryError(f"{url} answered a range from {start}, asked for {have}")
             else:
                 raise RegistryError(f"{url} answered {r.status_code}")
+            declared = r.headers.get("Content-Length", "")
+            if declared.isdigit() and have + int(declared) > size:
+                raise BlobOverflow(s.name.host, digest, size)
             with open(partial, "ab" if have else "wb") as f:
                 for block in r.iter_bytes():
+                    if have + len(block) > size:
+                        # Never more than declared: what fits is kept, the rest is not read.
+                        _write(f, block[: size - have], partial, have, size)
+                        raise BlobOverflow(s.name.host, digest, size)
                     _write(f, block, partial, have, size)
                     have += len(block)
                     tell(have)
     except (httpx.TransportError, httpx.StreamError) as exc:
-        raise DownloadInterrupted(url.rsplit("/", 1)[-1], have, size, _reason(exc)) from exc
+        raise DownloadInterrupted(digest, have, size, _reason(exc)) from exc
     if have != size:
-        raise DownloadInterrupted(url.rsplit("/", 1)[-1], have, size, "short body")
+        raise DownloadInterrupted(digest, have, size, "short body")
 
 
 def _range_start(r: httpx.Response) -> int:
@@ -357,16 +451,19 @@ def _download_chunks(
                 return False
             if r.status_code != 206 or _range_start(r) != offset:
                 raise RegistryError(f"{url} answered {r.status_code} to a ranged request")
+            declared = r.headers.get("Content-Length", "")
+            if declared.isdigit() and int(declared) > end + 1 - offset:
+                raise BlobOverflow(s.name.host, url.rsplit("/", 1)[-1], size)
             for block in r.iter_bytes():
                 if stop.is_set():
                     break
-                block = block[: end + 1 - offset]
+                if len(block) > end + 1 - offset:
+                    raise BlobOverflow(s.name.host, url.rsplit("/", 1)[-1], size)
                 try:
-                    os.pwrite(fd, block, offset)
-                except OSError as exc:
-                    if exc.errno in _NO_SPACE:
-                        raise DiskFull(str(partial), sum(done), size) from exc
-                    raise
+                    with no_space(partial):
+                        os.pwrite(fd, block, offset)
+                except DiskFull as exc:
+                    raise DiskFull(str(partial), sum(done), size, resumable=True) from exc
                 offset += len(block)
                 unsaved += len(block)
                 with lock:
@@ -379,7 +476,8 @@ def _download_chunks(
         return done[i] == lengths[i]
 
     try:
-        os.ftruncate(fd, size)
+        with no_space(partial):
+            os.ftruncate(fd, size)
         tell(sum(done))
         todo = [i for i in range(len(starts)) if done[i] < lengths[i]]
         with ThreadPoolExecutor(max_workers=parallel) as pool:

@@ -7,19 +7,33 @@ feeding it back to ``create`` rebuilds the very same manifest.
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from offload.models.create import file_type_name
 from offload.models.modelfile import Message, Modelfile
 from offload.models.names import ModelName, parse_name
 from offload.models.store import ModelInfo, Store
-from offload.planner.errors import GGUFError
-from offload.planner.gguf_header import read_header
+from offload.planner.gguf_header import GGUFHeader, read_header
 
-__all__ = ["modelfile_of", "modelfile_text", "parameters_text", "show"]
+__all__ = ["model_info", "modelfile_of", "modelfile_text", "parameters_text", "show"]
 
 _SKIP_ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type",
                 "tokenizer.ggml.merges")  # fmt: skip
+
+
+def _json_safe(value: Any) -> Any:
+    """JSON has no NaN or infinity; a model's metadata may hold them, so they become text."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def model_info(header: GGUFHeader) -> dict[str, Any]:
+    """``/api/show``'s ``model_info``: the header's metadata without the tokenizer's big arrays."""
+    return {k: _json_safe(v) for k, v in header.metadata.items() if k not in _SKIP_ARRAYS}
 
 
 def parameters_text(params: dict[str, Any]) -> str:
@@ -67,12 +81,8 @@ def show(store: Store, name: str | ModelName) -> dict[str, Any]:
     n = parse_name(name) if isinstance(name, str) else name
     info = store.resolve(n)
     cfg = info.config
-    model_info: dict[str, Any] = {}
-    try:
-        header = read_header(info.model_path)
-        model_info = {k: v for k, v in header.metadata.items() if k not in _SKIP_ARRAYS}
-    except GGUFError:
-        pass  # a model we cannot read still shows its manifest-level facts
+    # A model file that fails the header checks is refused here as everywhere (GGUFError, 400).
+    info_md = model_info(read_header(info.model_path))
     out: dict[str, Any] = {
         "modelfile": modelfile_text(store, n),
         "parameters": parameters_text(info.params),
@@ -80,13 +90,13 @@ def show(store: Store, name: str | ModelName) -> dict[str, Any]:
         "details": {
             "parent_model": "",
             "format": cfg.get("model_format", "gguf"),
-            "family": cfg.get("model_family", model_info.get("general.architecture", "")),
+            "family": cfg.get("model_family", info_md.get("general.architecture", "")),
             "families": cfg.get("model_families") or [cfg.get("model_family", "")],
             "parameter_size": cfg.get("model_type", ""),
             "quantization_level": cfg.get("file_type")
-            or file_type_name(model_info.get("general.file_type")),
+            or file_type_name(info_md.get("general.file_type")),
         },
-        "model_info": model_info,
+        "model_info": info_md,
         "capabilities": ["completion"],
     }
     if info.system is not None:

@@ -10,16 +10,42 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
-import re
-import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
-from offload.models.errors import DigestMismatch, ModelNotFound, StoreError
+from offload.models.errors import ModelError, ModelNotFound, StoreError
+from offload.models.layout import (
+    BLOB_NAME,
+    MAX_CONFIG_BYTES,
+    MAX_MANIFEST_BYTES,
+    MAX_TEXT_BYTES,
+    MEDIA_ADAPTER,
+    MEDIA_CONFIG,
+    MEDIA_LICENSE,
+    MEDIA_MANIFEST,
+    MEDIA_MESSAGES,
+    MEDIA_MODEL,
+    MEDIA_PARAMS,
+    MEDIA_PROJECTOR,
+    MEDIA_SYSTEM,
+    MEDIA_TEMPLATE,
+    TEMP_PREFIX,
+    BlobWriter,
+    InvalidManifest,
+    check_digest,
+    check_manifest,
+    config_details,
+    no_space,
+    open_temp,
+    prune_stale,
+    read_capped,
+    sha256_file,
+)
 from offload.models.names import ModelName, parse_name
 
 __all__ = [
@@ -33,43 +59,16 @@ __all__ = [
     "MEDIA_ADAPTER",
     "MEDIA_PROJECTOR",
     "MEDIA_MESSAGES",
+    "BlobWriter",
     "ModelInfo",
     "ListedModel",
     "Store",
     "sha256_file",
 ]
 
-MEDIA_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
-MEDIA_CONFIG = "application/vnd.docker.container.image.v1+json"
-MEDIA_MODEL = "application/vnd.ollama.image.model"
-MEDIA_TEMPLATE = "application/vnd.ollama.image.template"
-MEDIA_SYSTEM = "application/vnd.ollama.image.system"
-MEDIA_PARAMS = "application/vnd.ollama.image.params"
-MEDIA_LICENSE = "application/vnd.ollama.image.license"
-MEDIA_ADAPTER = "application/vnd.ollama.image.adapter"
-MEDIA_PROJECTOR = "application/vnd.ollama.image.projector"
-MEDIA_MESSAGES = "application/vnd.ollama.image.messages"
+log = logging.getLogger(__name__)
 
 _CHUNK = 1 << 20
-_BLOB_NAME = re.compile(r"^sha256-[0-9a-f]{64}$")
-
-
-def sha256_file(path: Path) -> str:
-    """``sha256:<hex>`` of a file's bytes."""
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(_CHUNK):
-            h.update(block)
-    return "sha256:" + h.hexdigest()
-
-
-def _check_digest(digest: str) -> str:
-    algo, _, hexd = digest.partition(":")
-    if algo != "sha256" or len(hexd) != 64 or any(c not in "0123456789abcdef" for c in hexd):
-        raise StoreError(f"{digest!r} is not a sha256 digest (expected sha256:<64 hex digits>)")
-    return digest
-
-
 @dataclass(frozen=True)
 class ModelInfo:
     """Everything needed to run a model, resolved from its manifest."""
@@ -128,7 +127,7 @@ class Store:
 
     def blob_path(self, digest: str) -> Path:
         """Where the blob of this digest lives (whether or not it exists)."""
-        return self.blobs_dir / _check_digest(digest).replace(":", "-")
+        return self.blobs_dir / check_digest(digest).replace(":", "-")
 
     def manifest_path(self, name: ModelName) -> Path:
         """Where this name's manifest lives."""
@@ -155,29 +154,25 @@ class Store:
         if not self.writable:
             raise StoreError(f"the store at {self.root} is read-only")
 
-    def _tempfile(self, folder: Path) -> tuple[IO[bytes], Path]:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
-        return os.fdopen(fd, "wb"), Path(tmp)
+    def prune_stale(self) -> list[Path]:
+        """Remove temporary files of writers that died and downloads abandoned long ago."""
+        return prune_stale(self.root) if self.writable else []
+
+    def blob_writer(self, expected: str | None = None) -> BlobWriter:
+        """A writer for a new blob (the caller writes, then commits or aborts)."""
+        self._require_writable()
+        return BlobWriter(self.blobs_dir, expected)
 
     def add_blob_stream(self, chunks: Iterable[bytes], expected: str | None = None) -> str:
         """Write bytes as a blob, verifying ``expected`` if given; returns the digest."""
-        self._require_writable()
-        f, tmp = self._tempfile(self.blobs_dir)
-        h = hashlib.sha256()
+        w = self.blob_writer(expected)
         try:
-            with f:
-                for chunk in chunks:
-                    h.update(chunk)
-                    f.write(chunk)
-            digest = "sha256:" + h.hexdigest()
-            if expected is not None and digest != expected:
-                raise DigestMismatch(expected, digest)
-            os.replace(tmp, self.blob_path(digest))
-            return digest
+            for chunk in chunks:
+                w.write(chunk)
         except BaseException:
-            tmp.unlink(missing_ok=True)
+            w.abort()
             raise
+        return w.commit()
 
     def add_blob_bytes(self, data: bytes) -> str:
         """Store bytes as a blob (no-op when present); returns the digest."""
@@ -199,11 +194,13 @@ class Store:
     def read_manifest_bytes(self, name: ModelName) -> bytes | None:
         """The manifest file's exact bytes in this store (not the fallbacks), or None."""
         try:
-            return self.manifest_path(name).read_bytes()
+            return read_capped(
+                self.manifest_path(name), MAX_MANIFEST_BYTES, f"the manifest of {name.display}"
+            )
         except FileNotFoundError:
             return None
         except OSError as e:
-            raise StoreError(f"manifest of {name.display} is unreadable: {e}") from None
+            raise StoreError(f"manifest of {name.display} is unreadable: {e.strerror}") from None
 
     def locate_manifest(self, name: str | ModelName) -> tuple[Store, bytes]:
         """The store holding ``name`` and its manifest's exact bytes; raises ``ModelNotFound``."""
@@ -214,17 +211,23 @@ class Store:
                 return store, raw
         raise ModelNotFound(n.display)
 
+    def _check_blobs(self, manifest: dict[str, Any]) -> None:
+        for layer in [manifest["config"], *manifest["layers"]]:
+            if not self.has_blob(layer["digest"]):
+                raise StoreError(f"manifest refers to missing blob {layer['digest']}")
+
     def write_manifest_bytes(self, name: ModelName, raw: bytes) -> str:
         """Write manifest bytes as they are (a pulled or copied manifest keeps its digest)."""
         self._require_writable()
-        manifest = json.loads(raw)
-        for layer in [manifest.get("config"), *manifest.get("layers", [])]:
-            if layer and not self.has_blob(layer["digest"]):
-                raise StoreError(f"manifest refers to missing blob {layer['digest']}")
-        p = self.manifest_path(name)
-        f, tmp = self._tempfile(p.parent)
         try:
-            with f:
+            manifest = check_manifest(raw)
+        except InvalidManifest as e:
+            raise StoreError(f"cannot write the manifest of {name.display}: {e.problem}") from None
+        self._check_blobs(manifest)
+        p = self.manifest_path(name)
+        f, tmp = open_temp(p.parent)
+        try:
+            with no_space(p), f:
                 f.write(raw)
             os.replace(tmp, p)
         except BaseException:
@@ -232,22 +235,22 @@ class Store:
             raise
         return "sha256:" + hashlib.sha256(raw).hexdigest()
 
-    def read_manifest(self, name: ModelName) -> dict[str, Any] | None:
-        """The manifest of a name in this store (not the fallbacks), or None."""
-        p = self.manifest_path(name)
+    def _parse(self, name: ModelName, raw: bytes) -> dict[str, Any]:
         try:
-            return json.loads(p.read_bytes())
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError) as e:
-            raise StoreError(f"manifest {p} is unreadable: {e}") from None
+            return check_manifest(raw)
+        except InvalidManifest as e:
+            raise StoreError(
+                f"the manifest of {name.display} in {self.root} is unusable ({e.problem}); "
+                f"remove the model and pull or create it again"
+            ) from None
+
+    def read_manifest(self, name: ModelName) -> dict[str, Any] | None:
+        """The checked manifest of a name in this store (not the fallbacks), or None."""
+        raw = self.read_manifest_bytes(name)
+        return None if raw is None else self._parse(name, raw)
 
     def write_manifest(self, name: ModelName, manifest: dict[str, Any]) -> str:
         """Write a manifest atomically after checking its blobs are present; returns its digest."""
-        self._require_writable()
-        for layer in [manifest.get("config"), *manifest.get("layers", [])]:
-            if layer and not self.has_blob(layer["digest"]):
-                raise StoreError(f"manifest refers to missing blob {layer['digest']}")
         return self.write_manifest_bytes(name, json.dumps(manifest, separators=(",", ":")).encode())
 
     def new_manifest(self, layers: list[dict[str, Any]], config: dict[str, Any]) -> dict[str, Any]:
@@ -271,11 +274,11 @@ class Store:
         if not base.is_dir():
             return
         for p in sorted(base.glob("*/*/*/*")):
-            if p.is_file() and not p.name.startswith(".tmp-"):
+            if p.is_file() and not p.name.startswith(TEMP_PREFIX):
                 host, ns, model, tag = p.relative_to(base).parts
                 try:
                     yield parse_name(f"{host}/{ns}/{model}:{tag}")
-                except Exception:  # noqa: BLE001 - a stray file is not a model; skip it
+                except ModelError:  # a stray file is not a model; skip it
                     continue
 
     # -- models --------------------------------------------------------------------------------
@@ -293,13 +296,38 @@ class Store:
     def exists(self, name: str | ModelName) -> bool:
         """True when a manifest for this name is in any store."""
         n = parse_name(name) if isinstance(name, str) else name
-        return self._locate(n) is not None
+        return any(s.manifest_path(n).is_file() for s in [self, *self.fallbacks])
 
-    def _read_text(self, digest: str) -> str:
+    def _read_blob(self, digest: str, cap: int, what: str) -> bytes:
         p = self.find_blob(digest)
         if p is None:
             raise StoreError(f"blob {digest} is missing from the store; pull the model again")
-        return p.read_text(encoding="utf-8")
+        try:
+            return read_capped(p, cap, what)
+        except OSError as e:
+            raise StoreError(f"{what} ({digest}) is unreadable: {e.strerror}") from None
+
+    def _read_text(self, digest: str, what: str = "a text layer") -> str:
+        return self._read_blob(digest, MAX_TEXT_BYTES, what).decode("utf-8", errors="replace")
+
+    def _read_json(self, digest: str, kind: type, what: str) -> Any:
+        try:
+            value = json.loads(self._read_blob(digest, MAX_TEXT_BYTES, what))
+        except (ValueError, UnicodeDecodeError):
+            value = None
+        if not isinstance(value, kind):
+            raise StoreError(f"{what} ({digest}) is not a JSON {kind.__name__}")
+        return value
+
+    def _config(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        digest = manifest["config"]["digest"]
+        p = self.find_blob(digest)
+        if p is None:
+            return {}
+        try:
+            return config_details(read_capped(p, MAX_CONFIG_BYTES, "a config"))
+        except (OSError, StoreError):
+            return {}
 
     def resolve(self, name: str | ModelName) -> ModelInfo:
         """Everything needed to run ``name``; raises ``ModelNotFound``."""
@@ -315,9 +343,9 @@ class Store:
         text: dict[str, str] = {}
         params: dict[str, Any] = {}
         adapters, projectors, licenses, messages = [], [], [], []
-        for layer in manifest.get("layers", []):
-            mt, digest = layer.get("mediaType"), layer.get("digest")
-            size += int(layer.get("size", 0))
+        for layer in manifest["layers"]:
+            mt, digest = layer["mediaType"], layer["digest"]
+            size += layer["size"]
             if mt == MEDIA_MODEL:
                 model_path, model_digest = self.find_blob(digest), digest
                 if model_path is None:
@@ -325,13 +353,14 @@ class Store:
                         f"model blob {digest} of {n.display} is missing; pull it again"
                     )
             elif mt in (MEDIA_TEMPLATE, MEDIA_SYSTEM):
-                text[mt] = self._read_text(digest)
+                text[mt] = self._read_text(digest, f"the {mt.rsplit('.', 1)[1]} of {n.display}")
             elif mt == MEDIA_PARAMS:
-                params = json.loads(self._read_text(digest))
+                params = self._read_json(digest, dict, f"the parameters of {n.display}")
             elif mt == MEDIA_LICENSE:
-                licenses.append(self._read_text(digest))
+                licenses.append(self._read_text(digest, f"the license of {n.display}"))
             elif mt == MEDIA_MESSAGES:
-                messages.extend(json.loads(self._read_text(digest)))
+                msgs = self._read_json(digest, list, f"the messages of {n.display}")
+                messages.extend(m for m in msgs if isinstance(m, dict))
             elif mt in (MEDIA_ADAPTER, MEDIA_PROJECTOR):
                 p = self.find_blob(digest)
                 if p is None:
@@ -339,13 +368,6 @@ class Store:
                 (adapters if mt == MEDIA_ADAPTER else projectors).append(p)
         if model_path is None:
             raise StoreError(f"{n.display} has no model layer")
-        config: dict[str, Any] = {}
-        cfg = manifest.get("config") or {}
-        if cfg.get("digest") and self.find_blob(cfg["digest"]):
-            try:
-                config = json.loads(self._read_text(cfg["digest"]))
-            except ValueError:
-                config = {}
         return ModelInfo(
             name=n,
             digest="sha256:" + hashlib.sha256(raw).hexdigest(),
@@ -359,7 +381,7 @@ class Store:
             projectors=tuple(projectors),
             messages=tuple(messages),
             license=tuple(licenses),
-            config=config,
+            config=self._config(manifest),
             manifest=manifest,
             modified_at=datetime.fromtimestamp(mpath.stat().st_mtime, UTC)
             if mpath.exists()
@@ -367,34 +389,35 @@ class Store:
             read_only=not store.writable,
         )
 
+    def _listed(self, n: ModelName) -> ListedModel:
+        raw = self.read_manifest_bytes(n)
+        if raw is None:
+            raise StoreError(f"the manifest of {n.display} vanished")
+        m = self._parse(n, raw)
+        return ListedModel(
+            name=n,
+            digest="sha256:" + hashlib.sha256(raw).hexdigest(),
+            size_bytes=sum(layer["size"] for layer in m["layers"]),
+            modified_at=datetime.fromtimestamp(self.manifest_path(n).stat().st_mtime, UTC),
+            details=self._config(m),
+            read_only=not self.writable,
+        )
+
     def list(self) -> list[ListedModel]:
-        """Every model in this store and the read-only ones (ours first when names clash)."""
+        """Every usable model in this store and the read-only ones (ours first when names clash).
+
+        A model whose manifest cannot be read or used is left out (and logged), so one bad model
+        never hides the others.
+        """
         seen: dict[ModelName, ListedModel] = {}
         for store in [self, *self.fallbacks]:
             for n in store.names():
                 if n in seen:
                     continue
-                p = store.manifest_path(n)
                 try:
-                    raw = p.read_bytes()
-                    m = json.loads(raw)
-                except (OSError, ValueError):
-                    continue
-                cfg: dict[str, Any] = {}
-                cdig = (m.get("config") or {}).get("digest")
-                if cdig and store.find_blob(cdig):
-                    try:
-                        cfg = json.loads(store.find_blob(cdig).read_bytes())  # type: ignore[union-attr]
-                    except ValueError:
-                        cfg = {}
-                seen[n] = ListedModel(
-                    name=n,
-                    digest="sha256:" + hashlib.sha256(raw).hexdigest(),
-                    size_bytes=sum(int(layer.get("size", 0)) for layer in m.get("layers", [])),
-                    modified_at=datetime.fromtimestamp(p.stat().st_mtime, UTC),
-                    details=cfg,
-                    read_only=not store.writable,
-                )
+                    seen[n] = store._listed(n)
+                except (StoreError, OSError) as e:
+                    log.warning("not listing %s: %s", n.display, e)
         return sorted(seen.values(), key=lambda m: m.modified_at, reverse=True)
 
     def delete(self, name: str | ModelName) -> None:
@@ -419,18 +442,24 @@ class Store:
         self.prune()
 
     def prune(self) -> list[str]:
-        """Delete blobs no manifest refers to; returns their digests."""
+        """Delete blobs no manifest refers to; returns their digests.
+
+        When a manifest cannot be read, nothing is deleted: its blobs are unknown.
+        """
         used: set[str] = set()
         for n in self.names():
-            m = self.read_manifest(n) or {}
-            for layer in [m.get("config"), *m.get("layers", [])]:
-                if layer:
-                    used.add(layer["digest"])
+            try:
+                m = self.read_manifest(n) or {}
+            except StoreError as e:
+                log.warning("keeping every blob: %s", e)
+                return []
+            for layer in [m["config"], *m["layers"]] if m else []:
+                used.add(layer["digest"])
         removed = []
         if self.blobs_dir.is_dir():
             for b in self.blobs_dir.iterdir():
                 # Only whole blobs: "-partial" files and their state are resumable downloads.
-                if _BLOB_NAME.match(b.name) and b.name.replace("-", ":", 1) not in used:
+                if BLOB_NAME.match(b.name) and b.name.replace("-", ":", 1) not in used:
                     b.unlink(missing_ok=True)
                     removed.append(b.name.replace("-", ":", 1))
         return removed
@@ -440,10 +469,10 @@ class Store:
         s = parse_name(src) if isinstance(src, str) else src
         d = parse_name(dst) if isinstance(dst, str) else dst
         store, raw = self.locate_manifest(s)
-        manifest = json.loads(raw)
+        manifest = store._parse(s, raw)
         if store is not self:
-            for layer in [manifest.get("config"), *manifest.get("layers", [])]:
-                if layer and not self.blob_path(layer["digest"]).is_file():
+            for layer in [manifest["config"], *manifest["layers"]]:
+                if not self.blob_path(layer["digest"]).is_file():
                     self.blob_path(layer["digest"]).parent.mkdir(parents=True, exist_ok=True)
                     self.add_blob_file(store.blob_path(layer["digest"]), expected=layer["digest"])
         self.write_manifest_bytes(d, raw)

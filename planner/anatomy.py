@@ -9,7 +9,9 @@ from typing import Any
 
 from gguf.constants import GGMLQuantizationType
 
+from offload.planner.errors import GGUFError
 from offload.planner.gguf_header import GGUFHeader, read_header
+from offload.planner.gguf_limits import LLAMA_MAX_LAYERS
 from offload.planner.types import Anatomy, TensorInfo
 
 __all__ = ["read", "from_header", "tensor_role", "KNOWN_ARCHS"]
@@ -83,24 +85,32 @@ def _type_name(t: int) -> str:
 
 
 class _Meta:
-    """Typed access to ``{arch}.*`` metadata, including per-layer arrays."""
+    """Typed access to ``{arch}.*`` metadata, including per-layer arrays.
 
-    def __init__(self, md: dict[str, Any], arch: str, n_layers: int) -> None:
-        self.md, self.arch, self.n = md, arch, n_layers
+    A value of the wrong type is the file's fault, so it is a ``GGUFError`` naming the key.
+    """
+
+    def __init__(self, md: dict[str, Any], arch: str, n_layers: int, path: str) -> None:
+        self.md, self.arch, self.n, self.path = md, arch, n_layers, path
 
     def raw(self, key: str) -> Any:
         return self.md.get(f"{self.arch}.{key}")
 
+    def _int(self, key: str, v: Any) -> int:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or abs(v) > 1 << 62:
+            raise GGUFError(self.path, f"{self.arch}.{key} is {str(v)[:40]!r}, expected a count")
+        return int(v)
+
     def scalar(self, key: str, default: int = 0) -> int:
         v = self.raw(key)
         if isinstance(v, list):
-            v = max(v) if v else None
-        return default if v is None else int(v)
+            v = max((self._int(key, x) for x in v), default=None)
+        return default if v is None else self._int(key, v)
 
     def per_layer(self, key: str, default: int) -> list[int]:
         v = self.raw(key)
         if isinstance(v, list) and len(v) == self.n:
-            return [int(x) for x in v]
+            return [self._int(key, x) for x in v]
         return [self.scalar(key, default)] * self.n
 
 
@@ -130,7 +140,7 @@ def from_header(h: GGUFHeader) -> Anatomy:
     md = h.metadata
     arch = str(md.get("general.architecture", "unknown"))
     warnings: list[str] = []
-    n_layers = int(md.get(f"{arch}.block_count", 0) or 0)
+    n_layers = _Meta(md, arch, 0, h.path).scalar("block_count")
     tensors = []
     for t in h.tensors:
         mt = _LAYER.match(t.name)
@@ -146,10 +156,12 @@ def from_header(h: GGUFHeader) -> Anatomy:
         )
     if n_layers == 0:
         n_layers = 1 + max((t.layer for t in tensors if t.layer is not None), default=-1)
+        if n_layers > LLAMA_MAX_LAYERS:
+            raise GGUFError(h.path, f"its tensors name {n_layers} layers, more than llama.cpp loads")
         warnings.append(
             f"no {arch}.block_count in the header; counted {n_layers} layers from tensors"
         )
-    m = _Meta(md, arch, n_layers)
+    m = _Meta(md, arch, n_layers, h.path)
     if arch not in KNOWN_ARCHS:
         warnings.append(
             f"architecture {arch!r} is not modelled; using generic per-layer accounting"

@@ -38,6 +38,10 @@ __all__ = [
     "origins",
     "log_dir",
     "load_timeout_s",
+    "allowed_paths",
+    "max_uploads",
+    "upload_timeout_s",
+    "max_upload_bytes",
 ]
 
 DEFAULT_PORT = 11435
@@ -252,6 +256,40 @@ def check() -> None:
     kv_cache_type()
     num_parallel()
     load_timeout_s()
+    max_uploads()
+    upload_timeout_s()
+    max_upload_bytes()
     for name, read in (("OFFLOAD_MAX_LOADED_MODELS", max_loaded_models), ("OFFLOAD_MAX_QUEUE", max_queue)):
         if read() < 1:
             raise ConfigError(f"{name} must be at least 1")
+
+
+def allowed_paths() -> list[Path]:
+    """``OFFLOAD_ALLOWED_PATHS``: folders whose files /api/create may import (``os.pathsep``-separated).
+
+    Requests over HTTP may name no other files: the CLI reads the user's files itself.
+    """
+    raw = os.environ.get("OFFLOAD_ALLOWED_PATHS", "")
+    return [Path(p).expanduser() for p in raw.split(os.pathsep) if p.strip()]
+
+
+def max_uploads() -> int:
+    """``OFFLOAD_MAX_UPLOADS``: blob uploads at once (default 4); more are answered 503."""
+    n = _int_env("OFFLOAD_MAX_UPLOADS", 4)
+    if n < 1:
+        raise ConfigError(f"OFFLOAD_MAX_UPLOADS={n} must be at least 1")
+    return n
+
+
+def upload_timeout_s() -> float:
+    """``OFFLOAD_UPLOAD_TIMEOUT``: how long an upload may send nothing (default 60s)."""
+    t = parse_duration_s(os.environ.get("OFFLOAD_UPLOAD_TIMEOUT"), 60.0)
+    if not 0 < t < float("inf"):
+        raise ConfigError("OFFLOAD_UPLOAD_TIMEOUT must be a positive duration such as 60s")
+    return t
+
+
+def max_upload_bytes() -> int:
+    """``OFFLOAD_MAX_UPLOAD_SIZE``: the largest blob an upload may send (default 4TiB)."""
+    v = os.environ.get("OFFLOAD_MAX_UPLOAD_SIZE")
+    return parse_bytes(v) if v else 4 << 40

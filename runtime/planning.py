@@ -39,9 +39,12 @@ __all__ = [
 
 
 def open_store() -> Store:
-    """Our model store, with the Ollama store (if any) read-only behind it."""
+    """Our model store, with the Ollama store (if any) read-only behind it; what a killed create
+    or pull left behind is pruned on the way."""
     ollama = config.ollama_models_dir()
-    return Store(config.models_dir(), read_only_roots=[ollama] if ollama else [])
+    store = Store(config.models_dir(), read_only_roots=[ollama] if ollama else [])
+    store.prune_stale()
+    return store
 
 
 def current_hardware(refresh: bool = False) -> Hardware:

@@ -173,8 +173,11 @@ class RunnerProcess:
         log_file = _Log(log_path_for(name))
         parent, child = socket.socketpair()
         cmd = [sys.executable, "-m", "offload.runtime.runner", "--fd", str(child.fileno()), "--name", name]
+        # On an abort ggml would run gdb for a backtrace, which can take minutes; its message and
+        # our own faulthandler's traceback are what the log needs.
+        env = {"GGML_NO_BACKTRACE": "1", **os.environ}
         try:
-            proc = subprocess.Popen(cmd, pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL,
+            proc = subprocess.Popen(cmd, pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL, env=env,
                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
         except OSError as e:
             parent.close()

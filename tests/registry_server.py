@@ -3,7 +3,9 @@
 Serves manifests and blobs (GET/HEAD, ``Range``), can redirect blob downloads to another path as
 Ollama's CDN does, accepts uploads (POST, PATCH, PUT ?digest=) and manifest PUTs. Fault switches:
 drop the connection after N bytes of a blob, serve wrong bytes for a digest, answer 200 to ranged
-requests, require authentication. ``bytes_served`` counts blob body bytes sent.
+requests, require authentication; and, as a malicious registry, send more bytes than a blob's
+manifest declares, pad a manifest to any size, or send bodies without a Content-Length.
+``bytes_served`` counts blob body bytes sent, ``manifest_bytes_served`` manifest bytes.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import hashlib
 import json
 import re
 import socket
+import struct
 import threading
 import uuid
 from dataclasses import dataclass, field
@@ -24,6 +27,22 @@ MANIFEST_TYPE = "application/vnd.docker.distribution.manifest.v2+json"
 def sha256(data: bytes) -> str:
     """``sha256:<hex>`` of ``data``."""
     return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def gguf_bytes(n_bytes: int, seed: int = 1) -> bytes:
+    """A valid GGUF of exactly ``n_bytes``: a small header, then one int8 tensor of random bytes."""
+    import random
+
+    def string(text: bytes) -> bytes:
+        return struct.pack("<Q", len(text)) + text
+
+    head = b"GGUF" + struct.pack("<IQQ", 3, 1, 1)
+    head += string(b"general.architecture") + struct.pack("<I", 8) + string(b"llama")
+    n_data = n_bytes - (len(head) + len(string(b"w")) + 4 + 8 + 4 + 8 + 31) // 32 * 32
+    head += string(b"w") + struct.pack("<IQIQ", 1, n_data, 24, 0)  # one dim, GGML_TYPE_I8
+    head += bytes(-len(head) % 32)
+    assert n_data > 0 and len(head) + n_data == n_bytes, "too small for a GGUF"
+    return head + random.Random(seed).randbytes(n_data)
 
 
 @dataclass
@@ -40,7 +59,11 @@ class RegistryState:
     corrupt: set[str] = field(default_factory=set)
     ignore_range: bool = False
     require_auth: str | None = None  # None, or "401" / "403"
+    extra_bytes: dict[str, int] = field(default_factory=dict)  # digest -> zeros after the blob
+    padded_manifests: dict[tuple[str, str], int] = field(default_factory=dict)  # -> spaces after
+    no_content_length: bool = False  # bodies end when the connection closes
     bytes_served: int = 0
+    manifest_bytes_served: int = 0
     requests: list[tuple[str, str]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -132,6 +155,9 @@ class _Handler(BaseHTTPRequestHandler):
             raw = self.state.manifests.get((repo, ref))
             if raw is None:
                 return self._error(404, f"manifest unknown: {repo}:{ref}")
+            pad = self.state.padded_manifests.get((repo, ref), 0)
+            if pad or self.state.no_content_length:
+                return self._stream(raw, pad, {"Content-Type": MANIFEST_TYPE}, manifest=True)
             return self._send(
                 200, raw, {"Content-Type": MANIFEST_TYPE, "Docker-Content-Digest": sha256(raw)}
             )
@@ -141,10 +167,45 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(307, b"", {"Location": f"/cdn/{ref}"})
         return self._serve_blob(ref)
 
+    def _stream(self, body: bytes, extra: int, headers: dict[str, str], manifest: bool) -> None:
+        """``body`` then ``extra`` filler bytes (spaces for JSON, zeros for blobs), made lazily."""
+        self.send_response(200)
+        for k, v in headers.items():
+            self.send_header(k, v)
+        if self.state.no_content_length:
+            self.send_header("Connection", "close")
+            self.close_connection = True
+        else:
+            self.send_header("Content-Length", str(len(body) + extra))
+        self.end_headers()
+        if self.command == "HEAD":
+            return
+        filler = (b" " if manifest else b"\0") * (1 << 20)
+        sent = 0
+        try:
+            self.wfile.write(body)
+            sent += len(body)
+            while extra > 0:
+                n = min(extra, len(filler))
+                self.wfile.write(filler[:n])
+                extra -= n
+                sent += n
+        except OSError:
+            self.close_connection = True  # the client stopped reading, as it should
+        finally:
+            with self.state.lock:
+                if manifest:
+                    self.state.manifest_bytes_served += sent
+                else:
+                    self.state.bytes_served += sent
+
     def _serve_blob(self, digest: str) -> None:
         data = self.state.blobs.get(digest)
         if data is None:
             return self._error(404, "blob unknown")
+        extra = self.state.extra_bytes.get(digest, 0)
+        if (extra or self.state.no_content_length) and not self.headers.get("Range"):
+            return self._stream(data, extra, {"Content-Type": "application/octet-stream"}, False)
         if digest in self.state.corrupt:
             data = bytes(b ^ 0xFF for b in data)
         start, end = 0, len(data) - 1

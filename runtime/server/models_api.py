@@ -7,21 +7,22 @@ the error's status, or an ``{"error": ...}`` line once a stream has begun.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import queue
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict
+from starlette.requests import ClientDisconnect
 
 from offload.models import embedded, registry
-from offload.models.create import create
+from offload.models.create import check_sources, create
 from offload.models.errors import ModelError
 from offload.models.layout import check_digest
 from offload.models.modelfile import Message, Modelfile, coerce_parameter, parse_modelfile
@@ -29,7 +30,9 @@ from offload.models.names import parse_name
 from offload.models.show import show
 from offload.models.store import Store
 from offload.planner.errors import OffloadError
+from offload.runtime import config
 from offload.runtime.errors import BadRequest
+from offload.runtime.server.uploads import receive_blob
 
 __all__ = ["router"]
 
@@ -195,24 +198,38 @@ def _modelfile_from_request(store: Store, body: CreateRequest) -> Modelfile:
     )
 
 
+def _allowed_dirs(store: Store) -> list[Path]:
+    """Folders a request over HTTP may name files in: the stores' blobs and the user's choice."""
+    return [*config.allowed_paths(), *(s.blobs_dir for s in [store, *store.fallbacks])]
+
+
+def _precheck(store: Store, mf: Modelfile, allowed: list[Path]) -> None:
+    embedded.ensure(store, mf.from_)
+    check_sources(store, mf, base_dir=Path.cwd(), allowed_dirs=allowed)
+
+
 @router.post("/api/create")
 async def api_create(body: CreateRequest, request: Request) -> Response:
     """Create a model from a Modelfile or its parts."""
     store = _store(request)
+    allowed = _allowed_dirs(store)
     try:
         name = parse_name(body.model or body.name or "")
         mf = _modelfile_from_request(store, body)
+        # Everything the request names is checked before the answer starts, so a bad file gets
+        # its status (400, not a 200 stream that ends in an error) and nothing is written.
+        await run_in_threadpool(_precheck, store, mf, allowed)
     except OffloadError as e:
         return _error(e)
 
     def run(on: Progress) -> None:
-        embedded.ensure(store, mf.from_)
         quantizer = None
         if body.quantize:
             from offload.runtime.quantize import quantize_gguf
 
             quantizer = quantize_gguf
-        create(store, name, mf, quantize=body.quantize, quantizer=quantizer, progress=on)
+        create(store, name, mf, quantize=body.quantize, quantizer=quantizer, progress=on,
+               allowed_dirs=allowed)  # fmt: skip
 
     return await _respond(body.stream, run)
 
@@ -267,27 +284,10 @@ async def api_blob_upload(digest: str, request: Request) -> Response:
         digest = check_digest(digest)
         if store.has_blob(digest):
             return Response(status_code=200)
-        chunks: queue.Queue[bytes | None] = queue.Queue(maxsize=64)
-
-        def drain() -> Iterator[bytes]:
-            while (c := chunks.get()) is not None:
-                yield c
-
-        # The store hashes and writes in a thread while the event loop feeds it the body as it
-        # arrives, so a multi-GB upload never sits in memory.
-        task = asyncio.ensure_future(run_in_threadpool(store.add_blob_stream, drain(), digest))
-        async for chunk in request.stream():
-            while not task.done():
-                try:
-                    chunks.put_nowait(chunk)
-                    break
-                except queue.Full:
-                    await asyncio.sleep(0.001)
-            if task.done():
-                break  # the writer failed; its error is raised below
-        if not task.done():
-            await run_in_threadpool(chunks.put, None)
-        await task
+        await receive_blob(request, store, digest)
     except OffloadError as e:
         return _error(e)
+    except ClientDisconnect:
+        log.info("blob upload %s: the client hung up; nothing was kept", digest[:19])
+        return Response(status_code=400)
     return Response(status_code=201)

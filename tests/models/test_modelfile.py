@@ -82,7 +82,7 @@ def test_render_round_trips_arbitrary_text(system: str, template: str, msg: str)
         ("FROM a\n\nFROM b\n", 3, "FROM given twice (first at line 1)"),
         ("FROM\n", 1, "FROM needs a value"),
         ("FROM x\nPARAMETER num_ctx lots\n", 2, "PARAMETER num_ctx expects an integer"),
-        ("FROM x\nPARAMETER temperature hot\n", 2, "expects a number"),
+        ("FROM x\nPARAMETER temperature hot\n", 2, "expects a finite number"),
         ("FROM x\nPARAMETER use_mmap maybe\n", 2, "expects true or false"),
         ("FROM x\nPARAMETER warp_speed 9\n", 2, 'unknown parameter "warp_speed"'),
         ("FROM x\nPARAMETER\n", 2, "PARAMETER needs a name and a value"),

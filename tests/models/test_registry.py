@@ -23,17 +23,15 @@ from offload.models.errors import (
 )
 from offload.models.names import parse_name
 from offload.models.store import Store
-from tests.registry_server import RegistryServer, sha256
+from tests.registry_server import RegistryServer, gguf_bytes, sha256
 
 MODEL = "application/vnd.ollama.image.model"
 TEMPLATE = "application/vnd.ollama.image.template"
 
 
 def weights(n_bytes: int, seed: int = 1) -> bytes:
-    # Deterministic, incompressible-looking bytes without a dependency.
-    import random
-
-    return random.Random(seed).randbytes(n_bytes)
+    # A real (tiny) GGUF of random, incompressible-looking data: pulls check model layers.
+    return gguf_bytes(n_bytes, seed)
 
 
 def blob_path(root: Path, digest: str) -> Path:

@@ -34,7 +34,14 @@ def test_truncated_model_is_reported_as_truncated(tmp_path: Path) -> None:
 def test_absurd_counts_are_refused_before_allocating(tmp_path: Path) -> None:
     p = tmp_path / "absurd.gguf"
     p.write_bytes(_header(1 << 60, 1 << 60) + bytes(64))
-    with pytest.raises(GGUFError, match="absurd.gguf.*more than the file holds"):
+    with pytest.raises(GGUFError, match="absurd.gguf.*more than the 65536 and 65536 allowed"):
+        anatomy.read(p)
+
+
+def test_counts_beyond_the_file_are_refused_before_allocating(tmp_path: Path) -> None:
+    p = tmp_path / "short.gguf"
+    p.write_bytes(_header(60000, 60000) + bytes(64))
+    with pytest.raises(GGUFError, match="short.gguf.*more than the file holds"):
         anatomy.read(p)
 
 
