@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from offload.models.capabilities import capabilities
 from offload.models.create import file_type_name
 from offload.models.modelfile import Message, Modelfile
 from offload.models.names import ModelName, parse_name
@@ -87,7 +88,11 @@ def show(store: Store, name: str | ModelName) -> dict[str, Any]:
             or file_type_name(model_info.get("general.file_type")),
         },
         "model_info": model_info,
-        "capabilities": ["completion"],
+        "capabilities": capabilities(
+            info.template or model_info.get("tokenizer.chat_template"),
+            model_info,
+            bool(info.projectors),
+        ),
     }
     if info.system is not None:
         out["system"] = info.system
