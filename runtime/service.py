@@ -21,6 +21,7 @@ from offload.runtime.errors import BadRequest
 from offload.runtime.grammar import grammar_for_format
 from offload.runtime.options import logprobs_from, merge_options, sampling_from
 from offload.runtime.scheduler import Runner, Scheduler
+from offload.runtime.stops import stop_sequence
 from offload.runtime.tools import (
     ThinkSplitter,
     ToolCallStreamer,
@@ -244,6 +245,8 @@ def chat(
                     yield chunk
             else:
                 out = _summary(name, ev, load_s, t_start)
+                if (hit := stop_sequence(runner.engine.detokenize, ev, options.get("stop"))) is not None:
+                    out["stop_sequence"] = hit  # which stop string ended it (Anthropic's API says)
                 msg = {"role": "assistant", "content": ""}
                 if splitter:
                     thinking, content = splitter.flush()
