@@ -161,10 +161,11 @@ def create_app(store: Store | None = None, scheduler: Scheduler | None = None) -
     async def version() -> dict[str, Any]:
         return {"version": __version__}
 
-    from offload.runtime.server import ollama, openai
+    from offload.runtime.server import ollama, openai, responses
 
     app.include_router(ollama.router)
     app.include_router(openai.router)
+    app.include_router(responses.router)
     try:
         from offload.runtime.server import models_api
     except ImportError:
