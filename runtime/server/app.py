@@ -161,11 +161,12 @@ def create_app(store: Store | None = None, scheduler: Scheduler | None = None) -
     async def version() -> dict[str, Any]:
         return {"version": __version__}
 
-    from offload.runtime.server import ollama, openai, responses
+    from offload.runtime.server import anthropic, ollama, openai, responses
 
     app.include_router(ollama.router)
     app.include_router(openai.router)
     app.include_router(responses.router)
+    app.include_router(anthropic.router)
     try:
         from offload.runtime.server import models_api
     except ImportError:
