@@ -10,6 +10,7 @@ import json
 import math
 from typing import Any
 
+from offload.models.capabilities import capabilities
 from offload.models.create import file_type_name
 from offload.models.modelfile import Message, Modelfile
 from offload.models.names import ModelName, parse_name
@@ -97,7 +98,11 @@ def show(store: Store, name: str | ModelName) -> dict[str, Any]:
             or file_type_name(info_md.get("general.file_type")),
         },
         "model_info": info_md,
-        "capabilities": ["completion"],
+        "capabilities": capabilities(
+            info.template or info_md.get("tokenizer.chat_template"),
+            info_md,
+            bool(info.projectors),
+        ),
     }
     if info.system is not None:
         out["system"] = info.system

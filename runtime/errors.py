@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from offload.planner.errors import OffloadError
 
-__all__ = ["RuntimeFailure", "LoadFailed", "OutOfMemory", "PlanNotApplicable", "BadRequest", "ServerUnavailable", "QueueFull", "ContextTooLong"]
+__all__ = ["RuntimeFailure", "LoadFailed", "OutOfMemory", "PlanNotApplicable", "BadRequest", "ServerUnavailable", "QueueFull", "ContextTooLong", "ResponseNotFound"]
 
 
 class RuntimeFailure(OffloadError):
@@ -25,6 +25,12 @@ class BadRequest(RuntimeFailure):
 
 class ContextTooLong(BadRequest):
     """The prompt does not fit the context and truncation was refused."""
+
+
+class ResponseNotFound(RuntimeFailure):
+    """A stored response that this server does not hold (never kept, or forgotten)."""
+
+    http_status = 404
 
 
 class QueueFull(RuntimeFailure):

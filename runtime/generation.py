@@ -81,6 +81,7 @@ class Stats:
     prompt_tokens: list[int] = field(default_factory=list)  # the prompt as evaluated (when asked for)
     max_gap_s: float = 0.0  # longest wait between two of this request's tokens
     alone: bool = True  # no other request shared its steps (its speeds are single-stream speeds)
+    stop_sequence: str | None = None  # the stop string that ended it, if one did
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Stats:
@@ -138,6 +139,7 @@ class StopScanner:
     def __init__(self, stops: Sequence[str]) -> None:
         self.stops = [s for s in stops if s]
         self.buf = ""
+        self.hit: str | None = None  # the stop string that ended the text, once one has
 
     def feed(self, text: str) -> tuple[str, bool]:
         """Add text; return (text safe to emit, whether a stop string was hit)."""
@@ -145,9 +147,10 @@ class StopScanner:
         if not self.stops:
             out, self.buf = self.buf, ""
             return out, False
-        hits = [i for i in (self.buf.find(s) for s in self.stops) if i >= 0]
+        hits = [(i, s) for s in self.stops if (i := self.buf.find(s)) >= 0]
         if hits:
-            out, self.buf = self.buf[: min(hits)], ""
+            at, self.hit = min(hits)
+            out, self.buf = self.buf[:at], ""
             return out, True
         hold = 0
         for s in self.stops:

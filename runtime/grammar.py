@@ -139,33 +139,43 @@ class _Converter:
 
     def _array(self, schema: dict[str, Any], hint: str) -> str:
         item = self._add(f"{hint}-item", self.visit(schema.get("items", {}), f"{hint}-item"))
-        lo = int(schema.get("minItems", 0))
-        hi = schema.get("maxItems")
-        if hi is not None and int(hi) == 0:
+        lo, hi = _bounds(schema, "minItems", "maxItems")
+        if hi == 0:
             return '"[" "]"'
         if lo == 0:
-            more = f'( "," {item} )*' if hi is None else f'( "," {item} ){{0,{int(hi) - 1}}}'
+            more = f'( "," {item} )*' if hi is None else f'( "," {item} ){{0,{hi - 1}}}'
             return f'"[" ( {item} {more} )? "]"'
         more = (
             f'( "," {item} ){{{lo - 1},}}'
             if hi is None
-            else f'( "," {item} ){{{lo - 1},{int(hi) - 1}}}'
+            else f'( "," {item} ){{{lo - 1},{hi - 1}}}'
         )
         return f'"[" {item} {more} "]"'
 
     def _string(self, schema: dict[str, Any]) -> str:
-        lo = int(schema.get("minLength", 0))
-        hi = schema.get("maxLength")
+        lo, hi = _bounds(schema, "minLength", "maxLength")
         if lo == 0 and hi is None:
             return "string"
-        rep = f"{{{lo},}}" if hi is None else f"{{{lo},{int(hi)}}}"
+        rep = f"{{{lo},}}" if hi is None else f"{{{lo},{hi}}}"
         return rf'"\"" char{rep} "\""'
+
+
+def _bounds(schema: dict[str, Any], lo_key: str, hi_key: str) -> tuple[int, int | None]:
+    """A (min, max) pair of counts from a schema; a max below the min has no sentence at all."""
+    lo, hi = max(0, int(schema.get(lo_key, 0))), schema.get(hi_key)
+    if hi is not None and int(hi) < lo:
+        raise BadRequest(f"format: {hi_key} {hi} is below {lo_key} {lo}")
+    return lo, None if hi is None else int(hi)
 
 
 def schema_to_gbnf(schema: dict[str, Any]) -> str:
     """A GBNF grammar whose sentences are compact JSON documents valid under ``schema``."""
     conv = _Converter(schema)
-    root = conv.visit(schema, "root")
+    try:
+        root = conv.visit(schema, "root")
+    except (TypeError, ValueError, AttributeError) as e:
+        # A keyword with a value of the wrong kind ("minItems": "x", "anyOf": 5): the caller's mistake.
+        raise BadRequest(f"format: not a valid JSON Schema ({e})") from None
     return _rules_text({"root": root, **conv.rules, **_PRIMITIVES})
 
 

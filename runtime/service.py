@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
+from offload.models.store import ModelInfo
 from offload.runtime import calibration, config, prompt
 from offload.runtime.errors import BadRequest
 from offload.runtime.generation import Piece, Stats
@@ -29,7 +30,7 @@ from offload.runtime.tools import (
     supports_tools,
 )
 
-__all__ = ["generate", "chat", "now_iso", "keep_alive_from", "model_name"]
+__all__ = ["generate", "chat", "chat_prompt", "now_iso", "keep_alive_from", "model_name"]
 
 
 def now_iso() -> str:
@@ -229,12 +230,7 @@ def chat(
                 "done_reason": "unload" if keep == 0 else "load",
             }
             return
-        history = list(info.messages) + messages
-        if info.system and not any(m.get("role") == "system" for m in history):
-            history = [{"role": "system", "content": info.system}, *history]
-        text, has_bos = prompt.render_chat(
-            info.template, gguf_template, history, tools, think=think
-        )
+        text, has_bos = chat_prompt(info, messages, tools, think, gguf_template)
         splitter = ThinkSplitter(inside=text.rstrip().endswith("<think>")) if think else None
         # With tools, text streams until something could open a call; the rest is parsed at the end.
         calls_out = ToolCallStreamer(tools) if tools else None
@@ -256,6 +252,8 @@ def chat(
                     yield chunk
             else:
                 out = _summary(name, ev, load_s, t_start)
+                if ev.stop_sequence is not None:
+                    out["stop_sequence"] = ev.stop_sequence  # which stop string ended it (Anthropic's API says)
                 msg = {"role": "assistant", "content": ""}
                 if splitter:
                     thinking, content = splitter.flush()
@@ -269,6 +267,16 @@ def chat(
                         msg["tool_calls"] = calls
                 out["message"] = msg
                 yield out
+
+
+def chat_prompt(info: ModelInfo, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
+                think: bool | None, gguf_template: str | None) -> tuple[str, bool]:
+    """The prompt text a chat feeds the model (its MESSAGE history and SYSTEM before the request's
+    messages, through its template), and whether the text already holds the BOS token."""
+    history = list(info.messages) + messages
+    if info.system and not any(m.get("role") == "system" for m in history):
+        history = [{"role": "system", "content": info.system}, *history]
+    return prompt.render_chat(info.template, gguf_template, history, tools, think=think)
 
 
 def _gguf_template(runner: Runner) -> str | None:

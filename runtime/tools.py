@@ -12,6 +12,9 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+# One definition of each capability test, shared with /api/show's capabilities.
+from offload.models.capabilities import supports_insert, supports_thinking, supports_tools
+
 __all__ = [
     "supports_tools",
     "supports_thinking",
@@ -20,21 +23,6 @@ __all__ = [
     "ThinkSplitter",
     "ToolCallStreamer",
 ]
-
-
-def supports_tools(template: str | None) -> bool:
-    """True when the template renders ``.Tools`` (Go) or ``tools`` (Jinja)."""
-    return bool(template) and (".Tools" in template or "tools" in template)
-
-
-def supports_thinking(template: str | None) -> bool:
-    """True when the template has a reasoning section (``.Thinking``/``.Think``)."""
-    return bool(template) and (".Thinking" in template or ".Think" in template)
-
-
-def supports_insert(template: str | None) -> bool:
-    """True when the template places a ``.Suffix`` (fill-in-the-middle)."""
-    return bool(template) and ".Suffix" in template
 
 
 def _as_call(obj: Any, names: set[str]) -> dict[str, Any] | None:

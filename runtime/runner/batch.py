@@ -437,6 +437,7 @@ class BatchLoop:
             "cached_tokens": job.reused,
             "max_gap_s": job.max_gap_s,
             "alone": job.alone,
+            "stop_sequence": job.scanner.hit if job.scanner is not None and reason == "stop" else None,
         }
         if job.want_tokens:
             stats["prompt_tokens"] = job.prompt

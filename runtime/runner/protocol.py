@@ -30,7 +30,7 @@ Runner -> server
   {"ev": "load_failed", "kind": ERROR, "message": STR}
   {"ev": "piece", "id": N, "text": STR, "logprobs": [...]}      logprobs only when asked for
   {"ev": "done", "id": N, "stats": {"prompt_eval_count", "prompt_eval_s", "eval_count", "eval_s",
-   "done_reason", "cached_tokens", "max_gap_s", "prompt_tokens"?, "tokens"?}}
+   "done_reason", "cached_tokens", "max_gap_s", "alone", "stop_sequence", "prompt_tokens"?, "tokens"?}}
   {"ev": "result", "id": N, "value": ANY}
   {"ev": "error", "id": N, "kind": ERROR, "message": STR}
 

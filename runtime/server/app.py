@@ -15,10 +15,12 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from offload.models.errors import ModelNotFound
 from offload.models.store import Store
 from offload.planner.errors import OffloadError
 from offload.runtime import __version__, config, planning
 from offload.runtime.scheduler import Scheduler
+from offload.runtime.server.errors import Family, error_response, family_of
 from offload.runtime.server.schemas import VersionResponse
 
 __all__ = ["create_app", "error_response", "origin_regex"]
@@ -26,27 +28,8 @@ __all__ = ["create_app", "error_response", "origin_regex"]
 log = logging.getLogger(__name__)
 
 
-_OPENAI_TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 503: "server_error"}
-
-
-def error_response(status: int, message: str, openai: bool = False) -> JSONResponse:
-    """Ollama's error shape, or OpenAI's for the /v1 routes."""
-    if openai:
-        code = "model_not_found" if status == 404 else None
-        body: dict[str, Any] = {
-            "error": {
-                "message": message,
-                "type": _OPENAI_TYPES.get(status, "api_error"),
-                "param": None,
-                "code": code,
-            }
-        }
-        return JSONResponse(body, status_code=status)
-    return JSONResponse({"error": message}, status_code=status)
-
-
-def _is_openai(request: Request) -> bool:
-    return request.url.path.startswith("/v1/")
+def _family(request: Request) -> Family:
+    return family_of(request.url.path, request.headers)
 
 
 # Browsers may call us from local pages and desktop-app shells; OFFLOAD_ORIGINS adds more.
@@ -121,7 +104,9 @@ def create_app(store: Store | None = None, scheduler: Scheduler | None = None) -
 
     @app.exception_handler(OffloadError)
     async def _offload_error(request: Request, exc: OffloadError) -> JSONResponse:
-        return error_response(exc.http_status, str(exc), _is_openai(request))
+        # OpenAI marks a missing model with a code; a missing route has none.
+        code = "model_not_found" if isinstance(exc, ModelNotFound) else None
+        return error_response(exc.http_status, str(exc), _family(request), code)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -131,18 +116,31 @@ def create_app(store: Store | None = None, scheduler: Scheduler | None = None) -
             try:
                 json.loads(raw)
             except ValueError as e:
-                return error_response(400, f"invalid JSON: {e}", _is_openai(request))
-        return error_response(400, _validation_message(exc), _is_openai(request))
+                return error_response(400, f"invalid JSON: {e}", _family(request))
+        return error_response(400, _validation_message(exc), _family(request))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        # Unknown paths and methods answer in our error shape too, not Starlette's {"detail": ...}.
-        message = "404 page not found" if exc.status_code == 404 else str(exc.detail)
-        return error_response(exc.status_code, message, _is_openai(request))
+        # Unknown paths and methods answer in their API's error shape, not Starlette's {"detail": ...}.
+        path, method = request.url.path, request.method
+        if exc.status_code == 404:
+            message = f"404 page not found: no route {method} {path}"
+        elif exc.status_code == 405:
+            allowed = (exc.headers or {}).get("Allow")
+            message = f"method {method} is not allowed on {path}" + (f"; use {allowed}" if allowed else "")
+        else:
+            message = str(exc.detail)
+        return error_response(exc.status_code, message, _family(request), headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # A bug is still answered in the caller's API shape; the traceback goes to the log.
+        log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        return error_response(500, f"internal error: {exc}", _family(request))
 
     @app.exception_handler(json.JSONDecodeError)
     async def _bad_json(request: Request, exc: json.JSONDecodeError) -> JSONResponse:
-        return error_response(400, f"invalid JSON: {exc}", _is_openai(request))
+        return error_response(400, f"invalid JSON: {exc}", _family(request))
 
     app.add_middleware(JSONBodyByDefault)
     app.add_middleware(
@@ -162,10 +160,12 @@ def create_app(store: Store | None = None, scheduler: Scheduler | None = None) -
     async def version() -> dict[str, Any]:
         return {"version": __version__}
 
-    from offload.runtime.server import ollama, openai
+    from offload.runtime.server import anthropic, ollama, openai, responses
 
     app.include_router(ollama.router)
     app.include_router(openai.router)
+    app.include_router(responses.router)
+    app.include_router(anthropic.router)
     try:
         from offload.runtime.server import models_api
     except ImportError:

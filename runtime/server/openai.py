@@ -22,9 +22,17 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
 from offload.models.errors import ModelNotFound
-from offload.planner.errors import OffloadError
 from offload.runtime import embeddings, service
 from offload.runtime.errors import BadRequest
+from offload.runtime.server.bridge import (
+    call_id,
+    first_chunk,
+    forced_call_schema,
+    sse,
+    stream_events,
+    token_counts,
+)
+from offload.runtime.server.errors import openai_error_body
 from offload.runtime.server.ollama import collect, merge_chunks
 from offload.runtime.server.openai_schemas import (
     ChatCompletionRequest,
@@ -121,32 +129,12 @@ def _format(rf: dict[str, Any] | None) -> Any:
 
 
 def _forced_call_schema(tools: list[dict[str, Any]], choice: Any) -> dict[str, Any] | None:
-    """A JSON Schema that makes the model call a tool ("required" or a named function), else None.
-
-    The model's answer is then a call by construction, which the tool-call parser reads back.
-    """
+    """The schema that makes the model call a tool ("required" or a named function), else None."""
     if choice == "required":
-        names = None
-    elif isinstance(choice, dict) and (choice.get("function") or {}).get("name"):
-        names = {choice["function"]["name"]}
-    else:
-        return None
-    alts = []
-    for t in tools:
-        fn = t.get("function") or {}
-        if not fn.get("name") or (names is not None and fn["name"] not in names):
-            continue
-        params = fn.get("parameters") or {"type": "object"}
-        alts.append(
-            {
-                "type": "object",
-                "properties": {"name": {"const": fn["name"]}, "arguments": params},
-                "required": ["name", "arguments"],
-            }
-        )
-    if not alts:
-        raise BadRequest(f"tool_choice names a function that is not in tools: {choice!r}")
-    return alts[0] if len(alts) == 1 else {"anyOf": alts}
+        return forced_call_schema(tools, None)
+    if isinstance(choice, dict) and (choice.get("function") or {}).get("name"):
+        return forced_call_schema(tools, {choice["function"]["name"]})
+    return None
 
 
 def _finish(done_reason: str | None, has_calls: bool) -> str:
@@ -156,7 +144,7 @@ def _finish(done_reason: str | None, has_calls: bool) -> str:
 
 
 def _usage(final: dict[str, Any]) -> dict[str, int]:
-    p, c = int(final.get("prompt_eval_count") or 0), int(final.get("eval_count") or 0)
+    p, c = token_counts(final)
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
 
@@ -164,7 +152,7 @@ def _tool_calls(calls: list[dict[str, Any]], streaming: bool) -> list[dict[str, 
     out = []
     for i, c in enumerate(calls):
         item: dict[str, Any] = {
-            "id": f"call_{uuid.uuid4().hex[:24]}",
+            "id": call_id(),
             "type": "function",
             "function": {
                 "name": c["function"]["name"],
@@ -177,44 +165,17 @@ def _tool_calls(calls: list[dict[str, Any]], streaming: bool) -> list[dict[str, 
     return out
 
 
-def _sse(obj: Any) -> bytes:
-    return f"data: {json.dumps(obj)}\n\n".encode()
-
-
-async def _sse_stream(
+def _sse_stream(
     ts: ThreadedStream, first: dict[str, Any] | None, convert: Any, tail: Any
 ) -> AsyncIterator[bytes]:
-    try:
-        chunks = [first] if first is not None else []
-        for c in chunks:
-            for obj in convert(c):
-                yield _sse(obj)
-        async for c in ts:
-            for obj in convert(c):
-                yield _sse(obj)
-        for obj in tail():
-            yield _sse(obj)
-        yield b"data: [DONE]\n\n"
-    except OffloadError as e:
-        yield _sse({"error": {"message": str(e), "type": "api_error", "param": None, "code": None}})
-    except Exception as e:  # noqa: BLE001 - headers are sent: the error goes in the stream
-        log.exception("generation failed mid-stream")
-        yield _sse(
-            {
-                "error": {
-                    "message": f"internal error: {e}",
-                    "type": "api_error",
-                    "param": None,
-                    "code": None,
-                }
-            }
-        )
-    finally:
-        ts.cancel.set()
-
-
-async def _start(ts: ThreadedStream) -> dict[str, Any] | None:
-    return await ts.start()
+    """``data:`` lines of each converted chunk, the tail, then ``data: [DONE]``."""
+    return stream_events(
+        ts,
+        first,
+        lambda c: [sse(obj) for obj in convert(c)],
+        lambda: [*(sse(obj) for obj in tail()), b"data: [DONE]\n\n"],
+        lambda message: sse(openai_error_body(500, message)),
+    )
 
 
 @router.post("/chat/completions", responses=_ERRORS)
@@ -281,7 +242,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     def tail() -> list[dict[str, Any]]:
         return [{**base([]), "usage": _usage(last)}] if include_usage else []
 
-    first = await _start(ts)
+    first = await first_chunk(ts)
     return CancellingStreamingResponse(
         _sse_stream(ts, first, convert, tail), ts, media_type="text/event-stream"
     )
@@ -332,7 +293,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     def tail() -> list[dict[str, Any]]:
         return [{**base([]), "usage": _usage(last)}] if include_usage else []
 
-    first = await _start(ts)
+    first = await first_chunk(ts)
     return CancellingStreamingResponse(
         _sse_stream(ts, first, convert, tail), ts, media_type="text/event-stream"
     )

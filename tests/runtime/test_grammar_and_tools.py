@@ -113,3 +113,18 @@ def test_tool_call_streamer_sends_prose_at_once_and_holds_what_could_be_a_call()
     # Held text that turns out not to be a call is not lost.
     sent, rest, calls = run(["a set {1, 2}", " here"])
     assert "".join(sent) + rest == "a set {1, 2} here" and calls == []
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [
+        {"type": "array", "minItems": "x"},
+        {"type": "string", "maxLength": [1]},
+        {"anyOf": 5},
+        {"required": 5, "properties": {"a": {}}},
+        {"type": "array", "minItems": 3, "maxItems": 1},
+    ],
+)
+def test_malformed_schemas_are_the_callers_mistake_not_a_crash(schema: dict) -> None:
+    with pytest.raises(BadRequest, match="format: "):
+        grammar_for_format(schema)

@@ -12,22 +12,21 @@ import json
 
 import httpx
 import schemathesis
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import response_schema_conformance
 
 from offload.models.store import Store
 from offload.runtime.server.app import create_app
-from tests.runtime.conftest import MODEL, Running
+from tests.runtime.conftest import MODEL, THINK_MODEL, TOOLS_MODEL, Running
 
 
 def test_api_answers_without_server_errors_and_matches_its_schema(store: Store) -> None:
     schema = schemathesis.openapi.from_asgi("/openapi.json", create_app(store))
     failures: dict[str, str] = {}
     operations = [r.ok() for r in schema.get_all_operations()]
-    assert {"/api/generate", "/api/chat", "/api/embed", "/v1/chat/completions", "/api/ps"} <= {
-        op.path for op in operations
-    }
+    assert {"/api/generate", "/api/chat", "/api/embed", "/v1/chat/completions", "/api/ps",
+            "/v1/responses", "/v1/messages", "/v1/messages/count_tokens"} <= {op.path for op in operations}
     for op in operations:
         if op.path in ("/api/pull", "/api/push"):
             # They talk to a registry: with no network they answer 502 by design. tests/models
@@ -91,3 +90,61 @@ def test_real_answers_match_the_published_response_schemas(server: Running) -> N
     _validator(spec, "ListResponse").validate(httpx.get(f"{server.url}/api/tags").json())
     bad = {**chunks[-1], "done": "yes"}
     assert not gen.is_valid(bad)  # the schema has teeth
+
+
+def test_agent_routes_fuzzed_against_real_models_never_fail_and_match_the_schema(store: Store) -> None:
+    # The generated bodies name real models (so translation, capability checks and generation
+    # all run) with a token limit kept tiny so that each case stays fast.
+    schema = schemathesis.openapi.from_asgi("/openapi.json", create_app(store))
+    models = [MODEL, TOOLS_MODEL, THINK_MODEL]
+    failures: dict[str, str] = {}
+    for path in ("/v1/responses", "/v1/messages", "/v1/messages/count_tokens"):
+        op = schema[path]["POST"]
+
+        @given(case=op.as_strategy())
+        @settings(
+            max_examples=30,
+            deadline=None,
+            database=None,
+            suppress_health_check=list(HealthCheck),
+            phases=[Phase.explicit, Phase.generate],  # a failure is reported as found, unshrunk
+        )
+        def check(case: schemathesis.Case) -> None:
+            if isinstance(case.body, dict):
+                case.body["model"] = models[len(json.dumps(case.body)) % len(models)]
+                key = "max_output_tokens" if case.path == "/v1/responses" else "max_tokens"
+                if not isinstance(case.body.get(key), int) or case.body[key] > 2:
+                    case.body[key] = 2
+            case.call_and_validate(
+                checks=[not_a_server_error, response_schema_conformance], timeout=120
+            )
+
+        try:
+            check()
+        except Exception as e:  # noqa: BLE001 - gather every route's failure, then report
+            failures[path] = str(e)[:3000]
+    assert not failures, "\n\n".join(f"{k}:\n{v}" for k, v in failures.items())
+
+
+def test_agent_answers_and_errors_match_the_published_schemas(server: Running) -> None:
+    spec = httpx.get(f"{server.url}/openapi.json").json()
+    hi = [{"role": "user", "content": "hi"}]
+    _validator(spec, "ResponseObject").validate(
+        httpx.post(f"{server.url}/v1/responses", timeout=60,
+                   json={"model": MODEL, "input": "hi", "max_output_tokens": 3}).json()
+    )  # fmt: skip
+    _validator(spec, "MessageObject").validate(
+        httpx.post(f"{server.url}/v1/messages", timeout=60,
+                   json={"model": MODEL, "max_tokens": 3, "messages": hi}).json()
+    )  # fmt: skip
+    _validator(spec, "TokenCount").validate(
+        httpx.post(f"{server.url}/v1/messages/count_tokens", timeout=60,
+                   json={"model": MODEL, "messages": hi}).json()
+    )  # fmt: skip
+    anthropic_error = _validator(spec, "AnthropicError")
+    for body in ({"model": MODEL, "max_tokens": 0, "messages": hi}, {"model": "nope:1", "max_tokens": 1, "messages": hi}):
+        anthropic_error.validate(httpx.post(f"{server.url}/v1/messages", json=body, timeout=60).json())
+    _validator(spec, "OpenAIError").validate(
+        httpx.post(f"{server.url}/v1/responses", json={"model": MODEL, "input": [{"type": "x"}]}, timeout=60).json()
+    )
+    assert not anthropic_error.is_valid({"error": "flat"})  # the schema has teeth
