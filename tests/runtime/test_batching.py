@@ -187,7 +187,7 @@ def test_a_full_kv_cache_ends_only_the_request_that_holds_the_most(gemma_gguf: P
         lp = Loop(e)
         rids = [lp.submit(tokens=e.tokenize("A long tale: " + "go on " * 220), temperature=0, num_predict=560,
                           ignore_eos=True)]
-        rids += [lp.submit(tokens=e.tokenize(f"Tale {i}: " + "more " * 170), temperature=0, num_predict=60)
+        rids += [lp.submit(tokens=e.tokenize(f"Tale {i}: " + "more " * 400), temperature=0, num_predict=60)
                  for i in range(3)]
         lp.run(*rids, max_steps=5000)
         first = lp.stats(rids[0])
