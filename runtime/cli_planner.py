@@ -104,10 +104,17 @@ def _default_gpu_budget() -> int | None:
     return fn() if fn else None
 
 
-def _hardware(name: str | None, refresh: bool = False) -> Hardware:
+def _hardware(name: str | None, refresh: bool = False) -> tuple[Hardware, str | None]:
+    """A profile by name, else this machine as llama.cpp can use it, with a warning (also shown
+    on stderr) when that is less than it has: GPUs that this llama.cpp build cannot offload to."""
     if name:
-        return hw_mod.load_profile(name)
-    return hw_mod.current(hardware_cache_file(), refresh=refresh)
+        return hw_mod.load_profile(name), None
+    from offload.runtime import backends
+
+    usable = backends.current(hardware_cache_file(), refresh=refresh)
+    if usable.warning:
+        click.secho(f"Warning: {usable.warning}", fg="yellow", err=True)
+    return usable.hardware, usable.warning
 
 
 def _gib(n: float) -> str:
@@ -262,7 +269,7 @@ def plan_cmd(
     """Plan where every tensor of MODEL (a name or a GGUF path) goes, and predict its speed."""
     try:
         a = anatomy.read(resolve_model(model))
-        hw = _hardware(hardware_name)
+        hw, warning = _hardware(hardware_name)
         req = PlanRequest(
             n_ctx=ctx,
             max_ctx=max_ctx,
@@ -273,6 +280,8 @@ def plan_cmd(
             prompt_tokens=prompt_tokens,
         )
         p = plan_with_calibration(a, hw, req, measured=hardware_name is None)
+        if warning:
+            p = dataclasses.replace(p, reasons=(*p.reasons, warning))
         if chart:
             _chart(chart, p, a, hw, req)
     except OffloadError as e:
@@ -306,7 +315,7 @@ def plan_with_calibration(a: Anatomy, hw: Hardware, req: PlanRequest, measured: 
 def hardware_cmd(refresh: bool, profile: str | None, as_json: bool) -> None:
     """Show this machine's measured hardware profile (cached under the data dir)."""
     try:
-        hw = _hardware(profile, refresh=refresh)
+        hw, warning = _hardware(profile, refresh=refresh)
     except OffloadError as e:
         raise click.ClickException(str(e)) from None
     if as_json:
@@ -341,9 +350,10 @@ def hardware_cmd(refresh: bool, profile: str | None, as_json: bool) -> None:
             )
         c.print(t)
     else:
-        c.print("No GPUs.")
+        c.print("No GPUs llama.cpp can use." if warning else "No GPUs.")
     for n in hw.notes:
-        c.print(f"  note: {n}")
+        if n != warning:  # already shown, on stderr
+            c.print(f"  note: {n}")
 
 
 def register(group: click.Group) -> None:

@@ -18,7 +18,7 @@ FORBIDDEN = {
     "models": ("offload.runtime",),
 }
 # Each outside library has one edge.
-EDGES = {"llama_cpp": ("runtime/engine.py", "runtime/native_llama.py", "runtime/quantize.py"), "click": ("runtime/cli",), "fastapi": ("runtime/server/",),
+EDGES = {"llama_cpp": ("runtime/engine.py", "runtime/native_llama.py", "runtime/quantize.py", "runtime/runner/"), "click": ("runtime/cli",), "fastapi": ("runtime/server/",),
          "uvicorn": ("runtime/server/", "runtime/cli.py"), "pynvml": ("planner/hardware",)}
 
 
