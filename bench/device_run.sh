@@ -117,9 +117,14 @@ install() {
   ln -s "$root"/.gpu/wheels/*.whl "$root"/.gpu/build-wheels/*.whl "$fl"/
   v=$(ls .gpu/llama_cpp_python-*-slim.tar.gz | sed -E 's/.*llama_cpp_python-(.*)-slim.tar.gz/\1/')
   ln -s "$root"/.gpu/llama_cpp_python-"$v"-slim.tar.gz "$fl/llama_cpp_python-$v.tar.gz"
-  # A venv that sees the image's packages (numpy, click, httpx...); the rest comes from the carried
-  # wheels. offload itself without its dependencies: the embedded model's package is too large to carry.
-  python3 -m venv --system-site-packages "$T/venv" && ln -sfn "$T/venv" .venv
+  # A fresh venv that also sees the image's packages (numpy, click, httpx...) through a .pth file
+  # (the image's python3 is itself a venv, whose packages --system-site-packages would not show);
+  # the rest comes from the carried wheels. offload itself without its dependencies: the embedded
+  # model's package is too large to carry.
+  "${PYTHON3:-python3}" -m venv "$T/venv" || return 1
+  "${PYTHON3:-python3}" -c "import site; print('\n'.join(site.getsitepackages()))" \
+    > "$("$T/venv/bin/python" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/image-packages.pth"
+  ln -sfn "$T/venv" .venv
   .venv/bin/pip install -q --no-index --find-links "$fl" fastapi uvicorn pydantic platformdirs gguf diskcache || return 1
   .venv/bin/pip install -q --no-index --no-deps --no-build-isolation . || return 1
   export OFFLOAD_HOME=$T/offload-install OFFLOAD_HOST=127.0.0.1:11499

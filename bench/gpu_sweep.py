@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import json
 import os
 import re
@@ -45,7 +46,9 @@ sys.path.insert(0, str(HERE))
 def _use_checkout() -> str:
     """Import ``offload`` from this checkout (a shim of symlinks), whatever else is installed;
     returns the shim's folder for the child processes' PYTHONPATH."""
-    shim = Path(tempfile.gettempdir()) / f"offload-shim-{os.getuid()}"
+    checkout = HERE.parent.resolve()
+    tag = hashlib.sha256(str(checkout).encode()).hexdigest()[:10]  # one shim per checkout
+    shim = Path(tempfile.gettempdir()) / f"offload-shim-{os.getuid()}-{tag}"
     pkg = shim / "offload"
     pkg.mkdir(parents=True, exist_ok=True)
     for name in ("planner", "runtime", "models"):
@@ -68,8 +71,10 @@ LABELS = ("fit", "fit_no_mmap", "expert", "offload", "offload_decode", "offload_
 BASELINES = LABELS[:3]
 OURS = LABELS[3:]
 DEFAULT_BUDGETS = {1: {"moe": [8.0, 12.0, 16.0], "dense": [3.0, 4.0]}, 2: {"moe": [6.0, 8.0], "dense": [6.0, 8.0]}}
-SMOKE_BUDGETS = {"tiny-moe": [0.02, 0.04], "tiny-dense": [0.02]}
+# Above the smallest GPU plan a budget that counts the CUDA context allows (about 0.5 GiB).
+SMOKE_BUDGETS = {"tiny-moe": [0.55, 1.0], "tiny-dense": [0.55]}
 SMOKE_FREE_MIB = 2048  # the pretend card of --cpu-smoke
+MAX_LOAD_S = 400.0  # one llama-bench process longer than this is a failure, not a slow placement
 WORKLOAD = (1024, 256)  # prompt and answer tokens of a typical request: time = P/prompt + G/decode
 TARGETS = {"request_speedup": 1.10, "decode_ratio": 1.00, "prompt_ratio": 1.00, "decode_error": 0.10,
            "prompt_error": 0.20}
@@ -225,10 +230,11 @@ class Sweep:
         for label, mode in (("offload", None), ("offload_decode", "decode"), ("offload_prompt", "prompt")):
             if label in cands:
                 continue
-            cli = ["plan", str(model), "--json", "--gpu-memory", f"{budget_mib}MiB", "--ctx", str(doc["ctx"]),
-                   "--prompt-tokens", str(doc["prompt"]), *(["--optimize", mode] if mode else []),
-                   *(["--hardware", str(self.profile)] if self.profile else [])]
-            r = self.offload_cli(*cli)
+            cli = ["plan", str(model), "--json", "--gpu-memory", f"{budget_mib}MiB", "--ctx", str(doc["ctx"]), "--parallel", "1",
+                   *(["--optimize", mode] if mode else []), *(["--hardware", str(self.profile)] if self.profile else [])]
+            r = self.offload_cli(*cli, "--prompt-tokens", str(doc["prompt"]))
+            if r.returncode == 2 and "No such option: --prompt-tokens" in r.stderr:
+                r = self.offload_cli(*cli)  # a planner that plans for a workload, not one prompt length
             if r.returncode != 0:
                 doc["notes"].append(f"offload {' '.join(cli[:1] + cli[2:])} failed: {r.stderr.strip()[-400:]}")
                 log(doc["notes"][-1])
@@ -264,7 +270,8 @@ class Sweep:
                      "n_batch": int(kv.get("-b", 2048)), "n_ubatch": int(kv.get("-ub", 512)),
                      "threads": int(kv.get("-t", 0)), "flash_attn": kv.get("-fa") == "1",
                      "tensor_split": tuple(float(x) for x in kv["-ts"].split("/")) if "-ts" in kv else (),
-                     "pinned_weights": kv.get("-lm") == "none"}
+                     "pinned_weights": kv.get("-lm") == "none" and kv.get("--no-host") != "1",
+                     "use_mmap": kv.get("-lm") != "none"}
             fields = Placement.__dataclass_fields__
             place = Placement(**{k: v for k, v in knobs.items() if k in fields})
             req = PlanRequest(n_ctx=doc["ctx"], gpu_budget_bytes=int(doc["budget_gib"] * GiB),
@@ -289,10 +296,14 @@ class Sweep:
         cand = doc["candidates"][label]
         before = gpu_tools.gpu_memory()
         used0 = {r["index"]: r["used_mib"] for r in before or []}
+        timeout_s = max(10.0, min(MAX_LOAD_S, self.time_left() - 3))
         res = gpu_tools.run_llama_bench(self.tools / "llama-bench", Path(doc["model_path"]), cand["args"],
                                         prompt=doc["prompt"], gen=doc["gen"], env=self.env, monitor=not self.smoke,
-                                        timeout_s=max(30.0, min(400.0, self.time_left() - 5)))
+                                        timeout_s=timeout_s)
         run: dict[str, Any] = {"label": label, "rep": rep, **res, "gpu_used_before_mib": used0 or None}
+        if str(res.get("error", "")).startswith("timed out") and timeout_s < MAX_LOAD_S:
+            run["deadline_cut"] = True
+            return run
         peaks = res.get("gpu_peak_mib")
         if peaks and used0:
             proc = {i: peaks.get(i, 0) - used0.get(i, 0) for i in range(self.args.gpus)}
@@ -335,7 +346,12 @@ class Sweep:
                         log(f"stopping: {self.time_left():.0f} s left, {label} needs about {need:.0f} s")
                         self.finish(docs)
                         return docs
-                    doc["runs"].append(self.measure(doc, label, rep))
+                    run = self.measure(doc, label, rep)
+                    if run.get("deadline_cut"):  # not a result: this load runs again in the next call
+                        log(f"stopping: {label} was cut short by the end time")
+                        self.finish(docs)
+                        return docs
+                    doc["runs"].append(run)
                     self.save(doc)
         self.finish(docs)
         return docs

@@ -145,7 +145,8 @@ def fit_bench_args(parsed: dict[str, Any]) -> list[str]:
 _PLAN_KEYS = {"n_gpu_layers", "cpu_tensor_patterns", "tensor_split", "n_batch", "n_ubatch", "threads",
               "threads_batch", "kv_type", "flash_attn", "use_mmap", "op_offload", "main_gpu", "split_mode",
               "offload_kqv", "devices", "predicted", "reasons", "n_ctx", "n_ctx_total", "n_parallel",
-              "optimize", "model_path", "hardware_fingerprint", "use_mlock", "swa_full", "workload"}
+              "optimize", "model_path", "hardware_fingerprint", "use_mlock", "swa_full", "workload",
+              "pinned_weights"}
 
 
 def plan_bench_args(plan: dict[str, Any]) -> tuple[list[str], list[str]]:
@@ -169,7 +170,10 @@ def plan_bench_args(plan: dict[str, Any]) -> tuple[list[str], list[str]]:
     if kv != "f16":
         args += ["-ctk", kv, "-ctv", kv]
     args += ["-fa", "1" if plan.get("flash_attn") else "0"]
-    args += ["-lm", "mmap" if plan.get("use_mmap", True) else "none"]
+    mapped = plan.get("use_mmap", True)
+    args += ["-lm", "mmap" if mapped else "none"]
+    if not mapped and plan.get("pinned_weights") is False:
+        args += ["--no-host", "1"]  # read in, but into ordinary memory: llama.cpp would pin it
     if plan.get("op_offload") is False:
         args += ["-nopo", "1"]
     if plan.get("offload_kqv") is False:
