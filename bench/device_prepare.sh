@@ -4,7 +4,7 @@
 # Adds what the phases of bench/device_run.sh need on a GPU machine without network:
 #   .gpu/wheels/        offload's dependencies the device image lacks: fastapi, uvicorn, pydantic,
 #                       platformdirs (and what they pull in), for Python 3.12 on x86-64 Linux
-#   .gpu/build-wheels/  llama-cpp-python's build requirements (scikit-build-core, ninja), so
+#   .gpu/build-wheels/  llama-cpp-python's build requirements (scikit-build-core, ninja) and pip, so
 #                       the README's pip command can build in pip's isolated build environment
 #   .gpu/cpu-wheel/     a portable CPU-only llama-cpp-python wheel: the state "offload installed,
 #                       llama.cpp without GPU support" that the install phase starts from. Built
@@ -20,7 +20,8 @@ target=(--only-binary=:all: --python-version 3.12 --implementation cp --platform
         --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64)
 python3 -m pip download -q "${target[@]}" -d .gpu/wheels fastapi uvicorn pydantic platformdirs
 # ninja too, in case the image's is not on the PATH (cmake is; its wheel would not fit the carry limit)
-python3 -m pip download -q "${target[@]}" -d .gpu/build-wheels "scikit-build-core>=0.9.2" ninja
+# pip too, for a venv whose base Python lacks ensurepip.
+python3 -m pip download -q "${target[@]}" -d .gpu/build-wheels "scikit-build-core>=0.9.2" ninja pip
 if ! ls .gpu/cpu-wheel/llama_cpp_python-*.whl > /dev/null 2>&1; then
   # GGML_NATIVE=OFF: the wheel must run on the device's CPU, not only on this one.
   CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF" python3 -m pip wheel -q --no-cache-dir --no-deps \

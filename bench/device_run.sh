@@ -19,7 +19,8 @@
 # LIMIT_S (default 570) is how long this call may take; loads that would end later are not started.
 # Results of an earlier call placed in bench/results/ are resumed from when /tmp has none.
 # Rehearsal on a machine without a GPU (DEVICE_TMP keeps this script's files apart from others'):
-#   DEVICE_TMP=/tmp/rehearsal INSTALL_CMAKE_ARGS=-DGGML_NATIVE=OFF RUN_MODEL=tiny-dense bash bench/device_run.sh install
+#   DEVICE_TMP=/tmp/rehearsal INSTALL_CMAKE_ARGS=-DGGML_NATIVE=OFF RUN_MODEL=tiny-dense CPU_OK=1 \
+#     MODELS="tiny-dense tiny-moe" SWEEP_ARGS="--cpu-smoke --reps 1" bash bench/device_run.sh install
 #   DEVICE_TMP=/tmp/rehearsal CPU_OK=1 MODELS="tiny-moe tiny-dense" bash bench/device_run.sh sweep --cpu-smoke
 set -uo pipefail
 start=$(date +%s)
@@ -121,7 +122,13 @@ install() {
   # (the image's python3 is itself a venv, whose packages --system-site-packages would not show);
   # the rest comes from the carried wheels. offload itself without its dependencies: the embedded
   # model's package is too large to carry.
-  "${PYTHON3:-python3}" -m venv "$T/venv" || return 1
+  if ! "${PYTHON3:-python3}" -m venv --clear "$T/venv" > /dev/null 2>&1; then
+    # A base Python without ensurepip: a venv without pip, then pip from its carried wheel.
+    local pip_whl
+    pip_whl=$(ls "$root"/.gpu/build-wheels/pip-*.whl | head -1)
+    "${PYTHON3:-python3}" -m venv --clear --without-pip "$T/venv" || return 1
+    "$T/venv/bin/python" "$pip_whl/pip" install -q --no-index "$pip_whl" || return 1
+  fi
   "${PYTHON3:-python3}" -c "import site; print('\n'.join(site.getsitepackages()))" \
     > "$("$T/venv/bin/python" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/image-packages.pth"
   ln -sfn "$T/venv" .venv
@@ -144,8 +151,9 @@ install() {
   say "README: $cmd"
   say "runs:   $run"
   # Not part of the command: keep the build folder and build llama.cpp's tools in it too, so the
-  # sweep uses llama-bench and llama-fit-params from these very sources and flags.
-  export SKBUILD_BUILD_DIR=$T/lcp/build SKBUILD_CMAKE_DEFINE="LLAMA_BUILD_TOOLS=ON"
+  # sweep uses llama-bench and llama-fit-params from these very sources and flags (as the GPU
+  # recipe's build.sh does: the tools bring their own mtmd, so the package's copy is left out).
+  export SKBUILD_BUILD_DIR=$T/lcp/build SKBUILD_CMAKE_DEFINE="LLAMA_BUILD_TOOLS=ON;LLAVA_BUILD=OFF"
   export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
   if ! bash -c "$run" > "$T/install-build.log" 2>&1; then
     tail -40 "$T/install-build.log"
@@ -167,19 +175,33 @@ install() {
   printf 'FROM %s\nTEMPLATE "{{ .Prompt }}"\nPARAMETER temperature 0\nPARAMETER num_predict 16\n' \
     "$T/synth-$model.gguf" > "$T/Modelfile.synth"
   .venv/bin/offload create "synth-$model" -f "$T/Modelfile.synth" || return 1
-  .venv/bin/offload serve > "$OUT/serve.log" 2>&1 &
-  local srv=$!
+  # `offload run` starts the server in the background, as it does for a user.
   .venv/bin/offload run "synth-$model" "Why is the sky blue?" --verbose
   .venv/bin/offload ps | tee "$T/ps.txt"
   nvidia-smi --query-compute-apps=pid,process_name,used_memory --format=csv
   check "offload ps shows the model 100% on the GPU" grep -q "100% GPU" "$T/ps.txt"
   .venv/bin/offload stop "synth-$model"
-  kill "$srv" 2>/dev/null
-  wait "$srv" 2>/dev/null
+  # The server (and any runner it left) must not hold GPU memory during the sweep: end it by the
+  # id of the process that listens on its port.
+  .venv/bin/python - <<'PY'
+import os, psutil
+port = int(os.environ["OFFLOAD_HOST"].rsplit(":", 1)[1])
+for c in psutil.net_connections("tcp"):
+    if c.status == psutil.CONN_LISTEN and c.laddr.port == port and c.pid:
+        server = psutil.Process(c.pid)
+        procs = [server, *server.children(recursive=True)]
+        for p in procs:
+            p.terminate()
+        for p in psutil.wait_procs(procs, timeout=15)[1]:
+            p.kill()
+        print(f"ended the server (pid {c.pid})")
+PY
+  cp "$OFFLOAD_HOME/logs/server.log" "$OUT/server.log" 2>/dev/null
   say "install phase: ${FAILED:-0} checks failed"
   local failed=${FAILED:-0}
   # The rest of this call starts the sweep (its files stay in $T until a sweep call returns them).
-  if [ "${SWEEP_AFTER:-1}" = 1 ]; then sweep 1 --out ""; fi
+  # SWEEP_ARGS: extra gpu_sweep.py arguments (split into words on purpose)
+  if [ "${SWEEP_AFTER:-1}" = 1 ]; then sweep 1 --out "" ${SWEEP_ARGS:-}; fi
   [ "$failed" -eq 0 ]
 }
 

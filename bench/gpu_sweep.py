@@ -129,6 +129,7 @@ class Sweep:
                 if doc.get("prompt") == self.args.prompt and doc.get("gen") == self.args.gen:
                     log(f"resuming {p} ({len(doc.get('runs', []))} loads done)")
                     doc["reps"] = self.args.reps
+                    doc["model_path"] = str(model)
                     return doc
         return {"kind": kind, "budget_gib": budget, "gpus": self.args.gpus, "model_path": str(model),
                 "model_bytes": model.stat().st_size, "prompt": self.args.prompt, "gen": self.args.gen,
