@@ -162,14 +162,15 @@ class Sweep:
         return path
 
     def _smoke_profile(self) -> Path:
-        """A pretend machine for --cpu-smoke: this CPU and a small GPU, so plans place layers."""
+        """A pretend machine for --cpu-smoke: this CPU and small GPUs, so plans place layers."""
         from offload.planner import hardware as hw_mod
         from offload.planner.types import GPUInfo
 
         hw = hw_mod.probe(measure=False)
-        gpu = GPUInfo(name="smoke-GPU", vram_bytes=SMOKE_FREE_MIB * MiB, mem_bandwidth_Bps=900e9,
-                      h2d_bandwidth_Bps=25e9, index=0, vram_free_bytes=SMOKE_FREE_MIB * MiB)
-        data = {**hw.to_dict(), "gpus": [gpu.__dict__]}
+        gpus = [GPUInfo(name="smoke-GPU", vram_bytes=SMOKE_FREE_MIB * MiB, mem_bandwidth_Bps=900e9,
+                        h2d_bandwidth_Bps=25e9, index=i, vram_free_bytes=SMOKE_FREE_MIB * MiB).__dict__
+                for i in range(self.args.gpus)]
+        data = {**hw.to_dict(), "gpus": gpus}
         path = self.state / "smoke-hardware.json"
         path.write_text(json.dumps(data))
         return path
