@@ -134,7 +134,8 @@ install() {
   ln -sfn "$T/venv" .venv
   .venv/bin/pip install -q --no-index --find-links "$fl" fastapi uvicorn pydantic platformdirs gguf diskcache || return 1
   .venv/bin/pip install -q --no-index --no-deps --no-build-isolation . || return 1
-  export OFFLOAD_HOME=$T/offload-install OFFLOAD_HOST=127.0.0.1:11499
+  OFFLOAD_HOST=127.0.0.1:$(python3 -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
+  export OFFLOAD_HOME=$T/offload-install OFFLOAD_HOST
   if ls .gpu/cpu-wheel/llama_cpp_python-*.whl > /dev/null 2>&1; then
     say "before: llama-cpp-python built for the CPU only (as 'pip install .' leaves it)"
     .venv/bin/pip install -q --no-index --no-deps .gpu/cpu-wheel/llama_cpp_python-*.whl || return 1
