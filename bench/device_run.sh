@@ -1,57 +1,222 @@
 #!/bin/bash
-# The GPU sweep on the device, in one command of at most 10 minutes:
-#   bash bench/device_run.sh KIND [BUDGETS_GIB] [TOTAL_S] [extra gpu_sweep.py args...]
-#   e.g. bash bench/device_run.sh dense 3,4,6 560 --heal
-# Environment: PREFLIGHT_GIB=N first loads the planner's plan at N GiB in a process of its own;
-# ALSO_WRITE=KIND writes that model too while llama.cpp builds, for a following call.
-# Starts .gpu/build.sh (CUDA llama-cpp-python, llama-bench, llama-fit-params; skipped on a warm
-# machine) in the background, meanwhile writes the synthetic model to /tmp (kept on a warm machine),
-# then sweeps until TOTAL_S seconds after the start, writing $OUT/KIND-<budget>gib.json after
-# every run, plus $OUT/sweep-KIND.log.
+# One device call's work, by phase. Carry [".gpu"] (filled by the GPU recipe's prepare.sh, then
+# bench/device_prepare.sh). Each phase fits one 10-minute call and leaves at most 8 files in $OUT.
+#
+#   bash bench/device_run.sh install   On a bare machine: offload installed into a venv, then the
+#       README's GPU command run as written (plus --no-index --find-links to the carried wheels),
+#       `offload hardware` before and after it, `offload run` and `offload ps` on a synthetic model
+#       (ps must say 100% GPU), and llama.cpp's device list checked against NVML
+#       (bench/backend_check.py). The same build keeps llama-bench and llama-fit-params
+#       (/tmp/llama-tools), and both synthetic models are written to /tmp meanwhile; what is left
+#       of the call starts the sweep (SWEEP_AFTER=0: not), which the next calls resume.
+#   bash bench/device_run.sh build     On a bare machine: the GPU recipe's .gpu/build.sh instead
+#       (no install test), models written meanwhile.
+#   bash bench/device_run.sh sweep [gpu_sweep.py args]     On a warm machine: the single-GPU
+#       sweep (bench/gpu_sweep.py), resumed where the last call stopped, until this call's end.
+#   bash bench/device_run.sh two-gpu [gpu_sweep.py args]   On a two-GPU host: the recipe's build
+#       when this machine has none, then the two-GPU sweep, resumable the same way.
+#
+# LIMIT_S (default 570) is how long this call may take; loads that would end later are not started.
+# Results of an earlier call placed in bench/results/ are resumed from when /tmp has none.
+# Rehearsal on a machine without a GPU (DEVICE_TMP keeps this script's files apart from others'):
+#   DEVICE_TMP=/tmp/rehearsal INSTALL_CMAKE_ARGS=-DGGML_NATIVE=OFF RUN_MODEL=tiny-dense CPU_OK=1 \
+#     MODELS="tiny-dense tiny-moe" SWEEP_ARGS="--cpu-smoke --reps 1" bash bench/device_run.sh install
+#   DEVICE_TMP=/tmp/rehearsal CPU_OK=1 MODELS="tiny-moe tiny-dense" bash bench/device_run.sh sweep --cpu-smoke
 set -uo pipefail
 start=$(date +%s)
-kind=${1:-dense}; budgets=${2:-}; total=${3:-560}
-shift $(( $# < 3 ? $# : 3 ))
+phase=${1:-}
+shift || true
+LIMIT_S=${LIMIT_S:-570}
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-synth_kind=$kind
-# --cpu-smoke (a rehearsal on a machine without a GPU) uses the tiny model of the same shape family.
-case " $* " in *" --cpu-smoke "*) synth_kind=tiny-$kind ;; esac
-model=/tmp/synth-$synth_kind.gguf
+T=${DEVICE_TMP:-/tmp}
+mkdir -p "$T"
+OUT=${OUT:-$T/out}
+mkdir -p "$OUT"
+export NCCL_NVLS_ENABLE=0  # never NVLink multicast on shared hosts
 
-bash .gpu/build.sh > /tmp/build.out 2>&1 &
-build_pid=$!
-# gguf is pure Python: import it straight from the carried wheel while the build installs it.
-gguf_whl=$(ls .gpu/wheels/gguf-*.whl 2>/dev/null | head -1)
-PYTHONPATH="$gguf_whl" python3 bench/synth_models.py "$synth_kind" "$model" > /tmp/synth-$kind.out 2>&1 &
-synth_pid=$!
+say() { echo "[$(date +%H:%M:%S) +$(( $(date +%s) - start ))s] $*"; }
 
-# ALSO_WRITE=KIND writes a second model meanwhile (kept for the next call on a warm machine).
-also_pid=
-if [ -n "${ALSO_WRITE:-}" ]; then
-  PYTHONPATH="$gguf_whl" python3 bench/synth_models.py "$ALSO_WRITE" "/tmp/synth-$ALSO_WRITE.gguf" > /tmp/synth-$ALSO_WRITE.out 2>&1 &
-  also_pid=$!
-fi
+write_models() {  # in the background; kept in /tmp on a warm machine
+  local gguf_whl k
+  gguf_whl=$(ls .gpu/wheels/gguf-*.whl 2>/dev/null | head -1)
+  for k in ${MODELS:-dense moe}; do
+    [ -f "$T/synth-$k.gguf" ] && continue
+    PYTHONPATH="$gguf_whl" python3 bench/synth_models.py "$k" "$T/synth-$k.gguf" > "$T/synth-$k.out" 2>&1 &
+  done
+}
 
-wait $build_pid; build_rc=$?
-tail -3 /tmp/build.out
-if [ $build_rc -ne 0 ]; then cp /tmp/build.out "$OUT/build.out"; echo "build failed"; exit 1; fi
-wait $synth_pid; synth_rc=$?
-cat /tmp/synth-$kind.out
-if [ $synth_rc -ne 0 ]; then echo "writing the model failed"; exit 1; fi
-if [ -n "$also_pid" ]; then wait $also_pid; echo "also wrote: $(tail -1 /tmp/synth-$ALSO_WRITE.out)"; fi
-nvidia-smi --query-gpu=name,memory.total,memory.used,memory.free --format=csv,noheader 2>/dev/null
+wait_models() {  # the writers of this call, or (after a call that ended first) written now
+  local k
+  wait
+  for k in ${MODELS:-dense moe}; do
+    if [ ! -f "$T/synth-$k.gguf" ]; then
+      say "writing $T/synth-$k.gguf now"
+      PYTHONPATH="$(ls .gpu/wheels/gguf-*.whl | head -1)" python3 bench/synth_models.py "$k" "$T/synth-$k.gguf" \
+        || return 1
+    fi
+  done
+  ls -la "$T"/synth-*.gguf
+}
 
-export PYTHONPATH=/tmp/site${EXTRA_PYTHONPATH:+:$EXTRA_PYTHONPATH}
-# A first load in a process of its own: a crash here shows where (faulthandler) and spares the sweep.
-if [ -n "${PREFLIGHT_GIB:-}" ]; then
-  timeout 150 python3 -X faulthandler bench/preflight.py "$model" "$PREFLIGHT_GIB" > "$OUT/preflight.log" 2>&1
-  echo "preflight rc=$?"; tail -25 "$OUT/preflight.log"
-fi
-# Keep 25 s for the last run to finish and the results to come back.
-left=$(( total - ($(date +%s) - start) - 25 ))
-echo "sweep: $kind budgets=${budgets:-default} ${left}s left"
-python3 -X faulthandler bench/gpu_sweep.py --model "$kind" --model-path "$model" --out "$OUT" --time-budget-s "$left" \
-  ${budgets:+--budgets "$budgets"} "$@" 2>&1 | tee "$OUT/sweep-$kind.log" | grep -v '^\[.*summary' | tail -60
-echo "elapsed $(( $(date +%s) - start ))s; files:"; ls -la "$OUT"
+gpu_python() {  # the Python whose llama_cpp offloads to a GPU: the install phase's venv, else the recipe's
+  # CPU_OK=1 (rehearsals only) accepts a build without GPU support.
+  local check="import llama_cpp, sys; sys.exit(0 if llama_cpp.llama_supports_gpu_offload() or ${CPU_OK:-0} else 1)"
+  if [ -x "$T/venv/bin/python" ] && "$T/venv/bin/python" -c "$check" 2>/dev/null; then
+    PY=$T/venv/bin/python
+  elif PYTHONPATH=/tmp/site python3 -c "$check" 2>/dev/null; then
+    PY=python3
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  else
+    return 1
+  fi
+  say "GPU build: $PY ($("$PY" -c 'import llama_cpp; print(llama_cpp.__file__)'))"
+}
+
+link_tools() {  # llama-bench and llama-fit-params of the same build (this script's or the recipe's)
+  local t f
+  mkdir -p "$T/llama-tools"
+  for t in llama-bench llama-fit-params; do
+    [ -x "$T/llama-tools/$t" ] && continue
+    f=$(find "$T/lcp/build" /tmp/lcp/build -name "$t" -type f -perm -u+x 2>/dev/null | head -1)
+    [ -n "$f" ] && ln -sf "$f" "$T/llama-tools/$t"
+  done
+  [ -x "$T/llama-tools/llama-bench" ] && [ -x "$T/llama-tools/llama-fit-params" ]
+}
+
+recipe_build() {
+  say "building with .gpu/build.sh"
+  write_models
+  bash .gpu/build.sh > "$T/build.out" 2>&1
+  local rc=$?
+  tail -3 "$T/build.out"
+  if [ $rc -ne 0 ]; then cp "$T/build.out" "$OUT/build.out"; say "build failed"; return 1; fi
+  wait_models
+}
+
+sweep() {  # GPUS=1|2, then gpu_sweep.py arguments
+  local gpus=$1
+  shift
+  gpu_python || { say "no GPU build on this machine (a cold one?): run the install or build phase first"; return 2; }
+  link_tools || { say "llama-bench / llama-fit-params not found under $T/lcp/build or /tmp/lcp/build"; return 2; }
+  wait_models || return 1
+  nvidia-smi --query-gpu=index,name,memory.total,memory.used,memory.free --format=csv,noheader
+  "$PY" -X faulthandler bench/gpu_sweep.py --gpus "$gpus" --end-time $(( start + LIMIT_S - 10 )) --out "$OUT" \
+    --state "$T/offload-sweep" --resume-from bench/results --model-dir "$T" --tools-dir "$T/llama-tools" "$@"
+}
+
+check() {  # NAME, then a command whose success is the check
+  local name=$1
+  shift
+  if "$@"; then say "PASS $name"; else say "FAIL $name"; FAILED=$(( ${FAILED:-0} + 1 )); fi
+}
+
+install() {
+  local fl=$T/findlinks v cmd run model=${RUN_MODEL:-dense}
+  write_models
+  rm -rf "$fl" && mkdir -p "$fl"
+  ln -s "$root"/.gpu/wheels/*.whl "$root"/.gpu/build-wheels/*.whl "$fl"/
+  v=$(ls .gpu/llama_cpp_python-*-slim.tar.gz | sed -E 's/.*llama_cpp_python-(.*)-slim.tar.gz/\1/')
+  ln -s "$root"/.gpu/llama_cpp_python-"$v"-slim.tar.gz "$fl/llama_cpp_python-$v.tar.gz"
+  # A fresh venv that also sees the image's packages (numpy, click, httpx...) through a .pth file
+  # (the image's python3 is itself a venv, whose packages --system-site-packages would not show);
+  # the rest comes from the carried wheels. offload itself without its dependencies: the embedded
+  # model's package is too large to carry.
+  if ! "${PYTHON3:-python3}" -m venv --clear "$T/venv" > /dev/null 2>&1; then
+    # A base Python without ensurepip: a venv without pip, then pip from its carried wheel.
+    local pip_whl
+    pip_whl=$(ls "$root"/.gpu/build-wheels/pip-*.whl | head -1)
+    "${PYTHON3:-python3}" -m venv --clear --without-pip "$T/venv" || return 1
+    "$T/venv/bin/python" "$pip_whl/pip" install -q --no-index "$pip_whl" || return 1
+  fi
+  "${PYTHON3:-python3}" -c "import site; print('\n'.join(site.getsitepackages()))" \
+    > "$("$T/venv/bin/python" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/image-packages.pth"
+  ln -sfn "$T/venv" .venv
+  .venv/bin/pip install -q --no-index --find-links "$fl" fastapi uvicorn pydantic platformdirs gguf diskcache || return 1
+  .venv/bin/pip install -q --no-index --no-deps --no-build-isolation . || return 1
+  OFFLOAD_HOST=127.0.0.1:$(python3 -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
+  export OFFLOAD_HOME=$T/offload-install OFFLOAD_HOST
+  if ls .gpu/cpu-wheel/llama_cpp_python-*.whl > /dev/null 2>&1; then
+    say "before: llama-cpp-python built for the CPU only (as 'pip install .' leaves it)"
+    .venv/bin/pip install -q --no-index --no-deps .gpu/cpu-wheel/llama_cpp_python-*.whl || return 1
+    .venv/bin/offload hardware > "$T/hw-before.txt" 2>&1
+    cat "$T/hw-before.txt"
+    check "offload hardware warns that llama.cpp cannot use the GPU and gives the command" \
+      grep -q 'built without GPU support.*CMAKE_ARGS="-DGGML_CUDA=on"' "$T/hw-before.txt"
+  fi
+  cmd=$(grep -m1 -E '^CMAKE_ARGS="-DGGML_CUDA=on" \.venv/bin/pip install ' README.md)
+  [ -n "$cmd" ] || { say "no GPU install command in README.md"; return 1; }
+  run=${cmd/pip install /pip install --no-index --find-links $fl }
+  # Only for rehearsals on a machine without CUDA: another backend's arguments.
+  [ -n "${INSTALL_CMAKE_ARGS:-}" ] && run=${run/-DGGML_CUDA=on/$INSTALL_CMAKE_ARGS}
+  say "README: $cmd"
+  say "runs:   $run"
+  # Not part of the command: keep the build folder and build llama.cpp's tools in it too, so the
+  # sweep uses llama-bench and llama-fit-params from these very sources and flags (as the GPU
+  # recipe's build.sh does: the tools bring their own mtmd, so the package's copy is left out).
+  export SKBUILD_BUILD_DIR=$T/lcp/build SKBUILD_CMAKE_DEFINE="LLAMA_BUILD_TOOLS=ON;LLAVA_BUILD=OFF"
+  export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
+  if ! bash -c "$run" > "$T/install-build.log" 2>&1; then
+    tail -40 "$T/install-build.log"
+    tail -c 2000000 "$T/install-build.log" > "$OUT/install-build.log"
+    say "the README's command failed"
+    return 1
+  fi
+  unset SKBUILD_BUILD_DIR SKBUILD_CMAKE_DEFINE
+  say "built"
+  .venv/bin/offload hardware > "$T/hw-after.txt" 2>&1
+  cat "$T/hw-after.txt"
+  check "offload hardware lists the GPU and warns no more" \
+    bash -c "! grep -q 'without GPU support' '$T/hw-after.txt' && ! grep -q 'No GPUs' '$T/hw-after.txt'"
+  .venv/bin/python -m offload.runtime.runner.probe --bandwidth > "$OUT/probe.json"
+  cat "$OUT/probe.json"
+  check "llama.cpp's device list agrees with NVML" .venv/bin/python bench/backend_check.py --out "$OUT/backend-check.json"
+  link_tools && check "llama-bench and llama-fit-params built" true
+  MODELS=$model wait_models || return 1
+  printf 'FROM %s\nTEMPLATE "{{ .Prompt }}"\nPARAMETER temperature 0\nPARAMETER num_predict 16\n' \
+    "$T/synth-$model.gguf" > "$T/Modelfile.synth"
+  .venv/bin/offload create "synth-$model" -f "$T/Modelfile.synth" || return 1
+  # `offload run` starts the server in the background, as it does for a user.
+  .venv/bin/offload run "synth-$model" "Why is the sky blue?" --verbose
+  .venv/bin/offload ps | tee "$T/ps.txt"
+  nvidia-smi --query-compute-apps=pid,process_name,used_memory --format=csv
+  check "offload ps shows the model 100% on the GPU" grep -q "100% GPU" "$T/ps.txt"
+  .venv/bin/offload stop "synth-$model"
+  # The server (and any runner it left) must not hold GPU memory during the sweep: end it by the
+  # id of the process that listens on its port.
+  .venv/bin/python - <<'PY'
+import os, psutil
+port = int(os.environ["OFFLOAD_HOST"].rsplit(":", 1)[1])
+for c in psutil.net_connections("tcp"):
+    if c.status == psutil.CONN_LISTEN and c.laddr.port == port and c.pid:
+        server = psutil.Process(c.pid)
+        procs = [server, *server.children(recursive=True)]
+        for p in procs:
+            p.terminate()
+        for p in psutil.wait_procs(procs, timeout=15)[1]:
+            p.kill()
+        print(f"ended the server (pid {c.pid})")
+PY
+  cp "$OFFLOAD_HOME/logs/server.log" "$OUT/server.log" 2>/dev/null
+  say "install phase: ${FAILED:-0} checks failed"
+  local failed=${FAILED:-0}
+  # The rest of this call starts the sweep (its files stay in $T until a sweep call returns them).
+  # SWEEP_ARGS: extra gpu_sweep.py arguments (split into words on purpose)
+  if [ "${SWEEP_AFTER:-1}" = 1 ]; then sweep 1 --out "" ${SWEEP_ARGS:-}; fi
+  [ "$failed" -eq 0 ]
+}
+
+main() {
+  case "$phase" in
+    install) install ;;
+    build) recipe_build && link_tools ;;
+    sweep) sweep 1 "$@" ;;
+    two-gpu) { gpu_python || recipe_build; } && sweep 2 "$@" ;;
+    *) echo "usage: bash bench/device_run.sh install|build|sweep|two-gpu [gpu_sweep.py args]" >&2; return 2 ;;
+  esac
+}
+
+main "$@" 2>&1 | tee "$OUT/$phase.log"
+rc=${PIPESTATUS[0]}
+say "phase $phase: exit $rc after $(( $(date +%s) - start )) s; in \$OUT: $(ls "$OUT" | tr '\n' ' ')"
+exit "$rc"

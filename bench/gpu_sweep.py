@@ -1,33 +1,41 @@
 #!/usr/bin/env python3
-"""The GPU proof: the planner's placements against llama.cpp's --fit and a sweep, at emulated budgets.
+"""The GPU proof: offload's plans against the best llama.cpp command lines, at the same budget,
+all measured by the same llama-bench binary.
 
-For each budget (GiB of GPU memory for llama.cpp's buffers, as --fit's target) it measures, through
-our executor, prompt and decode speed of: the planner's plan (default mode and --optimize decode),
-llama.cpp's --fit placement (from llama-fit-params, applied by our executor; once also through
-llama-bench), the best whole-layer split that fits (Ollama's way), then alternatives (layers near the
-edge, expert tensors of k layers on the CPU, n_ubatch, threads). Every run carries the planner's
-prediction for the same placement and the GPU memory llama.cpp reported. Results are written after
-every run to ``OUT/<kind>-<budget>gib.json`` as ``{"summary": ..., "runs": [...]}``.
+At every budget B (GiB per GPU, as nvidia-smi counts a whole process, CUDA context included) six
+candidates run, each loaded ``--reps`` times (3) in a llama-bench process of its own:
 
-    python bench/gpu_sweep.py --model dense --budgets 3,4,6 --time-budget-s 240 --out $OUT
-    python bench/gpu_sweep.py --model moe --cpu-smoke --out /tmp/smoke     # every code path on a CPU
+    fit             llama.cpp's --fit placement (llama-fit-params -fitt free-B), file mapped
+    fit_no_mmap     the same with -lm none (what --no-mmap gives)
+    expert          --no-mmap -ub 2048 -b 2048 -t <cores>, with fit re-run for -ub 2048
+    offload         `offload plan --json --gpu-memory B` (the default plan), replayed with its
+                    -ngl/-ot/-ts/-ub/-b/-t/-ctk/-fa/-lm
+    offload_decode  the same with --optimize decode
+    offload_prompt  the same with --optimize prompt
+
+nvidia-smi's peak memory of every GPU is recorded beside llama.cpp's buffers for every load. The
+run is resumable: the state of each budget lives in ``--state`` (kept on a warm machine) and
+is copied to ``--out`` after every load; what is done is skipped; loads stop before ``--end-time``.
+
+    python bench/gpu_sweep.py --state /tmp/offload-sweep --out $OUT --end-time $(( $(date +%s) + 500 ))
+    python bench/gpu_sweep.py --gpus 2 ...                   # budgets per card, two GPUs
+    python bench/gpu_sweep.py --cpu-smoke --out /tmp/smoke   # every path on a CPU, tiny models
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
-import gc
-import importlib
+import hashlib
 import json
 import os
+import re
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +43,12 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 
-def _use_checkout() -> None:
-    """Import ``offload`` from this checkout (a shim of symlinks), whatever else is installed."""
-    shim = Path(tempfile.gettempdir()) / f"offload-shim-{os.getuid()}"
+def _use_checkout() -> str:
+    """Import ``offload`` from this checkout (a shim of symlinks), whatever else is installed;
+    returns the shim's folder for the child processes' PYTHONPATH."""
+    checkout = HERE.parent.resolve()
+    tag = hashlib.sha256(str(checkout).encode()).hexdigest()[:10]  # one shim per checkout
+    shim = Path(tempfile.gettempdir()) / f"offload-shim-{os.getuid()}-{tag}"
     pkg = shim / "offload"
     pkg.mkdir(parents=True, exist_ok=True)
     for name in ("planner", "runtime", "models"):
@@ -47,21 +58,26 @@ def _use_checkout() -> None:
         if not link.exists():
             link.symlink_to(HERE.parent / name)
     sys.path.insert(0, str(shim))
-    # Before anything imports numpy: llama.cpp's libraries must load first (runtime/native.py).
-    importlib.import_module("offload.runtime")
+    return str(shim)
 
 
-_use_checkout()
+SHIM = _use_checkout()
 
 import gpu_tools  # noqa: E402
-import synth_models  # noqa: E402
 
+MiB = 1 << 20
 GiB = 1 << 30
-DEFAULT_BUDGETS = {"dense": [3.0, 4.0, 6.0], "moe": [8.0, 12.0, 16.0, 24.0]}
-# Tiny models on a pretend GPU: a CUDA context (budgets count it, as nvidia-smi does) and a little.
-SMOKE_BUDGETS = {"dense": [0.506, 0.512], "moe": [0.512, 0.524]}
-N_CTX = 4096
-KEY_LABELS = ("planner", "planner_decode", "fit", "best_layers")
+LABELS = ("fit", "fit_no_mmap", "expert", "offload", "offload_decode", "offload_prompt")
+BASELINES = LABELS[:3]
+OURS = LABELS[3:]
+DEFAULT_BUDGETS = {1: {"moe": [8.0, 12.0, 16.0], "dense": [3.0, 4.0]}, 2: {"moe": [6.0, 8.0], "dense": [6.0, 8.0]}}
+# Above the smallest GPU plan a budget that counts the CUDA context allows (about 0.5 GiB).
+SMOKE_BUDGETS = {"tiny-moe": [0.55, 1.0], "tiny-dense": [0.55]}
+SMOKE_FREE_MIB = 2048  # the pretend card of --cpu-smoke
+MAX_LOAD_S = 400.0  # one llama-bench process longer than this is a failure, not a slow placement
+WORKLOAD = (1024, 256)  # prompt and answer tokens of a typical request: time = P/prompt + G/decode
+TARGETS = {"request_speedup": 1.10, "decode_ratio": 1.00, "prompt_ratio": 1.00, "decode_error": 0.10,
+           "prompt_error": 0.20}
 
 
 def log(msg: str) -> None:
@@ -69,500 +85,444 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+def _median(xs: list[float]) -> float | None:
+    xs = [x for x in xs if x]
+    return statistics.median(xs) if xs else None
+
+
 class Sweep:
-    """One model, several budgets; runs measured through our executor, written as they finish."""
+    """Every (model, budget) document, prepared once, measured load by load until the end time."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        from offload.planner import anatomy as anatomy_mod
-
         self.args = args
-        self.kind = args.model
         self.smoke = args.cpu_smoke
-        self.deadline = time.monotonic() + args.time_budget_s
-        self.out = Path(args.out)
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.model = Path(args.model_path or (self.out / f"synth-{self.kind}.gguf"))
-        if not self.model.exists():
-            log(f"writing {self.model}")
-            synth_models.write_model(self.model, ("tiny-" if self.smoke else "") + self.kind)
-        self.anatomy = anatomy_mod.read(self.model)
-        self.gpu0 = gpu_tools.gpu_memory(0)
-        self.hw = self._hardware()
+        self.end = args.end_time or (time.time() + args.time_budget_s)
+        self.state = Path(args.state)
+        self.state.mkdir(parents=True, exist_ok=True)
+        self.out = Path(args.out) if args.out else None
+        if self.out:
+            self.out.mkdir(parents=True, exist_ok=True)
         self.tools = Path(args.tools_dir)
-        self.results: dict[float, dict[str, Any]] = {}
-        self.last_run_s = 8.0
-        self.notes: list[str] = []
-        self.budgets: list[float] = []
-        self._threads: int | None = None
+        self.prefix = "sweep-2gpu-" if args.gpus == 2 else "sweep-"
+        self.cores = args.expert_threads or os.cpu_count() or 1
+        self.env = dict(os.environ)
+        self.env["PYTHONPATH"] = os.pathsep.join(p for p in (SHIM, os.environ.get("PYTHONPATH")) if p)
+        self.env["OFFLOAD_HOME"] = str(self.state / "offload-home")
+        self.env.pop("OFFLOAD_GPU_MEMORY", None)
+        if not self.smoke:  # one GPU means GPU 0 alone, also on a host with more
+            self.env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(args.gpus))
+        self.profile: Path | None = self._smoke_profile() if self.smoke else None
+        self._hw: Any = None
+        self.est_s: dict[str, float] = {}
 
-    # -- planner ---------------------------------------------------------------------------------
+    # -- documents -----------------------------------------------------------------------------
 
-    def _hardware(self) -> Any:
-        from offload.planner import hardware as hw_mod
+    def name(self, kind: str, budget: float) -> str:
+        return f"{self.prefix}{kind}-{budget:g}gib.json"
 
-        hw = hw_mod.probe()
-        if self.smoke and not hw.gpus:
-            from offload.planner.types import GPUInfo
+    def load_doc(self, kind: str, budget: float, model: Path) -> dict[str, Any]:
+        path = self.state / self.name(kind, budget)
+        seed = Path(self.args.resume_from) / self.name(kind, budget) if self.args.resume_from else None
+        for p in ([] if self.args.fresh else [path, seed]):
+            if p and p.exists():
+                doc = json.loads(p.read_text())
+                if doc.get("prompt") == self.args.prompt and doc.get("gen") == self.args.gen:
+                    log(f"resuming {p} ({len(doc.get('runs', []))} loads done)")
+                    doc["reps"] = self.args.reps
+                    doc["model_path"] = str(model)
+                    return doc
+        return {"kind": kind, "budget_gib": budget, "gpus": self.args.gpus, "model_path": str(model),
+                "model_bytes": model.stat().st_size, "prompt": self.args.prompt, "gen": self.args.gen,
+                "ctx": self.args.ctx, "workload": list(WORKLOAD), "reps": self.args.reps, "cpu_smoke": self.smoke,
+                "expert_threads": self.cores, "candidates": {}, "runs": [], "notes": []}
 
-            # A pretend GPU so the planner places layers; runs then execute them on the CPU.
-            fake = GPUInfo(name="smoke-GPU", vram_bytes=2 * GiB, mem_bandwidth_Bps=900e9,
-                           h2d_bandwidth_Bps=25e9, index=0, vram_free_bytes=2 * GiB)
-            hw = dataclasses.replace(hw, gpus=(fake,))
-        return hw
-
-    def request(self, budget_gib: float, optimize: str = "balanced") -> Any:
-        from offload.planner.types import PlanRequest
-
-        return PlanRequest(n_ctx=N_CTX, optimize=optimize, gpu_budget_bytes=int(budget_gib * GiB),
-                           prompt_tokens=self.args.prompt)
-
-    def plan(self, budget_gib: float, optimize: str) -> Any:
-        from offload.planner import plan as make_plan
-
-        return make_plan(self.anatomy, self.hw, self.request(budget_gib, optimize))
-
-    def evaluate(self, budget_gib: float, **knobs: Any) -> Any:
-        """The planner's Plan (memory and predicted speeds) for a placement given by knobs."""
-        from offload.planner import evaluate  # type: ignore[attr-defined]
-        from offload.planner.types import Placement  # type: ignore[attr-defined]
-
-        names = {f.name for f in dataclasses.fields(Placement)}
-        knobs = {"n_ctx": N_CTX, **knobs}
-        return evaluate(self.anatomy, self.hw, self.request(budget_gib),
-                        Placement(**{k: v for k, v in knobs.items() if k in names}))
-
-    def fits(self, plan: Any) -> bool:
-        return all(d.total_bytes <= d.budget_bytes for d in plan.devices if d.kind == "GPU")
-
-    def expert_pattern(self, layers: list[int]) -> str:
-        return r"^blk\.(" + "|".join(map(str, layers)) + r")\.ffn_(up|down|gate)_exps"
-
-    # -- measuring ------------------------------------------------------------------------------
+    def save(self, doc: dict[str, Any]) -> None:
+        summarize(doc)
+        doc["updated"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+        name = self.name(doc["kind"], doc["budget_gib"])
+        for folder in [self.state, self.out]:
+            if folder is None:
+                continue
+            tmp = folder / (name + ".tmp")
+            tmp.write_text(json.dumps(doc, indent=1, default=str))
+            os.replace(tmp, folder / name)
 
     def time_left(self) -> float:
-        return self.deadline - time.monotonic()
+        return self.end - time.time()
 
-    def measure(self, budget_gib: float, label: str, plan: Any, group: str = "sweep",
-                extra: dict[str, Any] | None = None) -> dict[str, Any] | None:
-        """Load, measure and record one placement; None when out of time."""
-        from offload.runtime.benchmark import measure_plan
-        from offload.runtime.engine import Engine
-        from offload.runtime.errors import LoadFailed, OutOfMemory
+    # -- models and hardware ---------------------------------------------------------------------
 
-        if self.time_left() < self.last_run_s * 1.3:
-            self.notes.append(f"out of time before {label} at {budget_gib} GiB")
-            return None
-        t0 = time.monotonic()
-        gpu_pred = sum(d.total_bytes for d in plan.devices if d.kind == "GPU")
-        run: dict[str, Any] = {
-            "label": label, "group": group, "budget_gib": budget_gib,
-            "placement": {k: getattr(plan, k) for k in ("n_gpu_layers", "n_ctx", "n_batch", "n_ubatch",
-                                                        "threads", "threads_batch", "flash_attn", "kv_type",
-                                                        "use_mmap")},
-            "cpu_tensor_patterns": list(plan.cpu_tensor_patterns),
-            "predicted": {"decode_tps": plan.predicted.decode_tps, "prompt_tps": plan.predicted.prompt_tps,
-                          "ttft_s": plan.predicted.ttft_s},
-            "predicted_gpu_bytes": gpu_pred, "predicted_fits": self.fits(plan), "oom": False,
-            "over_budget": False, **(extra or {}),
-        }
-        exec_plan = plan
-        if self.smoke:  # run the GPU part on the CPU, keeping the overrides (still applied and logged)
-            exec_plan = dataclasses.replace(plan, n_gpu_layers=0,
-                                            devices=tuple(d for d in plan.devices if d.kind == "CPU"))
-        used0 = (gpu_tools.gpu_memory(0) or {}).get("used_bytes")
-        engine = None
+    def model(self, kind: str) -> Path:
+        path = Path(self.args.model_dir) / f"synth-{kind}.gguf"
+        if not path.exists():
+            import synth_models
+
+            log(f"writing {path}")
+            synth_models.write_model(path, kind)
+        return path
+
+    def _smoke_profile(self) -> Path:
+        """A pretend machine for --cpu-smoke: this CPU and small GPUs, so plans place layers."""
+        from offload.planner import hardware as hw_mod
+        from offload.planner.types import GPUInfo
+
+        hw = hw_mod.probe(measure=False)
+        gpus = [GPUInfo(name="smoke-GPU", vram_bytes=SMOKE_FREE_MIB * MiB, mem_bandwidth_Bps=900e9,
+                        h2d_bandwidth_Bps=25e9, index=i, vram_free_bytes=SMOKE_FREE_MIB * MiB).__dict__
+                for i in range(self.args.gpus)]
+        data = {**hw.to_dict(), "gpus": gpus}
+        path = self.state / "smoke-hardware.json"
+        path.write_text(json.dumps(data))
+        return path
+
+    def offload_cli(self, *args: str, timeout_s: float = 300) -> subprocess.CompletedProcess[str]:
+        cmd = [sys.executable, "-m", "offload.runtime.cli", *args]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=self.env)
+
+    def hardware(self) -> Any:
+        """The machine as `offload plan` sees it (for predictions of the baselines)."""
+        if self._hw is None:
+            from offload.planner.types import Hardware
+
+            if self.profile:
+                self._hw = Hardware.from_dict(json.loads(self.profile.read_text()))
+            else:
+                r = self.offload_cli("hardware", "--json")
+                self._hw = Hardware.from_dict(json.loads(r.stdout)) if r.returncode == 0 else False
+        return self._hw or None
+
+    def free_mib(self) -> list[int]:
+        if self.smoke:
+            return [SMOKE_FREE_MIB] * self.args.gpus
+        rows = gpu_tools.gpu_memory() or []
+        return [r["free_mib"] for r in rows[: self.args.gpus]]
+
+    # -- candidates ------------------------------------------------------------------------------
+
+    def prepare(self, doc: dict[str, Any]) -> None:
+        """llama-fit-params and `offload plan` for every candidate not prepared yet."""
+        cands = doc["candidates"]
+        model = Path(doc["model_path"])
+        budget_mib = int(doc["budget_gib"] * 1024)
+        if "fit" not in cands or "expert" not in cands:
+            free = self.free_mib()
+            if len(free) < self.args.gpus:
+                doc["notes"].append(f"nvidia-smi shows {len(free)} GPUs, {self.args.gpus} needed: no fit baselines")
+            else:
+                margins = [f - budget_mib for f in free]
+                for label, extra in (("fit", []), ("expert", ["-ub", "2048", "-b", "2048"])):
+                    if label in cands:
+                        continue
+                    fit = gpu_tools.run_fit_params(self.tools / "llama-fit-params", model, doc["ctx"], margins,
+                                                   extra, env=self.env)
+                    fit.update(free_mib=free, margins_mib=margins)
+                    log(f"{doc['kind']} {doc['budget_gib']:g} GiB fit-params{' ' + ' '.join(extra) if extra else ''}"
+                        f": {(fit.get('parsed') or {}).get('line') or fit.get('error') or fit.get('output_tail', '')[-300:]}")
+                    if not fit.get("parsed"):
+                        doc["notes"].append(f"llama-fit-params failed for {label}: {fit.get('error') or fit.get('rc')}")
+                        doc.setdefault("fit_failures", {})[label] = fit
+                        continue
+                    args = gpu_tools.fit_bench_args(fit["parsed"]) + ["-fa", "1"]
+                    if label == "fit":
+                        cands["fit"] = {"args": args, "source": fit}
+                        cands["fit_no_mmap"] = {"args": args + ["-lm", "none"], "source": {"same_fit_as": "fit"}}
+                    else:
+                        args += ["-lm", "none", "-ub", "2048", "-b", "2048", "-t", str(self.cores)]
+                        cands["expert"] = {"args": args, "source": fit}
+        for label, mode in (("offload", None), ("offload_decode", "decode"), ("offload_prompt", "prompt")):
+            if label in cands:
+                continue
+            cli = ["plan", str(model), "--json", "--gpu-memory", f"{budget_mib}MiB", "--ctx", str(doc["ctx"]), "--parallel", "1",
+                   *(["--optimize", mode] if mode else []), *(["--hardware", str(self.profile)] if self.profile else [])]
+            r = self.offload_cli(*cli, "--prompt-tokens", str(doc["prompt"]))
+            if r.returncode == 2 and "No such option: --prompt-tokens" in r.stderr:
+                r = self.offload_cli(*cli)  # a planner that plans for a workload, not one prompt length
+            if r.returncode != 0:
+                doc["notes"].append(f"offload {' '.join(cli[:1] + cli[2:])} failed: {r.stderr.strip()[-400:]}")
+                log(doc["notes"][-1])
+                continue
+            plan = json.loads(r.stdout)
+            args, notes = gpu_tools.plan_bench_args(plan)
+            cands[label] = {"args": args, "notes": notes, "plan": plan,
+                            "predicted": plan.get("predicted"), "stderr": r.stderr.strip()[-600:] or None,
+                            "planned_gpu_bytes": [d.get("total_bytes") for d in plan.get("devices", [])
+                                                  if d.get("kind") == "GPU"]}
+            log(f"{doc['kind']} {doc['budget_gib']:g} GiB {label}: {' '.join(args)}")
+        for label in BASELINES:
+            if label in cands and "predicted" not in cands[label]:
+                cands[label]["predicted"] = self.predict(doc, cands[label]["args"])
+        self.save(doc)
+
+    def predict(self, doc: dict[str, Any], args: list[str]) -> dict[str, float] | None:
+        """The planner's prediction for a baseline placement (None where it cannot say)."""
         try:
-            engine = Engine.load(self.model, exec_plan)
-            used1 = (gpu_tools.gpu_memory(0) or {}).get("used_bytes")
-            m = measure_plan(self.model, exec_plan, prompt_tokens=self.args.prompt, gen_tokens=self.args.gen,
-                             record=False, engine=engine)
-            # Decode from the median step: one step the OS delayed (16 threads on 16 vCPUs) moved
-            # single 128-token means by up to 10% between identical placements. The mean is kept.
-            run["measured"] = {"prompt_tps": m["measured"]["prompt_tps"],
-                               "decode_tps": m["measured"]["decode_tps_median"],
-                               "decode_tps_mean": m["measured"]["decode_tps"], "ttft_s": m["measured"]["ttft_s"]}
-            run["load_s"] = engine.load_s
-            run["measured_bytes"] = engine.measured_bytes
-            run["overridden_tensors"] = len(engine.overridden_tensors)
-            # llama.cpp's own lines: which buffer types (CUDA_Host is pinned, CPU_Mapped the file) hold what.
-            run["buffer_lines"] = [ln.strip() for ln in engine.load_log if "buffer size" in ln][:16]
-            gpu_bytes = sum(sum(v.values()) for d, v in engine.measured_bytes.items() if d != "CPU")
-            run["gpu_buffer_bytes"] = gpu_bytes
-            run["nvml_delta_bytes"] = used1 - used0 if used0 is not None and used1 is not None else None
-            run["over_budget"] = bool(self.gpu0) and gpu_bytes > budget_gib * GiB
-        except OutOfMemory as e:
-            run["oom"] = True
-            run["error"] = str(e)[:500]
-        except LoadFailed as e:
-            run["error"] = str(e)[:500]
-        except Exception as e:  # noqa: BLE001 - one broken run must not end the sweep
-            run["error"] = f"{type(e).__name__}: {e}"[:500]
-            run["traceback"] = traceback.format_exc()[-1500:]
-        finally:
-            if engine is not None:
-                engine.close()
-            gc.collect()
-        run["wall_s"] = time.monotonic() - t0
-        self.last_run_s = max(3.0, run["wall_s"])
-        meas = run.get("measured", {})
-        log(f"{budget_gib:g} GiB {label:<22} ngl={plan.n_gpu_layers:<3} ot={len(plan.cpu_tensor_patterns)} "
-            f"ub={plan.n_ubatch} t={plan.threads}: decode {meas.get('decode_tps', 0):8.1f} "
-            f"(pred {plan.predicted.decode_tps:8.1f}) prompt {meas.get('prompt_tps', 0):9.1f} "
-            f"(pred {plan.predicted.prompt_tps:9.1f}) gpu {run.get('gpu_buffer_bytes', 0) / GiB:.2f} GiB"
-            f"{' OVER' if run['over_budget'] else ''}{' OOM' if run['oom'] else ''}"
-            f"{' ERR ' + run['error'][:80] if 'error' in run else ''}")
-        self.results.setdefault(budget_gib, {"runs": []})["runs"].append(run)
-        self.write(budget_gib)
+            from offload.planner import anatomy, evaluate
+            from offload.planner.types import Placement, PlanRequest
+
+            hw = self.hardware()
+            if hw is None:
+                return None
+            a = anatomy.read(doc["model_path"])
+            names = [t.name for t in a.tensors]
+            kv = dict(zip(args[::2], args[1::2], strict=False))
+            cpu = [p.split("=")[0] for p in kv.get("-ot", "").split(";") if p.endswith("=CPU")]
+            cpu = [p for p in cpu if any(re.search(p, n) for n in names)]  # fit may name one block too many
+            ngl = int(kv["-ngl"])
+            knobs = {"n_gpu_layers": ngl if ngl >= 0 else a.n_layers + 1, "cpu_tensor_patterns": tuple(cpu), "n_ctx": doc["ctx"],
+                     "n_batch": int(kv.get("-b", 2048)), "n_ubatch": int(kv.get("-ub", 512)),
+                     "threads": int(kv.get("-t", 0)), "flash_attn": kv.get("-fa") == "1",
+                     "tensor_split": tuple(float(x) for x in kv["-ts"].split("/")) if "-ts" in kv else (),
+                     "pinned_weights": kv.get("-lm") == "none" and kv.get("--no-host") != "1",
+                     "use_mmap": kv.get("-lm") != "none"}
+            fields = Placement.__dataclass_fields__
+            place = Placement(**{k: v for k, v in knobs.items() if k in fields})
+            req = PlanRequest(n_ctx=doc["ctx"], gpu_budget_bytes=int(doc["budget_gib"] * GiB),
+                              prompt_tokens=doc["prompt"])
+            p = evaluate(a, hw, req, place)
+            return {"decode_tps": p.predicted.decode_tps, "prompt_tps": p.predicted.prompt_tps}
+        except Exception as e:  # noqa: BLE001 - a prediction is extra; the measurement stands
+            doc["notes"].append(f"no prediction for {' '.join(args)[:80]}: {type(e).__name__}: {e}"[:300])
+            return None
+
+    # -- measuring -------------------------------------------------------------------------------
+
+    def estimate_s(self, doc: dict[str, Any], label: str) -> float:
+        own = [r["wall_s"] for r in doc["runs"] if r["label"] == label and r.get("wall_s")]
+        if own:
+            return max(own)
+        if f"{doc['kind']}/{label}" in self.est_s:
+            return self.est_s[f"{doc['kind']}/{label}"]
+        return 10.0 + 2.5 * doc["model_bytes"] / GiB
+
+    def measure(self, doc: dict[str, Any], label: str, rep: int) -> dict[str, Any]:
+        cand = doc["candidates"][label]
+        before = gpu_tools.gpu_memory()
+        used0 = {r["index"]: r["used_mib"] for r in before or []}
+        timeout_s = max(10.0, min(MAX_LOAD_S, self.time_left() - 3))
+        res = gpu_tools.run_llama_bench(self.tools / "llama-bench", Path(doc["model_path"]), cand["args"],
+                                        prompt=doc["prompt"], gen=doc["gen"], env=self.env, monitor=not self.smoke,
+                                        timeout_s=timeout_s)
+        run: dict[str, Any] = {"label": label, "rep": rep, **res, "gpu_used_before_mib": used0 or None}
+        if str(res.get("error", "")).startswith("timed out") and timeout_s < MAX_LOAD_S:
+            run["deadline_cut"] = True
+            return run
+        peaks = res.get("gpu_peak_mib")
+        if peaks and used0:
+            proc = {i: peaks.get(i, 0) - used0.get(i, 0) for i in range(self.args.gpus)}
+            run["gpu_process_peak_mib"] = proc
+            run["over_budget"] = any(v > doc["budget_gib"] * 1024 for v in proc.values())
+        else:
+            run["over_budget"] = None
+        self.est_s[f"{doc['kind']}/{label}"] = res.get("wall_s") or 0
+        log(f"{doc['kind']} {doc['budget_gib']:g} GiB {label:<15} #{rep}: prompt {run.get('prompt_tps') or 0:9.1f} "
+            f"decode {run.get('decode_tps') or 0:7.1f} t/s  peak {run.get('gpu_process_peak_mib')} MiB "
+            f"{' OVER' if run['over_budget'] else ''}{' OOM' if run.get('oom') else ''}"
+            f"{' ERROR ' + str(run.get('error') or run.get('rc')) if run.get('error') or run.get('rc') else ''}"
+            f" ({run.get('wall_s')} s)")
         return run
 
-    # -- the phases -----------------------------------------------------------------------------
-
-    def fit_placements(self, budgets: list[float]) -> dict[float, dict[str, Any]]:
-        """llama-fit-params for every budget, before this process holds any GPU memory."""
-        tool = self.tools / "llama-fit-params"
-        out: dict[float, dict[str, Any]] = {}
-        for b in budgets:
-            if self.smoke:  # exercise the parse -> evaluate -> measure path with a line in fit's format
-                pat = r"blk\.1\.ffn_(up|down|gate)_exps" if self.anatomy.expert_count else r"blk\.1\.ffn_up"
-                out[b] = {"smoke": "synthetic fit line",
-                          "parsed": gpu_tools.parse_fit_params(f"-ngl {self.anatomy.n_layers + 1} -ot {pat}=CPU")}
-                continue
-            if not tool.exists() or not self.gpu0:
-                out[b] = {"skipped": f"{tool} absent" if not tool.exists() else "no GPU"}
-                continue
-            # GPU.md's convention: a budget of B MiB is a margin of free_MiB - B, with free memory
-            # read just before the call (this process may hold a CUDA context after the probe).
-            free = (gpu_tools.gpu_memory(0) or self.gpu0)["free_bytes"]
-            margin = int(free / 2**20 - b * 1024)
-            out[b] = {"margin_mib": margin, "free_mib": free >> 20,
-                      **gpu_tools.run_fit_params(tool, self.model, N_CTX, margin)}
-            log(f"fit-params {b:g} GiB (margin {margin} MiB): {(out[b].get('parsed') or {}).get('line', out[b])}")
-        return out
-
-    def key_runs(self, b: float, fit: dict[str, Any]) -> None:
-        """The four placements the summary compares, most important first."""
-        self.results.setdefault(b, {"runs": []})["fit_params"] = fit
-        for label, optimize in (("planner", "balanced"), ("planner_decode", "decode")):
-            try:
-                p = self.plan(b, optimize)
-            except Exception as e:  # noqa: BLE001 - PlanInfeasible or a planner bug: recorded, sweep goes on
-                self.results[b]["runs"].append({"label": label, "error": f"planner: {e}"})
-                continue
-            self.measure(b, label, p, group="key", extra={"reasons": list(p.reasons)})
-        parsed = fit.get("parsed")
-        if parsed:
-            def fit_run() -> None:
-                # llama-fit-params writes patterns for layers the model may not have (blk.48 of a
-                # 48-layer model); llama.cpp ignores those, our executor refuses them: drop them here.
-                import re
-
-                names = [t.name for t in self.anatomy.tensors]
-                patterns = tuple(pat for pat in parsed["cpu_tensor_patterns"]
-                                 if any(re.search(pat, n) for n in names))
-                p = self.evaluate(b, n_gpu_layers=parsed["n_gpu_layers"], cpu_tensor_patterns=patterns,
-                                  flash_attn=True, threads=self.threads())
-                self.measure(b, "fit", p, group="key", extra={"fit_line": parsed["line"]})
-
-            self.guarded(f"fit run at {b:g} GiB", fit_run)
-
-        def best_run() -> None:
-            best = self.best_layers(b)
-            if best is not None:
-                self.measure(b, "best_layers", best, group="key")
-
-        self.guarded(f"best whole layers at {b:g} GiB", best_run)
-
-    def warm_up(self, b: float) -> None:
-        """One unrecorded run first, so that process-wide first-time costs (CUDA context, cuBLAS
-        handles, kernels) do not land on the planner's run, which is measured first."""
-        from offload.runtime.benchmark import measure_plan
-
-        plan = self.plan(b, "balanced")
-        if self.smoke:
-            plan = dataclasses.replace(plan, n_gpu_layers=0, devices=tuple(d for d in plan.devices if d.kind == "CPU"))
-        t0 = time.monotonic()
-        measure_plan(self.model, plan, prompt_tokens=min(256, self.args.prompt), gen_tokens=16, record=False)
-        log(f"warm-up run took {time.monotonic() - t0:.1f} s")
-
-    def threads(self) -> int:
-        """The planner's thread count (the same at every budget), used for the non-planner placements."""
-        if self._threads is None:
-            try:
-                self._threads = int(self.plan(self.budgets[0], "balanced").threads)
-            except Exception:  # noqa: BLE001
-                self._threads = int(self.hw.cpu.cores)
-        return self._threads
-
-    def best_layers(self, b: float) -> Any:
-        """The most whole layers the planner's memory model says fit (what Ollama does)."""
-        best = None
-        for ngl in range(self.anatomy.n_layers + 1, -1, -1):
-            p = self.evaluate(b, n_gpu_layers=ngl, flash_attn=True, threads=self.threads())
-            if self.fits(p):
-                best = p
+    def run(self) -> list[dict[str, Any]]:
+        """Prepare every document, then load round by round (every candidate once, then again)."""
+        docs = []
+        for kind, budgets in self.budgets().items():
+            model = self.model(kind)
+            docs += [self.load_doc(kind, b, model) for b in budgets]
+        for doc in docs:
+            if self.time_left() < 30:
+                log("out of time while preparing")
                 break
-        return best
+            self.prepare(doc)
+        for rep in range(1, self.args.reps + 1):
+            for doc in docs:
+                for label in LABELS:
+                    if label not in doc["candidates"] or any(r["label"] == label and r["rep"] == rep
+                                                             for r in doc["runs"]):
+                        continue
+                    same = self.same_placement(doc, label, rep)
+                    if same is not None:
+                        doc["runs"].append({**same, "label": label, "shared_with": same["label"]})
+                        self.save(doc)
+                        continue
+                    need = self.estimate_s(doc, label) * 1.15 + 5
+                    if self.time_left() < need:
+                        log(f"stopping: {self.time_left():.0f} s left, {label} needs about {need:.0f} s")
+                        self.finish(docs)
+                        return docs
+                    run = self.measure(doc, label, rep)
+                    if run.get("deadline_cut"):  # not a result: this load runs again in the next call
+                        log(f"stopping: {label} was cut short by the end time")
+                        self.finish(docs)
+                        return docs
+                    doc["runs"].append(run)
+                    self.save(doc)
+        self.finish(docs)
+        return docs
 
-    def llama_bench(self, b: float) -> None:
-        """Our executor's fit run once more through llama-bench: the executor adds no overhead."""
-        tool = self.tools / "llama-bench"
-        fit = next((r for r in self.results.get(b, {}).get("runs", []) if r["label"] == "fit"), None)
-        if not tool.exists() or fit is None or self.time_left() < 60:
-            self.results.setdefault(b, {"runs": []})["llama_bench"] = {"skipped": "no tool, fit run or time"}
-            return
-        res = gpu_tools.run_llama_bench(tool, self.model, fit["placement"]["n_gpu_layers"],
-                                        fit["cpu_tensor_patterns"], threads=fit["placement"]["threads"],
-                                        prompt=self.args.prompt, gen=self.args.gen,
-                                        n_ubatch=fit["placement"]["n_ubatch"])
-        res["ours"] = fit.get("measured")
-        # llama-bench's tg runs from an empty context; ours decodes after the prompt. Measure its
-        # decode at the same depth too (needs a llama-bench with -d; an error is recorded if not).
-        if self.time_left() > 60:
-            deep = gpu_tools.run_llama_bench(tool, self.model, fit["placement"]["n_gpu_layers"],
-                                             fit["cpu_tensor_patterns"], threads=fit["placement"]["threads"],
-                                             prompt=0, gen=self.args.gen, n_ubatch=fit["placement"]["n_ubatch"],
-                                             depth=self.args.prompt)
-            res["decode_at_depth"] = deep
-        self.results[b]["llama_bench"] = res
-        log(f"llama-bench of the fit placement: {res}")
-        self.write(b)
+    def same_placement(self, doc: dict[str, Any], label: str, rep: int) -> dict[str, Any] | None:
+        """A load of this round whose llama-bench arguments are identical (measured once for both)."""
+        args = doc["candidates"][label]["args"]
+        for r in doc["runs"]:
+            if r["rep"] == rep and "shared_with" not in r and doc["candidates"].get(r["label"], {}).get("args") == args:
+                return r
+        return None
 
-    def heal(self) -> None:
-        """A full-GPU plan against a card made too small (memory held by a blocker), in a subprocess."""
-        if not self.gpu0 or self.time_left() < 60:
-            self.results.setdefault(self.budgets[0], {"runs": []})["heal"] = {"skipped": "no GPU or time"}
-            return
-        cmd = [sys.executable, __file__, "--heal-only", "--model", self.kind, "--model-path", str(self.model),
-               "--out", str(self.out)]
-        try:
-            r = subprocess.run(cmd, capture_output=True, text=True, timeout=max(30, self.time_left() - 20))
-            lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
-            res = json.loads(lines[-1]) if lines else {"rc": r.returncode, "tail": (r.stdout + r.stderr)[-2000:]}
-        except subprocess.TimeoutExpired:
-            res = {"error": "timed out"}
-        log(f"heal: {res}")
-        self.results.setdefault(self.budgets[0], {"runs": []})["heal"] = res
-        self.write(self.budgets[0])
+    def budgets(self) -> dict[str, list[float]]:
+        if self.args.budgets:
+            out: dict[str, list[float]] = {}
+            for part in self.args.budgets.split(";"):
+                kind, _, values = part.partition("=")
+                out[kind.strip()] = [float(x) for x in values.split(",") if x.strip()]
+            return out
+        if self.smoke:
+            return dict(SMOKE_BUDGETS)
+        return dict(DEFAULT_BUDGETS[self.args.gpus])
 
-    def sweep_candidates(self, b: float) -> list[tuple[str, dict[str, Any]]]:
-        """Alternatives around the edge, for regret, most telling first: expert groups, n_ubatch,
-        whole layers near the edge, threads."""
-        key = {r["label"]: r for r in self.results.get(b, {}).get("runs", [])}
-        best = self.best_layers(b)
-        threads = self.threads()
-        cands: list[tuple[str, dict[str, Any]]] = []
-        base = key.get("planner")
-        # The alternatives run in host memory of the kind the planner chose (pinned or mapped), so
-        # that they differ from the planner's plan in placement only; fit and best_layers keep
-        # llama.cpp's and Ollama's default (mapped) as baselines, and two runs swap it over.
-        pinned = bool(base and "placement" in base and base["placement"].get("use_mmap") is False)
-        if pinned and base:
-            bp0 = {"n_gpu_layers": base["placement"]["n_gpu_layers"],
-                   "cpu_tensor_patterns": tuple(base["cpu_tensor_patterns"]),
-                   "n_ubatch": base["placement"]["n_ubatch"], "threads": base["placement"]["threads"],
-                   "kv_type": base["placement"]["kv_type"]}
-            cands.append(("planner_mmap", {**bp0, "pinned_weights": False}))
-            fit = key.get("fit")
-            if fit and "placement" in fit:
-                cands.append(("fit_pinned", {"n_gpu_layers": fit["placement"]["n_gpu_layers"],
-                                             "cpu_tensor_patterns": tuple(fit["cpu_tensor_patterns"]),
-                                             "pinned_weights": True}))
-        if best is not None:
-            for d in (-1, 1, -2):
-                n = best.n_gpu_layers + d
-                if 0 <= n <= self.anatomy.n_layers + 1:
-                    cands.append((f"layers_{n}", {"n_gpu_layers": n, "pinned_weights": pinned}))
-        if self.anatomy.expert_count:
-            n_layers = self.anatomy.n_layers
-            k_min = next((k for k in range(n_layers + 1)
-                          if self.fits(self.evaluate(b, n_gpu_layers=n_layers + 1, flash_attn=True, threads=threads,
-                                                     cpu_tensor_patterns=(self.expert_pattern(list(range(k))),)
-                                                     if k else ()))), None)
-            if k_min is not None:
-                for k in sorted({k_min, min(k_min + 2, n_layers), min(k_min + 6, n_layers), n_layers}):
-                    pats = (self.expert_pattern(list(range(k))),) if k else ()
-                    cands.append((f"experts_cpu_{k}", {"n_gpu_layers": n_layers + 1, "cpu_tensor_patterns": pats,
-                                                       "pinned_weights": pinned}))
-        if base and "placement" in base:
-            bp = {"n_gpu_layers": base["placement"]["n_gpu_layers"],
-                  "cpu_tensor_patterns": tuple(base["cpu_tensor_patterns"]),
-                  "n_ubatch": base["placement"]["n_ubatch"], "threads": base["placement"]["threads"],
-                  "kv_type": base["placement"]["kv_type"], "pinned_weights": pinned}
-            for ub in (512, 1024, 2048):
-                if ub != bp["n_ubatch"]:
-                    cands.append((f"planner_ubatch_{ub}", {**bp, "n_ubatch": ub}))
-            for t in (4, 8, 12, 16):
-                if t != bp["threads"] and t <= max(self.hw.cpu.threads or 0, self.hw.cpu.cores):
-                    cands.append((f"planner_threads_{t}", {**bp, "threads": t}))
-        order = ("planner_mmap", "fit_pinned", "experts_cpu", "planner_ubatch_2048", "layers", "planner_ubatch",
-                 "planner_threads")
-        return sorted(cands, key=lambda c: next(i for i, o in enumerate(order) if c[0].startswith(o)))
+    def finish(self, docs: list[dict[str, Any]]) -> None:
+        for doc in docs:
+            self.save(doc)
+        all_docs = [json.loads(p.read_text()) for p in sorted(self.state.glob(f"{self.prefix}*gib.json"))]
+        md = summary_markdown([d for d in all_docs if d.get("gpus") == self.args.gpus])
+        for folder in [self.state, self.out]:
+            if folder is not None:
+                (folder / f"{self.prefix}summary.md").write_text(md)
+        log("summary:\n" + md)
 
-    def sweep_runs(self, budgets: list[float]) -> None:
-        """The alternatives of every budget, taken in turn across budgets so each gets some."""
-        lists: dict[float, list[tuple[str, dict[str, Any]]]] = {}
-        for b in budgets:
-            try:
-                lists[b] = self.sweep_candidates(b)
-            except Exception as e:  # noqa: BLE001
-                self.notes.append(f"sweep candidates at {b:g} GiB failed: {e}"[:300])
-        threads = self.threads()
-        while any(lists.values()):
-            for b in budgets:
-                if not lists.get(b):
-                    continue
-                label, knobs = lists[b].pop(0)
-                knobs = {"flash_attn": True, "threads": threads, **knobs}
-                try:
-                    plan = self.evaluate(b, **knobs)
-                except Exception as e:  # noqa: BLE001
-                    self.notes.append(f"evaluate failed for {label}: {e}"[:300])
-                    continue
-                if self.measure(b, label, plan) is None:
-                    return
 
-    # -- results --------------------------------------------------------------------------------
+# -- medians, targets, the table -------------------------------------------------------------------
 
-    def summary(self, b: float) -> dict[str, Any]:
-        runs = [r for r in self.results.get(b, {}).get("runs", []) if "measured" in r]
-        by = {r["label"]: r for r in runs}
 
-        def m(label: str, key: str) -> float | None:
-            return by[label]["measured"][key] if label in by else None
-
-        def ratio(a: float | None, c: float | None) -> float | None:
-            return a / c if a and c else None
-
-        ok = [r for r in runs if not r["over_budget"]]
-        best_sweep = max((r["measured"]["decode_tps"] for r in ok), default=None)
-        errs_d = [abs(r["predicted"]["decode_tps"] / r["measured"]["decode_tps"] - 1) for r in runs
-                  if r["measured"]["decode_tps"] > 0]
-        errs_p = [abs(r["predicted"]["prompt_tps"] / r["measured"]["prompt_tps"] - 1) for r in runs
-                  if r["measured"]["prompt_tps"] > 0]
-        planner_runs = [r for r in self.results.get(b, {}).get("runs", []) if r["label"] in ("planner", "planner_decode")]
-        return {
-            "model_kind": self.kind, "budget_gib": b, "model_path": str(self.model),
-            "planner_decode_tps": m("planner", "decode_tps"), "planner_prompt_tps": m("planner", "prompt_tps"),
-            "decode_mode_decode_tps": m("planner_decode", "decode_tps"),
-            "decode_mode_prompt_tps": m("planner_decode", "prompt_tps"),
-            "fit_decode_tps": m("fit", "decode_tps"), "fit_prompt_tps": m("fit", "prompt_tps"),
-            "best_layer_split_decode_tps": m("best_layers", "decode_tps"),
-            "best_layer_split_prompt_tps": m("best_layers", "prompt_tps"),
-            "best_sweep_decode_tps": best_sweep,
-            "regret": ratio(best_sweep, m("planner_decode", "decode_tps")),
-            "planner_vs_fit_decode": ratio(m("planner", "decode_tps"), m("fit", "decode_tps")),
-            "planner_vs_fit_prompt": ratio(m("planner", "prompt_tps"), m("fit", "prompt_tps")),
-            "decode_mode_vs_fit_decode": ratio(m("planner_decode", "decode_tps"), m("fit", "decode_tps")),
-            "planner_vs_best_layer_split": ratio(m("planner", "decode_tps"), m("best_layers", "decode_tps")),
-            "median_decode_pred_error": statistics.median(errs_d) if errs_d else None,
-            "median_prompt_pred_error": statistics.median(errs_p) if errs_p else None,
-            "over_budget_placements": sum(1 for r in planner_runs if r.get("over_budget")),
-            "oom": sum(1 for r in planner_runs if r.get("oom")),
-            "over_budget_any_run": sum(1 for r in runs if r.get("over_budget")),
-            "oom_any_run": sum(1 for r in self.results.get(b, {}).get("runs", []) if r.get("oom")),
-            "runs_measured": len(runs),
-            "device": (self.gpu0 or {}).get("name") or ("CPU smoke (no GPU)" if self.smoke else "CPU"),
-            "cpu_smoke": self.smoke, "prompt_tokens": self.args.prompt, "gen_tokens": self.args.gen,
-            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "notes": self.notes,
+def summarize(doc: dict[str, Any]) -> None:
+    """Per candidate: medians over its loads, request time, peaks; then the targets of the budget."""
+    p_w, g_w = doc.get("workload", WORKLOAD)
+    med: dict[str, dict[str, Any]] = {}
+    for label in LABELS:
+        runs = [r for r in doc["runs"] if r["label"] == label]
+        if not runs:
+            continue
+        ok = [r for r in runs if r.get("prompt_tps") and r.get("decode_tps")]
+        prompt = _median([r["prompt_tps"] for r in ok])
+        decode = _median([r["decode_tps"] for r in ok])
+        peaks = [max(r["gpu_process_peak_mib"].values()) for r in runs if r.get("gpu_process_peak_mib")]
+        m: dict[str, Any] = {
+            "loads": len(runs), "measured": len(ok), "prompt_tps": prompt, "decode_tps": decode,
+            "request_s": p_w / prompt + g_w / decode if prompt and decode else None,
+            "gpu_process_peak_mib": max(peaks) if peaks else None,
+            "over_budget": sum(1 for r in runs if r.get("over_budget")),
+            "oom": sum(1 for r in runs if r.get("oom")),
+            "failed": sum(1 for r in runs if r.get("rc") or r.get("error")),
         }
+        pred = doc["candidates"].get(label, {}).get("predicted") or {}
+        if pred and decode and prompt:
+            m["decode_error"] = abs(pred["decode_tps"] / decode - 1)
+            m["prompt_error"] = abs(pred["prompt_tps"] / prompt - 1)
+        med[label] = m
+    doc["medians"] = med
 
-    def write(self, b: float) -> None:
-        data = {"summary": self.summary(b), **self.results.get(b, {}), "hardware": self.hw.to_dict()}
-        path = self.out / f"{self.kind}-{b:g}gib.json"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data, indent=1, default=str))
-        os.replace(tmp, path)
+    def get(label: str, key: str) -> float | None:
+        return (med.get(label) or {}).get(key)
 
-    def guarded(self, what: str, fn: Any, *args: Any) -> None:
-        """Run one phase; a failure is noted in the results and the sweep goes on."""
-        try:
-            fn(*args)
-        except Exception as e:  # noqa: BLE001 - partial results beat none on a 10-minute machine
-            self.notes.append(f"{what} failed: {type(e).__name__}: {e}"[:400])
-            log(f"{what} failed:\n{traceback.format_exc()}")
-
-    def run(self, budgets: list[float]) -> None:
-        """All phases, most important first: key placements at every budget, then the extras."""
-        self.budgets = budgets
-        fits: dict[float, dict[str, Any]] = {b: {} for b in budgets}
-        self.guarded("llama-fit-params", lambda: fits.update(self.fit_placements(budgets)))
-        self.guarded("warm-up", self.warm_up, budgets[0])
-        for b in budgets:
-            self.guarded(f"key runs at {b:g} GiB", self.key_runs, b, fits[b])
-        self.guarded("llama-bench", self.llama_bench, budgets[0])
-        if self.args.heal:
-            self.guarded("heal", self.heal)
-        self.guarded("sweep", self.sweep_runs, budgets)
-        for b in budgets:
-            self.write(b)
-            log(f"summary {b:g} GiB: {json.dumps(self.summary(b), default=str)}")
+    base_req = [get(b, "request_s") for b in BASELINES if get(b, "request_s")]
+    base_dec = [get(b, "decode_tps") for b in BASELINES if get(b, "decode_tps")]
+    base_pro = [get(b, "prompt_tps") for b in BASELINES if get(b, "prompt_tps")]
+    ours = [med[o] for o in OURS if o in med]
+    req, dec, pro = get("offload", "request_s"), get("offload_decode", "decode_tps"), get("offload_prompt", "prompt_tps")
+    t = {
+        "request_speedup": min(base_req) / req if req and base_req else None,
+        "decode_ratio": dec / max(base_dec) if dec and base_dec else None,
+        "prompt_ratio": pro / max(base_pro) if pro and base_pro else None,
+        "decode_error": _median([o["decode_error"] for o in ours if "decode_error" in o]),
+        "prompt_error": _median([o["prompt_error"] for o in ours if "prompt_error" in o]),
+        "over_budget_loads": sum(m["over_budget"] for m in med.values()),
+        "oom_loads": sum(m["oom"] for m in med.values()),
+        "complete": all(get(label, "measured") and get(label, "measured") >= doc.get("reps", 3) for label in LABELS),
+    }
+    t["met"] = {k: (v is not None and (v <= TARGETS[k] if k.endswith("error") else v >= TARGETS[k]))
+                for k, v in t.items() if k in TARGETS}
+    t["met"]["budget"] = t["over_budget_loads"] == 0 and t["oom_loads"] == 0
+    doc["targets"] = t
 
 
-def heal_only(args: argparse.Namespace) -> dict[str, Any]:
-    """Hold GPU memory so that a full-GPU plan no longer fits, then load it with healing."""
-    from offload.planner import anatomy as anatomy_mod
-    from offload.planner import evaluate  # type: ignore[attr-defined]
-    from offload.planner import hardware as hw_mod
-    from offload.planner.types import Placement, PlanRequest  # type: ignore[attr-defined]
-    from offload.runtime.benchmark import measure_plan
-    from offload.runtime.loader import load_healing
+def _pd(m: dict[str, Any] | None) -> str:
+    if not m or not m.get("prompt_tps"):
+        return "—"
+    return f"{m['prompt_tps']:.0f} / {m['decode_tps']:.1f}"
 
-    model = Path(args.model_path)
-    a = anatomy_mod.read(model)
-    hw = hw_mod.probe()
-    plan = evaluate(a, hw, PlanRequest(n_ctx=N_CTX, prompt_tokens=512),
-                    Placement(n_gpu_layers=a.n_layers + 1, n_ctx=N_CTX, flash_attn=True))
-    need = sum(d.total_bytes for d in plan.devices if d.kind == "GPU")
-    free = gpu_tools.gpu_memory(0)["free_bytes"]  # type: ignore[index]
-    # Leave 60% of what the plan needs (+0.5 GiB for the CUDA context): about 40% must be given up.
-    keep = int(need * 0.6) + GiB // 2
-    blocker = gpu_tools.GpuBlocker(max(free - keep, 0))
-    t0 = time.monotonic()
-    res: dict[str, Any] = {"plan_gpu_bytes": need, "free_bytes_before": free, "left_free_bytes": keep,
-                           "n_gpu_layers_asked": plan.n_gpu_layers}
-    try:
-        engine, healed, gave_up = load_healing(model, plan)
-        res.update(loaded=True, gave_up=gave_up, n_gpu_layers=healed.n_gpu_layers,
-                   cpu_tensor_patterns=list(healed.cpu_tensor_patterns), measured_bytes=engine.measured_bytes,
-                   heal_s=time.monotonic() - t0)
-        m = measure_plan(model, healed, prompt_tokens=256, gen_tokens=32, record=False, engine=engine)
-        res["measured"] = {k: m["measured"][k] for k in ("prompt_tps", "decode_tps")}
-        engine.close()
-    except Exception as e:  # noqa: BLE001 - reported, not raised: this is the proof's result
-        res.update(loaded=False, error=f"{type(e).__name__}: {e}"[:800])
-    finally:
-        blocker.close()
-    return res
+
+def _ratio(v: float | None, ok: bool | None) -> str:
+    return "—" if v is None else f"{v:.2f} {'✓' if ok else '✗'}"
+
+
+def summary_markdown(docs: list[dict[str, Any]]) -> str:
+    """The README's table (prompt / decode t/s, medians) and the targets, one row per budget."""
+    per = "per card " if docs and docs[0].get("gpus", 1) > 1 else ""
+    lines = [
+        f"Prompt / decode t/s (llama-bench pp{docs[0]['prompt'] if docs else ''} + tg{docs[0]['gen'] if docs else ''},"
+        f" median of {docs[0].get('reps', 3) if docs else 3} loads, budget {per}as nvidia-smi counts it):",
+        "",
+        "| model | budget | fit, file mapped | fit, `--no-mmap` | expert line | offload (default) "
+        "| `--optimize decode` | `--optimize prompt` |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for d in sorted(docs, key=lambda d: (d["kind"], d["budget_gib"])):
+        m = d.get("medians", {})
+        lines.append(f"| {d['kind']} | {d.get('gpus', 1)}×{d['budget_gib']:g} GiB | "
+                     + " | ".join(_pd(m.get(label)) for label in LABELS) + " |")
+    lines += [
+        "",
+        f"Targets (request = {WORKLOAD[0]} prompt + {WORKLOAD[1]} answer tokens; ratios against the best of the "
+        "three baselines; prediction errors: median over offload's three plans):",
+        "",
+        "| model | budget | request speed-up ≥ 1.10 | decode-mode decode ≥ 1.00 | prompt-mode prompt ≥ 1.00 "
+        "| decode error ≤ 10% | prompt error ≤ 20% | loads over budget / OOM | peak MiB (offload) | loads |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for d in sorted(docs, key=lambda d: (d["kind"], d["budget_gib"])):
+        t, met = d.get("targets", {}), d.get("targets", {}).get("met", {})
+        peak = (d.get("medians", {}).get("offload") or {}).get("gpu_process_peak_mib")
+        loads = sum(1 for r in d["runs"] if "shared_with" not in r)
+        lines.append(
+            f"| {d['kind']} | {d.get('gpus', 1)}×{d['budget_gib']:g} GiB | "
+            f"{_ratio(t.get('request_speedup'), met.get('request_speedup'))} | "
+            f"{_ratio(t.get('decode_ratio'), met.get('decode_ratio'))} | "
+            f"{_ratio(t.get('prompt_ratio'), met.get('prompt_ratio'))} | "
+            f"{_ratio(t.get('decode_error'), met.get('decode_error'))} | "
+            f"{_ratio(t.get('prompt_error'), met.get('prompt_error'))} | "
+            f"{t.get('over_budget_loads', 0)} / {t.get('oom_loads', 0)} | {peak if peak is not None else '—'} | "
+            f"{loads}{'' if t.get('complete') else ' (incomplete)'} |")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     """Command line."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", choices=["dense", "moe"], required=True)
-    ap.add_argument("--model-path", help="GGUF to use (written there if missing)")
-    ap.add_argument("--budgets", help="GiB, comma-separated (default: dense 3,4,6; moe 8,12,16,24)")
-    ap.add_argument("--time-budget-s", type=float, default=240.0, help="stop starting runs after this")
-    ap.add_argument("--out", default=os.environ.get("OUT") or str(HERE / "results"))
-    ap.add_argument("--prompt", type=int, default=None, help="prompt tokens (2048; smoke 256)")
-    ap.add_argument("--gen", type=int, default=None, help="decode tokens (128; smoke 16)")
-    ap.add_argument("--tools-dir", default="/tmp/llama-tools", help="where llama-bench/llama-fit-params are")
-    ap.add_argument("--heal", action="store_true", help="also prove healing against a blocked card")
-    ap.add_argument("--heal-only", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--cpu-smoke", action="store_true",
-                    help="tiny model, pretend GPU in the planner, GPU layers executed on the CPU")
+    ap.add_argument("--gpus", type=int, choices=[1, 2], default=1, help="GPUs to use (budgets are per card)")
+    ap.add_argument("--budgets", help='GiB per model, e.g. "moe=8,12,16;dense=3,4" (default: by --gpus)')
+    ap.add_argument("--reps", type=int, default=3, help="loads of every placement (median reported)")
+    ap.add_argument("--prompt", type=int, default=None, help="llama-bench -p (2048; smoke 64)")
+    ap.add_argument("--gen", type=int, default=None, help="llama-bench -n (64; smoke 8)")
+    ap.add_argument("--ctx", type=int, default=None, help="context all candidates are planned for (prompt + gen)")
+    ap.add_argument("--state", default=str(Path(tempfile.gettempdir()) / "offload-sweep"),
+                    help="where the documents live between calls")
+    ap.add_argument("--out", default=os.environ.get("OUT"), help="where they are copied after every load")
+    ap.add_argument("--resume-from", help="documents to start from where --state has none (e.g. bench/results)")
+    ap.add_argument("--fresh", action="store_true", help="ignore --state and --resume-from")
+    ap.add_argument("--model-dir", default=tempfile.gettempdir(), help="synth-<kind>.gguf (written if missing)")
+    ap.add_argument("--tools-dir", default="/tmp/llama-tools", help="llama-bench and llama-fit-params")
+    ap.add_argument("--expert-threads", type=int, help="-t of the expert line (default: all cores)")
+    g = ap.add_mutually_exclusive_group()
+    g.add_argument("--end-time", type=float, help="epoch seconds: start no load that would end after it")
+    g.add_argument("--time-budget-s", type=float, default=540.0, help="seconds from now instead of --end-time")
+    ap.add_argument("--cpu-smoke", action="store_true", help="tiny models, a pretend GPU for the planner")
     args = ap.parse_args(argv)
-    if args.heal_only:
-        print(json.dumps(heal_only(args), default=str), flush=True)
-        return 0
-    args.prompt = args.prompt or (256 if args.cpu_smoke else 2048)
-    args.gen = args.gen or (16 if args.cpu_smoke else 128)
-    budgets = ([float(x) for x in args.budgets.split(",")] if args.budgets
-               else (SMOKE_BUDGETS if args.cpu_smoke else DEFAULT_BUDGETS)[args.model])
+    args.prompt = args.prompt or (64 if args.cpu_smoke else 2048)
+    args.gen = args.gen or (8 if args.cpu_smoke else 64)
+    args.ctx = args.ctx or args.prompt + args.gen
+    if args.fresh:
+        shutil.rmtree(args.state, ignore_errors=True)
     sweep = Sweep(args)
-    log(f"model {sweep.model} ({sweep.anatomy.n_layers} layers), GPU {sweep.gpu0}, budgets {budgets} GiB, "
-        f"{args.time_budget_s:.0f} s")
-    sweep.run(budgets)
+    log(f"{args.gpus} GPU(s), budgets {sweep.budgets()}, {args.reps} loads each, {sweep.time_left():.0f} s, "
+        f"GPUs {gpu_tools.gpu_memory()}")
+    sweep.run()
     return 0
 
 

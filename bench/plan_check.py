@@ -50,13 +50,21 @@ def _gpu_index_by_uuid() -> dict[str, int]:
 
 
 def _process_mib(pid: int, gpus: dict[str, int]) -> dict[int, int]:
+    """MiB each GPU holds for ``pid`` and its descendants (the runner process that loads the model)."""
+    import psutil
+
+    try:
+        family = {str(pid), *(str(c.pid) for c in psutil.Process(pid).children(recursive=True))}
+    except psutil.Error:
+        family = {str(pid)}
     out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,gpu_uuid,used_memory",
                           "--format=csv,noheader,nounits"], capture_output=True, text=True).stdout
     used: dict[int, int] = {}
     for line in out.strip().splitlines():
         parts = [x.strip() for x in line.split(",")]
-        if len(parts) == 3 and parts[0] == str(pid) and parts[2].isdigit():
-            used[gpus.get(parts[1], -1)] = int(parts[2])
+        if len(parts) == 3 and parts[0] in family and parts[2].isdigit():
+            g = gpus.get(parts[1], -1)
+            used[g] = used.get(g, 0) + int(parts[2])
     return used
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -41,6 +42,12 @@ def parse_workload(text: str) -> Workload:
         return Workload(prompt, answer, source="requested")
     except OffloadError as e:
         raise click.BadParameter(str(e)) from None
+
+
+def _warn(warning: str | None) -> None:
+    """GPUs this llama.cpp build cannot use: said plainly, with the command that fixes it."""
+    if warning:
+        click.secho(f"Warning: {warning}", fg="yellow", err=True)
 
 
 def _gib(n: float) -> str:
@@ -203,7 +210,8 @@ def plan_cmd(
     try:
         ref = planning.resolve(model)
         a = anatomy.read(ref.path)
-        hw = planning.hardware(hardware_name)
+        hw, warning = planning.hardware(hardware_name)
+        _warn(warning)
         req = planning.request(
             n_ctx=ctx,
             max_ctx=max_ctx,
@@ -216,6 +224,8 @@ def plan_cmd(
             prompt_tokens=prompt_tokens,
         )
         p = planning.plan_model(a, hw, req, digest=ref.digest, calibrated=hardware_name is None)
+        if warning:
+            p = dataclasses.replace(p, reasons=(*p.reasons, warning))
         if chart:
             _chart(chart, p, a, hw, req)
     except OffloadError as e:
@@ -235,9 +245,10 @@ def plan_cmd(
 def hardware_cmd(refresh: bool, profile: str | None, as_json: bool) -> None:
     """Show this machine's measured hardware profile (cached under the data dir)."""
     try:
-        hw = planning.hardware(profile, refresh=refresh)
+        hw, warning = planning.hardware(profile, refresh=refresh)
     except OffloadError as e:
         raise click.ClickException(str(e)) from None
+    _warn(warning)
     if as_json:
         click.echo(json.dumps(hw.to_dict(), indent=2))
         return
@@ -270,9 +281,10 @@ def hardware_cmd(refresh: bool, profile: str | None, as_json: bool) -> None:
             )
         c.print(t)
     else:
-        c.print("No GPUs.")
+        c.print("No GPUs llama.cpp can use." if warning else "No GPUs.")
     for n in hw.notes:
-        c.print(f"  note: {n}")
+        if n != warning:  # already shown, on stderr
+            c.print(f"  note: {n}")
 
 
 def register(group: click.Group) -> None:

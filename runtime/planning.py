@@ -21,7 +21,7 @@ from offload.planner import hardware as hardware_mod
 from offload.planner import plan as make_plan
 from offload.planner.anatomy import read as read_anatomy
 from offload.planner.types import Anatomy, Hardware, Plan, PlanRequest
-from offload.runtime import calibration, config
+from offload.runtime import backends, calibration, config
 from offload.runtime.safety import Safety
 
 __all__ = [
@@ -47,14 +47,23 @@ def open_store() -> Store:
     return store
 
 
+def usable_hardware(refresh: bool = False) -> backends.Usable:
+    """This machine as llama.cpp can use it (probed once, cached under the data dir), with the
+    warning to show when that is less than it has (GPUs this build cannot offload to)."""
+    return backends.current(config.hardware_file(), refresh=refresh)
+
+
 def current_hardware(refresh: bool = False) -> Hardware:
-    """This machine's hardware profile (probed once, cached under the data dir)."""
-    return hardware_mod.current(config.hardware_file(), refresh=refresh)
+    """This machine's hardware profile, as llama.cpp can use it."""
+    return usable_hardware(refresh).hardware
 
 
-def hardware(profile: str | None = None, *, refresh: bool = False) -> Hardware:
-    """A shipped profile or profile JSON by name, else this machine."""
-    return hardware_mod.load_profile(profile) if profile else current_hardware(refresh)
+def hardware(profile: str | None = None, *, refresh: bool = False) -> tuple[Hardware, str | None]:
+    """A shipped profile or profile JSON by name, else this machine; and the warning to show."""
+    if profile:
+        return hardware_mod.load_profile(profile), None
+    usable = usable_hardware(refresh)
+    return usable.hardware, usable.warning
 
 
 @dataclass(frozen=True)

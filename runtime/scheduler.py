@@ -213,6 +213,11 @@ class Scheduler:
         if gave_up:
             loaded = dataclasses.replace(loaded, reasons=(*loaded.reasons, *gave_up))
         fresh = [x for x in safety if x not in loaded.reasons]  # turned off during this very load
+        warning = planning.usable_hardware().warning if self.hardware is current_hardware else None
+        if warning:
+            # GPUs this llama.cpp build cannot use: the log and /api/ps say so, with the fix.
+            log.warning("%s", warning)
+            fresh.append(warning)
         if fresh:
             loaded = dataclasses.replace(loaded, reasons=(*loaded.reasons, *fresh))
         self._event("load", model=info.name.display, n_ctx=loaded.n_ctx, parallel=proc.n_parallel,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 from pathlib import Path
 
 import click
@@ -94,39 +95,125 @@ def test_fit_params_output_is_parsed_into_layers_and_cpu_patterns() -> None:
     assert tools.parse_fit_params("no placement here") is None
 
 
-def test_gpu_sweep_runs_end_to_end_on_cpu(tmp_path: Path) -> None:
-    import subprocess
+def test_two_gpu_fit_lines_and_plans_become_llama_bench_arguments() -> None:
+    tools = _gpu_tools()
+    fit = tools.parse_fit_params('-c 2112 -ngl 49 -ts 30,19 -ot "blk\\.4[0-7]\\.ffn_(up|down)_exps=CPU,blk\\.9\\.ffn_up_exps=CUDA1"\n')
+    assert fit["n_ctx"] == 2112 and fit["tensor_split"] == [30.0, 19.0]
+    assert fit["overrides"] == [[r"blk\.4[0-7]\.ffn_(up|down)_exps", "CPU"], [r"blk\.9\.ffn_up_exps", "CUDA1"]]
+    args = tools.fit_bench_args(fit)
+    assert args == ["-ngl", "49", "-ts", "30/19", "-ot", r"blk\.4[0-7]\.ffn_(up|down)_exps=CPU;blk\.9\.ffn_up_exps=CUDA1"]
+    plan = {"n_gpu_layers": 49, "tensor_split": [0.6, 0.4], "cpu_tensor_patterns": [r"^blk\.(0|1)\.ffn_up_exps"],
+            "n_batch": 2048, "n_ubatch": 1024, "threads": 12, "threads_batch": 12, "kv_type": "q8_0",
+            "flash_attn": True, "use_mmap": False, "op_offload": True, "main_gpu": 0, "split_mode": "layer",
+            "something_new": 1}
+    args, notes = tools.plan_bench_args(plan)
+    assert args == ["-ngl", "49", "-ts", "0.6/0.4", "-ot", r"^blk\.(0|1)\.ffn_up_exps=CPU", "-b", "2048", "-ub", "1024",
+                    "-t", "12", "-ctk", "q8_0", "-ctv", "q8_0", "-fa", "1", "-lm", "none"]
+    assert notes == ["plan keys not replayed: something_new"]
+    with pytest.raises(ValueError, match="separator"):
+        tools.plan_bench_args({**plan, "cpu_tensor_patterns": [r"blk\.\d{1,2}\.x"]})
+
+
+def test_llama_bench_buffers_and_out_of_memory_are_read_from_its_log() -> None:
+    tools = _gpu_tools()
+    log = ("load_tensors:        CUDA0 model buffer size =  7661.36 MiB\n"
+           "load_tensors:    CUDA_Host model buffer size = 11873.02 MiB\n"
+           "llama_context:  CUDA_Host  output buffer size =     0.58 MiB\n"
+           "llama_kv_cache:      CUDA0 KV buffer size =   192.00 MiB\n"
+           "sched_reserve:      CUDA0 compute buffer size =   304.00 MiB\n"
+           "sched_reserve:      CUDA0 compute buffer size =    96.00 MiB\n"
+           "~llama_context:        CPU compute buffer size is   0.6306 MiB, matches expectation\n")
+    assert tools.parse_buffers(log) == {"CUDA0": {"model": 7661.36, "KV": 192.0, "compute": 304.0},
+                                        "CUDA_Host": {"model": 11873.02, "output": 0.58}}
+
+
+def _llama_tools(tmp_path: Path) -> Path:
+    """llama.cpp's llama-bench and llama-fit-params: the real ones where ``LLAMA_TOOLS_DIR`` names
+    them, else stand-ins that measure through llama-cpp-python and print what the tools print."""
+    import os
     import sys
 
-    r = subprocess.run([sys.executable, str(BENCH / "gpu_sweep.py"), "--model", "moe", "--cpu-smoke", "--heal",
-                        "--out", str(tmp_path), "--time-budget-s", "45"], capture_output=True, text=True,
-                       timeout=240)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    files = sorted(tmp_path.glob("moe-*gib.json"))
-    assert [f.name for f in files] == ["moe-0.512gib.json", "moe-0.524gib.json"]
-    data = json.loads(files[0].read_text())
-    s = data["summary"]
-    for key in ("planner_decode_tps", "planner_prompt_tps", "decode_mode_decode_tps", "fit_decode_tps",
-                "best_sweep_decode_tps", "regret", "planner_vs_fit_decode", "median_decode_pred_error"):
-        assert s[key] is not None and s[key] > 0, key
-    assert s["over_budget_placements"] == 0 and s["oom"] == 0 and s["model_kind"] == "moe"
-    fit = next(r for r in data["runs"] if r["label"] == "fit")
-    assert fit["overridden_tensors"] == 3  # gate, up, down experts of layer 1, on the CPU
-    assert all("predicted" in r and "measured" in r for r in data["runs"] if "error" not in r)
+    real = os.environ.get("LLAMA_TOOLS_DIR")
+    if real:
+        return Path(real)
+    tools = tmp_path / "tools"
+    tools.mkdir()
+    standin = Path(__file__).with_name("llama_tools_standin.py")
+    for name, mode in (("llama-bench", "bench"), ("llama-fit-params", "fit-params")):
+        exe = tools / name
+        exe.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{standin}" {mode} "$@"\n')
+        exe.chmod(0o755)
+    return tools
 
 
-def test_llama_bench_json_is_read_and_overrides_use_its_separator(tmp_path: Path) -> None:
+def _sweep(tmp_path: Path, tools: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    import sys
+
+    return subprocess.run([sys.executable, str(BENCH / "gpu_sweep.py"), "--cpu-smoke", "--budgets", "tiny-moe=0.55",
+                           "--state", str(tmp_path / "state"), "--out", str(tmp_path / "out"),
+                           "--model-dir", str(tmp_path), "--tools-dir", str(tools), *extra],
+                          capture_output=True, text=True, timeout=400)
+
+
+def test_gpu_sweep_runs_every_candidate_resumes_and_stops_in_time(tmp_path: Path) -> None:
+    tools = _llama_tools(tmp_path)
+    r = _sweep(tmp_path, tools, "--reps", "2", "--time-budget-s", "300")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    doc = json.loads((tmp_path / "out" / "sweep-tiny-moe-0.55gib.json").read_text())
+    labels = ("fit", "fit_no_mmap", "expert", "offload", "offload_decode", "offload_prompt")
+    assert set(doc["candidates"]) == set(labels), doc["notes"]
+    cands = doc["candidates"]
+    assert cands["fit_no_mmap"]["args"] == cands["fit"]["args"] + ["-lm", "none"]
+    expert = cands["expert"]["args"]
+    assert expert[expert.index("-ub") + 1] == "2048" and "-t" in expert and "-ub 2048" in cands["expert"]["source"]["cmd"]
+    for label in labels[3:]:  # planned through `offload plan --json`, replayed with the plan's knobs
+        plan = cands[label]["plan"]
+        assert cands[label]["args"][:2] == ["-ngl", str(plan["n_gpu_layers"])]
+        assert cands[label]["predicted"]["decode_tps"] > 0
+    for label in labels:
+        m = doc["medians"][label]
+        assert m["loads"] == 2 and m["measured"] == 2 and m["prompt_tps"] > 0 and m["decode_tps"] > 0, label
+        assert m["request_s"] == pytest.approx(1024 / m["prompt_tps"] + 256 / m["decode_tps"])
+    assert doc["targets"]["request_speedup"] > 0 and doc["targets"]["complete"]
+    summary = (tmp_path / "out" / "sweep-summary.md").read_text()
+    assert "| tiny-moe | 1×0.55 GiB |" in summary and "expert line" in summary
+
+    # Resumed: only the third load of each placement runs; the first two are kept as they were.
+    first = {(x["label"], x["rep"]): x.get("wall_s") for x in doc["runs"]}
+    r = _sweep(tmp_path, tools, "--reps", "3", "--time-budget-s", "300")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    doc = json.loads((tmp_path / "state" / "sweep-tiny-moe-0.55gib.json").read_text())
+    assert {(x["label"], x["rep"]): x.get("wall_s") for x in doc["runs"] if x["rep"] < 3} == first
+    assert all(doc["medians"][label]["loads"] == 3 for label in labels) and doc["targets"]["complete"]
+    loads = [x for x in doc["runs"] if "shared_with" not in x]
+    assert len(loads) == len({tuple(c["args"]) for c in cands.values()}) * 3  # equal placements load once
+
+    # Out of time: no load is started, the files are still written.
+    r = _sweep(tmp_path, tools, "--reps", "4", "--time-budget-s", "1")
+    assert r.returncode == 0 and "stopping" in r.stdout
+    last = json.loads((tmp_path / "out" / "sweep-tiny-moe-0.55gib.json").read_text())
+    assert len(last["runs"]) == len(doc["runs"]) and last["targets"]["complete"] is False  # 3 of 4 loads
+
+
+def test_llama_bench_json_is_read_and_a_failed_load_is_an_out_of_memory(tmp_path: Path) -> None:
     tools = _gpu_tools()
     fake = tmp_path / "llama-bench"
     fake.write_text("#!/bin/sh\necho \"$@\" > \"$(dirname \"$0\")/args\"\n"
-                    "echo 'build: x'\necho '[{\"n_prompt\": 2048, \"n_gen\": 0, \"avg_ts\": 900.5},"
-                    " {\"n_prompt\": 0, \"n_gen\": 128, \"avg_ts\": 44.25}]'\n")
+                    "echo 'load_tensors:        CUDA0 model buffer size =  100.00 MiB' >&2\n"
+                    "echo '[{\"n_prompt\": 2048, \"n_gen\": 0, \"avg_ts\": 900.5, \"samples_ts\": [900.5]},"
+                    " {\"n_prompt\": 0, \"n_gen\": 64, \"avg_ts\": 44.25, \"samples_ts\": [44.25]}]'\n")
     fake.chmod(0o755)
-    got = tools.run_llama_bench(fake, tmp_path / "m.gguf", 49, ["a=b", r"blk\.1\.x"], threads=8, prompt=2048,
-                                gen=128, depth=2048)
-    assert got["prompt_tps"] == 900.5 and got["decode_tps"] == 44.25
+    got = tools.run_llama_bench(fake, tmp_path / "m.gguf", ["-ngl", "49", "-ot", r"a=CPU;blk\.1\.x=CPU"], prompt=2048,
+                                gen=64, monitor=False)
+    assert got["prompt_tps"] == 900.5 and got["decode_tps"] == 44.25 and got["rc"] == 0 and not got["oom"]
+    assert got["buffers_mib"] == {"CUDA0": {"model": 100.0}}
     args = (tmp_path / "args").read_text().split()
-    assert args[args.index("-ot") + 1] == r"a=b=CPU;blk\.1\.x=CPU" and args[args.index("-d") + 1] == "2048"
+    assert args[args.index("-ot") + 1] == r"a=CPU;blk\.1\.x=CPU" and "-v" in args
+    assert args[args.index("-p") + 1] == "2048" and args[args.index("-r") + 1] == "1"
+    fake.write_text("#!/bin/sh\necho 'ggml_backend_cuda_buffer_type_alloc_buffer: allocating 9000.00 MiB on device 0:"
+                    " cudaMalloc failed: out of memory' >&2\nexit 1\n")
+    got = tools.run_llama_bench(fake, tmp_path / "m.gguf", ["-ngl", "99"], prompt=2048, gen=64, monitor=False)
+    assert got["oom"] and got["rc"] == 1 and "prompt_tps" not in got and "cudaMalloc failed" in got["stderr_tail"]
 
 
 def test_synthetic_moe_routes_a_batch_across_all_experts_like_a_trained_model(tmp_path: Path) -> None:
