@@ -15,6 +15,9 @@
 #       sweep (bench/gpu_sweep.py), resumed where the last call stopped, until this call's end.
 #   bash bench/device_run.sh two-gpu [gpu_sweep.py args]   On a two-GPU host: the recipe's build
 #       when this machine has none, then the two-GPU sweep, resumable the same way.
+#   bash bench/device_run.sh runners   On a warm machine: runner processes against
+#       llama-batched-bench (bench/runner_bench.py: the dense model fully on the GPU, the MoE at 8
+#       and 12 GiB; RUNNER_PARTS picks) and GPU memory after unloading (bench/unload_check.py).
 #
 # LIMIT_S (default 570) is how long this call may take; loads that would end later are not started.
 # Results of an earlier call placed in bench/results/ are resumed from when /tmp has none.
@@ -76,7 +79,7 @@ gpu_python() {  # the Python whose llama_cpp offloads to a GPU: the install phas
 link_tools() {  # llama-bench and llama-fit-params of the same build (this script's or the recipe's)
   local t f
   mkdir -p "$T/llama-tools"
-  for t in llama-bench llama-fit-params; do
+  for t in llama-bench llama-fit-params llama-batched-bench; do
     [ -x "$T/llama-tools/$t" ] && continue
     f=$(find "$T/lcp/build" /tmp/lcp/build -name "$t" -type f -perm -u+x 2>/dev/null | head -1)
     [ -n "$f" ] && ln -sf "$f" "$T/llama-tools/$t"
@@ -206,13 +209,33 @@ PY
   [ "$failed" -eq 0 ]
 }
 
+runners() {  # runner processes against llama-batched-bench, and unloading (bench/runner_bench.py)
+  gpu_python || { say "no GPU build on this machine (a cold one?): run the install or build phase first"; return 2; }
+  link_tools; [ -x "$T/llama-tools/llama-batched-bench" ] || { say "llama-batched-bench not built"; return 2; }
+  wait_models || return 1
+  local what=${RUNNER_PARTS:-dense moe8 moe12 unload}
+  for w in $what; do
+    if [ $(( $(date +%s) - start )) -gt $(( LIMIT_S - ${RUNNER_RESERVE_S:-150} )) ]; then say "no time left for $w"; break; fi
+    case $w in
+      dense) "$PY" bench/runner_bench.py --model "$T/synth-dense.gguf" --tools "$T/llama-tools" \
+               --out "$OUT/runner-gpu-dense.json" --repeats ${REPEATS:-3} ;;
+      moe8|moe12) "$PY" bench/runner_bench.py --model "$T/synth-moe.gguf" --gpu-memory "${w#moe}GiB" \
+               --tools "$T/llama-tools" --parts batched --out "$OUT/runner-gpu-$w.json" --repeats ${REPEATS:-3} ;;
+      unload) "$PY" bench/unload_check.py --model "$T/synth-dense.gguf" --out "$OUT/unload-dense.json"
+              "$PY" bench/unload_check.py --model "$T/synth-moe.gguf" --gpu-memory 8GiB --out "$OUT/unload-moe-8gib.json" ;;
+    esac
+    say "runner part $w: exit $?"
+  done
+}
+
 main() {
   case "$phase" in
+    runners) runners ;;
     install) install ;;
     build) recipe_build && link_tools ;;
     sweep) sweep 1 "$@" ;;
     two-gpu) { gpu_python || recipe_build; } && sweep 2 "$@" ;;
-    *) echo "usage: bash bench/device_run.sh install|build|sweep|two-gpu [gpu_sweep.py args]" >&2; return 2 ;;
+    *) echo "usage: bash bench/device_run.sh install|build|sweep|two-gpu|runners [gpu_sweep.py args]" >&2; return 2 ;;
   esac
 }
 

@@ -31,7 +31,6 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -41,12 +40,13 @@ if str(ROOT) not in sys.path:
 
 from offload.planner import anatomy as anatomy_mod  # noqa: E402
 from offload.planner import plan as make_plan  # noqa: E402
+from offload.planner import predict_aggregate  # noqa: E402
 from offload.planner.types import Plan, PlanRequest  # noqa: E402
-from offload.runtime import config  # noqa: E402
+from offload.runtime import calibration, config  # noqa: E402
 from offload.runtime.benchmark import measure_parallel  # noqa: E402
 from offload.runtime.generation import CancelEvent, Piece, Sampling, Stats  # noqa: E402
+from offload.runtime.planning import current_hardware  # noqa: E402
 from offload.runtime.process import RunnerProcess  # noqa: E402
-from offload.runtime.scheduler import current_hardware  # noqa: E402
 
 WORDS = ("river stone cloud paper garden window silver orange forest candle harbor ladder violin "
          "meadow pencil thunder lantern marble castle pepper").split()
@@ -137,8 +137,8 @@ def server_stream_once(url: str, model_name: str, prompt: str, gen: int) -> dict
             "eval_count": n, "load_s": final.get("load_duration", 0) / 1e9}
 
 
-def overhead(args: argparse.Namespace, model: Path, plan: Plan, tools: Path) -> dict[str, Any]:
-    single = replace(plan, n_parallel=1)
+def overhead(args: argparse.Namespace, model: Path, plans: Any, tools: Path) -> dict[str, Any]:
+    single = plans(1, args.prompt + args.gen + 64)
     n_ctx = single.n_ctx
     base = [batched_bench(tools / "llama-batched-bench", model, single, n_ctx, args.prompt, args.gen, [1],
                           args.extra_bufts)[0] for _ in range(args.repeats)]
@@ -221,9 +221,9 @@ def server_overhead(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
 # -- batched, stall, match -------------------------------------------------------------------------
 
 
-def batched(args: argparse.Namespace, model: Path, plan: Plan, tools: Path, predict: Any) -> dict[str, Any]:
+def batched(args: argparse.Namespace, model: Path, plans: Any, tools: Path, predict: Any) -> dict[str, Any]:
     streams = sorted(args.parallel)
-    wide = replace(plan, n_parallel=max(streams), n_ctx=max(plan.n_ctx, args.prompt + args.gen + 64))
+    wide = plans(max(streams), args.prompt + args.gen + 64)
     n_ctx_total = wide.n_ctx * wide.n_parallel
     base_runs = [batched_bench(tools / "llama-batched-bench", model, wide, n_ctx_total, args.prompt, args.gen,
                                streams, args.extra_bufts) for _ in range(args.repeats)]
@@ -244,7 +244,7 @@ def batched(args: argparse.Namespace, model: Path, plan: Plan, tools: Path, pred
                      "per_stream_decode_tps": median([o["per_stream_decode_tps"] for o in ours[n]]),
                      "ttft_p50_s": median([o["ttft_p50_s"] for o in ours[n]]),
                      "ttft_p95_s": median([o["ttft_p95_s"] for o in ours[n]]),
-                     "predicted_aggregate_decode_tps": predict(n) if predict else None,
+                     "predicted_aggregate_decode_tps": predict(wide, n) if predict else None,
                      "runs": ours[n]})
     one = next((r["aggregate_decode_tps"] for r in rows if r["streams"] == 1), None)
     for r in rows:
@@ -252,9 +252,9 @@ def batched(args: argparse.Namespace, model: Path, plan: Plan, tools: Path, pred
     return {"prompt_tokens": args.prompt, "gen_tokens": args.gen, "n_ctx_total": n_ctx_total, "rows": rows}
 
 
-def stall(args: argparse.Namespace, model: Path, plan: Plan) -> dict[str, Any]:
+def stall(args: argparse.Namespace, model: Path, plans: Any) -> dict[str, Any]:
     long_tokens = args.stall_prompt
-    p = replace(plan, n_parallel=2, n_ctx=max(plan.n_ctx, long_tokens + 256))
+    p = plans(2, long_tokens + 256)
     proc = RunnerProcess.start("bench", model, p, extra_bufts=args.extra_bufts)
     try:
         alone = stream_once(proc, distinct_prompt(proc, long_tokens, 1), 1)["prompt_eval_s"]
@@ -288,8 +288,8 @@ def stall(args: argparse.Namespace, model: Path, plan: Plan) -> dict[str, Any]:
             "mixed_steps": len(mixed), "largest_chunk": max((pf for _, pf, _ in mixed), default=0)}
 
 
-def match(args: argparse.Namespace, model: Path, plan: Plan) -> dict[str, Any]:
-    p = replace(plan, n_parallel=8, n_ctx=max(256, plan.n_ctx // 8))
+def match(args: argparse.Namespace, model: Path, plans: Any) -> dict[str, Any]:
+    p = plans(8, 256)
     proc = RunnerProcess.start("bench", model, p, extra_bufts=args.extra_bufts)
     try:
         prompts = [proc.tokenize(f"Fact {i}: the {w} is", add_bos=True) for i, w in enumerate(WORDS)]
@@ -345,32 +345,35 @@ def main() -> None:
     anatomy = anatomy_mod.read(model)
     hw = current_hardware()
     budget = config.parse_bytes(args.gpu_memory) if args.gpu_memory else None
-    plan = make_plan(anatomy, hw, PlanRequest(n_ctx=max(512, args.prompt + args.gen + 64), gpu_budget_bytes=budget))
-    predict = None
-    try:
-        from offload.planner.cost import predict_aggregate  # type: ignore[attr-defined]
+    speed, _ = calibration.speed_params_for(hw.fingerprint)
 
-        def predict(n: int) -> float:
-            return float(predict_aggregate(anatomy, hw, plan, n))
-    except ImportError:
-        pass
+    def plans(n_parallel: int, n_ctx: int) -> Plan:
+        """The planner's plan for this many sequences of this context, within the budget."""
+        return make_plan(anatomy, hw, PlanRequest(n_ctx=max(256, n_ctx), n_parallel=n_parallel,
+                                                  gpu_budget_bytes=budget), speed)
+
+    def predict(plan: Plan, n: int) -> float:
+        ctx = args.prompt + args.gen // 2
+        return float(predict_aggregate(anatomy, hw, plan.placement, n, speed, context_tokens=ctx))
+
+    plan = plans(1, args.prompt + args.gen + 64)
     out: dict[str, Any] = {"model": str(args.model), "hardware": hw.name, "cores": hw.cpu.cores,
-                           "gpus": [g.name for g in hw.gpus], "plan": plan.to_dict(),
+                           "gpus": [g.name for g in hw.gpus], "gpu_budget_bytes": budget, "plan": plan.to_dict(),
                            "at": time.strftime("%Y-%m-%dT%H:%M:%S"), "load_average_start": os.getloadavg()[0]}
     parts = args.parts.split(",")
     if "overhead" in parts:
-        out["overhead"] = overhead(args, model, plan, args.tools)
+        out["overhead"] = overhead(args, model, plans, args.tools)
         print(json.dumps({k: v for k, v in out["overhead"].items() if k.endswith(("ratio", "_ms", "_s"))}))
     if "batched" in parts:
-        out["batched"] = batched(args, model, plan, args.tools, predict)
+        out["batched"] = batched(args, model, plans, args.tools, predict)
         for r in out["batched"]["rows"]:
             print(r["streams"], round(r["aggregate_decode_tps"], 1), round(r["llama_batched_bench_tg_tps"], 1),
                   round(r["ratio"] or 0, 3))
     if "stall" in parts:
-        out["stall"] = stall(args, model, plan)
+        out["stall"] = stall(args, model, plans)
         print(json.dumps(out["stall"]))
     if "match" in parts:
-        out["match"] = match(args, model, plan)
+        out["match"] = match(args, model, plans)
         print(json.dumps({k: v for k, v in out["match"].items() if k != "first_difference_at"}))
     out["load_average_end"] = os.getloadavg()[0]
     args.out.parent.mkdir(parents=True, exist_ok=True)

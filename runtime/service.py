@@ -59,6 +59,9 @@ def _summary(model: str, stats: Stats, load_s: float, t_start: float) -> dict[st
         "prompt_eval_duration": _ns(stats.prompt_eval_s),
         "eval_count": stats.eval_count,
         "eval_duration": _ns(stats.eval_s),
+        # Beyond Ollama's counts: prompt tokens found in the runner's cache (not evaluated, so not
+        # in prompt_eval_count); OpenAI's and Anthropic's usage report them.
+        "prompt_cached_count": stats.cached_tokens,
     }
 
 

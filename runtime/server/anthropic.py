@@ -69,12 +69,13 @@ def _stop_reason(final: dict[str, Any], has_calls: bool) -> tuple[str, str | Non
 
 
 def _usage(final: dict[str, Any]) -> dict[str, int]:
-    prompt, generated = token_counts(final)
+    prompt, generated, cached = token_counts(final)
+    # Anthropic counts the prompt tokens read from a cache apart from the input tokens.
     return {
-        "input_tokens": prompt,
+        "input_tokens": prompt - cached,
         "output_tokens": generated,
         "cache_creation_input_tokens": 0,
-        "cache_read_input_tokens": 0,
+        "cache_read_input_tokens": cached,
     }
 
 
@@ -181,11 +182,10 @@ class _Events:
                 )
             events += self._close()
             reason, seq = _stop_reason(chunk, bool(calls))
-            prompt, generated = token_counts(chunk)
             delta = {
                 "type": "message_delta",
                 "delta": {"stop_reason": reason, "stop_sequence": seq},
-                "usage": {"input_tokens": prompt, "output_tokens": generated},
+                "usage": _usage(chunk),
             }
             events += [sse(delta, "message_delta"), sse({"type": "message_stop"}, "message_stop")]
         return events

@@ -70,9 +70,12 @@ async def require_generation(sched: Any, model: str) -> None:
         )
 
 
-def token_counts(final: dict[str, Any]) -> tuple[int, int]:
-    """(prompt tokens, generated tokens) of a generation's summary chunk: Ollama's counts."""
-    return int(final.get("prompt_eval_count") or 0), int(final.get("eval_count") or 0)
+def token_counts(final: dict[str, Any]) -> tuple[int, int, int]:
+    """(prompt tokens, generated tokens, prompt tokens read from the cache) of a generation's
+    summary chunk. The prompt count is the whole prompt, the cached part included, as OpenAI
+    counts it; Ollama's ``prompt_eval_count`` is the part evaluated."""
+    cached = int(final.get("prompt_cached_count") or 0)
+    return int(final.get("prompt_eval_count") or 0) + cached, int(final.get("eval_count") or 0), cached
 
 
 def call_id(prefix: str = "call_") -> str:

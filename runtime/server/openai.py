@@ -144,8 +144,9 @@ def _finish(done_reason: str | None, has_calls: bool) -> str:
 
 
 def _usage(final: dict[str, Any]) -> dict[str, int]:
-    p, c = token_counts(final)
-    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+    p, c, cached = token_counts(final)
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 def _tool_calls(calls: list[dict[str, Any]], streaming: bool) -> list[dict[str, Any]]:

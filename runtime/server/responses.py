@@ -154,10 +154,10 @@ class _Answer:
             "metadata": b.metadata or {},
         }
         if final is not None:
-            prompt, generated = token_counts(final)
+            prompt, generated, cached = token_counts(final)
             obj["usage"] = {
                 "input_tokens": prompt,
-                "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+                "input_tokens_details": {"cached_tokens": cached, "cache_write_tokens": 0},
                 "output_tokens": generated,
                 "output_tokens_details": {"reasoning_tokens": 0},
                 "total_tokens": prompt + generated,

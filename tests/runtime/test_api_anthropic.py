@@ -59,8 +59,10 @@ def test_plain_answer_has_text_stop_reason_and_usage_equal_to_ollama_counts(
     assert m.type == "message" and m.role == "assistant" and m.content[0].type == "text"
     ollama = _ollama_chat(server, "Say hello", {"temperature": 0, "num_predict": 8})
     assert m.content[0].text == ollama["message"]["content"]
-    assert (m.usage.input_tokens, m.usage.output_tokens) == (
-        ollama["prompt_eval_count"],
+    # The same prompt in tokens (Anthropic counts the part read from a cache apart, as Ollama's
+    # prompt_eval_count leaves it out); the same answer.
+    assert (m.usage.input_tokens + m.usage.cache_read_input_tokens, m.usage.output_tokens) == (
+        ollama["prompt_eval_count"] + ollama["prompt_cached_count"],
         ollama["eval_count"],
     )
     assert m.stop_reason == ("max_tokens" if ollama["done_reason"] == "length" else "end_turn")
@@ -130,8 +132,8 @@ def test_stream_events_come_in_anthropic_order_and_rebuild_the_message(server: R
     delta = next(e for e in parsed if e.type == "message_delta")
     ollama = _ollama_chat(server, "Say hello", {"temperature": 0, "num_predict": 8})
     assert text == ollama["message"]["content"]
-    assert (delta.usage.input_tokens, delta.usage.output_tokens) == (
-        ollama["prompt_eval_count"],
+    assert (delta.usage.input_tokens + delta.usage.cache_read_input_tokens, delta.usage.output_tokens) == (
+        ollama["prompt_eval_count"] + ollama["prompt_cached_count"],
         ollama["eval_count"],
     )
 
@@ -195,7 +197,8 @@ def test_forced_tool_use_and_its_result_round_trip(client: anthropic.Anthropic) 
         extra_body=GREEDY,
     )
     assert follow.stop_reason in ("end_turn", "max_tokens", "tool_use")
-    assert follow.usage.input_tokens > m.usage.input_tokens
+    assert (follow.usage.input_tokens + follow.usage.cache_read_input_tokens
+            > m.usage.input_tokens + m.usage.cache_read_input_tokens)
 
 
 def test_streamed_tool_use_comes_as_input_json_deltas(client: anthropic.Anthropic) -> None:
@@ -247,19 +250,21 @@ def test_count_tokens_equals_the_input_tokens_of_the_same_request(
     }
     counted = client.messages.count_tokens(**request).input_tokens
     m = client.messages.create(max_tokens=2, **request)
-    assert counted == m.usage.input_tokens > 0
+    # count_tokens counts the whole prompt; a reply counts what a cache held apart.
+    assert counted == m.usage.input_tokens + m.usage.cache_read_input_tokens > 0
+    thinking = client.messages.create(
+        model=THINK_MODEL,
+        max_tokens=2,
+        thinking={"type": "enabled", "budget_tokens": 1024},
+        messages=[{"role": "user", "content": "Why?"}],
+    ).usage
     assert (
         client.messages.count_tokens(
             model=THINK_MODEL,
             thinking={"type": "enabled", "budget_tokens": 1024},
             messages=[{"role": "user", "content": "Why?"}],
         ).input_tokens
-        == client.messages.create(
-            model=THINK_MODEL,
-            max_tokens=2,
-            thinking={"type": "enabled", "budget_tokens": 1024},
-            messages=[{"role": "user", "content": "Why?"}],
-        ).usage.input_tokens
+        == thinking.input_tokens + thinking.cache_read_input_tokens
     )
 
 

@@ -57,10 +57,13 @@ def test_plain_answer_parses_into_the_sdk_types_with_usage_equal_to_ollama_count
         timeout=120,
     ).json()
     assert strict.output_text == r.output_text == ollama["message"]["content"]
+    # The whole prompt in tokens (OpenAI counts the cached part in, and details it), as Ollama's
+    # prompt_eval_count and prompt_cached_count together.
     assert (r.usage.input_tokens, r.usage.output_tokens) == (
-        ollama["prompt_eval_count"],
+        ollama["prompt_eval_count"] + ollama["prompt_cached_count"],
         ollama["eval_count"],
     )
+    assert r.usage.input_tokens_details.cached_tokens <= r.usage.input_tokens
     assert r.usage.total_tokens == r.usage.input_tokens + r.usage.output_tokens
 
 
