@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import llama_cpp
+from llama_cpp import llama_chat_format
 from llama_cpp import llama_cpp as llama_c
 
 from offload.planner.types import Plan
@@ -159,11 +160,34 @@ def patched_defaults(overrides: ctypes.Array[_BuftOverride] | None, n_seq_max: i
 
     llama_c.llama_model_default_params = model_params
     llama_c.llama_context_default_params = ctx_params
+    formatter = llama_chat_format.Jinja2ChatFormatter
+    llama_chat_format.Jinja2ChatFormatter = _UnusedChatFormatter
     try:
         yield
     finally:
         llama_c.llama_model_default_params = model_default
         llama_c.llama_context_default_params = ctx_default
+        llama_chat_format.Jinja2ChatFormatter = formatter
+
+
+class _UnusedChatFormatter:
+    """Stands in for llama-cpp-python's chat formatter while loading.
+
+    ``Llama`` compiles every chat template in the GGUF with plain Jinja, whose constant folding
+    runs ``{{ 9 ** 999999999 }}`` at compile time: a model file could hang the load. We never use
+    its chat handlers (``offload.runtime.prompt`` renders templates in a bounded sandbox).
+    """
+
+    def __init__(self, **_: Any) -> None:
+        pass
+
+    def to_chat_handler(self) -> Any:
+        """A handler that says why it is not there."""
+
+        def unused(**_: Any) -> Any:
+            raise LoadFailed("chat handlers of llama-cpp-python are not used; offload renders templates")
+
+        return unused
 
 
 # -- checking a plan before loading -------------------------------------------------------------
