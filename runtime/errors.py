@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from offload.planner.errors import OffloadError
 
-__all__ = ["RuntimeFailure", "LoadFailed", "OutOfMemory", "PlanNotApplicable", "BadRequest", "ServerUnavailable", "QueueFull", "ContextTooLong"]
+__all__ = ["RuntimeFailure", "LoadFailed", "OutOfMemory", "PlanNotApplicable", "BadRequest", "ServerUnavailable", "QueueFull",
+           "ContextTooLong", "PayloadTooLarge"]
 
 
 class RuntimeFailure(OffloadError):
@@ -47,3 +48,9 @@ class PlanNotApplicable(LoadFailed):
     """The plan cannot be applied to this model or machine (checked before loading)."""
 
     http_status = 400
+
+
+class PayloadTooLarge(BadRequest):
+    """A request part larger than the server accepts (a list of token ids, a template)."""
+
+    http_status = 413

@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse
 
 from offload.models.errors import ModelNotFound
 from offload.planner.errors import OffloadError
-from offload.runtime import embeddings, service
+from offload.runtime import embeddings, service, validate
 from offload.runtime.errors import BadRequest
 from offload.runtime.server.ollama import collect, merge_chunks
 from offload.runtime.server.openai_schemas import (
@@ -425,5 +425,6 @@ async def create_embeddings(body: EmbeddingRequest, request: Request) -> dict[st
 
 
 def _detok(sched: Any, model: str, tokens: list[int]) -> str:
+    validate.token_ids_for(sched.resolve(model), tokens, "input")  # llama.cpp aborts on a bad id
     with sched.acquire(model, {}, None, embedding=True) as runner:
         return runner.engine.detokenize(tokens)
