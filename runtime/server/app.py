@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import re
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -19,6 +18,8 @@ from offload.models.store import Store
 from offload.planner.errors import OffloadError
 from offload.runtime import __version__, config
 from offload.runtime.scheduler import Scheduler
+from offload.runtime.server.errors import error_response
+from offload.runtime.server.guard import BrowserGuard, HostPolicy, origin_regex
 from offload.runtime.server.schemas import VersionResponse
 
 __all__ = ["create_app", "error_response", "origin_regex"]
@@ -26,42 +27,8 @@ __all__ = ["create_app", "error_response", "origin_regex"]
 log = logging.getLogger(__name__)
 
 
-_OPENAI_TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 503: "server_error"}
-
-
-def error_response(status: int, message: str, openai: bool = False) -> JSONResponse:
-    """Ollama's error shape, or OpenAI's for the /v1 routes."""
-    if openai:
-        code = "model_not_found" if status == 404 else None
-        body: dict[str, Any] = {
-            "error": {
-                "message": message,
-                "type": _OPENAI_TYPES.get(status, "api_error"),
-                "param": None,
-                "code": code,
-            }
-        }
-        return JSONResponse(body, status_code=status)
-    return JSONResponse({"error": message}, status_code=status)
-
-
 def _is_openai(request: Request) -> bool:
     return request.url.path.startswith("/v1/")
-
-
-# Browsers may call us from local pages and desktop-app shells; OFFLOAD_ORIGINS adds more.
-_LOCAL_ORIGINS = [
-    r"https?://(localhost|127\.0\.0\.1|0\.0\.0\.0|\[::1\])(:\d+)?",
-    r"app://.*",
-    r"file://.*",
-    r"tauri://.*",
-]
-
-
-def origin_regex(extra: list[str]) -> str:
-    """One regex for the allowed origins; ``*`` in an ``OFFLOAD_ORIGINS`` entry matches anything."""
-    pats = list(_LOCAL_ORIGINS) + [re.escape(o).replace(r"\*", ".*") for o in extra]
-    return "^(" + "|".join(pats) + ")$"
 
 
 def _validation_message(exc: RequestValidationError) -> str:
@@ -71,10 +38,11 @@ def _validation_message(exc: RequestValidationError) -> str:
             ctx = e.get("ctx") or {}
             return f"invalid JSON: {ctx.get('error', e.get('msg', 'malformed body'))}"
     parts = []
-    for e in errs:
+    for e in errs[:5]:  # a list of a thousand bad items is not a thousand-part message
         loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
         parts.append(f"{loc}: {e.get('msg')}" if loc else str(e.get("msg")))
-    return "; ".join(parts) or "invalid request"
+    more = f"; and {len(errs) - 5} more" if len(errs) > 5 else ""
+    return "; ".join(parts) + more if parts else "invalid request"
 
 
 class JSONBodyByDefault:
@@ -145,14 +113,24 @@ def create_app(store: Store | None = None, scheduler: Scheduler | None = None) -
     async def _bad_json(request: Request, exc: json.JSONDecodeError) -> JSONResponse:
         return error_response(400, f"invalid JSON: {exc}", _is_openai(request))
 
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception) -> JSONResponse:
+        # A bug, not the client's fault: logged with its traceback, answered in one line.
+        log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+        return error_response(500, f"internal error: {type(exc).__name__}: {exc}", _is_openai(request))
+
     app.add_middleware(JSONBodyByDefault)
+    origins = origin_regex(config.origins())
     app.add_middleware(
         CORSMiddleware,
-        allow_origin_regex=origin_regex(config.origins()),
+        allow_origin_regex=origins,
         allow_methods=["*"],
         allow_headers=["*"],
         allow_credentials=False,
     )
+    # Added last, so it runs first: before CORS and before bodies are read as JSON.
+    app.add_middleware(BrowserGuard, hosts=HostPolicy.build(config.host().host, config.hosts()),
+                       origins=origins)
 
     @app.get("/", response_class=PlainTextResponse)
     @app.head("/", response_class=PlainTextResponse)
