@@ -28,7 +28,9 @@ __all__ = [
 INT32_MAX = 2**31 - 1
 #: The largest context anyone may ask for; real models top out around ten million tokens.
 MAX_CTX = 1 << 24
-MAX_BATCH = 1 << 16
+# llama-cpp-python keeps n_batch rows of logits (262144 floats a row for Gemma 3): 8192 is 8 GiB
+# of address space already, and past it a bigger batch buys no speed.
+MAX_BATCH = 8192
 MAX_STOP_COUNT = 16
 MAX_STOP_CHARS = 256
 # float32's largest finite value: llama.cpp keeps these options as float, where more is inf.
@@ -57,7 +59,7 @@ class Rule:
     note: str = ""
 
     def describe(self) -> str:
-        """The accepted values in words, e.g. "a whole number from 1 to 65536"."""
+        """The accepted values in words, e.g. "a whole number from 1 to 8192"."""
         if self.kind is bool:
             return "true or false"
         if self.kind is str:

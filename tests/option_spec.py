@@ -76,7 +76,7 @@ def _stops() -> tuple[st.SearchStrategy[Any], st.SearchStrategy[Any]]:
 
 SPEC: dict[str, tuple[st.SearchStrategy[Any], st.SearchStrategy[Any]]] = {
     "num_ctx": _ints(1, 1 << 24),
-    "num_batch": _ints(1, 1 << 16),
+    "num_batch": _ints(1, 8192),
     "num_gpu": _ints(-1, INT32_MAX),
     "main_gpu": _ints(0, 255),
     "num_keep": _ints(-1, INT32_MAX),

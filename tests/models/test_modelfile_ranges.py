@@ -33,7 +33,7 @@ def _text(key: str, value: object) -> str:
 @pytest.mark.parametrize(
     ("line", "words"),
     [
-        ("PARAMETER num_batch -1000", ["line 2", "PARAMETER num_batch", "1 to 65536"]),
+        ("PARAMETER num_batch -1000", ["line 2", "PARAMETER num_batch", "1 to 8192"]),
         ("PARAMETER num_thread 100000", ["line 2", "PARAMETER num_thread"]),
         ("PARAMETER temperature nan", ["line 2", "PARAMETER temperature", "finite"]),
         ("PARAMETER top_p 1.5", ["line 2", "PARAMETER top_p", "0 to 1"]),
