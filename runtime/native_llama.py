@@ -174,7 +174,7 @@ class _UnusedChatFormatter:
     """Stands in for llama-cpp-python's chat formatter while loading.
 
     ``Llama`` compiles every chat template in the GGUF with plain Jinja, whose constant folding
-    runs ``{{ 9 ** 999999999 }}`` at compile time: a model file could hang the load. We never use
+    runs ``{{ 9 ** 999999999 }}`` at compile time: a model file could hang the load. Offload never uses
     its chat handlers (``offload.runtime.prompt`` renders templates in a bounded sandbox).
     """
 
