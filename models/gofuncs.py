@@ -95,6 +95,9 @@ def _go_sprint(*args: Any) -> str:
 
 
 _VERB = re.compile(r"%([-+# 0]*)(\d+|\*)?(?:\.(\d+))?([vsdqtfgexXcTb%])")
+# Go's fmt refuses widths and precisions above a million (BADWIDTH/BADPREC); so do we, which
+# also keeps one printf from asking for gigabytes.
+_MAX_WIDTH = 1_000_000
 
 
 def _printf(fmt: str, *args: Any) -> str:
@@ -108,6 +111,10 @@ def _printf(fmt: str, *args: Any) -> str:
             a = next(it)
         except StopIteration:
             return f"%!{verb}(MISSING)"
+        if width.isdigit() and int(width) > _MAX_WIDTH:
+            return "%!(BADWIDTH)"
+        if prec is not None and int(prec) > _MAX_WIDTH:
+            return "%!(BADPREC)"
         spec = flags.replace("#", "") + width + (f".{prec}" if prec is not None else "")
         if verb in "vs":
             return format(to_text(a), spec.replace("0", "") if spec.startswith("0") else spec)

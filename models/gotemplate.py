@@ -10,12 +10,13 @@ Go structs, so a missing key is an omitted optional field).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from offload.models.gofuncs import FUNCS, to_text, truth
 from offload.models.gotemplate_parse import TemplateError, _Node, _Operand, _Pipe, build
+from offload.models.template_limits import DEFAULT_LIMITS, Budget, TemplateLimits, check_source
 
 __all__ = ["TemplateError", "Template", "parse", "render"]
 
@@ -25,7 +26,9 @@ def _get(value: Any, name: str, line: int) -> Any:
         return None
     if isinstance(value, Mapping):
         return value.get(name)
-    if hasattr(value, name):
+    # Go templates reach exported fields only; Python's private and dunder attributes
+    # (.Prompt.__class__ ...) are not fields, and a template has no business with them.
+    if hasattr(value, name) and not name.startswith("_"):
         return getattr(value, name)
     raise TemplateError(f"can't evaluate field {name} in {type(value).__name__}", line)
 
@@ -40,10 +43,18 @@ class _Continue(Exception):
 
 # ---------------------------------------------------------------- execution
 class _Exec:
-    def __init__(self, root: Any) -> None:
+    # Every node, loop iteration and function call is a step of the budget, every output
+    # character counts, and function results are size-checked: a template cannot run long,
+    # grow large, or build a huge value, whatever its loops and widths ask for.
+    def __init__(self, root: Any, budget: Budget) -> None:
         self.root = root
         self.scopes: list[dict[str, Any]] = [{"$": root}]
         self.out: list[str] = []
+        self.budget = budget
+
+    def emit(self, text: str) -> None:
+        self.budget.emit(len(text))
+        self.out.append(text)
 
     def lookup(self, name: str, line: int) -> Any:
         for scope in reversed(self.scopes):
@@ -53,14 +64,15 @@ class _Exec:
 
     def run(self, nodes: list[_Node], dot: Any) -> None:
         for node in nodes:
+            self.budget.step()
             k = node.kind
             if k == "text":
-                self.out.append(node.text)
+                self.emit(node.text)
             elif k == "action":
                 assert node.pipe is not None
                 value = self.pipe(node.pipe, dot)
                 if not node.pipe.decl:
-                    self.out.append(to_text(value))
+                    self.emit(to_text(value))
             elif k in ("if", "with"):
                 self.scopes.append({})
                 try:
@@ -85,20 +97,23 @@ class _Exec:
         self.scopes.append({})
         try:
             value = self.pipe(_Pipe([], "", pipe.cmds, pipe.line), dot)
+            items: Iterable[tuple[Any, Any]]
+            # Lazily: "range 1000000000" must cost steps as it goes, not a billion pairs up front.
             if value is None:
-                items: list[tuple[Any, Any]] = []
+                items, empty = (), True
             elif isinstance(value, Mapping):
-                items = [(k, value[k]) for k in sorted(value)]
+                items, empty = ((k, value[k]) for k in sorted(value)), not value
             elif isinstance(value, int) and not isinstance(value, bool):
-                items = [(i, i) for i in range(value)]
+                items, empty = ((i, i) for i in range(value)), value <= 0
             elif isinstance(value, (list, tuple, str)):
-                items = list(enumerate(value))
+                items, empty = enumerate(value), not value
             else:
                 raise TemplateError(f"range can't iterate over {type(value).__name__}", node.line)
-            if not items:
+            if empty:
                 self.run(node.else_body, dot)
                 return
             for key, elem in items:
+                self.budget.step()
                 scope: dict[str, Any] = {}
                 if len(pipe.decl) == 1:
                     scope[pipe.decl[0]] = elem
@@ -149,8 +164,9 @@ class _Exec:
                         return value
                 return value
             args = [self.operand(op, dot) for op in rest] + extra
+            self.budget.step()
             try:
-                return FUNCS[name](*args)
+                return self.budget.value(FUNCS[name](*args))
             except TemplateError:
                 raise
             except Exception as exc:  # noqa: BLE001 - any failure of a builtin is a render error
@@ -185,9 +201,10 @@ class Template:
     source: str
     nodes: list[_Node]
 
-    def render(self, data: Mapping[str, Any] | None = None) -> str:
-        """Execute the template with ``data`` as dot; raise ``TemplateError`` on failure."""
-        ex = _Exec(data if data is not None else {})
+    def render(self, data: Mapping[str, Any] | None = None, limits: TemplateLimits = DEFAULT_LIMITS) -> str:
+        """Execute the template with ``data`` as dot; raise ``TemplateError`` on failure and
+        ``TemplateLimitExceeded`` when it needs more steps, output or time than ``limits`` allow."""
+        ex = _Exec(data if data is not None else {}, Budget(limits))
         try:
             ex.run(self.nodes, ex.root)
         except RecursionError as exc:
@@ -195,9 +212,14 @@ class Template:
         return "".join(ex.out)
 
 
-def parse(source: str) -> Template:
-    """Parse Go template ``source``; raise ``TemplateError`` with the line number on bad syntax."""
-    return Template(source, build(source))
+def parse(source: str, limits: TemplateLimits = DEFAULT_LIMITS) -> Template:
+    """Parse Go template ``source``; raise ``TemplateError`` with the line number on bad syntax
+    and ``TemplateTooLarge`` for source longer than ``limits`` allow."""
+    check_source(source, limits)
+    try:
+        return Template(source, build(source))
+    except RecursionError as exc:
+        raise TemplateError("template nests too deeply") from exc
 
 
 def render(source: str, data: Mapping[str, Any] | None = None) -> str:

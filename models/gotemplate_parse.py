@@ -225,34 +225,42 @@ def _number(text: str, line: int) -> int | float:
 
 
 # ---------------------------------------------------------------- splitting text and actions
-_ACTION = re.compile(r"\{\{(-\s)?(.*?)(\s-)?\}\}", re.DOTALL)
-
-
 def _split(source: str) -> list[tuple[str, str, int]]:
-    """Yield ('text'|'action', content, line) with trim markers applied."""
+    """Yield ('text'|'action', content, line) with trim markers applied.
+
+    One pass with ``str.find``: an action ends at the first ``}}`` after its ``{{``. (A regex
+    that scans on from every unclosed ``{{`` takes quadratic time on hostile source.)
+    """
     out: list[tuple[str, str, int]] = []
     pos = 0
+    line = 1  # line of ``pos``
     trim_next = False
-    for m in _ACTION.finditer(source):
-        text = source[pos : m.start()]
+    while (start := source.find("{{", pos)) >= 0:
+        end = source.find("}}", start + 2)
+        start_line = line + source.count("\n", pos, start)
+        if end < 0:
+            raise TemplateError("unclosed action", start_line)
+        inner = source[start + 2 : end]
+        trim_left = len(inner) >= 2 and inner[0] == "-" and inner[1].isspace()
+        body = inner[2:] if trim_left else inner
+        trim_right = len(body) >= 2 and body[-1] == "-" and body[-2].isspace()
+        body = body[:-2] if trim_right else body
+        text = source[pos:start]
         if trim_next:
             text = text.lstrip(" \t\r\n")
-        if m.group(1):
+        if trim_left:
             text = text.rstrip(" \t\r\n")
-        line = source.count("\n", 0, m.start()) + 1
         if text:
             out.append(("text", text, line))
-        body = m.group(2)
-        out.append(("action", body, line))
-        trim_next = m.group(3) is not None
-        pos = m.end()
+        out.append(("action", body, start_line))
+        trim_next = trim_right
+        line = start_line + inner.count("\n")
+        pos = end + 2
     rest = source[pos:]
-    if "{{" in rest:
-        raise TemplateError("unclosed action", source.count("\n", 0, pos + rest.index("{{")) + 1)
     if trim_next:
         rest = rest.lstrip(" \t\r\n")
     if rest:
-        out.append(("text", rest, source.count("\n", 0, pos) + 1))
+        out.append(("text", rest, line))
     return out
 
 

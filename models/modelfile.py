@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from offload.models.errors import ModelError
+from offload.models.parameters import MAX_STOP_COUNT, InvalidParameter, check_parameter
 
 __all__ = [
     "Message",
@@ -114,11 +115,17 @@ def coerce_parameter(name: str, value: Any, line: int | None = None) -> Any:
     if not isinstance(value, str):
         value = str(value).lower() if isinstance(value, bool) else str(value)
     try:
-        return reader(value.strip())
+        typed = reader(value.strip())
     except ValueError:
         raise ModelfileError(
             f"PARAMETER {key} expects {_TYPE_WORDS[reader]}, got {_shown(value)}", line
         ) from None
+    # In range too: a model must not carry a value every request would be refused (or crash) on.
+    try:
+        check_parameter(key, typed, f"PARAMETER {key}")
+    except InvalidParameter as e:
+        raise ModelfileError(str(e), line) from None
+    return typed
 
 
 @dataclass(frozen=True)
@@ -275,6 +282,8 @@ def parse_modelfile(text: str) -> Modelfile:
                 raise ModelfileError(f"PARAMETER {name} needs a value", line)
             if name == "stop":
                 mf.parameters.setdefault("stop", []).append(coerced)
+                if len(mf.parameters["stop"]) > MAX_STOP_COUNT:
+                    raise ModelfileError(f"PARAMETER stop may be given at most {MAX_STOP_COUNT} times", line)
             else:
                 mf.parameters[name] = coerced
         elif instr == "TEMPLATE":

@@ -36,6 +36,7 @@ __all__ = [
     "max_loaded_models",
     "max_queue",
     "origins",
+    "hosts",
     "log_dir",
     "load_timeout_s",
     "allowed_paths",
@@ -134,14 +135,19 @@ def parse_duration_s(value: str | int | float | None, default_s: float) -> float
     """Ollama's keep_alive: ``5m``, ``1h30m``, ``300`` (seconds), ``0``, negative = forever (inf)."""
     if value is None or value == "":
         return default_s
-    if isinstance(value, (int, float)):
-        return float("inf") if value < 0 else float(value)
-    s = str(value).strip()
-    try:
-        v = float(s)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        # An int past float's range (10**400) is forever too, not an OverflowError.
+        v = float(value) if isinstance(value, float) or abs(value) < 10**300 else float("inf")
+    else:
+        try:
+            v = float(str(value).strip())
+        except ValueError:
+            v = None
+    if v is not None:
+        if v != v:  # NaN: neither a duration nor forever
+            raise ConfigError(f"{value!r} is not a duration (try 5m, 30s, 1h or -1 for forever)")
         return float("inf") if v < 0 else v
-    except ValueError:
-        pass
+    s = str(value).strip()
     if s.startswith("-"):
         return float("inf")
     parts = re.findall(r"([0-9]*\.?[0-9]+)(ms|s|m|h)", s)
@@ -293,3 +299,9 @@ def max_upload_bytes() -> int:
     """``OFFLOAD_MAX_UPLOAD_SIZE``: the largest blob an upload may send (default 4TiB)."""
     v = os.environ.get("OFFLOAD_MAX_UPLOAD_SIZE")
     return parse_bytes(v) if v else 4 << 40
+
+
+def hosts() -> list[str]:
+    """Host names the server answers besides loopback and its own: ``OFFLOAD_HOSTS`` (comma
+    separated; ``*.example.com`` matches subdomains, ``*`` any name)."""
+    return [h.strip() for h in os.environ.get("OFFLOAD_HOSTS", "").split(",") if h.strip()]

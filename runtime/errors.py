@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from offload.planner.errors import OffloadError
 
-__all__ = ["RuntimeFailure", "LoadFailed", "OutOfMemory", "PlanNotApplicable", "BadRequest", "ServerUnavailable", "QueueFull", "ContextTooLong", "ResponseNotFound"]
+__all__ = ["RuntimeFailure", "LoadFailed", "OutOfMemory", "PlanNotApplicable", "BadRequest", "ServerUnavailable", "QueueFull",
+           "ContextTooLong", "PayloadTooLarge", "ResponseNotFound"]
 
 
 class RuntimeFailure(OffloadError):
@@ -53,3 +54,9 @@ class PlanNotApplicable(LoadFailed):
     """The plan cannot be applied to this model or machine (checked before loading)."""
 
     http_status = 400
+
+
+class PayloadTooLarge(BadRequest):
+    """A request part larger than the server accepts (a list of token ids, a template)."""
+
+    http_status = 413

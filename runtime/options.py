@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import fields
 from typing import Any
 
+from offload.models.parameters import IGNORED, RULES, InvalidParameter, Rule, check_parameter
 from offload.planner.types import PlanRequest
 from offload.runtime import planning
 from offload.runtime.config import KV_CACHE_TYPES
 from offload.runtime.errors import BadRequest
 from offload.runtime.generation import Sampling
 
-__all__ = ["SAMPLING_OPTIONS", "PLAN_OPTIONS", "merge_options", "sampling_from", "plan_request_from"]
+__all__ = ["SAMPLING_OPTIONS", "PLAN_OPTIONS", "merge_options", "sampling_from", "plan_request_from",
+           "max_threads"]
+
+log = logging.getLogger(__name__)
 
 # Ollama option name -> (Sampling field, type)
 SAMPLING_OPTIONS: dict[str, tuple[str, type]] = {
@@ -29,43 +35,58 @@ PLAN_OPTIONS: dict[str, type] = {
     # Ours (Ollama sets it server-wide only, as OLLAMA_KV_CACHE_TYPE): f16, q8_0 or q4_0.
     "kv_type": str,
 }
-_IGNORED = {"penalize_newline", "tfs_z", "num_gqa", "f16_kv", "vocab_only", "logits_all", "embedding_only",
-            "rope_frequency_base", "rope_frequency_scale"}
+# More threads than this many per logical CPU only add contention (and llama.cpp allocates per
+# thread: 100000 threads was an abort).
+THREADS_PER_CPU = 4
 
 
-def _coerce(name: str, value: Any, typ: type) -> Any:
-    try:
-        if typ is bool:
-            if isinstance(value, str):
-                return value.strip().lower() in ("1", "true", "yes", "on")
-            return bool(value)
-        if typ is int and isinstance(value, float) and not value.is_integer():
-            raise ValueError
-        return typ(value)
-    except (TypeError, ValueError):
-        raise BadRequest(f"option {name!r} must be {typ.__name__}, got {value!r}") from None
+def max_threads() -> int:
+    """The most ``num_thread`` accepted on this machine: ``THREADS_PER_CPU`` per logical CPU."""
+    return THREADS_PER_CPU * (os.cpu_count() or 1)
+
+
+def _checked(key: str, value: Any, label: str) -> Any:
+    rule = None
+    if key == "num_thread":
+        rule = Rule(int, 0, max_threads(), f"0 = decide; at most {THREADS_PER_CPU} per logical CPU here")
+    value = check_parameter(key, value, label, rule)
+    if key == "seed" and value >= 0:
+        value &= 0xFFFFFFFF  # llama.cpp's seed is 32 bits, as Ollama passes it
+    return value
 
 
 def merge_options(model_params: dict[str, Any], request_options: dict[str, Any] | None) -> dict[str, Any]:
-    """Request options over the model's PARAMETERs; values checked and converted."""
+    """Request options over the model's PARAMETERs, each checked against its type and range.
+
+    A request value out of range is a 400 naming the option and what it accepts; a model's own
+    PARAMETER that is (written by an older version or another tool) is skipped with a warning,
+    so that the model stays usable. Unknown options are ignored, as Ollama does.
+    """
+    if request_options is not None and not isinstance(request_options, dict):
+        raise BadRequest(f"options must be an object, got {type(request_options).__name__}")
     merged: dict[str, Any] = {}
-    for source in (model_params or {}, request_options or {}):
-        for k, v in source.items():
-            if v is None:
-                continue
-            if k == "stop":
-                merged["stop"] = [v] if isinstance(v, str) else [str(s) for s in v]
-            elif k in SAMPLING_OPTIONS:
-                merged[k] = _coerce(k, v, SAMPLING_OPTIONS[k][1])
-            elif k == "kv_type":
-                if str(v).lower() not in KV_CACHE_TYPES:
-                    raise BadRequest(f"option 'kv_type' must be one of {', '.join(KV_CACHE_TYPES)}, got {v!r}")
-                merged[k] = str(v).lower()
-            elif k in PLAN_OPTIONS:
-                merged[k] = _coerce(k, v, PLAN_OPTIONS[k])
-            elif k in _IGNORED:
-                continue
-            # Unknown options are ignored, as Ollama does (it logs them).
+    for k, v in (model_params or {}).items():
+        if v is None or k not in RULES or k in IGNORED:
+            continue
+        try:
+            merged[k] = _checked(k, v, f"the model's PARAMETER {k}")
+        except InvalidParameter as e:
+            log.warning("ignoring %s", e)
+    for k, v in (request_options or {}).items():
+        if k == "kv_type" and v is not None:
+            if str(v).lower() not in KV_CACHE_TYPES:
+                raise BadRequest(f"options.kv_type must be one of {', '.join(KV_CACHE_TYPES)}, got {v!r}")
+            merged[k] = str(v).lower()
+            continue
+        if v is None or k not in RULES:
+            continue
+        value = _checked(k, v, f"options.{k}")
+        if k not in IGNORED:
+            merged[k] = value
+    if merged.get("num_gpu") == -1:
+        del merged["num_gpu"]  # Ollama's -1: let the planner decide
+    if merged.get("num_thread") == 0:
+        del merged["num_thread"]
     return merged
 
 

@@ -13,9 +13,10 @@ from functools import lru_cache
 from typing import Any
 
 import jinja2
-import jinja2.sandbox
 
 from offload.models import gotemplate
+from offload.models.template_limits import TemplateLimitExceeded, TemplateTooLarge
+from offload.runtime import jinja_sandbox
 from offload.runtime.errors import BadRequest
 
 __all__ = ["render_generate", "render_chat", "go_messages"]
@@ -26,15 +27,20 @@ def _go(source: str) -> gotemplate.Template:
     return gotemplate.parse(source)
 
 
+def _raise_exception(msg: str) -> None:
+    raise BadRequest(f"the model's chat template refused the messages: {msg}")
+
+
 @lru_cache(maxsize=16)
 def _jinja(source: str) -> jinja2.Template:
-    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-
-    def raise_exception(msg: str) -> None:
-        raise BadRequest(f"the model's chat template refused the messages: {msg}")
-
-    env.globals["raise_exception"] = raise_exception
-    return env.from_string(source)
+    # The template comes from the model file: untrusted, so compiled in the bounded sandbox, and
+    # anything that goes wrong compiling it (a recursion, Python's nesting limit) is a 400.
+    try:
+        return jinja_sandbox.compile_template(source, {"raise_exception": _raise_exception})
+    except (jinja2.TemplateError, gotemplate.TemplateError):
+        raise
+    except (RecursionError, SyntaxError, MemoryError, ValueError) as e:
+        raise BadRequest(f"the model's chat template could not be compiled: {e}") from None
 
 
 def go_messages(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -55,6 +61,8 @@ def go_messages(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 def _render_go(template: str, data: dict[str, Any]) -> str:
     try:
         return _go(template).render(data)
+    except (TemplateLimitExceeded, TemplateTooLarge):
+        raise  # with their own status, naming the limit
     except gotemplate.TemplateError as e:
         raise BadRequest(f"the model's template failed: {e}") from None
 
@@ -72,11 +80,15 @@ def render_chat(template: str | None, gguf_template: str | None, messages: Seque
         return _render_go(template, data), False
     if gguf_template:
         try:
-            text = _jinja(gguf_template).render(messages=list(messages), tools=tools or None,
-                                                add_generation_prompt=True, bos_token=bos_token,
-                                                eos_token="")
-        except jinja2.TemplateError as e:
+            data = {"messages": list(messages), "tools": tools or None, "add_generation_prompt": True,
+                    "bos_token": bos_token, "eos_token": ""}
+            text = jinja_sandbox.render(_jinja(gguf_template), data)
+        except (TemplateLimitExceeded, TemplateTooLarge):
+            raise
+        except (jinja2.TemplateError, gotemplate.TemplateError) as e:
             raise BadRequest(f"the model's chat template failed: {e}") from None
+        except RecursionError:
+            raise BadRequest("the model's chat template failed: it nests too deeply") from None
         return text, bool(bos_token) and text.startswith(bos_token)
     # No template at all: the plain conversation text.
     return "\n".join(str(m.get("content") or "") for m in messages), False

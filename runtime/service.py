@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from offload.models.store import ModelInfo
-from offload.runtime import calibration, config, prompt
+from offload.runtime import calibration, config, prompt, validate
 from offload.runtime.errors import BadRequest
 from offload.runtime.generation import Piece, Stats
 from offload.runtime.grammar import grammar_for_format
@@ -127,6 +127,7 @@ def generate(
         raise BadRequest(f'"{name}" does not support insert')
     grammar = grammar_for_format(req.get("format"))
     options = merge_options(info.params, req.get("options"))
+    validate.for_model(info, options, req.get("context"))
     lp = logprobs_from(req)
     context = req.get("context") or []
     if not isinstance(context, list) or not all(isinstance(t, int) for t in context):
@@ -215,6 +216,7 @@ def chat(
     tools = req.get("tools") or None
     grammar = grammar_for_format(req.get("format"))
     options = merge_options(info.params, req.get("options"))
+    validate.for_model(info, options)
     lp = logprobs_from(req)
     before = _loaded_names(sched)
     with sched.acquire(name, options, keep) as runner:

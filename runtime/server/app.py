@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import re
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -21,6 +20,7 @@ from offload.planner.errors import OffloadError
 from offload.runtime import __version__, config, planning
 from offload.runtime.scheduler import Scheduler
 from offload.runtime.server.errors import Family, error_response, family_of
+from offload.runtime.server.guard import BrowserGuard, HostPolicy, origin_regex
 from offload.runtime.server.schemas import VersionResponse
 
 __all__ = ["create_app", "error_response", "origin_regex"]
@@ -30,21 +30,6 @@ log = logging.getLogger(__name__)
 
 def _family(request: Request) -> Family:
     return family_of(request.url.path, request.headers)
-
-
-# Browsers may call us from local pages and desktop-app shells; OFFLOAD_ORIGINS adds more.
-_LOCAL_ORIGINS = [
-    r"https?://(localhost|127\.0\.0\.1|0\.0\.0\.0|\[::1\])(:\d+)?",
-    r"app://.*",
-    r"file://.*",
-    r"tauri://.*",
-]
-
-
-def origin_regex(extra: list[str]) -> str:
-    """One regex for the allowed origins; ``*`` in an ``OFFLOAD_ORIGINS`` entry matches anything."""
-    pats = list(_LOCAL_ORIGINS) + [re.escape(o).replace(r"\*", ".*") for o in extra]
-    return "^(" + "|".join(pats) + ")$"
 
 
 def _validation_message(exc: RequestValidationError) -> str:
@@ -143,13 +128,17 @@ def create_app(store: Store | None = None, scheduler: Scheduler | None = None) -
         return error_response(400, f"invalid JSON: {exc}", _family(request))
 
     app.add_middleware(JSONBodyByDefault)
+    origins = origin_regex(config.origins())
     app.add_middleware(
         CORSMiddleware,
-        allow_origin_regex=origin_regex(config.origins()),
+        allow_origin_regex=origins,
         allow_methods=["*"],
         allow_headers=["*"],
         allow_credentials=False,
     )
+    # Added last, so it runs first: before CORS and before bodies are read as JSON.
+    app.add_middleware(BrowserGuard, hosts=HostPolicy.build(config.host().host, config.hosts()),
+                       origins=origins)
 
     @app.get("/", response_class=PlainTextResponse)
     @app.head("/", response_class=PlainTextResponse)

@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse
 
 __all__ = [
     "Family",
+    "one_line",
     "anthropic_error_body",
     "error_body",
     "error_response",
@@ -79,10 +80,20 @@ def anthropic_error_body(status: int, message: str) -> dict[str, Any]:
     }
 
 
+_MAX_MESSAGE_CHARS = 1000
+
+
+def one_line(message: str) -> str:
+    """``message`` on one line and of bounded length, as every error the server sends."""
+    text = " ".join(str(message).split())
+    return text if len(text) <= _MAX_MESSAGE_CHARS else text[: _MAX_MESSAGE_CHARS - 3] + "..."
+
+
 def error_body(
     family: Family, status: int, message: str, code: str | None = None
 ) -> dict[str, Any]:
-    """The body of an error in ``family``'s shape."""
+    """The body of an error in ``family``'s shape (its message on one line)."""
+    message = one_line(message)
     if family == "anthropic":
         return anthropic_error_body(status, message)
     if family == "openai":

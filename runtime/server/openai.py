@@ -22,7 +22,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
 from offload.models.errors import ModelNotFound
-from offload.runtime import embeddings, service
+from offload.runtime import embeddings, service, validate
 from offload.runtime.errors import BadRequest
 from offload.runtime.server.bridge import (
     call_id,
@@ -358,13 +358,17 @@ async def create_embeddings(body: EmbeddingRequest, request: Request) -> dict[st
     if isinstance(raw, str):
         inputs = [raw]
     elif raw and all(isinstance(x, int) for x in raw):
-        inputs = [list(raw)]  # token ids, checked against the vocabulary where the model runs
+        inputs = [list(raw)]
     elif raw and all(isinstance(x, list) for x in raw):
         inputs = [list(x) for x in raw]
     else:
         inputs = [str(x) for x in raw]
     if not inputs or any(not s for s in inputs):
         raise BadRequest("input must not be empty")
+    if any(isinstance(x, list) for x in inputs):
+        # Token ids are checked against the model's vocabulary before they go near it.
+        info = await run_in_threadpool(sched.resolve, body.model)
+        inputs = [validate.token_ids_for(info, x, "input") if isinstance(x, list) else x for x in inputs]
     out = await run_in_threadpool(
         embeddings.embed, sched, body.model, inputs, True, body.dimensions
     )

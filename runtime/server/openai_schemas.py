@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = [
     "ChatCompletionRequest",
@@ -16,6 +16,16 @@ __all__ = [
 ]
 
 _IGNORE = ConfigDict(extra="ignore")
+
+# OpenAI's documented ranges; a value outside one is a 400 naming the field and the bound.
+_INT32_MAX = 2**31 - 1
+Temperature = Annotated[float, Field(ge=0, le=2, allow_inf_nan=False)]
+Probability = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
+Penalty = Annotated[float, Field(ge=-2, le=2, allow_inf_nan=False)]
+TokenCount = Annotated[int, Field(ge=1, le=_INT32_MAX)]
+Seed = Annotated[int, Field(ge=-(2**63), le=2**64 - 1)]
+# At most 2048 inputs per request, as OpenAI's embeddings endpoint.
+_MAX_INPUTS = 2048
 
 
 class OpenAIError(BaseModel):
@@ -29,29 +39,29 @@ class _Sampling(BaseModel):
 
     model_config = _IGNORE
     model: str
-    temperature: float | None = None
-    top_p: float | None = None
-    max_tokens: int | None = None
+    temperature: Temperature | None = None
+    top_p: Probability | None = None
+    max_tokens: TokenCount | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
-    frequency_penalty: float | None = None
-    presence_penalty: float | None = None
+    seed: Seed | None = None
+    frequency_penalty: Penalty | None = None
+    presence_penalty: Penalty | None = None
     stream: bool | None = False
     stream_options: dict[str, Any] | None = None
-    n: int | None = None
+    n: Annotated[int, Field(ge=1, le=128)] | None = None
 
 
 class ChatCompletionRequest(_Sampling):
     """POST /v1/chat/completions."""
 
     messages: list[dict[str, Any]]
-    max_completion_tokens: int | None = None
+    max_completion_tokens: TokenCount | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
     response_format: dict[str, Any] | None = None
     reasoning_effort: str | None = None
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
 
 
 class CompletionRequest(_Sampling):
@@ -59,7 +69,8 @@ class CompletionRequest(_Sampling):
 
     prompt: str | list[str] = ""
     suffix: str | None = None
-    logprobs: int | None = None  # legacy completions: how many alternatives per token
+    # Legacy completions: how many alternatives per token.
+    logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
 
 
 class EmbeddingRequest(BaseModel):
@@ -67,9 +78,14 @@ class EmbeddingRequest(BaseModel):
 
     model_config = _IGNORE
     model: str
-    input: str | list[str] | list[int] | list[list[int]]
+    input: (
+        str
+        | Annotated[list[str], Field(max_length=_MAX_INPUTS)]
+        | list[int]
+        | Annotated[list[list[int]], Field(max_length=_MAX_INPUTS)]
+    )
     encoding_format: Literal["float", "base64"] | None = "float"
-    dimensions: int | None = None
+    dimensions: Annotated[int, Field(ge=1)] | None = None
 
 
 class ModelObject(BaseModel):

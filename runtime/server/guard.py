@@ -1,0 +1,167 @@
+"""Which web pages may call the server: the ``Host`` and ``Origin`` checks.
+
+A browser lets any page send requests to ``127.0.0.1`` (a ``text/plain`` POST needs no
+preflight), and DNS rebinding lets a page on the attacker's name read the answers. So, before
+anything else sees a request:
+
+- its ``Host`` must name this server: loopback (``localhost``, ``*.localhost``), an IP address,
+  the machine's host name, the bind address of ``OFFLOAD_HOST``, or a name in ``OFFLOAD_HOSTS``.
+  An IP address always passes: a rebinding page can only make the browser send a *name*;
+- its ``Origin``, when it has one (browsers send it on every cross-site request), must be a
+  local one (``http://localhost:*``, ``app://``, ``file://``, ``tauri://`` ...), one in
+  ``OFFLOAD_ORIGINS``, or the server's own.
+
+Both refusals are 403s with a one-line JSON error, on every method. Unlike Ollama, the host check
+stays on when the server listens beyond loopback (``OFFLOAD_HOST=0.0.0.0``): a LAN server is as
+open to rebinding as a local one. Clients that send no ``Origin`` (curl, SDKs) are not browsers
+and pass the origin check.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import re
+import socket
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from offload.runtime.server.errors import error_response, family_of
+
+__all__ = ["HostPolicy", "BrowserGuard", "origin_regex", "host_name"]
+
+log = logging.getLogger(__name__)
+
+# Browsers may call us from local pages and desktop-app shells; OFFLOAD_ORIGINS adds more.
+_LOCAL_ORIGINS = [
+    r"https?://(localhost|[a-z0-9.-]+\.localhost|127(\.(25[0-5]|2[0-4]\d|1?\d?\d)){3}|0\.0\.0\.0|\[::1\])"
+    r"(:\d+)?",
+    r"app://.*",
+    r"file://.*",
+    r"tauri://.*",
+]
+_NAME = re.compile(r"[a-z0-9_]([a-z0-9_.-]{0,251}[a-z0-9_])?")
+
+
+def origin_regex(extra: list[str]) -> str:
+    """One regex for the allowed origins; ``*`` in an ``OFFLOAD_ORIGINS`` entry matches anything."""
+    pats = list(_LOCAL_ORIGINS) + [re.escape(o).replace(r"\*", ".*") for o in extra]
+    return "^(" + "|".join(pats) + ")$"
+
+
+def host_name(header: str) -> str | None:
+    """The host part of a ``Host`` header (lower case, no port, no brackets); None if malformed."""
+    h = header.strip().lower()
+    if h.startswith("["):
+        end = h.find("]")
+        if end < 0 or not re.fullmatch(r"(:\d{1,5})?", h[end + 1 :]):
+            return None
+        return h[1:end] if _is_ip(h[1:end]) else None
+    if h.count(":") == 1:
+        h, port = h.split(":")
+        if not re.fullmatch(r"\d{1,5}", port):
+            return None
+    elif ":" in h:
+        return None  # an IPv6 address must be in brackets
+    h = h[:-1] if h.endswith(".") else h
+    return h if _is_ip(h) or _NAME.fullmatch(h) else None
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text.split("%", 1)[0])
+    except ValueError:
+        return False
+    return True
+
+
+def _pattern(entry: str) -> re.Pattern[str]:
+    name = host_name(entry.replace("*", "wildcard")) or entry.lower()
+    return re.compile(re.escape(name).replace("wildcard", "[a-z0-9_.-]*"))
+
+
+@dataclass(frozen=True)
+class HostPolicy:
+    """The host names a server answers to."""
+
+    names: frozenset[str]
+    patterns: tuple[re.Pattern[str], ...] = ()
+    any_name: bool = False
+
+    @classmethod
+    def build(cls, bind_host: str, extra: Iterable[str]) -> HostPolicy:
+        """Loopback, the machine's name, ``bind_host`` and the ``extra`` entries (``OFFLOAD_HOSTS``)."""
+        names = {"localhost"}
+        machine = socket.gethostname().lower().rstrip(".")
+        if machine:
+            names |= {machine, f"{machine.split('.')[0]}.local"}
+        bind = host_name(bind_host)
+        if bind:
+            names.add(bind)
+        patterns, any_name = [], False
+        for entry in extra:
+            if entry.strip() == "*":
+                any_name = True
+            elif "*" in entry:
+                patterns.append(_pattern(entry))
+            elif (name := host_name(entry)) is not None:
+                names.add(name)
+        return cls(frozenset(names), tuple(patterns), any_name)
+
+    def allows(self, header: str) -> bool:
+        """Whether a request with this ``Host`` header may be answered."""
+        if not header:
+            return True  # HTTP/1.0 clients; browsers always send Host
+        name = host_name(header)
+        if name is None:
+            return False
+        if self.any_name or _is_ip(name) or name in self.names or name.endswith(".localhost"):
+            return True
+        return any(p.fullmatch(name) for p in self.patterns)
+
+
+class BrowserGuard:
+    """ASGI middleware: refuse foreign ``Host`` and ``Origin`` headers before any other layer.
+
+    It must run outside ``JSONBodyByDefault``, which reads a ``text/plain`` body as JSON (for
+    curl): that is exactly the request a hostile page can send without a preflight.
+    """
+
+    def __init__(self, app: Any, hosts: HostPolicy, origins: str) -> None:
+        self.app = app
+        self.hosts = hosts
+        self.origins = re.compile(origins)
+
+    def _origin_ok(self, origin: str, host: str) -> bool:
+        if self.origins.match(origin):
+            return True
+        # The server's own pages (/docs) call it from its own origin.
+        return "://" in origin and origin.split("://", 1)[1].lower() == host.strip().lower() != ""
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        hosts = [v.decode("latin-1") for k, v in scope["headers"] if k == b"host"]
+        origins = [v.decode("latin-1") for k, v in scope["headers"] if k == b"origin"]
+        host = hosts[0] if hosts else ""
+        problem = None
+        if len(hosts) > 1 or not self.hosts.allows(host):
+            problem = (f"host {_short(host)} is not allowed: the server answers to loopback and its "
+                       "own names; add the name to OFFLOAD_HOSTS to serve it")
+        elif origins and (len(origins) > 1 or not self._origin_ok(origins[0], host)):
+            problem = (f"origin {_short(origins[0])} is not allowed; add it to OFFLOAD_ORIGINS to let "
+                       "its pages call this server")
+        if problem is None:
+            await self.app(scope, receive, send)
+            return
+        log.info("refused %s %s: %s", scope.get("method"), scope.get("path"), problem)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers") or []}
+        response = error_response(403, problem, family_of(str(scope.get("path", "")), headers))
+        await response(scope, receive, send)
+
+
+def _short(text: str) -> str:
+    shown = repr(text)
+    return shown if len(shown) <= 80 else shown[:77] + "..."
