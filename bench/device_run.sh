@@ -213,16 +213,16 @@ runners() {  # runner processes against llama-batched-bench, and unloading (benc
   gpu_python || { say "no GPU build on this machine (a cold one?): run the install or build phase first"; return 2; }
   link_tools; [ -x "$T/llama-tools/llama-batched-bench" ] || { say "llama-batched-bench not built"; return 2; }
   wait_models || return 1
-  local what=${RUNNER_PARTS:-dense moe8 moe12 unload}
+  local what=${RUNNER_PARTS:-dense moe8 moe12 unload} dense=$T/synth-${DENSE:-dense}.gguf moe=$T/synth-${MOE:-moe}.gguf
   for w in $what; do
     if [ $(( $(date +%s) - start )) -gt $(( LIMIT_S - ${RUNNER_RESERVE_S:-150} )) ]; then say "no time left for $w"; break; fi
     case $w in
-      dense) "$PY" bench/runner_bench.py --model "$T/synth-dense.gguf" --tools "$T/llama-tools" \
+      dense) "$PY" bench/runner_bench.py --model "$dense" --tools "$T/llama-tools" ${RUNNER_ARGS:-} \
                --out "$OUT/runner-gpu-dense.json" --repeats ${REPEATS:-3} ;;
-      moe8|moe12) "$PY" bench/runner_bench.py --model "$T/synth-moe.gguf" --gpu-memory "${w#moe}GiB" \
+      moe8|moe12) "$PY" bench/runner_bench.py --model "$moe" --gpu-memory "${w#moe}GiB" ${RUNNER_ARGS:-} \
                --tools "$T/llama-tools" --parts batched --out "$OUT/runner-gpu-$w.json" --repeats ${REPEATS:-3} ;;
-      unload) "$PY" bench/unload_check.py --model "$T/synth-dense.gguf" --out "$OUT/unload-dense.json"
-              "$PY" bench/unload_check.py --model "$T/synth-moe.gguf" --gpu-memory 8GiB --out "$OUT/unload-moe-8gib.json" ;;
+      unload) "$PY" bench/unload_check.py --model "$dense" --out "$OUT/unload-dense.json"
+              "$PY" bench/unload_check.py --model "$moe" --gpu-memory 8GiB --out "$OUT/unload-moe-8gib.json" ;;
     esac
     say "runner part $w: exit $?"
   done

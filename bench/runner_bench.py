@@ -81,10 +81,12 @@ def batched_bench(tool: Path, model: Path, plan: Plan, n_ctx: int, npp: int, ntg
            "-npl", ",".join(map(str, npl)), "--output-format", "jsonl", *llama_args(plan)]
     if not extra_bufts:
         cmd.append("--no-repack")
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=3000)
-    if r.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed: {r.stderr[-800:]}")
-    return [json.loads(ln) for ln in r.stdout.splitlines() if ln.startswith("{")]
+    for _ in range(3):  # seen once: an exit code 0 with no result lines
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=3000)
+        rows = [json.loads(ln) for ln in r.stdout.splitlines() if ln.startswith("{")]
+        if r.returncode == 0 and rows:
+            return rows
+    raise RuntimeError(f"{' '.join(cmd)} failed (exit {r.returncode}): {r.stderr[-800:]}")
 
 
 def median(xs: list[float]) -> float:

@@ -35,8 +35,12 @@ MiB = 1 << 20
 
 
 def gpu_used_mib() -> list[int]:
-    out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
-                         capture_output=True, text=True)
+    """MiB in use on each GPU as nvidia-smi counts it ([] without one)."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True)
+    except OSError:
+        return []
     return [int(x) for x in out.stdout.split()] if out.returncode == 0 else []
 
 
