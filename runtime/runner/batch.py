@@ -114,6 +114,7 @@ class Job:
     t_last: float = 0.0
     max_gap_s: float = 0.0
     alone: bool = True  # no step of this request held another request's tokens
+    stopping: str | None = None  # ends (with this done_reason) once the step in flight is applied
 
     @property
     def limit(self) -> int:
@@ -143,6 +144,11 @@ class BatchLoop:
         self.running = True
         self._fault = _fault_after_tokens()
         self._tokens_out = 0
+        # Where llama_decode returns before the device has finished (a GPU), sending the tokens of
+        # the last step (detokenizing, stop strings, the socket) waits until the next step is
+        # launched, so that it overlaps the device's work; on the CPU it would only delay them.
+        self.pipelined = engine.decode_async
+        self._unsent: list[tuple[Job, int, TokenLogprob | None]] = []
 
     # -- from other threads ----------------------------------------------------------------------
 
@@ -281,7 +287,7 @@ class BatchLoop:
         b = e.batch
         n = 0
         outputs: list[tuple[Job, int]] = []
-        decoding = 0
+        fed: list[tuple[Job, int]] = []  # (request, token) decoded this step
         for job in list(self.active):
             if job.next_token is None:
                 continue
@@ -292,8 +298,10 @@ class BatchLoop:
                 continue
             b.token[n], b.pos[n], b.seq[n], b.logits[n] = job.next_token, len(slot.cached), slot.seq, 1
             outputs.append((job, n))
+            fed.append((job, job.next_token))
+            job.next_token = None
             n += 1
-            decoding += 1
+        decoding = len(fed)
         budget = e.n_batch - n
         if decoding:
             budget = min(budget, self._chunk())
@@ -319,32 +327,39 @@ class BatchLoop:
             budget -= k
             prefill += k
         if n == 0:
+            self._send_unsent()
+            self._finish_stopping()
             return
-        together = [j for j in self.active if j.feeding or j.next_token is not None]
+        together = [j for j, _ in fed] + [j for j in self.active if j.feeding]
         if len(together) > 1:
             for j in together:
                 j.alone = False
         t0 = time.perf_counter()
         rc = b.decode(e.ctx, n)
+        self._send_unsent()  # while the device works on this step
         dt = time.perf_counter() - t0
         if rc != 0:
-            self._decode_failed(rc, [j for j in self.active if j.feeding or j.next_token is not None])
+            for job, token in fed:  # nothing of the step was applied: feed it again next step
+                if job.next_token is None and not job.stopping:
+                    job.next_token = token
+            self._decode_failed(rc, together)
             return
         self._measure(decoding, prefill, dt)
         now = time.perf_counter()
+        for job, token in fed:
+            assert job.slot is not None
+            job.slot.cached.append(token)
         for job in self.active:
             slot = job.slot
             assert slot is not None
-            if job.next_token is not None:
-                slot.cached.append(job.next_token)
-                job.next_token = None
             if job.feeding:
                 slot.cached.extend(job.pending[: job.feeding])
                 del job.pending[: job.feeding]
                 job.feeding = 0
             slot.last_used = now
+        self._finish_stopping()
         for job, idx in outputs:
-            if job in self.active:
+            if job in self.active and not job.stopping:
                 self._sample(job, idx, now)
 
     def _measure(self, decoding: int, prefill: int, dt: float) -> None:
@@ -401,18 +416,50 @@ class BatchLoop:
                     os.kill(os.getpid(), signal.SIGSEGV)
                 while True:
                     time.sleep(3600)
-        raw = e.piece(token)
-        if job.sampling.logprobs is not None:
-            job.logprobs.append(job.sampler.logprob(e.ctx, idx, token, raw, e.piece))
-        text, hit = job.scanner.feed(job.decoder.decode(raw))
-        if text:
-            self._piece(job, text)
-        if hit:
+        # Log probabilities come from this step's logits, which the next step overwrites.
+        lp = job.sampler.logprob(e.ctx, idx, token, e.piece(token), e.piece) if job.sampling.logprobs is not None \
+            else None
+        done = len(job.generated) >= job.limit
+        if self.pipelined:
+            self._unsent.append((job, token, lp))
+            if done:
+                job.stopping = "length"
+            else:
+                job.next_token = token
+            return
+        if self._send(job, token, lp):
             self._finish(job, "stop")
-        elif len(job.generated) >= job.limit:
+        elif done:
             self._finish(job, "length")
         else:
             job.next_token = token
+
+    def _send(self, job: Job, token: int, lp: TokenLogprob | None) -> bool:
+        """Turn a sampled token into text for the client; True when it completed a stop string."""
+        assert job.scanner is not None
+        if lp is not None:
+            job.logprobs.append(lp)
+        text, hit = job.scanner.feed(job.decoder.decode(self.engine.piece(token)))
+        if text:
+            self._piece(job, text)
+        return hit
+
+    def _send_unsent(self) -> None:
+        """Send the tokens sampled last step (pipelined mode); a stop string ends its request once
+        the step in flight, which may hold one more of its tokens, is applied."""
+        if not self._unsent:
+            return
+        unsent, self._unsent = self._unsent, []
+        for job, token, lp in unsent:
+            if job.stopping == "stop" or job not in self.active:
+                continue  # cancelled meanwhile, or a stop string already ended it
+            if self._send(job, token, lp):
+                job.stopping = "stop"
+                job.next_token = None
+
+    def _finish_stopping(self) -> None:
+        for job in [j for j in self.active if j.stopping]:
+            self._finish(job, job.stopping or "stop")
 
     def _piece(self, job: Job, text: str) -> None:
         ev: dict[str, Any] = {"ev": "piece", "id": job.id, "text": text}

@@ -186,6 +186,9 @@ class Engine:
         self.batch = TokenBatch(max(self.n_batch, self.n_seq_max))
         self.gave_up: list[str] = []
         self.prompt_tps_hint = 0.0  # from the first evaluation, until steps measure it
+        # Whether llama_decode returns before the device has finished (measured at the first
+        # evaluation): the batch loop then overlaps sending tokens with the device's work.
+        self.decode_async = False
 
     # -- loading -------------------------------------------------------------------------------
 
@@ -284,13 +287,16 @@ class Engine:
         t0 = time.perf_counter()
         try:
             rc = b.decode(self.ctx, n)
+            t_return = time.perf_counter() - t0
+            llama_c.llama_synchronize(self.ctx)
         finally:
             llama_c.llama_memory_clear(self.mem, True)
+        t_done = time.perf_counter() - t0
+        self.decode_async = t_done > 0.002 and t_return < 0.5 * t_done
         if rc != 0:
             raise _oom_or_failed(self.load_log if hasattr(self, "load_log") else [],
                                  f"{self.model_path.name} (first evaluation failed, code {rc})")
-        dt = time.perf_counter() - t0
-        self.prompt_tps_hint = n / dt if dt > 0 else 0.0
+        self.prompt_tps_hint = n / t_done if t_done > 0 else 0.0
 
     def memory_report(self) -> dict[str, Any]:
         """Predicted and measured bytes per device, for ``/api/ps`` and ``offload ps``."""

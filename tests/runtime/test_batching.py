@@ -35,6 +35,9 @@ class Loop:
     """A batch loop driven step by step, with its events sorted per request."""
 
     def __init__(self, engine: Engine) -> None:
+        from offload.runtime.runner.native import llama_c
+
+        llama_c.llama_memory_clear(engine.mem, True)  # a new loop starts from an empty cache, as a runner does
         self.events: list[dict] = []
         self.loop = BatchLoop(engine, self.events.extend)
         self.engine = engine
@@ -218,3 +221,28 @@ def test_greedy_answers_mostly_match_alone_and_in_a_batch_of_eight(gemma_gguf: P
         assert share >= 0.5, list(zip(alone, together, strict=True))
     finally:
         e.close()
+
+
+@pytest.mark.parametrize("pipelined", [False, True], ids=["immediate", "pipelined"])
+def test_sending_tokens_while_the_next_step_runs_changes_no_answer(engine: Engine, pipelined: bool) -> None:
+    """Where llama_decode is asynchronous (a GPU) the loop sends last step's tokens while the next
+    step runs; the answers, stop strings, limits and cache bookkeeping must be the same."""
+    lp = Loop(engine)
+    lp.loop.pipelined = pipelined
+    free = lp.submit("One, two, three, four,", temperature=0, num_predict=12)
+    stopped = lp.submit("One, two, three, four,", temperature=0, num_predict=30, stop=("six",))
+    short = lp.submit("Tell me about the sea", temperature=0, num_predict=5)
+    lp.run(free, stopped, short)
+    assert "six" in lp.text(free) and lp.stats(free)["eval_count"] == 12
+    assert lp.text(stopped) == lp.text(free)[: lp.text(free).index("six")]
+    assert lp.stats(stopped)["done_reason"] == "stop" and lp.stats(stopped)["stop_sequence"] == "six"
+    assert lp.stats(short)["eval_count"] == 5 and lp.stats(short)["done_reason"] == "length"
+    # Every slot's record matches what its sequence holds in llama.cpp's cache.
+    from offload.runtime.runner.native import llama_c
+
+    for slot in lp.loop.slots:
+        assert llama_c.llama_memory_seq_pos_max(engine.mem, slot.seq) == len(slot.cached) - 1
+    # And the cache is reused correctly by a follow-up that extends the stopped one's prompt.
+    again = lp.submit("One, two, three, four,", temperature=0, num_predict=12)
+    lp.run(again)
+    assert lp.text(again) == lp.text(free) and lp.stats(again)["cached_tokens"] > 0
