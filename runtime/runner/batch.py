@@ -281,6 +281,7 @@ class BatchLoop:
     def step(self) -> None:
         """Admit, build one batch, decode it, sample and send."""
         e = self.engine
+        t_step = time.perf_counter()
         for job in [j for j in self.active if j.cancelled]:
             self._finish(job, "cancel")  # first, so that a waiting request takes the slot now
         self._admit()
@@ -334,17 +335,14 @@ class BatchLoop:
         if len(together) > 1:
             for j in together:
                 j.alone = False
-        t0 = time.perf_counter()
         rc = b.decode(e.ctx, n)
         self._send_unsent()  # while the device works on this step
-        dt = time.perf_counter() - t0
         if rc != 0:
             for job, token in fed:  # nothing of the step was applied: feed it again next step
                 if job.next_token is None and not job.stopping:
                     job.next_token = token
             self._decode_failed(rc, together)
             return
-        self._measure(decoding, prefill, dt)
         now = time.perf_counter()
         for job, token in fed:
             assert job.slot is not None
@@ -361,6 +359,9 @@ class BatchLoop:
         for job, idx in outputs:
             if job in self.active and not job.stopping:
                 self._sample(job, idx, now)
+        # The whole step, sampling included (where llama_decode returns early, it is sampling that
+        # waits for the device): what a stream between two of its tokens sees.
+        self._measure(decoding, prefill, time.perf_counter() - t_step)
 
     def _measure(self, decoding: int, prefill: int, dt: float) -> None:
         self.steps.append((decoding, prefill, dt))

@@ -30,7 +30,9 @@ _ANTHROPIC_PATHS = ("/v1/messages", "/v1/complete")
 
 _OPENAI_TYPES = {
     400: "invalid_request_error",
+    403: "permission_error",
     404: "invalid_request_error",
+    413: "invalid_request_error",
     405: "invalid_request_error",
     503: "server_error",
 }

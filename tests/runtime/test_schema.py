@@ -97,9 +97,12 @@ def test_real_answers_match_the_published_response_schemas(server: Running) -> N
     assert not gen.is_valid(bad)  # the schema has teeth
 
 
-def test_agent_routes_fuzzed_against_real_models_never_fail_and_match_the_schema(store: Store) -> None:
+def test_agent_routes_fuzzed_against_real_models_never_fail_and_match_the_schema(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # The generated bodies name real models (so translation, capability checks and generation
     # all run) with a token limit kept tiny so that each case stays fast.
+    monkeypatch.setenv("OFFLOAD_HOSTS", "testserver")  # the in-process client's host name
     schema = schemathesis.openapi.from_asgi("/openapi.json", create_app(store))
     models = [MODEL, TOOLS_MODEL, THINK_MODEL]
     failures: dict[str, str] = {}
