@@ -56,9 +56,9 @@ def resolve(model: str) -> Path:
     p = Path(model).expanduser()
     if p.is_file():
         return p
-    from offload.runtime.cli_bench import resolve_model
+    from offload.runtime import planning
 
-    return resolve_model(model)[0]
+    return planning.resolve(model).path
 
 
 def llama_args(plan: Plan) -> list[str]:
