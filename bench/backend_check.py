@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out")
     args = ap.parse_args(argv)
     from offload.planner import hardware as hw_mod
-    from offload.runtime import backends
+    from offload.runtime.serving import backends
 
     checks: list[tuple[str, bool, str]] = []
     nvml = nvml_memory()

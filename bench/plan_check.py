@@ -93,7 +93,7 @@ def measure(model: Path, p: Plan, streams: tuple[int, ...], out_dir: Path, timeo
 
 
 def _child(model: str, plan_file: str, result_file: str, streams: str) -> None:
-    from offload.runtime.benchmark import measure_plan
+    from offload.runtime.serving.benchmark import measure_plan
 
     p = Plan.from_dict(json.loads(Path(plan_file).read_text()))
     r = measure_plan(model, p, prompt_tokens=PROMPT, gen_tokens=ANSWER,

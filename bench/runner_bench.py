@@ -42,11 +42,12 @@ from offload.planner import anatomy as anatomy_mod  # noqa: E402
 from offload.planner import plan as make_plan  # noqa: E402
 from offload.planner import predict_aggregate  # noqa: E402
 from offload.planner.types import Plan, PlanRequest  # noqa: E402
-from offload.runtime import calibration, config  # noqa: E402
-from offload.runtime.benchmark import measure_parallel  # noqa: E402
-from offload.runtime.generation import CancelEvent, Piece, Sampling, Stats  # noqa: E402
-from offload.runtime.planning import current_hardware  # noqa: E402
-from offload.runtime.process import RunnerProcess  # noqa: E402
+from offload.runtime import config  # noqa: E402
+from offload.runtime.runner.generation import CancelEvent, Piece, Sampling, Stats  # noqa: E402
+from offload.runtime.serving import calibration  # noqa: E402
+from offload.runtime.serving.benchmark import measure_parallel  # noqa: E402
+from offload.runtime.serving.planning import current_hardware  # noqa: E402
+from offload.runtime.serving.process import RunnerProcess  # noqa: E402
 
 WORDS = ("river stone cloud paper garden window silver orange forest candle harbor ladder violin "
          "meadow pencil thunder lantern marble castle pepper").split()
@@ -56,7 +57,7 @@ def resolve(model: str) -> Path:
     p = Path(model).expanduser()
     if p.is_file():
         return p
-    from offload.runtime import planning
+    from offload.runtime.serving import planning
 
     return planning.resolve(model).path
 

@@ -27,9 +27,9 @@ from offload.planner import anatomy as anatomy_mod  # noqa: E402
 from offload.planner import plan as make_plan  # noqa: E402
 from offload.planner.types import PlanRequest  # noqa: E402
 from offload.runtime import config  # noqa: E402
-from offload.runtime.generation import Sampling  # noqa: E402
-from offload.runtime.planning import current_hardware  # noqa: E402
-from offload.runtime.process import RunnerProcess  # noqa: E402
+from offload.runtime.runner.generation import Sampling  # noqa: E402
+from offload.runtime.serving.planning import current_hardware  # noqa: E402
+from offload.runtime.serving.process import RunnerProcess  # noqa: E402
 
 MiB = 1 << 20
 

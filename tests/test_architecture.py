@@ -19,7 +19,7 @@ FORBIDDEN = {
 }
 # Each outside library has one edge.
 EDGES = {"llama_cpp": ("runtime/runner/",), "click": ("runtime/cli",), "fastapi": ("runtime/server/",),
-         "uvicorn": ("runtime/server/", "runtime/cli.py"), "pynvml": ("planner/hardware",)}
+         "uvicorn": ("runtime/server/", "runtime/cli/main.py"), "pynvml": ("planner/hardware",)}
 
 
 def imports_of(path: Path) -> list[str]:

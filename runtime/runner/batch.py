@@ -26,9 +26,9 @@ import numpy as np
 
 from offload.planner.errors import OffloadError
 from offload.runtime.errors import ContextTooLong
-from offload.runtime.generation import Sampling, StopScanner, TokenLogprob
 from offload.runtime.runner import FAULT_ENV
 from offload.runtime.runner.engine import Engine
+from offload.runtime.runner.generation import Sampling, StopScanner, TokenLogprob
 from offload.runtime.runner.native import llama_c
 from offload.runtime.runner.sampling import Sampler
 

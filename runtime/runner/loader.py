@@ -15,8 +15,8 @@ from typing import Any
 
 from offload.planner.types import Plan
 from offload.runtime.errors import OutOfMemory
-from offload.runtime.healing import Shrink, shrink_step
 from offload.runtime.runner.engine import Engine
+from offload.runtime.serving.healing import Shrink, shrink_step
 
 __all__ = ["load_healing"]
 

@@ -1,7 +1,7 @@
 """What this llama.cpp build can use, asked in a child process and printed as one JSON object.
 
 Run as ``python -m offload.runtime.runner.probe [--bandwidth]``. The parent
-(``offload.runtime.backends``) never loads llama.cpp itself: a build that crashes on a driver it
+(``offload.runtime.serving.backends``) never loads llama.cpp itself: a build that crashes on a driver it
 does not understand takes only this process down. The object holds the llama-cpp-python version,
 ``llama_supports_gpu_offload()`` and every ggml backend device (name, description, type, the
 backend that registered it, free and total memory as the backend reports them). With

@@ -47,7 +47,7 @@ from typing import Any
 
 from offload.planner.errors import OffloadError
 from offload.runtime import errors
-from offload.runtime.generation import Sampling
+from offload.runtime.runner.generation import Sampling
 
 __all__ = ["encode", "decode", "error_from", "sampling_to_json", "sampling_from_json"]
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from offload.runtime.generation import Sampling, TokenLogprob
+from offload.runtime.runner.generation import Sampling, TokenLogprob
 from offload.runtime.runner.native import llama_c
 
 __all__ = ["Sampler"]

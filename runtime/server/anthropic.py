@@ -16,7 +16,6 @@ from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
-from offload.runtime import service
 from offload.runtime.server.anthropic_input import chat_request
 from offload.runtime.server.anthropic_schemas import (
     AnthropicError,
@@ -36,7 +35,8 @@ from offload.runtime.server.bridge import (
 from offload.runtime.server.errors import anthropic_error_body
 from offload.runtime.server.ollama import collect, merge_chunks
 from offload.runtime.server.streaming import CancellingStreamingResponse, ThreadedStream
-from offload.runtime.token_count import count_chat_tokens
+from offload.runtime.serving import service
+from offload.runtime.serving.token_count import count_chat_tokens
 
 __all__ = ["router"]
 

@@ -17,11 +17,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from offload.models.errors import ModelNotFound
 from offload.models.store import Store
 from offload.planner.errors import OffloadError
-from offload.runtime import __version__, config, planning
-from offload.runtime.scheduler import Scheduler
+from offload.runtime import __version__, config
 from offload.runtime.server.errors import Family, error_response, family_of
 from offload.runtime.server.guard import BrowserGuard, HostPolicy, origin_regex
 from offload.runtime.server.schemas import VersionResponse
+from offload.runtime.serving import planning
+from offload.runtime.serving.scheduler import Scheduler
 
 __all__ = ["create_app", "error_response", "origin_regex"]
 

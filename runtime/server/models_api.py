@@ -225,7 +225,7 @@ async def api_create(body: CreateRequest, request: Request) -> Response:
     def run(on: Progress) -> None:
         quantizer = None
         if body.quantize:
-            from offload.runtime.quantize import quantize_gguf
+            from offload.runtime.serving.quantize import quantize_gguf
 
             quantizer = quantize_gguf
         create(store, name, mf, quantize=body.quantize, quantizer=quantizer, progress=on,

@@ -16,8 +16,6 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
 from offload.planner.errors import OffloadError
-from offload.runtime import embeddings, service
-from offload.runtime.scheduler import Runner, Scheduler
 from offload.runtime.server.schemas import (
     ChatRequest,
     ChatResponse,
@@ -32,6 +30,8 @@ from offload.runtime.server.schemas import (
     ProcessResponse,
 )
 from offload.runtime.server.streaming import CancellingStreamingResponse, ThreadedStream
+from offload.runtime.serving import embeddings, service
+from offload.runtime.serving.scheduler import Runner, Scheduler
 
 __all__ = ["router", "respond", "running_model", "merge_chunks", "collect"]
 

@@ -22,7 +22,6 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
 from offload.models.errors import ModelNotFound
-from offload.runtime import embeddings, service, validate
 from offload.runtime.errors import BadRequest
 from offload.runtime.server.bridge import (
     call_id,
@@ -43,6 +42,7 @@ from offload.runtime.server.openai_schemas import (
     OpenAIError,
 )
 from offload.runtime.server.streaming import CancellingStreamingResponse, ThreadedStream
+from offload.runtime.serving import embeddings, service, validate
 
 __all__ = ["router"]
 

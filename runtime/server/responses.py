@@ -17,7 +17,6 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from offload.runtime import service
 from offload.runtime.errors import BadRequest, ResponseNotFound
 from offload.runtime.server.bridge import (
     call_id,
@@ -33,6 +32,7 @@ from offload.runtime.server.response_memory import MAX_AGE_S, MAX_KEPT, Response
 from offload.runtime.server.responses_input import chat_request
 from offload.runtime.server.responses_schemas import ResponseObject, ResponsesRequest
 from offload.runtime.server.streaming import CancellingStreamingResponse, ThreadedStream
+from offload.runtime.serving import service
 
 __all__ = ["router"]
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from starlette.responses import StreamingResponse
 
-from offload.runtime.generation import CancelEvent
+from offload.runtime.runner.generation import CancelEvent
 
 __all__ = ["ThreadedStream", "CancellingStreamingResponse"]
 

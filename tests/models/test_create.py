@@ -162,7 +162,7 @@ def test_read_only_ollama_store_models_list_and_resolve_without_copying(
 def test_quantize_goes_through_llama_cpp_and_replaces_the_weights(
     store: Store, workdir: Path
 ) -> None:
-    from offload.runtime.quantize import quantize_gguf
+    from offload.runtime.serving.quantize import quantize_gguf
 
     create(
         store,

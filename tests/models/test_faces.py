@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 
 from offload.models.store import Store
 from offload.planner.errors import OffloadError
-from offload.runtime import cli_models
+from offload.runtime.cli import models as cli_models
 from offload.runtime.server.models_api import router
 from tests.registry_server import RegistryServer
 

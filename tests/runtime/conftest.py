@@ -20,8 +20,8 @@ from fastapi import FastAPI
 from offload.models import embedded
 from offload.models.names import parse_name
 from offload.models.store import MEDIA_MODEL, MEDIA_TEMPLATE, Store
-from offload.runtime.scheduler import Scheduler
 from offload.runtime.server.app import create_app
+from offload.runtime.serving.scheduler import Scheduler
 
 MODEL = "gemma3:270m"
 OTHER = "other:latest"

@@ -15,8 +15,8 @@ from click.testing import CliRunner
 
 from offload.planner import hardware as hw_mod
 from offload.planner.types import CPUInfo, GPUInfo, Hardware
-from offload.runtime import backends
-from offload.runtime.cli_planner import register
+from offload.runtime.cli.plan import register
+from offload.runtime.serving import backends
 
 GiB = 1 << 30
 

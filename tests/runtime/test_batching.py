@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from offload.planner.types import DevicePlan, Plan, Prediction
-from offload.runtime.generation import Sampling
-from offload.runtime.grammar import grammar_for_format
 from offload.runtime.runner.batch import BatchLoop, Job
 from offload.runtime.runner.engine import Engine
+from offload.runtime.runner.generation import Sampling
+from offload.runtime.text.grammar import grammar_for_format
 
 
 def cpu_plan(**kw: object) -> Plan:

@@ -11,8 +11,9 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from offload.runtime import calibration, cli_bench
-from offload.runtime.scheduler import current_hardware
+from offload.runtime.cli import bench as cli_bench
+from offload.runtime.serving import calibration
+from offload.runtime.serving.scheduler import current_hardware
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from offload.planner.types import CPUInfo, DevicePlan, Hardware, Plan, Prediction
-from offload.runtime import calibration
-from offload.runtime.generation import Stats
+from offload.runtime.runner.generation import Stats
+from offload.runtime.serving import calibration
 
 HW = Hardware("box", CPUInfo(cores=2, ram_bytes=8 << 30, mem_bandwidth_Bps=20e9), fingerprint="fp-test")
 PLAN = Plan(devices=(DevicePlan("CPU", "CPU", 0, 1, 1, 1, 0, 1 << 33),), n_gpu_layers=0, n_ctx=1024,

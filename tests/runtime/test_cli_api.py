@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from offload.runtime.cli import cli
-from offload.runtime.cli_api import processor, until
+from offload.runtime.cli.ps import processor, until
 from tests.runtime.conftest import MODEL, Running
 
 

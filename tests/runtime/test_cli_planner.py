@@ -9,7 +9,7 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from offload.runtime.cli_planner import register
+from offload.runtime.cli.plan import register
 from offload.runtime.config import parse_bytes
 from tests import synth
 

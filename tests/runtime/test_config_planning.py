@@ -12,8 +12,9 @@ import pytest
 from click.testing import CliRunner
 
 from offload.planner.types import Workload
-from offload.runtime import calibration, config, planning
-from offload.runtime.cli_planner import register
+from offload.runtime import config
+from offload.runtime.cli.plan import register
+from offload.runtime.serving import calibration, planning
 from tests import synth
 
 GiB = 1 << 30
@@ -75,7 +76,7 @@ def test_gpu_memory_takes_one_budget_or_one_per_gpu(monkeypatch: pytest.MonkeyPa
 
 def test_the_kv_type_option_reaches_the_plan_and_a_bad_one_is_a_400() -> None:
     from offload.runtime.errors import BadRequest
-    from offload.runtime.options import merge_options
+    from offload.runtime.serving.options import merge_options
 
     assert planning.request_from_options(merge_options({}, {"kv_type": "Q8_0"})).kv_type == "q8_0"
     with pytest.raises(BadRequest, match="kv_type") as e:
@@ -124,13 +125,13 @@ def test_a_corrupt_workload_file_means_the_default(home: Path) -> None:
 
 
 def test_calibration_does_not_import_the_scheduler() -> None:
-    code = "import sys, offload.runtime.calibration; print('offload.runtime.scheduler' in sys.modules)"
+    code = "import sys, offload.runtime.serving.calibration; print('offload.runtime.serving.scheduler' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
 
 
 def test_offload_plan_shows_the_plan_the_server_makes(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from offload.runtime.scheduler import Scheduler
+    from offload.runtime.serving.scheduler import Scheduler
 
     monkeypatch.setenv("OFFLOAD_KV_CACHE_TYPE", "q8_0")
     store = planning.open_store()

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from offload.models.parameters import InvalidParameter
 from offload.planner import anatomy
-from offload.runtime.options import merge_options
+from offload.runtime.serving.options import merge_options
 from tests.option_spec import PLAN_KEYS, SPEC, converted, is_valid
 from tests.runtime.conftest import MODEL, Running
 from tests.runtime.steady import assert_one_line_error, stays_steady

@@ -12,8 +12,8 @@ import pytest
 from offload.planner import anatomy, hardware, plan
 from offload.planner.types import PlanRequest
 from offload.runtime.errors import ContextTooLong
-from offload.runtime.generation import CancelEvent, Piece, Sampling, Stats
-from offload.runtime.process import RunnerProcess
+from offload.runtime.runner.generation import CancelEvent, Piece, Sampling, Stats
+from offload.runtime.serving.process import RunnerProcess
 
 
 @pytest.fixture(scope="module")

@@ -14,12 +14,12 @@ import pytest
 
 from offload.planner.types import DevicePlan, Plan, Prediction
 from offload.runtime.errors import BadRequest, LoadFailed, OutOfMemory, PlanNotApplicable
-from offload.runtime.generation import Sampling
-from offload.runtime.healing import shrink_step
 from offload.runtime.runner import buffers
 from offload.runtime.runner.batch import BatchLoop, Job
 from offload.runtime.runner.engine import Engine, _context_params, _model_params
+from offload.runtime.runner.generation import Sampling
 from offload.runtime.runner.native import KV_TYPES, llama_c
+from offload.runtime.serving.healing import shrink_step
 
 
 @pytest.fixture(scope="session")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from offload.runtime.errors import BadRequest
-from offload.runtime.grammar import JSON_GBNF, grammar_for_format, schema_to_gbnf
-from offload.runtime.tools import (
+from offload.runtime.text.grammar import JSON_GBNF, grammar_for_format, schema_to_gbnf
+from offload.runtime.text.tools import (
     ThinkSplitter,
     ToolCallStreamer,
     parse_tool_calls,

@@ -267,7 +267,7 @@ def test_unload_ends_the_runner_process(server: Running) -> None:
 
 
 def test_a_runner_log_is_capped_and_rotated_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from offload.runtime import process
+    from offload.runtime.serving import process
 
     monkeypatch.setattr(process, "LOG_CAP_BYTES", 4096)
     log = process._Log(tmp_path / "runner-x.log")

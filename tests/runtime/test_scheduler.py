@@ -14,7 +14,7 @@ import pytest
 
 from offload.models.store import Store
 from offload.planner.types import Hardware
-from offload.runtime.scheduler import Scheduler, current_hardware
+from offload.runtime.serving.scheduler import Scheduler, current_hardware
 from tests.runtime.conftest import MODEL, OTHER, Running
 
 FAST = {"num_predict": 2, "temperature": 0}

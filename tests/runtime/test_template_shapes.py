@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from offload.models import gotemplate
 from offload.models.template_limits import TemplateLimitExceeded, TemplateLimits
-from offload.runtime import jinja_sandbox
+from offload.runtime.text import jinja_sandbox
 
 SMALL = TemplateLimits(max_steps=40_000, max_chars=100_000, max_items=10_000, max_seconds=5.0)
 

@@ -29,8 +29,8 @@ from typing import Any
 from offload.planner.types import Plan
 from offload.runtime import config
 from offload.runtime.errors import LoadFailed, RuntimeFailure
-from offload.runtime.generation import Piece, Sampling, Stats, TokenLogprob
 from offload.runtime.runner import protocol
+from offload.runtime.runner.generation import Piece, Sampling, Stats, TokenLogprob
 
 __all__ = ["RunnerProcess", "RunnerCrashed", "log_path_for", "LOG_CAP_BYTES"]
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from offload.runtime.errors import BadRequest
-from offload.runtime.options import merge_options
-from offload.runtime.scheduler import Scheduler
+from offload.runtime.serving.options import merge_options
+from offload.runtime.serving.scheduler import Scheduler
 
 __all__ = ["Embedded", "embed", "normalize"]
 

@@ -9,10 +9,10 @@ from typing import Any
 
 from offload.models.parameters import IGNORED, RULES, InvalidParameter, Rule, check_parameter
 from offload.planner.types import PlanRequest
-from offload.runtime import planning
 from offload.runtime.config import KV_CACHE_TYPES
 from offload.runtime.errors import BadRequest
-from offload.runtime.generation import Sampling
+from offload.runtime.runner.generation import Sampling
+from offload.runtime.serving import planning
 
 __all__ = ["SAMPLING_OPTIONS", "PLAN_OPTIONS", "merge_options", "sampling_from", "plan_request_from",
            "max_threads"]

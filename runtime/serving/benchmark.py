@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from offload.planner.types import Plan
-from offload.runtime.generation import Sampling, Stats
-from offload.runtime.process import RunnerProcess
+from offload.runtime.runner.generation import Sampling, Stats
+from offload.runtime.serving.process import RunnerProcess
 
 __all__ = ["bench_prompt", "measure_plan", "measure_parallel", "MIN_CTX_MARGIN"]
 
@@ -146,7 +146,7 @@ def measure_plan(model_path: Path | str, plan: Plan, *, prompt_tokens: int, gen_
         "measured_bytes": measured_bytes,
     }
     if record:
-        from offload.runtime import calibration
+        from offload.runtime.serving import calibration
 
         try:
             calibration.record_speeds(plan, model_digest, prompt_tokens=single["prompt_tokens"],

@@ -11,9 +11,9 @@ from typing import Any
 
 from offload.models.capabilities import chat_template_of, supports_thinking, supports_tools
 from offload.runtime.errors import BadRequest
-from offload.runtime.options import merge_options
-from offload.runtime.scheduler import Scheduler
-from offload.runtime.service import chat_prompt, keep_alive_from, model_name
+from offload.runtime.serving.options import merge_options
+from offload.runtime.serving.scheduler import Scheduler
+from offload.runtime.serving.service import chat_prompt, keep_alive_from, model_name
 
 __all__ = ["count_chat_tokens"]
 

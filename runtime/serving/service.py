@@ -16,13 +16,15 @@ from datetime import UTC, datetime
 from typing import Any
 
 from offload.models.store import ModelInfo
-from offload.runtime import calibration, config, prompt, validate
+from offload.runtime import config
 from offload.runtime.errors import BadRequest
-from offload.runtime.generation import Piece, Stats
-from offload.runtime.grammar import grammar_for_format
-from offload.runtime.options import logprobs_from, merge_options, sampling_from
-from offload.runtime.scheduler import Runner, Scheduler
-from offload.runtime.tools import (
+from offload.runtime.runner.generation import Piece, Stats
+from offload.runtime.serving import calibration, validate
+from offload.runtime.serving.options import logprobs_from, merge_options, sampling_from
+from offload.runtime.serving.scheduler import Runner, Scheduler
+from offload.runtime.text import prompt
+from offload.runtime.text.grammar import grammar_for_format
+from offload.runtime.text.tools import (
     ThinkSplitter,
     ToolCallStreamer,
     supports_insert,

@@ -72,7 +72,7 @@ def ps_notes(models: list[dict[str, Any]]) -> list[str]:
 @click.command("ps")
 def ps_command() -> None:
     """List the models loaded now."""
-    from offload.runtime.client import ensure_server
+    from offload.runtime.cli.client import ensure_server
 
     client = ensure_server()
     models = client.get("/api/ps").get("models", [])
@@ -90,7 +90,7 @@ def ps_command() -> None:
 def stop_command(model: str) -> None:
     """Unload a model now."""
     from offload.planner.errors import OffloadError
-    from offload.runtime.client import ensure_server
+    from offload.runtime.cli.client import ensure_server
 
     client = ensure_server()
     loaded = {m["name"] for m in client.get("/api/ps").get("models", [])}

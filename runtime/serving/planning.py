@@ -21,8 +21,9 @@ from offload.planner import hardware as hardware_mod
 from offload.planner import plan as make_plan
 from offload.planner.anatomy import read as read_anatomy
 from offload.planner.types import Anatomy, Hardware, Plan, PlanRequest
-from offload.runtime import backends, calibration, config
-from offload.runtime.safety import Safety
+from offload.runtime import config
+from offload.runtime.serving import backends, calibration
+from offload.runtime.serving.safety import Safety
 
 __all__ = [
     "ModelRef",

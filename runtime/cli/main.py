@@ -204,7 +204,7 @@ def _interactive(client: Any, model: str, options: dict[str, Any], keep_alive: s
 @click.option("--keepalive", default=None, help="How long to keep the model loaded (e.g. 5m, 0, -1).")
 def run(model: str, prompt: tuple[str, ...], verbose: bool, fmt: str | None, keepalive: str | None) -> None:
     """Run a model: answer PROMPT, or chat interactively when none is given."""
-    from offload.runtime.client import ensure_server
+    from offload.runtime.cli.client import ensure_server
 
     text = " ".join(prompt)
     if not sys.stdin.isatty():
@@ -227,7 +227,10 @@ def run(model: str, prompt: tuple[str, ...], verbose: bool, fmt: str | None, kee
 
 def _register_commands() -> None:
     """Add the commands that live in modules of their own (each a thin face over one library)."""
-    from offload.runtime import cli_api, cli_bench, cli_models, cli_planner
+    from offload.runtime.cli import bench as cli_bench
+    from offload.runtime.cli import models as cli_models
+    from offload.runtime.cli import plan as cli_planner
+    from offload.runtime.cli import ps as cli_api
 
     for module in (cli_models, cli_planner, cli_api, cli_bench):
         module.register(cli)

@@ -23,13 +23,14 @@ from offload.models.store import ModelInfo, Store
 from offload.planner.errors import PlanInfeasible
 from offload.planner.gguf_header import read_header
 from offload.planner.types import Hardware, Plan
-from offload.runtime import config, planning
+from offload.runtime import config
 from offload.runtime.errors import QueueFull
-from offload.runtime.healing import shrink_step
-from offload.runtime.options import plan_key
-from offload.runtime.planning import current_hardware
-from offload.runtime.process import RunnerCrashed, RunnerProcess
-from offload.runtime.safety import SAFER_STEPS, Safety
+from offload.runtime.serving import planning
+from offload.runtime.serving.healing import shrink_step
+from offload.runtime.serving.options import plan_key
+from offload.runtime.serving.planning import current_hardware
+from offload.runtime.serving.process import RunnerCrashed, RunnerProcess
+from offload.runtime.serving.safety import SAFER_STEPS, Safety
 
 __all__ = ["Runner", "Scheduler", "current_hardware", "CRASH_SHRINK_STEPS"]
 

@@ -15,7 +15,7 @@ from offload.planner import Hardware, Plan, Workload, predict_aggregate
 from offload.planner.anatomy import read as read_anatomy
 from offload.planner.errors import OffloadError
 from offload.planner.types import Anatomy
-from offload.runtime import calibration, planning
+from offload.runtime.serving import calibration, planning
 
 __all__ = ["register", "bench"]
 
@@ -62,7 +62,7 @@ def _predicted_parallel(anatomy: Anatomy, hw: Hardware, plan: Plan, streams: tup
 def bench(model: str, prompt: int = 512, gen: int = 128, gpu_layers: str = "auto",
           parallel: tuple[int, ...] = (1,), optimize: str = "workload") -> list[dict[str, Any]]:
     """Measure the plan(s) for ``model`` on this machine; one result dict per plan."""
-    from offload.runtime.benchmark import measure_plan
+    from offload.runtime.serving.benchmark import measure_plan
 
     ref = planning.resolve(model)
     anatomy = read_anatomy(ref.path)

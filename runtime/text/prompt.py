@@ -16,8 +16,8 @@ import jinja2
 
 from offload.models import gotemplate
 from offload.models.template_limits import TemplateLimitExceeded, TemplateTooLarge
-from offload.runtime import jinja_sandbox
 from offload.runtime.errors import BadRequest
+from offload.runtime.text import jinja_sandbox
 
 __all__ = ["render_generate", "render_chat", "go_messages"]
 

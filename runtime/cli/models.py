@@ -30,7 +30,7 @@ from offload.models import embedded, registry
 from offload.models.create import create
 from offload.models.modelfile import parse_modelfile
 from offload.models.show import modelfile_text, show
-from offload.runtime.planning import open_store
+from offload.runtime.serving.planning import open_store
 
 __all__ = ["register", "open_store", "human_bytes", "human_ago"]
 
@@ -135,7 +135,7 @@ def create_cmd(name: str, path: Path, quantize: str | None) -> None:
     embedded.ensure(store, mf.from_)  # FROM gemma3:270m works before its first run
     quantizer = None
     if quantize:
-        from offload.runtime.quantize import quantize_gguf
+        from offload.runtime.serving.quantize import quantize_gguf
 
         quantizer = quantize_gguf
 

@@ -13,7 +13,8 @@ import click
 from offload.planner import Plan, PlanRequest, Workload, anatomy, evaluate
 from offload.planner.errors import OffloadError
 from offload.planner.types import Anatomy, Hardware
-from offload.runtime import config, planning
+from offload.runtime import config
+from offload.runtime.serving import planning
 
 __all__ = ["register", "plan_cmd", "hardware_cmd", "parse_workload", "parse_gpu_memory"]
 
