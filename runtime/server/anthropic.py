@@ -26,15 +26,18 @@ from offload.runtime.server.anthropic_schemas import (
 )
 from offload.runtime.server.bridge import (
     call_id,
-    first_chunk,
     require_generation,
     sse,
-    stream_events,
     token_counts,
 )
 from offload.runtime.server.errors import anthropic_error_body
 from offload.runtime.server.ollama import collect, merge_chunks
-from offload.runtime.server.streaming import CancellingStreamingResponse, ThreadedStream
+from offload.runtime.server.streaming import (
+    CancellingStreamingResponse,
+    ThreadedStream,
+    first_chunk,
+    stream_events,
+)
 from offload.runtime.serving import service
 from offload.runtime.serving.token_count import count_chat_tokens
 

@@ -18,6 +18,7 @@ from offload.runtime.server.anthropic_schemas import (
     MessagesRequest,
 )
 from offload.runtime.server.bridge import forced_call_schema
+from offload.runtime.serving.requests import ChatRequest
 
 __all__ = [
     "chat_request",
@@ -225,7 +226,7 @@ def output_format(config: dict[str, Any] | None) -> dict[str, Any] | None:
     return fmt["schema"]
 
 
-def chat_request(body: CountTokensRequest) -> dict[str, Any]:
+def chat_request(body: CountTokensRequest) -> ChatRequest:
     """The ``service.chat`` request for a Messages (or count_tokens) request."""
     req: dict[str, Any] = {
         "model": body.model,
@@ -253,4 +254,4 @@ def chat_request(body: CountTokensRequest) -> dict[str, Any]:
             "stop": body.stop_sequences,
         }
         req["options"] = {k: v for k, v in options.items() if v is not None}
-    return req
+    return ChatRequest.model_validate(req)

@@ -12,23 +12,19 @@ from __future__ import annotations
 import json
 import logging
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi.concurrency import run_in_threadpool
 
 from offload.models.capabilities import capabilities_of
-from offload.planner.errors import OffloadError
 from offload.runtime.errors import BadRequest
-from offload.runtime.server.streaming import ThreadedStream
 
 __all__ = [
     "call_id",
-    "first_chunk",
     "forced_call_schema",
     "require_generation",
     "sse",
-    "stream_events",
     "token_counts",
 ]
 
@@ -89,37 +85,3 @@ def sse(data: Any, event: str | None = None) -> bytes:
     return f"{head}data: {json.dumps(data)}\n\n".encode()
 
 
-async def first_chunk(ts: ThreadedStream) -> dict[str, Any] | None:
-    """Wait until the request is accepted (queued for its model) or yields its first chunk, so that
-    errors before then still get their status; the chunk, or None."""
-    return await ts.start()
-
-
-async def stream_events(
-    ts: ThreadedStream,
-    first: dict[str, Any] | None,
-    convert: Callable[[dict[str, Any]], Iterable[bytes]],
-    tail: Callable[[], Iterable[bytes]],
-    on_error: Callable[[str], bytes],
-) -> AsyncIterator[bytes]:
-    """The bytes of a streamed answer: ``convert`` of each chunk, then ``tail()``.
-
-    The headers are sent by then, so an error becomes ``on_error(message)``, the face's error
-    event, and ends the stream; the generation is cancelled however the stream ends.
-    """
-    try:
-        if first is not None:
-            for b in convert(first):
-                yield b
-        async for c in ts:
-            for b in convert(c):
-                yield b
-        for b in tail():
-            yield b
-    except OffloadError as e:
-        yield on_error(str(e))
-    except Exception as e:  # noqa: BLE001 - headers are sent: the error goes in the stream
-        log.exception("generation failed mid-stream")
-        yield on_error(f"internal error: {e}")
-    finally:
-        ts.cancel.set()

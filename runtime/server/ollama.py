@@ -7,7 +7,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -15,7 +15,6 @@ from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
-from offload.planner.errors import OffloadError
 from offload.runtime.server.schemas import (
     ChatRequest,
     ChatResponse,
@@ -29,7 +28,12 @@ from offload.runtime.server.schemas import (
     ListResponse,
     ProcessResponse,
 )
-from offload.runtime.server.streaming import CancellingStreamingResponse, ThreadedStream
+from offload.runtime.server.streaming import (
+    CancellingStreamingResponse,
+    ThreadedStream,
+    first_chunk,
+    stream_events,
+)
 from offload.runtime.serving import embeddings, service
 from offload.runtime.serving.scheduler import Runner, Scheduler
 
@@ -111,39 +115,25 @@ async def respond(
         return JSONResponse(merge_chunks(chunks, key) if chunks else {})
     # Headers go out once the request is accepted (queued for its model), so a client can cancel
     # a request that waits; errors found before that still get their status code.
-    first = await ts.start()
+    first = await first_chunk(ts)
+    lines = stream_events(ts, first, lambda c: [_ndjson_line(c)], list, lambda message: _ndjson_line({"error": message}))
+    return CancellingStreamingResponse(lines, ts, media_type="application/x-ndjson")
 
-    async def lines() -> AsyncIterator[bytes]:
-        try:
-            if first is not None:
-                yield (json.dumps(first) + "\n").encode()
-            async for c in ts:
-                yield (json.dumps(c) + "\n").encode()
-        except OffloadError as e:
-            yield (json.dumps({"error": str(e)}) + "\n").encode()
-        except Exception as e:  # noqa: BLE001 - headers are sent: the error goes in the stream
-            log.exception("generation failed mid-stream")
-            yield (json.dumps({"error": f"internal error: {e}"}) + "\n").encode()
-        finally:
-            ts.cancel.set()  # a client gone mid-stream stops the generation at its next token
 
-    return CancellingStreamingResponse(lines(), ts, media_type="application/x-ndjson")
+def _ndjson_line(obj: dict[str, Any]) -> bytes:
+    return (json.dumps(obj) + "\n").encode()
 
 
 def _sched(request: Request) -> Scheduler:
     return request.app.state.scheduler
 
 
-def _dump(model: Any) -> dict[str, Any]:
-    return model.model_dump(exclude_none=True)
-
-
 @router.post("/api/generate", responses=_ndjson(GenerateResponse), response_model=None)
 async def generate(body: GenerateRequest, request: Request) -> Any:
     """Generate a completion for a prompt."""
-    req, sched = _dump(body), _sched(request)
+    sched = _sched(request)
     return await respond(
-        lambda cancel: service.generate(sched, req, cancel),
+        lambda cancel: service.generate(sched, body, cancel),
         body.stream is not False,
         "response",
         request,
@@ -153,9 +143,9 @@ async def generate(body: GenerateRequest, request: Request) -> Any:
 @router.post("/api/chat", responses=_ndjson(ChatResponse), response_model=None)
 async def chat(body: ChatRequest, request: Request) -> Any:
     """Generate the next message of a chat."""
-    req, sched = _dump(body), _sched(request)
+    sched = _sched(request)
     return await respond(
-        lambda cancel: service.chat(sched, req, cancel),
+        lambda cancel: service.chat(sched, body, cancel),
         body.stream is not False,
         "message",
         request,

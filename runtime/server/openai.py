@@ -25,10 +25,8 @@ from offload.models.errors import ModelNotFound
 from offload.runtime.errors import BadRequest
 from offload.runtime.server.bridge import (
     call_id,
-    first_chunk,
     forced_call_schema,
     sse,
-    stream_events,
     token_counts,
 )
 from offload.runtime.server.errors import openai_error_body
@@ -41,8 +39,14 @@ from offload.runtime.server.openai_schemas import (
     ModelObject,
     OpenAIError,
 )
-from offload.runtime.server.streaming import CancellingStreamingResponse, ThreadedStream
+from offload.runtime.server.streaming import (
+    CancellingStreamingResponse,
+    ThreadedStream,
+    first_chunk,
+    stream_events,
+)
 from offload.runtime.serving import embeddings, service, validate
+from offload.runtime.serving.requests import ChatRequest, GenerateRequest
 
 __all__ = ["router"]
 
@@ -199,7 +203,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     if body.reasoning_effort:
         req["think"] = body.reasoning_effort
     cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-    ts = ThreadedStream(lambda cancel: service.chat(sched, req, cancel))
+    chat = ChatRequest.model_validate(req)
+    ts = ThreadedStream(lambda cancel: service.chat(sched, chat, cancel))
     if not body.stream:
         final = merge_chunks(await collect(ts, request), "message")
         msg = final.get("message") or {}
@@ -268,7 +273,8 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     if body.suffix:
         req["suffix"] = body.suffix
     cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-    ts = ThreadedStream(lambda cancel: service.generate(sched, req, cancel))
+    gen = GenerateRequest.model_validate(req)
+    ts = ThreadedStream(lambda cancel: service.generate(sched, gen, cancel))
 
     def choice(text: str, finish: str | None, lps: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         return {"text": text, "index": 0, "logprobs": _legacy_logprobs(lps), "finish_reason": finish}

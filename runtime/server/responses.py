@@ -20,10 +20,8 @@ from fastapi.responses import JSONResponse
 from offload.runtime.errors import BadRequest, ResponseNotFound
 from offload.runtime.server.bridge import (
     call_id,
-    first_chunk,
     require_generation,
     sse,
-    stream_events,
     token_counts,
 )
 from offload.runtime.server.ollama import collect, merge_chunks
@@ -31,7 +29,12 @@ from offload.runtime.server.openai_schemas import OpenAIError
 from offload.runtime.server.response_memory import MAX_AGE_S, MAX_KEPT, ResponseMemory
 from offload.runtime.server.responses_input import chat_request
 from offload.runtime.server.responses_schemas import ResponseObject, ResponsesRequest
-from offload.runtime.server.streaming import CancellingStreamingResponse, ThreadedStream
+from offload.runtime.server.streaming import (
+    CancellingStreamingResponse,
+    ThreadedStream,
+    first_chunk,
+    stream_events,
+)
 from offload.runtime.serving import service
 
 __all__ = ["router"]

@@ -16,6 +16,7 @@ from typing import Any
 from offload.runtime.errors import BadRequest
 from offload.runtime.server.bridge import forced_call_schema
 from offload.runtime.server.responses_schemas import ResponsesRequest
+from offload.runtime.serving.requests import ChatRequest
 
 __all__ = ["calls_by_id", "chat_request", "input_messages", "text_format", "tools_and_forcing"]
 
@@ -213,7 +214,7 @@ def text_format(text: Any) -> Any:
 
 def chat_request(
     body: ResponsesRequest, history: Sequence[dict[str, Any]]
-) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+) -> tuple[ChatRequest, list[dict[str, Any]]]:
     """The ``service.chat`` request for ``body`` continuing ``history`` (a previous response's),
     and the conversation to remember: history and input, without this request's instructions."""
     conversation = list(history) + input_messages(body.input, history)
@@ -242,4 +243,4 @@ def chat_request(
             req["format"] = forced
     if body.reasoning is not None:
         req["think"] = body.reasoning.effort != "none"
-    return req, conversation
+    return ChatRequest.model_validate(req), conversation

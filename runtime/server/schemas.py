@@ -8,7 +8,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict
+
+from offload.runtime.serving.requests import (
+    ChatRequest,
+    EmbeddingsRequest,
+    EmbedRequest,
+    GenerateRequest,
+    Message,
+)
 
 __all__ = [
     "ChatRequest",
@@ -29,77 +37,14 @@ __all__ = [
 _IGNORE = ConfigDict(extra="ignore")
 _OPEN = ConfigDict(extra="allow")
 
-KeepAlive = str | float | None
-Format = str | dict[str, Any] | None
-Think = bool | str | None
+# The request models live with the service that runs them (serving/requests.py) and are published
+# here beside the answers.
 
 
 class ErrorResponse(BaseModel):
     """Ollama's error body."""
 
     error: str
-
-
-class ToolCallFunction(BaseModel):
-    model_config = _OPEN
-    name: str
-    arguments: dict[str, Any] = Field(default_factory=dict)
-
-
-class ToolCall(BaseModel):
-    model_config = _OPEN
-    function: ToolCallFunction
-
-
-class Message(BaseModel):
-    """One chat message."""
-
-    model_config = _IGNORE
-    role: str
-    content: str | None = ""
-    thinking: str | None = None
-    images: list[str] | None = None
-    tool_calls: list[ToolCall] | None = None
-    tool_name: str | None = None
-
-
-class GenerateRequest(BaseModel):
-    """POST /api/generate."""
-
-    model_config = _IGNORE
-    model: str
-    prompt: str | None = None
-    suffix: str | None = None
-    images: list[str] | None = None
-    format: Format = None
-    options: dict[str, Any] | None = None
-    system: str | None = None
-    template: str | None = None
-    context: list[int] | None = None
-    stream: bool | None = None
-    raw: bool | None = None
-    keep_alive: KeepAlive = None
-    think: Think = None
-    truncate: bool | None = None
-    logprobs: bool | None = None
-    top_logprobs: int | None = None
-
-
-class ChatRequest(BaseModel):
-    """POST /api/chat."""
-
-    model_config = _IGNORE
-    model: str
-    messages: list[Message] | None = None
-    tools: list[dict[str, Any]] | None = None
-    format: Format = None
-    options: dict[str, Any] | None = None
-    stream: bool | None = None
-    keep_alive: KeepAlive = None
-    think: Think = None
-    truncate: bool | None = None
-    logprobs: bool | None = None
-    top_logprobs: int | None = None
 
 
 class TopLogprob(BaseModel):
@@ -145,18 +90,6 @@ class ChatResponse(_Timings):
     message: Message
 
 
-class EmbedRequest(BaseModel):
-    """POST /api/embed."""
-
-    model_config = _IGNORE
-    model: str
-    input: str | list[str] = ""
-    truncate: bool | None = True
-    dimensions: int | None = None
-    options: dict[str, Any] | None = None
-    keep_alive: KeepAlive = None
-
-
 class EmbedResponse(BaseModel):
     """/api/embed's answer: unit-length vectors."""
 
@@ -165,16 +98,6 @@ class EmbedResponse(BaseModel):
     total_duration: int | None = None
     load_duration: int | None = None
     prompt_eval_count: int | None = None
-
-
-class EmbeddingsRequest(BaseModel):
-    """POST /api/embeddings (the older, single-prompt form)."""
-
-    model_config = _IGNORE
-    model: str
-    prompt: str = ""
-    options: dict[str, Any] | None = None
-    keep_alive: KeepAlive = None
 
 
 class EmbeddingsResponse(BaseModel):

@@ -8,15 +8,19 @@ and the worker returns the model to the scheduler. The event loop never blocks o
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from typing import Any
 
 from starlette.responses import StreamingResponse
 
+from offload.planner.errors import OffloadError
 from offload.runtime.runner.generation import CancelEvent
 
-__all__ = ["ThreadedStream", "CancellingStreamingResponse"]
+__all__ = ["ThreadedStream", "CancellingStreamingResponse", "first_chunk", "stream_events"]
+
+log = logging.getLogger(__name__)
 
 _END = object()
 _ACCEPTED = object()
@@ -102,3 +106,39 @@ class CancellingStreamingResponse(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             self._stream.cancel.set()
+
+
+async def first_chunk(ts: ThreadedStream) -> dict[str, Any] | None:
+    """Wait until the request is accepted (queued for its model) or yields its first chunk, so that
+    errors before then still get their status; the chunk, or None."""
+    return await ts.start()
+
+
+async def stream_events(
+    ts: ThreadedStream,
+    first: dict[str, Any] | None,
+    convert: Callable[[dict[str, Any]], Iterable[bytes]],
+    tail: Callable[[], Iterable[bytes]],
+    on_error: Callable[[str], bytes],
+) -> AsyncIterator[bytes]:
+    """The bytes of a streamed answer: ``convert`` of each chunk, then ``tail()``.
+
+    The headers are sent by then, so an error becomes ``on_error(message)``, the face's error
+    event, and ends the stream; the generation is cancelled however the stream ends.
+    """
+    try:
+        if first is not None:
+            for b in convert(first):
+                yield b
+        async for c in ts:
+            for b in convert(c):
+                yield b
+        for b in tail():
+            yield b
+    except OffloadError as e:
+        yield on_error(str(e))
+    except Exception as e:  # noqa: BLE001 - headers are sent: the error goes in the stream
+        log.exception("generation failed mid-stream")
+        yield on_error(f"internal error: {e}")
+    finally:
+        ts.cancel.set()

@@ -99,11 +99,11 @@ def sampling_from(options: dict[str, Any], grammar: str | None = None,
     return Sampling(**kw, stop=tuple(options.get("stop", ())), grammar=grammar, logprobs=logprobs)
 
 
-def logprobs_from(req: dict[str, Any]) -> int | None:
-    """``logprobs``/``top_logprobs`` of a request: None when off, else how many alternatives (0-20)."""
-    if not req.get("logprobs"):
+def logprobs_from(logprobs: bool | None, top_logprobs: int | None) -> int | None:
+    """A request's ``logprobs``/``top_logprobs``: None when off, else how many alternatives (0-20)."""
+    if not logprobs:
         return None
-    top = req.get("top_logprobs") or 0
+    top = top_logprobs or 0
     if not isinstance(top, int) or isinstance(top, bool) or not 0 <= top <= 20:
         raise BadRequest(f"top_logprobs must be a whole number from 0 to 20, got {top!r}")
     return top

@@ -1,17 +1,19 @@
-"""The work behind /api/generate and /api/chat, as plain functions yielding Ollama's chunks.
+"""The work behind /api/generate and /api/chat: a typed request in, Ollama's chunks out.
 
-The HTTP routes (Ollama's and OpenAI's) and tests call these; each yields response dicts
-(``done: false`` pieces, then one ``done: true`` summary with Ollama's counts and nanosecond
-durations). Output that must be seen whole before it can be answered (tool calls) is held back
-and sent with the summary.
+Every face (Ollama's routes, OpenAI's, the Responses and Messages APIs) hands ``generate`` or
+``chat`` a ``GenerateRequest``/``ChatRequest`` and gets response dicts: ``done: false`` pieces,
+then one ``done: true`` summary with Ollama's counts and nanosecond durations. Output that must be
+seen whole before it can be answered (tool calls) is held back and sent with the summary.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -21,6 +23,7 @@ from offload.runtime.errors import BadRequest
 from offload.runtime.runner.generation import Piece, Stats
 from offload.runtime.serving import calibration, validate
 from offload.runtime.serving.options import logprobs_from, merge_options, sampling_from
+from offload.runtime.serving.requests import ChatRequest, GenerateRequest
 from offload.runtime.serving.scheduler import Runner, Scheduler
 from offload.runtime.text import prompt
 from offload.runtime.text.grammar import grammar_for_format
@@ -32,7 +35,7 @@ from offload.runtime.text.tools import (
     supports_tools,
 )
 
-__all__ = ["generate", "chat", "chat_prompt", "now_iso", "keep_alive_from", "model_name"]
+__all__ = ["generate", "chat", "chat_prompt", "chat_messages", "think_of", "now_iso", "keep_alive_from"]
 
 
 def now_iso() -> str:
@@ -49,11 +52,70 @@ def keep_alive_from(value: Any) -> float | None:
     return None if value is None else config.parse_duration_s(value, config.keep_alive_s())
 
 
-def _summary(model: str, stats: Stats, load_s: float, t_start: float) -> dict[str, Any]:
-    return {
-        "model": model,
-        "created_at": now_iso(),
-        "done": True,
+def think_of(value: bool | str | None) -> bool | None:
+    """A request's ``think``: gpt-oss style "low"/"medium"/"high" mean on."""
+    if isinstance(value, str):
+        return value.lower() not in ("", "false", "none")
+    return value if value is None else bool(value)
+
+
+def chat_messages(req: ChatRequest) -> list[dict[str, Any]]:
+    """The request's messages as the templates see them (plain dicts, unset fields left out)."""
+    return [m.model_dump(exclude_none=True) for m in req.messages or []]
+
+
+@dataclass
+class _Answer:
+    """How one request's chunks look: ``response`` (generate) or ``message`` (chat) pieces, with
+    reasoning split out and tool calls held back where the request asks for them."""
+
+    model: str
+    chat: bool
+    think: ThinkSplitter | None = None
+    calls: ToolCallStreamer | None = None
+
+    def chunk(self, content: str, thinking: str, done: bool) -> dict[str, Any]:
+        out: dict[str, Any] = {"model": self.model, "created_at": now_iso()}
+        if self.chat:
+            msg: dict[str, Any] = {"role": "assistant", "content": content}
+            if thinking:
+                msg["thinking"] = thinking
+            out["message"] = msg
+        else:
+            out["response"] = content
+            if thinking:
+                out["thinking"] = thinking
+        out["done"] = done
+        return out
+
+    def piece(self, text: str) -> tuple[str, str]:
+        """(thinking, content) that can be sent now for a piece of model output."""
+        thinking, content = self.think.feed(text) if self.think else ("", text)
+        if self.calls:
+            content = self.calls.feed(content)
+        return thinking, content
+
+    def rest(self) -> tuple[str, str, list[dict[str, Any]]]:
+        """(thinking, content, tool calls) held back until the end."""
+        thinking, content = self.think.flush() if self.think else ("", "")
+        calls: list[dict[str, Any]] = []
+        if self.calls:
+            content = self.calls.feed(content)
+            tail, calls = self.calls.finish()
+            content += tail
+        return thinking, content, calls
+
+    def empty(self, done_reason: str) -> dict[str, Any]:
+        """The answer to a request that only loads or unloads the model."""
+        return {**self.chunk("", "", True), "done_reason": done_reason}
+
+
+def _summary(answer: _Answer, stats: Stats, load_s: float, t_start: float) -> dict[str, Any]:
+    thinking, content, calls = answer.rest()
+    out = answer.chunk(content, thinking, True)
+    if calls:
+        out["message"]["tool_calls"] = calls
+    out.update({
         "done_reason": stats.done_reason,
         "total_duration": _ns(time.perf_counter() - t_start),
         "load_duration": _ns(load_s),
@@ -64,216 +126,147 @@ def _summary(model: str, stats: Stats, load_s: float, t_start: float) -> dict[st
         # Beyond Ollama's counts: prompt tokens found in the runner's cache (not evaluated, so not
         # in prompt_eval_count); OpenAI's and Anthropic's usage report them.
         "prompt_cached_count": stats.cached_tokens,
-    }
+    })
+    if stats.stop_sequence is not None:
+        out["stop_sequence"] = stats.stop_sequence  # which stop string ended it (Anthropic's API says)
+    return out
 
 
-def _run(
-    runner: Runner,
-    options: dict[str, Any],
-    cancel: threading.Event | None,
-    grammar: str | None,
-    truncate: bool,
-    logprobs: int | None = None,
-    *,
-    tokens: list[int] | None = None,
-    text: str | None = None,
-    add_bos: bool = True,
-    want_tokens: bool = False,
-) -> Iterator[Piece | Stats]:
-    """Generate on the runner: the prompt is token ids, text the runner tokenizes, or both."""
-    sampling = sampling_from({**options, "stop": list(options.get("stop", []))}, grammar, logprobs)
+@dataclass
+class _Job:
+    """What a checked request runs with."""
+
+    name: str
+    info: ModelInfo
+    keep: float | None
+    options: dict[str, Any]
+    grammar: str | None
+    logprobs: int | None
+    truncate: bool
+
+
+def _job(sched: Scheduler, req: GenerateRequest | ChatRequest, context: list[int] | None = None) -> _Job:
+    """Check what needs no loaded model: the model exists, options and format are sound."""
+    info = sched.resolve(req.model)
+    options = merge_options(info.params, req.options)
+    validate.for_model(info, options, context)
+    return _Job(req.model, info, keep_alive_from(req.keep_alive), options, grammar_for_format(req.format),
+                logprobs_from(req.logprobs, req.top_logprobs), req.truncate is not False)
+
+
+@contextlib.contextmanager
+def _loaded(sched: Scheduler, job: _Job) -> Iterator[tuple[Runner, float]]:
+    """The runner for the job, and the seconds this request spent loading it (0 if it was loaded)."""
+    before = {id(r) for r in sched.loaded()}
+    with sched.acquire(job.name, job.options, job.keep) as runner:
+        yield runner, 0.0 if id(runner) in before else runner.proc.load_s
+
+
+def _check(name: str, template: str | None, think: bool | None, images: bool) -> None:
+    """Refuse what the model cannot do."""
+    if images:
+        raise BadRequest(f'"{name}" has no vision support; send text only')
+    if think and not supports_thinking(template):
+        raise BadRequest(f'"{name}" does not support thinking')
+
+
+def _stream(runner: Runner, job: _Job, answer: _Answer, cancel: threading.Event | None, t_start: float,
+            load_s: float, *, tokens: list[int] | None = None, text: str | None = None, add_bos: bool = True,
+            want_tokens: bool = False) -> Iterator[dict[str, Any] | Stats]:
+    """Generate on the runner and yield the answer's chunks, then its summary and the ``Stats``."""
+    sampling = sampling_from({**job.options, "stop": list(job.options.get("stop", []))}, job.grammar, job.logprobs)
     accept = getattr(cancel, "accept", None)
     if accept is not None:
         accept()  # every check has passed: a streaming response may start now
-    for ev in runner.proc.generate(sampling, tokens=tokens, text=text, add_bos=add_bos, truncate=truncate,
+    for ev in runner.proc.generate(sampling, tokens=tokens, text=text, add_bos=add_bos, truncate=job.truncate,
                                    cancel=cancel, want_tokens=want_tokens):
-        if isinstance(ev, Stats):
-            runner.last_stats = ev  # what the last generation did, for `ps` and tests
+        if isinstance(ev, Piece):
+            thinking, content = answer.piece(ev.text)
+            if thinking or content or ev.logprobs:
+                chunk = answer.chunk(content, thinking, False)
+                if ev.logprobs:
+                    chunk["logprobs"] = [t.to_dict() for t in ev.logprobs]
+                yield chunk
+            continue
+        runner.last_stats = ev  # what the last generation did, for `ps` and tests
+        yield _summary(answer, ev, load_s, t_start)
         yield ev
-        if isinstance(ev, Stats):
-            # After the answer is out: the lengths this model serves shape its next plan, and a
-            # request that ran alone calibrates this machine's speed model (batched steps measure
-            # another thing).
-            calibration.record_workload(runner.info.digest, ev.prompt_eval_count, ev.eval_count)
-            if ev.alone:
-                calibration.record(runner.plan, runner.info.digest, ev)
+        # After the answer is out: the lengths this model serves shape its next plan, and a request
+        # that ran alone calibrates this machine's speed model (batched steps measure another thing).
+        calibration.record_workload(runner.info.digest, ev.prompt_eval_count, ev.eval_count)
+        if ev.alone:
+            calibration.record(runner.plan, runner.info.digest, ev)
 
 
-def _check_common(name: str, req: dict[str, Any], template: str | None) -> bool | None:
-    """Refuse what the model cannot do; returns the effective ``think``."""
-    if req.get("images") or any((m or {}).get("images") for m in req.get("messages") or []):
-        raise BadRequest(f'"{name}" has no vision support; send text only')
-    think = req.get("think")
-    if isinstance(think, str):  # gpt-oss style "low"/"medium"/"high" means on
-        think = think.lower() not in ("", "false", "none")
-    if think and not supports_thinking(template):
-        raise BadRequest(f'"{name}" does not support thinking')
-    return think if think is None else bool(think)
-
-
-def _loaded_names(sched: Scheduler) -> set[tuple[str, int]]:
-    return {(r.name, id(r)) for r in sched.loaded()}
-
-
-def generate(
-    sched: Scheduler, req: dict[str, Any], cancel: threading.Event | None = None
-) -> Iterator[dict[str, Any]]:
+def generate(sched: Scheduler, req: GenerateRequest, cancel: threading.Event | None = None) -> Iterator[dict[str, Any]]:
     """Ollama /api/generate: pieces of ``response`` (and ``thinking``), then the summary."""
     t_start = time.perf_counter()
-    name = model_name(req)
-    keep = keep_alive_from(req.get("keep_alive"))
-    info = sched.resolve(name)
-    template = req.get("template") or info.template
-    think = _check_common(name, req, template)
-    if req.get("suffix") and not supports_insert(template):
-        raise BadRequest(f'"{name}" does not support insert')
-    grammar = grammar_for_format(req.get("format"))
-    options = merge_options(info.params, req.get("options"))
-    validate.for_model(info, options, req.get("context"))
-    lp = logprobs_from(req)
-    context = req.get("context") or []
-    if not isinstance(context, list) or not all(isinstance(t, int) for t in context):
-        raise BadRequest("context must be a list of token ids")
-    if keep == 0 and not req.get("prompt") and not req.get("suffix") and not context:
-        sched.unload(
-            name
-        )  # Ollama's way to unload: an empty request with keep_alive 0; loads nothing
-        yield {
-            "model": name,
-            "created_at": now_iso(),
-            "response": "",
-            "done": True,
-            "done_reason": "unload",
-        }
-        return
-    before = _loaded_names(sched)
-    with sched.acquire(name, options, keep) as runner:
-        load_s = 0.0 if (runner.name, id(runner)) in before else runner.proc.load_s
-        text_prompt = req.get("prompt") or ""
-        if not text_prompt and not req.get("suffix") and not context:
-            yield {
-                "model": name,
-                "created_at": now_iso(),
-                "response": "",
-                "done": True,
-                "done_reason": "unload" if keep == 0 else "load",
-            }
+    context = list(req.context or [])
+    job = _job(sched, req, context)
+    template = req.template or job.info.template
+    think = think_of(req.think)
+    _check(job.name, template, think, bool(req.images))
+    if req.suffix and not supports_insert(template):
+        raise BadRequest(f'"{job.name}" does not support insert')
+    answer = _Answer(job.name, chat=False)
+    if not (req.prompt or req.suffix or context):
+        # Ollama's way to load a model (or, with keep_alive 0, to unload it without loading it).
+        if job.keep == 0:
+            sched.unload(job.name)
+            yield answer.empty("unload")
             return
-        raw = bool(req.get("raw"))
-        system = req.get("system") if req.get("system") is not None else info.system
-        text = prompt.render_generate(template, text_prompt, system, req.get("suffix"), raw, think=think)
-        splitter = ThinkSplitter(inside=text.rstrip().endswith("<think>")) if think else None
-        for ev in _run(
-            runner, options, cancel, grammar, req.get("truncate", True) is not False, lp,
-            tokens=list(context), text=text, add_bos=not context, want_tokens=not raw,
-        ):
-            if isinstance(ev, Piece):
-                thinking, content = splitter.feed(ev.text) if splitter else ("", ev.text)
-                if thinking or content or ev.logprobs:
-                    chunk = {
-                        "model": name,
-                        "created_at": now_iso(),
-                        "response": content,
-                        "done": False,
-                    }
-                    if thinking:
-                        chunk["thinking"] = thinking
-                    if ev.logprobs:
-                        chunk["logprobs"] = [t.to_dict() for t in ev.logprobs]
-                    yield chunk
+        with _loaded(sched, job):
+            yield answer.empty("load")
+        return
+    raw = bool(req.raw)
+    system = req.system if req.system is not None else job.info.system
+    text = prompt.render_generate(template, req.prompt or "", system, req.suffix, raw, think=think)
+    if think:
+        answer.think = ThinkSplitter(inside=text.rstrip().endswith("<think>"))
+    with _loaded(sched, job) as (runner, load_s):
+        summary: dict[str, Any] = {}
+        for ev in _stream(runner, job, answer, cancel, t_start, load_s, tokens=context, text=text,
+                          add_bos=not context, want_tokens=not raw):
+            if isinstance(ev, Stats):
+                if not raw:  # Ollama's context: the prompt and the answer, to continue from
+                    summary["context"] = list(ev.prompt_tokens) + list(ev.tokens)
+                yield summary
+            elif ev.get("done"):
+                summary = ev
             else:
-                out = _summary(name, ev, load_s, t_start)
-                out["response"] = ""
-                if splitter:
-                    thinking, content = splitter.flush()
-                    out["response"] = content
-                    if thinking:
-                        out["thinking"] = thinking
-                if not raw:
-                    out["context"] = list(ev.prompt_tokens) + list(ev.tokens)
-                yield out
+                yield ev
 
 
-def chat(
-    sched: Scheduler, req: dict[str, Any], cancel: threading.Event | None = None
-) -> Iterator[dict[str, Any]]:
+def chat(sched: Scheduler, req: ChatRequest, cancel: threading.Event | None = None) -> Iterator[dict[str, Any]]:
     """Ollama /api/chat: pieces of ``message.content``, then the summary (with any ``tool_calls``)."""
     t_start = time.perf_counter()
-    name = model_name(req)
-    keep = keep_alive_from(req.get("keep_alive"))
-    messages = req.get("messages") or []
-    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
-        raise BadRequest("messages must be a list of {role, content} objects")
-    info = sched.resolve(name)
-    if keep == 0 and not messages:
-        sched.unload(name)
-        yield {
-            "model": name,
-            "created_at": now_iso(),
-            "message": {"role": "assistant", "content": ""},
-            "done": True,
-            "done_reason": "unload",
-        }
+    messages = chat_messages(req)
+    job = _job(sched, req)
+    tools = req.tools or None
+    answer = _Answer(job.name, chat=True)
+    if not messages and job.keep == 0:
+        sched.unload(job.name)
+        yield answer.empty("unload")
         return
-    tools = req.get("tools") or None
-    grammar = grammar_for_format(req.get("format"))
-    options = merge_options(info.params, req.get("options"))
-    validate.for_model(info, options)
-    lp = logprobs_from(req)
-    before = _loaded_names(sched)
-    with sched.acquire(name, options, keep) as runner:
-        load_s = 0.0 if (runner.name, id(runner)) in before else runner.proc.load_s
-        gguf_template = None if info.template else _gguf_template(runner)
-        template = info.template or gguf_template
-        think = _check_common(name, req, template)
+    with _loaded(sched, job) as (runner, load_s):
+        gguf_template = None if job.info.template else _chat_template_of(str(job.info.model_path))
+        template = job.info.template or gguf_template
+        think = think_of(req.think)
+        _check(job.name, template, think, any(m.get("images") for m in messages))
         if tools and not supports_tools(template):
-            raise BadRequest(f'"{name}" does not support tools')
+            raise BadRequest(f'"{job.name}" does not support tools')
         if not messages:
-            yield {
-                "model": name,
-                "created_at": now_iso(),
-                "message": {"role": "assistant", "content": ""},
-                "done": True,
-                "done_reason": "unload" if keep == 0 else "load",
-            }
+            yield answer.empty("load")
             return
-        text, has_bos = chat_prompt(info, messages, tools, think, gguf_template)
-        splitter = ThinkSplitter(inside=text.rstrip().endswith("<think>")) if think else None
-        # With tools, text streams until something could open a call; the rest is parsed at the end.
-        calls_out = ToolCallStreamer(tools) if tools else None
-        for ev in _run(
-            runner, options, cancel, grammar, req.get("truncate", True) is not False, lp,
-            text=text, add_bos=not has_bos,
-        ):
-            if isinstance(ev, Piece):
-                thinking, content = splitter.feed(ev.text) if splitter else ("", ev.text)
-                if calls_out:
-                    content = calls_out.feed(content)
-                if thinking or content or ev.logprobs:
-                    msg: dict[str, Any] = {"role": "assistant", "content": content}
-                    if thinking:
-                        msg["thinking"] = thinking
-                    chunk = {"model": name, "created_at": now_iso(), "message": msg, "done": False}
-                    if ev.logprobs:
-                        chunk["logprobs"] = [t.to_dict() for t in ev.logprobs]
-                    yield chunk
-            else:
-                out = _summary(name, ev, load_s, t_start)
-                if ev.stop_sequence is not None:
-                    out["stop_sequence"] = ev.stop_sequence  # which stop string ended it (Anthropic's API says)
-                msg = {"role": "assistant", "content": ""}
-                if splitter:
-                    thinking, content = splitter.flush()
-                    if thinking:
-                        msg["thinking"] = thinking
-                    msg["content"] = calls_out.feed(content) if calls_out else content
-                if calls_out:
-                    rest, calls = calls_out.finish()
-                    msg["content"] += rest
-                    if calls:
-                        msg["tool_calls"] = calls
-                out["message"] = msg
-                yield out
+        text, has_bos = chat_prompt(job.info, messages, tools, think, gguf_template)
+        if think:
+            answer.think = ThinkSplitter(inside=text.rstrip().endswith("<think>"))
+        if tools:
+            # Text streams until something could open a call; the rest is parsed at the end.
+            answer.calls = ToolCallStreamer(tools)
+        for ev in _stream(runner, job, answer, cancel, t_start, load_s, text=text, add_bos=not has_bos):
+            if not isinstance(ev, Stats):
+                yield ev
 
 
 def chat_prompt(info: ModelInfo, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
@@ -286,10 +279,6 @@ def chat_prompt(info: ModelInfo, messages: list[dict[str, Any]], tools: list[dic
     return prompt.render_chat(info.template, gguf_template, history, tools, think=think)
 
 
-def _gguf_template(runner: Runner) -> str | None:
-    return _chat_template_of(str(runner.info.model_path))
-
-
 @functools.lru_cache(maxsize=32)
 def _chat_template_of(model_path: str) -> str | None:
     # Blobs are content-addressed, so a path's template never changes: read the header (a quarter
@@ -297,11 +286,3 @@ def _chat_template_of(model_path: str) -> str | None:
     from offload.planner import anatomy
 
     return anatomy.read(model_path).chat_template
-
-
-def model_name(req: dict[str, Any]) -> str:
-    """The request's model name (``model``, or the older ``name``)."""
-    name = req.get("model") or req.get("name")
-    if not name or not isinstance(name, str):
-        raise BadRequest("model is required")
-    return name

@@ -1,0 +1,117 @@
+"""The requests the service runs, typed: Ollama's generate, chat and embed requests.
+
+Pydantic models following Ollama's published API (docs/api.md); the HTTP faces accept them as
+bodies (so /openapi.json describes them), the OpenAI, Responses and Anthropic faces translate
+their own requests into them, and the service takes them as they are. Unknown fields are ignored,
+as Ollama does.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = [
+    "ToolCallFunction",
+    "ToolCall",
+    "Message",
+    "GenerateRequest",
+    "ChatRequest",
+    "EmbedRequest",
+    "EmbeddingsRequest",
+    "KeepAlive",
+    "Format",
+    "Think",
+]
+
+_IGNORE = ConfigDict(extra="ignore")
+_OPEN = ConfigDict(extra="allow")
+
+KeepAlive = str | float | None
+Format = str | dict[str, Any] | None
+Think = bool | str | None
+
+
+class ToolCallFunction(BaseModel):
+    model_config = _OPEN
+    name: str
+    arguments: dict[str, Any] = Field(default_factory=dict)
+
+
+class ToolCall(BaseModel):
+    model_config = _OPEN
+    function: ToolCallFunction
+
+
+class Message(BaseModel):
+    """One chat message."""
+
+    model_config = _IGNORE
+    role: str
+    content: str | None = ""
+    thinking: str | None = None
+    images: list[str] | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_name: str | None = None
+
+
+class GenerateRequest(BaseModel):
+    """POST /api/generate."""
+
+    model_config = _IGNORE
+    model: str
+    prompt: str | None = None
+    suffix: str | None = None
+    images: list[str] | None = None
+    format: Format = None
+    options: dict[str, Any] | None = None
+    system: str | None = None
+    template: str | None = None
+    context: list[int] | None = None
+    stream: bool | None = None
+    raw: bool | None = None
+    keep_alive: KeepAlive = None
+    think: Think = None
+    truncate: bool | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+
+
+class ChatRequest(BaseModel):
+    """POST /api/chat."""
+
+    model_config = _IGNORE
+    model: str
+    messages: list[Message] | None = None
+    tools: list[dict[str, Any]] | None = None
+    format: Format = None
+    options: dict[str, Any] | None = None
+    stream: bool | None = None
+    keep_alive: KeepAlive = None
+    think: Think = None
+    truncate: bool | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+
+
+class EmbedRequest(BaseModel):
+    """POST /api/embed."""
+
+    model_config = _IGNORE
+    model: str
+    input: str | list[str] = ""
+    truncate: bool | None = True
+    dimensions: int | None = None
+    options: dict[str, Any] | None = None
+    keep_alive: KeepAlive = None
+
+
+class EmbeddingsRequest(BaseModel):
+    """POST /api/embeddings (the older, single-prompt form)."""
+
+    model_config = _IGNORE
+    model: str
+    prompt: str = ""
+    options: dict[str, Any] | None = None
+    keep_alive: KeepAlive = None
