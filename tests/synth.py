@@ -1,11 +1,20 @@
-"""Synthetic GGUF writers: real tensor shapes and metadata, sparse (no disk) or zero-filled data.
-
-Also the tiny random-data F32 llama and the gemma3:270m LoRA the model-library tests use
-(``write_model(path)`` without a spec, ``write_lora``).
+"""The one writer of synthetic GGUF models, for tests and for benchmarks.
 
 ``write_model`` is general (any llama.cpp-style arch, dims, per-tensor types); the named helpers
-give the shapes the planner is judged on (GPU.md): a Mistral-7B dense, a Qwen3-30B-A3B MoE, a
-Mamba, a Mamba2 and a granitehybrid. With ``tokenizer=True`` llama.cpp can load the file.
+give the shapes the planner is judged on: a Mistral-7B dense, a Qwen3-30B-A3B MoE, a Mamba, a
+Mamba2 and a granitehybrid. ``SPECS`` names the shapes the benchmarks time (``bench/synth_models.py``
+is its command line). The tensor data is one of:
+
+- ``sparse``: a hole, the file's full size without the disk space (the planner reads only headers);
+- ``zeros``: written zeros;
+- ``random``: random quant blocks with small, finite, zero-mean weights, which cost what real
+  weights cost to read and multiply and keep a MoE router balanced (for timing llama.cpp).
+
+With ``tokenizer=True`` (implied by ``random``) llama.cpp can load the file. Also the tiny
+random-data F32 llama and the gemma3:270m LoRA the model-library tests use (``write_model(path)``
+without a spec, ``write_lora``).
+
+Imports only gguf and numpy, so a bare machine can write models while llama.cpp builds.
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter
 
 __all__ = [
     "GEMMA3_270M_Q_SHAPE",
+    "SPECS",
     "write_lora",
     "ModelSpec",
     "write_model",
@@ -64,6 +74,7 @@ class ModelSpec:
     types: dict[str, str] = field(default_factory=dict)
     default_type: str = "Q4_K"
     extra_kv: dict[str, Any] = field(default_factory=dict)
+    name: str = ""  # general.name, when set
 
 
 def _kv_heads(spec: ModelSpec) -> list[int]:
@@ -207,6 +218,8 @@ def _metadata(w: GGUFWriter, spec: ModelSpec, tokenizer: bool) -> None:
         else:
             w.add_string(k, str(v))
     w.add_uint32("general.file_type", 15)
+    if spec.name:
+        w.add_string("general.name", spec.name)
     if tokenizer:
         # A minimal SentencePiece-style vocabulary: enough for llama.cpp to load and run.
         toks = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
@@ -222,41 +235,45 @@ def _metadata(w: GGUFWriter, spec: ModelSpec, tokenizer: bool) -> None:
 
 def write_model(
     path: str | os.PathLike[str],
-    spec: ModelSpec | None = None,
+    spec: ModelSpec | str | None = None,
     *,
-    sparse: bool = True,
+    data: str = "sparse",
     tokenizer: bool = False,
     embd: int = 256,
     seed: int = 0,
 ) -> Path:
-    """Write a GGUF of ``spec`` to ``path``: the header, then data as a hole (sparse) or zeros.
+    """Write a GGUF of ``spec`` (or a ``SPECS`` name) to ``path``, with ``data`` as the module says.
 
     Without a spec: a one-layer F32 llama with random weights (``embd``, ``seed``) that llama.cpp
-    can load and quantize (about 2 MB).
+    can load and quantize (about 2 MB). The file appears whole or not at all.
     """
     if spec is None:
         return _write_tiny_f32(Path(path), embd=embd, seed=seed)
+    if data not in ("sparse", "zeros", "random"):
+        raise ValueError(f"data must be sparse, zeros or random, not {data!r}")
+    spec = SPECS[spec] if isinstance(spec, str) else spec
     p = Path(path)
-    w = GGUFWriter(str(p), spec.arch)
-    _metadata(w, spec, tokenizer)
-    sizes = []
+    tmp = p.with_name(p.name + ".part")
+    w = GGUFWriter(str(tmp), spec.arch)
+    _metadata(w, spec, tokenizer or data == "random")
+    layout = []
     for name, shape in _tensors(spec):
         qt = _type_for(spec, name, shape)
         nb = _nbytes(qt, shape)
         w.add_tensor_info(name, tuple(reversed(shape)), np.dtype(np.float32), nb, raw_dtype=qt)
-        sizes.append(nb)
+        layout.append((name, qt, nb))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
     w.close()
     align = 32
-    header = p.stat().st_size
+    header = tmp.stat().st_size
     start = header + (-header % align)
-    total = start + sum(s + (-s % align) for s in sizes)
-    with p.open("r+b") as f:
-        if sparse:
+    total = start + sum(nb + (-nb % align) for _, _, nb in layout)
+    with tmp.open("r+b") as f:
+        if data == "sparse":
             f.truncate(total)
-        else:
+        elif data == "zeros":
             f.seek(header)
             chunk = bytes(16 << 20)
             left = total - header
@@ -264,7 +281,74 @@ def write_model(
                 n = min(left, len(chunk))
                 f.write(chunk[:n])
                 left -= n
+        else:
+            f.seek(header)
+            f.write(bytes(start - header))
+            _write_random(f, layout, seed)
+    os.replace(tmp, p)
     return p
+
+
+#: Attention's output projection, scaled down: random attention averages over the positions, and
+#: at full scale that average swamps every token's own state within a few layers, so all tokens
+#: route to the same experts (a trained model's residual stream keeps tokens apart).
+ATTN_OUT_SCALE = 1e-7
+
+
+def _block_pool(qt: GGMLQuantizationType, rng: np.random.Generator, n_bytes: int, scale: float = 1e-4) -> bytes:
+    """Random quant blocks with small, finite and zero-mean weights.
+
+    Zero mean matters for MoE timing: weights with a common offset give every hidden state a
+    shared direction, the random router then sends most tokens to the same few experts, and
+    llama.cpp's op offload, which copies only the experts a micro-batch uses, moves a fraction of
+    the bytes a trained (load-balanced) model makes it move.
+    """
+    Q = GGMLQuantizationType
+    block = GGML_QUANT_SIZES[qt][1]
+    blocks = rng.integers(0, 256, size=(n_bytes // block, block), dtype=np.uint8)
+    d = np.frombuffer(np.float16(scale).tobytes(), dtype=np.uint8)
+    if qt == Q.Q4_K:  # struct: half d, half dmin, u8 scales[12], u8 qs[128]
+        # w = d * sc * q - dmin * m with q uniform in 0..15: sc = m = 17 in all eight sub-blocks
+        # (6-bit fields packed as in ggml's get_scale_min_k4) and dmin = 7.5 d centre it on zero.
+        blocks[:, 0:2] = d
+        blocks[:, 2:4] = np.frombuffer(np.float16(7.5 * scale).tobytes(), dtype=np.uint8)
+        blocks[:, 4:12] = 0x51
+        blocks[:, 12:16] = 0x11
+    elif qt == Q.Q6_K:  # struct: u8 ql[128], u8 qh[64], i8 scales[16], half d
+        blocks[:, 208:210] = d
+    elif qt == Q.Q8_0:  # struct: half d, i8 qs[32]
+        blocks[:, 0:2] = d
+    elif qt in (Q.F16, Q.F32):
+        return (rng.standard_normal(n_bytes // (2 if qt == Q.F16 else 4)) * scale).astype(
+            np.float16 if qt == Q.F16 else np.float32).tobytes()
+    else:
+        raise ValueError(f"random data for {qt.name} tensors is not written; use Q4_K, Q6_K, Q8_0, F16 or F32")
+    return blocks.tobytes()
+
+
+def _write_random(f: Any, layout: list[tuple[str, GGMLQuantizationType, int]], seed: int) -> None:
+    """Tensor data after the header: varied views of a few random pools (seconds for gigabytes)."""
+    rng = np.random.default_rng(seed)
+    kinds = sorted({qt for _, qt, _ in layout if qt != GGMLQuantizationType.F32})
+    pools = {qt: _block_pool(qt, rng, 64 << 20) for qt in kinds}
+    quiet = {qt: _block_pool(qt, rng, 8 << 20, scale=ATTN_OUT_SCALE) for qt in kinds}
+    for name, qt, nb in layout:
+        if qt == GGMLQuantizationType.F32:
+            if "gate_inp" in name:  # router weights: varied so that different experts win
+                f.write(rng.normal(0, 0.02, nb // 4).astype(np.float32).tobytes())
+            else:  # norms and biases
+                f.write(np.ones(nb // 4, dtype=np.float32).tobytes())
+        else:
+            pool = memoryview((quiet if "attn_output" in name else pools)[qt])  # views, not copies
+            block = GGML_QUANT_SIZES[qt][1]
+            pos = int(rng.integers(0, len(pool) // block)) * block  # vary tensors' contents
+            left = nb
+            while left > 0:
+                n = min(left, len(pool) - pos)
+                f.write(pool[pos : pos + n])
+                left -= n
+                pos = 0
+        f.write(bytes(-nb % 32))
 
 
 def mistral_7b() -> ModelSpec:
@@ -431,3 +515,17 @@ def write_lora(
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+_Q6_KEYS = {"attn_v": "Q6_K", "ffn_down": "Q6_K", "output.": "Q6_K"}
+
+#: The shapes the benchmarks time, by name (Q4_K with Q6_K v/down/output, as Q4_K_M files are).
+SPECS: dict[str, ModelSpec] = {
+    "dense": ModelSpec(**{**mistral_7b().__dict__, "name": "synthetic-llama-32L"}),
+    "moe": ModelSpec(**{**qwen3_30b_a3b().__dict__, "name": "synthetic-qwen3moe-48L"}),
+    "tiny-dense": ModelSpec(arch="llama", n_layers=4, n_embd=256, n_ff=512, n_head=4, n_head_kv=2,
+                            n_vocab=1024, types=_Q6_KEYS, name="synthetic-llama-4L"),
+    "tiny-moe": ModelSpec(arch="qwen3moe", n_layers=4, n_embd=256, n_ff=512, n_head=4, n_head_kv=2,
+                          head_dim=64, n_vocab=1024, expert_count=8, expert_used=2, n_ff_exp=256,
+                          qk_norm=True, types=_Q6_KEYS, name="synthetic-qwen3moe-4L"),
+}

@@ -10,9 +10,7 @@ llama.cpp's own fit, whose target is the whole process, left free.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,6 +18,7 @@ import pytest
 from offload.planner import anatomy, evaluate
 from offload.planner.memory import CUDA_CONTEXT_BYTES
 from offload.planner.types import Anatomy, Hardware, Placement, Plan, PlanRequest
+from tests import synth
 
 RESULTS = Path(__file__).parents[2] / "bench" / "results"
 FILES = sorted(RESULTS.glob("**/*gib.json"))
@@ -28,13 +27,8 @@ GiB = 1 << 30
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Anatomy]:
-    path = Path(__file__).parents[2] / "bench" / "synth_models.py"
-    spec = importlib.util.spec_from_file_location("synth_models", path)
-    sm = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-    sys.modules["synth_models"] = sm
-    spec.loader.exec_module(sm)  # type: ignore[union-attr]
     d = tmp_path_factory.mktemp("records")
-    return {k: anatomy.read(sm.write_model(d / f"{k}.gguf", k, header_only=True)) for k in ("dense", "moe")}
+    return {k: anatomy.read(synth.write_model(d / f"{k}.gguf", k)) for k in ("dense", "moe")}
 
 
 def _runs() -> list[tuple[str, dict]]:

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from offload.planner import GGUFError, anatomy
@@ -218,12 +218,19 @@ VALUES = st.one_of(
 
 
 def _accepted_is_loadable(md: dict) -> None:
-    """What llama.cpp asserts on must be absent from any header the reader accepts."""
+    """What llama.cpp asserts on must be absent from any header the reader accepts.
+
+    llama.cpp reads hyperparameters under the architecture the header names, so a header whose
+    architecture was changed is checked under the new name (keys left under the old one are inert).
+    """
+    arch = md.get("general.architecture")
+    assert isinstance(arch, str)
+
     def get(k: str, default: object = None) -> object:
-        return md.get(f"{A}.{k}", default)
+        return md.get(f"{arch}.{k}", default)
 
     n = get("block_count")
-    assert isinstance(n, int) and 1 <= n <= LLAMA_MAX_LAYERS
+    assert n is None or (isinstance(n, int) and 1 <= n <= LLAMA_MAX_LAYERS)
     for k in ("attention.layer_norm_rms_epsilon", "attention.layer_norm_epsilon"):
         if get(k) is not None:
             assert math.isfinite(get(k)) and get(k) > 0  # type: ignore[arg-type]
@@ -237,6 +244,9 @@ def _accepted_is_loadable(md: dict) -> None:
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@example(changes=[("general.architecture", (T_STRING, "none")), (f"{A}.block_count", (T_ARRAY, (T_U32, [])))])
+@example(changes=[("general.architecture", (T_STRING, "llama")), (f"{A}.expert_count", (T_STRING, "8"))])
+@example(changes=[(f"{A}.rope.scaling.type", (T_F32, math.nan))])
 @given(changes=st.lists(st.tuples(st.sampled_from(KEYS), VALUES), min_size=1, max_size=3))
 def test_generated_metadata_mutations_are_refused_or_safe(
     gemma: GGUFLayout, tmp_path_factory: pytest.TempPathFactory, changes: list

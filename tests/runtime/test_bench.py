@@ -14,6 +14,7 @@ from click.testing import CliRunner
 from offload.runtime.cli import bench as cli_bench
 from offload.runtime.serving import calibration
 from offload.runtime.serving.scheduler import current_hardware
+from tests import synth
 
 
 @pytest.fixture(scope="module")
@@ -224,23 +225,17 @@ def test_synthetic_moe_routes_a_batch_across_all_experts_like_a_trained_model(tm
     prompt timings are only real if the synthetic model's router spreads tokens as a trained one
     does. Counted here through llama.cpp's own eval callback on the tensor of chosen experts."""
     import ctypes
-    import importlib.util
     import random
-    import sys
 
     import llama_cpp
     import llama_cpp.llama_cpp as llama_c
 
     from offload.runtime.runner import native as eng
 
-    path = Path(__file__).parents[2] / "bench" / "synth_models.py"
-    spec_mod = importlib.util.spec_from_file_location("synth_models", path)
-    sm = importlib.util.module_from_spec(spec_mod)  # type: ignore[arg-type]
-    sys.modules["synth_models"] = sm  # dataclasses look their module up there
-    spec_mod.loader.exec_module(sm)  # type: ignore[union-attr]
-    spec = sm.Spec("qwen3moe", 4, 512, 1024, 8, 2, 2048, head_dim=64, n_ctx_train=2048,
-                   expert_count=32, expert_used=4, n_ff_exp=256, qk_norm=True)
-    model = sm.write_model(tmp_path / "moe.gguf", spec)
+    spec = synth.ModelSpec(arch="qwen3moe", n_layers=4, n_embd=512, n_ff=1024, n_head=8, n_head_kv=2,
+                           head_dim=64, n_vocab=2048, n_ctx_train=2048, expert_count=32, expert_used=4,
+                           n_ff_exp=256, qk_norm=True)
+    model = synth.write_model(tmp_path / "moe.gguf", spec, data="random")
 
     get_name, nel, get_i32 = (eng.ggml_symbol(n) for n in ("ggml_get_name", "ggml_nelements", "ggml_get_i32_1d"))
     get_name.restype, get_name.argtypes = ctypes.c_char_p, [ctypes.c_void_p]

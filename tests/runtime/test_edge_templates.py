@@ -124,7 +124,7 @@ def jinja_models(server: Running, tmp_path_factory: pytest.TempPathFactory) -> I
     for i, (source, _) in enumerate([("{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}", ""),
                                      *JINJA_BOMBS]):
         spec = dataclasses.replace(tiny_llama(n_layers=1), extra_kv={"tokenizer.chat_template": source})
-        path = write_model(folder / f"m{i}.gguf", spec, sparse=True, tokenizer=True)
+        path = write_model(folder / f"m{i}.gguf", spec, tokenizer=True)
         name = f"jinja{i}:latest"
         create(server.store, name, f"FROM {path}")
         names[source] = name
