@@ -30,7 +30,7 @@ from offload.models import embedded, registry
 from offload.models.create import create
 from offload.models.modelfile import parse_modelfile
 from offload.models.show import modelfile_text, show
-from offload.runtime.serving.planning import open_store
+from offload.runtime.serving.planning import list_models, open_store
 
 __all__ = ["register", "open_store", "human_bytes", "human_ago"]
 
@@ -205,7 +205,7 @@ def list_cmd() -> None:
     """List models: ours, and those of an Ollama store read in place."""
     store = open_store()
     rows = [(m.name.display, m.digest[7:19], human_bytes(m.size_bytes), human_ago(m.modified_at))
-            for m in store.list()]  # fmt: skip
+            for m in list_models(store)]  # fmt: skip
     width = max([len(r[0]) for r in rows] + [4]) + 4
     click.echo(f"{'NAME':<{width}}{'ID':<16}{'SIZE':<10}MODIFIED")
     for name, ident, size, modified in rows:

@@ -146,21 +146,16 @@ def create_app(store: Store | None = None, scheduler: Scheduler | None = None) -
     async def root() -> str:
         return "Offload is running"
 
-    @app.get("/api/version", response_model=VersionResponse)
+    @app.api_route("/api/version", methods=["GET", "HEAD"], response_model=VersionResponse)
     async def version() -> dict[str, Any]:
         return {"version": __version__}
 
-    from offload.runtime.server import anthropic, ollama, openai, responses
+    from offload.runtime.server import anthropic, models_api, ollama, openai, responses
 
     app.include_router(ollama.router)
     app.include_router(openai.router)
     app.include_router(responses.router)
     app.include_router(anthropic.router)
-    try:
-        from offload.runtime.server import models_api
-    except ImportError:
-        models_api = None  # type: ignore[assignment]
-    if models_api is not None:
-        app.include_router(models_api.router)
+    app.include_router(models_api.router)
 
     return app

@@ -34,7 +34,7 @@ from offload.runtime.server.streaming import (
     first_chunk,
     stream_events,
 )
-from offload.runtime.serving import embeddings, service
+from offload.runtime.serving import embeddings, planning, service
 from offload.runtime.serving.scheduler import Runner, Scheduler
 
 __all__ = ["router", "respond", "running_model", "merge_chunks", "collect"]
@@ -206,12 +206,11 @@ def _details(config: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-@router.get("/api/tags", response_model=ListResponse)
+@router.api_route("/api/tags", methods=["GET", "HEAD"], response_model=ListResponse)
 async def tags(request: Request) -> dict[str, Any]:
     """The models in the store."""
-    store = request.app.state.store
     models = []
-    for m in store.list():
+    for m in await run_in_threadpool(planning.list_models, request.app.state.store):
         models.append(
             {
                 "name": m.name.display,
@@ -231,14 +230,7 @@ _FOREVER_TS = 4102444800.0
 
 def running_model(r: Runner) -> dict[str, Any]:
     """One /api/ps entry: sizes, expiry, context and our plan."""
-    # What llama.cpp reported allocating, where we have it; the plan's prediction otherwise.
-    measured = r.proc.measured_bytes
-    if measured:
-        gpu = sum(sum(v.values()) for dev, v in measured.items() if dev != "CPU")
-        total = sum(sum(v.values()) for v in measured.values())
-    else:
-        gpu = sum(d.total_bytes for d in r.plan.devices if d.kind == "GPU")
-        total = sum(d.total_bytes for d in r.plan.devices)
+    total, gpu = r.memory()
     remaining = r.expires_at - time.monotonic()
     if r.busy and r.expires_at == float("inf"):
         remaining = r.keep_alive_s  # in use: it expires keep_alive after this request

@@ -45,7 +45,7 @@ from offload.runtime.server.streaming import (
     first_chunk,
     stream_events,
 )
-from offload.runtime.serving import embeddings, service, validate
+from offload.runtime.serving import embeddings, planning, service, validate
 from offload.runtime.serving.requests import ChatRequest, GenerateRequest
 
 __all__ = ["router"]
@@ -337,15 +337,17 @@ def _model_object(m: Any) -> dict[str, Any]:
 @router.get("/models", response_model=ModelList)
 async def list_models(request: Request) -> dict[str, Any]:
     """The models in the store."""
-    return {"object": "list", "data": [_model_object(m) for m in request.app.state.store.list()]}
+    listed = await run_in_threadpool(planning.list_models, request.app.state.store)
+    return {"object": "list", "data": [_model_object(m) for m in listed]}
 
 
 @router.get("/models/{model:path}", response_model=ModelObject, responses=_ERRORS)
 async def get_model(model: str, request: Request) -> dict[str, Any]:
     """One model, or 404."""
     store = request.app.state.store
+    listed = await run_in_threadpool(planning.list_models, store)
     info = store.resolve(model)  # ModelNotFound -> 404; a bad name -> 400
-    for m in store.list():
+    for m in listed:
         if m.name.display == info.name.display:
             return _model_object(m)
     raise ModelNotFound(f"model {model!r} not found")

@@ -35,7 +35,7 @@ __all__ = ["BackendReport", "Usable", "probe", "install_identity", "gpu_install_
 log = logging.getLogger(__name__)
 
 PROBE_TIMEOUT_S = 60.0
-_PROBE = Path(__file__).with_name("runner") / "probe.py"
+_PROBE = Path(__file__).parents[1] / "runner" / "probe.py"
 _GPU_TYPES = ("GPU", "IGPU")
 
 

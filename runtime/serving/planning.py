@@ -10,13 +10,15 @@ calibrated one when there are runs to learn from.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from offload.models import embedded
-from offload.models.store import Store
+from offload.models.errors import StoreError
+from offload.models.store import ListedModel, Store
 from offload.planner import hardware as hardware_mod
 from offload.planner import plan as make_plan
 from offload.planner.anatomy import read as read_anatomy
@@ -28,6 +30,7 @@ from offload.runtime.serving.safety import Safety
 __all__ = [
     "ModelRef",
     "open_store",
+    "list_models",
     "current_hardware",
     "hardware",
     "resolve",
@@ -46,6 +49,16 @@ def open_store() -> Store:
     store = Store(config.models_dir(), read_only_roots=[ollama] if ollama else [])
     store.prune_stale()
     return store
+
+
+def list_models(store: Store) -> list[ListedModel]:
+    """The models a listing shows (``offload list``, ``/api/tags``, ``/v1/models``): the store's,
+    with the embedded default offered on a store that never had it."""
+    try:
+        embedded.offer(store)
+    except (StoreError, OSError) as e:
+        logging.getLogger(__name__).warning("could not import the embedded model: %s", e)
+    return store.list()
 
 
 def usable_hardware(refresh: bool = False) -> backends.Usable:

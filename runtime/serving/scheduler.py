@@ -15,11 +15,12 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from offload.models.store import ModelInfo, Store
+from offload.planner.anatomy import read as read_anatomy
 from offload.planner.errors import PlanInfeasible
 from offload.planner.gguf_header import read_header
 from offload.planner.types import Hardware, Plan
@@ -32,13 +33,36 @@ from offload.runtime.serving.planning import current_hardware
 from offload.runtime.serving.process import RunnerCrashed, RunnerProcess
 from offload.runtime.serving.safety import SAFER_STEPS, Safety
 
-__all__ = ["Runner", "Scheduler", "current_hardware", "CRASH_SHRINK_STEPS"]
+__all__ = ["Runner", "Scheduler", "memory_split", "all_on_gpu", "current_hardware", "CRASH_SHRINK_STEPS"]
 
 log = logging.getLogger(__name__)
 
 # After the safer settings, a load that keeps crashing gives up this many shrink steps (GPU layers,
 # expert tensors, context) before the error is the user's.
 CRASH_SHRINK_STEPS = 3
+
+
+def all_on_gpu(plan: Plan, n_layers: int) -> bool:
+    """Every layer and the output layer on GPUs with no tensor kept back."""
+    p = plan.placement
+    gpus = any(d.kind == "GPU" for d in plan.devices)
+    return gpus and n_layers > 0 and p.n_gpu_layers > n_layers and not p.cpu_tensor_patterns
+
+
+def memory_split(plan: Plan, measured: Mapping[str, Mapping[str, int]], n_layers: int) -> tuple[int, int]:
+    """(bytes in all, bytes on GPUs) of a loaded model: what llama.cpp reported allocating where
+    there is a report, the plan's prediction otherwise.
+
+    A full offload counts as all GPU, as Ollama's ``ps`` calls it ``100% GPU``: llama.cpp still
+    keeps the token embeddings and staging buffers in host memory then.
+    """
+    if measured:
+        gpu = sum(sum(v.values()) for dev, v in measured.items() if dev != "CPU")
+        total = sum(sum(v.values()) for v in measured.values())
+    else:
+        gpu = sum(d.total_bytes for d in plan.devices if d.kind == "GPU")
+        total = sum(d.total_bytes for d in plan.devices)
+    return (total, total) if all_on_gpu(plan, n_layers) else (total, gpu)
 
 
 @dataclass
@@ -58,6 +82,11 @@ class Runner:
     # What the load gave up (memory) or turned off (after crashes), as sentences for the user.
     gave_up: list[str] = field(default_factory=list)
     safety: list[str] = field(default_factory=list)
+    n_layers: int = 0  # the model's repeating layers, to tell a full offload from a partial one
+
+    def memory(self) -> tuple[int, int]:
+        """(bytes in all, bytes on GPUs) as ``ps`` shows them; see ``memory_split``."""
+        return memory_split(self.plan, self.proc.measured_bytes, self.n_layers)
 
     @property
     def name(self) -> str:
@@ -225,7 +254,8 @@ class Scheduler:
                     pid=proc.pid, gave_up=gave_up)
         for sentence in gave_up:
             log.warning("%s: %s", info.name.display, sentence)
-        return Runner(info=info, plan=loaded, proc=proc, key=plan_key(options), gave_up=gave_up, safety=safety)
+        return Runner(info=info, plan=loaded, proc=proc, key=plan_key(options), gave_up=gave_up, safety=safety,
+                      n_layers=read_anatomy(info.model_path).n_layers)
 
     def _on_exit(self, proc: RunnerProcess) -> None:
         """A runner process ended: drop it if it is still the loaded one (a crash, not an unload)."""

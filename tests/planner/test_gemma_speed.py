@@ -8,13 +8,12 @@ import sys
 import time
 from pathlib import Path
 
+import llama_cpp
 import psutil
 import pytest
 
 from offload.planner import PlanRequest, anatomy, plan
 from offload.planner.types import CPUInfo, Hardware
-
-llama_cpp = pytest.importorskip("llama_cpp")
 
 
 def _measure_decode_tps(path: Path, threads: int, n_tokens: int = 64) -> float:

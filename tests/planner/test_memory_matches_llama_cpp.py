@@ -14,8 +14,6 @@ from offload.planner.evaluate import memory_by_device
 from offload.planner.placement import CPU
 from offload.planner.types import CPUInfo, Hardware
 
-llama_cpp = pytest.importorskip("llama_cpp")
-
 _MiB = 1 << 20
 _SIZES = {
     "model": re.compile(r"CPU_Mapped model buffer size =\s+([\d.]+) MiB"),

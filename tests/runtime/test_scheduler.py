@@ -169,3 +169,36 @@ def test_twenty_clients_over_two_models_are_all_answered_or_503(
     assert httpx.get(f"{server.url}/api/version", timeout=5).status_code == 200
     assert rss_after - rss_before < 150 * 2**20, (rss_before, rss_after)
     assert threading.active_count() < 60
+
+
+
+# A full offload of gemma3:270m to a CUDA GPU, as llama.cpp's load log reports it.
+_FULL_OFFLOAD_LOG = [
+    "load_tensors:        CUDA0 model buffer size =   153.37 MiB",
+    "load_tensors:   CPU_Mapped model buffer size =    85.00 MiB",
+    "llama_kv_cache:      CUDA0 KV buffer size =    26.00 MiB",
+    "llama_context:  CUDA_Host  output buffer size =     1.00 MiB",
+    "sched_reserve:      CUDA0 compute buffer size =   514.50 MiB",
+    "sched_reserve:  CUDA_Host compute buffer size =    17.02 MiB",
+]
+
+
+@pytest.mark.parametrize(("num_gpu", "shown"), [(None, "100% GPU"), (6, "CPU/GPU")])
+def test_ps_says_100_percent_gpu_for_a_full_offload(store: Store, num_gpu: int | None, shown: str) -> None:
+    """llama.cpp keeps the token embeddings in host memory even with every layer offloaded; Ollama's
+    `ps` still calls that 100% GPU, and so do we. A partial offload shows its split."""
+    from offload.planner import anatomy
+    from offload.planner.hardware import load_profile
+    from offload.runtime.cli.ps import processor
+    from offload.runtime.runner.buffers import measured_bytes
+    from offload.runtime.serving import planning
+    from offload.runtime.serving.scheduler import memory_split
+
+    info = store.resolve(MODEL)
+    a = anatomy.read(info.model_path)
+    options = {} if num_gpu is None else {"num_gpu": num_gpu}
+    plan = planning.plan_for(info.model_path, options, digest=info.digest, hw=load_profile("rtx3060"))
+    measured = measured_bytes(_FULL_OFFLOAD_LOG) if num_gpu is None else {}
+    size, size_vram = memory_split(plan, measured, a.n_layers)
+    assert shown in processor(size, size_vram)
+    assert size > 0
