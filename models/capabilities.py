@@ -38,17 +38,17 @@ ENCODER_ARCHS = frozenset(
 
 def supports_tools(template: str | None) -> bool:
     """True when the template renders ``.Tools`` (Go) or ``tools`` (Jinja)."""
-    return bool(template) and (".Tools" in template or "tools" in template)
+    return template is not None and (".Tools" in template or "tools" in template)
 
 
 def supports_thinking(template: str | None) -> bool:
     """True when the template has a reasoning section (``.Thinking``/``.Think``)."""
-    return bool(template) and (".Thinking" in template or ".Think" in template)
+    return template is not None and (".Thinking" in template or ".Think" in template)
 
 
 def supports_insert(template: str | None) -> bool:
     """True when the template places a ``.Suffix`` (fill-in-the-middle)."""
-    return bool(template) and ".Suffix" in template
+    return template is not None and ".Suffix" in template
 
 
 def capabilities(

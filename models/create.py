@@ -171,9 +171,10 @@ def check_sources(
     except ModelError as e:
         raise ModelfileError(f"FROM {mf.from_}: {e}", from_line) from None
     model = next((x for x in manifest["layers"] if x["mediaType"] == MEDIA_MODEL), None)
-    path = holder.find_blob(model["digest"]) if model else None
-    if path is None:
+    blob = holder.find_blob(model["digest"]) if model else None
+    if blob is None:
         raise ModelfileError(f"FROM {mf.from_}: that model has no weights layer", from_line)
+    path = blob
     try:
         header = read_header(path)
     except GGUFError as e:

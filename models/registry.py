@@ -497,12 +497,12 @@ def _download_chunks(
             state_file.unlink(missing_ok=True)
             return False
         if errors:
-            exc = errors[0]
-            if isinstance(exc, (httpx.TransportError, httpx.StreamError)):
+            first = errors[0]
+            if isinstance(first, (httpx.TransportError, httpx.StreamError)):
                 raise DownloadInterrupted(
-                    url.rsplit("/", 1)[-1], sum(done), size, _reason(exc)
-                ) from exc
-            raise exc
+                    url.rsplit("/", 1)[-1], sum(done), size, _reason(first)
+                ) from first
+            raise first
         if sum(done) != size:
             raise DownloadInterrupted(url.rsplit("/", 1)[-1], sum(done), size, "short body")
         return True

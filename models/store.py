@@ -8,6 +8,7 @@ same folder and renamed into place, so no reader ever sees half a file.
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import json
 import logging
@@ -342,7 +343,10 @@ class Store:
         size = 0
         text: dict[str, str] = {}
         params: dict[str, Any] = {}
-        adapters, projectors, licenses, messages = [], [], [], []
+        adapters: list[Path] = []
+        projectors: list[Path] = []
+        licenses: list[str] = []
+        messages: list[dict[str, Any]] = []
         for layer in manifest["layers"]:
             mt, digest = layer["mediaType"], layer["digest"]
             size += layer["size"]
@@ -441,7 +445,7 @@ class Store:
                 break
         self.prune()
 
-    def prune(self) -> list[str]:
+    def prune(self) -> builtins.list[str]:
         """Delete blobs no manifest refers to; returns their digests.
 
         When a manifest cannot be read, nothing is deleted: its blobs are unknown.

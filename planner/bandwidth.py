@@ -13,6 +13,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -22,7 +23,7 @@ __all__ = ["cpu_read_Bps", "cpu_copy_Bps", "find_cudart", "cuda_bandwidths", "cu
 log = logging.getLogger(__name__)
 
 
-def _threaded_median_s(threads: int, n: int, work, repeats: int) -> float:  # noqa: ANN001
+def _threaded_median_s(threads: int, n: int, work: Callable[[int, int], object], repeats: int) -> float:
     bounds = np.linspace(0, n, max(threads, 1) + 1).astype(int)
     times = []
     for _ in range(repeats):
@@ -255,4 +256,4 @@ def cuda_bandwidths_isolated(devices: list[int], timeout_s: float = 120.0) -> tu
         return None, {}, {d: f"measurement process exited with {r.returncode}: {tail}" for d in devices}
     out = json.loads(r.stdout.strip().splitlines()[-1])
     ok = {int(d): tuple(v) for d, v in out["ok"].items() if v}
-    return out["lib"], ok, {int(d): e for d, e in out["err"].items()}  # type: ignore[misc]
+    return out["lib"], ok, {int(d): e for d, e in out["err"].items()}

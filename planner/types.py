@@ -393,6 +393,10 @@ class Plan:
         """Whether llama.cpp maps the model file."""
         return self.placement.mmap
 
+    def with_knobs(self, **changes: Any) -> Plan:
+        """A copy with placement knobs (``n_ctx=...``) and plan fields (``devices=...``) changed."""
+        return replace(self, **changes)
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict in the published ``offload plan --json`` shape (knobs flat)."""
         d: dict[str, Any] = {

@@ -64,9 +64,38 @@ def test_outside_libraries_stay_at_their_edge(library: str) -> None:
     assert not bad
 
 
+def _tool(name: str) -> str:
+    """A command-line tool of the test extras, installed beside this Python."""
+    path = Path(sys.executable).parent / name
+    found = str(path) if path.exists() else shutil.which(name)
+    assert found, f"{name} is not installed; it comes with the test extras: pip install -e '.[test]'"
+    return found
+
+
 def test_ruff_finds_nothing() -> None:
-    ruff = shutil.which("ruff") or str(Path(sys.executable).parent / "ruff")
-    if not Path(ruff).exists():
-        pytest.skip("ruff is not installed (it comes with the test extras)")
-    r = subprocess.run([ruff, "check", str(ROOT)], capture_output=True, text=True)
+    r = subprocess.run([_tool("ruff"), "check", str(ROOT)], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-3000:]
+
+
+def test_ruff_format_is_applied() -> None:
+    r = subprocess.run([_tool("ruff"), "format", "--check", str(ROOT)], capture_output=True, text=True)
+    assert r.returncode == 0, "run `ruff format .`:\n" + r.stdout[-3000:]
+
+
+def test_mypy_finds_nothing(tmp_path: Path) -> None:
+    """The type checker (pyproject's [tool.mypy]) over every module we ship.
+
+    The three folders install as ``offload.*``; mypy is pointed at that package through links in a
+    temporary folder, so it checks the sources in place without an install.
+    """
+    pkg = tmp_path / "offload"
+    pkg.mkdir()
+    for folder in ("planner", "runtime", "models"):
+        (pkg / folder).symlink_to(ROOT / folder, target_is_directory=True)
+    r = subprocess.run(
+        [_tool("mypy"), "--config-file", str(ROOT / "pyproject.toml"), "--cache-dir", str(tmp_path / ".cache"),
+         "-p", "offload.planner", "-p", "offload.models", "-p", "offload.runtime"],
+        capture_output=True, text=True, cwd=tmp_path,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-1000:]
+    assert "no issues found in" in r.stdout

@@ -6,6 +6,7 @@ Measured and predicted speeds side by side; every run is recorded in the calibra
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,11 @@ def _plans(
     return plans
 
 
+def _lookup(predicted: dict[str, float]) -> Callable[[int], float | None]:
+    """``predicted``'s value for a stream count, as ``measure_plan`` asks for it."""
+    return lambda n: predicted.get(str(n))
+
+
 def _predicted_parallel(anatomy: Anatomy, hw: Hardware, plan: Plan, streams: tuple[int, ...], prompt: int,
                         gen: int) -> dict[str, float]:
     """The speed model's aggregate decode for each stream count, as ``measure_plan`` runs them (each
@@ -73,7 +79,7 @@ def bench(model: str, prompt: int = 512, gen: int = 128, gpu_layers: str = "auto
         predicted = _predicted_parallel(anatomy, hw, p, parallel, PARALLEL_PROMPT_TOKENS, gen)
         results.append(measure_plan(ref.path, p, prompt_tokens=prompt, gen_tokens=gen, parallel=parallel,
                                     model_digest=ref.digest, parallel_prompt_tokens=PARALLEL_PROMPT_TOKENS,
-                                    predict_aggregate=lambda n, pr=predicted: pr.get(str(n))))
+                                    predict_aggregate=_lookup(predicted)))
     return results
 
 

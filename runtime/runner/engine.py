@@ -53,12 +53,13 @@ class TokenBatch:
         base = self.seq.ctypes.data
         self._seq_ptrs = (seq_p * capacity)(*[ctypes.cast(base + 4 * i, seq_p) for i in range(capacity)])
         self.batch = llama_c.llama_batch()
-        self.batch.token = self.token.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
-        self.batch.embd = None
-        self.batch.pos = self.pos.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
-        self.batch.n_seq_id = self.n_seq_id.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
-        self.batch.seq_id = self._seq_ptrs
-        self.batch.logits = self.logits.ctypes.data_as(ctypes.POINTER(ctypes.c_int8))
+        # llama_cpp types these fields as arrays; they take pointers into the numpy arrays above.
+        self.batch.token = self.token.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))  # type: ignore[assignment]
+        self.batch.embd = None  # type: ignore[assignment]
+        self.batch.pos = self.pos.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))  # type: ignore[assignment]
+        self.batch.n_seq_id = self.n_seq_id.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))  # type: ignore[assignment]
+        self.batch.seq_id = self._seq_ptrs  # type: ignore[assignment]
+        self.batch.logits = self.logits.ctypes.data_as(ctypes.POINTER(ctypes.c_int8))  # type: ignore[assignment]
 
     def decode(self, ctx: int, n: int) -> int:
         """``llama_decode`` the first ``n`` entries; llama.cpp's return code."""

@@ -160,7 +160,7 @@ class Sampler:
         """Free the chain and grammar."""
         if self.chain:
             llama_c.llama_sampler_free(self.chain)
-            self.chain = None  # type: ignore[assignment]
+            self.chain = None
         if self.grammar is not None:
             llama_c.llama_sampler_free(self.grammar.smpl)
             self.grammar = None

@@ -118,13 +118,13 @@ def _reader(channel: Channel, loop: Any, engine: Any) -> None:
                 tokens = list(msg.get("tokens") or [])
                 if msg.get("text") is not None or not tokens:
                     tokens += engine.tokenize(msg.get("text") or "", add_bos=bool(msg.get("add_bos", True)))
-                job = Job(id=int(rid), prompt=[int(t) for t in tokens],
+                job = Job(id=_request_id(rid), prompt=[int(t) for t in tokens],
                           sampling=sampling_from_json(msg.get("sampling") or {}),
                           truncate=bool(msg.get("truncate", True)), want_tokens=bool(msg.get("want_tokens")),
                           ignore_eos=bool(msg.get("ignore_eos")))
                 loop.post("generate", job)
             elif op == "cancel":
-                loop.post("cancel", int(rid))
+                loop.post("cancel", _request_id(rid))
             elif op == "tokenize":
                 value = engine.tokenize(msg.get("text") or "", add_bos=bool(msg.get("add_bos", True)))
                 channel.send([{"ev": "result", "id": rid, "value": value}])
@@ -138,6 +138,13 @@ def _reader(channel: Channel, loop: Any, engine: Any) -> None:
             channel.send([{"ev": "error", "id": rid, "kind": type(e).__name__, "message": str(e)}])
         except (TypeError, ValueError, KeyError) as e:
             channel.send([{"ev": "error", "id": rid, "kind": "BadRequest", "message": f"bad {op} request: {e}"}])
+
+
+def _request_id(rid: object) -> int:
+    """A request's id as the protocol has it: an integer."""
+    if not isinstance(rid, int) or isinstance(rid, bool):
+        raise TypeError(f"request id {rid!r} is not an integer")
+    return rid
 
 
 def _on_loop(channel: Channel, loop: Any, engine: Any, msg: dict[str, Any]) -> Any:

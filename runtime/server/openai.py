@@ -147,7 +147,7 @@ def _finish(done_reason: str | None, has_calls: bool) -> str:
     return "length" if done_reason == "length" else "stop"
 
 
-def _usage(final: dict[str, Any]) -> dict[str, int]:
+def _usage(final: dict[str, Any]) -> dict[str, Any]:
     p, c, cached = token_counts(final)
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
             "prompt_tokens_details": {"cached_tokens": cached}}
@@ -361,7 +361,7 @@ def _b64(vec: list[float]) -> str:
 async def create_embeddings(body: EmbeddingRequest, request: Request) -> dict[str, Any]:
     """Embeddings (unit length), as floats or base64 float32."""
     sched = request.app.state.scheduler
-    raw = body.input
+    raw: Any = body.input
     inputs: list[Any]
     if isinstance(raw, str):
         inputs = [raw]

@@ -17,7 +17,6 @@ import statistics
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -112,7 +111,7 @@ def measure_plan(model_path: Path | str, plan: Plan, *, prompt_tokens: int, gen_
     """
     n_par = max([1, *parallel])
     need_ctx = max(prompt_tokens, parallel_prompt_tokens) + gen_tokens + MIN_CTX_MARGIN
-    plan = replace(plan, n_ctx=max(plan.n_ctx, need_ctx), n_parallel=max(plan.n_parallel, n_par))
+    plan = plan.with_knobs(n_ctx=max(plan.n_ctx, need_ctx), n_parallel=max(plan.n_parallel, n_par))
     t0 = time.perf_counter()
     proc = RunnerProcess.start(name, model_path, plan)
     load_s = time.perf_counter() - t0

@@ -71,19 +71,19 @@ def shrink_step(plan: Plan, retry: int, tensor_names: Sequence[str] = ()) -> tup
             layers = sorted(candidates)
             pattern = r"^blk\.(" + "|".join(map(str, layers)) + r")\.ffn_(up|down|gate)_exps"
             per_layer = 1 / max(1, len(experts) - len(on_cpu))
-            new = dataclasses.replace(plan, cpu_tensor_patterns=(*plan.cpu_tensor_patterns, pattern),
+            new = plan.with_knobs(cpu_tensor_patterns=(*plan.cpu_tensor_patterns, pattern),
                                       devices=_scale_gpu_bytes(plan, 1 - per_layer * len(layers)))
             what = "layer" if len(layers) == 1 else "layers"
             return new, (f"moved the expert tensors of {what} {', '.join(map(str, layers))} to the CPU "
                          "to fit GPU memory")
         n = max(0, plan.n_gpu_layers - count)
-        new = dataclasses.replace(plan, n_gpu_layers=n,
+        new = plan.with_knobs(n_gpu_layers=n,
                                   devices=_scale_gpu_bytes(plan, n / max(1, plan.n_gpu_layers)))
         return new, f"gave up {plan.n_gpu_layers - n} GPU layer(s) to fit GPU memory ({n} left on the GPU)"
     if plan.n_ctx > MIN_CTX:
         n_ctx = max(MIN_CTX, plan.n_ctx // 2)
         devices = tuple(dataclasses.replace(d, kv_bytes=d.kv_bytes * n_ctx // plan.n_ctx) for d in plan.devices)
-        new = dataclasses.replace(plan, n_ctx=n_ctx, devices=devices)
+        new = plan.with_knobs(n_ctx=n_ctx, devices=devices)
         return new, f"reduced the context from {plan.n_ctx} to {n_ctx} tokens to fit memory"
     return None
 

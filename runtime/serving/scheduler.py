@@ -197,7 +197,7 @@ class Scheduler:
         safety = Safety(self.hardware().fingerprint)
         extra_bufts = not safety.is_off("extra_bufts")
         if safety.is_off("mmap") and not plan.use_mmap:
-            plan = dataclasses.replace(plan, use_mmap=True)
+            plan = plan.with_knobs(use_mmap=True)
         name = info.name.display
         gave_up: list[str] = []
         turned_off: list[tuple[str, str]] = []
@@ -218,7 +218,7 @@ class Scheduler:
                     turned_off.append(("extra_bufts", f"{how} while loading {name} with them on"))
                     continue
                 if not plan.use_mmap:
-                    plan = dataclasses.replace(plan, use_mmap=True)
+                    plan = plan.with_knobs(use_mmap=True)
                     turned_off.append(("mmap", f"{how} while loading {name} with the file read into memory"))
                     continue
                 if names is None:
@@ -423,15 +423,15 @@ class Scheduler:
     def _reap_loop(self) -> None:
         while not self._stop.wait(0.5):
             now = time.monotonic()
-            expired = []
+            expired: list[Runner | None] = []
             with self._lock:
                 for name, r in list(self.runners.items()):
                     if r.refs == 0 and r.expires_at <= now:
                         expired.append(self._pop(name, r))
                         self._event("expire", model=name)
-            for r in expired:
-                if r is not None:
-                    self._close_runner(r)
+            for gone in expired:
+                if gone is not None:
+                    self._close_runner(gone)
 
     def close(self) -> None:
         """Unload everything and stop the reaper."""

@@ -164,7 +164,7 @@ def _check_call(obj: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> N
                 _size_of(len(owner) + owner.count("\t") * tab, "a string with tabs expanded")
         elif name == "replace" and len(args) >= 2 and isinstance(args[0], str) and isinstance(args[1], str):
             _check_replace(owner, args[0], args[1])
-        elif name == "join" and hasattr(first, "__len__"):
+        elif name == "join" and first is not None and hasattr(first, "__len__"):
             _size_of(len(owner) * len(first), "a joined string")
         elif name in ("format", "format_map"):
             _check_brace_format(owner, args, kwargs)
@@ -203,7 +203,7 @@ def _filter_check(name: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -
         old, new = arg(0, "old"), arg(1, "new")
         if isinstance(old, str) and isinstance(new, str):
             _check_replace(value, old, new)
-    elif name == "join" and hasattr(value, "__len__"):
+    elif name == "join" and value is not None and hasattr(value, "__len__"):
         sep = arg(0, "d", "")
         if isinstance(sep, str):
             _size_of(len(sep) * len(value), "a joined string")

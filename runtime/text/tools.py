@@ -131,7 +131,8 @@ class ThinkSplitter:
     def feed(self, text: str) -> tuple[str, str]:
         """Add text; return the (thinking, content) that is now certain."""
         self.buf += text
-        thinking, content = [], []
+        thinking: list[str] = []
+        content: list[str] = []
         while True:
             tag = self.close_tag if self.inside else self.open_tag
             k = self.buf.find(tag)
