@@ -64,7 +64,8 @@ def test_cli_pull_list_show_cp_rm(env: Path, reg: RegistryServer, tiny_gguf: Pat
     lines = out.splitlines()
     assert lines[0].split() == ["NAME", "ID", "SIZE", "MODIFIED"]
     expected_id = hashlib.sha256(reg.state.manifests[("library/tiny", "latest")]).hexdigest()[:12]
-    assert lines[1].split()[:4] == [f"{name}:latest", expected_id, "1.9", "MB"]
+    row = next(line.split() for line in lines[1:] if line.startswith(name))
+    assert row[:4] == [f"{name}:latest", expected_id, "1.9", "MB"]
     code, out = invoke("show", name, "--modelfile")
     assert code == 0 and "FROM " in out and "sha256-" in out
     code, out = invoke("show", name)
