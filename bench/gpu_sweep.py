@@ -70,14 +70,22 @@ GiB = 1 << 30
 LABELS = ("fit", "fit_no_mmap", "expert", "offload", "offload_decode", "offload_prompt")
 BASELINES = LABELS[:3]
 OURS = LABELS[3:]
-DEFAULT_BUDGETS = {1: {"moe": [8.0, 12.0, 16.0], "dense": [3.0, 4.0]}, 2: {"moe": [6.0, 8.0], "dense": [6.0, 8.0]}}
+DEFAULT_BUDGETS = {
+    1: {"moe": [8.0, 12.0, 16.0], "dense": [3.0, 4.0]},
+    2: {"moe": [6.0, 8.0], "dense": [6.0, 8.0]},
+}
 # Above the smallest GPU plan a budget that counts the CUDA context allows (about 0.5 GiB).
 SMOKE_BUDGETS = {"tiny-moe": [0.55, 1.0], "tiny-dense": [0.55]}
 SMOKE_FREE_MIB = 2048  # the pretend card of --cpu-smoke
 MAX_LOAD_S = 400.0  # one llama-bench process longer than this is a failure, not a slow placement
 WORKLOAD = (1024, 256)  # prompt and answer tokens of a typical request: time = P/prompt + G/decode
-TARGETS = {"request_speedup": 1.10, "decode_ratio": 1.00, "prompt_ratio": 1.00, "decode_error": 0.10,
-           "prompt_error": 0.20}
+TARGETS = {
+    "request_speedup": 1.10,
+    "decode_ratio": 1.00,
+    "prompt_ratio": 1.00,
+    "decode_error": 0.10,
+    "prompt_error": 0.20,
+}
 
 
 def log(msg: str) -> None:
@@ -106,7 +114,9 @@ class Sweep:
         self.prefix = "sweep-2gpu-" if args.gpus == 2 else "sweep-"
         self.cores = args.expert_threads or os.cpu_count() or 1
         self.env = dict(os.environ)
-        self.env["PYTHONPATH"] = os.pathsep.join(p for p in (SHIM, os.environ.get("PYTHONPATH")) if p)
+        self.env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (SHIM, os.environ.get("PYTHONPATH")) if p
+        )
         self.env["OFFLOAD_HOME"] = str(self.state / "offload-home")
         self.env.pop("OFFLOAD_GPU_MEMORY", None)
         if not self.smoke:  # one GPU means GPU 0 alone, also on a host with more
@@ -122,8 +132,10 @@ class Sweep:
 
     def load_doc(self, kind: str, budget: float, model: Path) -> dict[str, Any]:
         path = self.state / self.name(kind, budget)
-        seed = Path(self.args.resume_from) / self.name(kind, budget) if self.args.resume_from else None
-        for p in ([] if self.args.fresh else [path, seed]):
+        seed = (
+            Path(self.args.resume_from) / self.name(kind, budget) if self.args.resume_from else None
+        )
+        for p in [] if self.args.fresh else [path, seed]:
             if p and p.exists():
                 doc = json.loads(p.read_text())
                 if doc.get("prompt") == self.args.prompt and doc.get("gen") == self.args.gen:
@@ -131,10 +143,23 @@ class Sweep:
                     doc["reps"] = self.args.reps
                     doc["model_path"] = str(model)
                     return doc
-        return {"kind": kind, "budget_gib": budget, "gpus": self.args.gpus, "model_path": str(model),
-                "model_bytes": model.stat().st_size, "prompt": self.args.prompt, "gen": self.args.gen,
-                "ctx": self.args.ctx, "workload": list(WORKLOAD), "reps": self.args.reps, "cpu_smoke": self.smoke,
-                "expert_threads": self.cores, "candidates": {}, "runs": [], "notes": []}
+        return {
+            "kind": kind,
+            "budget_gib": budget,
+            "gpus": self.args.gpus,
+            "model_path": str(model),
+            "model_bytes": model.stat().st_size,
+            "prompt": self.args.prompt,
+            "gen": self.args.gen,
+            "ctx": self.args.ctx,
+            "workload": list(WORKLOAD),
+            "reps": self.args.reps,
+            "cpu_smoke": self.smoke,
+            "expert_threads": self.cores,
+            "candidates": {},
+            "runs": [],
+            "notes": [],
+        }
 
     def save(self, doc: dict[str, Any]) -> None:
         summarize(doc)
@@ -167,9 +192,17 @@ class Sweep:
         from offload.planner.types import GPUInfo
 
         hw = hw_mod.probe(measure=False)
-        gpus = [GPUInfo(name="smoke-GPU", vram_bytes=SMOKE_FREE_MIB * MiB, mem_bandwidth_Bps=900e9,
-                        h2d_bandwidth_Bps=25e9, index=i, vram_free_bytes=SMOKE_FREE_MIB * MiB).__dict__
-                for i in range(self.args.gpus)]
+        gpus = [
+            GPUInfo(
+                name="smoke-GPU",
+                vram_bytes=SMOKE_FREE_MIB * MiB,
+                mem_bandwidth_Bps=900e9,
+                h2d_bandwidth_Bps=25e9,
+                index=i,
+                vram_free_bytes=SMOKE_FREE_MIB * MiB,
+            ).__dict__
+            for i in range(self.args.gpus)
+        ]
         data = {**hw.to_dict(), "gpus": gpus}
         path = self.state / "smoke-hardware.json"
         path.write_text(json.dumps(data))
@@ -207,46 +240,86 @@ class Sweep:
         if "fit" not in cands or "expert" not in cands:
             free = self.free_mib()
             if len(free) < self.args.gpus:
-                doc["notes"].append(f"nvidia-smi shows {len(free)} GPUs, {self.args.gpus} needed: no fit baselines")
+                doc["notes"].append(
+                    f"nvidia-smi shows {len(free)} GPUs, {self.args.gpus} needed: no fit baselines"
+                )
             else:
                 margins = [f - budget_mib for f in free]
                 for label, extra in (("fit", []), ("expert", ["-ub", "2048", "-b", "2048"])):
                     if label in cands:
                         continue
-                    fit = gpu_tools.run_fit_params(self.tools / "llama-fit-params", model, doc["ctx"], margins,
-                                                   extra, env=self.env)
+                    fit = gpu_tools.run_fit_params(
+                        self.tools / "llama-fit-params",
+                        model,
+                        doc["ctx"],
+                        margins,
+                        extra,
+                        env=self.env,
+                    )
                     fit.update(free_mib=free, margins_mib=margins)
-                    log(f"{doc['kind']} {doc['budget_gib']:g} GiB fit-params{' ' + ' '.join(extra) if extra else ''}"
-                        f": {(fit.get('parsed') or {}).get('line') or fit.get('error') or fit.get('output_tail', '')[-300:]}")
+                    log(
+                        f"{doc['kind']} {doc['budget_gib']:g} GiB fit-params{' ' + ' '.join(extra) if extra else ''}"
+                        f": {(fit.get('parsed') or {}).get('line') or fit.get('error') or fit.get('output_tail', '')[-300:]}"
+                    )
                     if not fit.get("parsed"):
-                        doc["notes"].append(f"llama-fit-params failed for {label}: {fit.get('error') or fit.get('rc')}")
+                        doc["notes"].append(
+                            f"llama-fit-params failed for {label}: {fit.get('error') or fit.get('rc')}"
+                        )
                         doc.setdefault("fit_failures", {})[label] = fit
                         continue
                     args = gpu_tools.fit_bench_args(fit["parsed"]) + ["-fa", "1"]
                     if label == "fit":
                         cands["fit"] = {"args": args, "source": fit}
-                        cands["fit_no_mmap"] = {"args": args + ["-lm", "none"], "source": {"same_fit_as": "fit"}}
+                        cands["fit_no_mmap"] = {
+                            "args": args + ["-lm", "none"],
+                            "source": {"same_fit_as": "fit"},
+                        }
                     else:
                         args += ["-lm", "none", "-ub", "2048", "-b", "2048", "-t", str(self.cores)]
                         cands["expert"] = {"args": args, "source": fit}
-        for label, mode in (("offload", None), ("offload_decode", "decode"), ("offload_prompt", "prompt")):
+        for label, mode in (
+            ("offload", None),
+            ("offload_decode", "decode"),
+            ("offload_prompt", "prompt"),
+        ):
             if label in cands:
                 continue
-            cli = ["plan", str(model), "--json", "--gpu-memory", f"{budget_mib}MiB", "--ctx", str(doc["ctx"]), "--parallel", "1",
-                   *(["--optimize", mode] if mode else []), *(["--hardware", str(self.profile)] if self.profile else [])]
+            cli = [
+                "plan",
+                str(model),
+                "--json",
+                "--gpu-memory",
+                f"{budget_mib}MiB",
+                "--ctx",
+                str(doc["ctx"]),
+                "--parallel",
+                "1",
+                *(["--optimize", mode] if mode else []),
+                *(["--hardware", str(self.profile)] if self.profile else []),
+            ]
             r = self.offload_cli(*cli, "--prompt-tokens", str(doc["prompt"]))
             if r.returncode == 2 and "No such option: --prompt-tokens" in r.stderr:
-                r = self.offload_cli(*cli)  # a planner that plans for a workload, not one prompt length
+                r = self.offload_cli(
+                    *cli
+                )  # a planner that plans for a workload, not one prompt length
             if r.returncode != 0:
-                doc["notes"].append(f"offload {' '.join(cli[:1] + cli[2:])} failed: {r.stderr.strip()[-400:]}")
+                doc["notes"].append(
+                    f"offload {' '.join(cli[:1] + cli[2:])} failed: {r.stderr.strip()[-400:]}"
+                )
                 log(doc["notes"][-1])
                 continue
             plan = json.loads(r.stdout)
             args, notes = gpu_tools.plan_bench_args(plan)
-            cands[label] = {"args": args, "notes": notes, "plan": plan,
-                            "predicted": plan.get("predicted"), "stderr": r.stderr.strip()[-600:] or None,
-                            "planned_gpu_bytes": [d.get("total_bytes") for d in plan.get("devices", [])
-                                                  if d.get("kind") == "GPU"]}
+            cands[label] = {
+                "args": args,
+                "notes": notes,
+                "plan": plan,
+                "predicted": plan.get("predicted"),
+                "stderr": r.stderr.strip()[-600:] or None,
+                "planned_gpu_bytes": [
+                    d.get("total_bytes") for d in plan.get("devices", []) if d.get("kind") == "GPU"
+                ],
+            }
             log(f"{doc['kind']} {doc['budget_gib']:g} GiB {label}: {' '.join(args)}")
         for label in BASELINES:
             if label in cands and "predicted" not in cands[label]:
@@ -266,22 +339,37 @@ class Sweep:
             names = [t.name for t in a.tensors]
             kv = dict(zip(args[::2], args[1::2], strict=False))
             cpu = [p.split("=")[0] for p in kv.get("-ot", "").split(";") if p.endswith("=CPU")]
-            cpu = [p for p in cpu if any(re.search(p, n) for n in names)]  # fit may name one block too many
+            cpu = [
+                p for p in cpu if any(re.search(p, n) for n in names)
+            ]  # fit may name one block too many
             ngl = int(kv["-ngl"])
-            knobs = {"n_gpu_layers": ngl if ngl >= 0 else a.n_layers + 1, "cpu_tensor_patterns": tuple(cpu), "n_ctx": doc["ctx"],
-                     "n_batch": int(kv.get("-b", 2048)), "n_ubatch": int(kv.get("-ub", 512)),
-                     "threads": int(kv.get("-t", 0)), "flash_attn": kv.get("-fa") == "1",
-                     "tensor_split": tuple(float(x) for x in kv["-ts"].split("/")) if "-ts" in kv else (),
-                     "pinned_weights": kv.get("-lm") == "none" and kv.get("--no-host") != "1",
-                     "use_mmap": kv.get("-lm") != "none"}
+            knobs = {
+                "n_gpu_layers": ngl if ngl >= 0 else a.n_layers + 1,
+                "cpu_tensor_patterns": tuple(cpu),
+                "n_ctx": doc["ctx"],
+                "n_batch": int(kv.get("-b", 2048)),
+                "n_ubatch": int(kv.get("-ub", 512)),
+                "threads": int(kv.get("-t", 0)),
+                "flash_attn": kv.get("-fa") == "1",
+                "tensor_split": tuple(float(x) for x in kv["-ts"].split("/"))
+                if "-ts" in kv
+                else (),
+                "pinned_weights": kv.get("-lm") == "none" and kv.get("--no-host") != "1",
+                "use_mmap": kv.get("-lm") != "none",
+            }
             fields = Placement.__dataclass_fields__
             place = Placement(**{k: v for k, v in knobs.items() if k in fields})
-            req = PlanRequest(n_ctx=doc["ctx"], gpu_budget_bytes=int(doc["budget_gib"] * GiB),
-                              prompt_tokens=doc["prompt"])
+            req = PlanRequest(
+                n_ctx=doc["ctx"],
+                gpu_budget_bytes=int(doc["budget_gib"] * GiB),
+                prompt_tokens=doc["prompt"],
+            )
             p = evaluate(a, hw, req, place)
             return {"decode_tps": p.predicted.decode_tps, "prompt_tps": p.predicted.prompt_tps}
         except Exception as e:  # noqa: BLE001 - a prediction is extra; the measurement stands
-            doc["notes"].append(f"no prediction for {' '.join(args)[:80]}: {type(e).__name__}: {e}"[:300])
+            doc["notes"].append(
+                f"no prediction for {' '.join(args)[:80]}: {type(e).__name__}: {e}"[:300]
+            )
             return None
 
     # -- measuring -------------------------------------------------------------------------------
@@ -299,10 +387,22 @@ class Sweep:
         before = gpu_tools.gpu_memory()
         used0 = {r["index"]: r["used_mib"] for r in before or []}
         timeout_s = max(10.0, min(MAX_LOAD_S, self.time_left() - 3))
-        res = gpu_tools.run_llama_bench(self.tools / "llama-bench", Path(doc["model_path"]), cand["args"],
-                                        prompt=doc["prompt"], gen=doc["gen"], env=self.env, monitor=not self.smoke,
-                                        timeout_s=timeout_s)
-        run: dict[str, Any] = {"label": label, "rep": rep, **res, "gpu_used_before_mib": used0 or None}
+        res = gpu_tools.run_llama_bench(
+            self.tools / "llama-bench",
+            Path(doc["model_path"]),
+            cand["args"],
+            prompt=doc["prompt"],
+            gen=doc["gen"],
+            env=self.env,
+            monitor=not self.smoke,
+            timeout_s=timeout_s,
+        )
+        run: dict[str, Any] = {
+            "label": label,
+            "rep": rep,
+            **res,
+            "gpu_used_before_mib": used0 or None,
+        }
         if str(res.get("error", "")).startswith("timed out") and timeout_s < MAX_LOAD_S:
             run["deadline_cut"] = True
             return run
@@ -314,11 +414,13 @@ class Sweep:
         else:
             run["over_budget"] = None
         self.est_s[f"{doc['kind']}/{label}"] = res.get("wall_s") or 0
-        log(f"{doc['kind']} {doc['budget_gib']:g} GiB {label:<15} #{rep}: prompt {run.get('prompt_tps') or 0:9.1f} "
+        log(
+            f"{doc['kind']} {doc['budget_gib']:g} GiB {label:<15} #{rep}: prompt {run.get('prompt_tps') or 0:9.1f} "
             f"decode {run.get('decode_tps') or 0:7.1f} t/s  peak {run.get('gpu_process_peak_mib')} MiB "
             f"{' OVER' if run['over_budget'] else ''}{' OOM' if run.get('oom') else ''}"
             f"{' ERROR ' + str(run.get('error') or run.get('rc')) if run.get('error') or run.get('rc') else ''}"
-            f" ({run.get('wall_s')} s)")
+            f" ({run.get('wall_s')} s)"
+        )
         return run
 
     def run(self) -> list[dict[str, Any]]:
@@ -335,8 +437,9 @@ class Sweep:
         for rep in range(1, self.args.reps + 1):
             for doc in docs:
                 for label in LABELS:
-                    if label not in doc["candidates"] or any(r["label"] == label and r["rep"] == rep
-                                                             for r in doc["runs"]):
+                    if label not in doc["candidates"] or any(
+                        r["label"] == label and r["rep"] == rep for r in doc["runs"]
+                    ):
                         continue
                     same = self.same_placement(doc, label, rep)
                     if same is not None:
@@ -345,11 +448,15 @@ class Sweep:
                         continue
                     need = self.estimate_s(doc, label) * 1.15 + 5
                     if self.time_left() < need:
-                        log(f"stopping: {self.time_left():.0f} s left, {label} needs about {need:.0f} s")
+                        log(
+                            f"stopping: {self.time_left():.0f} s left, {label} needs about {need:.0f} s"
+                        )
                         self.finish(docs)
                         return docs
                     run = self.measure(doc, label, rep)
-                    if run.get("deadline_cut"):  # not a result: this load runs again in the next call
+                    if run.get(
+                        "deadline_cut"
+                    ):  # not a result: this load runs again in the next call
                         log(f"stopping: {label} was cut short by the end time")
                         self.finish(docs)
                         return docs
@@ -362,7 +469,11 @@ class Sweep:
         """A load of this round whose llama-bench arguments are identical (measured once for both)."""
         args = doc["candidates"][label]["args"]
         for r in doc["runs"]:
-            if r["rep"] == rep and "shared_with" not in r and doc["candidates"].get(r["label"], {}).get("args") == args:
+            if (
+                r["rep"] == rep
+                and "shared_with" not in r
+                and doc["candidates"].get(r["label"], {}).get("args") == args
+            ):
                 return r
         return None
 
@@ -380,7 +491,9 @@ class Sweep:
     def finish(self, docs: list[dict[str, Any]]) -> None:
         for doc in docs:
             self.save(doc)
-        all_docs = [json.loads(p.read_text()) for p in sorted(self.state.glob(f"{self.prefix}*gib.json"))]
+        all_docs = [
+            json.loads(p.read_text()) for p in sorted(self.state.glob(f"{self.prefix}*gib.json"))
+        ]
         md = summary_markdown([d for d in all_docs if d.get("gpus") == self.args.gpus])
         for folder in [self.state, self.out]:
             if folder is not None:
@@ -402,9 +515,14 @@ def summarize(doc: dict[str, Any]) -> None:
         ok = [r for r in runs if r.get("prompt_tps") and r.get("decode_tps")]
         prompt = _median([r["prompt_tps"] for r in ok])
         decode = _median([r["decode_tps"] for r in ok])
-        peaks = [max(r["gpu_process_peak_mib"].values()) for r in runs if r.get("gpu_process_peak_mib")]
+        peaks = [
+            max(r["gpu_process_peak_mib"].values()) for r in runs if r.get("gpu_process_peak_mib")
+        ]
         m: dict[str, Any] = {
-            "loads": len(runs), "measured": len(ok), "prompt_tps": prompt, "decode_tps": decode,
+            "loads": len(runs),
+            "measured": len(ok),
+            "prompt_tps": prompt,
+            "decode_tps": decode,
             "request_s": p_w / prompt + g_w / decode if prompt and decode else None,
             "gpu_process_peak_mib": max(peaks) if peaks else None,
             "over_budget": sum(1 for r in runs if r.get("over_budget")),
@@ -425,7 +543,11 @@ def summarize(doc: dict[str, Any]) -> None:
     base_dec = [get(b, "decode_tps") for b in BASELINES if get(b, "decode_tps")]
     base_pro = [get(b, "prompt_tps") for b in BASELINES if get(b, "prompt_tps")]
     ours = [med[o] for o in OURS if o in med]
-    req, dec, pro = get("offload", "request_s"), get("offload_decode", "decode_tps"), get("offload_prompt", "prompt_tps")
+    req, dec, pro = (
+        get("offload", "request_s"),
+        get("offload_decode", "decode_tps"),
+        get("offload_prompt", "prompt_tps"),
+    )
     t = {
         "request_speedup": min(base_req) / req if req and base_req else None,
         "decode_ratio": dec / max(base_dec) if dec and base_dec else None,
@@ -434,10 +556,16 @@ def summarize(doc: dict[str, Any]) -> None:
         "prompt_error": _median([o["prompt_error"] for o in ours if "prompt_error" in o]),
         "over_budget_loads": sum(m["over_budget"] for m in med.values()),
         "oom_loads": sum(m["oom"] for m in med.values()),
-        "complete": all(get(label, "measured") and get(label, "measured") >= doc.get("reps", 3) for label in LABELS),
+        "complete": all(
+            get(label, "measured") and get(label, "measured") >= doc.get("reps", 3)
+            for label in LABELS
+        ),
     }
-    t["met"] = {k: (v is not None and (v <= TARGETS[k] if k.endswith("error") else v >= TARGETS[k]))
-                for k, v in t.items() if k in TARGETS}
+    t["met"] = {
+        k: (v is not None and (v <= TARGETS[k] if k.endswith("error") else v >= TARGETS[k]))
+        for k, v in t.items()
+        if k in TARGETS
+    }
     t["met"]["budget"] = t["over_budget_loads"] == 0 and t["oom_loads"] == 0
     doc["targets"] = t
 
@@ -465,8 +593,11 @@ def summary_markdown(docs: list[dict[str, Any]]) -> str:
     ]
     for d in sorted(docs, key=lambda d: (d["kind"], d["budget_gib"])):
         m = d.get("medians", {})
-        lines.append(f"| {d['kind']} | {d.get('gpus', 1)}×{d['budget_gib']:g} GiB | "
-                     + " | ".join(_pd(m.get(label)) for label in LABELS) + " |")
+        lines.append(
+            f"| {d['kind']} | {d.get('gpus', 1)}×{d['budget_gib']:g} GiB | "
+            + " | ".join(_pd(m.get(label)) for label in LABELS)
+            + " |"
+        )
     lines += [
         "",
         f"Targets (request = {WORKLOAD[0]} prompt + {WORKLOAD[1]} answer tokens; ratios against the best of the "
@@ -488,31 +619,62 @@ def summary_markdown(docs: list[dict[str, Any]]) -> str:
             f"{_ratio(t.get('decode_error'), met.get('decode_error'))} | "
             f"{_ratio(t.get('prompt_error'), met.get('prompt_error'))} | "
             f"{t.get('over_budget_loads', 0)} / {t.get('oom_loads', 0)} | {peak if peak is not None else '—'} | "
-            f"{loads}{'' if t.get('complete') else ' (incomplete)'} |")
+            f"{loads}{'' if t.get('complete') else ' (incomplete)'} |"
+        )
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     """Command line."""
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--gpus", type=int, choices=[1, 2], default=1, help="GPUs to use (budgets are per card)")
-    ap.add_argument("--budgets", help='GiB per model, e.g. "moe=8,12,16;dense=3,4" (default: by --gpus)')
-    ap.add_argument("--reps", type=int, default=3, help="loads of every placement (median reported)")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--gpus", type=int, choices=[1, 2], default=1, help="GPUs to use (budgets are per card)"
+    )
+    ap.add_argument(
+        "--budgets", help='GiB per model, e.g. "moe=8,12,16;dense=3,4" (default: by --gpus)'
+    )
+    ap.add_argument(
+        "--reps", type=int, default=3, help="loads of every placement (median reported)"
+    )
     ap.add_argument("--prompt", type=int, default=None, help="llama-bench -p (2048; smoke 64)")
     ap.add_argument("--gen", type=int, default=None, help="llama-bench -n (64; smoke 8)")
-    ap.add_argument("--ctx", type=int, default=None, help="context all candidates are planned for (prompt + gen)")
-    ap.add_argument("--state", default=str(Path(tempfile.gettempdir()) / "offload-sweep"),
-                    help="where the documents live between calls")
-    ap.add_argument("--out", default=os.environ.get("OUT"), help="where they are copied after every load")
-    ap.add_argument("--resume-from", help="documents to start from where --state has none (e.g. bench/results)")
+    ap.add_argument(
+        "--ctx",
+        type=int,
+        default=None,
+        help="context all candidates are planned for (prompt + gen)",
+    )
+    ap.add_argument(
+        "--state",
+        default=str(Path(tempfile.gettempdir()) / "offload-sweep"),
+        help="where the documents live between calls",
+    )
+    ap.add_argument(
+        "--out", default=os.environ.get("OUT"), help="where they are copied after every load"
+    )
+    ap.add_argument(
+        "--resume-from", help="documents to start from where --state has none (e.g. bench/results)"
+    )
     ap.add_argument("--fresh", action="store_true", help="ignore --state and --resume-from")
-    ap.add_argument("--model-dir", default=tempfile.gettempdir(), help="synth-<kind>.gguf (written if missing)")
-    ap.add_argument("--tools-dir", default="/tmp/llama-tools", help="llama-bench and llama-fit-params")
+    ap.add_argument(
+        "--model-dir", default=tempfile.gettempdir(), help="synth-<kind>.gguf (written if missing)"
+    )
+    ap.add_argument(
+        "--tools-dir", default="/tmp/llama-tools", help="llama-bench and llama-fit-params"
+    )
     ap.add_argument("--expert-threads", type=int, help="-t of the expert line (default: all cores)")
     g = ap.add_mutually_exclusive_group()
-    g.add_argument("--end-time", type=float, help="epoch seconds: start no load that would end after it")
-    g.add_argument("--time-budget-s", type=float, default=540.0, help="seconds from now instead of --end-time")
-    ap.add_argument("--cpu-smoke", action="store_true", help="tiny models, a pretend GPU for the planner")
+    g.add_argument(
+        "--end-time", type=float, help="epoch seconds: start no load that would end after it"
+    )
+    g.add_argument(
+        "--time-budget-s", type=float, default=540.0, help="seconds from now instead of --end-time"
+    )
+    ap.add_argument(
+        "--cpu-smoke", action="store_true", help="tiny models, a pretend GPU for the planner"
+    )
     args = ap.parse_args(argv)
     args.prompt = args.prompt or (64 if args.cpu_smoke else 2048)
     args.gen = args.gen or (8 if args.cpu_smoke else 64)
@@ -520,8 +682,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.fresh:
         shutil.rmtree(args.state, ignore_errors=True)
     sweep = Sweep(args)
-    log(f"{args.gpus} GPU(s), budgets {sweep.budgets()}, {args.reps} loads each, {sweep.time_left():.0f} s, "
-        f"GPUs {gpu_tools.gpu_memory()}")
+    log(
+        f"{args.gpus} GPU(s), budgets {sweep.budgets()}, {args.reps} loads each, {sweep.time_left():.0f} s, "
+        f"GPUs {gpu_tools.gpu_memory()}"
+    )
     sweep.run()
     return 0
 

@@ -17,23 +17,46 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["gpu_memory", "PeakMonitor", "parse_fit_params", "run_fit_params", "fit_bench_args",
-           "plan_bench_args", "run_llama_bench", "parse_buffers"]
+__all__ = [
+    "gpu_memory",
+    "PeakMonitor",
+    "parse_fit_params",
+    "run_fit_params",
+    "fit_bench_args",
+    "plan_bench_args",
+    "run_llama_bench",
+    "parse_buffers",
+]
 
 
 def gpu_memory() -> list[dict[str, Any]] | None:
     """Every GPU as nvidia-smi counts it (MiB); None without nvidia-smi or a GPU."""
     try:
-        r = subprocess.run(["nvidia-smi", "--query-gpu=index,name,memory.total,memory.used,memory.free",
-                            "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=30)
+        r = subprocess.run(
+            [
+                "nvidia-smi",
+                "--query-gpu=index,name,memory.total,memory.used,memory.free",
+                "--format=csv,noheader,nounits",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     rows = []
     for line in r.stdout.splitlines():
         parts = [p.strip() for p in line.split(",")]
         if len(parts) == 5 and parts[0].isdigit():
-            rows.append({"index": int(parts[0]), "name": parts[1], "total_mib": int(parts[2]),
-                         "used_mib": int(parts[3]), "free_mib": int(parts[4])})
+            rows.append(
+                {
+                    "index": int(parts[0]),
+                    "name": parts[1],
+                    "total_mib": int(parts[2]),
+                    "used_mib": int(parts[3]),
+                    "free_mib": int(parts[4]),
+                }
+            )
     return rows or None
 
 
@@ -46,8 +69,17 @@ class PeakMonitor:
         self.proc: subprocess.Popen[str] | None = None
         try:
             self.proc = subprocess.Popen(
-                ["nvidia-smi", "--query-gpu=index,memory.used", "--format=csv,noheader,nounits",
-                 "-lms", str(interval_ms)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                [
+                    "nvidia-smi",
+                    "--query-gpu=index,memory.used",
+                    "--format=csv,noheader,nounits",
+                    "-lms",
+                    str(interval_ms),
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                text=True,
+            )
         except OSError:
             return
         self.thread = threading.Thread(target=self._read, daemon=True)
@@ -107,20 +139,41 @@ def parse_fit_params(text: str) -> dict[str, Any] | None:
     }
 
 
-def run_fit_params(tool: Path, model: Path, n_ctx: int, margins_mib: list[int], extra: list[str] | None = None,
-                   timeout_s: float = 180, env: dict[str, str] | None = None) -> dict[str, Any]:
+def run_fit_params(
+    tool: Path,
+    model: Path,
+    n_ctx: int,
+    margins_mib: list[int],
+    extra: list[str] | None = None,
+    timeout_s: float = 180,
+    env: dict[str, str] | None = None,
+) -> dict[str, Any]:
     """Run ``llama-fit-params`` for per-device margins (MiB of free memory to leave)."""
-    cmd = [str(tool), "-m", str(model), "-c", str(n_ctx), "-fa", "on",
-           "-fitt", ",".join(str(m) for m in margins_mib), *(extra or [])]
+    cmd = [
+        str(tool),
+        "-m",
+        str(model),
+        "-c",
+        str(n_ctx),
+        "-fa",
+        "on",
+        "-fitt",
+        ",".join(str(m) for m in margins_mib),
+        *(extra or []),
+    ]
     t0 = time.monotonic()
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
     except (OSError, subprocess.TimeoutExpired) as e:
         return {"cmd": shlex.join(cmd), "error": str(e)}
     out = r.stdout + "\n" + r.stderr
-    return {"cmd": shlex.join(cmd), "rc": r.returncode, "wall_s": round(time.monotonic() - t0, 2),
-            "parsed": parse_fit_params(r.stdout) if r.returncode == 0 else None,
-            "output_tail": out[-1500:]}
+    return {
+        "cmd": shlex.join(cmd),
+        "rc": r.returncode,
+        "wall_s": round(time.monotonic() - t0, 2),
+        "parsed": parse_fit_params(r.stdout) if r.returncode == 0 else None,
+        "output_tail": out[-1500:],
+    }
 
 
 def _check_patterns(patterns: list[str]) -> None:
@@ -142,11 +195,35 @@ def fit_bench_args(parsed: dict[str, Any]) -> list[str]:
 
 
 # Plan keys the replay applies or that do not change what llama-bench runs.
-_PLAN_KEYS = {"n_gpu_layers", "cpu_tensor_patterns", "tensor_split", "n_batch", "n_ubatch", "threads",
-              "threads_batch", "kv_type", "flash_attn", "use_mmap", "op_offload", "main_gpu", "split_mode",
-              "offload_kqv", "devices", "predicted", "reasons", "n_ctx", "n_ctx_total", "n_parallel",
-              "optimize", "model_path", "hardware_fingerprint", "use_mlock", "swa_full", "workload",
-              "pinned_weights"}
+_PLAN_KEYS = {
+    "n_gpu_layers",
+    "cpu_tensor_patterns",
+    "tensor_split",
+    "n_batch",
+    "n_ubatch",
+    "threads",
+    "threads_batch",
+    "kv_type",
+    "flash_attn",
+    "use_mmap",
+    "op_offload",
+    "main_gpu",
+    "split_mode",
+    "offload_kqv",
+    "devices",
+    "predicted",
+    "reasons",
+    "n_ctx",
+    "n_ctx_total",
+    "n_parallel",
+    "optimize",
+    "model_path",
+    "hardware_fingerprint",
+    "use_mlock",
+    "swa_full",
+    "workload",
+    "pinned_weights",
+}
 
 
 def plan_bench_args(plan: dict[str, Any]) -> tuple[list[str], list[str]]:
@@ -165,7 +242,9 @@ def plan_bench_args(plan: dict[str, Any]) -> tuple[list[str], list[str]]:
     if plan.get("threads"):
         args += ["-t", str(plan["threads"])]
     if plan.get("threads_batch") and plan.get("threads_batch") != plan.get("threads"):
-        notes.append(f"threads_batch {plan['threads_batch']} not expressible: llama-bench uses -t for both")
+        notes.append(
+            f"threads_batch {plan['threads_batch']} not expressible: llama-bench uses -t for both"
+        )
     kv = plan.get("kv_type") or "f16"
     if kv != "f16":
         args += ["-ctk", kv, "-ctv", kv]
@@ -189,8 +268,10 @@ def plan_bench_args(plan: dict[str, Any]) -> tuple[list[str], list[str]]:
 
 
 _BUF = re.compile(r"(\S+)\s+(model|KV|compute|output|RS)\s+buffer size\s*=\s*([\d.]+)\s*MiB")
-_OOM = re.compile(r"out of memory|cudaMalloc failed|failed to allocate|unable to allocate|ErrorOutOfDeviceMemory",
-                  re.IGNORECASE)
+_OOM = re.compile(
+    r"out of memory|cudaMalloc failed|failed to allocate|unable to allocate|ErrorOutOfDeviceMemory",
+    re.IGNORECASE,
+)
 
 
 def parse_buffers(log: str) -> dict[str, dict[str, float]]:
@@ -203,19 +284,47 @@ def parse_buffers(log: str) -> dict[str, dict[str, float]]:
     return out
 
 
-def run_llama_bench(tool: Path, model: Path, args: list[str], *, prompt: int, gen: int, reps: int = 1,
-                    timeout_s: float = 300, env: dict[str, str] | None = None,
-                    monitor: bool = True) -> dict[str, Any]:
+def run_llama_bench(
+    tool: Path,
+    model: Path,
+    args: list[str],
+    *,
+    prompt: int,
+    gen: int,
+    reps: int = 1,
+    timeout_s: float = 300,
+    env: dict[str, str] | None = None,
+    monitor: bool = True,
+) -> dict[str, Any]:
     """One llama-bench process (one load of the model): prompt and decode t/s, llama.cpp's buffers
     and, with nvidia-smi, the peak memory of every GPU while it ran."""
-    cmd = [str(tool), "-m", str(model), *args, "-p", str(prompt), "-n", str(gen), "-r", str(reps),
-           "-o", "json", "-v"]
+    cmd = [
+        str(tool),
+        "-m",
+        str(model),
+        *args,
+        "-p",
+        str(prompt),
+        "-n",
+        str(gen),
+        "-r",
+        str(reps),
+        "-o",
+        "json",
+        "-v",
+    ]
     res: dict[str, Any] = {"cmd": shlex.join(cmd)}
     mon = PeakMonitor() if monitor else None
     t0 = time.monotonic()
     try:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            start_new_session=True,
+        )
     except OSError as e:
         if mon:
             mon.close()
@@ -234,7 +343,7 @@ def run_llama_bench(tool: Path, model: Path, args: list[str], *, prompt: int, ge
     lm = re.search(r"load_mode = (\S+)\)", stderr)
     res["load_mode"] = lm[1] if lm else None
     try:
-        rows = json.loads(stdout[stdout.index("["):])
+        rows = json.loads(stdout[stdout.index("[") :])
         for row in rows:
             if row.get("n_prompt") and not row.get("n_gen"):
                 res["prompt_tps"] = row.get("avg_ts")
@@ -243,8 +352,21 @@ def run_llama_bench(tool: Path, model: Path, args: list[str], *, prompt: int, ge
                 res["decode_tps"] = row.get("avg_ts")
                 res["decode_samples_ts"] = row.get("samples_ts")
         if rows:
-            keep = ("build_commit", "n_threads", "n_gpu_layers", "n_batch", "n_ubatch", "type_k", "type_v",
-                    "flash_attn", "load_mode", "tensor_split", "tensor_buft_overrides", "gpu_info", "backends")
+            keep = (
+                "build_commit",
+                "n_threads",
+                "n_gpu_layers",
+                "n_batch",
+                "n_ubatch",
+                "type_k",
+                "type_v",
+                "flash_attn",
+                "load_mode",
+                "tensor_split",
+                "tensor_buft_overrides",
+                "gpu_info",
+                "backends",
+            )
             res["bench_row"] = {k: rows[0].get(k) for k in keep if k in rows[0]}
     except (ValueError, TypeError) as e:
         res.setdefault("error", f"no llama-bench JSON: {e}")

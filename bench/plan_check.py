@@ -44,8 +44,12 @@ PROMPT, ANSWER = 1024, 256
 
 
 def _gpu_index_by_uuid() -> dict[str, int]:
-    out = subprocess.run(["nvidia-smi", "--query-gpu=index,uuid", "--format=csv,noheader"],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        ["nvidia-smi", "--query-gpu=index,uuid", "--format=csv,noheader"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     return {u.strip(): int(i) for i, u in (line.split(",") for line in out.strip().splitlines())}
 
 
@@ -57,8 +61,15 @@ def _process_mib(pid: int, gpus: dict[str, int]) -> dict[int, int]:
         family = {str(pid), *(str(c.pid) for c in psutil.Process(pid).children(recursive=True))}
     except psutil.Error:
         family = {str(pid)}
-    out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,gpu_uuid,used_memory",
-                          "--format=csv,noheader,nounits"], capture_output=True, text=True).stdout
+    out = subprocess.run(
+        [
+            "nvidia-smi",
+            "--query-compute-apps=pid,gpu_uuid,used_memory",
+            "--format=csv,noheader,nounits",
+        ],
+        capture_output=True,
+        text=True,
+    ).stdout
     used: dict[int, int] = {}
     for line in out.strip().splitlines():
         parts = [x.strip() for x in line.split(",")]
@@ -68,16 +79,34 @@ def _process_mib(pid: int, gpus: dict[str, int]) -> dict[int, int]:
     return used
 
 
-def measure(model: Path, p: Plan, streams: tuple[int, ...], out_dir: Path, timeout_s: float,
-            visible: str | None = None) -> dict[str, Any]:
+def measure(
+    model: Path,
+    p: Plan,
+    streams: tuple[int, ...],
+    out_dir: Path,
+    timeout_s: float,
+    visible: str | None = None,
+) -> dict[str, Any]:
     """Run ``p`` in a child process (seeing the GPUs ``visible`` names, all by default); its
     measured speeds and nvidia-smi peak per GPU (MiB)."""
     plan_file, result_file = out_dir / "plan.json", out_dir / "result.json"
     plan_file.write_text(json.dumps(p.to_dict()))
     result_file.unlink(missing_ok=True)
-    child = subprocess.Popen([sys.executable, __file__, "_child", str(model), str(plan_file), str(result_file),
-                              ",".join(map(str, streams))], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             text=True, env={**os.environ, **({"CUDA_VISIBLE_DEVICES": visible} if visible else {})})
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            __file__,
+            "_child",
+            str(model),
+            str(plan_file),
+            str(result_file),
+            ",".join(map(str, streams)),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, **({"CUDA_VISIBLE_DEVICES": visible} if visible else {})},
+    )
     gpus, peak = _gpu_index_by_uuid(), {}
     t0 = time.monotonic()
     while child.poll() is None and time.monotonic() - t0 < timeout_s:
@@ -87,7 +116,9 @@ def measure(model: Path, p: Plan, streams: tuple[int, ...], out_dir: Path, timeo
     if child.poll() is None:
         child.kill()
     log = child.communicate()[0]
-    res: dict[str, Any] = json.loads(result_file.read_text()) if result_file.exists() else {"error": log[-3000:]}
+    res: dict[str, Any] = (
+        json.loads(result_file.read_text()) if result_file.exists() else {"error": log[-3000:]}
+    )
     res["nvidia_smi_peak_mib"] = {str(g): v for g, v in sorted(peak.items())}
     return res
 
@@ -96,16 +127,26 @@ def _child(model: str, plan_file: str, result_file: str, streams: str) -> None:
     from offload.runtime.serving.benchmark import measure_plan
 
     p = Plan.from_dict(json.loads(Path(plan_file).read_text()))
-    r = measure_plan(model, p, prompt_tokens=PROMPT, gen_tokens=ANSWER,
-                     parallel=tuple(int(x) for x in streams.split(",")), record=False)
+    r = measure_plan(
+        model,
+        p,
+        prompt_tokens=PROMPT,
+        gen_tokens=ANSWER,
+        parallel=tuple(int(x) for x in streams.split(",")),
+        record=False,
+    )
     Path(result_file).write_text(json.dumps(r))
 
 
 def _row(label: str, p: Plan, hw: Any, res: dict[str, Any]) -> dict[str, Any]:
     meas = res.get("measured") or {}
     row: dict[str, Any] = {
-        "label": label, "plan": p.to_dict(), "predicted": p.to_dict()["predicted"], "measured": meas,
-        "nvidia_smi_peak_mib": res.get("nvidia_smi_peak_mib"), "measured_bytes": res.get("measured_bytes"),
+        "label": label,
+        "plan": p.to_dict(),
+        "predicted": p.to_dict()["predicted"],
+        "measured": meas,
+        "nvidia_smi_peak_mib": res.get("nvidia_smi_peak_mib"),
+        "measured_bytes": res.get("measured_bytes"),
         "error": res.get("error"),
     }
     if meas.get("prompt_tps") and meas.get("decode_tps"):
@@ -117,16 +158,23 @@ def _row(label: str, p: Plan, hw: Any, res: dict[str, Any]) -> dict[str, Any]:
         peak = (res.get("nvidia_smi_peak_mib") or {}).get(str(d.index))
         llama = (res.get("measured_bytes") or {}).get(f"CUDA{d.index}", {})
         bufs = sum(llama.values())
-        checks.append({
-            "gpu": d.index, "budget_mib": d.budget_bytes / MiB, "planned_mib": d.total_bytes / MiB,
-            # Layers landed where the plan put them when these agree (weights to 0.6%, KV exactly).
-            "planned_weights_mib": d.weights_bytes / MiB, "llama_weights_mib": llama.get("weights", 0) / MiB,
-            "planned_kv_mib": d.kv_bytes / MiB, "llama_kv_mib": llama.get("kv", 0) / MiB,
-            "peak_mib": peak, "over_budget": peak is not None and peak * MiB > d.budget_bytes,
-            "llama_buffers_mib": bufs / MiB,
-            # What the process holds beyond llama.cpp's buffers: what CUDA_CONTEXT_BYTES stands for.
-            "beyond_buffers_mib": (peak - bufs / MiB) if peak is not None else None,
-        })
+        checks.append(
+            {
+                "gpu": d.index,
+                "budget_mib": d.budget_bytes / MiB,
+                "planned_mib": d.total_bytes / MiB,
+                # Layers landed where the plan put them when these agree (weights to 0.6%, KV exactly).
+                "planned_weights_mib": d.weights_bytes / MiB,
+                "llama_weights_mib": llama.get("weights", 0) / MiB,
+                "planned_kv_mib": d.kv_bytes / MiB,
+                "llama_kv_mib": llama.get("kv", 0) / MiB,
+                "peak_mib": peak,
+                "over_budget": peak is not None and peak * MiB > d.budget_bytes,
+                "llama_buffers_mib": bufs / MiB,
+                # What the process holds beyond llama.cpp's buffers: what CUDA_CONTEXT_BYTES stands for.
+                "beyond_buffers_mib": (peak - bufs / MiB) if peak is not None else None,
+            }
+        )
     row["gpus"] = checks
     row["cuda_context_budgeted_mib"] = CUDA_CONTEXT_BYTES / MiB
     return row
@@ -137,7 +185,9 @@ def main() -> int:
     if sys.argv[1:2] == ["_child"]:
         _child(*sys.argv[2:6])
         return 0
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("what", choices=["budgets", "two-gpus", "parallel"])
     ap.add_argument("--model", choices=sorted(synth_models.SPECS), default="moe")
     ap.add_argument("--budgets", default="8", help="GiB per GPU, comma separated")
@@ -166,11 +216,15 @@ def main() -> int:
     if args.what == "parallel":
         streams = tuple(int(x) for x in args.streams.split(","))
         hw = dataclasses.replace(hw, gpus=hw.gpus[:1])
-        p = plan(a, hw, PlanRequest(n_ctx=PROMPT + ANSWER + 64, n_parallel=max(streams), workload=work))
+        p = plan(
+            a, hw, PlanRequest(n_ctx=PROMPT + ANSWER + 64, n_parallel=max(streams), workload=work)
+        )
         res = measure(model, p, streams, args.out, max(left() - 10, 30), visible="0")
         row = _row("parallel", p, hw, res)
-        row["predicted_parallel"] = {str(n): predict_aggregate(a, hw, p.placement, n, context_tokens=64 + ANSWER // 2)
-                                     for n in streams}
+        row["predicted_parallel"] = {
+            str(n): predict_aggregate(a, hw, p.placement, n, context_tokens=64 + ANSWER // 2)
+            for n in streams
+        }
         rows.append(row)
     else:
         gpus = len(hw.gpus) if args.what == "two-gpus" else 1
@@ -181,13 +235,30 @@ def main() -> int:
                 budget = tuple([int(b * GiB)] * gpus) if gpus > 1 else int(b * GiB)
                 # One GPU: the child sees only the first, or llama.cpp would spread layers over all.
                 hw_here = hw if gpus > 1 else dataclasses.replace(hw, gpus=hw.gpus[:1])
-                p = plan(a, hw_here, PlanRequest(gpu_budget_bytes=budget, optimize=mode, n_parallel=None,
-                                                 workload=work))
-                res = measure(model, p, tuple(sorted({1, p.n_parallel})), args.out, left() - 20,
-                              visible=None if gpus > 1 else "0")
-                rows.append({"budget_gib": b, "mode": mode, **_row(f"{mode}@{b:g}GiB", p, hw_here, res)})
+                p = plan(
+                    a,
+                    hw_here,
+                    PlanRequest(
+                        gpu_budget_bytes=budget, optimize=mode, n_parallel=None, workload=work
+                    ),
+                )
+                res = measure(
+                    model,
+                    p,
+                    tuple(sorted({1, p.n_parallel})),
+                    args.out,
+                    left() - 20,
+                    visible=None if gpus > 1 else "0",
+                )
+                rows.append(
+                    {"budget_gib": b, "mode": mode, **_row(f"{mode}@{b:g}GiB", p, hw_here, res)}
+                )
                 out_file.write_text(json.dumps({"hardware": hw.to_dict(), "rows": rows}, indent=1))
-                print(json.dumps({k: rows[-1].get(k) for k in ("label", "gpus", "measured_request_s")}))
+                print(
+                    json.dumps(
+                        {k: rows[-1].get(k) for k in ("label", "gpus", "measured_request_s")}
+                    )
+                )
     out_file.write_text(json.dumps({"hardware": hw.to_dict(), "rows": rows}, indent=1))
     over = [r["label"] for r in rows for g in r.get("gpus", []) if g["over_budget"]]
     print(f"{len(rows)} runs, over budget: {over or 'none'}; wrote {out_file}")

@@ -39,20 +39,33 @@ def main(files: list[str]) -> dict[str, object]:
             m = r.get("measured") or {}
             if not m.get("decode_tps"):
                 continue
-            pl = {**r["placement"], "cpu_tensor_patterns": tuple(r.get("cpu_tensor_patterns") or ()),
-                  "pinned_weights": r["placement"].get("use_mmap") is False}
+            pl = {
+                **r["placement"],
+                "cpu_tensor_patterns": tuple(r.get("cpu_tensor_patterns") or ()),
+                "pinned_weights": r["placement"].get("use_mmap") is False,
+            }
             if pl.get("n_gpu_layers", 0) < 0:
                 pl["n_gpu_layers"] = a.n_layers + 1  # type: ignore[attr-defined]
-            p = evaluate(a, hw, PlanRequest(n_ctx=4096, prompt_tokens=2048),
-                         Placement(**{k: v for k, v in pl.items() if k in names}))
+            p = evaluate(
+                a,
+                hw,
+                PlanRequest(n_ctx=4096, prompt_tokens=2048),
+                Placement(**{k: v for k, v in pl.items() if k in names}),
+            )
             de.append(abs(p.predicted.decode_tps / m["decode_tps"] - 1))
             pe.append(abs(p.predicted.prompt_tps / m["prompt_tps"] - 1))
         all_d += de
         all_p += pe
-        out[f.rsplit("/", 1)[-1]] = {"runs": len(de), "median_decode_pred_error": statistics.median(de),
-                                     "median_prompt_pred_error": statistics.median(pe)}
-    out["all"] = {"runs": len(all_d), "median_decode_pred_error": statistics.median(all_d),
-                  "median_prompt_pred_error": statistics.median(all_p)}
+        out[f.rsplit("/", 1)[-1]] = {
+            "runs": len(de),
+            "median_decode_pred_error": statistics.median(de),
+            "median_prompt_pred_error": statistics.median(pe),
+        }
+    out["all"] = {
+        "runs": len(all_d),
+        "median_decode_pred_error": statistics.median(all_d),
+        "median_prompt_pred_error": statistics.median(all_p),
+    }
     return out
 
 

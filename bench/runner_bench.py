@@ -49,8 +49,10 @@ from offload.runtime.serving.benchmark import measure_parallel  # noqa: E402
 from offload.runtime.serving.planning import current_hardware  # noqa: E402
 from offload.runtime.serving.process import RunnerProcess  # noqa: E402
 
-WORDS = ("river stone cloud paper garden window silver orange forest candle harbor ladder violin "
-         "meadow pencil thunder lantern marble castle pepper").split()
+WORDS = (
+    "river stone cloud paper garden window silver orange forest candle harbor ladder violin "
+    "meadow pencil thunder lantern marble castle pepper"
+).split()
 
 
 def resolve(model: str) -> Path:
@@ -64,9 +66,25 @@ def resolve(model: str) -> Path:
 
 def llama_args(plan: Plan) -> list[str]:
     """llama.cpp command-line flags that apply the same placement and knobs as ``plan``."""
-    args = ["-ngl", str(plan.n_gpu_layers), "-b", str(plan.n_batch), "-ub", str(plan.n_ubatch),
-            "-t", str(plan.threads), "-fa", "on" if plan.flash_attn else "off",
-            "-ctk", plan.kv_type, "-ctv", plan.kv_type, "-lm", "mmap" if plan.use_mmap else "none", "-kvu"]
+    args = [
+        "-ngl",
+        str(plan.n_gpu_layers),
+        "-b",
+        str(plan.n_batch),
+        "-ub",
+        str(plan.n_ubatch),
+        "-t",
+        str(plan.threads),
+        "-fa",
+        "on" if plan.flash_attn else "off",
+        "-ctk",
+        plan.kv_type,
+        "-ctv",
+        plan.kv_type,
+        "-lm",
+        "mmap" if plan.use_mmap else "none",
+        "-kvu",
+    ]
     if plan.cpu_tensor_patterns:
         args += ["-ot", ",".join(f"{p}=CPU" for p in plan.cpu_tensor_patterns)]
     if plan.tensor_split:
@@ -76,10 +94,32 @@ def llama_args(plan: Plan) -> list[str]:
     return args
 
 
-def batched_bench(tool: Path, model: Path, plan: Plan, n_ctx: int, npp: int, ntg: int, npl: list[int],
-                  extra_bufts: bool = True) -> list[dict[str, Any]]:
-    cmd = [str(tool), "-m", str(model), "-c", str(n_ctx), "-npp", str(npp), "-ntg", str(ntg),
-           "-npl", ",".join(map(str, npl)), "--output-format", "jsonl", *llama_args(plan)]
+def batched_bench(
+    tool: Path,
+    model: Path,
+    plan: Plan,
+    n_ctx: int,
+    npp: int,
+    ntg: int,
+    npl: list[int],
+    extra_bufts: bool = True,
+) -> list[dict[str, Any]]:
+    cmd = [
+        str(tool),
+        "-m",
+        str(model),
+        "-c",
+        str(n_ctx),
+        "-npp",
+        str(npp),
+        "-ntg",
+        str(ntg),
+        "-npl",
+        ",".join(map(str, npl)),
+        "--output-format",
+        "jsonl",
+        *llama_args(plan),
+    ]
     if not extra_bufts:
         cmd.append("--no-repack")
     for _ in range(3):  # seen once: an exit code 0 with no result lines
@@ -96,7 +136,9 @@ def median(xs: list[float]) -> float:
 
 def distinct_prompt(proc: RunnerProcess, n_tokens: int, seed: int) -> list[int]:
     rng = random.Random(seed)
-    toks = proc.tokenize(f"Note {seed}: " + " ".join(rng.choice(WORDS) for _ in range(n_tokens * 2)), add_bos=True)
+    toks = proc.tokenize(
+        f"Note {seed}: " + " ".join(rng.choice(WORDS) for _ in range(n_tokens * 2)), add_bos=True
+    )
     return toks[:n_tokens]
 
 
@@ -107,14 +149,19 @@ def stream_once(proc: RunnerProcess, tokens: list[int], gen: int) -> dict[str, f
     t0 = time.perf_counter()
     first = 0.0
     stats: Stats | None = None
-    for ev in proc.generate(Sampling(temperature=0.0, num_predict=gen), tokens=tokens, ignore_eos=True):
+    for ev in proc.generate(
+        Sampling(temperature=0.0, num_predict=gen), tokens=tokens, ignore_eos=True
+    ):
         if isinstance(ev, Piece) and not first:
             first = time.perf_counter() - t0
         elif isinstance(ev, Stats):
             stats = ev
     assert stats is not None
-    return {"ttft_s": first, "prompt_eval_s": stats.prompt_eval_s,
-            "decode_tps": stats.eval_count / stats.eval_s if stats.eval_s else 0.0}
+    return {
+        "ttft_s": first,
+        "prompt_eval_s": stats.prompt_eval_s,
+        "decode_tps": stats.eval_count / stats.eval_s if stats.eval_s else 0.0,
+    }
 
 
 def server_stream_once(url: str, model_name: str, prompt: str, gen: int) -> dict[str, float]:
@@ -123,9 +170,17 @@ def server_stream_once(url: str, model_name: str, prompt: str, gen: int) -> dict
     t0 = time.perf_counter()
     first = last = 0.0
     final: dict[str, Any] = {}
-    with httpx.stream("POST", f"{url}/api/generate", timeout=600,
-                      json={"model": model_name, "prompt": prompt, "raw": True,
-                            "options": {"temperature": 0, "num_predict": gen, "repeat_penalty": 1.0}}) as r:
+    with httpx.stream(
+        "POST",
+        f"{url}/api/generate",
+        timeout=600,
+        json={
+            "model": model_name,
+            "prompt": prompt,
+            "raw": True,
+            "options": {"temperature": 0, "num_predict": gen, "repeat_penalty": 1.0},
+        },
+    ) as r:
         for line in r.iter_lines():
             now = time.perf_counter() - t0
             chunk = json.loads(line)
@@ -135,21 +190,38 @@ def server_stream_once(url: str, model_name: str, prompt: str, gen: int) -> dict
             if chunk.get("done"):
                 final = chunk
     n = int(final.get("eval_count") or 0)
-    return {"ttft_s": first, "decode_tps": n / (final["eval_duration"] / 1e9) if final.get("eval_duration") else 0.0,
-            "client_decode_tps": (n - 1) / (last - first) if last > first and n > 1 else 0.0,
-            "eval_count": n, "load_s": final.get("load_duration", 0) / 1e9}
+    return {
+        "ttft_s": first,
+        "decode_tps": n / (final["eval_duration"] / 1e9) if final.get("eval_duration") else 0.0,
+        "client_decode_tps": (n - 1) / (last - first) if last > first and n > 1 else 0.0,
+        "eval_count": n,
+        "load_s": final.get("load_duration", 0) / 1e9,
+    }
 
 
 def overhead(args: argparse.Namespace, model: Path, plans: Any, tools: Path) -> dict[str, Any]:
     single = plans(1, args.prompt + args.gen + 64)
     n_ctx = single.n_ctx
-    base = [batched_bench(tools / "llama-batched-bench", model, single, n_ctx, args.prompt, args.gen, [1],
-                          args.extra_bufts)[0] for _ in range(args.repeats)]
+    base = [
+        batched_bench(
+            tools / "llama-batched-bench",
+            model,
+            single,
+            n_ctx,
+            args.prompt,
+            args.gen,
+            [1],
+            args.extra_bufts,
+        )[0]
+        for _ in range(args.repeats)
+    ]
     # llama.cpp's whole cost of getting ready: process start, load, a tiny run, exit.
     load_base = []
     for _ in range(args.repeats):
         t0 = time.perf_counter()
-        batched_bench(tools / "llama-batched-bench", model, single, n_ctx, 8, 1, [1], args.extra_bufts)
+        batched_bench(
+            tools / "llama-batched-bench", model, single, n_ctx, 8, 1, [1], args.extra_bufts
+        )
         load_base.append(time.perf_counter() - t0)
     ours, loads = [], []
     for _ in range(args.repeats):
@@ -157,18 +229,26 @@ def overhead(args: argparse.Namespace, model: Path, plans: Any, tools: Path) -> 
         proc = RunnerProcess.start("bench", model, single, extra_bufts=args.extra_bufts)
         loads.append(time.perf_counter() - t0)
         try:
-            stream_once(proc, distinct_prompt(proc, args.prompt, 999), 8)  # warm-up, as llama.cpp does
+            stream_once(
+                proc, distinct_prompt(proc, args.prompt, 999), 8
+            )  # warm-up, as llama.cpp does
             ours.append(stream_once(proc, distinct_prompt(proc, args.prompt, len(loads)), args.gen))
         finally:
             proc.close()
     out: dict[str, Any] = {
-        "llama_cpp": {"decode_tps": median([b["speed_tg"] for b in base]),
-                      "prompt_s": median([b["t_pp"] for b in base]), "ready_s": median(load_base),
-                      "runs": base},
-        "runner": {"decode_tps": median([o["decode_tps"] for o in ours]),
-                   "ttft_s": median([o["ttft_s"] for o in ours]),
-                   "prompt_eval_s": median([o["prompt_eval_s"] for o in ours]),
-                   "load_s": median(loads), "runs": ours},
+        "llama_cpp": {
+            "decode_tps": median([b["speed_tg"] for b in base]),
+            "prompt_s": median([b["t_pp"] for b in base]),
+            "ready_s": median(load_base),
+            "runs": base,
+        },
+        "runner": {
+            "decode_tps": median([o["decode_tps"] for o in ours]),
+            "ttft_s": median([o["ttft_s"] for o in ours]),
+            "prompt_eval_s": median([o["prompt_eval_s"] for o in ours]),
+            "load_s": median(loads),
+            "runs": ours,
+        },
     }
     if args.server_model:
         out["server"] = server_overhead(args, single)
@@ -178,7 +258,9 @@ def overhead(args: argparse.Namespace, model: Path, plans: Any, tools: Path) -> 
     out["load_extra_s"] = rn["load_s"] - lc["ready_s"]
     if "server" in out:
         sv = out["server"]
-        out["server_decode_ratio"] = sv["decode_tps"] / lc["decode_tps"] if lc["decode_tps"] else None
+        out["server_decode_ratio"] = (
+            sv["decode_tps"] / lc["decode_tps"] if lc["decode_tps"] else None
+        )
         out["server_ttft_extra_ms"] = (sv["ttft_s"] - lc["prompt_s"]) * 1e3
     return out
 
@@ -193,8 +275,12 @@ def server_overhead(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "OFFLOAD_HOST": f"127.0.0.1:{port}", "OFFLOAD_NUM_PARALLEL": "1"}
-    server = subprocess.Popen([sys.executable, "-m", "offload.runtime.cli", "serve"], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "offload.runtime.cli", "serve"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
@@ -213,9 +299,12 @@ def server_overhead(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
             prompt = f"Note {i}: " + " ".join(rng.choice(WORDS) for _ in range(args.prompt // 2))
             runs.append(server_stream_once(url, args.server_model, prompt, args.gen))
         runs = runs[1:]  # the first loads the model
-        return {"decode_tps": median([r["decode_tps"] for r in runs]),
-                "client_decode_tps": median([r["client_decode_tps"] for r in runs]),
-                "ttft_s": median([r["ttft_s"] for r in runs]), "runs": runs}
+        return {
+            "decode_tps": median([r["decode_tps"] for r in runs]),
+            "client_decode_tps": median([r["client_decode_tps"] for r in runs]),
+            "ttft_s": median([r["ttft_s"] for r in runs]),
+            "runs": runs,
+        }
     finally:
         server.terminate()
         server.wait(timeout=60)
@@ -224,12 +313,25 @@ def server_overhead(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
 # -- batched, stall, match -------------------------------------------------------------------------
 
 
-def batched(args: argparse.Namespace, model: Path, plans: Any, tools: Path, predict: Any) -> dict[str, Any]:
+def batched(
+    args: argparse.Namespace, model: Path, plans: Any, tools: Path, predict: Any
+) -> dict[str, Any]:
     streams = sorted(args.parallel)
     wide = plans(max(streams), args.prompt + args.gen + 64)
     n_ctx_total = wide.n_ctx * wide.n_parallel
-    base_runs = [batched_bench(tools / "llama-batched-bench", model, wide, n_ctx_total, args.prompt, args.gen,
-                               streams, args.extra_bufts) for _ in range(args.repeats)]
+    base_runs = [
+        batched_bench(
+            tools / "llama-batched-bench",
+            model,
+            wide,
+            n_ctx_total,
+            args.prompt,
+            args.gen,
+            streams,
+            args.extra_bufts,
+        )
+        for _ in range(args.repeats)
+    ]
     proc = RunnerProcess.start("bench", model, wide, extra_bufts=args.extra_bufts)
     ours: dict[int, list[dict[str, Any]]] = {n: [] for n in streams}
     try:
@@ -242,17 +344,28 @@ def batched(args: argparse.Namespace, model: Path, plans: Any, tools: Path, pred
     for n in streams:
         lc = median([next(r["speed_tg"] for r in run if r["pl"] == n) for run in base_runs])
         agg = median([o["aggregate_decode_tps"] for o in ours[n]])
-        rows.append({"streams": n, "aggregate_decode_tps": agg, "llama_batched_bench_tg_tps": lc,
-                     "ratio": agg / lc if lc else None,
-                     "per_stream_decode_tps": median([o["per_stream_decode_tps"] for o in ours[n]]),
-                     "ttft_p50_s": median([o["ttft_p50_s"] for o in ours[n]]),
-                     "ttft_p95_s": median([o["ttft_p95_s"] for o in ours[n]]),
-                     "predicted_aggregate_decode_tps": predict(wide, n) if predict else None,
-                     "runs": ours[n]})
+        rows.append(
+            {
+                "streams": n,
+                "aggregate_decode_tps": agg,
+                "llama_batched_bench_tg_tps": lc,
+                "ratio": agg / lc if lc else None,
+                "per_stream_decode_tps": median([o["per_stream_decode_tps"] for o in ours[n]]),
+                "ttft_p50_s": median([o["ttft_p50_s"] for o in ours[n]]),
+                "ttft_p95_s": median([o["ttft_p95_s"] for o in ours[n]]),
+                "predicted_aggregate_decode_tps": predict(wide, n) if predict else None,
+                "runs": ours[n],
+            }
+        )
     one = next((r["aggregate_decode_tps"] for r in rows if r["streams"] == 1), None)
     for r in rows:
         r["speedup_vs_one_stream"] = r["aggregate_decode_tps"] / one if one else None
-    return {"prompt_tokens": args.prompt, "gen_tokens": args.gen, "n_ctx_total": n_ctx_total, "rows": rows}
+    return {
+        "prompt_tokens": args.prompt,
+        "gen_tokens": args.gen,
+        "n_ctx_total": n_ctx_total,
+        "rows": rows,
+    }
 
 
 def stall(args: argparse.Namespace, model: Path, plans: Any) -> dict[str, Any]:
@@ -267,8 +380,12 @@ def stall(args: argparse.Namespace, model: Path, plans: Any) -> dict[str, Any]:
 
         def decoding() -> None:
             n = 0
-            for ev in proc.generate(Sampling(temperature=0.0, num_predict=100000), ignore_eos=True,
-                                    tokens=distinct_prompt(proc, 32, 2), cancel=stop):
+            for ev in proc.generate(
+                Sampling(temperature=0.0, num_predict=100000),
+                ignore_eos=True,
+                tokens=distinct_prompt(proc, 32, 2),
+                cancel=stop,
+            ):
                 n += 1
                 if n == 8:
                     started.set()
@@ -286,27 +403,42 @@ def stall(args: argparse.Namespace, model: Path, plans: Any) -> dict[str, Any]:
     finally:
         proc.close()
     mixed = [(d, pf, dt) for d, pf, dt in steps if d and pf]
-    return {"prompt_tokens": long_tokens, "prefill_alone_s": alone, "prefill_beside_stream_s": long["prompt_eval_s"],
-            "longest_stall_s": stats["decoding"].max_gap_s if "decoding" in stats else None,
-            "mixed_steps": len(mixed), "largest_chunk": max((pf for _, pf, _ in mixed), default=0)}
+    return {
+        "prompt_tokens": long_tokens,
+        "prefill_alone_s": alone,
+        "prefill_beside_stream_s": long["prompt_eval_s"],
+        "longest_stall_s": stats["decoding"].max_gap_s if "decoding" in stats else None,
+        "mixed_steps": len(mixed),
+        "largest_chunk": max((pf for _, pf, _ in mixed), default=0),
+    }
 
 
 def match(args: argparse.Namespace, model: Path, plans: Any) -> dict[str, Any]:
     p = plans(8, 256)
     proc = RunnerProcess.start("bench", model, p, extra_bufts=args.extra_bufts)
     try:
-        prompts = [proc.tokenize(f"Fact {i}: the {w} is", add_bos=True) for i, w in enumerate(WORDS)]
+        prompts = [
+            proc.tokenize(f"Fact {i}: the {w} is", add_bos=True) for i, w in enumerate(WORDS)
+        ]
 
         def tokens(toks: list[int]) -> list[int]:
-            ev = list(proc.generate(Sampling(temperature=0.0, num_predict=args.match_tokens), tokens=toks,
-                                    want_tokens=True, ignore_eos=True))
+            ev = list(
+                proc.generate(
+                    Sampling(temperature=0.0, num_predict=args.match_tokens),
+                    tokens=toks,
+                    want_tokens=True,
+                    ignore_eos=True,
+                )
+            )
             return list(ev[-1].tokens)  # type: ignore[union-attr]
 
         alone = [tokens(t) for t in prompts]
         together: list[list[int]] = [[] for _ in prompts]
         for start in range(0, len(prompts), 8):
             group = list(range(start, min(start + 8, len(prompts))))
-            fill = [i % len(prompts) for i in range(start + 8, start + 8 + 8 - len(group))]  # keep batches of 8
+            fill = [
+                i % len(prompts) for i in range(start + 8, start + 8 + 8 - len(group))
+            ]  # keep batches of 8
             results: dict[int, list[int]] = {}
 
             def answer(i: int, results: dict[int, list[int]] = results) -> None:
@@ -322,14 +454,23 @@ def match(args: argparse.Namespace, model: Path, plans: Any) -> dict[str, Any]:
     finally:
         proc.close()
     same = sum(a == b for a, b in zip(alone, together, strict=True))
-    first_diff = [next((k for k, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), None)
-                  for a, b in zip(alone, together, strict=True)]
-    return {"prompts": len(prompts), "tokens_each": args.match_tokens, "identical": same,
-            "share": same / len(prompts), "first_difference_at": first_diff}
+    first_diff = [
+        next((k for k, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), None)
+        for a, b in zip(alone, together, strict=True)
+    ]
+    return {
+        "prompts": len(prompts),
+        "tokens_each": args.match_tokens,
+        "identical": same,
+        "share": same / len(prompts),
+        "first_difference_at": first_diff,
+    }
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--model", required=True, help="a model name in the store or a GGUF path")
     ap.add_argument("--server-model", help="the store name to measure through a real server too")
     ap.add_argument("--tools", type=Path, required=True, help="folder with llama-batched-bench")
@@ -337,7 +478,9 @@ def main() -> None:
     ap.add_argument("--gpu-memory", help="GPU budget for the plan, e.g. 12GiB")
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--gen", type=int, default=128)
-    ap.add_argument("--parallel", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4, 8, 16])
+    ap.add_argument(
+        "--parallel", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4, 8, 16]
+    )
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--stall-prompt", type=int, default=4096)
     ap.add_argument("--match-tokens", type=int, default=32)
@@ -352,26 +495,45 @@ def main() -> None:
 
     def plans(n_parallel: int, n_ctx: int) -> Plan:
         """The planner's plan for this many sequences of this context, within the budget."""
-        return make_plan(anatomy, hw, PlanRequest(n_ctx=max(256, n_ctx), n_parallel=n_parallel,
-                                                  gpu_budget_bytes=budget), speed)
+        return make_plan(
+            anatomy,
+            hw,
+            PlanRequest(n_ctx=max(256, n_ctx), n_parallel=n_parallel, gpu_budget_bytes=budget),
+            speed,
+        )
 
     def predict(plan: Plan, n: int) -> float:
         ctx = args.prompt + args.gen // 2
         return float(predict_aggregate(anatomy, hw, plan.placement, n, speed, context_tokens=ctx))
 
     plan = plans(1, args.prompt + args.gen + 64)
-    out: dict[str, Any] = {"model": str(args.model), "hardware": hw.name, "cores": hw.cpu.cores,
-                           "gpus": [g.name for g in hw.gpus], "gpu_budget_bytes": budget, "plan": plan.to_dict(),
-                           "at": time.strftime("%Y-%m-%dT%H:%M:%S"), "load_average_start": os.getloadavg()[0]}
+    out: dict[str, Any] = {
+        "model": str(args.model),
+        "hardware": hw.name,
+        "cores": hw.cpu.cores,
+        "gpus": [g.name for g in hw.gpus],
+        "gpu_budget_bytes": budget,
+        "plan": plan.to_dict(),
+        "at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "load_average_start": os.getloadavg()[0],
+    }
     parts = args.parts.split(",")
     if "overhead" in parts:
         out["overhead"] = overhead(args, model, plans, args.tools)
-        print(json.dumps({k: v for k, v in out["overhead"].items() if k.endswith(("ratio", "_ms", "_s"))}))
+        print(
+            json.dumps(
+                {k: v for k, v in out["overhead"].items() if k.endswith(("ratio", "_ms", "_s"))}
+            )
+        )
     if "batched" in parts:
         out["batched"] = batched(args, model, plans, args.tools, predict)
         for r in out["batched"]["rows"]:
-            print(r["streams"], round(r["aggregate_decode_tps"], 1), round(r["llama_batched_bench_tg_tps"], 1),
-                  round(r["ratio"] or 0, 3))
+            print(
+                r["streams"],
+                round(r["aggregate_decode_tps"], 1),
+                round(r["llama_batched_bench_tg_tps"], 1),
+                round(r["ratio"] or 0, 3),
+            )
     if "stall" in parts:
         out["stall"] = stall(args, model, plans)
         print(json.dumps(out["stall"]))

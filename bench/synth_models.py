@@ -29,15 +29,18 @@ from tests.synth import write_model as _write  # noqa: E402
 __all__ = ["SPECS", "write_model"]
 
 
-def write_model(path: str | os.PathLike[str], kind: str | ModelSpec, seed: int = 0,
-                header_only: bool = False) -> Path:
+def write_model(
+    path: str | os.PathLike[str], kind: str | ModelSpec, seed: int = 0, header_only: bool = False
+) -> Path:
     """A loadable model with random weights, or only its header (``header_only``: a sparse file)."""
     return _write(path, kind, data="sparse" if header_only else "random", tokenizer=True, seed=seed)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Command line: write one model unless it is already there."""
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("kind", choices=sorted(SPECS))
     ap.add_argument("path")
     ap.add_argument("--force", action="store_true")

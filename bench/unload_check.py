@@ -37,8 +37,11 @@ MiB = 1 << 20
 def gpu_used_mib() -> list[int]:
     """MiB in use on each GPU as nvidia-smi counts it ([] without one)."""
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True)
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+        )
     except OSError:
         return []
     return [int(x) for x in out.stdout.split()] if out.returncode == 0 else []
@@ -65,7 +68,9 @@ def settle(prev: list[int], timeout_s: float = 10.0) -> list[int]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--model", type=Path, required=True)
     ap.add_argument("--gpu-memory")
     ap.add_argument("--repeats", type=int, default=2)
@@ -73,7 +78,9 @@ def main() -> None:
     args = ap.parse_args()
     hw = current_hardware()
     budget = config.parse_bytes(args.gpu_memory) if args.gpu_memory else None
-    plan = make_plan(anatomy_mod.read(args.model), hw, PlanRequest(n_ctx=4096, gpu_budget_bytes=budget))
+    plan = make_plan(
+        anatomy_mod.read(args.model), hw, PlanRequest(n_ctx=4096, gpu_budget_bytes=budget)
+    )
     runs: list[dict[str, Any]] = []
     for _ in range(args.repeats):
         gpu0, ram0 = gpu_used_mib(), mem_available_mib()
@@ -85,15 +92,31 @@ def main() -> None:
         gpu2 = settle(gpu1)
         time.sleep(1.0)
         ram2 = mem_available_mib()
-        runs.append({"runner_pid": pid, "gpu_before_mib": gpu0, "gpu_loaded_mib": gpu1, "gpu_after_mib": gpu2,
-                     "gpu_returned_within_mib": max((a - b for a, b in zip(gpu2, gpu0, strict=False)), default=None),
-                     "ram_available_before_mib": ram0, "ram_available_loaded_mib": ram1,
-                     "ram_available_after_mib": ram2, "ram_held_while_loaded_mib": ram0 - ram1,
-                     "ram_not_returned_mib": ram0 - ram2})
+        runs.append(
+            {
+                "runner_pid": pid,
+                "gpu_before_mib": gpu0,
+                "gpu_loaded_mib": gpu1,
+                "gpu_after_mib": gpu2,
+                "gpu_returned_within_mib": max(
+                    (a - b for a, b in zip(gpu2, gpu0, strict=False)), default=None
+                ),
+                "ram_available_before_mib": ram0,
+                "ram_available_loaded_mib": ram1,
+                "ram_available_after_mib": ram2,
+                "ram_held_while_loaded_mib": ram0 - ram1,
+                "ram_not_returned_mib": ram0 - ram2,
+            }
+        )
         print(json.dumps(runs[-1]))
-    out = {"model": str(args.model), "gpu_budget": args.gpu_memory, "plan": plan.to_dict(),
-           "pinned_weights": not plan.use_mmap, "runs": runs,
-           "target": "GPU memory after unload within 64 MiB of before"}
+    out = {
+        "model": str(args.model),
+        "gpu_budget": args.gpu_memory,
+        "plan": plan.to_dict(),
+        "pinned_weights": not plan.use_mmap,
+        "runs": runs,
+        "target": "GPU memory after unload within 64 MiB of before",
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=1))
 

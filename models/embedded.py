@@ -59,7 +59,9 @@ class _ArticleText(HTMLParser):
     """The readable text of a page's <article>, one paragraph per block element."""
 
     _SKIP = frozenset({"script", "style", "nav", "header", "footer", "noscript", "svg", "button"})
-    _BLOCK = frozenset({"p", "div", "li", "h1", "h2", "h3", "h4", "h5", "h6", "br", "tr", "ol", "ul"})
+    _BLOCK = frozenset(
+        {"p", "div", "li", "h1", "h2", "h3", "h4", "h5", "h6", "br", "tr", "ol", "ul"}
+    )
 
     def __init__(self) -> None:
         super().__init__()

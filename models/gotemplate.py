@@ -201,7 +201,9 @@ class Template:
     source: str
     nodes: list[_Node]
 
-    def render(self, data: Mapping[str, Any] | None = None, limits: TemplateLimits = DEFAULT_LIMITS) -> str:
+    def render(
+        self, data: Mapping[str, Any] | None = None, limits: TemplateLimits = DEFAULT_LIMITS
+    ) -> str:
         """Execute the template with ``data`` as dot; raise ``TemplateError`` on failure and
         ``TemplateLimitExceeded`` when it needs more steps, output or time than ``limits`` allow."""
         ex = _Exec(data if data is not None else {}, Budget(limits))

@@ -206,7 +206,9 @@ class _PipeParser:
 def _unquote(text: str, line: int) -> str:
     try:
         return (
-            _json.loads(text, strict=False) if "\\x" not in text else text[1:-1].encode().decode("unicode_escape")
+            _json.loads(text, strict=False)
+            if "\\x" not in text
+            else text[1:-1].encode().decode("unicode_escape")
         )
     except ValueError as exc:
         raise TemplateError(f"bad string literal {text}", line) from exc

@@ -65,7 +65,12 @@ def _bool(text: str) -> bool:
     raise ValueError(text)
 
 
-_TYPE_WORDS = {_int: "an integer", _float: "a finite number", _bool: "true or false", str: "a string"}
+_TYPE_WORDS = {
+    _int: "an integer",
+    _float: "a finite number",
+    _bool: "true or false",
+    str: "a string",
+}
 
 #: Ollama's option names and how each value is read; ``stop`` may repeat and collects a list.
 PARAMETER_TYPES: dict[str, Callable[[str], Any]] = {
@@ -283,7 +288,9 @@ def parse_modelfile(text: str) -> Modelfile:
             if name == "stop":
                 mf.parameters.setdefault("stop", []).append(coerced)
                 if len(mf.parameters["stop"]) > MAX_STOP_COUNT:
-                    raise ModelfileError(f"PARAMETER stop may be given at most {MAX_STOP_COUNT} times", line)
+                    raise ModelfileError(
+                        f"PARAMETER stop may be given at most {MAX_STOP_COUNT} times", line
+                    )
             else:
                 mf.parameters[name] = coerced
         elif instr == "TEMPLATE":

@@ -120,9 +120,23 @@ RULES: dict[str, Rule] = {
 }
 
 #: Options accepted and checked but without effect here.
-IGNORED = frozenset({"penalize_newline", "tfs_z", "num_gqa", "f16_kv", "vocab_only", "logits_all",
-                     "embedding_only", "rope_frequency_base", "rope_frequency_scale", "main_gpu",
-                     "num_keep", "numa", "low_vram"})
+IGNORED = frozenset(
+    {
+        "penalize_newline",
+        "tfs_z",
+        "num_gqa",
+        "f16_kv",
+        "vocab_only",
+        "logits_all",
+        "embedding_only",
+        "rope_frequency_base",
+        "rope_frequency_scale",
+        "main_gpu",
+        "num_keep",
+        "numa",
+        "low_vram",
+    }
+)
 
 # The spellings Go's strconv.ParseBool accepts, since Ollama parses Modelfiles with it.
 _TRUE = ("1", "t", "T", "true", "TRUE", "True")

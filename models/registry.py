@@ -195,7 +195,9 @@ def _check_room(store: Store, name: ModelName, layers: list[dict[str, Any]]) -> 
         if store.find_blob(layer["digest"]) is not None:
             continue
         partial = final.with_name(final.name + "-partial")
-        have = partial.stat().st_size if partial.exists() and not _state_path(partial).exists() else 0
+        have = (
+            partial.stat().st_size if partial.exists() and not _state_path(partial).exists() else 0
+        )
         needed += max(0, layer["size"] - have)
     store.blobs_dir.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(store.blobs_dir).free
@@ -211,8 +213,9 @@ def _check_content(path: Path, layer: dict[str, Any], host: str) -> None:
         try:
             read_header(path)
         except GGUFError as e:
-            raise RegistryError(f"{host} sent a {media.rsplit('.', 1)[1]} layer offload "
-                                f"refuses: {e.problem}") from None
+            raise RegistryError(
+                f"{host} sent a {media.rsplit('.', 1)[1]} layer offload refuses: {e.problem}"
+            ) from None
     elif media in what:
         kind = list if media == MEDIA_MESSAGES else dict
         try:

@@ -85,7 +85,9 @@ def model_file(
                 line,
             )
         if not stat.S_ISREG(mode):
-            raise ModelfileError(f"{what} {value} is not a regular file (a pipe or a device?)", line)
+            raise ModelfileError(
+                f"{what} {value} is not a regular file (a pipe or a device?)", line
+            )
         try:
             magic = f.read(4)
         except OSError as e:

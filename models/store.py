@@ -70,6 +70,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _CHUNK = 1 << 20
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     """Everything needed to run a model, resolved from its manifest."""

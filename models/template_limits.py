@@ -14,8 +14,14 @@ from typing import Any
 
 from offload.models.gotemplate_parse import TemplateError
 
-__all__ = ["TemplateLimits", "DEFAULT_LIMITS", "Budget", "TemplateLimitExceeded", "TemplateTooLarge",
-           "check_source"]
+__all__ = [
+    "TemplateLimits",
+    "DEFAULT_LIMITS",
+    "Budget",
+    "TemplateLimitExceeded",
+    "TemplateTooLarge",
+    "check_source",
+]
 
 
 @dataclass(frozen=True)
@@ -102,7 +108,10 @@ class Budget:
                     f"value limit reached: a value of {len(value)} characters (the limit is "
                     f"{self.limits.max_chars})"
                 )
-        elif isinstance(value, (list, tuple, dict, set, frozenset)) and len(value) > self.limits.max_items:
+        elif (
+            isinstance(value, (list, tuple, dict, set, frozenset))
+            and len(value) > self.limits.max_items
+        ):
             raise TemplateLimitExceeded(
                 f"value limit reached: a collection of {len(value)} items (the limit is {self.limits.max_items})"
             )

@@ -157,7 +157,9 @@ def from_header(h: GGUFHeader) -> Anatomy:
     if n_layers == 0:
         n_layers = 1 + max((t.layer for t in tensors if t.layer is not None), default=-1)
         if n_layers > LLAMA_MAX_LAYERS:
-            raise GGUFError(h.path, f"its tensors name {n_layers} layers, more than llama.cpp loads")
+            raise GGUFError(
+                h.path, f"its tensors name {n_layers} layers, more than llama.cpp loads"
+            )
         warnings.append(
             f"no {arch}.block_count in the header; counted {n_layers} layers from tensors"
         )

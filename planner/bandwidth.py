@@ -18,12 +18,20 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["cpu_read_Bps", "cpu_copy_Bps", "find_cudart", "cuda_bandwidths", "cuda_bandwidths_isolated"]
+__all__ = [
+    "cpu_read_Bps",
+    "cpu_copy_Bps",
+    "find_cudart",
+    "cuda_bandwidths",
+    "cuda_bandwidths_isolated",
+]
 
 log = logging.getLogger(__name__)
 
 
-def _threaded_median_s(threads: int, n: int, work: Callable[[int, int], object], repeats: int) -> float:
+def _threaded_median_s(
+    threads: int, n: int, work: Callable[[int, int], object], repeats: int
+) -> float:
     bounds = np.linspace(0, n, max(threads, 1) + 1).astype(int)
     times = []
     for _ in range(repeats):
@@ -47,7 +55,9 @@ def _read_share(src: np.ndarray, a: int, b: int, chunk: int) -> None:
         np.copyto(sink[: j - i], src[i:j])
 
 
-def _reader(src: np.ndarray, a: int, b: int, chunk: int, repeats: int, barrier: Any, out: Any) -> None:
+def _reader(
+    src: np.ndarray, a: int, b: int, chunk: int, repeats: int, barrier: Any, out: Any
+) -> None:
     times = []
     for _ in range(repeats):
         barrier.wait()
@@ -67,8 +77,14 @@ def _process_read_s(src: np.ndarray, workers: int, chunk: int, repeats: int) -> 
         return None
     bounds = np.linspace(0, src.size, workers + 1).astype(int)
     barrier, out = ctx.Barrier(workers), ctx.Queue()
-    procs = [ctx.Process(target=_reader, args=(src, int(bounds[i]), int(bounds[i + 1]), chunk, repeats,
-                                               barrier, out), daemon=True) for i in range(workers)]
+    procs = [
+        ctx.Process(
+            target=_reader,
+            args=(src, int(bounds[i]), int(bounds[i + 1]), chunk, repeats, barrier, out),
+            daemon=True,
+        )
+        for i in range(workers)
+    ]
     for p in procs:
         p.start()
     try:
@@ -81,7 +97,9 @@ def _process_read_s(src: np.ndarray, workers: int, chunk: int, repeats: int) -> 
             if p.is_alive():
                 p.terminate()
     # perf_counter is CLOCK_MONOTONIC on Linux: comparable across processes.
-    walls = [max(w[r][1] for w in per_worker) - min(w[r][0] for w in per_worker) for r in range(repeats)]
+    walls = [
+        max(w[r][1] for w in per_worker) - min(w[r][0] for w in per_worker) for r in range(repeats)
+    ]
     return sorted(walls)[len(walls) // 2]
 
 
@@ -99,7 +117,9 @@ def cpu_read_Bps(threads: int, size_bytes: int = 512 << 20, repeats: int = 5) ->
     chunk = 1 << 15  # 256 KiB: stays in L2
     wall = _process_read_s(src, max(threads, 1), chunk, repeats) if threads > 1 else None
     if wall is None:
-        wall = _threaded_median_s(threads, src.size, lambda a, b: _read_share(src, a, b, chunk), repeats)
+        wall = _threaded_median_s(
+            threads, src.size, lambda a, b: _read_share(src, a, b, chunk), repeats
+        )
     return src.nbytes / wall
 
 
@@ -172,7 +192,9 @@ def _check(rc: int, what: str) -> None:
         raise RuntimeError(f"{what} failed with CUDA error {rc}")
 
 
-def cuda_bandwidths(device: int, lib_path: str, size_bytes: int = 256 << 20) -> tuple[float, float, float]:
+def cuda_bandwidths(
+    device: int, lib_path: str, size_bytes: int = 256 << 20
+) -> tuple[float, float, float]:
     """(pinned host-to-device Bps, device copy Bps, pageable host-to-device Bps).
 
     Pinned and device copies are timed with cudaMemcpyAsync and events; the pageable copy (from
@@ -223,7 +245,9 @@ def cuda_bandwidths(device: int, lib_path: str, size_bytes: int = 256 << 20) -> 
         rt.cudaFreeHost(host)
 
 
-def cuda_bandwidths_isolated(devices: list[int], timeout_s: float = 120.0) -> tuple[str | None, dict[int, tuple[float, ...]], dict[int, str]]:
+def cuda_bandwidths_isolated(
+    devices: list[int], timeout_s: float = 120.0
+) -> tuple[str | None, dict[int, tuple[float, ...]], dict[int, str]]:
     """Measure every GPU's bandwidths in a child process: (libcudart used, results, errors).
 
     A second CUDA runtime loaded beside the one llama.cpp links can crash the process that later
@@ -247,13 +271,22 @@ def cuda_bandwidths_isolated(devices: list[int], timeout_s: float = 120.0) -> tu
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
     try:
-        r = subprocess.run([sys.executable, "-c", code, *map(str, devices)], capture_output=True,
-                           text=True, timeout=timeout_s, env=env)
+        r = subprocess.run(
+            [sys.executable, "-c", code, *map(str, devices)],
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            env=env,
+        )
     except (OSError, subprocess.TimeoutExpired) as e:
         return None, {}, {d: f"measurement process failed: {e}" for d in devices}
     if r.returncode != 0:
         tail = (r.stderr.strip().splitlines() or ["no output"])[-1]
-        return None, {}, {d: f"measurement process exited with {r.returncode}: {tail}" for d in devices}
+        return (
+            None,
+            {},
+            {d: f"measurement process exited with {r.returncode}: {tail}" for d in devices},
+        )
     out = json.loads(r.stdout.strip().splitlines()[-1])
     ok = {int(d): tuple(v) for d, v in out["ok"].items() if v}
     return out["lib"], ok, {int(d): e for d, e in out["err"].items()}

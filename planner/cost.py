@@ -18,8 +18,16 @@ from offload.planner.memory import kv_elem_bytes
 from offload.planner.placement import CPU, DeviceLoad, device_loads, layer_devices
 from offload.planner.types import Anatomy, GPUInfo, Hardware, Placement, Prediction
 
-__all__ = ["SpeedParams", "predict", "predict_aggregate", "cpu_bandwidth_Bps", "gpu_flops", "experts_touched",
-           "pageable_h2d_Bps", "stream_seconds"]
+__all__ = [
+    "SpeedParams",
+    "predict",
+    "predict_aggregate",
+    "cpu_bandwidth_Bps",
+    "gpu_flops",
+    "experts_touched",
+    "pageable_h2d_Bps",
+    "stream_seconds",
+]
 
 
 @dataclass(frozen=True)
@@ -172,11 +180,15 @@ def predict(
     p = params or SpeedParams()
     n_gpus = len(hardware.gpus)
     loads, devs = device_loads(anatomy, placement, n_gpus)
-    layer_dev = layer_devices(anatomy.n_layers, placement.n_gpu_layers, n_gpus, placement.tensor_split)
+    layer_dev = layer_devices(
+        anatomy.n_layers, placement.n_gpu_layers, n_gpus, placement.tensor_split
+    )
     threads_batch = placement.threads_batch or placement.threads or hardware.cpu.cores
     ctx = prompt_tokens if context_tokens is None else context_tokens
     t_dec = _decode_step_s(anatomy, hardware, placement, p, ctx, 1)
-    t_prompt = _prompt_time_s(anatomy, hardware, placement, loads, layer_dev, p, prompt_tokens, threads_batch)
+    t_prompt = _prompt_time_s(
+        anatomy, hardware, placement, loads, layer_dev, p, prompt_tokens, threads_batch
+    )
     return Prediction(decode_tps=1.0 / t_dec, prompt_tps=prompt_tokens / t_prompt, ttft_s=t_prompt)
 
 
@@ -197,7 +209,12 @@ def predict_aggregate(
 
 
 def _decode_step_s(
-    anatomy: Anatomy, hardware: Hardware, placement: Placement, p: SpeedParams, ctx: int, streams: int
+    anatomy: Anatomy,
+    hardware: Hardware,
+    placement: Placement,
+    p: SpeedParams,
+    ctx: int,
+    streams: int,
 ) -> float:
     """Seconds of one decode step holding one token of each of ``streams`` sequences.
 
@@ -208,7 +225,9 @@ def _decode_step_s(
     """
     n_gpus = len(hardware.gpus)
     loads, devs = device_loads(anatomy, placement, n_gpus)
-    layer_dev = layer_devices(anatomy.n_layers, placement.n_gpu_layers, n_gpus, placement.tensor_split)
+    layer_dev = layer_devices(
+        anatomy.n_layers, placement.n_gpu_layers, n_gpus, placement.tensor_split
+    )
     threads = placement.threads or hardware.cpu.cores
     cpu_bw = cpu_bandwidth_Bps(hardware, threads, p)
     kv_tok = _kv_per_token_by_device(anatomy, layer_dev, placement.kv_type, placement.offload_kqv)
@@ -219,20 +238,31 @@ def _decode_step_s(
     for d, ld in loads.items():
         kv_read = kv_tok.get(d, 0.0) * ctx
         # Flops of one more token here: its matmuls and its attention over the context.
-        flops = ld.dense_flops + ld.expert_flops + _attn_flops_per_token(anatomy, attn_layers[d], ctx)
+        flops = (
+            ld.dense_flops + ld.expert_flops + _attn_flops_per_token(anatomy, attn_layers[d], ctx)
+        )
         if d == CPU:
             out = ld.output_decode_bytes * (p.cpu_output_decode_factor if n_gpus else 1.0)
             dense = ld.decode_bytes - ld.expert_decode_bytes - ld.output_decode_bytes + out
 
-            def cpu_roof(n: int, dense: float = dense, kv_read: float = kv_read, flops: float = flops,
-                         ld: DeviceLoad = ld) -> float:
+            def cpu_roof(
+                n: int,
+                dense: float = dense,
+                kv_read: float = kv_read,
+                flops: float = flops,
+                ld: DeviceLoad = ld,
+            ) -> float:
                 experts = ld.expert_decode_bytes * (touched if n > 1 else 1.0)
                 t_mem = (dense + n * kv_read) / cpu_bw + experts / (cpu_bw * p.cpu_expert_bw_factor)
                 cores_used = max(min(threads, hardware.cpu.cores), 1)
                 # The first token dequantizes and dots every weight byte; batched kernels then
                 # handle each further token at a share of the prompt-processing rate.
-                t_compute = (dense + ld.expert_decode_bytes) / (cores_used * p.cpu_decode_Bps_per_core)
-                t_compute += (n - 1) * flops / (p.cpu_flops_per_core * cores_used * p.cpu_batch_flops_eff)
+                t_compute = (dense + ld.expert_decode_bytes) / (
+                    cores_used * p.cpu_decode_Bps_per_core
+                )
+                t_compute += (
+                    (n - 1) * flops / (p.cpu_flops_per_core * cores_used * p.cpu_batch_flops_eff)
+                )
                 return max(t_mem, t_compute)
 
             t += cpu_roof(1) + (cpu_roof(streams) - cpu_roof(1) if streams > 1 else 0.0)
@@ -244,8 +274,14 @@ def _decode_step_s(
             bw = g.mem_bandwidth_Bps * p.gpu_bw_eff
             f = gpu_flops(hardware, d, p) * p.gpu_batch_flops_eff
 
-            def gpu_roof(n: int, ld: DeviceLoad = ld, kv_read: float = kv_read, flops: float = flops,
-                         bw: float = bw, f: float = f) -> float:
+            def gpu_roof(
+                n: int,
+                ld: DeviceLoad = ld,
+                kv_read: float = kv_read,
+                flops: float = flops,
+                bw: float = bw,
+                f: float = f,
+            ) -> float:
                 experts = ld.expert_decode_bytes * (touched if n > 1 else 1.0)
                 t_mem = (ld.decode_bytes - ld.expert_decode_bytes + experts + n * kv_read) / bw
                 return max(t_mem, n * flops / f)
@@ -314,8 +350,12 @@ def _prompt_time_s(
     cpu_flops = p.cpu_flops_per_core * max(min(threads_batch, hardware.cpu.cores), 1)
     # Attention runs where its layer is (the KV cache is there), whatever FFN tensors moved.
     has_attn = [bool(k) for k in anatomy.kv_bytes_per_token_f16] or [True] * anatomy.n_layers
-    attn_on = {d: sum(1 for il, x in enumerate(layer_dev) if x == d and il < len(has_attn) and has_attn[il])
-               for d in loads}
+    attn_on = {
+        d: sum(
+            1 for il, x in enumerate(layer_dev) if x == d and il < len(has_attn) and has_attn[il]
+        )
+        for d in loads
+    }
     total = 0.0
     streams = bool(hardware.gpus) and placement.op_offload and ubatch >= p.op_offload_min_batch
     per_expert = ubatch * anatomy.expert_used_count / max(anatomy.expert_count, 1)
@@ -330,8 +370,7 @@ def _prompt_time_s(
             continue
         f = gpu_flops(hardware, d, p)
         total += n_tokens * (
-            (ld.dense_flops + attn) / (f * p.gpu_flops_eff)
-            + ld.expert_flops / (f * expert_eff)
+            (ld.dense_flops + attn) / (f * p.gpu_flops_eff) + ld.expert_flops / (f * expert_eff)
         )
         total += n_ub * len(ld.layers) * p.gpu_layer_overhead_prompt_s
     cpu_attn = _attn_flops_per_token(anatomy, attn_on[CPU], n_tokens)
@@ -339,8 +378,7 @@ def _prompt_time_s(
         f = gpu_flops(hardware, 0, p)
         total += n_ub * stream_seconds(anatomy, hardware, cpu, ubatch, placement.pinned_weights, p)
         total += n_tokens * (
-            cpu.dense_flops / (f * p.gpu_flops_eff)
-            + cpu.expert_flops / (f * expert_eff)
+            cpu.dense_flops / (f * p.gpu_flops_eff) + cpu.expert_flops / (f * expert_eff)
         )
         total += n_tokens * cpu_attn / cpu_flops
     else:

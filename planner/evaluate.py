@@ -203,7 +203,12 @@ def _prediction(
     # the caller asks for another (pp2048 in the GPU sweeps).
     context = workload.prompt_tokens + workload.answer_tokens // 2
     at = predict(
-        anatomy, hardware, placement, speed, prompt_tokens=workload.prompt_tokens, context_tokens=context
+        anatomy,
+        hardware,
+        placement,
+        speed,
+        prompt_tokens=workload.prompt_tokens,
+        context_tokens=context,
     )
     request_s = workload.request_s(at)
     shown = at

@@ -128,9 +128,7 @@ def _check_experts(path: str, arch: str, found: Mapping[str, list[int]]) -> None
         if used == 0:
             raise _fail(path, f"{a}.expert_used_count is 0 but the model has {n_expert} experts")
         if groups >= n_expert:
-            raise _fail(
-                path, f"{a}.expert_group_count is {groups}, expected fewer than {n_expert}"
-            )
+            raise _fail(path, f"{a}.expert_group_count is {groups}, expected fewer than {n_expert}")
         if groups > 1:
             if n_expert % groups:
                 raise _fail(
@@ -199,9 +197,7 @@ def check_metadata(
     for suffix, lo, hi, may_be_array in _INTS:
         key = f"{arch}.{suffix}"
         if key in md:
-            found[suffix] = _ints(
-                path, key, md[key], lo, hi, may_be_array, array_lengths.get(key)
-            )
+            found[suffix] = _ints(path, key, md[key], lo, hi, may_be_array, array_lengths.get(key))
     n_layers = found.get("block_count", [0])[0]
     for suffix, _, _, may_be_array in _INTS:
         if may_be_array and isinstance(md.get(f"{arch}.{suffix}"), list) and n_layers:

@@ -75,7 +75,8 @@ def fingerprint(backend_devices: BackendDevices | None = None) -> str:
     GPUs are NVML's; where NVML finds none, the GPUs in ``backend_devices`` (llama.cpp's view).
     """
     gpu_ids = _gpu_ids() or [
-        f"{d.get('description') or d.get('name')}{d.get('memory_total_bytes')}" for d in _backend_gpus(backend_devices)
+        f"{d.get('description') or d.get('name')}{d.get('memory_total_bytes')}"
+        for d in _backend_gpus(backend_devices)
     ]
     parts = [
         platform.machine(),
@@ -152,14 +153,23 @@ def _measure_gpus(gpus: list[GPUInfo], notes: list[str]) -> list[GPUInfo]:
     for g in gpus:
         if g.index not in measured:
             why = errors.get(g.index, "no CUDA runtime")
-            notes.append(f"GPU {g.index}: CUDA bandwidth measurement failed ({why}); using link/bus estimates")
+            notes.append(
+                f"GPU {g.index}: CUDA bandwidth measurement failed ({why}); using link/bus estimates"
+            )
             out.append(g)
             continue
         h2d, dev, pageable = (*measured[g.index], 0.0)[:3]
         # Without a nominal figure (NVML lacked bus width or clock), a copy reaches ~85% of it.
         nominal = g.mem_bandwidth_Bps or dev / 0.85
-        out.append(replace(g, h2d_bandwidth_Bps=h2d, mem_bandwidth_Bps=nominal, mem_bandwidth_measured_Bps=dev,
-                           h2d_pageable_Bps=pageable))
+        out.append(
+            replace(
+                g,
+                h2d_bandwidth_Bps=h2d,
+                mem_bandwidth_Bps=nominal,
+                mem_bandwidth_measured_Bps=dev,
+                h2d_pageable_Bps=pageable,
+            )
+        )
     return out
 
 
@@ -169,14 +179,19 @@ def _profile_gpu(name: str) -> GPUInfo | None:
         try:
             for g in json.loads(p.read_text()).get("gpus", []):
                 if str(g.get("name", "")).lower() == name.lower():
-                    return GPUInfo(**{k: v for k, v in g.items() if k in GPUInfo.__dataclass_fields__})
+                    return GPUInfo(
+                        **{k: v for k, v in g.items() if k in GPUInfo.__dataclass_fields__}
+                    )
         except (OSError, ValueError, TypeError):
             continue
     return None
 
 
-def _gpus_from_backend(devices: BackendDevices, notes: list[str],
-                       measure_backend: Callable[[], BackendDevices] | None = None) -> list[GPUInfo]:
+def _gpus_from_backend(
+    devices: BackendDevices,
+    notes: list[str],
+    measure_backend: Callable[[], BackendDevices] | None = None,
+) -> list[GPUInfo]:
     """GPUs from llama.cpp's backend devices (memory as the backend reports it), for machines
     without NVML: Vulkan, ROCm and Metal builds. Bandwidths from a copy probe through ggml when
     ``measure_backend`` gives one, else from a shipped profile of the same GPU, else assumed."""
@@ -196,28 +211,39 @@ def _gpus_from_backend(devices: BackendDevices, notes: list[str],
         h2d = float(d.get("h2d_pinned_Bps") or 0.0)
         source = "measured through llama.cpp"
         if not h2d or not dev_copy:
-            source = "from the shipped profile of this GPU" if prof else "assumed (not measured, no profile)"
+            source = (
+                "from the shipped profile of this GPU"
+                if prof
+                else "assumed (not measured, no profile)"
+            )
         # As with the CUDA probe: a device copy reaches about 85% of the nominal bandwidth.
         bw = prof.mem_bandwidth_Bps if prof else (dev_copy / 0.85 if dev_copy else _UNKNOWN_GPU_Bps)
         h2d = h2d or (prof.h2d_bandwidth_Bps if prof else _UNKNOWN_H2D_Bps)
-        gpus.append(GPUInfo(
-            name=name,
-            vram_bytes=int(d.get("memory_total_bytes") or 0),
-            mem_bandwidth_Bps=bw,
-            h2d_bandwidth_Bps=h2d,
-            index=i,
-            vram_free_bytes=int(d.get("memory_free_bytes") or 0),
-            fp16_flops=prof.fp16_flops if prof else 0.0,
-            mem_bandwidth_measured_Bps=dev_copy,
-            h2d_pageable_Bps=float(d.get("h2d_pageable_Bps") or 0.0),
-        ))
-        notes.append(f"GPU {i} ({name}, {d.get('backend') or d.get('name')}) from llama.cpp's device list "
-                     f"(no NVML); bandwidths {source}")
+        gpus.append(
+            GPUInfo(
+                name=name,
+                vram_bytes=int(d.get("memory_total_bytes") or 0),
+                mem_bandwidth_Bps=bw,
+                h2d_bandwidth_Bps=h2d,
+                index=i,
+                vram_free_bytes=int(d.get("memory_free_bytes") or 0),
+                fp16_flops=prof.fp16_flops if prof else 0.0,
+                mem_bandwidth_measured_Bps=dev_copy,
+                h2d_pageable_Bps=float(d.get("h2d_pageable_Bps") or 0.0),
+            )
+        )
+        notes.append(
+            f"GPU {i} ({name}, {d.get('backend') or d.get('name')}) from llama.cpp's device list "
+            f"(no NVML); bandwidths {source}"
+        )
     return gpus
 
 
-def probe(measure: bool = True, backend_devices: BackendDevices | None = None,
-          measure_backend: Callable[[], BackendDevices] | None = None) -> Hardware:
+def probe(
+    measure: bool = True,
+    backend_devices: BackendDevices | None = None,
+    measure_backend: Callable[[], BackendDevices] | None = None,
+) -> Hardware:
     """Probe this machine: CPU, RAM, GPUs (NVML), measured CPU and PCIe/GPU bandwidths.
 
     Where NVML finds no GPU, the GPUs among ``backend_devices`` (llama.cpp's device list, given
@@ -233,7 +259,9 @@ def probe(measure: bool = True, backend_devices: BackendDevices | None = None,
     if gpus and measure:
         gpus = _measure_gpus(gpus, notes)
     elif not gpus and _backend_gpus(backend_devices):
-        gpus = _gpus_from_backend(backend_devices or (), notes, measure_backend if measure else None)
+        gpus = _gpus_from_backend(
+            backend_devices or (), notes, measure_backend if measure else None
+        )
     cpu = CPUInfo(
         cores=cores,
         ram_bytes=vm.total,
@@ -264,8 +292,12 @@ def _write_atomic(path: Path, data: dict[str, Any]) -> None:
         raise
 
 
-def current(cache_file: Path | None, refresh: bool = False, backend_devices: BackendDevices | None = None,
-            measure_backend: Callable[[], BackendDevices] | None = None) -> Hardware:
+def current(
+    cache_file: Path | None,
+    refresh: bool = False,
+    backend_devices: BackendDevices | None = None,
+    measure_backend: Callable[[], BackendDevices] | None = None,
+) -> Hardware:
     """This machine's profile: from ``cache_file`` when its fingerprint matches, else probed and cached.
 
     ``backend_devices`` and ``measure_backend`` are passed to ``probe`` (GPUs where NVML is absent).
@@ -293,9 +325,16 @@ def _refresh_free_memory(hw: Hardware, backend_devices: BackendDevices | None = 
     notes: list[str] = []
     fresh = {g.index: g for g in _probe_gpus(notes)}
     if not fresh:  # GPUs known from llama.cpp's device list: its free memory, in its order
-        fresh = {i: GPUInfo(name="", vram_bytes=0, mem_bandwidth_Bps=0, h2d_bandwidth_Bps=0,
-                            vram_free_bytes=int(d.get("memory_free_bytes") or 0))
-                 for i, d in enumerate(_backend_gpus(backend_devices))}
+        fresh = {
+            i: GPUInfo(
+                name="",
+                vram_bytes=0,
+                mem_bandwidth_Bps=0,
+                h2d_bandwidth_Bps=0,
+                vram_free_bytes=int(d.get("memory_free_bytes") or 0),
+            )
+            for i, d in enumerate(_backend_gpus(backend_devices))
+        }
     gpus = tuple(
         replace(g, vram_free_bytes=fresh[g.index].vram_free_bytes) if g.index in fresh else g
         for g in hw.gpus

@@ -15,8 +15,15 @@ import numpy as np
 
 from offload.planner.types import Anatomy, Placement
 
-__all__ = ["CPU", "layer_devices", "output_device", "tensor_devices", "DeviceLoad", "device_loads",
-           "split_for_counts"]
+__all__ = [
+    "CPU",
+    "layer_devices",
+    "output_device",
+    "tensor_devices",
+    "DeviceLoad",
+    "device_loads",
+    "split_for_counts",
+]
 
 CPU = -1
 
@@ -64,7 +71,9 @@ def layer_devices(
 
 
 @lru_cache(maxsize=8192)
-def _layer_devices(n_layers: int, n_gpu_layers: int, n_gpus: int, split: tuple[float, ...]) -> tuple[int, ...]:
+def _layer_devices(
+    n_layers: int, n_gpu_layers: int, n_gpus: int, split: tuple[float, ...]
+) -> tuple[int, ...]:
     if n_gpus == 0 or n_gpu_layers <= 0:
         return (CPU,) * n_layers
     start = _gpu_start(n_layers, n_gpu_layers)
@@ -229,7 +238,9 @@ def _blocks(anatomy: Anatomy, patterns: tuple[str, ...]) -> tuple[dict[tuple, _B
     vocab = max(anatomy.n_vocab, 1)
     blocks: dict[tuple, _Block] = {}
     groups: list[tuple] = []
-    for i, (t, (layer, role, nbytes, flops, repack)) in enumerate(zip(anatomy.tensors, _rows(anatomy), strict=True)):
+    for i, (t, (layer, role, nbytes, flops, repack)) in enumerate(
+        zip(anatomy.tensors, _rows(anatomy), strict=True)
+    ):
         if t.role == "embedding":
             g: tuple = ("emb",)
         elif t.layer is not None and t.layer < anatomy.n_layers:
@@ -289,7 +300,9 @@ def _device_loads(
     patterns = tuple(placement.cpu_tensor_patterns) if n_gpus else ()
     blocks, groups = _blocks(anatomy, patterns)
     layers = layer_devices(anatomy.n_layers, placement.n_gpu_layers, n_gpus, placement.tensor_split)
-    out_dev = output_device(anatomy.n_layers, placement.n_gpu_layers, n_gpus, placement.tensor_split)
+    out_dev = output_device(
+        anatomy.n_layers, placement.n_gpu_layers, n_gpus, placement.tensor_split
+    )
 
     def device(g: tuple) -> int:
         if g[0] == "L":
@@ -308,7 +321,9 @@ def _device_loads(
         # tokens that need logits: too small to offload.)
         if g[0] == "L" and g[2] and layers[g[1]] != CPU:
             cpu = loads[CPU]
-            cpu.largest_moved_dense_bytes = max(cpu.largest_moved_dense_bytes, b.largest_dense_bytes)
+            cpu.largest_moved_dense_bytes = max(
+                cpu.largest_moved_dense_bytes, b.largest_dense_bytes
+            )
     if anatomy.tied_embeddings:
         emb = next((t for t in anatomy.tensors if t.role == "embedding"), None)
         if emb is not None:

@@ -64,8 +64,11 @@ def describe(p: Plan, anatomy: Anatomy) -> str:
     elif p.n_gpu_layers > n and not p.cpu_tensor_patterns:
         where = "everything on the GPU"
     elif p.cpu_tensor_patterns:
-        layers = {t.layer for t, d in zip(anatomy.tensors, _devices(p, anatomy), strict=True)
-                  if d == CPU and t.layer is not None and t.role in ("expert", "ffn")}
+        layers = {
+            t.layer
+            for t, d in zip(anatomy.tensors, _devices(p, anatomy), strict=True)
+            if d == CPU and t.layer is not None and t.role in ("expert", "ffn")
+        }
         what = "expert" if anatomy.expert_count else "FFN"
         where = f"all layers on the GPU but the {what} tensors of {len(layers)} on the CPU"
     else:
@@ -156,9 +159,13 @@ def _budgets(p: Plan, hw: Hardware, req: PlanRequest) -> list[str]:
     if req.gpu_budget_bytes is not None:
         given = req.gpu_budget_bytes
         figure = (
-            ", ".join(f"{b / _GiB:.1f}" for b in given) if isinstance(given, tuple) else f"{given / _GiB:.1f}"
+            ", ".join(f"{b / _GiB:.1f}" for b in given)
+            if isinstance(given, tuple)
+            else f"{given / _GiB:.1f}"
         )
-        out = [f"GPU memory capped at {figure} GiB per GPU as requested, as nvidia-smi counts it ({ctx})."]
+        out = [
+            f"GPU memory capped at {figure} GiB per GPU as requested, as nvidia-smi counts it ({ctx})."
+        ]
     else:
         out = [
             f"GPU budget: the free memory less a {req.gpu_margin_bytes / _MiB:.0f} MiB margin, as "
@@ -166,7 +173,8 @@ def _budgets(p: Plan, hw: Hardware, req: PlanRequest) -> list[str]:
         ]
     if len(gpus) > 1 and p.tensor_split:
         used = "; ".join(
-            f"GPU {d.index} {d.total_bytes / _GiB:.2f} of {d.budget_bytes / _GiB:.2f} GiB" for d in gpus
+            f"GPU {d.index} {d.total_bytes / _GiB:.2f} of {d.budget_bytes / _GiB:.2f} GiB"
+            for d in gpus
         )
         counts = "/".join(f"{x:g}" for x in p.tensor_split)
         out.append(
@@ -196,8 +204,11 @@ def _workload(o: Outcome, anatomy: Anatomy, req: PlanRequest) -> list[str]:
         "requested": "as requested",
     }.get(w.source, w.source)
     prompt_s = w.prompt_tokens / max(p.predicted.prompt_tps, 1e-9)
-    what = {"workload": "the time of a typical request", "decode": "decode speed",
-            "prompt": "prompt speed"}[p.optimize]
+    what = {
+        "workload": "the time of a typical request",
+        "decode": "decode speed",
+        "prompt": "prompt speed",
+    }[p.optimize]
     out = [
         f"Optimized for {what}. A request of {w.prompt_tokens} prompt + {w.answer_tokens} answer tokens "
         f"({source}) is predicted at {p.predicted.request_s:.2f} s ({prompt_s:.2f} s prompt, "

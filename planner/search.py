@@ -151,7 +151,8 @@ def _ffn_family(
                 out.append(
                     evaluate_at(
                         ngl,
-                        extra + ffn_patterns(base + [(gpu_layers[full], k) for k in kinds], experts),
+                        extra
+                        + ffn_patterns(base + [(gpu_layers[full], k) for k in kinds], experts),
                     )
                 )
     return [p for p in out if fits(p)]
@@ -169,7 +170,12 @@ def _explicit_gpu_budget(hw: Hardware, req: PlanRequest) -> bool:
 
 
 def _cpu_plan(
-    anatomy: Anatomy, hw: Hardware, req: PlanRequest, kv: str, base: dict, speed: SpeedParams | None,
+    anatomy: Anatomy,
+    hw: Hardware,
+    req: PlanRequest,
+    kv: str,
+    base: dict,
+    speed: SpeedParams | None,
     op_offload: bool,
 ) -> Plan:
     ub = req.n_ubatch or min(512, req.n_batch or 512)
@@ -190,7 +196,9 @@ def _candidates(
 ) -> list[Plan]:
     n_layers = anatomy.n_layers
     threads = req.threads or hw.cpu.cores
-    base = dict(n_ctx=n_ctx, n_parallel=max(req.n_parallel or 1, 1), threads=threads, threads_batch=threads)
+    base = dict(
+        n_ctx=n_ctx, n_parallel=max(req.n_parallel or 1, 1), threads=threads, threads_batch=threads
+    )
     if not hw.gpus:
         only = _cpu_plan(anatomy, hw, req, kv, base, speed, op_offload=True)
         return [only] if fits(only) else []
@@ -265,15 +273,26 @@ class _Found:
     kv_why: str  # "requested", "needed" (f16 could not fit) or "" (f16)
 
 
-def _smallest_gpu_plan(anatomy: Anatomy, hw: Hardware, req: PlanRequest, n_ctx: int, kv: str) -> Plan:
+def _smallest_gpu_plan(
+    anatomy: Anatomy, hw: Hardware, req: PlanRequest, n_ctx: int, kv: str
+) -> Plan:
     """The least GPU memory any plan that uses a GPU needs: no layers there, op offload only."""
     ub = req.n_ubatch or min(_UBATCHES)
-    pl = Placement(0, n_ctx=n_ctx, n_parallel=max(req.n_parallel or 1, 1), n_ubatch=ub,
-                   n_batch=max(req.n_batch or ub, ub), kv_type=kv, flash_attn=_flash_attn(req, kv))
+    pl = Placement(
+        0,
+        n_ctx=n_ctx,
+        n_parallel=max(req.n_parallel or 1, 1),
+        n_ubatch=ub,
+        n_batch=max(req.n_batch or ub, ub),
+        kv_type=kv,
+        flash_attn=_flash_attn(req, kv),
+    )
     return evaluate(anatomy, hw, req, pl)
 
 
-def _too_small(anatomy: Anatomy, hw: Hardware, req: PlanRequest, n_ctx: int, kv: str) -> BudgetTooSmall | None:
+def _too_small(
+    anatomy: Anatomy, hw: Hardware, req: PlanRequest, n_ctx: int, kv: str
+) -> BudgetTooSmall | None:
     given = given_gpu_budgets(hw, req)
     if not given or not any(given):
         return None
@@ -320,8 +339,10 @@ def _search(anatomy: Anatomy, hw: Hardware, req: PlanRequest, speed: SpeedParams
             break
         best = choose(cands, req.optimize)
         if (
-            best.predicted.decode_tps < (1 - CONTEXT_MAX_DECODE_LOSS) * reference.predicted.decode_tps
-            or best.predicted.prompt_tps < (1 - CONTEXT_MAX_PROMPT_LOSS) * reference.predicted.prompt_tps
+            best.predicted.decode_tps
+            < (1 - CONTEXT_MAX_DECODE_LOSS) * reference.predicted.decode_tps
+            or best.predicted.prompt_tps
+            < (1 - CONTEXT_MAX_PROMPT_LOSS) * reference.predicted.prompt_tps
         ):
             break
         chosen, chosen_from = best, cands
@@ -351,16 +372,26 @@ def plan(
         found = _search(anatomy, hardware, req, speed)
         return explain(Outcome(found.plan, found.candidates, found.kv_why), anatomy, hardware, req)
     single = _search(anatomy, hardware, replace(req, n_parallel=1), speed)
-    outcome = Outcome(single.plan, single.candidates, single.kv_why, parallel_chosen=True,
-                      single_decode_tps=single.plan.predicted.decode_tps)
+    outcome = Outcome(
+        single.plan,
+        single.candidates,
+        single.kv_why,
+        parallel_chosen=True,
+        single_decode_tps=single.plan.predicted.decode_tps,
+    )
     for n in range(PARALLEL_MAX, 1, -1):
         fixed = replace(req, n_parallel=n, n_ctx=single.plan.n_ctx, kv_type=single.plan.kv_type)
         try:
             multi = _search(anatomy, hardware, fixed, speed)
         except PlanInfeasible:
             continue
-        if multi.plan.predicted.decode_tps >= (1 - PARALLEL_MAX_DECODE_LOSS) * single.plan.predicted.decode_tps:
+        if (
+            multi.plan.predicted.decode_tps
+            >= (1 - PARALLEL_MAX_DECODE_LOSS) * single.plan.predicted.decode_tps
+        ):
             outcome = replace(outcome, plan=multi.plan, candidates=multi.candidates)
             break
-        outcome = replace(outcome, rejected_parallel=n, rejected_decode_tps=multi.plan.predicted.decode_tps)
+        outcome = replace(
+            outcome, rejected_parallel=n, rejected_decode_tps=multi.plan.predicted.decode_tps
+        )
     return explain(outcome, anatomy, hardware, req)

@@ -46,7 +46,9 @@ def _last_true(lo: int, hi: int, ok: Callable[[int], bool]) -> int:
     return best
 
 
-def fit_split(anatomy: Anatomy, hw: Hardware, request: PlanRequest, placement: Placement) -> Placement:
+def fit_split(
+    anatomy: Anatomy, hw: Hardware, request: PlanRequest, placement: Placement
+) -> Placement:
     """``placement`` with the tensor split that fits every GPU's budget, filling the cards evenly
     (or the faster card first); a split that fits none where no split fits."""
     n_gpus = len(hw.gpus)

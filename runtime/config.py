@@ -73,7 +73,9 @@ class Host:
 
 def data_dir() -> Path:
     """``OFFLOAD_HOME`` or the platform's user data dir; created on demand."""
-    d = Path(os.environ.get("OFFLOAD_HOME") or platformdirs.user_data_dir("offload", appauthor=False))
+    d = Path(
+        os.environ.get("OFFLOAD_HOME") or platformdirs.user_data_dir("offload", appauthor=False)
+    )
     d.mkdir(parents=True, exist_ok=True)
     return d
 
@@ -107,7 +109,11 @@ def host() -> Host:
     if "://" in raw:
         scheme, raw = raw.split("://", 1)
     raw = raw.rstrip("/")
-    m = re.fullmatch(r"\[?([^\]]*?)\]?(?::(\d+))?", raw) if raw.count(":") <= 1 or raw.startswith("[") else None
+    m = (
+        re.fullmatch(r"\[?([^\]]*?)\]?(?::(\d+))?", raw)
+        if raw.count(":") <= 1 or raw.startswith("[")
+        else None
+    )
     if m is None:
         raise ConfigError(f"OFFLOAD_HOST={raw!r} is not host[:port]")
     h, port = m.group(1) or "127.0.0.1", int(m.group(2) or DEFAULT_PORT)
@@ -118,9 +124,22 @@ def host() -> Host:
 
 # As Ollama reads sizes: a unit letter alone is binary (8G = 8 GiB), "B" after it makes it
 # decimal (8GB = 8 * 10**9), "iB" binary again.
-_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40,
-          "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4,
-          "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1 << 10,
+    "m": 1 << 20,
+    "g": 1 << 30,
+    "t": 1 << 40,
+    "kb": 1000,
+    "mb": 1000**2,
+    "gb": 1000**3,
+    "tb": 1000**4,
+    "kib": 1 << 10,
+    "mib": 1 << 20,
+    "gib": 1 << 30,
+    "tib": 1 << 40,
+}
 
 
 def parse_bytes(text: str) -> int:
@@ -186,7 +205,9 @@ def kv_cache_type() -> str | None:
     if not v:
         return None
     if v not in KV_CACHE_TYPES:
-        raise ConfigError(f"OFFLOAD_KV_CACHE_TYPE={v!r} is not a KV cache type; use one of {', '.join(KV_CACHE_TYPES)}")
+        raise ConfigError(
+            f"OFFLOAD_KV_CACHE_TYPE={v!r} is not a KV cache type; use one of {', '.join(KV_CACHE_TYPES)}"
+        )
     return v
 
 
@@ -265,7 +286,10 @@ def check() -> None:
     max_uploads()
     upload_timeout_s()
     max_upload_bytes()
-    for name, read in (("OFFLOAD_MAX_LOADED_MODELS", max_loaded_models), ("OFFLOAD_MAX_QUEUE", max_queue)):
+    for name, read in (
+        ("OFFLOAD_MAX_LOADED_MODELS", max_loaded_models),
+        ("OFFLOAD_MAX_QUEUE", max_queue),
+    ):
         if read() < 1:
             raise ConfigError(f"{name} must be at least 1")
 

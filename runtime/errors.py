@@ -4,8 +4,18 @@ from __future__ import annotations
 
 from offload.planner.errors import OffloadError
 
-__all__ = ["RuntimeFailure", "LoadFailed", "OutOfMemory", "PlanNotApplicable", "BadRequest", "ServerUnavailable", "QueueFull",
-           "ContextTooLong", "PayloadTooLarge", "ResponseNotFound"]
+__all__ = [
+    "RuntimeFailure",
+    "LoadFailed",
+    "OutOfMemory",
+    "PlanNotApplicable",
+    "BadRequest",
+    "ServerUnavailable",
+    "QueueFull",
+    "ContextTooLong",
+    "PayloadTooLarge",
+    "ResponseNotFound",
+]
 
 
 class RuntimeFailure(OffloadError):

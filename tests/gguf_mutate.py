@@ -203,4 +203,3 @@ def write_layout(layout: GGUFLayout, dest: Path, *, copy_data: bool = False) -> 
 def f32_specials() -> list[float]:
     """Float values a hostile file may hold where a positive one is expected."""
     return [math.nan, math.inf, -math.inf, 0.0, -1e-6, -0.0]
-

@@ -20,7 +20,9 @@ FLOAT32_MAX = 3.4028234663852886e38
 # Values of no numeric or boolean meaning: containers, nested objects, words.
 json_junk = st.one_of(
     st.lists(st.integers(0, 3), max_size=3),
-    st.dictionaries(st.sampled_from(["a", "value"]), st.integers() | st.text(max_size=3), max_size=2),
+    st.dictionaries(
+        st.sampled_from(["a", "value"]), st.integers() | st.text(max_size=3), max_size=2
+    ),
     st.sampled_from(["", "abc", "ten", "1,5", "0x10x", "nope", "true-ish"]),
 )
 _bad_floats = st.sampled_from([math.nan, math.inf, -math.inf, 1e39, -1e39, 1e308])
@@ -28,7 +30,11 @@ _bad_floats = st.sampled_from([math.nan, math.inf, -math.inf, 1e39, -1e39, 1e308
 
 def _ints(lo: int, hi: int) -> tuple[st.SearchStrategy[Any], st.SearchStrategy[Any]]:
     # Whole-number floats are integers, as JSON's 1.0 (exactly representable ones only).
-    valid = st.integers(lo, hi) | st.integers(max(lo, -(2**53)), min(hi, 2**53)).map(float) | st.sampled_from([lo, hi])
+    valid = (
+        st.integers(lo, hi)
+        | st.integers(max(lo, -(2**53)), min(hi, 2**53)).map(float)
+        | st.sampled_from([lo, hi])
+    )
     invalid = st.one_of(
         st.sampled_from([lo - 1, hi + 1]),
         st.integers(max_value=lo - 1),
@@ -41,18 +47,26 @@ def _ints(lo: int, hi: int) -> tuple[st.SearchStrategy[Any], st.SearchStrategy[A
     return valid, invalid
 
 
-def _floats(lo: float | None, hi: float | None) -> tuple[st.SearchStrategy[Any], st.SearchStrategy[Any]]:
+def _floats(
+    lo: float | None, hi: float | None
+) -> tuple[st.SearchStrategy[Any], st.SearchStrategy[Any]]:
     low = -FLOAT32_MAX if lo is None else lo
     high = FLOAT32_MAX if hi is None else hi
-    valid = st.floats(low, high, allow_nan=False) | st.integers(int(max(low, -1e6)), int(min(high, 1e6)))
+    valid = st.floats(low, high, allow_nan=False) | st.integers(
+        int(max(low, -1e6)), int(min(high, 1e6))
+    )
     valid = valid | st.sampled_from([low, high])
     outside = []
     if lo is not None:
         outside.append(st.sampled_from([lo - 0.5, lo - 1e-6]))
-        outside.append(st.floats(max_value=lo, allow_nan=False, allow_infinity=False).filter(lambda x: x < lo))
+        outside.append(
+            st.floats(max_value=lo, allow_nan=False, allow_infinity=False).filter(lambda x: x < lo)
+        )
     if hi is not None:
         outside.append(st.sampled_from([hi + 0.5, hi + 1e-6]))
-        outside.append(st.floats(min_value=hi, allow_nan=False, allow_infinity=False).filter(lambda x: x > hi))
+        outside.append(
+            st.floats(min_value=hi, allow_nan=False, allow_infinity=False).filter(lambda x: x > hi)
+        )
     invalid = st.one_of(*outside, _bad_floats, st.booleans(), json_junk)
     return valid, invalid
 
@@ -65,7 +79,9 @@ def _stops() -> tuple[st.SearchStrategy[Any], st.SearchStrategy[Any]]:
     one = st.text(min_size=1, max_size=256)
     valid = one | st.lists(one, max_size=16)
     invalid = st.one_of(
-        st.integers(), st.floats(), st.booleans(),
+        st.integers(),
+        st.floats(),
+        st.booleans(),
         st.lists(one, min_size=17, max_size=20),
         st.text(min_size=257, max_size=300),
         st.lists(st.integers(), min_size=1, max_size=3),
@@ -101,8 +117,19 @@ SPEC: dict[str, tuple[st.SearchStrategy[Any], st.SearchStrategy[Any]]] = {
     "stop": _stops(),
 }
 #: Options that change how the model is loaded (a valid one may reload it).
-PLAN_KEYS = frozenset({"num_ctx", "num_batch", "num_gpu", "main_gpu", "num_keep", "use_mmap",
-                       "use_mlock", "numa", "low_vram"})
+PLAN_KEYS = frozenset(
+    {
+        "num_ctx",
+        "num_batch",
+        "num_gpu",
+        "main_gpu",
+        "num_keep",
+        "use_mmap",
+        "use_mlock",
+        "numa",
+        "low_vram",
+    }
+)
 
 
 def is_valid(draw: Any, key: str) -> tuple[Any, bool]:
@@ -123,5 +150,17 @@ def converted(key: str, value: Any) -> Any:
     return v & 0xFFFFFFFF if key == "seed" and v >= 0 else v
 
 
-_INT_KEYS = frozenset({"num_ctx", "num_batch", "num_gpu", "main_gpu", "num_keep", "seed", "num_predict",
-                       "top_k", "repeat_last_n", "mirostat"})
+_INT_KEYS = frozenset(
+    {
+        "num_ctx",
+        "num_batch",
+        "num_gpu",
+        "main_gpu",
+        "num_keep",
+        "seed",
+        "num_predict",
+        "top_k",
+        "repeat_last_n",
+        "mirostat",
+    }
+)

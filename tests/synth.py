@@ -295,7 +295,9 @@ def write_model(
 ATTN_OUT_SCALE = 1e-7
 
 
-def _block_pool(qt: GGMLQuantizationType, rng: np.random.Generator, n_bytes: int, scale: float = 1e-4) -> bytes:
+def _block_pool(
+    qt: GGMLQuantizationType, rng: np.random.Generator, n_bytes: int, scale: float = 1e-4
+) -> bytes:
     """Random quant blocks with small, finite and zero-mean weights.
 
     Zero mean matters for MoE timing: weights with a common offset give every hidden state a
@@ -319,10 +321,15 @@ def _block_pool(qt: GGMLQuantizationType, rng: np.random.Generator, n_bytes: int
     elif qt == Q.Q8_0:  # struct: half d, i8 qs[32]
         blocks[:, 0:2] = d
     elif qt in (Q.F16, Q.F32):
-        return (rng.standard_normal(n_bytes // (2 if qt == Q.F16 else 4)) * scale).astype(
-            np.float16 if qt == Q.F16 else np.float32).tobytes()
+        return (
+            (rng.standard_normal(n_bytes // (2 if qt == Q.F16 else 4)) * scale)
+            .astype(np.float16 if qt == Q.F16 else np.float32)
+            .tobytes()
+        )
     else:
-        raise ValueError(f"random data for {qt.name} tensors is not written; use Q4_K, Q6_K, Q8_0, F16 or F32")
+        raise ValueError(
+            f"random data for {qt.name} tensors is not written; use Q4_K, Q6_K, Q8_0, F16 or F32"
+        )
     return blocks.tobytes()
 
 
@@ -523,9 +530,31 @@ _Q6_KEYS = {"attn_v": "Q6_K", "ffn_down": "Q6_K", "output.": "Q6_K"}
 SPECS: dict[str, ModelSpec] = {
     "dense": ModelSpec(**{**mistral_7b().__dict__, "name": "synthetic-llama-32L"}),
     "moe": ModelSpec(**{**qwen3_30b_a3b().__dict__, "name": "synthetic-qwen3moe-48L"}),
-    "tiny-dense": ModelSpec(arch="llama", n_layers=4, n_embd=256, n_ff=512, n_head=4, n_head_kv=2,
-                            n_vocab=1024, types=_Q6_KEYS, name="synthetic-llama-4L"),
-    "tiny-moe": ModelSpec(arch="qwen3moe", n_layers=4, n_embd=256, n_ff=512, n_head=4, n_head_kv=2,
-                          head_dim=64, n_vocab=1024, expert_count=8, expert_used=2, n_ff_exp=256,
-                          qk_norm=True, types=_Q6_KEYS, name="synthetic-qwen3moe-4L"),
+    "tiny-dense": ModelSpec(
+        arch="llama",
+        n_layers=4,
+        n_embd=256,
+        n_ff=512,
+        n_head=4,
+        n_head_kv=2,
+        n_vocab=1024,
+        types=_Q6_KEYS,
+        name="synthetic-llama-4L",
+    ),
+    "tiny-moe": ModelSpec(
+        arch="qwen3moe",
+        n_layers=4,
+        n_embd=256,
+        n_ff=512,
+        n_head=4,
+        n_head_kv=2,
+        head_dim=64,
+        n_vocab=1024,
+        expert_count=8,
+        expert_used=2,
+        n_ff_exp=256,
+        qk_norm=True,
+        types=_Q6_KEYS,
+        name="synthetic-qwen3moe-4L",
+    ),
 }

@@ -18,8 +18,13 @@ FORBIDDEN = {
     "models": ("offload.runtime",),
 }
 # Each outside library has one edge.
-EDGES = {"llama_cpp": ("runtime/runner/",), "click": ("runtime/cli",), "fastapi": ("runtime/server/",),
-         "uvicorn": ("runtime/server/", "runtime/cli/main.py"), "pynvml": ("planner/hardware",)}
+EDGES = {
+    "llama_cpp": ("runtime/runner/",),
+    "click": ("runtime/cli",),
+    "fastapi": ("runtime/server/",),
+    "uvicorn": ("runtime/server/", "runtime/cli/main.py"),
+    "pynvml": ("planner/hardware",),
+}
 
 
 def imports_of(path: Path) -> list[str]:
@@ -59,7 +64,9 @@ def test_outside_libraries_stay_at_their_edge(library: str) -> None:
     for folder in ("planner", "models", "runtime"):
         for path in (ROOT / folder).rglob("*.py"):
             rel = str(path.relative_to(ROOT))
-            if any(n.split(".")[0] == library for n in imports_of(path)) and not rel.startswith(EDGES[library]):
+            if any(n.split(".")[0] == library for n in imports_of(path)) and not rel.startswith(
+                EDGES[library]
+            ):
                 bad.append(rel)
     assert not bad
 
@@ -68,7 +75,9 @@ def _tool(name: str) -> str:
     """A command-line tool of the test extras, installed beside this Python."""
     path = Path(sys.executable).parent / name
     found = str(path) if path.exists() else shutil.which(name)
-    assert found, f"{name} is not installed; it comes with the test extras: pip install -e '.[test]'"
+    assert found, (
+        f"{name} is not installed; it comes with the test extras: pip install -e '.[test]'"
+    )
     return found
 
 
@@ -78,7 +87,9 @@ def test_ruff_finds_nothing() -> None:
 
 
 def test_ruff_format_is_applied() -> None:
-    r = subprocess.run([_tool("ruff"), "format", "--check", str(ROOT)], capture_output=True, text=True)
+    r = subprocess.run(
+        [_tool("ruff"), "format", "--check", str(ROOT)], capture_output=True, text=True
+    )
     assert r.returncode == 0, "run `ruff format .`:\n" + r.stdout[-3000:]
 
 

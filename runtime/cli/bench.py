@@ -26,11 +26,22 @@ PARALLEL_PROMPT_TOKENS = 128
 
 
 def _plans(
-    ref: planning.ModelRef, anatomy: Anatomy, hw: Hardware, gpu_layers: str, prompt: int, gen: int,
-    parallel: int, optimize: str,
+    ref: planning.ModelRef,
+    anatomy: Anatomy,
+    hw: Hardware,
+    gpu_layers: str,
+    prompt: int,
+    gen: int,
+    parallel: int,
+    optimize: str,
 ) -> list[Plan]:
-    base = {"n_ctx": prompt + gen + 16, "n_parallel": parallel, "optimize": optimize, "prompt_tokens": prompt,
-            "workload": Workload(prompt, gen, source="requested")}
+    base = {
+        "n_ctx": prompt + gen + 16,
+        "n_parallel": parallel,
+        "optimize": optimize,
+        "prompt_tokens": prompt,
+        "workload": Workload(prompt, gen, source="requested"),
+    }
     if gpu_layers == "auto":
         return [planning.plan_model(anatomy, hw, planning.request(**base), digest=ref.digest)]
     if gpu_layers == "sweep":
@@ -40,11 +51,17 @@ def _plans(
         try:
             counts = [int(gpu_layers)]
         except ValueError:
-            raise click.BadParameter("use 'auto', 'sweep' or a number", param_hint="--gpu-layers") from None
+            raise click.BadParameter(
+                "use 'auto', 'sweep' or a number", param_hint="--gpu-layers"
+            ) from None
     plans = []
     for n in counts:
         try:
-            plans.append(planning.plan_model(anatomy, hw, planning.request(**base, num_gpu=n), digest=ref.digest))
+            plans.append(
+                planning.plan_model(
+                    anatomy, hw, planning.request(**base, num_gpu=n), digest=ref.digest
+                )
+            )
         except OffloadError as e:
             click.echo(f"skipping {n} GPU layers: {e}", err=True)
     return plans
@@ -55,18 +72,29 @@ def _lookup(predicted: dict[str, float]) -> Callable[[int], float | None]:
     return lambda n: predicted.get(str(n))
 
 
-def _predicted_parallel(anatomy: Anatomy, hw: Hardware, plan: Plan, streams: tuple[int, ...], prompt: int,
-                        gen: int) -> dict[str, float]:
+def _predicted_parallel(
+    anatomy: Anatomy, hw: Hardware, plan: Plan, streams: tuple[int, ...], prompt: int, gen: int
+) -> dict[str, float]:
     """The speed model's aggregate decode for each stream count, as ``measure_plan`` runs them (each
     stream its own prompt of ``prompt`` tokens, then ``gen`` tokens each)."""
     speed, _ = calibration.speed_params_for(hw.fingerprint)
     context = prompt + gen // 2
-    return {str(n): round(predict_aggregate(anatomy, hw, plan.placement, n, speed, context_tokens=context), 3)
-            for n in streams}
+    return {
+        str(n): round(
+            predict_aggregate(anatomy, hw, plan.placement, n, speed, context_tokens=context), 3
+        )
+        for n in streams
+    }
 
 
-def bench(model: str, prompt: int = 512, gen: int = 128, gpu_layers: str = "auto",
-          parallel: tuple[int, ...] = (1,), optimize: str = "workload") -> list[dict[str, Any]]:
+def bench(
+    model: str,
+    prompt: int = 512,
+    gen: int = 128,
+    gpu_layers: str = "auto",
+    parallel: tuple[int, ...] = (1,),
+    optimize: str = "workload",
+) -> list[dict[str, Any]]:
     """Measure the plan(s) for ``model`` on this machine; one result dict per plan."""
     from offload.runtime.serving.benchmark import measure_plan
 
@@ -77,9 +105,18 @@ def bench(model: str, prompt: int = 512, gen: int = 128, gpu_layers: str = "auto
     results = []
     for p in plans:
         predicted = _predicted_parallel(anatomy, hw, p, parallel, PARALLEL_PROMPT_TOKENS, gen)
-        results.append(measure_plan(ref.path, p, prompt_tokens=prompt, gen_tokens=gen, parallel=parallel,
-                                    model_digest=ref.digest, parallel_prompt_tokens=PARALLEL_PROMPT_TOKENS,
-                                    predict_aggregate=_lookup(predicted)))
+        results.append(
+            measure_plan(
+                ref.path,
+                p,
+                prompt_tokens=prompt,
+                gen_tokens=gen,
+                parallel=parallel,
+                model_digest=ref.digest,
+                parallel_prompt_tokens=PARALLEL_PROMPT_TOKENS,
+                predict_aggregate=_lookup(predicted),
+            )
+        )
     return results
 
 
@@ -96,7 +133,9 @@ def _chart(results: list[dict[str, Any]], path: Path) -> None:
     for ax, key in zip(axes, ("decode_tps", "prompt_tps"), strict=True):
         xs = range(len(results))
         ax.bar([x - 0.2 for x in xs], [r["measured"][key] for r in results], 0.4, label="measured")
-        ax.bar([x + 0.2 for x in xs], [r["predicted"][key] for r in results], 0.4, label="predicted")
+        ax.bar(
+            [x + 0.2 for x in xs], [r["predicted"][key] for r in results], 0.4, label="predicted"
+        )
         ax.set_xticks(list(xs), labels, rotation=30, ha="right")
         ax.set_ylabel(key.replace("_tps", " tokens/s"))
         ax.legend()
@@ -119,18 +158,42 @@ def register(group: click.Group) -> None:
 
     @group.command("bench")
     @click.argument("model")
-    @click.option("--prompt", "prompt_tokens", default=512, show_default=True, help="Prompt tokens.")
+    @click.option(
+        "--prompt", "prompt_tokens", default=512, show_default=True, help="Prompt tokens."
+    )
     @click.option("--gen", "gen_tokens", default=128, show_default=True, help="Tokens to generate.")
-    @click.option("--gpu-layers", default="auto", show_default=True,
-                  help="'auto' (the planner's plan), 'sweep', or a number of whole layers.")
-    @click.option("--parallel", default="1", show_default=True,
-                  help="Sequence counts for batched throughput, e.g. 1,4,8.")
-    @click.option("--optimize", type=click.Choice(["workload", "decode", "prompt", "balanced"]), default="workload",
-                  help="The planner's mode for 'auto' (balanced is the old name of workload).")
+    @click.option(
+        "--gpu-layers",
+        default="auto",
+        show_default=True,
+        help="'auto' (the planner's plan), 'sweep', or a number of whole layers.",
+    )
+    @click.option(
+        "--parallel",
+        default="1",
+        show_default=True,
+        help="Sequence counts for batched throughput, e.g. 1,4,8.",
+    )
+    @click.option(
+        "--optimize",
+        type=click.Choice(["workload", "decode", "prompt", "balanced"]),
+        default="workload",
+        help="The planner's mode for 'auto' (balanced is the old name of workload).",
+    )
     @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-    @click.option("--chart", type=click.Path(dir_okay=False, path_type=Path), help="Write a PNG chart.")
-    def bench_cmd(model: str, prompt_tokens: int, gen_tokens: int, gpu_layers: str, parallel: str,
-                  optimize: str, as_json: bool, chart: Path | None) -> None:
+    @click.option(
+        "--chart", type=click.Path(dir_okay=False, path_type=Path), help="Write a PNG chart."
+    )
+    def bench_cmd(
+        model: str,
+        prompt_tokens: int,
+        gen_tokens: int,
+        gpu_layers: str,
+        parallel: str,
+        optimize: str,
+        as_json: bool,
+        chart: Path | None,
+    ) -> None:
         """Measure MODEL on this machine: prompt and decode speed, time to first token, batched
         throughput, each beside the planner's prediction. Calibrates the speed model."""
         results = bench(model, prompt_tokens, gen_tokens, gpu_layers, _parallel(parallel), optimize)
@@ -141,22 +204,30 @@ def register(group: click.Group) -> None:
             click.echo(json.dumps(out, indent=2))
             return
         click.echo(f"{'PLACEMENT':<22}{'PROMPT t/s':>22}{'DECODE t/s':>22}{'TTFT s':>18}")
-        click.echo(f"{'':<22}{'measured / predicted':>22}{'measured / predicted':>22}"
-                   f"{'meas / pred':>18}")
+        click.echo(
+            f"{'':<22}{'measured / predicted':>22}{'measured / predicted':>22}{'meas / pred':>18}"
+        )
         for r in results:
             m, p, pl = r["measured"], r["predicted"], r["plan"]
             where = f"{pl['n_gpu_layers']} GPU layers" + (
-                f", {len(pl['cpu_tensor_patterns'])} overrides" if pl["cpu_tensor_patterns"] else "")
-            click.echo(f"{where:<22}{m['prompt_tps']:>12.1f} / {p['prompt_tps']:<7.1f}"
-                       f"{m['decode_tps']:>12.1f} / {p['decode_tps']:<7.1f}"
-                       f"{m['ttft_s']:>9.2f} / {p['ttft_s']:<6.2f}")
+                f", {len(pl['cpu_tensor_patterns'])} overrides" if pl["cpu_tensor_patterns"] else ""
+            )
+            click.echo(
+                f"{where:<22}{m['prompt_tps']:>12.1f} / {p['prompt_tps']:<7.1f}"
+                f"{m['decode_tps']:>12.1f} / {p['decode_tps']:<7.1f}"
+                f"{m['ttft_s']:>9.2f} / {p['ttft_s']:<6.2f}"
+            )
             batched = m.get("batched") or []
             if batched:
-                click.echo(f"  {'STREAMS':>8}{'AGGREGATE t/s':>24}{'PER STREAM t/s':>16}{'TTFT p50 / p95 s':>20}"
-                           f"{'LONGEST STALL s':>17}")
+                click.echo(
+                    f"  {'STREAMS':>8}{'AGGREGATE t/s':>24}{'PER STREAM t/s':>16}{'TTFT p50 / p95 s':>20}"
+                    f"{'LONGEST STALL s':>17}"
+                )
                 for b in batched:
                     pred = b.get("predicted_aggregate_decode_tps")
                     agg = f"{b['aggregate_decode_tps']:.1f} / " + (f"{pred:.1f}" if pred else "-")
-                    click.echo(f"  {b['streams']:>8}{agg:>24}{b['per_stream_decode_tps']:>16.1f}"
-                               f"{b['ttft_p50_s']:>11.2f} / {b['ttft_p95_s']:<6.2f}{b['max_gap_s']:>17.2f}")
+                    click.echo(
+                        f"  {b['streams']:>8}{agg:>24}{b['per_stream_decode_tps']:>16.1f}"
+                        f"{b['ttft_p50_s']:>11.2f} / {b['ttft_p95_s']:<6.2f}{b['max_gap_s']:>17.2f}"
+                    )
         click.echo(f"recorded {len(results)} run(s) in the calibration store")

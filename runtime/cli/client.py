@@ -33,7 +33,9 @@ class Client:
 
     def __init__(self, base_url: str | None = None, timeout_s: float = 600.0) -> None:
         self.base_url = base_url or config.host().url
-        self._http = httpx.Client(base_url=self.base_url, timeout=httpx.Timeout(timeout_s, connect=2.0))
+        self._http = httpx.Client(
+            base_url=self.base_url, timeout=httpx.Timeout(timeout_s, connect=2.0)
+        )
 
     def ping(self) -> bool:
         """True when a server answers at the base URL."""
@@ -97,8 +99,11 @@ def ensure_server(wait_s: float = 60.0) -> Client:
     with log_path.open("ab") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "offload.runtime.cli", "serve"],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True, env=os.environ.copy(),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=os.environ.copy(),
         )
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
@@ -109,4 +114,6 @@ def ensure_server(wait_s: float = 60.0) -> Client:
                 f"the server could not start (exit code {proc.returncode}); see {log_path}:\n{_tail(log_path)}"
             )
         time.sleep(0.1)
-    raise ServerUnavailable(f"the server did not answer at {client.base_url} within {wait_s:.0f}s; see {log_path}")
+    raise ServerUnavailable(
+        f"the server did not answer at {client.base_url} within {wait_s:.0f}s; see {log_path}"
+    )

@@ -31,8 +31,10 @@ class _Group(click.Group):
 @click.option("--verbose", "-v", "log_verbose", is_flag=True, hidden=True, help="Debug logging.")
 def cli(log_verbose: bool) -> None:
     """Run large language models on the hardware you have, placed for speed."""
-    logging.basicConfig(level=logging.DEBUG if log_verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if log_verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
 
 
 # -- serve ------------------------------------------------------------------------------------
@@ -47,8 +49,9 @@ def serve() -> None:
 
     config.check()  # a bad OFFLOAD_* value fails here, not on the first request
     h = config.host()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        force=True)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
+    )
     try:
         uvicorn.run(create_app(), host=h.host, port=h.port, log_level="info", access_log=True)
     except OSError as e:
@@ -90,9 +93,21 @@ def _print_stats(final: dict[str, Any]) -> None:
         click.echo(f"{k + ':':<22}{v}", err=True)
 
 
-def _chat_once(client: Any, model: str, messages: list[dict[str, Any]], options: dict[str, Any],
-               keep_alive: str | None, fmt: str | None, verbose: bool) -> str:
-    body: dict[str, Any] = {"model": model, "messages": messages, "options": options, "stream": True}
+def _chat_once(
+    client: Any,
+    model: str,
+    messages: list[dict[str, Any]],
+    options: dict[str, Any],
+    keep_alive: str | None,
+    fmt: str | None,
+    verbose: bool,
+) -> str:
+    body: dict[str, Any] = {
+        "model": model,
+        "messages": messages,
+        "options": options,
+        "stream": True,
+    }
     if keep_alive is not None:
         body["keep_alive"] = keep_alive
     if fmt:
@@ -141,8 +156,14 @@ def _coerce_value(v: str) -> Any:
     return {"true": True, "false": False}.get(v.lower(), v)
 
 
-def _interactive(client: Any, model: str, options: dict[str, Any], keep_alive: str | None,
-                 fmt: str | None, verbose: bool) -> None:
+def _interactive(
+    client: Any,
+    model: str,
+    options: dict[str, Any],
+    keep_alive: str | None,
+    fmt: str | None,
+    verbose: bool,
+) -> None:
     messages: list[dict[str, Any]] = []
     while True:
         try:
@@ -182,7 +203,9 @@ def _interactive(client: Any, model: str, options: dict[str, Any], keep_alive: s
                 verbose = parts[1] == "verbose"
                 click.echo(f"Set '{parts[1]}' mode.")
             else:
-                click.echo("Usage: /set parameter NAME VALUE | /set system TEXT | /set verbose | /set quiet")
+                click.echo(
+                    "Usage: /set parameter NAME VALUE | /set system TEXT | /set verbose | /set quiet"
+                )
             continue
         if stripped.startswith("/"):
             click.echo(f"Unknown command '{stripped.split()[0]}'. Type /? for help")
@@ -201,8 +224,12 @@ def _interactive(client: Any, model: str, options: dict[str, Any], keep_alive: s
 @click.argument("prompt", nargs=-1)
 @click.option("--verbose", is_flag=True, help="Show timings and rates after each response.")
 @click.option("--format", "fmt", default=None, help='Response format ("json").')
-@click.option("--keepalive", default=None, help="How long to keep the model loaded (e.g. 5m, 0, -1).")
-def run(model: str, prompt: tuple[str, ...], verbose: bool, fmt: str | None, keepalive: str | None) -> None:
+@click.option(
+    "--keepalive", default=None, help="How long to keep the model loaded (e.g. 5m, 0, -1)."
+)
+def run(
+    model: str, prompt: tuple[str, ...], verbose: bool, fmt: str | None, keepalive: str | None
+) -> None:
     """Run a model: answer PROMPT, or chat interactively when none is given."""
     from offload.runtime.cli.client import ensure_server
 
@@ -216,12 +243,17 @@ def run(model: str, prompt: tuple[str, ...], verbose: bool, fmt: str | None, kee
     options: dict[str, Any] = {}
     if text:
         try:
-            _chat_once(client, model, [{"role": "user", "content": text}], options, keepalive, fmt, verbose)
+            _chat_once(
+                client, model, [{"role": "user", "content": text}], options, keepalive, fmt, verbose
+            )
         except KeyboardInterrupt:
             sys.exit(130)
         return
     # Load first, so an unknown model fails before the prompt appears.
-    client.post("/api/chat", {"model": model, "messages": [], **({"keep_alive": keepalive} if keepalive else {})})
+    client.post(
+        "/api/chat",
+        {"model": model, "messages": [], **({"keep_alive": keepalive} if keepalive else {})},
+    )
     _interactive(client, model, options, keepalive, fmt, verbose)
 
 

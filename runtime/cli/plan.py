@@ -38,7 +38,9 @@ def parse_workload(text: str) -> Workload:
     try:
         prompt, answer = (int(x) for x in text.split(","))
     except ValueError:
-        raise click.BadParameter(f"{text!r} is not PROMPT,ANSWER token counts like 1024,256") from None
+        raise click.BadParameter(
+            f"{text!r} is not PROMPT,ANSWER token counts like 1024,256"
+        ) from None
     try:
         return Workload(prompt, answer, source="requested")
     except OffloadError as e:
@@ -86,23 +88,38 @@ def _print_plan(p: Plan, a: Anatomy, hw: Hardware) -> None:
     for pat in p.cpu_tensor_patterns:
         s.add_row("kept on CPU", pat)
     if p.tensor_split:
-        s.add_row("tensor split", ", ".join(f"{x:g}" for x in p.tensor_split) + " (offloaded layers per GPU)")
-    s.add_row("context", f"{p.n_ctx} tokens x {p.n_parallel} sequence(s), one KV cache of {p.n_ctx_total} cells")
+        s.add_row(
+            "tensor split",
+            ", ".join(f"{x:g}" for x in p.tensor_split) + " (offloaded layers per GPU)",
+        )
+    s.add_row(
+        "context",
+        f"{p.n_ctx} tokens x {p.n_parallel} sequence(s), one KV cache of {p.n_ctx_total} cells",
+    )
     s.add_row("batch / ubatch", f"{p.n_batch} / {p.n_ubatch}")
     s.add_row("threads", f"{p.threads} (batch {p.threads_batch})")
     s.add_row("KV cache", f"{p.kv_type}, flash attention {'on' if p.flash_attn else 'off'}")
     s.add_row("op offload", "on" if p.op_offload else "off")
-    s.add_row("model file", "memory-mapped" if p.use_mmap else "read into memory (pinned where a GPU copies it)")
+    s.add_row(
+        "model file",
+        "memory-mapped" if p.use_mmap else "read into memory (pinned where a GPU copies it)",
+    )
     w = p.workload
-    s.add_row("planned for", f"{p.optimize}: requests of {w.prompt_tokens} prompt + {w.answer_tokens} answer "
-                             f"tokens ({w.source})")
+    s.add_row(
+        "planned for",
+        f"{p.optimize}: requests of {w.prompt_tokens} prompt + {w.answer_tokens} answer "
+        f"tokens ({w.source})",
+    )
     c.print(s)
     pr = p.predicted
     c.print(
         f"Predicted: [bold]{pr.decode_tps:.1f}[/] tokens/s decode, [bold]{pr.prompt_tps:.0f}[/] tokens/s prompt, "
         f"{pr.ttft_s:.2f} s to first token, [bold]{pr.request_s:.2f} s[/] a request"
-        + (f"; [bold]{pr.aggregate_decode_tps:.1f}[/] tokens/s decoding {p.n_parallel} streams together"
-           if p.n_parallel > 1 else "")
+        + (
+            f"; [bold]{pr.aggregate_decode_tps:.1f}[/] tokens/s decoding {p.n_parallel} streams together"
+            if p.n_parallel > 1
+            else ""
+        )
     )
     for r in p.reasons:
         c.print(f"  - {r}")
@@ -120,8 +137,18 @@ def _chart(path: str, p: Plan, a: Anatomy, hw: Hardware, req: PlanRequest) -> No
         ) from None
     ks = list(range(0, a.n_layers + 2))
     plans = [
-        evaluate(a, hw, req, replace(p.placement, n_gpu_layers=k, cpu_tensor_patterns=(), pinned_weights=False,
-                                     use_mmap=None))
+        evaluate(
+            a,
+            hw,
+            req,
+            replace(
+                p.placement,
+                n_gpu_layers=k,
+                cpu_tensor_patterns=(),
+                pinned_weights=False,
+                use_mmap=None,
+            ),
+        )
         for k in ks
     ]
     fits = [all(d.total_bytes <= d.budget_bytes for d in q.devices) for q in plans]
@@ -161,14 +188,20 @@ def _chart(path: str, p: Plan, a: Anatomy, hw: Hardware, req: PlanRequest) -> No
     show_default=True,
     help="Largest context to plan when --ctx is not given (up to the model's training context).",
 )
-@click.option("--parallel", type=click.IntRange(1, config.MAX_NUM_PARALLEL),
-              help="Sequences run side by side (default: OFFLOAD_NUM_PARALLEL, else the planner chooses).")
+@click.option(
+    "--parallel",
+    type=click.IntRange(1, config.MAX_NUM_PARALLEL),
+    help="Sequences run side by side (default: OFFLOAD_NUM_PARALLEL, else the planner chooses).",
+)
 @click.option(
     "--gpu-layers", type=int, help="Force this many layers on the GPU (output layer counts as one)."
 )
-@click.option("--gpu-memory", callback=lambda _c, _p, v: parse_gpu_memory(v) if v else None,
-              help="GPU memory budget per GPU as nvidia-smi counts it, CUDA context included: 8GiB, or "
-                   "one per GPU: 8GiB,6GiB (default: OFFLOAD_GPU_MEMORY).")
+@click.option(
+    "--gpu-memory",
+    callback=lambda _c, _p, v: parse_gpu_memory(v) if v else None,
+    help="GPU memory budget per GPU as nvidia-smi counts it, CUDA context included: 8GiB, or "
+    "one per GPU: 8GiB,6GiB (default: OFFLOAD_GPU_MEMORY).",
+)
 @click.option(
     "--optimize",
     type=click.Choice(["workload", "decode", "prompt", "balanced"]),
@@ -176,11 +209,17 @@ def _chart(path: str, p: Plan, a: Anatomy, hw: Hardware, req: PlanRequest) -> No
     show_default=True,
     help="workload: the shortest typical request (balanced is its old name); decode or prompt: that speed.",
 )
-@click.option("--workload", callback=lambda _c, _p, v: parse_workload(v) if v else None,
-              help="PROMPT,ANSWER tokens of a typical request (default: this model's recorded medians, "
-                   "else 1024,256).")
-@click.option("--kv-type", type=click.Choice(list(config.KV_CACHE_TYPES)),
-              help="KV cache type (default: OFFLOAD_KV_CACHE_TYPE, else f16 unless the context needs less).")
+@click.option(
+    "--workload",
+    callback=lambda _c, _p, v: parse_workload(v) if v else None,
+    help="PROMPT,ANSWER tokens of a typical request (default: this model's recorded medians, "
+    "else 1024,256).",
+)
+@click.option(
+    "--kv-type",
+    type=click.Choice(list(config.KV_CACHE_TYPES)),
+    help="KV cache type (default: OFFLOAD_KV_CACHE_TYPE, else f16 unless the context needs less).",
+)
 @click.option(
     "--prompt-tokens",
     type=int,

@@ -66,7 +66,11 @@ def ps_rows(models: list[dict[str, Any]]) -> list[tuple[str, ...]]:
 
 def ps_notes(models: list[dict[str, Any]]) -> list[str]:
     """What a healing load gave up, or turned off on this machine, per model."""
-    return [f"{m['name']}: {s}" for m in models for s in [*(m.get("gave_up") or []), *(m.get("safety") or [])]]
+    return [
+        f"{m['name']}: {s}"
+        for m in models
+        for s in [*(m.get("gave_up") or []), *(m.get("safety") or [])]
+    ]
 
 
 @click.command("ps")

@@ -45,7 +45,9 @@ MIN_CHUNK = 32
 MIN_SHARED_PREFIX = 16
 
 
-def fit_prompt(tokens: list[int], n_ctx: int, num_predict: int, truncate: bool, bos: int) -> list[int]:
+def fit_prompt(
+    tokens: list[int], n_ctx: int, num_predict: int, truncate: bool, bos: int
+) -> list[int]:
     """``tokens`` cut to leave room in a context of ``n_ctx`` (keeping BOS and the end), or
     ``ContextTooLong`` when truncation was refused."""
     room = n_ctx - 1
@@ -198,7 +200,9 @@ class BatchLoop:
             e.check_tokens(job.prompt)
             if not job.prompt:
                 job.prompt = [e.bos if e.bos >= 0 else 0]
-            job.prompt = fit_prompt(job.prompt, e.n_ctx, job.sampling.num_predict, job.truncate, e.bos)
+            job.prompt = fit_prompt(
+                job.prompt, e.n_ctx, job.sampling.num_predict, job.truncate, e.bos
+            )
             job.sampler = Sampler(job.sampling, e.vocab, e.n_vocab, e.n_ctx)
         except (OffloadError, ValueError) as exc:
             self._error(job.id, exc)
@@ -297,7 +301,12 @@ class BatchLoop:
             if len(slot.cached) >= e.n_ctx:
                 self._finish(job, "length")
                 continue
-            b.token[n], b.pos[n], b.seq[n], b.logits[n] = job.next_token, len(slot.cached), slot.seq, 1
+            b.token[n], b.pos[n], b.seq[n], b.logits[n] = (
+                job.next_token,
+                len(slot.cached),
+                slot.seq,
+                1,
+            )
             outputs.append((job, n))
             fed.append((job, job.next_token))
             job.next_token = None
@@ -369,7 +378,9 @@ class BatchLoop:
             rate = prefill / dt if dt > 0 else 0.0
             self.prompt_tps = rate if self.prompt_tps <= 0 else 0.7 * self.prompt_tps + 0.3 * rate
         elif decoding and not prefill:
-            self.decode_step_s = dt if self.decode_step_s <= 0 else 0.9 * self.decode_step_s + 0.1 * dt
+            self.decode_step_s = (
+                dt if self.decode_step_s <= 0 else 0.9 * self.decode_step_s + 0.1 * dt
+            )
 
     def _decode_failed(self, rc: int, jobs: list[Job]) -> None:
         """No KV cell left (1): end the request holding the most cells and retry the others next
@@ -384,8 +395,11 @@ class BatchLoop:
             return
         for job in jobs:
             job.feeding = 0
-            self._error(job.id, RuntimeError(f"llama.cpp could not evaluate the batch (code {rc})"),
-                        "RuntimeFailure")
+            self._error(
+                job.id,
+                RuntimeError(f"llama.cpp could not evaluate the batch (code {rc})"),
+                "RuntimeFailure",
+            )
             self._release(job)
             if job.slot is not None:
                 llama_c.llama_memory_seq_rm(e.mem, job.slot.seq, 0, -1)
@@ -418,8 +432,11 @@ class BatchLoop:
                 while True:
                     time.sleep(3600)
         # Log probabilities come from this step's logits, which the next step overwrites.
-        lp = job.sampler.logprob(e.ctx, idx, token, e.piece(token), e.piece) if job.sampling.logprobs is not None \
+        lp = (
+            job.sampler.logprob(e.ctx, idx, token, e.piece(token), e.piece)
+            if job.sampling.logprobs is not None
             else None
+        )
         done = len(job.generated) >= job.limit
         if self.pipelined:
             self._unsent.append((job, token, lp))
@@ -485,7 +502,9 @@ class BatchLoop:
             "cached_tokens": job.reused,
             "max_gap_s": job.max_gap_s,
             "alone": job.alone,
-            "stop_sequence": job.scanner.hit if job.scanner is not None and reason == "stop" else None,
+            "stop_sequence": job.scanner.hit
+            if job.scanner is not None and reason == "stop"
+            else None,
         }
         if job.want_tokens:
             stats["prompt_tokens"] = job.prompt

@@ -9,19 +9,35 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-__all__ = ["measured_bytes", "is_out_of_memory", "overridden_tensors", "device_name", "buffer_names"]
+__all__ = [
+    "measured_bytes",
+    "is_out_of_memory",
+    "overridden_tensors",
+    "device_name",
+    "buffer_names",
+]
 
 # "load_tensors:   CPU_Mapped model buffer size =   235.16 MiB"
 # "llama_kv_cache:        CPU KV buffer size =    12.00 MiB"
 # "sched_reserve:        CPU compute buffer size =   514.50 MiB"
 # "llama_context:        CPU  output buffer size =     1.00 MiB"
-_BUFFER = re.compile(r"^\S*:?\s*(?P<dev>\S+)\s+(?P<kind>model|KV|compute|output)\s+buffer size\s*=\s*"
-                     r"(?P<mib>[0-9.]+)\s*MiB")
+_BUFFER = re.compile(
+    r"^\S*:?\s*(?P<dev>\S+)\s+(?P<kind>model|KV|compute|output)\s+buffer size\s*=\s*"
+    r"(?P<mib>[0-9.]+)\s*MiB"
+)
 _KIND = {"model": "weights", "KV": "kv", "compute": "compute", "output": "compute"}
 # Messages llama.cpp/ggml print when an allocation fails (host or CUDA); anything else is not
 # something a smaller plan can fix.
-_OOM = ("failed to allocate", "insufficient memory", "out of memory", "cudamalloc failed",
-        "unable to allocate", "not enough memory", "failed to reserve", "cannot allocate memory")
+_OOM = (
+    "failed to allocate",
+    "insufficient memory",
+    "out of memory",
+    "cudamalloc failed",
+    "unable to allocate",
+    "not enough memory",
+    "failed to reserve",
+    "cannot allocate memory",
+)
 _OVERRIDE = re.compile(r"tensor (?P<name>\S+) \(.*\) buffer type overridden to (?P<buft>\S+)")
 
 

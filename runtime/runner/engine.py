@@ -38,7 +38,6 @@ __all__ = ["Engine", "BatchTiming", "TokenBatch"]
 log = logging.getLogger(__name__)
 
 
-
 class TokenBatch:
     """A ``llama_batch`` whose arrays are numpy-owned, so a step fills them with vector writes."""
 
@@ -51,7 +50,9 @@ class TokenBatch:
         self.logits = np.zeros(capacity, dtype=np.int8)
         seq_p = ctypes.POINTER(ctypes.c_int32)
         base = self.seq.ctypes.data
-        self._seq_ptrs = (seq_p * capacity)(*[ctypes.cast(base + 4 * i, seq_p) for i in range(capacity)])
+        self._seq_ptrs = (seq_p * capacity)(
+            *[ctypes.cast(base + 4 * i, seq_p) for i in range(capacity)]
+        )
         self.batch = llama_c.llama_batch()
         # llama_cpp types these fields as arrays; they take pointers into the numpy arrays above.
         self.batch.token = self.token.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))  # type: ignore[assignment]
@@ -85,7 +86,11 @@ class BatchTiming:
         if not self.step_s:
             return self.decode_tps
         steps = sorted(self.step_s)
-        mid = steps[len(steps) // 2] if len(steps) % 2 else (steps[len(steps) // 2 - 1] + steps[len(steps) // 2]) / 2
+        mid = (
+            steps[len(steps) // 2]
+            if len(steps) % 2
+            else (steps[len(steps) // 2 - 1] + steps[len(steps) // 2]) / 2
+        )
         return self.n_seq / mid if mid > 0 else 0.0
 
     @property
@@ -105,7 +110,9 @@ def _load_mode(use_mmap: bool, use_mlock: bool) -> int:
     return llama_c.LLAMA_LOAD_MODE_MLOCK if use_mlock else llama_c.LLAMA_LOAD_MODE_NONE
 
 
-def _model_params(plan: Plan, extra_bufts: bool, overrides: Any, progress: Any, adapters: bool = False) -> Any:
+def _model_params(
+    plan: Plan, extra_bufts: bool, overrides: Any, progress: Any, adapters: bool = False
+) -> Any:
     p = llama_c.llama_model_default_params()
     p.n_gpu_layers = plan.n_gpu_layers
     p.split_mode = SPLIT_MODES[plan.split_mode]
@@ -131,8 +138,11 @@ def _context_params(plan: Plan, n_seq_max: int) -> Any:
     p.n_threads = plan.threads
     p.n_threads_batch = plan.threads_batch
     p.offload_kqv = plan.offload_kqv
-    p.flash_attn_type = (llama_c.LLAMA_FLASH_ATTN_TYPE_ENABLED if plan.flash_attn
-                         else llama_c.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+    p.flash_attn_type = (
+        llama_c.LLAMA_FLASH_ATTN_TYPE_ENABLED
+        if plan.flash_attn
+        else llama_c.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    )
     p.op_offload = plan.op_offload
     p.type_k = p.type_v = KV_TYPES[plan.kv_type]
     # One pool of cells for every sequence: a sequence may share its prefix with another's cells.
@@ -158,8 +168,16 @@ class Engine:
     ``measured_bytes`` is what llama.cpp reported allocating, per device and kind.
     """
 
-    def __init__(self, model: int, ctx: int, plan: Plan, model_path: Path, load_s: float,
-                 log_lines: Sequence[str], keep: Sequence[Any]) -> None:
+    def __init__(
+        self,
+        model: int,
+        ctx: int,
+        plan: Plan,
+        model_path: Path,
+        load_s: float,
+        log_lines: Sequence[str],
+        keep: Sequence[Any],
+    ) -> None:
         self.model = model
         self.ctx = ctx
         self.plan = plan
@@ -177,7 +195,9 @@ class Engine:
         self.n_ctx = min(plan.n_ctx, int(llama_c.llama_n_ctx(ctx)))
         self.bos = int(llama_c.llama_vocab_bos(self.vocab))
         self.add_bos = bool(llama_c.llama_vocab_get_add_bos(self.vocab))
-        self.recurrent = bool(llama_c.llama_model_is_recurrent(model) or llama_c.llama_model_is_hybrid(model))
+        self.recurrent = bool(
+            llama_c.llama_model_is_recurrent(model) or llama_c.llama_model_is_hybrid(model)
+        )
         self.load_log: list[str] = list(log_lines)
         self.measured_bytes: dict[str, dict[str, int]] = buffers.measured_bytes(self.load_log)
         self.overridden_tensors: dict[str, str] = buffers.overridden_tensors(self.load_log)
@@ -194,9 +214,17 @@ class Engine:
     # -- loading -------------------------------------------------------------------------------
 
     @classmethod
-    def load(cls, model_path: Path | str, plan: Plan, adapters: Sequence[Path] = (), *,
-             extra_bufts: bool = True, verify_decode: bool = False, check: bool = True,
-             progress: Callable[[float], None] | None = None) -> Engine:
+    def load(
+        cls,
+        model_path: Path | str,
+        plan: Plan,
+        adapters: Sequence[Path] = (),
+        *,
+        extra_bufts: bool = True,
+        verify_decode: bool = False,
+        check: bool = True,
+        progress: Callable[[float], None] | None = None,
+    ) -> Engine:
         """Load the model exactly as ``plan`` says.
 
         Raises ``PlanNotApplicable`` before loading when the plan cannot be applied, ``OutOfMemory``
@@ -216,10 +244,13 @@ class Engine:
         model = ctx = None
         with captured_log() as lines:
             try:
-                mparams = _model_params(plan, extra_bufts, overrides, set_progress_hook(progress), bool(adapters))
+                mparams = _model_params(
+                    plan, extra_bufts, overrides, set_progress_hook(progress), bool(adapters)
+                )
                 if plan.tensor_split:
-                    split = (ctypes.c_float * max(len(plan.tensor_split), llama_c.llama_max_devices()))(
-                        *plan.tensor_split)
+                    split = (
+                        ctypes.c_float * max(len(plan.tensor_split), llama_c.llama_max_devices())
+                    )(*plan.tensor_split)
                     mparams.tensor_split = split
                     keep.append(split)
                 model = llama_c.llama_model_load_from_file(str(model_path).encode("utf-8"), mparams)
@@ -227,9 +258,13 @@ class Engine:
                     raise _oom_or_failed(lines, model_path.name)
                 lora = []
                 for adapter_path in adapters:
-                    adapter = llama_c.llama_adapter_lora_init(model, str(adapter_path).encode("utf-8"))
+                    adapter = llama_c.llama_adapter_lora_init(
+                        model, str(adapter_path).encode("utf-8")
+                    )
                     if not adapter:
-                        raise LoadFailed(f"llama.cpp could not load the LoRA adapter {adapter_path}")
+                        raise LoadFailed(
+                            f"llama.cpp could not load the LoRA adapter {adapter_path}"
+                        )
                     lora.append(adapter)
                 n_seq_max = max(1, plan.n_parallel) + 1
                 ctx = llama_c.llama_init_from_model(model, _context_params(plan, n_seq_max))
@@ -240,7 +275,9 @@ class Engine:
                     arr = (llama_c.llama_adapter_lora_p_ctypes * 1)(lora[0])
                     scales = (ctypes.c_float * 1)(1.0)
                     if llama_c.llama_set_adapters_lora(ctx, arr, 1, scales):
-                        raise LoadFailed(f"llama.cpp could not apply the LoRA adapter {adapters[0]}")
+                        raise LoadFailed(
+                            f"llama.cpp could not apply the LoRA adapter {adapters[0]}"
+                        )
                 engine = cls(model, ctx, plan, model_path, time.perf_counter() - t0, lines, keep)
                 if verify_decode:
                     engine._verify_decode(extra_bufts)
@@ -250,7 +287,9 @@ class Engine:
             except (ValueError, RuntimeError, OSError, MemoryError) as e:
                 cls._free(model, ctx)
                 if isinstance(e, MemoryError):
-                    raise OutOfMemory(f"not enough memory for this plan of {model_path.name}: {e}") from None
+                    raise OutOfMemory(
+                        f"not enough memory for this plan of {model_path.name}: {e}"
+                    ) from None
                 raise _oom_or_failed([*lines, str(e)], model_path.name) from None
             finally:
                 set_progress_hook(None)
@@ -273,7 +312,9 @@ class Engine:
         if fault == "hang-first-eval":
             while True:
                 time.sleep(3600)
-        if fault == "crash-first-eval" or (fault == "crash-first-eval-with-extra-bufts" and extra_bufts):
+        if fault == "crash-first-eval" or (
+            fault == "crash-first-eval-with-extra-bufts" and extra_bufts
+        ):
             os.kill(os.getpid(), signal.SIGSEGV)
         # A full micro-batch where a GPU allocates lazily; on the CPU a short one exercises the same
         # kernels in a fraction of the time.
@@ -295,21 +336,29 @@ class Engine:
         t_done = time.perf_counter() - t0
         self.decode_async = t_done > 0.002 and t_return < 0.5 * t_done
         if rc != 0:
-            raise _oom_or_failed(self.load_log if hasattr(self, "load_log") else [],
-                                 f"{self.model_path.name} (first evaluation failed, code {rc})")
+            raise _oom_or_failed(
+                self.load_log if hasattr(self, "load_log") else [],
+                f"{self.model_path.name} (first evaluation failed, code {rc})",
+            )
         self.prompt_tps_hint = n / t_done if t_done > 0 else 0.0
 
     def memory_report(self) -> dict[str, Any]:
         """Predicted and measured bytes per device, for ``/api/ps`` and ``offload ps``."""
         predicted = {
             d.name if d.kind == "CPU" else f"CUDA{d.index}": {
-                "weights": d.weights_bytes, "kv": d.kv_bytes, "compute": d.compute_bytes + d.overhead_bytes,
+                "weights": d.weights_bytes,
+                "kv": d.kv_bytes,
+                "compute": d.compute_bytes + d.overhead_bytes,
                 "budget": d.budget_bytes,
             }
             for d in self.plan.devices
         }
-        return {"predicted": predicted, "measured": self.measured_bytes,
-                "cpu_tensor_overrides": len(self.overridden_tensors), "gave_up": list(self.gave_up)}
+        return {
+            "predicted": predicted,
+            "measured": self.measured_bytes,
+            "cpu_tensor_overrides": len(self.overridden_tensors),
+            "gave_up": list(self.gave_up),
+        }
 
     # -- tokens --------------------------------------------------------------------------------
 
@@ -350,7 +399,9 @@ class Engine:
         """Refuse token ids outside the vocabulary (llama.cpp would abort on them)."""
         if tokens and (min(tokens) < 0 or max(tokens) >= self.n_vocab):
             bad = next(t for t in tokens if t < 0 or t >= self.n_vocab)
-            raise BadRequest(f"token id {bad} is outside this model's vocabulary (0 to {self.n_vocab - 1})")
+            raise BadRequest(
+                f"token id {bad} is outside this model's vocabulary (0 to {self.n_vocab - 1})"
+            )
 
     # -- embeddings ----------------------------------------------------------------------------
 
@@ -362,7 +413,9 @@ class Engine:
         limit = min(self.n_ctx, self.n_ubatch) if pooled else self.n_ctx
         if len(tokens) > limit:
             if not truncate:
-                raise ContextTooLong(f"the input is {len(tokens)} tokens but the context holds {limit}")
+                raise ContextTooLong(
+                    f"the input is {len(tokens)} tokens but the context holds {limit}"
+                )
             tokens = tokens[:limit]
         if not tokens:
             return [0.0] * self.n_embd, 0
@@ -382,7 +435,9 @@ class Engine:
                 b.logits[:n] = 1
                 rc = b.decode(self.ctx, n)
                 if rc != 0:
-                    raise LoadFailed(f"llama.cpp could not embed the input (code {rc}); the context may be full")
+                    raise LoadFailed(
+                        f"llama.cpp could not embed the input (code {rc}); the context may be full"
+                    )
                 if not pooled:
                     for i in range(n):
                         ptr = llama_c.llama_get_embeddings_ith(self.ctx, i)
@@ -415,7 +470,11 @@ class Engine:
         prompt = list(prompt)[: max(1, self.n_ctx - gen_tokens - 1)]
 
         def argmax(i: int) -> int:
-            return int(np.ctypeslib.as_array(llama_c.llama_get_logits_ith(ctx, i), shape=(self.n_vocab,)).argmax())
+            return int(
+                np.ctypeslib.as_array(
+                    llama_c.llama_get_logits_ith(ctx, i), shape=(self.n_vocab,)
+                ).argmax()
+            )
 
         try:
             t0 = time.perf_counter()
@@ -454,8 +513,15 @@ class Engine:
             t2 = time.perf_counter()
         finally:
             llama_c.llama_memory_clear(mem, True)
-        return BatchTiming(n_seq=n_seq, prompt_tokens=len(prompt), prompt_s=t1 - t0, ttft_s=t1 - t0,
-                           tokens=n_seq * gen_tokens, decode_s=t2 - t1, step_s=tuple(steps))
+        return BatchTiming(
+            n_seq=n_seq,
+            prompt_tokens=len(prompt),
+            prompt_s=t1 - t0,
+            ttft_s=t1 - t0,
+            tokens=n_seq * gen_tokens,
+            decode_s=t2 - t1,
+            step_s=tuple(steps),
+        )
 
     def close(self) -> None:
         """Free the context and model now."""

@@ -48,15 +48,25 @@ class TokenLogprob:
 
     def to_dict(self) -> dict[str, Any]:
         """Ollama's and OpenAI's shape: token, logprob, bytes, top_logprobs."""
-        return {"token": self.token, "logprob": self.logprob, "bytes": list(self.bytes),
-                "top_logprobs": [{"token": t, "logprob": lp, "bytes": list(b)} for t, lp, b in self.top]}
+        return {
+            "token": self.token,
+            "logprob": self.logprob,
+            "bytes": list(self.bytes),
+            "top_logprobs": [
+                {"token": t, "logprob": lp, "bytes": list(b)} for t, lp, b in self.top
+            ],
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TokenLogprob:
         """Inverse of ``to_dict``."""
-        top = tuple((str(t.get("token", "")), float(t.get("logprob", 0.0)), tuple(t.get("bytes") or ()))
-                    for t in d.get("top_logprobs") or ())
-        return cls(str(d.get("token", "")), float(d.get("logprob", 0.0)), tuple(d.get("bytes") or ()), top)
+        top = tuple(
+            (str(t.get("token", "")), float(t.get("logprob", 0.0)), tuple(t.get("bytes") or ()))
+            for t in d.get("top_logprobs") or ()
+        )
+        return cls(
+            str(d.get("token", "")), float(d.get("logprob", 0.0)), tuple(d.get("bytes") or ()), top
+        )
 
 
 @dataclass(frozen=True)
@@ -78,7 +88,9 @@ class Stats:
     done_reason: str = "stop"
     cached_tokens: int = 0  # prompt tokens whose cache was reused
     tokens: list[int] = field(default_factory=list)  # generated ids (when asked for)
-    prompt_tokens: list[int] = field(default_factory=list)  # the prompt as evaluated (when asked for)
+    prompt_tokens: list[int] = field(
+        default_factory=list
+    )  # the prompt as evaluated (when asked for)
     max_gap_s: float = 0.0  # longest wait between two of this request's tokens
     alone: bool = True  # no other request shared its steps (its speeds are single-stream speeds)
     stop_sequence: str | None = None  # the stop string that ended it, if one did

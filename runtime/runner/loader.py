@@ -22,15 +22,23 @@ __all__ = ["load_healing"]
 
 log = logging.getLogger(__name__)
 
+
 def _model_path_and_adapters(info_or_path: Any) -> tuple[Path, Sequence[Path]]:
     if isinstance(info_or_path, (str, Path)):
         return Path(info_or_path), ()
     return Path(info_or_path.model_path), tuple(getattr(info_or_path, "adapters", ()) or ())
 
 
-def load_healing(info_or_path: Any, plan: Plan, shrink: Shrink | None = None, *, max_retries: int = 12,
-                 verify_decode: bool = True, extra_bufts: bool = True,
-                 progress: Callable[[float], None] | None = None) -> tuple[Engine, Plan, list[str]]:
+def load_healing(
+    info_or_path: Any,
+    plan: Plan,
+    shrink: Shrink | None = None,
+    *,
+    max_retries: int = 12,
+    verify_decode: bool = True,
+    extra_bufts: bool = True,
+    progress: Callable[[float], None] | None = None,
+) -> tuple[Engine, Plan, list[str]]:
     """Load ``plan``; on running out of memory, shrink it one step and retry.
 
     Returns (engine, the plan that loaded, sentences saying what was given up). ``info_or_path`` is a
@@ -50,8 +58,14 @@ def load_healing(info_or_path: Any, plan: Plan, shrink: Shrink | None = None, *,
     current = plan
     for retry in range(max_retries + 1):
         try:
-            engine = Engine.load(path, current, adapters=adapters, verify_decode=verify_decode,
-                                 extra_bufts=extra_bufts, progress=progress)
+            engine = Engine.load(
+                path,
+                current,
+                adapters=adapters,
+                verify_decode=verify_decode,
+                extra_bufts=extra_bufts,
+                progress=progress,
+            )
         except OutOfMemory as e:
             step = shrink(current, retry) if retry < max_retries else None
             if step is None:

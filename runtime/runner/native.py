@@ -43,13 +43,31 @@ from llama_cpp import llama_cpp as llama_c  # noqa: E402
 from offload.planner.types import Plan  # noqa: E402
 from offload.runtime.errors import LoadFailed, PlanNotApplicable  # noqa: E402
 
-__all__ = ["llama_c", "llama_cpp", "SPLIT_MODES", "KV_TYPES", "check_applicable", "gpu_device_count",
-           "captured_log", "overrides_array", "cpu_buffer_type", "ggml_symbol", "set_progress_hook"]
+__all__ = [
+    "llama_c",
+    "llama_cpp",
+    "SPLIT_MODES",
+    "KV_TYPES",
+    "check_applicable",
+    "gpu_device_count",
+    "captured_log",
+    "overrides_array",
+    "cpu_buffer_type",
+    "ggml_symbol",
+    "set_progress_hook",
+]
 
-SPLIT_MODES = {"none": llama_c.LLAMA_SPLIT_MODE_NONE, "layer": llama_c.LLAMA_SPLIT_MODE_LAYER,
-               "row": llama_c.LLAMA_SPLIT_MODE_ROW}
-KV_TYPES = {"f16": llama_c.GGML_TYPE_F16, "q8_0": llama_c.GGML_TYPE_Q8_0, "q4_0": llama_c.GGML_TYPE_Q4_0,
-            "f32": llama_c.GGML_TYPE_F32}
+SPLIT_MODES = {
+    "none": llama_c.LLAMA_SPLIT_MODE_NONE,
+    "layer": llama_c.LLAMA_SPLIT_MODE_LAYER,
+    "row": llama_c.LLAMA_SPLIT_MODE_ROW,
+}
+KV_TYPES = {
+    "f16": llama_c.GGML_TYPE_F16,
+    "q8_0": llama_c.GGML_TYPE_Q8_0,
+    "q4_0": llama_c.GGML_TYPE_Q4_0,
+    "f32": llama_c.GGML_TYPE_F32,
+}
 
 
 # -- llama.cpp's log: to our logger (the runner's stderr, i.e. its log file), captured while loading
@@ -172,7 +190,9 @@ def cpu_buffer_type(pinned: bool = False) -> int:
     return int(fn())
 
 
-def overrides_array(patterns: Sequence[str], pinned: bool = False) -> ctypes.Array[_BuftOverride] | None:
+def overrides_array(
+    patterns: Sequence[str], pinned: bool = False
+) -> ctypes.Array[_BuftOverride] | None:
     """A NULL-terminated ``llama_model_tensor_buft_override`` array placing ``patterns`` on the CPU."""
     if not patterns:
         return None
@@ -194,8 +214,10 @@ def gpu_device_count() -> int:
     if not llama_c.llama_supports_gpu_offload():
         return 0
     try:
-        count, get, kind = (ggml_symbol(n) for n in ("ggml_backend_dev_count", "ggml_backend_dev_get",
-                                                      "ggml_backend_dev_type"))
+        count, get, kind = (
+            ggml_symbol(n)
+            for n in ("ggml_backend_dev_count", "ggml_backend_dev_get", "ggml_backend_dev_type")
+        )
     except LoadFailed:
         return 1  # no device API to ask; offload support implies at least one GPU
     count.restype, count.argtypes = ctypes.c_size_t, []
@@ -215,28 +237,45 @@ def _gguf_tensor_names(model_path: Path) -> list[str]:
         raise LoadFailed(f"cannot read {model_path}: {e}") from None
 
 
-def check_applicable(plan: Plan, model_path: Path | str, tensor_names: Sequence[str] | None = None,
-                     n_gpus: int | None = None) -> None:
+def check_applicable(
+    plan: Plan,
+    model_path: Path | str,
+    tensor_names: Sequence[str] | None = None,
+    n_gpus: int | None = None,
+) -> None:
     """Raise ``PlanNotApplicable`` when llama.cpp could not apply ``plan`` as written."""
     names = list(tensor_names) if tensor_names is not None else _gguf_tensor_names(Path(model_path))
     for pattern in plan.cpu_tensor_patterns:
         try:
             rx = re.compile(pattern)
         except re.error as e:
-            raise PlanNotApplicable(f"tensor pattern {pattern!r} is not a valid regex: {e}") from None
+            raise PlanNotApplicable(
+                f"tensor pattern {pattern!r} is not a valid regex: {e}"
+            ) from None
         # llama.cpp uses std::regex_search, i.e. a match anywhere in the name.
         if not any(rx.search(n) for n in names):
-            raise PlanNotApplicable(f"tensor pattern {pattern!r} matches no tensor of {Path(model_path).name}")
+            raise PlanNotApplicable(
+                f"tensor pattern {pattern!r} matches no tensor of {Path(model_path).name}"
+            )
     gpus = gpu_device_count() if n_gpus is None else n_gpus
-    uses_gpu = plan.n_gpu_layers != 0 or any(d.kind == "GPU" and d.weights_bytes for d in plan.devices)
+    uses_gpu = plan.n_gpu_layers != 0 or any(
+        d.kind == "GPU" and d.weights_bytes for d in plan.devices
+    )
     if uses_gpu and gpus == 0:
         raise PlanNotApplicable(
-            f"the plan puts {plan.n_gpu_layers} layers on a GPU, but llama.cpp sees no GPU here")
+            f"the plan puts {plan.n_gpu_layers} layers on a GPU, but llama.cpp sees no GPU here"
+        )
     if plan.tensor_split and len([x for x in plan.tensor_split if x > 0]) > max(gpus, 1):
-        raise PlanNotApplicable(f"the plan splits over {len(plan.tensor_split)} GPUs; llama.cpp sees {gpus}")
+        raise PlanNotApplicable(
+            f"the plan splits over {len(plan.tensor_split)} GPUs; llama.cpp sees {gpus}"
+        )
     if uses_gpu and plan.main_gpu >= max(gpus, 1):
         raise PlanNotApplicable(f"the plan's main GPU is {plan.main_gpu}; llama.cpp sees {gpus}")
     if plan.split_mode not in SPLIT_MODES:
-        raise PlanNotApplicable(f"unknown split mode {plan.split_mode!r}; known: {', '.join(SPLIT_MODES)}")
+        raise PlanNotApplicable(
+            f"unknown split mode {plan.split_mode!r}; known: {', '.join(SPLIT_MODES)}"
+        )
     if plan.kv_type not in KV_TYPES:
-        raise PlanNotApplicable(f"plan asks for KV cache type {plan.kv_type!r}; known: {', '.join(KV_TYPES)}")
+        raise PlanNotApplicable(
+            f"plan asks for KV cache type {plan.kv_type!r}; known: {', '.join(KV_TYPES)}"
+        )

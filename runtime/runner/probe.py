@@ -27,7 +27,11 @@ _COPY_BYTES = 256 << 20
 
 
 class _InitParams(ctypes.Structure):
-    _fields_ = [("mem_size", ctypes.c_size_t), ("mem_buffer", ctypes.c_void_p), ("no_alloc", ctypes.c_bool)]
+    _fields_ = [
+        ("mem_size", ctypes.c_size_t),
+        ("mem_buffer", ctypes.c_void_p),
+        ("no_alloc", ctypes.c_bool),
+    ]
 
 
 class _Ggml:
@@ -39,8 +43,10 @@ class _Ggml:
         "ggml_backend_dev_name": (ctypes.c_char_p, [ctypes.c_void_p]),
         "ggml_backend_dev_description": (ctypes.c_char_p, [ctypes.c_void_p]),
         "ggml_backend_dev_type": (ctypes.c_int, [ctypes.c_void_p]),
-        "ggml_backend_dev_memory": (None, [ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t),
-                                           ctypes.POINTER(ctypes.c_size_t)]),
+        "ggml_backend_dev_memory": (
+            None,
+            [ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t), ctypes.POINTER(ctypes.c_size_t)],
+        ),
         "ggml_backend_dev_backend_reg": (ctypes.c_void_p, [ctypes.c_void_p]),
         "ggml_backend_reg_name": (ctypes.c_char_p, [ctypes.c_void_p]),
         "ggml_backend_dev_buffer_type": (ctypes.c_void_p, [ctypes.c_void_p]),
@@ -51,15 +57,25 @@ class _Ggml:
         "ggml_init": (ctypes.c_void_p, [_InitParams]),
         "ggml_free": (None, [ctypes.c_void_p]),
         "ggml_new_tensor_1d": (ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64]),
-        "ggml_backend_alloc_ctx_tensors_from_buft": (ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_void_p]),
-        "ggml_backend_tensor_set": (None, [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]),
+        "ggml_backend_alloc_ctx_tensors_from_buft": (
+            ctypes.c_void_p,
+            [ctypes.c_void_p, ctypes.c_void_p],
+        ),
+        "ggml_backend_tensor_set": (
+            None,
+            [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t],
+        ),
         "ggml_backend_tensor_copy": (None, [ctypes.c_void_p, ctypes.c_void_p]),
     }
 
     def __init__(self, lib_dir: Path) -> None:
         mode = getattr(ctypes, "RTLD_GLOBAL", 0)
-        self.libs = [ctypes.CDLL(str(p), mode=mode) for name in ("libggml-base", "libggml")
-                     for p in sorted(lib_dir.glob(name + ".*")) if p.suffix in (".so", ".dylib", ".dll")]
+        self.libs = [
+            ctypes.CDLL(str(p), mode=mode)
+            for name in ("libggml-base", "libggml")
+            for p in sorted(lib_dir.glob(name + ".*"))
+            if p.suffix in (".so", ".dylib", ".dll")
+        ]
 
     def __getattr__(self, name: str) -> Any:
         restype, argtypes = self._SIGNATURES[name]
@@ -98,17 +114,23 @@ def _copy_bandwidths(g: _Ggml, dev: int, n_bytes: int = _COPY_BYTES) -> dict[str
         buffers.append(buf)
         pageable = ctypes.create_string_buffer(n_bytes)
         g.ggml_backend_tensor_set(src, pageable, 0, n_bytes)  # first touch, not timed
-        out["h2d_pageable_Bps"] = n_bytes / _best_s(lambda: g.ggml_backend_tensor_set(src, pageable, 0, n_bytes))
+        out["h2d_pageable_Bps"] = n_bytes / _best_s(
+            lambda: g.ggml_backend_tensor_set(src, pageable, 0, n_bytes)
+        )
         host_buft = g.ggml_backend_dev_host_buffer_type(dev)
         host = g.ggml_backend_buft_alloc_buffer(host_buft, n_bytes) if host_buft else None
         if host:
             buffers.append(host)
             pinned = g.ggml_backend_buffer_get_base(host)
             g.ggml_backend_tensor_set(src, pinned, 0, n_bytes)
-            out["h2d_pinned_Bps"] = n_bytes / _best_s(lambda: g.ggml_backend_tensor_set(src, pinned, 0, n_bytes))
+            out["h2d_pinned_Bps"] = n_bytes / _best_s(
+                lambda: g.ggml_backend_tensor_set(src, pinned, 0, n_bytes)
+            )
         g.ggml_backend_tensor_copy(src, dst)
         # Read and write: counted twice, as a device memory bandwidth figure is.
-        out["device_copy_Bps"] = 2 * n_bytes / _best_s(lambda: g.ggml_backend_tensor_copy(src, dst), inner=10)
+        out["device_copy_Bps"] = (
+            2 * n_bytes / _best_s(lambda: g.ggml_backend_tensor_copy(src, dst), inner=10)
+        )
     finally:
         for b in buffers:
             g.ggml_backend_buffer_free(b)
@@ -118,7 +140,12 @@ def _copy_bandwidths(g: _Ggml, dev: int, n_bytes: int = _COPY_BYTES) -> dict[str
 
 def probe(bandwidth: bool = False) -> dict[str, Any]:
     """Ask the installed llama.cpp what it supports; errors are recorded, not raised."""
-    out: dict[str, Any] = {"llama_cpp_python": None, "gpu_offload": None, "devices": [], "errors": []}
+    out: dict[str, Any] = {
+        "llama_cpp_python": None,
+        "gpu_offload": None,
+        "devices": [],
+        "errors": [],
+    }
     try:
         import llama_cpp
         from llama_cpp import llama_cpp as llama_c
@@ -138,9 +165,13 @@ def probe(bandwidth: bool = False) -> dict[str, Any]:
             d: dict[str, Any] = {
                 "index": i,
                 "name": (g.ggml_backend_dev_name(dev) or b"").decode(errors="replace"),
-                "description": (g.ggml_backend_dev_description(dev) or b"").decode(errors="replace"),
+                "description": (g.ggml_backend_dev_description(dev) or b"").decode(
+                    errors="replace"
+                ),
                 "type": _DEV_TYPES[kind] if 0 <= kind < len(_DEV_TYPES) else str(kind),
-                "backend": (g.ggml_backend_reg_name(reg) or b"").decode(errors="replace") if reg else "",
+                "backend": (g.ggml_backend_reg_name(reg) or b"").decode(errors="replace")
+                if reg
+                else "",
                 "memory_free_bytes": int(free.value),
                 "memory_total_bytes": int(total.value),
             }

@@ -54,8 +54,10 @@ __all__ = ["encode", "decode", "error_from", "sampling_to_json", "sampling_from_
 
 def encode(messages: list[dict[str, Any]]) -> bytes:
     """Messages as the bytes of their lines."""
-    return b"".join(json.dumps(m, separators=(",", ":"), ensure_ascii=False).encode("utf-8") + b"\n"
-                    for m in messages)
+    return b"".join(
+        json.dumps(m, separators=(",", ":"), ensure_ascii=False).encode("utf-8") + b"\n"
+        for m in messages
+    )
 
 
 def decode(line: bytes) -> dict[str, Any]:

@@ -56,7 +56,9 @@ class Sampler:
         self._cur: ctypes.Array | None = None
         self._build(sampling, n_ctx)
         if sampling.grammar:
-            smpl = llama_c.llama_sampler_init_grammar(vocab, sampling.grammar.encode("utf-8"), b"root")
+            smpl = llama_c.llama_sampler_init_grammar(
+                vocab, sampling.grammar.encode("utf-8"), b"root"
+            )
             if not smpl:
                 self.close()
                 raise ValueError("the grammar for this format could not be parsed")
@@ -67,28 +69,42 @@ class Sampler:
     def _build(self, s: Sampling, n_ctx: int) -> None:
         chain = self.chain
         last_n = n_ctx if s.repeat_last_n < 0 else min(s.repeat_last_n, n_ctx)
-        penalize = last_n > 0 and (s.repeat_penalty != 1.0 or s.frequency_penalty != 0.0
-                                   or s.presence_penalty != 0.0)
+        penalize = last_n > 0 and (
+            s.repeat_penalty != 1.0 or s.frequency_penalty != 0.0 or s.presence_penalty != 0.0
+        )
         top_k = s.top_k if s.top_k > 0 else 0
         greedy = s.temperature <= 0.0
         keep = 1 if greedy else top_k
         if penalize and keep and _lowers_only(s) and not s.mirostat:
             _add(chain, llama_c.llama_sampler_init_top_k(keep + last_n))
         if penalize:
-            _add(chain, llama_c.llama_sampler_init_penalties(self.n_vocab, last_n, s.repeat_penalty,
-                                                             s.frequency_penalty, s.presence_penalty))
+            _add(
+                chain,
+                llama_c.llama_sampler_init_penalties(
+                    self.n_vocab, last_n, s.repeat_penalty, s.frequency_penalty, s.presence_penalty
+                ),
+            )
         if greedy:
             _add(chain, llama_c.llama_sampler_init_greedy())
             return
         seed = s.seed if s.seed is not None and s.seed >= 0 else random.getrandbits(31)
         if s.mirostat == 1:
             _add(chain, llama_c.llama_sampler_init_temp(s.temperature))
-            _add(chain, llama_c.llama_sampler_init_mirostat(self.n_vocab, seed & 0xFFFFFFFF, s.mirostat_tau,
-                                                            s.mirostat_eta, 100))
+            _add(
+                chain,
+                llama_c.llama_sampler_init_mirostat(
+                    self.n_vocab, seed & 0xFFFFFFFF, s.mirostat_tau, s.mirostat_eta, 100
+                ),
+            )
             return
         if s.mirostat == 2:
             _add(chain, llama_c.llama_sampler_init_temp(s.temperature))
-            _add(chain, llama_c.llama_sampler_init_mirostat_v2(seed & 0xFFFFFFFF, s.mirostat_tau, s.mirostat_eta))
+            _add(
+                chain,
+                llama_c.llama_sampler_init_mirostat_v2(
+                    seed & 0xFFFFFFFF, s.mirostat_tau, s.mirostat_eta
+                ),
+            )
             return
         if top_k:
             _add(chain, llama_c.llama_sampler_init_top_k(top_k))
@@ -125,13 +141,16 @@ class Sampler:
         if self._cur is None:
             self._cur = (llama_c.llama_token_data * self.n_vocab)()
             self._view = np.ctypeslib.as_array(self._cur).view(
-                np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)]))
+                np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
+            )
             self._ids = np.arange(self.n_vocab, dtype=np.int32)
         view = self._view
         view["id"] = self._ids
         view["logit"] = np.ctypeslib.as_array(logits, shape=(self.n_vocab,))
         view["p"] = 0.0
-        arr = llama_c.llama_token_data_array(data=self._cur, size=self.n_vocab, selected=-1, sorted=False)
+        arr = llama_c.llama_token_data_array(
+            data=self._cur, size=self.n_vocab, selected=-1, sorted=False
+        )
         if with_grammar and self.grammar is not None:
             llama_c.llama_sampler_apply(self.grammar.smpl, ctypes.byref(arr))
         llama_c.llama_sampler_apply(chain, ctypes.byref(arr))
@@ -152,9 +171,17 @@ class Sampler:
         if k > 0:
             ids = np.argpartition(-logp, k)[:k]
             ids = ids[np.argsort(-logp[ids])]
-            top = tuple((pieces(int(i)).decode("utf-8", errors="replace"), float(logp[i]),  # type: ignore[operator]
-                         tuple(pieces(int(i)))) for i in ids)  # type: ignore[operator]
-        return TokenLogprob(piece.decode("utf-8", errors="replace"), float(logp[token]), tuple(piece), top)
+            top = tuple(
+                (
+                    pieces(int(i)).decode("utf-8", errors="replace"),
+                    float(logp[i]),  # type: ignore[operator]
+                    tuple(pieces(int(i))),
+                )
+                for i in ids
+            )  # type: ignore[operator]
+        return TokenLogprob(
+            piece.decode("utf-8", errors="replace"), float(logp[token]), tuple(piece), top
+        )
 
     def close(self) -> None:
         """Free the chain and grammar."""

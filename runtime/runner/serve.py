@@ -69,20 +69,34 @@ def _load(channel: Channel, msg: dict[str, Any]) -> Any:
     extra_bufts = bool(msg.get("extra_bufts", True))
     try:
         engine, plan, gave_up = load_healing(
-            _Model(msg["model"], msg.get("adapters") or []), plan, verify_decode=bool(msg.get("verify", True)),
-            extra_bufts=extra_bufts, progress=progress,
+            _Model(msg["model"], msg.get("adapters") or []),
+            plan,
+            verify_decode=bool(msg.get("verify", True)),
+            extra_bufts=extra_bufts,
+            progress=progress,
         )
     except OffloadError as e:
         channel.send([{"ev": "load_failed", "kind": type(e).__name__, "message": str(e)}])
         return None
     engine.gave_up = list(gave_up)
-    channel.send([{
-        "ev": "loaded", "pid": os.getpid(), "plan": plan.to_dict(), "load_s": engine.load_s,
-        "n_ctx": engine.n_ctx, "n_parallel": engine.n_slots, "n_vocab": engine.n_vocab,
-        "measured_bytes": engine.measured_bytes, "memory": engine.memory_report(),
-        "gave_up": list(gave_up), "extra_bufts": extra_bufts,
-        "buffers": buffers.buffer_names(engine.load_log),
-    }])
+    channel.send(
+        [
+            {
+                "ev": "loaded",
+                "pid": os.getpid(),
+                "plan": plan.to_dict(),
+                "load_s": engine.load_s,
+                "n_ctx": engine.n_ctx,
+                "n_parallel": engine.n_slots,
+                "n_vocab": engine.n_vocab,
+                "measured_bytes": engine.measured_bytes,
+                "memory": engine.memory_report(),
+                "gave_up": list(gave_up),
+                "extra_bufts": extra_bufts,
+                "buffers": buffers.buffer_names(engine.load_log),
+            }
+        ]
+    )
     return engine
 
 
@@ -117,27 +131,61 @@ def _reader(channel: Channel, loop: Any, engine: Any) -> None:
             if op == "generate":
                 tokens = list(msg.get("tokens") or [])
                 if msg.get("text") is not None or not tokens:
-                    tokens += engine.tokenize(msg.get("text") or "", add_bos=bool(msg.get("add_bos", True)))
-                job = Job(id=_request_id(rid), prompt=[int(t) for t in tokens],
-                          sampling=sampling_from_json(msg.get("sampling") or {}),
-                          truncate=bool(msg.get("truncate", True)), want_tokens=bool(msg.get("want_tokens")),
-                          ignore_eos=bool(msg.get("ignore_eos")))
+                    tokens += engine.tokenize(
+                        msg.get("text") or "", add_bos=bool(msg.get("add_bos", True))
+                    )
+                job = Job(
+                    id=_request_id(rid),
+                    prompt=[int(t) for t in tokens],
+                    sampling=sampling_from_json(msg.get("sampling") or {}),
+                    truncate=bool(msg.get("truncate", True)),
+                    want_tokens=bool(msg.get("want_tokens")),
+                    ignore_eos=bool(msg.get("ignore_eos")),
+                )
                 loop.post("generate", job)
             elif op == "cancel":
                 loop.post("cancel", _request_id(rid))
             elif op == "tokenize":
-                value = engine.tokenize(msg.get("text") or "", add_bos=bool(msg.get("add_bos", True)))
+                value = engine.tokenize(
+                    msg.get("text") or "", add_bos=bool(msg.get("add_bos", True))
+                )
                 channel.send([{"ev": "result", "id": rid, "value": value}])
             elif op == "detokenize":
-                channel.send([{"ev": "result", "id": rid, "value": engine.detokenize(msg.get("tokens") or [])}])
+                channel.send(
+                    [
+                        {
+                            "ev": "result",
+                            "id": rid,
+                            "value": engine.detokenize(msg.get("tokens") or []),
+                        }
+                    ]
+                )
             elif op in ("embed", "bench", "stats"):
                 loop.post("call", _on_loop(channel, loop, engine, msg))
             else:
-                channel.send([{"ev": "error", "id": rid, "kind": "BadRequest", "message": f"unknown op {op!r}"}])
+                channel.send(
+                    [
+                        {
+                            "ev": "error",
+                            "id": rid,
+                            "kind": "BadRequest",
+                            "message": f"unknown op {op!r}",
+                        }
+                    ]
+                )
         except OffloadError as e:
             channel.send([{"ev": "error", "id": rid, "kind": type(e).__name__, "message": str(e)}])
         except (TypeError, ValueError, KeyError) as e:
-            channel.send([{"ev": "error", "id": rid, "kind": "BadRequest", "message": f"bad {op} request: {e}"}])
+            channel.send(
+                [
+                    {
+                        "ev": "error",
+                        "id": rid,
+                        "kind": "BadRequest",
+                        "message": f"bad {op} request: {e}",
+                    }
+                ]
+            )
 
 
 def _request_id(rid: object) -> int:
@@ -157,19 +205,32 @@ def _on_loop(channel: Channel, loop: Any, engine: Any, msg: dict[str, Any]) -> A
             if op == "embed":
                 vectors, count = [], 0
                 for item in msg.get("inputs") or []:
-                    tokens = item if isinstance(item, list) else engine.tokenize(str(item), add_bos=True)
-                    vec, used = engine.embed([int(t) for t in tokens], truncate=bool(msg.get("truncate", True)))
+                    tokens = (
+                        item if isinstance(item, list) else engine.tokenize(str(item), add_bos=True)
+                    )
+                    vec, used = engine.embed(
+                        [int(t) for t in tokens], truncate=bool(msg.get("truncate", True))
+                    )
                     vectors.append(vec)
                     count += used
                 value: Any = {"embeddings": vectors, "tokens": count}
             elif op == "bench":
                 if loop.active or loop.waiting:
                     raise ValueError("the runner is busy")
-                t = engine.run_batch(int(msg["n_seq"]), [int(x) for x in msg["tokens"]], int(msg["gen_tokens"]))
+                t = engine.run_batch(
+                    int(msg["n_seq"]), [int(x) for x in msg["tokens"]], int(msg["gen_tokens"])
+                )
                 for slot in loop.slots:
                     slot.cached = []
-                value = {"n_seq": t.n_seq, "prompt_tokens": t.prompt_tokens, "prompt_s": t.prompt_s,
-                         "ttft_s": t.ttft_s, "tokens": t.tokens, "decode_s": t.decode_s, "step_s": list(t.step_s)}
+                value = {
+                    "n_seq": t.n_seq,
+                    "prompt_tokens": t.prompt_tokens,
+                    "prompt_s": t.prompt_s,
+                    "ttft_s": t.ttft_s,
+                    "tokens": t.tokens,
+                    "decode_s": t.decode_s,
+                    "step_s": list(t.step_s),
+                }
             else:
                 value = {"steps": [list(s) for s in loop.steps]}
                 loop.steps.clear()
@@ -177,7 +238,14 @@ def _on_loop(channel: Channel, loop: Any, engine: Any, msg: dict[str, Any]) -> A
         except OffloadError as e:
             loop.out.append({"ev": "error", "id": rid, "kind": type(e).__name__, "message": str(e)})
         except (TypeError, ValueError, KeyError) as e:
-            loop.out.append({"ev": "error", "id": rid, "kind": "BadRequest", "message": f"bad {op} request: {e}"})
+            loop.out.append(
+                {
+                    "ev": "error",
+                    "id": rid,
+                    "kind": "BadRequest",
+                    "message": f"bad {op} request: {e}",
+                }
+            )
 
     return run
 
@@ -185,11 +253,16 @@ def _on_loop(channel: Channel, loop: Any, engine: Any, msg: dict[str, Any]) -> A
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``python -m offload.runtime.runner``."""
     parser = argparse.ArgumentParser(prog="offload-runner")
-    parser.add_argument("--fd", type=int, required=True, help="the inherited socket's file descriptor")
+    parser.add_argument(
+        "--fd", type=int, required=True, help="the inherited socket's file descriptor"
+    )
     parser.add_argument("--name", default="model", help="the model's name, for the log")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format=f"%(asctime)s runner[{os.getpid()}] %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format=f"%(asctime)s runner[{os.getpid()}] %(levelname)s %(name)s: %(message)s",
+    )
     faulthandler.enable(sys.stderr)  # a crash leaves a Python traceback in the log
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the server's to handle
     # llama.cpp's libraries before numpy's (the protocol imports the planner): see native.
@@ -209,7 +282,9 @@ def main(argv: list[str] | None = None) -> None:
     from offload.runtime.runner.batch import BatchLoop
 
     loop = BatchLoop(engine, channel.send)
-    threading.Thread(target=_reader, args=(channel, loop, engine), name="runner-reader", daemon=True).start()
+    threading.Thread(
+        target=_reader, args=(channel, loop, engine), name="runner-reader", daemon=True
+    ).start()
     try:
         loop.run()
     finally:

@@ -113,7 +113,9 @@ def create_app(store: Store | None = None, scheduler: Scheduler | None = None) -
             message = f"404 page not found: no route {method} {path}"
         elif exc.status_code == 405:
             allowed = (exc.headers or {}).get("Allow")
-            message = f"method {method} is not allowed on {path}" + (f"; use {allowed}" if allowed else "")
+            message = f"method {method} is not allowed on {path}" + (
+                f"; use {allowed}" if allowed else ""
+            )
         else:
             message = str(exc.detail)
         return error_response(exc.status_code, message, _family(request), headers=exc.headers)
@@ -138,8 +140,9 @@ def create_app(store: Store | None = None, scheduler: Scheduler | None = None) -
         allow_credentials=False,
     )
     # Added last, so it runs first: before CORS and before bodies are read as JSON.
-    app.add_middleware(BrowserGuard, hosts=HostPolicy.build(config.host().host, config.hosts()),
-                       origins=origins)
+    app.add_middleware(
+        BrowserGuard, hosts=HostPolicy.build(config.host().host, config.hosts()), origins=origins
+    )
 
     @app.get("/", response_class=PlainTextResponse)
     @app.head("/", response_class=PlainTextResponse)

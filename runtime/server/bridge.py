@@ -71,7 +71,11 @@ def token_counts(final: dict[str, Any]) -> tuple[int, int, int]:
     summary chunk. The prompt count is the whole prompt, the cached part included, as OpenAI
     counts it; Ollama's ``prompt_eval_count`` is the part evaluated."""
     cached = int(final.get("prompt_cached_count") or 0)
-    return int(final.get("prompt_eval_count") or 0) + cached, int(final.get("eval_count") or 0), cached
+    return (
+        int(final.get("prompt_eval_count") or 0) + cached,
+        int(final.get("eval_count") or 0),
+        cached,
+    )
 
 
 def call_id(prefix: str = "call_") -> str:
@@ -83,5 +87,3 @@ def sse(data: Any, event: str | None = None) -> bytes:
     """One server-sent event: an ``event:`` line when named, and the JSON ``data:`` line."""
     head = f"event: {event}\n" if event else ""
     return f"{head}data: {json.dumps(data)}\n\n".encode()
-
-

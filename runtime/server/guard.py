@@ -148,16 +148,22 @@ class BrowserGuard:
         host = hosts[0] if hosts else ""
         problem = None
         if len(hosts) > 1 or not self.hosts.allows(host):
-            problem = (f"host {_short(host)} is not allowed: the server answers to loopback and its "
-                       "own names; add the name to OFFLOAD_HOSTS to serve it")
+            problem = (
+                f"host {_short(host)} is not allowed: the server answers to loopback and its "
+                "own names; add the name to OFFLOAD_HOSTS to serve it"
+            )
         elif origins and (len(origins) > 1 or not self._origin_ok(origins[0], host)):
-            problem = (f"origin {_short(origins[0])} is not allowed; add it to OFFLOAD_ORIGINS to let "
-                       "its pages call this server")
+            problem = (
+                f"origin {_short(origins[0])} is not allowed; add it to OFFLOAD_ORIGINS to let "
+                "its pages call this server"
+            )
         if problem is None:
             await self.app(scope, receive, send)
             return
         log.info("refused %s %s: %s", scope.get("method"), scope.get("path"), problem)
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers") or []}
+        headers = {
+            k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers") or []
+        }
         response = error_response(403, problem, family_of(str(scope.get("path", "")), headers))
         await response(scope, receive, send)
 

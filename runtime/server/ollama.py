@@ -116,7 +116,13 @@ async def respond(
     # Headers go out once the request is accepted (queued for its model), so a client can cancel
     # a request that waits; errors found before that still get their status code.
     first = await first_chunk(ts)
-    lines = stream_events(ts, first, lambda c: [_ndjson_line(c)], list, lambda message: _ndjson_line({"error": message}))
+    lines = stream_events(
+        ts,
+        first,
+        lambda c: [_ndjson_line(c)],
+        list,
+        lambda message: _ndjson_line({"error": message}),
+    )
     return CancellingStreamingResponse(lines, ts, media_type="application/x-ndjson")
 
 

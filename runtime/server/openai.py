@@ -149,8 +149,12 @@ def _finish(done_reason: str | None, has_calls: bool) -> str:
 
 def _usage(final: dict[str, Any]) -> dict[str, Any]:
     p, c, cached = token_counts(final)
-    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
-            "prompt_tokens_details": {"cached_tokens": cached}}
+    return {
+        "prompt_tokens": p,
+        "completion_tokens": c,
+        "total_tokens": p + c,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    }
 
 
 def _tool_calls(calls: list[dict[str, Any]], streaming: bool) -> list[dict[str, Any]]:
@@ -221,7 +225,10 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
             "finish_reason": _finish(final.get("done_reason"), bool(calls)),
         }
         return JSONResponse(
-            {**_envelope(cid, "chat.completion", created, body.model, [choice]), "usage": _usage(final)}
+            {
+                **_envelope(cid, "chat.completion", created, body.model, [choice]),
+                "usage": _usage(final),
+            }
         )
     include_usage = bool((body.stream_options or {}).get("include_usage"))
     last: dict[str, Any] = {}
@@ -276,14 +283,28 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     gen = GenerateRequest.model_validate(req)
     ts = ThreadedStream(lambda cancel: service.generate(sched, gen, cancel))
 
-    def choice(text: str, finish: str | None, lps: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-        return {"text": text, "index": 0, "logprobs": _legacy_logprobs(lps), "finish_reason": finish}
+    def choice(
+        text: str, finish: str | None, lps: list[dict[str, Any]] | None = None
+    ) -> dict[str, Any]:
+        return {
+            "text": text,
+            "index": 0,
+            "logprobs": _legacy_logprobs(lps),
+            "finish_reason": finish,
+        }
 
     if not body.stream:
         final = merge_chunks(await collect(ts, request), "response")
-        whole = choice(final.get("response", ""), _finish(final.get("done_reason"), False), final.get("logprobs"))
+        whole = choice(
+            final.get("response", ""),
+            _finish(final.get("done_reason"), False),
+            final.get("logprobs"),
+        )
         return JSONResponse(
-            {**_envelope(cid, "text_completion", created, body.model, [whole]), "usage": _usage(final)}
+            {
+                **_envelope(cid, "text_completion", created, body.model, [whole]),
+                "usage": _usage(final),
+            }
         )
     include_usage = bool((body.stream_options or {}).get("include_usage"))
     last: dict[str, Any] = {}
@@ -306,10 +327,18 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     )
 
 
-def _envelope(cid: str, obj: str, created: int, model: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
+def _envelope(
+    cid: str, obj: str, created: int, model: str, choices: list[dict[str, Any]]
+) -> dict[str, Any]:
     """The fields every completion object and chunk share."""
-    return {"id": cid, "object": obj, "created": created, "model": model,
-            "system_fingerprint": "fp_offload", "choices": choices}
+    return {
+        "id": cid,
+        "object": obj,
+        "created": created,
+        "model": model,
+        "system_fingerprint": "fp_offload",
+        "choices": choices,
+    }
 
 
 def _legacy_logprobs(lps: list[dict[str, Any]] | None) -> dict[str, Any] | None:
@@ -320,9 +349,14 @@ def _legacy_logprobs(lps: list[dict[str, Any]] | None) -> dict[str, Any] | None:
     for t in lps:
         offsets.append(pos)
         pos += len(t["token"])
-    return {"tokens": [t["token"] for t in lps], "token_logprobs": [t["logprob"] for t in lps],
-            "top_logprobs": [{a["token"]: a["logprob"] for a in t.get("top_logprobs") or []} for t in lps],
-            "text_offset": offsets}
+    return {
+        "tokens": [t["token"] for t in lps],
+        "token_logprobs": [t["logprob"] for t in lps],
+        "top_logprobs": [
+            {a["token"]: a["logprob"] for a in t.get("top_logprobs") or []} for t in lps
+        ],
+        "text_offset": offsets,
+    }
 
 
 def _model_object(m: Any) -> dict[str, Any]:
@@ -376,7 +410,9 @@ async def create_embeddings(body: EmbeddingRequest, request: Request) -> dict[st
     if any(isinstance(x, list) for x in inputs):
         # Token ids are checked against the model's vocabulary before they go near it.
         info = await run_in_threadpool(sched.resolve, body.model)
-        inputs = [validate.token_ids_for(info, x, "input") if isinstance(x, list) else x for x in inputs]
+        inputs = [
+            validate.token_ids_for(info, x, "input") if isinstance(x, list) else x for x in inputs
+        ]
     out = await run_in_threadpool(
         embeddings.embed, sched, body.model, inputs, True, body.dimensions
     )

@@ -29,8 +29,15 @@ from typing import Any
 from offload.planner import hardware as hw_mod
 from offload.planner.types import Hardware
 
-__all__ = ["BackendReport", "Usable", "probe", "install_identity", "gpu_install_command", "usable_hardware",
-           "current"]
+__all__ = [
+    "BackendReport",
+    "Usable",
+    "probe",
+    "install_identity",
+    "gpu_install_command",
+    "usable_hardware",
+    "current",
+]
 
 log = logging.getLogger(__name__)
 
@@ -103,11 +110,15 @@ def _run_child(bandwidth: bool, timeout_s: float) -> BackendReport:
     cmd = [sys.executable, str(_PROBE), *(["--bandwidth"] if bandwidth else [])]
     t0 = time.monotonic()
     try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s,
-                           stdin=subprocess.DEVNULL)
+        r = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=timeout_s, stdin=subprocess.DEVNULL
+        )
     except subprocess.TimeoutExpired:
-        return BackendReport(ok=False, errors=(f"the llama.cpp probe did not answer within {timeout_s:.0f} s",),
-                             elapsed_s=time.monotonic() - t0)
+        return BackendReport(
+            ok=False,
+            errors=(f"the llama.cpp probe did not answer within {timeout_s:.0f} s",),
+            elapsed_s=time.monotonic() - t0,
+        )
     except OSError as e:
         return BackendReport(ok=False, errors=(f"the llama.cpp probe could not start: {e}",))
     elapsed = time.monotonic() - t0
@@ -115,19 +126,31 @@ def _run_child(bandwidth: bool, timeout_s: float) -> BackendReport:
     if r.returncode != 0 or not lines:
         tail = (r.stderr or r.stdout).strip().splitlines()[-1:] or [""]
         how = f"exit code {r.returncode}" if r.returncode >= 0 else f"signal {-r.returncode}"
-        return BackendReport(ok=False, errors=(f"the llama.cpp probe failed ({how}): {tail[0][:300]}",),
-                             elapsed_s=elapsed)
+        return BackendReport(
+            ok=False,
+            errors=(f"the llama.cpp probe failed ({how}): {tail[0][:300]}",),
+            elapsed_s=elapsed,
+        )
     try:
         data = json.loads(lines[-1])
     except ValueError as e:
-        return BackendReport(ok=False, errors=(f"the llama.cpp probe printed no JSON: {e}",), elapsed_s=elapsed)
+        return BackendReport(
+            ok=False, errors=(f"the llama.cpp probe printed no JSON: {e}",), elapsed_s=elapsed
+        )
     errors = tuple(str(e) for e in data.get("errors", ()))
-    return BackendReport(ok=data.get("llama_cpp_python") is not None, llama_cpp_version=data.get("llama_cpp_python"),
-                         gpu_offload=data.get("gpu_offload"), devices=tuple(data.get("devices", ())),
-                         errors=errors, elapsed_s=elapsed)
+    return BackendReport(
+        ok=data.get("llama_cpp_python") is not None,
+        llama_cpp_version=data.get("llama_cpp_python"),
+        gpu_offload=data.get("gpu_offload"),
+        devices=tuple(data.get("devices", ())),
+        errors=errors,
+        elapsed_s=elapsed,
+    )
 
 
-def probe(refresh: bool = False, bandwidth: bool = False, timeout_s: float = PROBE_TIMEOUT_S) -> BackendReport:
+def probe(
+    refresh: bool = False, bandwidth: bool = False, timeout_s: float = PROBE_TIMEOUT_S
+) -> BackendReport:
     """Ask llama.cpp (in a child process) what it can use; cached per process and install."""
     key = (install_identity(), bandwidth)
     with _lock:
@@ -148,8 +171,10 @@ def gpu_install_command(cmake_args: str = "-DGGML_CUDA=on", python: str | None =
     """The command that rebuilds this environment's llama-cpp-python for a GPU (CUDA by default)."""
     py = shlex.quote(python or sys.executable)
     version = _version() or "0.3.36"
-    return (f'CMAKE_ARGS="{cmake_args}" {py} -m pip install --no-cache-dir --force-reinstall --no-deps '
-            f"llama-cpp-python=={version}")
+    return (
+        f'CMAKE_ARGS="{cmake_args}" {py} -m pip install --no-cache-dir --force-reinstall --no-deps '
+        f"llama-cpp-python=={version}"
+    )
 
 
 def _names(hw: Hardware) -> str:
@@ -171,10 +196,14 @@ def usable_hardware(hw: Hardware, report: BackendReport | None = None) -> Usable
         seen = len(report.gpu_devices)
         if seen < len(hw.gpus):
             note = f"llama.cpp sees {seen} of the {len(hw.gpus)} GPUs NVML found (CUDA_VISIBLE_DEVICES?): planning with the first {seen}"
-            return Usable(dataclasses.replace(hw, gpus=hw.gpus[:seen], notes=(*hw.notes, note)), None, report)
+            return Usable(
+                dataclasses.replace(hw, gpus=hw.gpus[:seen], notes=(*hw.notes, note)), None, report
+            )
         return Usable(hw, None, report)
-    warning = (f"{_names(hw)} found, but llama.cpp here (llama-cpp-python {report.llama_cpp_version}) was built "
-               f"without GPU support, so models run on the CPU. For a CUDA build run: {gpu_install_command()}")
+    warning = (
+        f"{_names(hw)} found, but llama.cpp here (llama-cpp-python {report.llama_cpp_version}) was built "
+        f"without GPU support, so models run on the CPU. For a CUDA build run: {gpu_install_command()}"
+    )
     _warn_once(warning)
     cpu_only = dataclasses.replace(hw, gpus=(), notes=(*hw.notes, warning))
     return Usable(cpu_only, warning, report)
@@ -196,6 +225,10 @@ def current(cache_file: Path | None, refresh: bool = False) -> Usable:
     """This machine's profile (cached in ``cache_file``) as llama.cpp can use it."""
     report = probe(refresh=refresh)
     devices = list(report.gpu_devices) if report.ok and report.gpu_offload else None
-    hw = hw_mod.current(cache_file, refresh=refresh, backend_devices=devices,
-                        measure_backend=_measured_backend_devices if devices else None)
+    hw = hw_mod.current(
+        cache_file,
+        refresh=refresh,
+        backend_devices=devices,
+        measure_backend=_measured_backend_devices if devices else None,
+    )
     return usable_hardware(hw, report)

@@ -49,7 +49,9 @@ def _pct(values: Sequence[float], q: float) -> float:
     return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
 
 
-def measure_parallel(proc: RunnerProcess, n: int, prompt_tokens: int, gen_tokens: int) -> dict[str, Any]:
+def measure_parallel(
+    proc: RunnerProcess, n: int, prompt_tokens: int, gen_tokens: int
+) -> dict[str, Any]:
     """Send ``n`` requests at once (distinct prompts, greedy, EOS ignored) and time them."""
     prompts = [bench_prompt(proc, prompt_tokens, stream=i + 1) for i in range(n)]
     proc.call("stats", "benchmarking")  # clears the runner's step record
@@ -62,8 +64,11 @@ def measure_parallel(proc: RunnerProcess, n: int, prompt_tokens: int, gen_tokens
         start.wait()
         t0 = time.perf_counter()
         try:
-            for ev in proc.generate(Sampling(temperature=0.0, num_predict=gen_tokens), tokens=prompts[i],
-                                    ignore_eos=True):
+            for ev in proc.generate(
+                Sampling(temperature=0.0, num_predict=gen_tokens),
+                tokens=prompts[i],
+                ignore_eos=True,
+            ):
                 if isinstance(ev, Stats):
                     stats[i] = ev
                 elif not ttft[i]:
@@ -90,7 +95,9 @@ def measure_parallel(proc: RunnerProcess, n: int, prompt_tokens: int, gen_tokens
     return {
         "streams": n,
         "aggregate_decode_tps": round(agg, 3),
-        "aggregate_wall_tps": round(sum(s.eval_count for s in done) / wall_s, 3) if wall_s > 0 else 0.0,
+        "aggregate_wall_tps": round(sum(s.eval_count for s in done) / wall_s, 3)
+        if wall_s > 0
+        else 0.0,
         "per_stream_decode_tps": round(statistics.median(per_stream), 3) if per_stream else 0.0,
         "ttft_p50_s": round(_pct([t for t in ttft if t], 0.5), 4),
         "ttft_p95_s": round(_pct([t for t in ttft if t], 0.95), 4),
@@ -100,10 +107,19 @@ def measure_parallel(proc: RunnerProcess, n: int, prompt_tokens: int, gen_tokens
     }
 
 
-def measure_plan(model_path: Path | str, plan: Plan, *, prompt_tokens: int, gen_tokens: int,
-                 parallel: Sequence[int] = (1,), model_digest: str = "", record: bool = True,
-                 name: str = "bench", parallel_prompt_tokens: int = 128,
-                 predict_aggregate: Callable[[int], float | None] | None = None) -> dict[str, Any]:
+def measure_plan(
+    model_path: Path | str,
+    plan: Plan,
+    *,
+    prompt_tokens: int,
+    gen_tokens: int,
+    parallel: Sequence[int] = (1,),
+    model_digest: str = "",
+    record: bool = True,
+    name: str = "bench",
+    parallel_prompt_tokens: int = 128,
+    predict_aggregate: Callable[[int], float | None] | None = None,
+) -> dict[str, Any]:
     """Start a runner for ``plan``, measure it and return measured beside predicted.
 
     The result is ``{"measured": {prompt_tps, decode_tps, ttft_s, load_s, parallel: {n: tps},
@@ -120,7 +136,10 @@ def measure_plan(model_path: Path | str, plan: Plan, *, prompt_tokens: int, gen_
         # Warm-up, as llama-bench does: pages mapped weights in and lets the backends settle.
         proc.call("bench", "benchmarking", n_seq=1, tokens=prompt[:64], gen_tokens=4)
         single = proc.call("bench", "benchmarking", n_seq=1, tokens=prompt, gen_tokens=gen_tokens)
-        batched = [measure_parallel(proc, n, parallel_prompt_tokens, gen_tokens) for n in sorted(set(parallel))]
+        batched = [
+            measure_parallel(proc, n, parallel_prompt_tokens, gen_tokens)
+            for n in sorted(set(parallel))
+        ]
         measured_bytes = proc.measured_bytes
         loaded_plan = proc.plan or plan
     finally:
@@ -130,17 +149,27 @@ def measure_plan(model_path: Path | str, plan: Plan, *, prompt_tokens: int, gen_
     prompt_tps = single["prompt_tokens"] / single["prompt_s"] if single["prompt_s"] > 0 else 0.0
     decode_tps = single["tokens"] / single["decode_s"] if single["decode_s"] > 0 else 0.0
     for b in batched:
-        b["predicted_aggregate_decode_tps"] = predict_aggregate(b["streams"]) if predict_aggregate else None
+        b["predicted_aggregate_decode_tps"] = (
+            predict_aggregate(b["streams"]) if predict_aggregate else None
+        )
     result = {
-        "measured": {"prompt_tps": prompt_tps, "decode_tps": decode_tps,
-                     "decode_tps_median": 1 / median_step if median_step > 0 else decode_tps,
-                     "ttft_s": single["ttft_s"], "load_s": load_s, "prompt_tokens": single["prompt_tokens"],
-                     "gen_tokens": gen_tokens,
-                     "parallel": {str(b["streams"]): b["aggregate_decode_tps"] for b in batched},
-                     "batched": batched},
-        "predicted": {"prompt_tps": plan.predicted.prompt_tps, "decode_tps": plan.predicted.decode_tps,
-                      "ttft_s": plan.predicted.ttft_s,
-                      "parallel": {str(b["streams"]): b["predicted_aggregate_decode_tps"] for b in batched}},
+        "measured": {
+            "prompt_tps": prompt_tps,
+            "decode_tps": decode_tps,
+            "decode_tps_median": 1 / median_step if median_step > 0 else decode_tps,
+            "ttft_s": single["ttft_s"],
+            "load_s": load_s,
+            "prompt_tokens": single["prompt_tokens"],
+            "gen_tokens": gen_tokens,
+            "parallel": {str(b["streams"]): b["aggregate_decode_tps"] for b in batched},
+            "batched": batched,
+        },
+        "predicted": {
+            "prompt_tps": plan.predicted.prompt_tps,
+            "decode_tps": plan.predicted.decode_tps,
+            "ttft_s": plan.predicted.ttft_s,
+            "parallel": {str(b["streams"]): b["predicted_aggregate_decode_tps"] for b in batched},
+        },
         "plan": loaded_plan.to_dict(),
         "measured_bytes": measured_bytes,
     }
@@ -148,8 +177,13 @@ def measure_plan(model_path: Path | str, plan: Plan, *, prompt_tokens: int, gen_
         from offload.runtime.serving import calibration
 
         try:
-            calibration.record_speeds(plan, model_digest, prompt_tokens=single["prompt_tokens"],
-                                      prompt_tps=prompt_tps, decode_tps=decode_tps)
+            calibration.record_speeds(
+                plan,
+                model_digest,
+                prompt_tokens=single["prompt_tokens"],
+                prompt_tps=prompt_tps,
+                decode_tps=decode_tps,
+            )
         except (OSError, TimeoutError) as e:
             log.warning("could not record calibration: %s", e)
     return result

@@ -31,9 +31,19 @@ from offload.planner.errors import GGUFError, WorkloadError
 from offload.planner.types import Anatomy, Hardware, Plan, Workload
 from offload.runtime import config
 
-__all__ = ["record", "record_speeds", "observations", "speed_params_for", "store_path",
-           "record_workload", "workload_for", "workloads_path", "MAX_PER_MACHINE",
-           "MAX_WORKLOAD_REQUESTS", "MIN_WORKLOAD_REQUESTS"]
+__all__ = [
+    "record",
+    "record_speeds",
+    "observations",
+    "speed_params_for",
+    "store_path",
+    "record_workload",
+    "workload_for",
+    "workloads_path",
+    "MAX_PER_MACHINE",
+    "MAX_WORKLOAD_REQUESTS",
+    "MIN_WORKLOAD_REQUESTS",
+]
 
 log = logging.getLogger(__name__)
 
@@ -79,17 +89,30 @@ def _hardware_now() -> Hardware:
     return hardware_mod.current(config.hardware_file())
 
 
-def record_speeds(plan: Plan, model_digest: str, *, prompt_tokens: int, prompt_tps: float | None,
-                  decode_tps: float | None, hardware: Hardware | None = None) -> bool:
+def record_speeds(
+    plan: Plan,
+    model_digest: str,
+    *,
+    prompt_tokens: int,
+    prompt_tps: float | None,
+    decode_tps: float | None,
+    hardware: Hardware | None = None,
+) -> bool:
     """Store one measured run of ``plan``; False when there was nothing worth keeping."""
     if not prompt_tps and not decode_tps:
         return False
     hw = hardware or _hardware_now()
     fp = plan.hardware_fingerprint or hw.fingerprint
     path = store_path()
-    entry = {"at": time.time(), "model_digest": model_digest, "model_path": plan.model_path,
-             "plan": plan.to_dict(), "prompt_tokens": int(prompt_tokens),
-             "prompt_tps": prompt_tps, "decode_tps": decode_tps}
+    entry = {
+        "at": time.time(),
+        "model_digest": model_digest,
+        "model_path": plan.model_path,
+        "plan": plan.to_dict(),
+        "prompt_tokens": int(prompt_tokens),
+        "prompt_tps": prompt_tps,
+        "decode_tps": decode_tps,
+    }
     with FileLock(str(path) + ".lock", timeout=10):
         data = _read(path)
         machines = data["machines"]
@@ -113,14 +136,32 @@ class GenerationStats(Protocol):
     eval_s: float
 
 
-def record(plan: Plan, model_digest: str, stats: GenerationStats, hardware: Hardware | None = None) -> bool:
+def record(
+    plan: Plan, model_digest: str, stats: GenerationStats, hardware: Hardware | None = None
+) -> bool:
     """Record a finished generation's measured speeds (``stats`` is the engine's ``Stats``)."""
-    evaluated = int(stats.prompt_eval_count)  # only what was computed (a reused prefix is not counted)
-    prompt_tps = evaluated / stats.prompt_eval_s if evaluated >= MIN_PROMPT_TOKENS and stats.prompt_eval_s > 0 else None
-    decode_tps = stats.eval_count / stats.eval_s if stats.eval_count >= MIN_DECODE_TOKENS and stats.eval_s > 0 else None
+    evaluated = int(
+        stats.prompt_eval_count
+    )  # only what was computed (a reused prefix is not counted)
+    prompt_tps = (
+        evaluated / stats.prompt_eval_s
+        if evaluated >= MIN_PROMPT_TOKENS and stats.prompt_eval_s > 0
+        else None
+    )
+    decode_tps = (
+        stats.eval_count / stats.eval_s
+        if stats.eval_count >= MIN_DECODE_TOKENS and stats.eval_s > 0
+        else None
+    )
     try:
-        return record_speeds(plan, model_digest, prompt_tokens=max(evaluated, 1), prompt_tps=prompt_tps,
-                             decode_tps=decode_tps, hardware=hardware)
+        return record_speeds(
+            plan,
+            model_digest,
+            prompt_tokens=max(evaluated, 1),
+            prompt_tps=prompt_tps,
+            decode_tps=decode_tps,
+            hardware=hardware,
+        )
     except (OSError, TimeoutError) as e:  # calibration must never fail a request
         log.warning("could not record calibration: %s", e)
         return False
@@ -143,7 +184,9 @@ def _anatomy(path: str, cache: dict[str, Anatomy | None]) -> Anatomy | None:
     return cache[path]
 
 
-def speed_params_for(fingerprint: str, base: SpeedParams | None = None) -> tuple[SpeedParams | None, int]:
+def speed_params_for(
+    fingerprint: str, base: SpeedParams | None = None
+) -> tuple[SpeedParams | None, int]:
     """(SpeedParams fitted to this machine's runs, number of runs); (None, n) when none can be fitted."""
     hw, raw = observations(fingerprint)
     if hw is None or not raw:
@@ -167,8 +210,16 @@ def speed_params_for(fingerprint: str, base: SpeedParams | None = None) -> tuple
         if a is None:
             continue  # the model is gone; its runs can't be re-predicted
         plan = Plan.from_dict(r["plan"])
-        obs.append(Observation(a, hw, plan.placement, int(r.get("prompt_tokens", 512)),
-                               r.get("decode_tps"), r.get("prompt_tps")))
+        obs.append(
+            Observation(
+                a,
+                hw,
+                plan.placement,
+                int(r.get("prompt_tokens", 512)),
+                r.get("decode_tps"),
+                r.get("prompt_tps"),
+            )
+        )
     if not obs:
         return None, len(raw)
     fitted = fit(obs, base or SpeedParams())
@@ -178,7 +229,9 @@ def speed_params_for(fingerprint: str, base: SpeedParams | None = None) -> tuple
     return fitted, len(obs)
 
 
-def _store_fit(fingerprint: str, fitted: SpeedParams, n_raw: int, last_at: float, n_runs: int) -> None:
+def _store_fit(
+    fingerprint: str, fitted: SpeedParams, n_raw: int, last_at: float, n_runs: int
+) -> None:
     """Keep the fit beside its runs so that the next process need not fit again."""
     path = store_path()
     try:
@@ -187,8 +240,12 @@ def _store_fit(fingerprint: str, fitted: SpeedParams, n_raw: int, last_at: float
             m = data["machines"].get(fingerprint)
             if m is None:
                 return
-            m["fitted"] = {"n_raw": n_raw, "last_at": last_at, "n_runs": n_runs,
-                           "params": dataclasses.asdict(fitted)}
+            m["fitted"] = {
+                "n_raw": n_raw,
+                "last_at": last_at,
+                "n_runs": n_runs,
+                "params": dataclasses.asdict(fitted),
+            }
             _write(path, data)
     except (OSError, TimeoutError) as e:
         log.debug("could not store the fit: %s", e)
@@ -229,7 +286,9 @@ def record_workload(model_digest: str, prompt_tokens: int, answer_tokens: int) -
             ]
             m["updated_at"] = time.time()
             if len(models) > MAX_WORKLOAD_MODELS:  # forget the models served least recently
-                keep = sorted(models, key=lambda k: models[k].get("updated_at", 0))[-MAX_WORKLOAD_MODELS:]
+                keep = sorted(models, key=lambda k: models[k].get("updated_at", 0))[
+                    -MAX_WORKLOAD_MODELS:
+                ]
                 data["models"] = {k: models[k] for k in keep}
             _write(path, data)
     except (OSError, TimeoutError) as e:

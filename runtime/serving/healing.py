@@ -34,7 +34,9 @@ def _n_layers(tensor_names: Sequence[str]) -> int:
 
 def _cpu_expert_layers(plan: Plan, tensor_names: Sequence[str]) -> set[int]:
     rxs = [re.compile(p) for p in plan.cpu_tensor_patterns]
-    return {int(m[1]) for n in tensor_names if (m := _EXPERT.match(n)) and any(r.search(n) for r in rxs)}
+    return {
+        int(m[1]) for n in tensor_names if (m := _EXPERT.match(n)) and any(r.search(n) for r in rxs)
+    }
 
 
 def _scale_gpu_bytes(plan: Plan, keep: float) -> tuple[Any, ...]:
@@ -48,11 +50,15 @@ def _scale_gpu_bytes(plan: Plan, keep: float) -> tuple[Any, ...]:
             out.append(dataclasses.replace(d, weights_bytes=w))
         else:
             out.append(d)
-    return tuple(dataclasses.replace(d, weights_bytes=d.weights_bytes + moved) if d.kind == "CPU" else d
-                 for d in out)
+    return tuple(
+        dataclasses.replace(d, weights_bytes=d.weights_bytes + moved) if d.kind == "CPU" else d
+        for d in out
+    )
 
 
-def shrink_step(plan: Plan, retry: int, tensor_names: Sequence[str] = ()) -> tuple[Plan, str] | None:
+def shrink_step(
+    plan: Plan, retry: int, tensor_names: Sequence[str] = ()
+) -> tuple[Plan, str] | None:
     """One step smaller: 2**retry GPU layers (or expert groups), else half the context; None at the floor.
 
     The step doubles with each retry so that a plan far over memory heals in a few loads, at the
@@ -71,20 +77,28 @@ def shrink_step(plan: Plan, retry: int, tensor_names: Sequence[str] = ()) -> tup
             layers = sorted(candidates)
             pattern = r"^blk\.(" + "|".join(map(str, layers)) + r")\.ffn_(up|down|gate)_exps"
             per_layer = 1 / max(1, len(experts) - len(on_cpu))
-            new = plan.with_knobs(cpu_tensor_patterns=(*plan.cpu_tensor_patterns, pattern),
-                                      devices=_scale_gpu_bytes(plan, 1 - per_layer * len(layers)))
+            new = plan.with_knobs(
+                cpu_tensor_patterns=(*plan.cpu_tensor_patterns, pattern),
+                devices=_scale_gpu_bytes(plan, 1 - per_layer * len(layers)),
+            )
             what = "layer" if len(layers) == 1 else "layers"
-            return new, (f"moved the expert tensors of {what} {', '.join(map(str, layers))} to the CPU "
-                         "to fit GPU memory")
+            return new, (
+                f"moved the expert tensors of {what} {', '.join(map(str, layers))} to the CPU "
+                "to fit GPU memory"
+            )
         n = max(0, plan.n_gpu_layers - count)
-        new = plan.with_knobs(n_gpu_layers=n,
-                                  devices=_scale_gpu_bytes(plan, n / max(1, plan.n_gpu_layers)))
-        return new, f"gave up {plan.n_gpu_layers - n} GPU layer(s) to fit GPU memory ({n} left on the GPU)"
+        new = plan.with_knobs(
+            n_gpu_layers=n, devices=_scale_gpu_bytes(plan, n / max(1, plan.n_gpu_layers))
+        )
+        return (
+            new,
+            f"gave up {plan.n_gpu_layers - n} GPU layer(s) to fit GPU memory ({n} left on the GPU)",
+        )
     if plan.n_ctx > MIN_CTX:
         n_ctx = max(MIN_CTX, plan.n_ctx // 2)
-        devices = tuple(dataclasses.replace(d, kv_bytes=d.kv_bytes * n_ctx // plan.n_ctx) for d in plan.devices)
+        devices = tuple(
+            dataclasses.replace(d, kv_bytes=d.kv_bytes * n_ctx // plan.n_ctx) for d in plan.devices
+        )
         new = plan.with_knobs(n_ctx=n_ctx, devices=devices)
         return new, f"reduced the context from {plan.n_ctx} to {n_ctx} tokens to fit memory"
     return None
-
-

@@ -14,24 +14,46 @@ from offload.runtime.errors import BadRequest
 from offload.runtime.runner.generation import Sampling
 from offload.runtime.serving import planning
 
-__all__ = ["SAMPLING_OPTIONS", "PLAN_OPTIONS", "merge_options", "sampling_from", "plan_request_from",
-           "max_threads"]
+__all__ = [
+    "SAMPLING_OPTIONS",
+    "PLAN_OPTIONS",
+    "merge_options",
+    "sampling_from",
+    "plan_request_from",
+    "max_threads",
+]
 
 log = logging.getLogger(__name__)
 
 # Ollama option name -> (Sampling field, type)
 SAMPLING_OPTIONS: dict[str, tuple[str, type]] = {
-    "temperature": ("temperature", float), "top_k": ("top_k", int), "top_p": ("top_p", float),
-    "min_p": ("min_p", float), "typical_p": ("typical_p", float),
-    "repeat_penalty": ("repeat_penalty", float), "repeat_last_n": ("repeat_last_n", int),
-    "presence_penalty": ("presence_penalty", float), "frequency_penalty": ("frequency_penalty", float),
-    "mirostat": ("mirostat", int), "mirostat_tau": ("mirostat_tau", float),
-    "mirostat_eta": ("mirostat_eta", float), "seed": ("seed", int), "num_predict": ("num_predict", int),
+    "temperature": ("temperature", float),
+    "top_k": ("top_k", int),
+    "top_p": ("top_p", float),
+    "min_p": ("min_p", float),
+    "typical_p": ("typical_p", float),
+    "repeat_penalty": ("repeat_penalty", float),
+    "repeat_last_n": ("repeat_last_n", int),
+    "presence_penalty": ("presence_penalty", float),
+    "frequency_penalty": ("frequency_penalty", float),
+    "mirostat": ("mirostat", int),
+    "mirostat_tau": ("mirostat_tau", float),
+    "mirostat_eta": ("mirostat_eta", float),
+    "seed": ("seed", int),
+    "num_predict": ("num_predict", int),
 }
 # Options that change how the model is loaded; a change reloads it.
 PLAN_OPTIONS: dict[str, type] = {
-    "num_ctx": int, "num_gpu": int, "num_batch": int, "num_thread": int, "use_mmap": bool,
-    "use_mlock": bool, "num_keep": int, "numa": bool, "low_vram": bool, "main_gpu": int,
+    "num_ctx": int,
+    "num_gpu": int,
+    "num_batch": int,
+    "num_thread": int,
+    "use_mmap": bool,
+    "use_mlock": bool,
+    "num_keep": int,
+    "numa": bool,
+    "low_vram": bool,
+    "main_gpu": int,
     # Ours (Ollama sets it server-wide only, as OLLAMA_KV_CACHE_TYPE): f16, q8_0 or q4_0.
     "kv_type": str,
 }
@@ -48,14 +70,18 @@ def max_threads() -> int:
 def _checked(key: str, value: Any, label: str) -> Any:
     rule = None
     if key == "num_thread":
-        rule = Rule(int, 0, max_threads(), f"0 = decide; at most {THREADS_PER_CPU} per logical CPU here")
+        rule = Rule(
+            int, 0, max_threads(), f"0 = decide; at most {THREADS_PER_CPU} per logical CPU here"
+        )
     value = check_parameter(key, value, label, rule)
     if key == "seed" and value >= 0:
         value &= 0xFFFFFFFF  # llama.cpp's seed is 32 bits, as Ollama passes it
     return value
 
 
-def merge_options(model_params: dict[str, Any], request_options: dict[str, Any] | None) -> dict[str, Any]:
+def merge_options(
+    model_params: dict[str, Any], request_options: dict[str, Any] | None
+) -> dict[str, Any]:
     """Request options over the model's PARAMETERs, each checked against its type and range.
 
     A request value out of range is a 400 naming the option and what it accepts; a model's own
@@ -75,7 +101,9 @@ def merge_options(model_params: dict[str, Any], request_options: dict[str, Any] 
     for k, v in (request_options or {}).items():
         if k == "kv_type" and v is not None:
             if str(v).lower() not in KV_CACHE_TYPES:
-                raise BadRequest(f"options.kv_type must be one of {', '.join(KV_CACHE_TYPES)}, got {v!r}")
+                raise BadRequest(
+                    f"options.kv_type must be one of {', '.join(KV_CACHE_TYPES)}, got {v!r}"
+                )
             merged[k] = str(v).lower()
             continue
         if v is None or k not in RULES:
@@ -90,8 +118,9 @@ def merge_options(model_params: dict[str, Any], request_options: dict[str, Any] 
     return merged
 
 
-def sampling_from(options: dict[str, Any], grammar: str | None = None,
-                  logprobs: int | None = None) -> Sampling:
+def sampling_from(
+    options: dict[str, Any], grammar: str | None = None, logprobs: int | None = None
+) -> Sampling:
     """The ``Sampling`` for merged options (``logprobs``: None off, k = with k alternatives)."""
     known = {f.name for f in fields(Sampling)}
     kw = {SAMPLING_OPTIONS[k][0]: v for k, v in options.items() if k in SAMPLING_OPTIONS}

@@ -145,7 +145,10 @@ def budgets_left(
     # (One budget per GPU for another number of GPUs goes to the planner as given: its error says so.)
     if hw.gpus and any(k == "GPU" for k, _ in held) and len(cap) in (0, 1, len(hw.gpus)):
         # Only when other models hold GPU memory; otherwise the planner's own view (free VRAM) stands.
-        caps = [cap[i] if len(cap) > 1 else (cap[0] if cap else g.vram_bytes) for i, g in enumerate(hw.gpus)]
+        caps = [
+            cap[i] if len(cap) > 1 else (cap[0] if cap else g.vram_bytes)
+            for i, g in enumerate(hw.gpus)
+        ]
         gpu = tuple(
             max(0, min(c, g.vram_bytes) - held.get(("GPU", g.index), 0))
             for c, g in zip(caps, hw.gpus, strict=True)

@@ -128,8 +128,14 @@ class _Request:
 class RunnerProcess:
     """One model loaded in a child process; thread-safe: any number of requests at once."""
 
-    def __init__(self, name: str, proc: subprocess.Popen[bytes], sock: socket.socket, log_file: _Log,
-                 on_exit: Callable[[RunnerProcess], None] | None) -> None:
+    def __init__(
+        self,
+        name: str,
+        proc: subprocess.Popen[bytes],
+        sock: socket.socket,
+        log_file: _Log,
+        on_exit: Callable[[RunnerProcess], None] | None,
+    ) -> None:
         self.name = name
         self.proc = proc
         self.pid = proc.pid
@@ -146,7 +152,9 @@ class RunnerProcess:
         self.returncode: int | None = None
         self.closing = False
         self._hung = False
-        self._copier = threading.Thread(target=self._copy_log, name=f"runner-log-{proc.pid}", daemon=True)
+        self._copier = threading.Thread(
+            target=self._copy_log, name=f"runner-log-{proc.pid}", daemon=True
+        )
         # Filled by the load handshake.
         self.plan: Plan | None = None
         self.load_s = 0.0
@@ -157,14 +165,25 @@ class RunnerProcess:
         self.memory: dict[str, Any] = {}
         self.gave_up: list[str] = []
         self.extra_bufts = True
-        self.buffers: list[str] = []  # llama.cpp's weight buffers (CPU_REPACK: extra buffer types in use)
+        self.buffers: list[
+            str
+        ] = []  # llama.cpp's weight buffers (CPU_REPACK: extra buffer types in use)
 
     # -- starting ----------------------------------------------------------------------------------
 
     @classmethod
-    def start(cls, name: str, model_path: Path | str, plan: Plan, *, adapters: Sequence[Path | str] = (),
-              extra_bufts: bool = True, verify: bool = True, load_timeout_s: float | None = None,
-              on_exit: Callable[[RunnerProcess], None] | None = None) -> RunnerProcess:
+    def start(
+        cls,
+        name: str,
+        model_path: Path | str,
+        plan: Plan,
+        *,
+        adapters: Sequence[Path | str] = (),
+        extra_bufts: bool = True,
+        verify: bool = True,
+        load_timeout_s: float | None = None,
+        on_exit: Callable[[RunnerProcess], None] | None = None,
+    ) -> RunnerProcess:
         """Start a runner and load the model; returns once it is loaded.
 
         Raises the runner's own load error (``OutOfMemory``, ``LoadFailed``...), or
@@ -172,31 +191,62 @@ class RunnerProcess:
         """
         log_file = _Log(log_path_for(name))
         parent, child = socket.socketpair()
-        cmd = [sys.executable, "-m", "offload.runtime.runner", "--fd", str(child.fileno()), "--name", name]
+        cmd = [
+            sys.executable,
+            "-m",
+            "offload.runtime.runner",
+            "--fd",
+            str(child.fileno()),
+            "--name",
+            name,
+        ]
         # On an abort ggml would run gdb for a backtrace, which can take minutes; its message and
         # our own faulthandler's traceback are what the log needs.
         env = {"GGML_NO_BACKTRACE": "1", **os.environ}
         try:
-            proc = subprocess.Popen(cmd, pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL, env=env,
-                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+            proc = subprocess.Popen(
+                cmd,
+                pass_fds=(child.fileno(),),
+                stdin=subprocess.DEVNULL,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         except OSError as e:
             parent.close()
             log_file.close()
-            raise LoadFailed(f"the runner for {name} could not start: {e}; see {log_file.path}") from None
+            raise LoadFailed(
+                f"the runner for {name} could not start: {e}; see {log_file.path}"
+            ) from None
         finally:
             child.close()  # the runner holds its own copy
         runner = cls(name, proc, parent, log_file, on_exit)
         runner._copier.start()
-        runner._send([{"op": "load", "model": str(model_path), "plan": plan.to_dict(),
-                       "adapters": [str(a) for a in adapters], "extra_bufts": extra_bufts, "verify": verify}])
+        runner._send(
+            [
+                {
+                    "op": "load",
+                    "model": str(model_path),
+                    "plan": plan.to_dict(),
+                    "adapters": [str(a) for a in adapters],
+                    "extra_bufts": extra_bufts,
+                    "verify": verify,
+                }
+            ]
+        )
         try:
-            runner._handshake(load_timeout_s if load_timeout_s is not None else config.load_timeout_s())
+            runner._handshake(
+                load_timeout_s if load_timeout_s is not None else config.load_timeout_s()
+            )
         except BaseException:
             # Whatever went wrong, no half-started runner is left holding memory.
             runner._kill()
             runner.close(timeout_s=5)
             raise
-        threading.Thread(target=runner._read_loop, name=f"runner-read-{proc.pid}", daemon=True).start()
+        threading.Thread(
+            target=runner._read_loop, name=f"runner-read-{proc.pid}", daemon=True
+        ).start()
         threading.Thread(target=runner._watch, name=f"runner-watch-{proc.pid}", daemon=True).start()
         return runner
 
@@ -277,8 +327,11 @@ class RunnerProcess:
         self._ended("starting")
         tail = self.log.last()
         how = _how(self.returncode).removeprefix("stopped ")
-        return LoadFailed(f"the runner for {self.name} could not start {how}" + (f": {tail}" if tail else "")
-                          + f"; see {self.log.path}")
+        return LoadFailed(
+            f"the runner for {self.name} could not start {how}"
+            + (f": {tail}" if tail else "")
+            + f"; see {self.log.path}"
+        )
 
     # -- reading -----------------------------------------------------------------------------------
 
@@ -316,7 +369,12 @@ class RunnerProcess:
                 busy = bool(self._requests)
             limit = config.load_timeout_s()
             if busy and time.monotonic() - self._last_event > limit and self.dead is None:
-                log.error("runner %d for %s stopped answering for %.0f s; ending it", self.pid, self.name, limit)
+                log.error(
+                    "runner %d for %s stopped answering for %.0f s; ending it",
+                    self.pid,
+                    self.name,
+                    limit,
+                )
                 self._hung = True
                 self._kill()  # the reader sees the end and reports it as a hang
                 return
@@ -377,15 +435,30 @@ class RunnerProcess:
         """Token ids to text."""
         return str(self.call("detokenize", "detokenizing", tokens=list(tokens)))
 
-    def embed(self, inputs: Sequence[str | Sequence[int]], truncate: bool = True) -> tuple[list[list[float]], int]:
+    def embed(
+        self, inputs: Sequence[str | Sequence[int]], truncate: bool = True
+    ) -> tuple[list[list[float]], int]:
         """Embeddings of each input (text or token ids), and the tokens used."""
-        value = self.call("embed", "embedding", inputs=[x if isinstance(x, str) else list(x) for x in inputs],
-                          truncate=truncate)
+        value = self.call(
+            "embed",
+            "embedding",
+            inputs=[x if isinstance(x, str) else list(x) for x in inputs],
+            truncate=truncate,
+        )
         return value["embeddings"], int(value["tokens"])
 
-    def generate(self, sampling: Sampling, *, tokens: Sequence[int] | None = None, text: str | None = None,
-                 add_bos: bool = True, truncate: bool = True, cancel: Any = None, want_tokens: bool = False,
-                 ignore_eos: bool = False) -> Iterator[Piece | Stats]:
+    def generate(
+        self,
+        sampling: Sampling,
+        *,
+        tokens: Sequence[int] | None = None,
+        text: str | None = None,
+        add_bos: bool = True,
+        truncate: bool = True,
+        cancel: Any = None,
+        want_tokens: bool = False,
+        ignore_eos: bool = False,
+    ) -> Iterator[Piece | Stats]:
         """Stream pieces of text for a prompt (token ids, or text the runner tokenizes); the last item
         is the ``Stats``. ``cancel`` (an event) ends the generation at the runner's next step."""
         rid, req = self._open("generating")
@@ -401,14 +474,28 @@ class RunnerProcess:
             hook(send_cancel)
         finished = False
         try:
-            self._send([{"op": "generate", "id": rid, "tokens": None if tokens is None else list(tokens),
-                         "text": text, "add_bos": add_bos, "sampling": protocol.sampling_to_json(sampling),
-                         "truncate": truncate, "want_tokens": want_tokens, "ignore_eos": ignore_eos}])
+            self._send(
+                [
+                    {
+                        "op": "generate",
+                        "id": rid,
+                        "tokens": None if tokens is None else list(tokens),
+                        "text": text,
+                        "add_bos": add_bos,
+                        "sampling": protocol.sampling_to_json(sampling),
+                        "truncate": truncate,
+                        "want_tokens": want_tokens,
+                        "ignore_eos": ignore_eos,
+                    }
+                ]
+            )
             while True:
                 if hook is None and cancel is not None and cancel.is_set():
                     send_cancel()
                 try:
-                    item = req.events.get(timeout=None if hook is not None or cancel is None else 0.05)
+                    item = req.events.get(
+                        timeout=None if hook is not None or cancel is None else 0.05
+                    )
                 except queue.Empty:
                     continue
                 if isinstance(item, BaseException):

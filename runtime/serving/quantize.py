@@ -17,7 +17,14 @@ __all__ = ["quantize_gguf"]
 
 def quantize_gguf(src: Path, dst: Path, ftype: int) -> None:
     """Write ``src`` quantized to llama.cpp file type ``ftype`` at ``dst``."""
-    cmd = [sys.executable, "-m", "offload.runtime.runner.quantize", str(src), str(dst), str(int(ftype))]
+    cmd = [
+        sys.executable,
+        "-m",
+        "offload.runtime.runner.quantize",
+        str(src),
+        str(dst),
+        str(int(ftype)),
+    ]
     r = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True)
     if r.returncode != 0:
         lines = [ln for ln in (r.stderr or "").splitlines() if ln.strip()]

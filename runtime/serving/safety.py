@@ -61,7 +61,11 @@ class Safety:
         machine = self._read().get(self.fingerprint)
         if not isinstance(machine, dict):
             return {}
-        return {k: v for k, v in machine.items() if isinstance(v, dict) and k in {s.key for s in SAFER_STEPS}}
+        return {
+            k: v
+            for k, v in machine.items()
+            if isinstance(v, dict) and k in {s.key for s in SAFER_STEPS}
+        }
 
     def is_off(self, key: str) -> bool:
         """True when ``key`` must stay off here."""
@@ -76,7 +80,9 @@ class Safety:
             if not isinstance(machine, dict):
                 machine = data[self.fingerprint] = {}
             machine[key] = {"why": why, "at": time.strftime("%Y-%m-%d %H:%M:%S")}
-            fd, tmp = tempfile.mkstemp(prefix=".runner-safety.", suffix=".tmp", dir=self.path.parent)
+            fd, tmp = tempfile.mkstemp(
+                prefix=".runner-safety.", suffix=".tmp", dir=self.path.parent
+            )
             try:
                 with os.fdopen(fd, "w") as f:
                     json.dump(data, f, indent=1)
@@ -89,5 +95,7 @@ class Safety:
     def sentences(self) -> list[str]:
         """What is off here and why, for plans and ``ps``."""
         what = {s.key: s.what for s in SAFER_STEPS}
-        return [f"{what[k]} turned off on this machine since {v.get('at', '?')}: {v.get('why', '')}"
-                for k, v in self.settings().items()]
+        return [
+            f"{what[k]} turned off on this machine since {v.get('at', '?')}: {v.get('why', '')}"
+            for k, v in self.settings().items()
+        ]

@@ -33,7 +33,14 @@ from offload.runtime.serving.planning import current_hardware
 from offload.runtime.serving.process import RunnerCrashed, RunnerProcess
 from offload.runtime.serving.safety import SAFER_STEPS, Safety
 
-__all__ = ["Runner", "Scheduler", "memory_split", "all_on_gpu", "current_hardware", "CRASH_SHRINK_STEPS"]
+__all__ = [
+    "Runner",
+    "Scheduler",
+    "memory_split",
+    "all_on_gpu",
+    "current_hardware",
+    "CRASH_SHRINK_STEPS",
+]
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +56,9 @@ def all_on_gpu(plan: Plan, n_layers: int) -> bool:
     return gpus and n_layers > 0 and p.n_gpu_layers > n_layers and not p.cpu_tensor_patterns
 
 
-def memory_split(plan: Plan, measured: Mapping[str, Mapping[str, int]], n_layers: int) -> tuple[int, int]:
+def memory_split(
+    plan: Plan, measured: Mapping[str, Mapping[str, int]], n_layers: int
+) -> tuple[int, int]:
     """(bytes in all, bytes on GPUs) of a loaded model: what llama.cpp reported allocating where
     there is a report, the plan's prediction otherwise.
 
@@ -152,7 +161,9 @@ class Scheduler:
         embedded.ensure(self.store, name)
         return self.store.resolve(name)
 
-    def held_bytes(self, exclude: str | tuple[str, bool] | None = None) -> dict[tuple[str, int], int]:
+    def held_bytes(
+        self, exclude: str | tuple[str, bool] | None = None
+    ) -> dict[tuple[str, int], int]:
         """Bytes the loaded models hold, per device (``("CPU", 0)``, ``("GPU", index)``)."""
         skip = exclude[0] if isinstance(exclude, tuple) else exclude
         held: dict[tuple[str, int], int] = {}
@@ -171,7 +182,9 @@ class Scheduler:
         held: dict[tuple[str, int], int] | None = None,
     ) -> Plan:
         """The plan this model gets here with these options, in what ``held`` leaves free."""
-        return planning.plan_for(info.model_path, options, digest=info.digest, hw=self.hardware(), held=held)
+        return planning.plan_for(
+            info.model_path, options, digest=info.digest, hw=self.hardware(), held=held
+        )
 
     def _fitting_plan(self, info: ModelInfo, options: dict[str, Any]) -> Plan | None:
         """A plan in the free memory that is not much slower than the best; None: make room first."""
@@ -205,8 +218,14 @@ class Scheduler:
         names: list[str] | None = None
         while True:
             try:
-                proc = RunnerProcess.start(name, info.model_path, plan, adapters=info.adapters,
-                                           extra_bufts=extra_bufts, on_exit=self._on_exit)
+                proc = RunnerProcess.start(
+                    name,
+                    info.model_path,
+                    plan,
+                    adapters=info.adapters,
+                    extra_bufts=extra_bufts,
+                    on_exit=self._on_exit,
+                )
                 break
             except RunnerCrashed as crash:
                 if crash.hung:
@@ -219,14 +238,18 @@ class Scheduler:
                     continue
                 if not plan.use_mmap:
                     plan = plan.with_knobs(use_mmap=True)
-                    turned_off.append(("mmap", f"{how} while loading {name} with the file read into memory"))
+                    turned_off.append(
+                        ("mmap", f"{how} while loading {name} with the file read into memory")
+                    )
                     continue
                 if names is None:
                     names = [t.name for t in read_header(info.model_path).tensors]
                 step = shrink_step(plan, shrinks, names) if shrinks < CRASH_SHRINK_STEPS else None
                 if step is None:
                     tried = "; ".join(w for _, w in turned_off) or ""
-                    raise RunnerCrashed(f"{crash}" + (f" (after turning off: {tried})" if tried else "")) from None
+                    raise RunnerCrashed(
+                        f"{crash}" + (f" (after turning off: {tried})" if tried else "")
+                    ) from None
                 shrinks += 1
                 plan, sentence = step
                 gave_up.append(f"{sentence} after {how}")
@@ -250,12 +273,25 @@ class Scheduler:
             fresh.append(warning)
         if fresh:
             loaded = dataclasses.replace(loaded, reasons=(*loaded.reasons, *fresh))
-        self._event("load", model=info.name.display, n_ctx=loaded.n_ctx, parallel=proc.n_parallel,
-                    pid=proc.pid, gave_up=gave_up)
+        self._event(
+            "load",
+            model=info.name.display,
+            n_ctx=loaded.n_ctx,
+            parallel=proc.n_parallel,
+            pid=proc.pid,
+            gave_up=gave_up,
+        )
         for sentence in gave_up:
             log.warning("%s: %s", info.name.display, sentence)
-        return Runner(info=info, plan=loaded, proc=proc, key=plan_key(options), gave_up=gave_up, safety=safety,
-                      n_layers=read_anatomy(info.model_path).n_layers)
+        return Runner(
+            info=info,
+            plan=loaded,
+            proc=proc,
+            key=plan_key(options),
+            gave_up=gave_up,
+            safety=safety,
+            n_layers=read_anatomy(info.model_path).n_layers,
+        )
 
     def _on_exit(self, proc: RunnerProcess) -> None:
         """A runner process ended: drop it if it is still the loaded one (a crash, not an unload)."""

@@ -35,7 +35,15 @@ from offload.runtime.text.tools import (
     supports_tools,
 )
 
-__all__ = ["generate", "chat", "chat_prompt", "chat_messages", "think_of", "now_iso", "keep_alive_from"]
+__all__ = [
+    "generate",
+    "chat",
+    "chat_prompt",
+    "chat_messages",
+    "think_of",
+    "now_iso",
+    "keep_alive_from",
+]
 
 
 def now_iso() -> str:
@@ -115,20 +123,24 @@ def _summary(answer: _Answer, stats: Stats, load_s: float, t_start: float) -> di
     out = answer.chunk(content, thinking, True)
     if calls:
         out["message"]["tool_calls"] = calls
-    out.update({
-        "done_reason": stats.done_reason,
-        "total_duration": _ns(time.perf_counter() - t_start),
-        "load_duration": _ns(load_s),
-        "prompt_eval_count": stats.prompt_eval_count,
-        "prompt_eval_duration": _ns(stats.prompt_eval_s),
-        "eval_count": stats.eval_count,
-        "eval_duration": _ns(stats.eval_s),
-        # Beyond Ollama's counts: prompt tokens found in the runner's cache (not evaluated, so not
-        # in prompt_eval_count); OpenAI's and Anthropic's usage report them.
-        "prompt_cached_count": stats.cached_tokens,
-    })
+    out.update(
+        {
+            "done_reason": stats.done_reason,
+            "total_duration": _ns(time.perf_counter() - t_start),
+            "load_duration": _ns(load_s),
+            "prompt_eval_count": stats.prompt_eval_count,
+            "prompt_eval_duration": _ns(stats.prompt_eval_s),
+            "eval_count": stats.eval_count,
+            "eval_duration": _ns(stats.eval_s),
+            # Beyond Ollama's counts: prompt tokens found in the runner's cache (not evaluated, so not
+            # in prompt_eval_count); OpenAI's and Anthropic's usage report them.
+            "prompt_cached_count": stats.cached_tokens,
+        }
+    )
     if stats.stop_sequence is not None:
-        out["stop_sequence"] = stats.stop_sequence  # which stop string ended it (Anthropic's API says)
+        out["stop_sequence"] = (
+            stats.stop_sequence
+        )  # which stop string ended it (Anthropic's API says)
     return out
 
 
@@ -145,13 +157,22 @@ class _Job:
     truncate: bool
 
 
-def _job(sched: Scheduler, req: GenerateRequest | ChatRequest, context: list[int] | None = None) -> _Job:
+def _job(
+    sched: Scheduler, req: GenerateRequest | ChatRequest, context: list[int] | None = None
+) -> _Job:
     """Check what needs no loaded model: the model exists, options and format are sound."""
     info = sched.resolve(req.model)
     options = merge_options(info.params, req.options)
     validate.for_model(info, options, context)
-    return _Job(req.model, info, keep_alive_from(req.keep_alive), options, grammar_for_format(req.format),
-                logprobs_from(req.logprobs, req.top_logprobs), req.truncate is not False)
+    return _Job(
+        req.model,
+        info,
+        keep_alive_from(req.keep_alive),
+        options,
+        grammar_for_format(req.format),
+        logprobs_from(req.logprobs, req.top_logprobs),
+        req.truncate is not False,
+    )
 
 
 @contextlib.contextmanager
@@ -170,16 +191,35 @@ def _check(name: str, template: str | None, think: bool | None, images: bool) ->
         raise BadRequest(f'"{name}" does not support thinking')
 
 
-def _stream(runner: Runner, job: _Job, answer: _Answer, cancel: threading.Event | None, t_start: float,
-            load_s: float, *, tokens: list[int] | None = None, text: str | None = None, add_bos: bool = True,
-            want_tokens: bool = False) -> Iterator[dict[str, Any] | Stats]:
+def _stream(
+    runner: Runner,
+    job: _Job,
+    answer: _Answer,
+    cancel: threading.Event | None,
+    t_start: float,
+    load_s: float,
+    *,
+    tokens: list[int] | None = None,
+    text: str | None = None,
+    add_bos: bool = True,
+    want_tokens: bool = False,
+) -> Iterator[dict[str, Any] | Stats]:
     """Generate on the runner and yield the answer's chunks, then its summary and the ``Stats``."""
-    sampling = sampling_from({**job.options, "stop": list(job.options.get("stop", []))}, job.grammar, job.logprobs)
+    sampling = sampling_from(
+        {**job.options, "stop": list(job.options.get("stop", []))}, job.grammar, job.logprobs
+    )
     accept = getattr(cancel, "accept", None)
     if accept is not None:
         accept()  # every check has passed: a streaming response may start now
-    for ev in runner.proc.generate(sampling, tokens=tokens, text=text, add_bos=add_bos, truncate=job.truncate,
-                                   cancel=cancel, want_tokens=want_tokens):
+    for ev in runner.proc.generate(
+        sampling,
+        tokens=tokens,
+        text=text,
+        add_bos=add_bos,
+        truncate=job.truncate,
+        cancel=cancel,
+        want_tokens=want_tokens,
+    ):
         if isinstance(ev, Piece):
             thinking, content = answer.piece(ev.text)
             if thinking or content or ev.logprobs:
@@ -198,7 +238,9 @@ def _stream(runner: Runner, job: _Job, answer: _Answer, cancel: threading.Event 
             calibration.record(runner.plan, runner.info.digest, ev)
 
 
-def generate(sched: Scheduler, req: GenerateRequest, cancel: threading.Event | None = None) -> Iterator[dict[str, Any]]:
+def generate(
+    sched: Scheduler, req: GenerateRequest, cancel: threading.Event | None = None
+) -> Iterator[dict[str, Any]]:
     """Ollama /api/generate: pieces of ``response`` (and ``thinking``), then the summary."""
     t_start = time.perf_counter()
     context = list(req.context or [])
@@ -225,8 +267,18 @@ def generate(sched: Scheduler, req: GenerateRequest, cancel: threading.Event | N
         answer.think = ThinkSplitter(inside=text.rstrip().endswith("<think>"))
     with _loaded(sched, job) as (runner, load_s):
         summary: dict[str, Any] = {}
-        for ev in _stream(runner, job, answer, cancel, t_start, load_s, tokens=context, text=text,
-                          add_bos=not context, want_tokens=not raw):
+        for ev in _stream(
+            runner,
+            job,
+            answer,
+            cancel,
+            t_start,
+            load_s,
+            tokens=context,
+            text=text,
+            add_bos=not context,
+            want_tokens=not raw,
+        ):
             if isinstance(ev, Stats):
                 if not raw:  # Ollama's context: the prompt and the answer, to continue from
                     summary["context"] = list(ev.prompt_tokens) + list(ev.tokens)
@@ -237,7 +289,9 @@ def generate(sched: Scheduler, req: GenerateRequest, cancel: threading.Event | N
                 yield ev
 
 
-def chat(sched: Scheduler, req: ChatRequest, cancel: threading.Event | None = None) -> Iterator[dict[str, Any]]:
+def chat(
+    sched: Scheduler, req: ChatRequest, cancel: threading.Event | None = None
+) -> Iterator[dict[str, Any]]:
     """Ollama /api/chat: pieces of ``message.content``, then the summary (with any ``tool_calls``)."""
     t_start = time.perf_counter()
     messages = chat_messages(req)
@@ -264,13 +318,20 @@ def chat(sched: Scheduler, req: ChatRequest, cancel: threading.Event | None = No
         if tools:
             # Text streams until something could open a call; the rest is parsed at the end.
             answer.calls = ToolCallStreamer(tools)
-        for ev in _stream(runner, job, answer, cancel, t_start, load_s, text=text, add_bos=not has_bos):
+        for ev in _stream(
+            runner, job, answer, cancel, t_start, load_s, text=text, add_bos=not has_bos
+        ):
             if not isinstance(ev, Stats):
                 yield ev
 
 
-def chat_prompt(info: ModelInfo, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
-                think: bool | None, gguf_template: str | None) -> tuple[str, bool]:
+def chat_prompt(
+    info: ModelInfo,
+    messages: list[dict[str, Any]],
+    tools: list[dict[str, Any]] | None,
+    think: bool | None,
+    gguf_template: str | None,
+) -> tuple[str, bool]:
     """The prompt text a chat feeds the model (its MESSAGE history and SYSTEM before the request's
     messages, through its template), and whether the text already holds the BOS token."""
     history = list(info.messages) + messages

@@ -18,7 +18,14 @@ from offload.models.parameters import MAX_CTX
 from offload.models.store import ModelInfo
 from offload.runtime.errors import BadRequest, PayloadTooLarge
 
-__all__ = ["MAX_TOKEN_IDS", "ModelFacts", "model_facts", "check_token_ids", "token_ids_for", "for_model"]
+__all__ = [
+    "MAX_TOKEN_IDS",
+    "ModelFacts",
+    "model_facts",
+    "check_token_ids",
+    "token_ids_for",
+    "for_model",
+]
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +63,9 @@ def check_token_ids(ids: Any, n_vocab: int, field: str) -> list[int]:
     if not isinstance(ids, (list, tuple)):
         raise BadRequest(f"{field} must be a list of token ids, got {type(ids).__name__}")
     if len(ids) > MAX_TOKEN_IDS:
-        raise PayloadTooLarge(f"{field} holds {len(ids)} token ids; at most {MAX_TOKEN_IDS} are accepted")
+        raise PayloadTooLarge(
+            f"{field} holds {len(ids)} token ids; at most {MAX_TOKEN_IDS} are accepted"
+        )
     for t in ids:
         if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < n_vocab:
             shown = repr(t) if len(repr(t)) <= 40 else repr(t)[:37] + "..."
@@ -80,14 +89,19 @@ def for_model(info: ModelInfo, options: dict[str, Any], context: Any = None) -> 
     facts = model_facts(info)
     n_ctx = options.get("num_ctx")
     if n_ctx and facts.n_ctx_train and n_ctx > facts.n_ctx_train:
-        log.warning("%s: num_ctx %d is above the training context; using %d",
-                    info.name.display, n_ctx, facts.n_ctx_train)
+        log.warning(
+            "%s: num_ctx %d is above the training context; using %d",
+            info.name.display,
+            n_ctx,
+            facts.n_ctx_train,
+        )
         options["num_ctx"] = facts.n_ctx_train
     limit = options.get("num_ctx") or facts.n_ctx_train or MAX_CTX
     last_n = options.get("repeat_last_n")
     if last_n is not None and last_n > limit:
         raise BadRequest(
             f"options.repeat_last_n must be a whole number from -1 to {limit} (-1 = the whole "
-            f"context, 0 = off; at most the context length), got {last_n}")
+            f"context, 0 = off; at most the context length), got {last_n}"
+        )
     if context:
         check_token_ids(context, facts.n_vocab, "context")

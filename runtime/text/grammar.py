@@ -146,9 +146,7 @@ class _Converter:
             more = f'( "," {item} )*' if hi is None else f'( "," {item} ){{0,{hi - 1}}}'
             return f'"[" ( {item} {more} )? "]"'
         more = (
-            f'( "," {item} ){{{lo - 1},}}'
-            if hi is None
-            else f'( "," {item} ){{{lo - 1},{hi - 1}}}'
+            f'( "," {item} ){{{lo - 1},}}' if hi is None else f'( "," {item} ){{{lo - 1},{hi - 1}}}'
         )
         return f'"[" {item} {more} "]"'
 

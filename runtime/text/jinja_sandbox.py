@@ -162,7 +162,12 @@ def _check_call(obj: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> N
             tab = first if first is not None else kwargs.get("tabsize", 8)
             if isinstance(tab, int):
                 _size_of(len(owner) + owner.count("\t") * tab, "a string with tabs expanded")
-        elif name == "replace" and len(args) >= 2 and isinstance(args[0], str) and isinstance(args[1], str):
+        elif (
+            name == "replace"
+            and len(args) >= 2
+            and isinstance(args[0], str)
+            and isinstance(args[1], str)
+        ):
             _check_replace(owner, args[0], args[1])
         elif name == "join" and first is not None and hasattr(first, "__len__"):
             _size_of(len(owner) * len(first), "a joined string")
@@ -285,25 +290,31 @@ class _BoundedEnvironment(jinja2.sandbox.ImmutableSandboxedEnvironment):
         tree = super()._parse(source, name, filename)
         # Every loop pays per item, also one whose body does nothing.
         for loop in tree.find_all(jinja2.nodes.For):
-            loop.iter = jinja2.nodes.Filter(loop.iter, "offload_steps", [], [], None, None,
-                                            lineno=loop.lineno)
+            loop.iter = jinja2.nodes.Filter(
+                loop.iter, "offload_steps", [], [], None, None, lineno=loop.lineno
+            )
         return tree
 
-    def call_binop(self, context: jinja2.runtime.Context, operator: str, left: Any, right: Any) -> Any:
+    def call_binop(
+        self, context: jinja2.runtime.Context, operator: str, left: Any, right: Any
+    ) -> Any:
         """Operators that build values, size-checked before and after."""
         _step()
         _check_binop(operator, left, right)
         return _checked(super().call_binop(context, operator, left, right))
 
-    def call(__self, __context: jinja2.runtime.Context, __obj: Any, *args: Any, **kwargs: Any) -> Any:
+    def call(
+        __self, __context: jinja2.runtime.Context, __obj: Any, *args: Any, **kwargs: Any
+    ) -> Any:
         """Calls, counted and size-checked before and after."""
         _step()
         _check_call(__obj, args, kwargs)
         return _checked(super().call(__context, __obj, *args, **kwargs))
 
 
-def compile_template(source: str, globals_: Mapping[str, Any] | None = None,
-                     limits: TemplateLimits = DEFAULT_LIMITS) -> jinja2.Template:
+def compile_template(
+    source: str, globals_: Mapping[str, Any] | None = None, limits: TemplateLimits = DEFAULT_LIMITS
+) -> jinja2.Template:
     """Compile Jinja ``source`` in the bounded sandbox; raise ``TemplateTooLarge`` past the source
     limit, ``jinja2.TemplateError`` for bad syntax, and ``TemplateLimitExceeded`` when a constant
     part asks for too much."""
@@ -316,7 +327,9 @@ def compile_template(source: str, globals_: Mapping[str, Any] | None = None,
         raise e.error from None
 
 
-def render(template: jinja2.Template, data: Mapping[str, Any], limits: TemplateLimits = DEFAULT_LIMITS) -> str:
+def render(
+    template: jinja2.Template, data: Mapping[str, Any], limits: TemplateLimits = DEFAULT_LIMITS
+) -> str:
     """Render within ``limits``; raise ``TemplateLimitExceeded`` naming the limit that was reached."""
     budget = Budget(limits)
 

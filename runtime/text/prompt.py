@@ -48,13 +48,24 @@ def go_messages(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for m in messages:
         tool_calls = [
-            {"Function": {"Name": c.get("function", {}).get("name", ""),
-                          "Arguments": c.get("function", {}).get("arguments", {})}}
+            {
+                "Function": {
+                    "Name": c.get("function", {}).get("name", ""),
+                    "Arguments": c.get("function", {}).get("arguments", {}),
+                }
+            }
             for c in (m.get("tool_calls") or [])
         ]
-        out.append({"Role": m.get("role", ""), "Content": m.get("content") or "",
-                    "Thinking": m.get("thinking") or "", "ToolCalls": tool_calls,
-                    "ToolName": m.get("tool_name") or m.get("name") or "", "Images": m.get("images") or []})
+        out.append(
+            {
+                "Role": m.get("role", ""),
+                "Content": m.get("content") or "",
+                "Thinking": m.get("thinking") or "",
+                "ToolCalls": tool_calls,
+                "ToolName": m.get("tool_name") or m.get("name") or "",
+                "Images": m.get("images") or [],
+            }
+        )
     return out
 
 
@@ -67,21 +78,38 @@ def _render_go(template: str, data: dict[str, Any]) -> str:
         raise BadRequest(f"the model's template failed: {e}") from None
 
 
-def render_chat(template: str | None, gguf_template: str | None, messages: Sequence[dict[str, Any]],
-                tools: Sequence[dict[str, Any]] | None = None, bos_token: str = "",
-                think: bool | None = None) -> tuple[str, bool]:
+def render_chat(
+    template: str | None,
+    gguf_template: str | None,
+    messages: Sequence[dict[str, Any]],
+    tools: Sequence[dict[str, Any]] | None = None,
+    bos_token: str = "",
+    think: bool | None = None,
+) -> tuple[str, bool]:
     """Prompt text for a chat; returns (text, whether the text already holds the BOS token)."""
     if template:
-        data = {"Messages": go_messages(messages), "Tools": _go_tools(tools), "System": "",
-                "Prompt": "", "Response": "", "Think": bool(think), "IsThinkSet": think is not None}
+        data = {
+            "Messages": go_messages(messages),
+            "Tools": _go_tools(tools),
+            "System": "",
+            "Prompt": "",
+            "Response": "",
+            "Think": bool(think),
+            "IsThinkSet": think is not None,
+        }
         sys_msgs = [m.get("content", "") for m in messages if m.get("role") == "system"]
         if sys_msgs:
             data["System"] = "\n".join(sys_msgs)
         return _render_go(template, data), False
     if gguf_template:
         try:
-            data = {"messages": list(messages), "tools": tools or None, "add_generation_prompt": True,
-                    "bos_token": bos_token, "eos_token": ""}
+            data = {
+                "messages": list(messages),
+                "tools": tools or None,
+                "add_generation_prompt": True,
+                "bos_token": bos_token,
+                "eos_token": "",
+            }
             text = jinja_sandbox.render(_jinja(gguf_template), data)
         except (TemplateLimitExceeded, TemplateTooLarge):
             raise
@@ -98,21 +126,43 @@ def _go_tools(tools: Sequence[dict[str, Any]] | None) -> list[dict[str, Any]]:
     out = []
     for t in tools or []:
         fn = t.get("function", {})
-        out.append({"Type": t.get("type", "function"),
-                    "Function": {"Name": fn.get("name", ""), "Description": fn.get("description", ""),
-                                 "Parameters": fn.get("parameters", {})},
-                    **t})
+        out.append(
+            {
+                "Type": t.get("type", "function"),
+                "Function": {
+                    "Name": fn.get("name", ""),
+                    "Description": fn.get("description", ""),
+                    "Parameters": fn.get("parameters", {}),
+                },
+                **t,
+            }
+        )
     return out
 
 
-def render_generate(template: str | None, prompt: str, system: str | None, suffix: str | None = None,
-                    raw: bool = False, think: bool | None = None) -> str:
+def render_generate(
+    template: str | None,
+    prompt: str,
+    system: str | None,
+    suffix: str | None = None,
+    raw: bool = False,
+    think: bool | None = None,
+) -> str:
     """Prompt text for /api/generate: the template with .System/.Prompt (and as .Messages);
     ``think`` sets .Think and .IsThinkSet as /api/chat does."""
     if raw or not template:
         return prompt
     messages = ([{"role": "system", "content": system}] if system else []) + (
-        [{"role": "user", "content": prompt}] if prompt else [])
-    data = {"System": system or "", "Prompt": prompt, "Response": "", "Suffix": suffix or "",
-            "Messages": go_messages(messages), "Tools": [], "Think": bool(think), "IsThinkSet": think is not None}
+        [{"role": "user", "content": prompt}] if prompt else []
+    )
+    data = {
+        "System": system or "",
+        "Prompt": prompt,
+        "Response": "",
+        "Suffix": suffix or "",
+        "Messages": go_messages(messages),
+        "Tools": [],
+        "Think": bool(think),
+        "IsThinkSet": think is not None,
+    }
     return _render_go(template, data)

@@ -101,15 +101,22 @@ class ToolCallStreamer:
         if cut >= 0:
             self.holding = True
             safe = self.pending[:cut].rstrip()
-            self.pending = self.pending[len(safe):]
+            self.pending = self.pending[len(safe) :]
         else:
             # Keep back a tail that could still grow into a marker, and trailing whitespace (a
             # call may follow it; parsing strips it then).
-            keep = max((n for o in _CALL_OPENERS for n in range(1, len(o))
-                        if self.pending.endswith(o[:n])), default=0)
+            keep = max(
+                (
+                    n
+                    for o in _CALL_OPENERS
+                    for n in range(1, len(o))
+                    if self.pending.endswith(o[:n])
+                ),
+                default=0,
+            )
             safe = self.pending[: len(self.pending) - keep]
             safe = safe[: len(safe.rstrip())]
-            self.pending = self.pending[len(safe):]
+            self.pending = self.pending[len(safe) :]
         return safe
 
     def finish(self) -> tuple[str, list[dict[str, Any]]]:

@@ -32,7 +32,9 @@ CONFIG = "application/vnd.docker.container.image.v1+json"
 
 def manifest(layers: list[dict], config: dict | None = None) -> bytes:
     cfg = config or {"mediaType": CONFIG, "digest": sha256(b"{}"), "size": 2}
-    return json.dumps({"schemaVersion": 2, "mediaType": MANIFEST_TYPE, "config": cfg, "layers": layers}).encode()
+    return json.dumps(
+        {"schemaVersion": 2, "mediaType": MANIFEST_TYPE, "config": cfg, "layers": layers}
+    ).encode()
 
 
 def leftovers(root: Path) -> list[str]:
@@ -48,7 +50,9 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def test_a_layer_longer_than_declared_is_cut_off_and_dropped(reg: RegistryServer, tmp_path: Path) -> None:
+def test_a_layer_longer_than_declared_is_cut_off_and_dropped(
+    reg: RegistryServer, tmp_path: Path
+) -> None:
     data = gguf_bytes(4096)
     reg.state.add_model("evil/long", "latest", [(MODEL, data)])
     reg.state.extra_bytes[sha256(data)] = 200 << 20  # declared 4 KB, streams 200 MB more
@@ -71,7 +75,9 @@ def test_a_huge_manifest_is_refused_after_reading_at_most_the_cap(
     reg.state.padded_manifests[("evil/huge", "latest")] = 300 << 20
     reg.state.no_content_length = not content_length
     rss0 = peak_rss_mib()
-    with pytest.raises(RegistryError, match=f"more than the {MAX_MANIFEST_BYTES} bytes allowed|of 31"):
+    with pytest.raises(
+        RegistryError, match=f"more than the {MAX_MANIFEST_BYTES} bytes allowed|of 31"
+    ):
         registry.pull(Store(tmp_path), f"{reg.host}/evil/huge", insecure=True)
     assert peak_rss_mib() - rss0 < 64, "reading the manifest took more memory than its cap"
     assert reg.state.manifest_bytes_served < 64 << 20
@@ -79,7 +85,9 @@ def test_a_huge_manifest_is_refused_after_reading_at_most_the_cap(
 
 
 @pytest.mark.parametrize("config", [b"[1, 2, 3]", b'"a string"', b"null", b"7", b"{not json"])
-def test_a_config_that_is_not_an_object_is_refused(reg: RegistryServer, tmp_path: Path, config: bytes) -> None:
+def test_a_config_that_is_not_an_object_is_refused(
+    reg: RegistryServer, tmp_path: Path, config: bytes
+) -> None:
     reg.state.add_model("evil/config", "latest", [(MODEL, gguf_bytes(4096))], config=config)
     with pytest.raises(RegistryError, match="sent config that is not a JSON dict"):
         registry.pull(Store(tmp_path), f"{reg.host}/evil/config", insecure=True)
@@ -87,19 +95,32 @@ def test_a_config_that_is_not_an_object_is_refused(reg: RegistryServer, tmp_path
     assert not Store(tmp_path).blob_path(sha256(config)).exists()
 
 
-def test_a_model_layer_that_is_not_a_usable_gguf_is_refused(reg: RegistryServer, tmp_path: Path) -> None:
+def test_a_model_layer_that_is_not_a_usable_gguf_is_refused(
+    reg: RegistryServer, tmp_path: Path
+) -> None:
     reg.state.add_model("evil/junk", "latest", [(MODEL, b"not a model at all" * 100)])
     with pytest.raises(RegistryError, match="sent a model layer offload refuses: wrong magic"):
         registry.pull(Store(tmp_path), f"{reg.host}/evil/junk", insecure=True)
-    assert not [p for p in leftovers(tmp_path) if "sha256-" in p and "config" not in p and p.endswith("partial")]
+    assert not [
+        p
+        for p in leftovers(tmp_path)
+        if "sha256-" in p and "config" not in p and p.endswith("partial")
+    ]
 
 
-def test_a_declared_terabyte_is_refused_before_a_byte_is_written(reg: RegistryServer, tmp_path: Path) -> None:
+def test_a_declared_terabyte_is_refused_before_a_byte_is_written(
+    reg: RegistryServer, tmp_path: Path
+) -> None:
     if shutil.disk_usage(tmp_path).free >= 1 << 40:
         pytest.skip("this disk could hold a terabyte")
     digest = sha256(b"never sent")
-    reg.state.manifests[("evil/tera", "latest")] = manifest([{"mediaType": MODEL, "digest": digest, "size": 1 << 40}])
-    with pytest.raises(DiskFull, match=r"not enough disk space for .*evil/tera:latest: it needs 1.1 TB and .* are free") as err:
+    reg.state.manifests[("evil/tera", "latest")] = manifest(
+        [{"mediaType": MODEL, "digest": digest, "size": 1 << 40}]
+    )
+    with pytest.raises(
+        DiskFull,
+        match=r"not enough disk space for .*evil/tera:latest: it needs 1.1 TB and .* are free",
+    ) as err:
         registry.pull(Store(tmp_path), f"{reg.host}/evil/tera", insecure=True)
     assert err.value.http_status == 507
     assert leftovers(tmp_path) == []
@@ -131,13 +152,16 @@ def test_manifests_of_the_wrong_shape_are_refused(
 
 JSON = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=30),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=5),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=5)
+    ),
     max_leaves=20,
 )
 LAYER_FIELDS = st.fixed_dictionaries(
     {},
     optional={
-        "mediaType": st.sampled_from([MODEL, CONFIG, "application/vnd.ollama.image.template", "x"]) | JSON,
+        "mediaType": st.sampled_from([MODEL, CONFIG, "application/vnd.ollama.image.template", "x"])
+        | JSON,
         "digest": st.sampled_from([sha256(b"a"), "sha256:" + "0" * 64, "md5:1", ""]) | JSON,
         "size": st.sampled_from([0, 1, 2**31, 2**40, 2**63, -5]) | JSON,
     },
@@ -145,15 +169,24 @@ LAYER_FIELDS = st.fixed_dictionaries(
 MANIFESTS = st.one_of(
     JSON.map(lambda v: json.dumps(v).encode()),
     st.fixed_dictionaries(
-        {}, optional={"schemaVersion": JSON, "config": LAYER_FIELDS | JSON, "layers": st.lists(LAYER_FIELDS | JSON, max_size=4) | JSON}
+        {},
+        optional={
+            "schemaVersion": JSON,
+            "config": LAYER_FIELDS | JSON,
+            "layers": st.lists(LAYER_FIELDS | JSON, max_size=4) | JSON,
+        },
     ).map(lambda v: json.dumps(v).encode()),
     st.binary(max_size=200),
 )
 
 
-@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(raw=MANIFESTS)
-def test_any_manifest_ends_in_a_typed_error_or_a_model(reg: RegistryServer, tmp_path_factory: pytest.TempPathFactory, raw: bytes) -> None:
+def test_any_manifest_ends_in_a_typed_error_or_a_model(
+    reg: RegistryServer, tmp_path_factory: pytest.TempPathFactory, raw: bytes
+) -> None:
     root = tmp_path_factory.mktemp("store")
     reg.state.manifests[("gen/model", "latest")] = raw
     try:
@@ -212,10 +245,18 @@ def test_pull_over_http_from_a_malicious_registry_is_a_one_line_502(
                 assert r.status_code == 502, r.text
                 assert set(r.json()) == {"error"} and "\n" not in r.json()["error"]
                 body["stream"] = True
-                lines = httpx.post(f"{server.url}/api/pull", json=body, timeout=60).text.splitlines()
+                lines = httpx.post(
+                    f"{server.url}/api/pull", json=body, timeout=60
+                ).text.splitlines()
                 assert "error" in json.loads(lines[-1]), lines[-1]
             r = httpx.get(f"{server.url}/api/tags", timeout=10)
             # Nothing of the registry's: only the embedded model a fresh store offers.
-            assert r.status_code == 200 and [m["name"] for m in r.json()["models"]] == ["gemma3:270m"]
+            assert r.status_code == 200 and [m["name"] for m in r.json()["models"]] == [
+                "gemma3:270m"
+            ]
         embedded = "manifests/registry.ollama.ai/library/gemma3/270m"
-        assert not [p for p in leftovers(home / "models") if not p.startswith("blobs/sha256-") and p != embedded]
+        assert not [
+            p
+            for p in leftovers(home / "models")
+            if not p.startswith("blobs/sha256-") and p != embedded
+        ]

@@ -54,11 +54,17 @@ def wait_no_temp_files(server: ServeProcess, timeout_s: float = 10) -> None:
         time.sleep(0.05)
 
 
-def start_upload(server: ServeProcess, digest: str, head: dict[str, str], body: bytes) -> socket.socket:
+def start_upload(
+    server: ServeProcess, digest: str, head: dict[str, str], body: bytes
+) -> socket.socket:
     """Send an upload's request line, headers and the first bytes of its body; keep the socket."""
     s = socket.create_connection(("127.0.0.1", server.port), timeout=30)
-    lines = [f"POST /api/blobs/{digest} HTTP/1.1", "Host: 127.0.0.1",
-             "Content-Type: application/octet-stream", *(f"{k}: {v}" for k, v in head.items())]
+    lines = [
+        f"POST /api/blobs/{digest} HTTP/1.1",
+        "Host: 127.0.0.1",
+        "Content-Type: application/octet-stream",
+        *(f"{k}: {v}" for k, v in head.items()),
+    ]
     s.sendall(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
     return s
 
@@ -69,7 +75,11 @@ def response_of(s: socket.socket) -> tuple[int, dict]:
     while chunk := s.recv(65536):
         data += chunk
         head, _, rest = data.partition(b"\r\n\r\n")
-        length = [int(x.split(b":")[1]) for x in head.split(b"\r\n") if x.lower().startswith(b"content-length")]
+        length = [
+            int(x.split(b":")[1])
+            for x in head.split(b"\r\n")
+            if x.lower().startswith(b"content-length")
+        ]
         if length and len(rest) >= length[0]:
             break
     head, _, body = data.partition(b"\r\n\r\n")
@@ -90,9 +100,13 @@ def test_abandoned_uploads_leak_no_thread_file_or_hang(server: ServeProcess) -> 
     with server.unharmed():
         for i in range(60):  # more than the server's default pool of 40 worker threads
             body = bytes([i]) * 100_000
-            s = start_upload(server, digest_of(body * 10), {"Content-Length": str(len(body) * 10)}, body)
+            s = start_upload(
+                server, digest_of(body * 10), {"Content-Length": str(len(body) * 10)}, body
+            )
             if i % 2:
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                s.setsockopt(
+                    socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
+                )
             s.close()  # half the clients reset the connection, half close it
             time.sleep(0.02)
         # Other routes are not starved: they answer at once.
@@ -105,7 +119,9 @@ def test_abandoned_uploads_leak_no_thread_file_or_hang(server: ServeProcess) -> 
 def test_a_stalled_upload_gets_408_and_leaves_no_file(server: ServeProcess) -> None:
     with server.unharmed():
         t0 = time.monotonic()
-        s = start_upload(server, digest_of(b"x" * 1_000_000), {"Content-Length": "1000000"}, b"x" * 10_000)
+        s = start_upload(
+            server, digest_of(b"x" * 1_000_000), {"Content-Length": "1000000"}, b"x" * 10_000
+        )
         status, body = response_of(s)
         s.close()
         assert status == 408
@@ -140,8 +156,10 @@ def test_a_trickling_upload_is_dropped_as_too_slow(server: ServeProcess) -> None
 def test_uploads_beyond_the_limit_get_503_until_a_slot_frees(server: ServeProcess) -> None:
     data = b"after the storm" * 100
     with server.unharmed():
-        stalled = [start_upload(server, digest_of(b"s" * 99), {"Content-Length": "999"}, b"s" * 99)
-                   for _ in range(MAX_UPLOADS)]
+        stalled = [
+            start_upload(server, digest_of(b"s" * 99), {"Content-Length": "999"}, b"s" * 99)
+            for _ in range(MAX_UPLOADS)
+        ]
         time.sleep(0.5)
         r = httpx.post(f"{server.url}/api/blobs/{digest_of(data)}", content=data, timeout=10)
         assert r.status_code == 503
@@ -155,7 +173,9 @@ def test_uploads_beyond_the_limit_get_503_until_a_slot_frees(server: ServeProces
 
 
 @pytest.mark.parametrize("declared", [CAP_BYTES + 1, 1 << 62])
-def test_a_declared_size_over_the_cap_gets_413_before_the_body(server: ServeProcess, declared: int) -> None:
+def test_a_declared_size_over_the_cap_gets_413_before_the_body(
+    server: ServeProcess, declared: int
+) -> None:
     with server.unharmed():
         s = start_upload(server, digest_of(b"big"), {"Content-Length": str(declared)}, b"")
         status, body = response_of(s)
@@ -179,7 +199,9 @@ def test_a_chunked_body_over_the_cap_gets_413_and_no_file(server: ServeProcess) 
         wait_no_temp_files(server)
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(
     size=st.integers(0, 300_000),
     declared=st.sampled_from(["exact", "less", "more", "chunked", "garbage"]),
@@ -190,10 +212,16 @@ def test_any_upload_shape_ends_in_a_status_or_a_drop_and_no_file(
     server: ServeProcess, size: int, declared: str, digest: str, hang_up: bool
 ) -> None:
     data = bytes(range(256)) * (size // 256) + b"\x00" * (size % 256)
-    name = {"right": digest_of(data), "wrong": digest_of(data + b"!"), "invalid": "sha256:nope"}[digest]
-    head = {"exact": {"Content-Length": str(size)}, "less": {"Content-Length": str(max(0, size - 7))},
-            "more": {"Content-Length": str(size + 7)}, "chunked": {"Transfer-Encoding": "chunked"},
-            "garbage": {"Content-Length": "12abc"}}[declared]
+    name = {"right": digest_of(data), "wrong": digest_of(data + b"!"), "invalid": "sha256:nope"}[
+        digest
+    ]
+    head = {
+        "exact": {"Content-Length": str(size)},
+        "less": {"Content-Length": str(max(0, size - 7))},
+        "more": {"Content-Length": str(size + 7)},
+        "chunked": {"Transfer-Encoding": "chunked"},
+        "garbage": {"Content-Length": "12abc"},
+    }[declared]
     body = data if declared != "chunked" else (f"{size:x}\r\n".encode() + data + b"\r\n0\r\n\r\n")
     s = start_upload(server, name, head, body[: len(body) // 2] if hang_up else body)
     s.settimeout(IDLE_S + 10)
@@ -217,8 +245,14 @@ def test_any_upload_shape_ends_in_a_status_or_a_drop_and_no_file(
 
 def test_sigterm_stops_the_server_while_uploads_hang(tmp_path: Path) -> None:
     with ServeProcess(tmp_path, {"OFFLOAD_UPLOAD_TIMEOUT": "3s"}) as server:
-        hung = [start_upload(server, digest_of(b"h"), {"Content-Length": "100"}, b"h" * 10) for _ in range(4)]
-        abandoned = [start_upload(server, digest_of(b"a"), {"Content-Length": "100"}, b"a") for _ in range(20)]
+        hung = [
+            start_upload(server, digest_of(b"h"), {"Content-Length": "100"}, b"h" * 10)
+            for _ in range(4)
+        ]
+        abandoned = [
+            start_upload(server, digest_of(b"a"), {"Content-Length": "100"}, b"a")
+            for _ in range(20)
+        ]
         for s in abandoned:
             s.close()
         time.sleep(0.5)

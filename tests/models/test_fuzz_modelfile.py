@@ -118,7 +118,9 @@ def test_fuzz_the_modelfile_parser_for_a_minute() -> None:
 
 
 def test_a_huge_modelfile_is_parsed_in_linear_time() -> None:
-    text = "FROM x\n" + "SYSTEM hello there\n" * 200_000 + 'TEMPLATE """' + "y" * 2_000_000 + '"""\n'
+    text = (
+        "FROM x\n" + "SYSTEM hello there\n" * 200_000 + 'TEMPLATE """' + "y" * 2_000_000 + '"""\n'
+    )
     t0 = time.monotonic()
     assert parse_modelfile(text).template == "y" * 2_000_000
     assert time.monotonic() - t0 < 10

@@ -17,8 +17,18 @@ from offload.models.modelfile import ModelfileError, coerce_parameter, parse_mod
 from tests.option_spec import SPEC, converted
 
 _NUMERIC = sorted(k for k in SPEC if k not in ("stop", "use_mmap", "use_mlock", "numa", "low_vram"))
-_INTS = {"num_ctx", "num_batch", "num_gpu", "main_gpu", "num_keep", "seed", "num_predict", "top_k",
-         "repeat_last_n", "mirostat"}
+_INTS = {
+    "num_ctx",
+    "num_batch",
+    "num_gpu",
+    "main_gpu",
+    "num_keep",
+    "seed",
+    "num_predict",
+    "top_k",
+    "repeat_last_n",
+    "mirostat",
+}
 
 
 def _text(key: str, value: object) -> str:
@@ -43,7 +53,9 @@ def _text(key: str, value: object) -> str:
         ("PARAMETER stop " + "x" * 300, ["line 2", "PARAMETER stop", "256"]),
     ],
 )
-def test_out_of_range_parameters_are_refused_naming_the_line_and_range(line: str, words: list[str]) -> None:
+def test_out_of_range_parameters_are_refused_naming_the_line_and_range(
+    line: str, words: list[str]
+) -> None:
     with pytest.raises(ModelfileError) as e:
         parse_modelfile(f"FROM gemma3:270m\n{line}\n")
     message = str(e.value)
@@ -54,7 +66,14 @@ def test_more_than_sixteen_stop_strings_are_refused() -> None:
     text = "FROM x\n" + "".join(f"PARAMETER stop s{i}\n" for i in range(17))
     with pytest.raises(ModelfileError, match="line 18.*at most 16"):
         parse_modelfile(text)
-    assert len(parse_modelfile("FROM x\n" + "".join(f"PARAMETER stop s{i}\n" for i in range(16))).parameters["stop"]) == 16
+    assert (
+        len(
+            parse_modelfile(
+                "FROM x\n" + "".join(f"PARAMETER stop s{i}\n" for i in range(16))
+            ).parameters["stop"]
+        )
+        == 16
+    )
 
 
 @st.composite
@@ -67,9 +86,13 @@ def _parameter(draw: st.DrawFn) -> tuple[str, object, bool]:
 
 @settings(max_examples=500, deadline=None, derandomize=True)
 @given(_parameter())
-def test_a_parameter_is_read_when_in_range_and_refused_with_its_line_when_not(case: tuple[str, object, bool]) -> None:
+def test_a_parameter_is_read_when_in_range_and_refused_with_its_line_when_not(
+    case: tuple[str, object, bool],
+) -> None:
     key, value, ok = case
-    assume(_text(key, value).strip() and "\n" not in _text(key, value))  # an empty value is another error
+    assume(
+        _text(key, value).strip() and "\n" not in _text(key, value)
+    )  # an empty value is another error
     text = f"FROM gemma3:270m\nPARAMETER {key} {_text(key, value)}\n"
     if not ok:
         with pytest.raises(ModelfileError, match=f"line 2: .*{key}"):
@@ -84,6 +107,11 @@ def test_a_parameter_is_read_when_in_range_and_refused_with_its_line_when_not(ca
 
 def test_json_parameters_of_the_create_api_are_checked_the_same_way() -> None:
     assert coerce_parameter("temperature", 0.5) == 0.5
-    for key, value in (("temperature", float("nan")), ("num_batch", -5), ("top_k", -1), ("num_ctx", 1 << 30)):
+    for key, value in (
+        ("temperature", float("nan")),
+        ("num_batch", -5),
+        ("top_k", -1),
+        ("num_ctx", 1 << 30),
+    ):
         with pytest.raises(ModelfileError, match=f"PARAMETER {key}"):
             coerce_parameter(key, value)

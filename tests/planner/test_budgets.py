@@ -16,15 +16,23 @@ MiB = 1 << 20
 
 @pytest.mark.parametrize("budget_gib", [3, 4, 6, 8, 12])
 @pytest.mark.parametrize("model", ["mistral", "qwen_moe"])
-def test_every_gpu_byte_a_plan_places_counts_against_the_budget(request, model: str, budget_gib: float) -> None:
+def test_every_gpu_byte_a_plan_places_counts_against_the_budget(
+    request, model: str, budget_gib: float
+) -> None:
     a = request.getfixturevalue(model)
     p = plan(a, load_profile("rtx3060"), PlanRequest(gpu_budget_bytes=budget_gib * GiB))
     gpu = p.devices[1]
     assert gpu.overhead_bytes == CUDA_CONTEXT_BYTES
-    assert gpu.weights_bytes + gpu.kv_bytes + gpu.compute_bytes + CUDA_CONTEXT_BYTES == gpu.total_bytes
+    assert (
+        gpu.weights_bytes + gpu.kv_bytes + gpu.compute_bytes + CUDA_CONTEXT_BYTES == gpu.total_bytes
+    )
     assert gpu.budget_bytes == budget_gib * GiB and gpu.total_bytes <= gpu.budget_bytes
     # And the budget is used: within a layer's worth of experts or dense FFN of full.
-    assert gpu.total_bytes > gpu.budget_bytes - 600 * MiB or p.n_gpu_layers > a.n_layers and not p.cpu_tensor_patterns
+    assert (
+        gpu.total_bytes > gpu.budget_bytes - 600 * MiB
+        or p.n_gpu_layers > a.n_layers
+        and not p.cpu_tensor_patterns
+    )
     assert any("nvidia-smi" in r and "CUDA context" in r for r in p.reasons)
 
 
@@ -51,11 +59,17 @@ def test_a_budget_larger_than_the_card_is_an_error_naming_both(mistral) -> None:
 
 
 def test_a_budget_below_the_smallest_gpu_plan_is_an_error_naming_both(mistral) -> None:
-    with pytest.raises(BudgetTooSmall, match=r"budget of 400 MiB.*smallest plan that uses the GPU, (\d+) MiB") as e:
+    with pytest.raises(
+        BudgetTooSmall, match=r"budget of 400 MiB.*smallest plan that uses the GPU, (\d+) MiB"
+    ) as e:
         plan(mistral, load_profile("rtx3060"), PlanRequest(gpu_budget_bytes=400 * MiB))
     least = int(e.value.reason.split("GPU, ")[1].split(" MiB")[0])
     # That smallest plan is what it says: with that budget a plan exists, a MiB less it does not.
-    assert plan(mistral, load_profile("rtx3060"), PlanRequest(gpu_budget_bytes=least * MiB + MiB)).devices[1].total_bytes
+    assert (
+        plan(mistral, load_profile("rtx3060"), PlanRequest(gpu_budget_bytes=least * MiB + MiB))
+        .devices[1]
+        .total_bytes
+    )
     with pytest.raises(BudgetTooSmall):
         plan(mistral, load_profile("rtx3060"), PlanRequest(gpu_budget_bytes=least * MiB - MiB))
     assert least * MiB > CUDA_CONTEXT_BYTES

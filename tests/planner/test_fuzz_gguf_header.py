@@ -138,7 +138,9 @@ def test_fuzz_the_header_reader_for_a_minute(gemma_path: Path, tmp_path: Path) -
         except Exception as e:
             keep = tmp_path / f"crash-{i}.gguf"
             path.rename(keep)
-            raise AssertionError(f"iteration {i}: {type(e).__name__}: {e} (input kept at {keep})") from e
+            raise AssertionError(
+                f"iteration {i}: {type(e).__name__}: {e} (input kept at {keep})"
+            ) from e
         i += 1
     grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
     assert grown_mib < 256, f"peak memory grew by {grown_mib:.0f} MiB"
@@ -148,7 +150,7 @@ def test_fuzz_the_header_reader_for_a_minute(gemma_path: Path, tmp_path: Path) -
 
 @pytest.mark.parametrize("cut", [0, 3, 23, 24, 100, 5000])
 def test_headers_cut_anywhere_are_refused(gemma_path: Path, tmp_path: Path, cut: int) -> None:
-    data = gemma_path.read_bytes()[: 6_600_000]
+    data = gemma_path.read_bytes()[:6_600_000]
     p = tmp_path / "cut.gguf"
     p.write_bytes(data[: len(data) - cut] if cut else data[:cut])
     assert check_one(p) == "refused"

@@ -37,7 +37,9 @@ def _runs() -> list[tuple[str, dict]]:
         d = json.loads(f.read_text())
         for r in d["runs"]:
             if (r.get("measured_bytes") or {}).get("CUDA0"):
-                out.append((f.name, {**r, "_kind": d["summary"]["model_kind"], "_hw": d["hardware"]}))
+                out.append(
+                    (f.name, {**r, "_kind": d["summary"]["model_kind"], "_hw": d["hardware"]})
+                )
     return out
 
 
@@ -51,16 +53,28 @@ def test_there_are_recorded_gpu_runs() -> None:
 def _evaluated(models: dict[str, Anatomy], run: dict) -> Plan:
     a = models[run["_kind"]]
     names = {f.name for f in dataclasses.fields(Placement)}
-    pl = {**run["placement"], "cpu_tensor_patterns": tuple(run["cpu_tensor_patterns"]),
-          "pinned_weights": run["placement"].get("use_mmap") is False}
+    pl = {
+        **run["placement"],
+        "cpu_tensor_patterns": tuple(run["cpu_tensor_patterns"]),
+        "pinned_weights": run["placement"].get("use_mmap") is False,
+    }
     if pl["n_gpu_layers"] < 0:  # llama-fit-params' "all"
         pl["n_gpu_layers"] = a.n_layers + 1
-    req = PlanRequest(n_ctx=run["placement"]["n_ctx"], gpu_budget_bytes=int(run["budget_gib"] * GiB))
-    return evaluate(a, Hardware.from_dict(run["_hw"]), req, Placement(**{k: v for k, v in pl.items() if k in names}))
+    req = PlanRequest(
+        n_ctx=run["placement"]["n_ctx"], gpu_budget_bytes=int(run["budget_gib"] * GiB)
+    )
+    return evaluate(
+        a,
+        Hardware.from_dict(run["_hw"]),
+        req,
+        Placement(**{k: v for k, v in pl.items() if k in names}),
+    )
 
 
 @pytest.mark.parametrize("name,run", RUNS, ids=[f"{n}:{r['label']}" for n, r in RUNS])
-def test_planned_gpu_memory_covers_what_llama_cpp_allocated(models: dict[str, Anatomy], name: str, run: dict) -> None:
+def test_planned_gpu_memory_covers_what_llama_cpp_allocated(
+    models: dict[str, Anatomy], name: str, run: dict
+) -> None:
     gpu = next(d for d in _evaluated(models, run).devices if d.kind == "GPU")
     measured = run["measured_bytes"]["CUDA0"]
     buffers = gpu.weights_bytes + gpu.kv_bytes + gpu.compute_bytes
@@ -92,8 +106,11 @@ NOMINAL = [(n, r) for n, r in RUNS if r["label"] in ("planner", "planner_decode"
 
 
 def test_most_recorded_plans_left_no_room_for_a_cuda_context() -> None:
-    tight = [r for _, r in NOMINAL if sum(r["measured_bytes"]["CUDA0"].values()) + CUDA_CONTEXT_BYTES
-             > r["budget_gib"] * GiB]
+    tight = [
+        r
+        for _, r in NOMINAL
+        if sum(r["measured_bytes"]["CUDA0"].values()) + CUDA_CONTEXT_BYTES > r["budget_gib"] * GiB
+    ]
     assert len(tight) >= len(NOMINAL) * 2 // 3
 
 

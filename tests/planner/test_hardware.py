@@ -91,8 +91,15 @@ def test_profile_from_a_json_file_and_a_missing_one(tmp_path: Path) -> None:
         hw_mod.load_profile(bad)
 
 
-VULKAN_GPU = {"index": 1, "name": "Vulkan0", "description": "AMD Radeon RX 7900 XTX", "type": "GPU",
-              "backend": "Vulkan", "memory_total_bytes": 24 << 30, "memory_free_bytes": 23 << 30}
+VULKAN_GPU = {
+    "index": 1,
+    "name": "Vulkan0",
+    "description": "AMD Radeon RX 7900 XTX",
+    "type": "GPU",
+    "backend": "Vulkan",
+    "memory_total_bytes": 24 << 30,
+    "memory_free_bytes": 23 << 30,
+}
 
 
 @pytest.fixture
@@ -101,20 +108,39 @@ def no_nvml_gpu() -> None:
         pytest.skip("NVML sees a GPU here; the device-list path is for machines without NVML")
 
 
-def test_gpus_come_from_llamas_device_list_where_nvml_finds_none(no_nvml_gpu: None, mistral) -> None:
-    cpu_dev = {"name": "CPU", "type": "CPU", "memory_total_bytes": 64 << 30, "memory_free_bytes": 60 << 30}
+def test_gpus_come_from_llamas_device_list_where_nvml_finds_none(
+    no_nvml_gpu: None, mistral
+) -> None:
+    cpu_dev = {
+        "name": "CPU",
+        "type": "CPU",
+        "memory_total_bytes": 64 << 30,
+        "memory_free_bytes": 60 << 30,
+    }
     hw = hw_mod.probe(measure=False, backend_devices=[cpu_dev, VULKAN_GPU])
     (g,) = hw.gpus
-    assert (g.name, g.index, g.vram_bytes, g.vram_free_bytes) == ("AMD Radeon RX 7900 XTX", 0, 24 << 30, 23 << 30)
+    assert (g.name, g.index, g.vram_bytes, g.vram_free_bytes) == (
+        "AMD Radeon RX 7900 XTX",
+        0,
+        24 << 30,
+        23 << 30,
+    )
     assert g.mem_bandwidth_Bps > 0 and g.h2d_bandwidth_Bps > 0
     assert any("no NVML" in n and "assumed" in n for n in hw.notes)
     assert Hardware.from_dict(json.loads(json.dumps(hw.to_dict()))) == hw
     p = plan(mistral, hw, PlanRequest(n_ctx=4096))  # the whole 7B model fits its 23 GiB free
-    assert p.n_gpu_layers == mistral.n_layers + 1 and all(d.total_bytes <= d.budget_bytes for d in p.devices)
+    assert p.n_gpu_layers == mistral.n_layers + 1 and all(
+        d.total_bytes <= d.budget_bytes for d in p.devices
+    )
 
 
 def test_device_list_bandwidths_come_from_the_copy_probe_or_a_profile(no_nvml_gpu: None) -> None:
-    measured = {**VULKAN_GPU, "h2d_pinned_Bps": 25e9, "h2d_pageable_Bps": 9e9, "device_copy_Bps": 1.6e12}
+    measured = {
+        **VULKAN_GPU,
+        "h2d_pinned_Bps": 25e9,
+        "h2d_pageable_Bps": 9e9,
+        "device_copy_Bps": 1.6e12,
+    }
     asked: list[int] = []
 
     def measure() -> list[dict]:
@@ -124,7 +150,9 @@ def test_device_list_bandwidths_come_from_the_copy_probe_or_a_profile(no_nvml_gp
     hw = hw_mod.probe(backend_devices=[VULKAN_GPU], measure_backend=measure)
     (g,) = hw.gpus
     assert asked == [1] and g.h2d_bandwidth_Bps == 25e9 and g.h2d_pageable_Bps == 9e9
-    assert g.mem_bandwidth_measured_Bps == 1.6e12 and g.mem_bandwidth_Bps == pytest.approx(1.6e12 / 0.85)
+    assert g.mem_bandwidth_measured_Bps == 1.6e12 and g.mem_bandwidth_Bps == pytest.approx(
+        1.6e12 / 0.85
+    )
     assert any("measured through llama.cpp" in n for n in hw.notes)
     rtx = {**VULKAN_GPU, "description": "NVIDIA GeForce RTX 3060", "memory_total_bytes": 12 << 30}
     (p,) = hw_mod.probe(measure=False, backend_devices=[rtx]).gpus
@@ -132,10 +160,14 @@ def test_device_list_bandwidths_come_from_the_copy_probe_or_a_profile(no_nvml_gp
 
 
 def test_cache_is_probed_again_when_a_gpu_build_appears_and_free_memory_follows_it(
-        tmp_path: Path, no_nvml_gpu: None) -> None:
+    tmp_path: Path, no_nvml_gpu: None
+) -> None:
     cache = tmp_path / "hardware.json"
     assert hw_mod.current(cache).gpus == ()
     hw = hw_mod.current(cache, backend_devices=[VULKAN_GPU], measure_backend=lambda: [VULKAN_GPU])
-    assert len(hw.gpus) == 1 and hw.fingerprint == hw_mod.fingerprint([VULKAN_GPU]) != hw_mod.fingerprint()
+    assert (
+        len(hw.gpus) == 1
+        and hw.fingerprint == hw_mod.fingerprint([VULKAN_GPU]) != hw_mod.fingerprint()
+    )
     later = hw_mod.current(cache, backend_devices=[{**VULKAN_GPU, "memory_free_bytes": 5 << 30}])
     assert later.measured_at == hw.measured_at and later.gpus[0].vram_free_bytes == 5 << 30

@@ -72,46 +72,184 @@ def tensor(layout: GGUFLayout, i: int, **changes: object) -> GGUFLayout:
 FATAL: list[tuple[str, Mutation, str]] = [
     ("no layers", lambda m: m.set(f"{A}.block_count", T_U32, 0), "gemma3.block_count is 0"),
     ("513 layers", lambda m: m.set(f"{A}.block_count", T_U32, 513), "gemma3.block_count is 513"),
-    ("2^32-1 layers", lambda m: m.set(f"{A}.block_count", T_U32, 2**32 - 1), "block_count is 4294967295"),
-    ("layers as text", lambda m: m.set(f"{A}.block_count", T_STRING, "18"), "block_count is '18', expected an integer"),
-    ("layers as float", lambda m: m.set(f"{A}.block_count", T_F32, 18.0), "block_count is 18, expected an integer"),
-    ("NaN epsilon", lambda m: m.set(f"{A}.attention.layer_norm_rms_epsilon", T_F32, math.nan), "layer_norm_rms_epsilon is nan"),
-    ("inf epsilon", lambda m: m.set(f"{A}.attention.layer_norm_rms_epsilon", T_F32, math.inf), "layer_norm_rms_epsilon is inf"),
-    ("negative epsilon", lambda m: m.set(f"{A}.attention.layer_norm_rms_epsilon", T_F32, -1e-6), "layer_norm_rms_epsilon is -1e-06"),
-    ("zero epsilon", lambda m: m.set(f"{A}.attention.layer_norm_rms_epsilon", T_F32, 0.0), "layer_norm_rms_epsilon is 0,"),
-    ("NaN layer-norm epsilon", lambda m: m.set(f"{A}.attention.layer_norm_epsilon", T_F32, math.nan), "layer_norm_epsilon is nan"),
-    ("no heads", lambda m: m.set(f"{A}.attention.head_count", T_U32, 0), "head_count is 0 in a model with attention"),
-    ("a million heads", lambda m: m.set(f"{A}.attention.head_count", T_U32, 1 << 20), "head_count is 1048576"),
-    ("short per-layer heads", lambda m: m.set(f"{A}.attention.head_count_kv", T_ARRAY, (T_U32, [1] * 5)), "has 5 entries for 18 layers"),
+    (
+        "2^32-1 layers",
+        lambda m: m.set(f"{A}.block_count", T_U32, 2**32 - 1),
+        "block_count is 4294967295",
+    ),
+    (
+        "layers as text",
+        lambda m: m.set(f"{A}.block_count", T_STRING, "18"),
+        "block_count is '18', expected an integer",
+    ),
+    (
+        "layers as float",
+        lambda m: m.set(f"{A}.block_count", T_F32, 18.0),
+        "block_count is 18, expected an integer",
+    ),
+    (
+        "NaN epsilon",
+        lambda m: m.set(f"{A}.attention.layer_norm_rms_epsilon", T_F32, math.nan),
+        "layer_norm_rms_epsilon is nan",
+    ),
+    (
+        "inf epsilon",
+        lambda m: m.set(f"{A}.attention.layer_norm_rms_epsilon", T_F32, math.inf),
+        "layer_norm_rms_epsilon is inf",
+    ),
+    (
+        "negative epsilon",
+        lambda m: m.set(f"{A}.attention.layer_norm_rms_epsilon", T_F32, -1e-6),
+        "layer_norm_rms_epsilon is -1e-06",
+    ),
+    (
+        "zero epsilon",
+        lambda m: m.set(f"{A}.attention.layer_norm_rms_epsilon", T_F32, 0.0),
+        "layer_norm_rms_epsilon is 0,",
+    ),
+    (
+        "NaN layer-norm epsilon",
+        lambda m: m.set(f"{A}.attention.layer_norm_epsilon", T_F32, math.nan),
+        "layer_norm_epsilon is nan",
+    ),
+    (
+        "no heads",
+        lambda m: m.set(f"{A}.attention.head_count", T_U32, 0),
+        "head_count is 0 in a model with attention",
+    ),
+    (
+        "a million heads",
+        lambda m: m.set(f"{A}.attention.head_count", T_U32, 1 << 20),
+        "head_count is 1048576",
+    ),
+    (
+        "short per-layer heads",
+        lambda m: m.set(f"{A}.attention.head_count_kv", T_ARRAY, (T_U32, [1] * 5)),
+        "has 5 entries for 18 layers",
+    ),
     ("no embedding", lambda m: m.set(f"{A}.embedding_length", T_U32, 0), "embedding_length is 0"),
     ("no context", lambda m: m.set(f"{A}.context_length", T_U32, 0), "context_length is 0"),
-    ("4G context", lambda m: m.set(f"{A}.context_length", T_U32, 2**32 - 1), "context_length is 4294967295"),
-    ("experts none used", lambda m: m.set(f"{A}.expert_count", T_U32, 8), "expert_used_count is 0 but the model has 8 experts"),
-    ("used but no experts", lambda m: m.set(f"{A}.expert_used_count", T_U32, 2), "more than the 0 experts"),
-    ("too many experts", lambda m: m.set(f"{A}.expert_count", T_U32, LLAMA_MAX_EXPERTS + 1).set(f"{A}.expert_used_count", T_U32, 2), "expert_count is 1025"),
-    ("uneven expert groups", lambda m: m.set(f"{A}.expert_count", T_U32, 8).set(f"{A}.expert_used_count", T_U32, 2).set(f"{A}.expert_group_count", T_U32, 3), "does not divide 8 experts"),
-    ("rope over no dims", lambda m: m.set(f"{A}.rope.dimension_count", T_U32, 0), "rope.dimension_count is 0"),
-    ("odd rope dims", lambda m: m.set(f"{A}.rope.dimension_count", T_U32, 255), "rope.dimension_count is 255, expected an even"),
-    ("rope wider than a head", lambda m: m.set(f"{A}.rope.dimension_count", T_U32, 512), "more than the head size 256"),
-    ("unknown rope scaling", lambda m: m.set(f"{A}.rope.scaling.type", T_STRING, "weird"), "rope.scaling.type is 'weird'"),
-    ("NaN rope base", lambda m: m.set(f"{A}.rope.freq_base", T_F32, math.nan), "rope.freq_base is nan"),
-    ("alignment as text", lambda m: m.set("general.alignment", T_STRING, "32"), "general.alignment is a string ('32')"),
-    ("alignment as u64", lambda m: m.set("general.alignment", T_U64, 32), "general.alignment is a uint64"),
+    (
+        "4G context",
+        lambda m: m.set(f"{A}.context_length", T_U32, 2**32 - 1),
+        "context_length is 4294967295",
+    ),
+    (
+        "experts none used",
+        lambda m: m.set(f"{A}.expert_count", T_U32, 8),
+        "expert_used_count is 0 but the model has 8 experts",
+    ),
+    (
+        "used but no experts",
+        lambda m: m.set(f"{A}.expert_used_count", T_U32, 2),
+        "more than the 0 experts",
+    ),
+    (
+        "too many experts",
+        lambda m: m.set(f"{A}.expert_count", T_U32, LLAMA_MAX_EXPERTS + 1).set(
+            f"{A}.expert_used_count", T_U32, 2
+        ),
+        "expert_count is 1025",
+    ),
+    (
+        "uneven expert groups",
+        lambda m: (
+            m.set(f"{A}.expert_count", T_U32, 8)
+            .set(f"{A}.expert_used_count", T_U32, 2)
+            .set(f"{A}.expert_group_count", T_U32, 3)
+        ),
+        "does not divide 8 experts",
+    ),
+    (
+        "rope over no dims",
+        lambda m: m.set(f"{A}.rope.dimension_count", T_U32, 0),
+        "rope.dimension_count is 0",
+    ),
+    (
+        "odd rope dims",
+        lambda m: m.set(f"{A}.rope.dimension_count", T_U32, 255),
+        "rope.dimension_count is 255, expected an even",
+    ),
+    (
+        "rope wider than a head",
+        lambda m: m.set(f"{A}.rope.dimension_count", T_U32, 512),
+        "more than the head size 256",
+    ),
+    (
+        "unknown rope scaling",
+        lambda m: m.set(f"{A}.rope.scaling.type", T_STRING, "weird"),
+        "rope.scaling.type is 'weird'",
+    ),
+    (
+        "NaN rope base",
+        lambda m: m.set(f"{A}.rope.freq_base", T_F32, math.nan),
+        "rope.freq_base is nan",
+    ),
+    (
+        "alignment as text",
+        lambda m: m.set("general.alignment", T_STRING, "32"),
+        "general.alignment is a string ('32')",
+    ),
+    (
+        "alignment as u64",
+        lambda m: m.set("general.alignment", T_U64, 32),
+        "general.alignment is a uint64",
+    ),
     ("alignment of 3", lambda m: m.set("general.alignment", T_U32, 3), "general.alignment is 3"),
     ("alignment of 0", lambda m: m.set("general.alignment", T_U32, 0), "general.alignment is 0"),
-    ("long architecture", lambda m: m.set("general.architecture", T_STRING, "g" * 1000), "general.architecture is 'ggg"),
-    ("10 MB architecture", lambda m: m.set("general.architecture", T_STRING, "g" * 10_000_000), "claims 10000000 bytes, more than the 1048576 allowed"),
-    ("architecture as number", lambda m: m.set("general.architecture", T_U32, 7), "general.architecture is 7"),
-    ("chat template as number", lambda m: m.set("tokenizer.chat_template", T_I32, 5), "tokenizer.chat_template is 5"),
-    ("tensor of a layer beyond the count", lambda m: m.set(f"{A}.block_count", T_U32, 17), "belongs to layer 17 of a 17-layer model"),
+    (
+        "long architecture",
+        lambda m: m.set("general.architecture", T_STRING, "g" * 1000),
+        "general.architecture is 'ggg",
+    ),
+    (
+        "10 MB architecture",
+        lambda m: m.set("general.architecture", T_STRING, "g" * 10_000_000),
+        "claims 10000000 bytes, more than the 1048576 allowed",
+    ),
+    (
+        "architecture as number",
+        lambda m: m.set("general.architecture", T_U32, 7),
+        "general.architecture is 7",
+    ),
+    (
+        "chat template as number",
+        lambda m: m.set("tokenizer.chat_template", T_I32, 5),
+        "tokenizer.chat_template is 5",
+    ),
+    (
+        "tensor of a layer beyond the count",
+        lambda m: m.set(f"{A}.block_count", T_U32, 17),
+        "belongs to layer 17 of a 17-layer model",
+    ),
     ("long tensor name", lambda m: tensor(m, 3, name=b"t" * 64), "is longer than 63 bytes"),
     ("same tensor twice", lambda m: tensor(m, 3, name=m.tensors[2].name), "appears twice"),
     ("unknown tensor type", lambda m: tensor(m, 3, ggml_type=99), "unknown ggml type 99"),
-    ("dims overflowing int64", lambda m: tensor(m, 3, dims=(1 << 32, 1 << 32)), "elements, more than llama.cpp can index"),
-    ("rows not whole blocks", lambda m: tensor(m, 0, ggml_type=12, dims=(641,)), "not whole blocks of 256"),
-    ("data out of order", lambda m: tensor(m, 5, offset=m.tensors[5].offset + 32), "has data offset"),
-    ("data past the end", lambda m: tensor(m, len(m.tensors) - 1, dims=(640, 1 << 30)), "past the end of the file"),
-    ("more keys than written", lambda m: setattr(m, "n_kv_override", len(m.kv) + 1), "not a usable GGUF file"),
+    (
+        "dims overflowing int64",
+        lambda m: tensor(m, 3, dims=(1 << 32, 1 << 32)),
+        "elements, more than llama.cpp can index",
+    ),
+    (
+        "rows not whole blocks",
+        lambda m: tensor(m, 0, ggml_type=12, dims=(641,)),
+        "not whole blocks of 256",
+    ),
+    (
+        "data out of order",
+        lambda m: tensor(m, 5, offset=m.tensors[5].offset + 32),
+        "has data offset",
+    ),
+    (
+        "data past the end",
+        lambda m: tensor(m, len(m.tensors) - 1, dims=(640, 1 << 30)),
+        "past the end of the file",
+    ),
+    (
+        "more keys than written",
+        lambda m: setattr(m, "n_kv_override", len(m.kv) + 1),
+        "not a usable GGUF file",
+    ),
 ]
 
 
@@ -162,8 +300,12 @@ def test_strings_and_arrays_over_the_caps_are_refused_before_reading_them(
     gemma: GGUFLayout, tmp_path: Path
 ) -> None:
     cases = {
-        "string": lambda m: m.set_raw("general.name", T_STRING, struct.pack("<Q", MAX_STRING_BYTES + 1) + b"x" * 64),
-        "array": lambda m: m.set_raw("general.tags", T_ARRAY, struct.pack("<IQ", T_U32, (1 << 24) + 1)),
+        "string": lambda m: m.set_raw(
+            "general.name", T_STRING, struct.pack("<Q", MAX_STRING_BYTES + 1) + b"x" * 64
+        ),
+        "array": lambda m: m.set_raw(
+            "general.tags", T_ARRAY, struct.pack("<IQ", T_U32, (1 << 24) + 1)
+        ),
         "key": lambda m: m.kv.update({"k" * 2000: m.kv["general.name"]}),
     }
     for what, mutate in cases.items():
@@ -204,16 +346,29 @@ KEYS = [f"{A}.{k}" for k in (
       "tokenizer.ggml.bos_token_id", "some.unknown.key"]  # fmt: skip
 
 INTS = st.one_of(
-    st.sampled_from([0, 1, 2, 3, 17, 18, 19, 255, 256, 511, 512, 513, 1024, 1025, 2**31 - 1, 2**31, 2**32 - 1]),
+    st.sampled_from(
+        [0, 1, 2, 3, 17, 18, 19, 255, 256, 511, 512, 513, 1024, 1025, 2**31 - 1, 2**31, 2**32 - 1]
+    ),
     st.integers(0, 2**32 - 1),
 )
-FLOATS = st.one_of(st.sampled_from([math.nan, math.inf, -math.inf, 0.0, -0.0, -1e-6, 1e-6, 1.0, 1e30]), st.floats(width=32))
+FLOATS = st.one_of(
+    st.sampled_from([math.nan, math.inf, -math.inf, 0.0, -0.0, -1e-6, 1e-6, 1.0, 1e30]),
+    st.floats(width=32),
+)
 VALUES = st.one_of(
     st.tuples(st.sampled_from([T_U32, T_I32, T_U64]), INTS),
     st.tuples(st.just(T_F32), FLOATS),
-    st.tuples(st.just(T_STRING), st.one_of(st.text(max_size=80), st.sampled_from(["none", "yarn", "linear", "gemma3", ""]))),
-    st.tuples(st.just(T_ARRAY), st.tuples(st.just(T_U32), st.lists(INTS.map(lambda v: v % 2**32), max_size=40))),
-    st.tuples(st.just(T_ARRAY), st.tuples(st.just(T_STRING), st.lists(st.text(max_size=8), max_size=20))),
+    st.tuples(
+        st.just(T_STRING),
+        st.one_of(st.text(max_size=80), st.sampled_from(["none", "yarn", "linear", "gemma3", ""])),
+    ),
+    st.tuples(
+        st.just(T_ARRAY),
+        st.tuples(st.just(T_U32), st.lists(INTS.map(lambda v: v % 2**32), max_size=40)),
+    ),
+    st.tuples(
+        st.just(T_ARRAY), st.tuples(st.just(T_STRING), st.lists(st.text(max_size=8), max_size=20))
+    ),
 )
 
 
@@ -243,9 +398,18 @@ def _accepted_is_loadable(md: dict) -> None:
     assert align > 0 and align & (align - 1) == 0
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@example(changes=[("general.architecture", (T_STRING, "none")), (f"{A}.block_count", (T_ARRAY, (T_U32, [])))])
-@example(changes=[("general.architecture", (T_STRING, "llama")), (f"{A}.expert_count", (T_STRING, "8"))])
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@example(
+    changes=[
+        ("general.architecture", (T_STRING, "none")),
+        (f"{A}.block_count", (T_ARRAY, (T_U32, []))),
+    ]
+)
+@example(
+    changes=[("general.architecture", (T_STRING, "llama")), (f"{A}.expert_count", (T_STRING, "8"))]
+)
 @example(changes=[(f"{A}.rope.scaling.type", (T_F32, math.nan))])
 @given(changes=st.lists(st.tuples(st.sampled_from(KEYS), VALUES), min_size=1, max_size=3))
 def test_generated_metadata_mutations_are_refused_or_safe(

@@ -25,11 +25,17 @@ def _rule_holds(a, hw, req: PlanRequest) -> None:
     assert chosen.predicted.decode_tps >= (1 - PARALLEL_MAX_DECODE_LOSS) * one.predicted.decode_tps
     for more in range(n + 1, PARALLEL_MAX + 1):
         try:
-            bigger = plan(a, hw, replace(req, n_parallel=more, n_ctx=one.n_ctx, kv_type=one.kv_type))
+            bigger = plan(
+                a, hw, replace(req, n_parallel=more, n_ctx=one.n_ctx, kv_type=one.kv_type)
+            )
         except Exception:  # noqa: BLE001 - infeasible is a reason not to run more
             continue
-        assert bigger.predicted.decode_tps < (1 - PARALLEL_MAX_DECODE_LOSS) * one.predicted.decode_tps, more
-    kv = sum(kv_bytes_per_layer(a, chosen.n_ctx, n, chosen.kv_type, chosen.n_ubatch, chosen.swa_full))
+        assert (
+            bigger.predicted.decode_tps < (1 - PARALLEL_MAX_DECODE_LOSS) * one.predicted.decode_tps
+        ), more
+    kv = sum(
+        kv_bytes_per_layer(a, chosen.n_ctx, n, chosen.kv_type, chosen.n_ubatch, chosen.swa_full)
+    )
     assert sum(d.kv_bytes for d in chosen.devices) >= kv
     assert chosen.n_ctx_total == chosen.n_ctx * n
 
@@ -46,7 +52,9 @@ def test_the_planner_runs_as_many_sequences_as_cost_at_most_5_percent_decode(
 
 
 @pytest.mark.parametrize("budget_gib", [8, 12, 16])
-def test_on_a_tight_moe_budget_more_sequences_must_earn_their_kv_cache(qwen_moe, budget_gib: int) -> None:
+def test_on_a_tight_moe_budget_more_sequences_must_earn_their_kv_cache(
+    qwen_moe, budget_gib: int
+) -> None:
     req = PlanRequest(gpu_budget_bytes=budget_gib * GiB, max_ctx=16384)
     _rule_holds(qwen_moe, load_profile("h100-sxm"), req)
 
@@ -64,7 +72,9 @@ def test_a_given_number_of_sequences_is_kept_and_its_aggregate_shown(mistral) ->
     p = plan(mistral, load_profile("rtx3060"), PlanRequest(n_parallel=3))
     assert p.n_parallel == 3 and p.n_ctx_total == 3 * p.n_ctx
     assert p.predicted.aggregate_decode_tps == pytest.approx(
-        predict_aggregate(mistral, load_profile("rtx3060"), p.placement, 3, context_tokens=1024 + 128)
+        predict_aggregate(
+            mistral, load_profile("rtx3060"), p.placement, 3, context_tokens=1024 + 128
+        )
     )
     assert any("3 sequences side by side as requested" in r for r in p.reasons)
     with pytest.raises(ValueError, match="n_parallel"):
@@ -77,12 +87,16 @@ def _h200() -> Hardware:
 
 
 @pytest.mark.parametrize("streams", [1, 2, 4, 8, 16])
-def test_one_stream_of_the_aggregate_is_the_single_stream_decode(mistral, qwen_moe, streams: int) -> None:
+def test_one_stream_of_the_aggregate_is_the_single_stream_decode(
+    mistral, qwen_moe, streams: int
+) -> None:
     from offload.planner import predict
 
-    for a, hw, pl in ((mistral, _h200(), Placement(33, flash_attn=True)),
-                      (qwen_moe, load_profile("rtx3060"), Placement(49, (r"blk\.(0|1|2|3)\.ffn_.*_exps",))),
-                      (mistral, load_profile("cpu-only-laptop"), Placement(0))):
+    for a, hw, pl in (
+        (mistral, _h200(), Placement(33, flash_attn=True)),
+        (qwen_moe, load_profile("rtx3060"), Placement(49, (r"blk\.(0|1|2|3)\.ffn_.*_exps",))),
+        (mistral, load_profile("cpu-only-laptop"), Placement(0)),
+    ):
         single = predict(a, hw, pl, prompt_tokens=256).decode_tps
         one = predict_aggregate(a, hw, pl, 1, context_tokens=256)
         agg = predict_aggregate(a, hw, pl, streams, context_tokens=256)
@@ -97,11 +111,13 @@ def test_weights_are_read_once_a_step_so_a_memory_bound_gpu_gains_most(mistral) 
     pl = Placement(mistral.n_layers + 1, flash_attn=True)
     hw = _h200()
     gain8 = predict_aggregate(mistral, hw, pl, 8, context_tokens=192) / predict_aggregate(
-        mistral, hw, pl, 1, context_tokens=192)
+        mistral, hw, pl, 1, context_tokens=192
+    )
     assert 3.0 <= gain8 <= 4.5
     # Twice the streams, less than twice the gain: compute and KV reads grow with them.
     gain16 = predict_aggregate(mistral, hw, pl, 16, context_tokens=192) / predict_aggregate(
-        mistral, hw, pl, 1, context_tokens=192)
+        mistral, hw, pl, 1, context_tokens=192
+    )
     assert gain8 < gain16 < 2 * gain8
 
 
@@ -113,14 +129,20 @@ def test_few_cpu_cores_gain_from_batching_as_llama_cpps_batched_bench_does(gemma
     box = Hardware("2-core", CPUInfo(cores=2, ram_bytes=8 * GiB, mem_bandwidth_Bps=50e9))
     pl = Placement(0, threads=2)
     one = predict_aggregate(a, box, pl, 1, context_tokens=192)
-    assert predict_aggregate(a, box, pl, 4, context_tokens=192) / one == pytest.approx(106 / 44, rel=0.25)
-    assert predict_aggregate(a, box, pl, 8, context_tokens=192) / one == pytest.approx(140 / 44, rel=0.25)
+    assert predict_aggregate(a, box, pl, 4, context_tokens=192) / one == pytest.approx(
+        106 / 44, rel=0.25
+    )
+    assert predict_aggregate(a, box, pl, 8, context_tokens=192) / one == pytest.approx(
+        140 / 44, rel=0.25
+    )
 
 
 def test_moe_streams_read_more_experts_so_cpu_resident_experts_gain_less(qwen_moe) -> None:
     hw = load_profile("rtx3060")
     on_gpu = Placement(49)
     experts_cpu = Placement(49, (r"blk\.\d+\.ffn_(up|down|gate)_exps",))
-    g = {pl: predict_aggregate(qwen_moe, hw, pl, 4) / predict_aggregate(qwen_moe, hw, pl, 1)
-         for pl in (on_gpu, experts_cpu)}
+    g = {
+        pl: predict_aggregate(qwen_moe, hw, pl, 4) / predict_aggregate(qwen_moe, hw, pl, 1)
+        for pl in (on_gpu, experts_cpu)
+    }
     assert g[experts_cpu] < g[on_gpu]

@@ -15,17 +15,52 @@ from offload.planner.types import DevicePlan, Placement, Plan, Prediction, Workl
 # nested (knobs flat, "balanced" mode, no workload or pinned_weights).
 OLD_FLAT = {
     "devices": [
-        {"name": "CPU", "kind": "CPU", "index": 0, "weights_bytes": 5, "kv_bytes": 0, "compute_bytes": 1,
-         "overhead_bytes": 0, "budget_bytes": 100, "total_bytes": 6},
-        {"name": "GPU", "kind": "GPU", "index": 0, "weights_bytes": 50, "kv_bytes": 4, "compute_bytes": 3,
-         "overhead_bytes": 1, "budget_bytes": 60, "total_bytes": 58},
+        {
+            "name": "CPU",
+            "kind": "CPU",
+            "index": 0,
+            "weights_bytes": 5,
+            "kv_bytes": 0,
+            "compute_bytes": 1,
+            "overhead_bytes": 0,
+            "budget_bytes": 100,
+            "total_bytes": 6,
+        },
+        {
+            "name": "GPU",
+            "kind": "GPU",
+            "index": 0,
+            "weights_bytes": 50,
+            "kv_bytes": 4,
+            "compute_bytes": 3,
+            "overhead_bytes": 1,
+            "budget_bytes": 60,
+            "total_bytes": 58,
+        },
     ],
-    "n_gpu_layers": 49, "n_ctx": 4096, "n_batch": 2048, "n_ubatch": 1024, "threads": 16, "threads_batch": 16,
+    "n_gpu_layers": 49,
+    "n_ctx": 4096,
+    "n_batch": 2048,
+    "n_ubatch": 1024,
+    "threads": 16,
+    "threads_batch": 16,
     "predicted": {"decode_tps": 48.7, "prompt_tps": 3007.0, "ttft_s": 0.68},
-    "reasons": ["why"], "cpu_tensor_patterns": [r"blk\.(0|1)\.ffn_(up|down|gate)_exps\.weight"],
-    "tensor_split": [], "split_mode": "layer", "main_gpu": 0, "n_parallel": 1, "kv_type": "f16",
-    "flash_attn": True, "offload_kqv": True, "op_offload": True, "use_mmap": False, "use_mlock": False,
-    "optimize": "balanced", "model_path": "/m.gguf", "hardware_fingerprint": "fp", "n_ctx_total": 4096,
+    "reasons": ["why"],
+    "cpu_tensor_patterns": [r"blk\.(0|1)\.ffn_(up|down|gate)_exps\.weight"],
+    "tensor_split": [],
+    "split_mode": "layer",
+    "main_gpu": 0,
+    "n_parallel": 1,
+    "kv_type": "f16",
+    "flash_attn": True,
+    "offload_kqv": True,
+    "op_offload": True,
+    "use_mmap": False,
+    "use_mlock": False,
+    "optimize": "balanced",
+    "model_path": "/m.gguf",
+    "hardware_fingerprint": "fp",
+    "n_ctx_total": 4096,
     "swa_full": True,
 }
 
@@ -54,10 +89,20 @@ def test_knobs_read_through_and_replace_by_name_as_before() -> None:
     pred = Prediction(10.0, 100.0, 1.0)
     dev = (DevicePlan("CPU", "CPU", 0, 1, 1, 1, 0, 10),)
     # Built the old way, with the knobs as keywords.
-    p = Plan(devices=dev, n_gpu_layers=3, n_ctx=1024, n_batch=512, n_ubatch=512, threads=2, threads_batch=2,
-             predicted=pred, swa_full=False)
-    assert p.placement == Placement(3, n_ctx=1024, n_batch=512, threads=2, threads_batch=2, swa_full=False,
-                                    use_mmap=True)
+    p = Plan(
+        devices=dev,
+        n_gpu_layers=3,
+        n_ctx=1024,
+        n_batch=512,
+        n_ubatch=512,
+        threads=2,
+        threads_batch=2,
+        predicted=pred,
+        swa_full=False,
+    )
+    assert p.placement == Placement(
+        3, n_ctx=1024, n_batch=512, threads=2, threads_batch=2, swa_full=False, use_mmap=True
+    )
     # dataclasses.replace with a knob's name changes the placement (what the loader does on OOM).
     q = dataclasses.replace(p, n_gpu_layers=1, n_ctx=512)
     assert (q.n_gpu_layers, q.n_ctx, q.swa_full, q.n_ctx_total) == (1, 512, False, 512)

@@ -199,7 +199,9 @@ def test_user_constraints_are_honoured(mistral) -> None:
 def test_two_gpus_split_layers_by_budget(mistral) -> None:
     p = plan(mistral, _hw(3, n_gpus=2), PlanRequest(n_ctx=4096))
     # Whole offloaded layers per GPU, as llama.cpp reads tensor_split.
-    assert len(p.tensor_split) == 2 and sum(p.tensor_split) == min(p.n_gpu_layers, mistral.n_layers + 1)
+    assert len(p.tensor_split) == 2 and sum(p.tensor_split) == min(
+        p.n_gpu_layers, mistral.n_layers + 1
+    )
     assert all(d.weights_bytes > 0 for d in p.devices[1:])
 
 
@@ -372,7 +374,10 @@ def test_pinned_weights_predict_faster_prompts_and_the_same_decode(mistral) -> N
     hw = _hw(3)
     hw = replace(hw, gpus=(replace(hw.gpus[0], h2d_bandwidth_Bps=50e9, h2d_pageable_Bps=7e9),))
     req = PlanRequest(n_ctx=4096, gpu_budget_bytes=3 * GiB)
-    at = {pin: evaluate(mistral, hw, req, Placement(16, n_ctx=4096, pinned_weights=pin)) for pin in (False, True)}
+    at = {
+        pin: evaluate(mistral, hw, req, Placement(16, n_ctx=4096, pinned_weights=pin))
+        for pin in (False, True)
+    }
     assert at[True].predicted.prompt_tps > 1.5 * at[False].predicted.prompt_tps
     assert at[True].predicted.decode_tps == at[False].predicted.decode_tps
     assert not at[True].use_mmap and at[False].use_mmap

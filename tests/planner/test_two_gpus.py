@@ -28,7 +28,9 @@ def _llama_cpp_layer_gpu(il: int, n_layer: int, ngl: int, split: list[float]) ->
     return min(int(np.searchsorted(points, x, side="right")), len(split) - 1)
 
 
-@pytest.mark.parametrize("split", [[0.5, 0.5], [1 / 3, 2 / 3], [0.3, 0.7], [3.0, 7.0], [20.0, 29.0], [1, 1, 1]])
+@pytest.mark.parametrize(
+    "split", [[0.5, 0.5], [1 / 3, 2 / 3], [0.3, 0.7], [3.0, 7.0], [20.0, 29.0], [1, 1, 1]]
+)
 @pytest.mark.parametrize("ngl", [1, 2, 17, 33, 48, 49])
 def test_layers_go_to_gpus_exactly_as_llama_cpp_assigns_them(split: list[float], ngl: int) -> None:
     n = 48
@@ -52,10 +54,19 @@ def test_the_moe_shape_on_two_6_gib_cards_fills_both(qwen_moe) -> None:
     gpus = p.devices[1:]
     assert all(d.total_bytes <= d.budget_bytes for d in p.devices)
     # Both near full, where an even split of the layers left GPU 0 with 1.1 GiB of its 6.
-    assert all(d.total_bytes > d.budget_bytes - 400 * MiB for d in gpus), [d.total_bytes / GiB for d in gpus]
-    old = evaluate(qwen_moe, hw, PlanRequest(gpu_budget_bytes=6 * GiB),
-                   replace(p.placement, tensor_split=(0.5, 0.5)))
-    assert old.devices[1].total_bytes < 3 * GiB and old.devices[2].total_bytes > old.devices[2].budget_bytes
+    assert all(d.total_bytes > d.budget_bytes - 400 * MiB for d in gpus), [
+        d.total_bytes / GiB for d in gpus
+    ]
+    old = evaluate(
+        qwen_moe,
+        hw,
+        PlanRequest(gpu_budget_bytes=6 * GiB),
+        replace(p.placement, tensor_split=(0.5, 0.5)),
+    )
+    assert (
+        old.devices[1].total_bytes < 3 * GiB
+        and old.devices[2].total_bytes > old.devices[2].budget_bytes
+    )
     assert p.devices[0].weights_bytes < 11 * GiB  # 13 GiB stayed on the CPU with the even split
     assert any("split" in r and "GPU 0" in r and "GPU 1" in r for r in p.reasons)
 
@@ -63,8 +74,9 @@ def test_the_moe_shape_on_two_6_gib_cards_fills_both(qwen_moe) -> None:
 @pytest.mark.parametrize("profile", ["2x-rtx2060", "2x-rtx4060ti-8gb", "2x-rtx3060"])
 @pytest.mark.parametrize("model", ["qwen_moe", "mistral"])
 @pytest.mark.parametrize("n_parallel", [1, None])
-def test_two_cards_are_both_used_and_none_is_over_budget(request, profile: str, model: str,
-                                                         n_parallel: int | None) -> None:
+def test_two_cards_are_both_used_and_none_is_over_budget(
+    request, profile: str, model: str, n_parallel: int | None
+) -> None:
     a = request.getfixturevalue(model)
     hw = load_profile(profile)
     p = plan(a, hw, PlanRequest(n_parallel=n_parallel))
@@ -73,7 +85,9 @@ def test_two_cards_are_both_used_and_none_is_over_budget(request, profile: str, 
     everything = p.n_gpu_layers > a.n_layers and not p.cpu_tensor_patterns
     if not everything:
         # What stays on the CPU does because neither card has room for a layer's worth more.
-        assert all(d.total_bytes > d.budget_bytes - 600 * MiB for d in gpus), [d.total_bytes / GiB for d in gpus]
+        assert all(d.total_bytes > d.budget_bytes - 600 * MiB for d in gpus), [
+            d.total_bytes / GiB for d in gpus
+        ]
     else:
         assert all(d.weights_bytes > 0 for d in gpus)
     # Each card holds the KV cache of its own layers.
@@ -99,7 +113,9 @@ def test_a_fully_offloaded_split_pays_for_llama_cpps_pipeline_copies(mistral) ->
     hw = load_profile("2x-rtx3060")
     full = Placement(mistral.n_layers + 1, n_ctx=4096, tensor_split=(16.0, 17.0), flash_attn=True)
     piped = evaluate(mistral, hw, PlanRequest(), full)
-    overridden = evaluate(mistral, hw, PlanRequest(), replace(full, cpu_tensor_patterns=(r"^output\.weight$",)))
+    overridden = evaluate(
+        mistral, hw, PlanRequest(), replace(full, cpu_tensor_patterns=(r"^output\.weight$",))
+    )
     # Pipeline parallelism (no overrides) keeps more copies of inputs and handed-over activations.
     assert piped.devices[2].compute_bytes > overridden.devices[2].compute_bytes
     assert layer_devices(mistral.n_layers, 0, 2) == [CPU] * mistral.n_layers

@@ -58,9 +58,16 @@ def bench(argv: list[str]) -> int:
     n_prompt, n_gen = int(a.get("-p", 512)), int(a.get("-n", 128))
     n_ubatch = int(a.get("-ub", 512))
     threads = int(a.get("-t", 2))
-    llm = llama_cpp.Llama(a["-m"], n_ctx=n_prompt + n_gen + 1, n_batch=int(a.get("-b", 2048)), n_ubatch=n_ubatch,
-                          n_threads=threads, use_mmap=a.get("-lm", "auto") != "none",
-                          flash_attn=a.get("-fa", "0") in ("1", "on"), verbose="-v" in a)
+    llm = llama_cpp.Llama(
+        a["-m"],
+        n_ctx=n_prompt + n_gen + 1,
+        n_batch=int(a.get("-b", 2048)),
+        n_ubatch=n_ubatch,
+        n_threads=threads,
+        use_mmap=a.get("-lm", "auto") != "none",
+        flash_attn=a.get("-fa", "0") in ("1", "on"),
+        verbose="-v" in a,
+    )
     rng = random.Random(0)
     tokens = [rng.randrange(10, llm.n_vocab()) for _ in range(n_prompt)]
     rows = []
@@ -75,9 +82,18 @@ def bench(argv: list[str]) -> int:
             for i in range(n):
                 llm.eval([tokens[i % len(tokens)]])
         dt = time.perf_counter() - t0
-        rows.append({"n_prompt": n if kind == "pp" else 0, "n_gen": n if kind == "tg" else 0,
-                     "n_threads": threads, "n_ubatch": n_ubatch, "load_mode": a.get("-lm", "auto"),
-                     "avg_ts": n / dt, "samples_ts": [n / dt], "backends": "CPU"})
+        rows.append(
+            {
+                "n_prompt": n if kind == "pp" else 0,
+                "n_gen": n if kind == "tg" else 0,
+                "n_threads": threads,
+                "n_ubatch": n_ubatch,
+                "load_mode": a.get("-lm", "auto"),
+                "avg_ts": n / dt,
+                "samples_ts": [n / dt],
+                "backends": "CPU",
+            }
+        )
     llm.close()
     print(json.dumps(rows, indent=2))
     return 0

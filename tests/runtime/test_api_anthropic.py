@@ -132,7 +132,10 @@ def test_stream_events_come_in_anthropic_order_and_rebuild_the_message(server: R
     delta = next(e for e in parsed if e.type == "message_delta")
     ollama = _ollama_chat(server, "Say hello", {"temperature": 0, "num_predict": 8})
     assert text == ollama["message"]["content"]
-    assert (delta.usage.input_tokens + delta.usage.cache_read_input_tokens, delta.usage.output_tokens) == (
+    assert (
+        delta.usage.input_tokens + delta.usage.cache_read_input_tokens,
+        delta.usage.output_tokens,
+    ) == (
         ollama["prompt_eval_count"] + ollama["prompt_cached_count"],
         ollama["eval_count"],
     )
@@ -197,8 +200,10 @@ def test_forced_tool_use_and_its_result_round_trip(client: anthropic.Anthropic) 
         extra_body=GREEDY,
     )
     assert follow.stop_reason in ("end_turn", "max_tokens", "tool_use")
-    assert (follow.usage.input_tokens + follow.usage.cache_read_input_tokens
-            > m.usage.input_tokens + m.usage.cache_read_input_tokens)
+    assert (
+        follow.usage.input_tokens + follow.usage.cache_read_input_tokens
+        > m.usage.input_tokens + m.usage.cache_read_input_tokens
+    )
 
 
 def test_streamed_tool_use_comes_as_input_json_deltas(client: anthropic.Anthropic) -> None:

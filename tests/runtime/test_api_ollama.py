@@ -33,7 +33,11 @@ def test_generate_accepts_context_back_and_raw_returns_none(client: ollama.Clien
     assert again.context[: len(first.context)] == first.context
     # The earlier turn is still in the runner's cache: only the new tokens (and the last answer
     # token, which was never evaluated) are computed, as Ollama counts them.
-    assert 0 < again.prompt_eval_count <= len(again.context) - len(first.context) - again.eval_count + 1
+    assert (
+        0
+        < again.prompt_eval_count
+        <= len(again.context) - len(first.context) - again.eval_count + 1
+    )
     raw = client.generate(model=MODEL, prompt="one two three", raw=True, options=FAST)
     assert raw.context is None and raw.response
 
@@ -134,16 +138,32 @@ def test_tool_calls_are_parsed_from_a_model_whose_template_supports_tools(
     assert call.function.name == "get_weather" and call.function.arguments == {"city": "Paris"}
     assert r.message.content == ""
     # Streamed, the call's JSON is never sent as text and the call arrives parsed at the end.
-    chunks = list(client.chat(model=TOOLS_MODEL, messages=[{"role": "user", "content": "Weather in Paris?"}],
-                              tools=tools, format=forced, stream=True,
-                              options={"num_predict": 64, "temperature": 0}))
+    chunks = list(
+        client.chat(
+            model=TOOLS_MODEL,
+            messages=[{"role": "user", "content": "Weather in Paris?"}],
+            tools=tools,
+            format=forced,
+            stream=True,
+            options={"num_predict": 64, "temperature": 0},
+        )
+    )
     assert "".join(c.message.content or "" for c in chunks) == ""
-    assert chunks[-1].done and chunks[-1].message.tool_calls[0].function.arguments == {"city": "Paris"}
+    assert chunks[-1].done and chunks[-1].message.tool_calls[0].function.arguments == {
+        "city": "Paris"
+    }
     # An answer in prose streams while it is written, tools or not.
     prose = {"type": "string", "enum": ["It is sunny in Paris today, as far as I know."]}
-    chunks = list(client.chat(model=TOOLS_MODEL, messages=[{"role": "user", "content": "Weather in Paris?"}],
-                              tools=tools, format=prose, stream=True,
-                              options={"num_predict": 32, "temperature": 0}))
+    chunks = list(
+        client.chat(
+            model=TOOLS_MODEL,
+            messages=[{"role": "user", "content": "Weather in Paris?"}],
+            tools=tools,
+            format=prose,
+            stream=True,
+            options={"num_predict": 32, "temperature": 0},
+        )
+    )
     early = [c.message.content for c in chunks if not c.done and c.message.content]
     assert len(early) >= 3 and not chunks[-1].message.tool_calls
 

@@ -29,9 +29,15 @@ def test_probe_child_reports_this_build_and_its_devices() -> None:
     assert len(cpu) == 1 and cpu[0]["memory_total_bytes"] > 0 and cpu[0]["backend"] == "CPU"
     assert r.gpu_offload is bool(r.gpu_devices)
     # The same child runs as a module and prints one JSON object.
-    out = subprocess.run([sys.executable, "-m", "offload.runtime.runner.probe"], capture_output=True, text=True,
-                         timeout=120)
-    assert out.returncode == 0 and json.loads(out.stdout.splitlines()[-1])["devices"] == list(r.devices)
+    out = subprocess.run(
+        [sys.executable, "-m", "offload.runtime.runner.probe"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0 and json.loads(out.stdout.splitlines()[-1])["devices"] == list(
+        r.devices
+    )
 
 
 def test_probe_is_asked_once_per_install_and_again_after_a_reinstall() -> None:
@@ -56,15 +62,22 @@ def _broken_llama_cpp(tmp_path: Path, body: str) -> dict[str, str]:
     return {"PYTHONPATH": str(tmp_path)}
 
 
-def test_a_crashing_probe_is_reported_not_raised(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_crashing_probe_is_reported_not_raised(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     with monkeypatch.context() as m:
-        for k, v in _broken_llama_cpp(tmp_path, "import os, signal\nos.kill(os.getpid(), signal.SIGSEGV)\n").items():
+        for k, v in _broken_llama_cpp(
+            tmp_path, "import os, signal\nos.kill(os.getpid(), signal.SIGSEGV)\n"
+        ).items():
             m.setenv(k, v)
         r = backends.probe(refresh=True)
     backends.probe(refresh=True)  # leave the cache with the real answer
     assert not r.ok and "signal 11" in (r.error or "")
-    hw = Hardware("box", CPUInfo(cores=4, ram_bytes=16 * GiB, mem_bandwidth_Bps=30e9),
-                  gpus=(GPUInfo("NVIDIA GeForce RTX 3060", 12 * GiB, 360e9, 21e9),))
+    hw = Hardware(
+        "box",
+        CPUInfo(cores=4, ram_bytes=16 * GiB, mem_bandwidth_Bps=30e9),
+        gpus=(GPUInfo("NVIDIA GeForce RTX 3060", 12 * GiB, 360e9, 21e9),),
+    )
     usable = backends.usable_hardware(hw, r)
     assert usable.hardware.gpus == hw.gpus and usable.warning is None
     assert any("could not ask llama.cpp" in n for n in usable.hardware.notes)
@@ -80,22 +93,43 @@ def test_a_hanging_probe_times_out(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 
 
 def _with_gpus(n: int) -> Hardware:
-    gpus = tuple(GPUInfo("NVIDIA GeForce RTX 3060", 12 * GiB, 360e9, 21e9, index=i, vram_free_bytes=11 * GiB)
-                 for i in range(n))
+    gpus = tuple(
+        GPUInfo("NVIDIA GeForce RTX 3060", 12 * GiB, 360e9, 21e9, index=i, vram_free_bytes=11 * GiB)
+        for i in range(n)
+    )
     return Hardware("box", CPUInfo(cores=8, ram_bytes=32 * GiB, mem_bandwidth_Bps=38e9), gpus=gpus)
 
 
 def test_gpus_stay_when_llama_cpp_can_use_them_and_are_cut_to_the_ones_it_sees() -> None:
-    gpu = {"name": "CUDA0", "description": "NVIDIA GeForce RTX 3060", "type": "GPU",
-           "memory_total_bytes": 12 * GiB, "memory_free_bytes": 11 * GiB}
-    report = backends.BackendReport(ok=True, llama_cpp_version="0.3.36", gpu_offload=True, devices=(gpu,))
+    gpu = {
+        "name": "CUDA0",
+        "description": "NVIDIA GeForce RTX 3060",
+        "type": "GPU",
+        "memory_total_bytes": 12 * GiB,
+        "memory_free_bytes": 11 * GiB,
+    }
+    report = backends.BackendReport(
+        ok=True, llama_cpp_version="0.3.36", gpu_offload=True, devices=(gpu,)
+    )
     assert backends.usable_hardware(_with_gpus(1), report).hardware == _with_gpus(1)
     cut = backends.usable_hardware(_with_gpus(2), report)
-    assert len(cut.hardware.gpus) == 1 and cut.warning is None and "1 of the 2 GPUs" in cut.hardware.notes[-1]
-    cpu_build = backends.BackendReport(ok=True, llama_cpp_version="0.3.36", gpu_offload=False,
-                                       devices=({"name": "CPU", "type": "CPU"},))
+    assert (
+        len(cut.hardware.gpus) == 1
+        and cut.warning is None
+        and "1 of the 2 GPUs" in cut.hardware.notes[-1]
+    )
+    cpu_build = backends.BackendReport(
+        ok=True,
+        llama_cpp_version="0.3.36",
+        gpu_offload=False,
+        devices=({"name": "CPU", "type": "CPU"},),
+    )
     none = backends.usable_hardware(_with_gpus(2), cpu_build)
-    assert none.hardware.gpus == () and none.warning and "2 GPUs (NVIDIA GeForce RTX 3060)" in none.warning
+    assert (
+        none.hardware.gpus == ()
+        and none.warning
+        and "2 GPUs (NVIDIA GeForce RTX 3060)" in none.warning
+    )
     assert backends.gpu_install_command() in none.warning
 
 
@@ -118,7 +152,9 @@ def _cli() -> click.Group:
     return g
 
 
-def test_hardware_says_plainly_that_llama_cpp_cannot_use_the_gpu(gpu_in_nvml_cpu_build: Path) -> None:
+def test_hardware_says_plainly_that_llama_cpp_cannot_use_the_gpu(
+    gpu_in_nvml_cpu_build: Path,
+) -> None:
     r = CliRunner().invoke(_cli(), ["hardware"])
     assert r.exit_code == 0, r.output
     assert "NVIDIA GeForce RTX 3060" in r.stderr and "built without GPU support" in r.stderr
@@ -128,7 +164,9 @@ def test_hardware_says_plainly_that_llama_cpp_cannot_use_the_gpu(gpu_in_nvml_cpu
     assert data["gpus"] == [] and any("without GPU support" in n for n in data["notes"])
 
 
-def test_plan_warns_and_plans_for_the_cpu_meanwhile(gpu_in_nvml_cpu_build: Path, tmp_path: Path) -> None:
+def test_plan_warns_and_plans_for_the_cpu_meanwhile(
+    gpu_in_nvml_cpu_build: Path, tmp_path: Path
+) -> None:
     from tests import synth
 
     model = synth.write_model(tmp_path / "mistral.gguf", synth.mistral_7b())
@@ -150,7 +188,10 @@ def test_copy_probe_through_ggml_buffers_measures_the_cpu_device() -> None:
     from offload.runtime.runner import probe
 
     g = probe._Ggml(Path(llama_cpp.__file__).parent / "lib")
-    cpu = next(g.ggml_backend_dev_get(i) for i in range(g.ggml_backend_dev_count())
-               if g.ggml_backend_dev_type(g.ggml_backend_dev_get(i)) == 0)
+    cpu = next(
+        g.ggml_backend_dev_get(i)
+        for i in range(g.ggml_backend_dev_count())
+        if g.ggml_backend_dev_type(g.ggml_backend_dev_get(i)) == 0
+    )
     bw = probe._copy_bandwidths(g, cpu, n_bytes=32 << 20)
     assert bw["h2d_pageable_Bps"] > 1e8 and bw["device_copy_Bps"] > 1e8

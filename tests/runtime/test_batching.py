@@ -18,9 +18,17 @@ from offload.runtime.text.grammar import grammar_for_format
 
 
 def cpu_plan(**kw: object) -> Plan:
-    base = Plan(devices=(DevicePlan("CPU", "CPU", 0, 300 << 20, 40 << 20, 500 << 20, 0, 16 << 30),),
-                n_gpu_layers=0, n_ctx=2048, n_batch=512, n_ubatch=512, threads=2, threads_batch=2,
-                predicted=Prediction(40.0, 200.0, 1.0), n_parallel=4)
+    base = Plan(
+        devices=(DevicePlan("CPU", "CPU", 0, 300 << 20, 40 << 20, 500 << 20, 0, 16 << 30),),
+        n_gpu_layers=0,
+        n_ctx=2048,
+        n_batch=512,
+        n_ubatch=512,
+        threads=2,
+        threads_batch=2,
+        predicted=Prediction(40.0, 200.0, 1.0),
+        n_parallel=4,
+    )
     return dataclasses.replace(base, **kw)  # type: ignore[arg-type]
 
 
@@ -37,14 +45,21 @@ class Loop:
     def __init__(self, engine: Engine) -> None:
         from offload.runtime.runner.native import llama_c
 
-        llama_c.llama_memory_clear(engine.mem, True)  # a new loop starts from an empty cache, as a runner does
+        llama_c.llama_memory_clear(
+            engine.mem, True
+        )  # a new loop starts from an empty cache, as a runner does
         self.events: list[dict] = []
         self.loop = BatchLoop(engine, self.events.extend)
         self.engine = engine
         self.next_id = 1
 
-    def submit(self, text: str | None = None, tokens: list[int] | None = None, ignore_eos: bool = False,
-               **sampling: object) -> int:
+    def submit(
+        self,
+        text: str | None = None,
+        tokens: list[int] | None = None,
+        ignore_eos: bool = False,
+        **sampling: object,
+    ) -> int:
         rid = self.next_id
         self.next_id += 1
         prompt = tokens if tokens is not None else self.engine.tokenize(text or "")
@@ -53,7 +68,9 @@ class Loop:
         return rid
 
     def done(self, rid: int) -> dict | None:
-        return next((e for e in self.events if e.get("id") == rid and e["ev"] in ("done", "error")), None)
+        return next(
+            (e for e in self.events if e.get("id") == rid and e["ev"] in ("done", "error")), None
+        )
 
     def run(self, *rids: int, max_steps: int = 2000) -> None:
         for _ in range(max_steps):
@@ -74,7 +91,10 @@ class Loop:
 
 def test_four_requests_decode_together_in_one_batch_each_step(engine: Engine) -> None:
     lp = Loop(engine)
-    rids = [lp.submit(f"Story number {i}: once upon a time", temperature=0, num_predict=12) for i in range(4)]
+    rids = [
+        lp.submit(f"Story number {i}: once upon a time", temperature=0, num_predict=12)
+        for i in range(4)
+    ]
     lp.run(*rids)
     # After the prompts, each step held one token of each of the four streams.
     assert max(d for d, _, _ in lp.loop.steps) == 4
@@ -88,8 +108,15 @@ def test_tokens_never_cross_between_streams_forced_by_grammar(engine: Engine) ->
     rids = []
     for w in words:
         schema = {"type": "object", "properties": {"word": {"const": w}}, "required": ["word"]}
-        rids.append(lp.submit("Answer in JSON:", temperature=0.8, seed=3, num_predict=40,
-                              grammar=grammar_for_format(schema)))
+        rids.append(
+            lp.submit(
+                "Answer in JSON:",
+                temperature=0.8,
+                seed=3,
+                num_predict=40,
+                grammar=grammar_for_format(schema),
+            )
+        )
     lp.run(*rids)
     import json
 
@@ -141,7 +168,9 @@ def test_a_cancelled_request_frees_its_slot_within_one_step(engine: Engine) -> N
     lp.run(*busy[1:])
 
 
-def test_a_shared_prefix_is_copied_from_a_running_stream_instead_of_recomputed(engine: Engine) -> None:
+def test_a_shared_prefix_is_copied_from_a_running_stream_instead_of_recomputed(
+    engine: Engine,
+) -> None:
     lp = Loop(engine)
     system = "You are a helpful assistant who answers briefly. " * 6
     a = lp.submit(system + "Question one?", temperature=0, num_predict=20)
@@ -151,7 +180,11 @@ def test_a_shared_prefix_is_copied_from_a_running_stream_instead_of_recomputed(e
     lp.run(a, b)
     shared = len(engine.tokenize(system))
     assert lp.stats(b)["cached_tokens"] >= shared - 2
-    assert lp.stats(b)["prompt_eval_count"] == len(engine.tokenize(system + "Question two, a different one?")) - lp.stats(b)["cached_tokens"]
+    assert (
+        lp.stats(b)["prompt_eval_count"]
+        == len(engine.tokenize(system + "Question two, a different one?"))
+        - lp.stats(b)["cached_tokens"]
+    )
 
 
 def test_the_previous_turn_of_a_chat_is_reused_from_its_slot(engine: Engine) -> None:
@@ -188,10 +221,20 @@ def test_a_full_kv_cache_ends_only_the_request_that_holds_the_most(gemma_gguf: P
     try:
         e.n_ctx = 1024
         lp = Loop(e)
-        rids = [lp.submit(tokens=e.tokenize("A long tale: " + "go on " * 220), temperature=0, num_predict=560,
-                          ignore_eos=True)]
-        rids += [lp.submit(tokens=e.tokenize(f"Tale {i}: " + "more " * 400), temperature=0, num_predict=60)
-                 for i in range(3)]
+        rids = [
+            lp.submit(
+                tokens=e.tokenize("A long tale: " + "go on " * 220),
+                temperature=0,
+                num_predict=560,
+                ignore_eos=True,
+            )
+        ]
+        rids += [
+            lp.submit(
+                tokens=e.tokenize(f"Tale {i}: " + "more " * 400), temperature=0, num_predict=60
+            )
+            for i in range(3)
+        ]
         lp.run(*rids, max_steps=5000)
         first = lp.stats(rids[0])
         assert first["done_reason"] == "length" and first["eval_count"] < 560
@@ -205,8 +248,12 @@ def test_greedy_answers_mostly_match_alone_and_in_a_batch_of_eight(gemma_gguf: P
     that crossed would match nothing. The measured share is written by bench/batch_match.py."""
     e = Engine.load(gemma_gguf, cpu_plan(n_parallel=8, n_ctx=256))
     try:
-        prompts = [f"Fact {i}: the {w} is" for i, w in enumerate(
-            ["sun", "moon", "sea", "river", "forest", "city", "mountain", "desert"])]
+        prompts = [
+            f"Fact {i}: the {w} is"
+            for i, w in enumerate(
+                ["sun", "moon", "sea", "river", "forest", "city", "mountain", "desert"]
+            )
+        ]
         alone = []
         for p in prompts:
             lp = Loop(e)
@@ -224,7 +271,9 @@ def test_greedy_answers_mostly_match_alone_and_in_a_batch_of_eight(gemma_gguf: P
 
 
 @pytest.mark.parametrize("pipelined", [False, True], ids=["immediate", "pipelined"])
-def test_sending_tokens_while_the_next_step_runs_changes_no_answer(engine: Engine, pipelined: bool) -> None:
+def test_sending_tokens_while_the_next_step_runs_changes_no_answer(
+    engine: Engine, pipelined: bool
+) -> None:
     """Where llama_decode is asynchronous (a GPU) the loop sends last step's tokens while the next
     step runs; the answers, stop strings, limits and cache bookkeeping must be the same."""
     lp = Loop(engine)
@@ -235,7 +284,9 @@ def test_sending_tokens_while_the_next_step_runs_changes_no_answer(engine: Engin
     lp.run(free, stopped, short)
     assert "six" in lp.text(free) and lp.stats(free)["eval_count"] == 12
     assert lp.text(stopped) == lp.text(free)[: lp.text(free).index("six")]
-    assert lp.stats(stopped)["done_reason"] == "stop" and lp.stats(stopped)["stop_sequence"] == "six"
+    assert (
+        lp.stats(stopped)["done_reason"] == "stop" and lp.stats(stopped)["stop_sequence"] == "six"
+    )
     assert lp.stats(short)["eval_count"] == 5 and lp.stats(short)["done_reason"] == "length"
     # Every slot's record matches what its sequence holds in llama.cpp's cache.
     from offload.runtime.runner.native import llama_c

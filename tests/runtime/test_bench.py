@@ -32,9 +32,12 @@ def cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> click.Group:
     return group
 
 
-def test_bench_json_has_measured_and_predicted_side_by_side_and_calibrates(cli: click.Group, gemma: Path) -> None:
-    r = CliRunner().invoke(cli, ["bench", str(gemma), "--prompt", "96", "--gen", "12", "--parallel", "1,2",
-                                 "--json"])
+def test_bench_json_has_measured_and_predicted_side_by_side_and_calibrates(
+    cli: click.Group, gemma: Path
+) -> None:
+    r = CliRunner().invoke(
+        cli, ["bench", str(gemma), "--prompt", "96", "--gen", "12", "--parallel", "1,2", "--json"]
+    )
     assert r.exit_code == 0, r.output
     out = json.loads(r.output)
     for key in ("prompt_tps", "decode_tps", "ttft_s"):
@@ -55,7 +58,9 @@ def test_bench_json_has_measured_and_predicted_side_by_side_and_calibrates(cli: 
 
 
 def test_bench_table_names_the_placement(cli: click.Group, gemma: Path) -> None:
-    r = CliRunner().invoke(cli, ["bench", str(gemma), "--prompt", "48", "--gen", "8", "--parallel", "1,2"])
+    r = CliRunner().invoke(
+        cli, ["bench", str(gemma), "--prompt", "48", "--gen", "8", "--parallel", "1,2"]
+    )
     assert r.exit_code == 0, r.output
     assert "0 GPU layers" in r.output and "measured / predicted" in r.output
     # One row per stream count: measured aggregate beside the speed model's.
@@ -71,7 +76,9 @@ def test_bad_parallel_list_is_a_usage_error(cli: click.Group, gemma: Path) -> No
 def test_chart_is_written(cli: click.Group, gemma: Path, tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     png = tmp_path / "bench.png"
-    r = CliRunner().invoke(cli, ["bench", str(gemma), "--prompt", "48", "--gen", "8", "--chart", str(png)])
+    r = CliRunner().invoke(
+        cli, ["bench", str(gemma), "--prompt", "48", "--gen", "8", "--chart", str(png)]
+    )
     assert r.exit_code == 0, r.output
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -90,29 +97,78 @@ def _gpu_tools():  # bench/ is scripts, not a package
 
 def test_fit_params_output_is_parsed_into_layers_and_cpu_patterns() -> None:
     tools = _gpu_tools()
-    out = ("llama_params_fit: successfully fit params to free device memory\n"
-           "-c 4096 -ngl 49 -ot \"blk\\.(3[0-9]|4[0-7])\\.ffn_(up|down|gate)_exps=CPU,blk\\.29\\.ffn_up_exps=CPU\"\n")
+    out = (
+        "llama_params_fit: successfully fit params to free device memory\n"
+        '-c 4096 -ngl 49 -ot "blk\\.(3[0-9]|4[0-7])\\.ffn_(up|down|gate)_exps=CPU,blk\\.29\\.ffn_up_exps=CPU"\n'
+    )
     got = tools.parse_fit_params(out)
     assert got["n_gpu_layers"] == 49
-    assert got["cpu_tensor_patterns"] == [r"blk\.(3[0-9]|4[0-7])\.ffn_(up|down|gate)_exps", r"blk\.29\.ffn_up_exps"]
+    assert got["cpu_tensor_patterns"] == [
+        r"blk\.(3[0-9]|4[0-7])\.ffn_(up|down|gate)_exps",
+        r"blk\.29\.ffn_up_exps",
+    ]
     assert tools.parse_fit_params("-ngl 33\n")["cpu_tensor_patterns"] == []
     assert tools.parse_fit_params("no placement here") is None
 
 
 def test_two_gpu_fit_lines_and_plans_become_llama_bench_arguments() -> None:
     tools = _gpu_tools()
-    fit = tools.parse_fit_params('-c 2112 -ngl 49 -ts 30,19 -ot "blk\\.4[0-7]\\.ffn_(up|down)_exps=CPU,blk\\.9\\.ffn_up_exps=CUDA1"\n')
+    fit = tools.parse_fit_params(
+        '-c 2112 -ngl 49 -ts 30,19 -ot "blk\\.4[0-7]\\.ffn_(up|down)_exps=CPU,blk\\.9\\.ffn_up_exps=CUDA1"\n'
+    )
     assert fit["n_ctx"] == 2112 and fit["tensor_split"] == [30.0, 19.0]
-    assert fit["overrides"] == [[r"blk\.4[0-7]\.ffn_(up|down)_exps", "CPU"], [r"blk\.9\.ffn_up_exps", "CUDA1"]]
+    assert fit["overrides"] == [
+        [r"blk\.4[0-7]\.ffn_(up|down)_exps", "CPU"],
+        [r"blk\.9\.ffn_up_exps", "CUDA1"],
+    ]
     args = tools.fit_bench_args(fit)
-    assert args == ["-ngl", "49", "-ts", "30/19", "-ot", r"blk\.4[0-7]\.ffn_(up|down)_exps=CPU;blk\.9\.ffn_up_exps=CUDA1"]
-    plan = {"n_gpu_layers": 49, "tensor_split": [0.6, 0.4], "cpu_tensor_patterns": [r"^blk\.(0|1)\.ffn_up_exps"],
-            "n_batch": 2048, "n_ubatch": 1024, "threads": 12, "threads_batch": 12, "kv_type": "q8_0",
-            "flash_attn": True, "use_mmap": False, "op_offload": True, "main_gpu": 0, "split_mode": "layer",
-            "something_new": 1}
+    assert args == [
+        "-ngl",
+        "49",
+        "-ts",
+        "30/19",
+        "-ot",
+        r"blk\.4[0-7]\.ffn_(up|down)_exps=CPU;blk\.9\.ffn_up_exps=CUDA1",
+    ]
+    plan = {
+        "n_gpu_layers": 49,
+        "tensor_split": [0.6, 0.4],
+        "cpu_tensor_patterns": [r"^blk\.(0|1)\.ffn_up_exps"],
+        "n_batch": 2048,
+        "n_ubatch": 1024,
+        "threads": 12,
+        "threads_batch": 12,
+        "kv_type": "q8_0",
+        "flash_attn": True,
+        "use_mmap": False,
+        "op_offload": True,
+        "main_gpu": 0,
+        "split_mode": "layer",
+        "something_new": 1,
+    }
     args, notes = tools.plan_bench_args(plan)
-    assert args == ["-ngl", "49", "-ts", "0.6/0.4", "-ot", r"^blk\.(0|1)\.ffn_up_exps=CPU", "-b", "2048", "-ub", "1024",
-                    "-t", "12", "-ctk", "q8_0", "-ctv", "q8_0", "-fa", "1", "-lm", "none"]
+    assert args == [
+        "-ngl",
+        "49",
+        "-ts",
+        "0.6/0.4",
+        "-ot",
+        r"^blk\.(0|1)\.ffn_up_exps=CPU",
+        "-b",
+        "2048",
+        "-ub",
+        "1024",
+        "-t",
+        "12",
+        "-ctk",
+        "q8_0",
+        "-ctv",
+        "q8_0",
+        "-fa",
+        "1",
+        "-lm",
+        "none",
+    ]
     assert notes == ["plan keys not replayed: something_new"]
     with pytest.raises(ValueError, match="separator"):
         tools.plan_bench_args({**plan, "cpu_tensor_patterns": [r"blk\.\d{1,2}\.x"]})
@@ -120,15 +176,19 @@ def test_two_gpu_fit_lines_and_plans_become_llama_bench_arguments() -> None:
 
 def test_llama_bench_buffers_and_out_of_memory_are_read_from_its_log() -> None:
     tools = _gpu_tools()
-    log = ("load_tensors:        CUDA0 model buffer size =  7661.36 MiB\n"
-           "load_tensors:    CUDA_Host model buffer size = 11873.02 MiB\n"
-           "llama_context:  CUDA_Host  output buffer size =     0.58 MiB\n"
-           "llama_kv_cache:      CUDA0 KV buffer size =   192.00 MiB\n"
-           "sched_reserve:      CUDA0 compute buffer size =   304.00 MiB\n"
-           "sched_reserve:      CUDA0 compute buffer size =    96.00 MiB\n"
-           "~llama_context:        CPU compute buffer size is   0.6306 MiB, matches expectation\n")
-    assert tools.parse_buffers(log) == {"CUDA0": {"model": 7661.36, "KV": 192.0, "compute": 304.0},
-                                        "CUDA_Host": {"model": 11873.02, "output": 0.58}}
+    log = (
+        "load_tensors:        CUDA0 model buffer size =  7661.36 MiB\n"
+        "load_tensors:    CUDA_Host model buffer size = 11873.02 MiB\n"
+        "llama_context:  CUDA_Host  output buffer size =     0.58 MiB\n"
+        "llama_kv_cache:      CUDA0 KV buffer size =   192.00 MiB\n"
+        "sched_reserve:      CUDA0 compute buffer size =   304.00 MiB\n"
+        "sched_reserve:      CUDA0 compute buffer size =    96.00 MiB\n"
+        "~llama_context:        CPU compute buffer size is   0.6306 MiB, matches expectation\n"
+    )
+    assert tools.parse_buffers(log) == {
+        "CUDA0": {"model": 7661.36, "KV": 192.0, "compute": 304.0},
+        "CUDA_Host": {"model": 11873.02, "output": 0.58},
+    }
 
 
 def _llama_tools(tmp_path: Path) -> Path:
@@ -153,10 +213,27 @@ def _llama_tools(tmp_path: Path) -> Path:
 def _sweep(tmp_path: Path, tools: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     import sys
 
-    return subprocess.run([sys.executable, str(BENCH / "gpu_sweep.py"), "--cpu-smoke", "--budgets", "tiny-moe=0.55",
-                           "--state", str(tmp_path / "state"), "--out", str(tmp_path / "out"),
-                           "--model-dir", str(tmp_path), "--tools-dir", str(tools), *extra],
-                          capture_output=True, text=True, timeout=400)
+    return subprocess.run(
+        [
+            sys.executable,
+            str(BENCH / "gpu_sweep.py"),
+            "--cpu-smoke",
+            "--budgets",
+            "tiny-moe=0.55",
+            "--state",
+            str(tmp_path / "state"),
+            "--out",
+            str(tmp_path / "out"),
+            "--model-dir",
+            str(tmp_path),
+            "--tools-dir",
+            str(tools),
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
 
 
 def test_gpu_sweep_runs_every_candidate_resumes_and_stops_in_time(tmp_path: Path) -> None:
@@ -169,14 +246,22 @@ def test_gpu_sweep_runs_every_candidate_resumes_and_stops_in_time(tmp_path: Path
     cands = doc["candidates"]
     assert cands["fit_no_mmap"]["args"] == cands["fit"]["args"] + ["-lm", "none"]
     expert = cands["expert"]["args"]
-    assert expert[expert.index("-ub") + 1] == "2048" and "-t" in expert and "-ub 2048" in cands["expert"]["source"]["cmd"]
-    for label in labels[3:]:  # planned through `offload plan --json`, replayed with the plan's knobs
+    assert (
+        expert[expert.index("-ub") + 1] == "2048"
+        and "-t" in expert
+        and "-ub 2048" in cands["expert"]["source"]["cmd"]
+    )
+    for label in labels[
+        3:
+    ]:  # planned through `offload plan --json`, replayed with the plan's knobs
         plan = cands[label]["plan"]
         assert cands[label]["args"][:2] == ["-ngl", str(plan["n_gpu_layers"])]
         assert cands[label]["predicted"]["decode_tps"] > 0
     for label in labels:
         m = doc["medians"][label]
-        assert m["loads"] == 2 and m["measured"] == 2 and m["prompt_tps"] > 0 and m["decode_tps"] > 0, label
+        assert (
+            m["loads"] == 2 and m["measured"] == 2 and m["prompt_tps"] > 0 and m["decode_tps"] > 0
+        ), label
         assert m["request_s"] == pytest.approx(1024 / m["prompt_tps"] + 256 / m["decode_tps"])
     assert doc["targets"]["request_speedup"] > 0 and doc["targets"]["complete"]
     summary = (tmp_path / "out" / "sweep-summary.md").read_text()
@@ -188,39 +273,69 @@ def test_gpu_sweep_runs_every_candidate_resumes_and_stops_in_time(tmp_path: Path
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     doc = json.loads((tmp_path / "state" / "sweep-tiny-moe-0.55gib.json").read_text())
     assert {(x["label"], x["rep"]): x.get("wall_s") for x in doc["runs"] if x["rep"] < 3} == first
-    assert all(doc["medians"][label]["loads"] == 3 for label in labels) and doc["targets"]["complete"]
+    assert (
+        all(doc["medians"][label]["loads"] == 3 for label in labels) and doc["targets"]["complete"]
+    )
     loads = [x for x in doc["runs"] if "shared_with" not in x]
-    assert len(loads) == len({tuple(c["args"]) for c in cands.values()}) * 3  # equal placements load once
+    assert (
+        len(loads) == len({tuple(c["args"]) for c in cands.values()}) * 3
+    )  # equal placements load once
 
     # Out of time: no load is started, the files are still written.
     r = _sweep(tmp_path, tools, "--reps", "4", "--time-budget-s", "1")
     assert r.returncode == 0 and "stopping" in r.stdout
     last = json.loads((tmp_path / "out" / "sweep-tiny-moe-0.55gib.json").read_text())
-    assert len(last["runs"]) == len(doc["runs"]) and last["targets"]["complete"] is False  # 3 of 4 loads
+    assert (
+        len(last["runs"]) == len(doc["runs"]) and last["targets"]["complete"] is False
+    )  # 3 of 4 loads
 
 
 def test_llama_bench_json_is_read_and_a_failed_load_is_an_out_of_memory(tmp_path: Path) -> None:
     tools = _gpu_tools()
     fake = tmp_path / "llama-bench"
-    fake.write_text("#!/bin/sh\necho \"$@\" > \"$(dirname \"$0\")/args\"\n"
-                    "echo 'load_tensors:        CUDA0 model buffer size =  100.00 MiB' >&2\n"
-                    "echo '[{\"n_prompt\": 2048, \"n_gen\": 0, \"avg_ts\": 900.5, \"samples_ts\": [900.5]},"
-                    " {\"n_prompt\": 0, \"n_gen\": 64, \"avg_ts\": 44.25, \"samples_ts\": [44.25]}]'\n")
+    fake.write_text(
+        '#!/bin/sh\necho "$@" > "$(dirname "$0")/args"\n'
+        "echo 'load_tensors:        CUDA0 model buffer size =  100.00 MiB' >&2\n"
+        'echo \'[{"n_prompt": 2048, "n_gen": 0, "avg_ts": 900.5, "samples_ts": [900.5]},'
+        ' {"n_prompt": 0, "n_gen": 64, "avg_ts": 44.25, "samples_ts": [44.25]}]\'\n'
+    )
     fake.chmod(0o755)
-    got = tools.run_llama_bench(fake, tmp_path / "m.gguf", ["-ngl", "49", "-ot", r"a=CPU;blk\.1\.x=CPU"], prompt=2048,
-                                gen=64, monitor=False)
-    assert got["prompt_tps"] == 900.5 and got["decode_tps"] == 44.25 and got["rc"] == 0 and not got["oom"]
+    got = tools.run_llama_bench(
+        fake,
+        tmp_path / "m.gguf",
+        ["-ngl", "49", "-ot", r"a=CPU;blk\.1\.x=CPU"],
+        prompt=2048,
+        gen=64,
+        monitor=False,
+    )
+    assert (
+        got["prompt_tps"] == 900.5
+        and got["decode_tps"] == 44.25
+        and got["rc"] == 0
+        and not got["oom"]
+    )
     assert got["buffers_mib"] == {"CUDA0": {"model": 100.0}}
     args = (tmp_path / "args").read_text().split()
     assert args[args.index("-ot") + 1] == r"a=CPU;blk\.1\.x=CPU" and "-v" in args
     assert args[args.index("-p") + 1] == "2048" and args[args.index("-r") + 1] == "1"
-    fake.write_text("#!/bin/sh\necho 'ggml_backend_cuda_buffer_type_alloc_buffer: allocating 9000.00 MiB on device 0:"
-                    " cudaMalloc failed: out of memory' >&2\nexit 1\n")
-    got = tools.run_llama_bench(fake, tmp_path / "m.gguf", ["-ngl", "99"], prompt=2048, gen=64, monitor=False)
-    assert got["oom"] and got["rc"] == 1 and "prompt_tps" not in got and "cudaMalloc failed" in got["stderr_tail"]
+    fake.write_text(
+        "#!/bin/sh\necho 'ggml_backend_cuda_buffer_type_alloc_buffer: allocating 9000.00 MiB on device 0:"
+        " cudaMalloc failed: out of memory' >&2\nexit 1\n"
+    )
+    got = tools.run_llama_bench(
+        fake, tmp_path / "m.gguf", ["-ngl", "99"], prompt=2048, gen=64, monitor=False
+    )
+    assert (
+        got["oom"]
+        and got["rc"] == 1
+        and "prompt_tps" not in got
+        and "cudaMalloc failed" in got["stderr_tail"]
+    )
 
 
-def test_synthetic_moe_routes_a_batch_across_all_experts_like_a_trained_model(tmp_path: Path) -> None:
+def test_synthetic_moe_routes_a_batch_across_all_experts_like_a_trained_model(
+    tmp_path: Path,
+) -> None:
     """llama.cpp's op offload copies only the experts a micro-batch uses, so the GPU sweep's
     prompt timings are only real if the synthetic model's router spreads tokens as a trained one
     does. Counted here through llama.cpp's own eval callback on the tensor of chosen experts."""
@@ -232,12 +347,26 @@ def test_synthetic_moe_routes_a_batch_across_all_experts_like_a_trained_model(tm
 
     from offload.runtime.runner import native as eng
 
-    spec = synth.ModelSpec(arch="qwen3moe", n_layers=4, n_embd=512, n_ff=1024, n_head=8, n_head_kv=2,
-                           head_dim=64, n_vocab=2048, n_ctx_train=2048, expert_count=32, expert_used=4,
-                           n_ff_exp=256, qk_norm=True)
+    spec = synth.ModelSpec(
+        arch="qwen3moe",
+        n_layers=4,
+        n_embd=512,
+        n_ff=1024,
+        n_head=8,
+        n_head_kv=2,
+        head_dim=64,
+        n_vocab=2048,
+        n_ctx_train=2048,
+        expert_count=32,
+        expert_used=4,
+        n_ff_exp=256,
+        qk_norm=True,
+    )
     model = synth.write_model(tmp_path / "moe.gguf", spec, data="random")
 
-    get_name, nel, get_i32 = (eng.ggml_symbol(n) for n in ("ggml_get_name", "ggml_nelements", "ggml_get_i32_1d"))
+    get_name, nel, get_i32 = (
+        eng.ggml_symbol(n) for n in ("ggml_get_name", "ggml_nelements", "ggml_get_i32_1d")
+    )
     get_name.restype, get_name.argtypes = ctypes.c_char_p, [ctypes.c_void_p]
     nel.restype, nel.argtypes = ctypes.c_int64, [ctypes.c_void_p]
     get_i32.restype, get_i32.argtypes = ctypes.c_int32, [ctypes.c_void_p, ctypes.c_int]
@@ -261,7 +390,9 @@ def test_synthetic_moe_routes_a_batch_across_all_experts_like_a_trained_model(tm
 
     llama_c.llama_context_default_params = with_callback
     try:
-        llm = llama_cpp.Llama(str(model), n_ctx=512, n_batch=256, n_ubatch=256, n_threads=2, verbose=False)
+        llm = llama_cpp.Llama(
+            str(model), n_ctx=512, n_batch=256, n_ubatch=256, n_threads=2, verbose=False
+        )
     finally:
         llama_c.llama_context_default_params = default
     try:

@@ -11,10 +11,21 @@ from offload.planner.types import CPUInfo, DevicePlan, Hardware, Plan, Predictio
 from offload.runtime.runner.generation import Stats
 from offload.runtime.serving import calibration
 
-HW = Hardware("box", CPUInfo(cores=2, ram_bytes=8 << 30, mem_bandwidth_Bps=20e9), fingerprint="fp-test")
-PLAN = Plan(devices=(DevicePlan("CPU", "CPU", 0, 1, 1, 1, 0, 1 << 33),), n_gpu_layers=0, n_ctx=1024,
-            n_batch=512, n_ubatch=512, threads=2, threads_batch=2, predicted=Prediction(40, 200, 1),
-            model_path="", hardware_fingerprint="fp-test")
+HW = Hardware(
+    "box", CPUInfo(cores=2, ram_bytes=8 << 30, mem_bandwidth_Bps=20e9), fingerprint="fp-test"
+)
+PLAN = Plan(
+    devices=(DevicePlan("CPU", "CPU", 0, 1, 1, 1, 0, 1 << 33),),
+    n_gpu_layers=0,
+    n_ctx=1024,
+    n_batch=512,
+    n_ubatch=512,
+    threads=2,
+    threads_batch=2,
+    predicted=Prediction(40, 200, 1),
+    model_path="",
+    hardware_fingerprint="fp-test",
+)
 
 
 @pytest.fixture(autouse=True)
@@ -24,11 +35,15 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def test_a_generation_is_recorded_with_its_measured_speeds(home: Path) -> None:
-    stats = Stats(prompt_eval_count=200, prompt_eval_s=0.5, eval_count=64, eval_s=2.0, cached_tokens=0)
+    stats = Stats(
+        prompt_eval_count=200, prompt_eval_s=0.5, eval_count=64, eval_s=2.0, cached_tokens=0
+    )
     assert calibration.record(PLAN, "sha256:abc", stats, hardware=HW)
     hw, obs = calibration.observations("fp-test")
     assert hw == HW and len(obs) == 1
-    assert obs[0]["prompt_tps"] == pytest.approx(400.0) and obs[0]["decode_tps"] == pytest.approx(32.0)
+    assert obs[0]["prompt_tps"] == pytest.approx(400.0) and obs[0]["decode_tps"] == pytest.approx(
+        32.0
+    )
     assert obs[0]["model_digest"] == "sha256:abc" and Plan.from_dict(obs[0]["plan"]) == PLAN
     assert json.loads((home / "calibration.json").read_text())["machines"]["fp-test"]
     assert not list(home.glob(".calibration.*"))  # no temp file left behind
@@ -43,7 +58,9 @@ def test_runs_too_short_to_measure_are_not_recorded() -> None:
 def test_cached_prompt_tokens_do_not_inflate_prompt_speed() -> None:
     # prompt_eval_count counts only what was computed: 200 of a 300-token prompt whose first 100
     # were cached.
-    stats = Stats(prompt_eval_count=200, prompt_eval_s=0.5, eval_count=10, eval_s=1.0, cached_tokens=100)
+    stats = Stats(
+        prompt_eval_count=200, prompt_eval_s=0.5, eval_count=10, eval_s=1.0, cached_tokens=100
+    )
     calibration.record(PLAN, "d", stats, hardware=HW)
     assert calibration.observations("fp-test")[1][0]["prompt_tps"] == pytest.approx(400.0)
 
@@ -51,15 +68,18 @@ def test_cached_prompt_tokens_do_not_inflate_prompt_speed() -> None:
 def test_the_store_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(calibration, "MAX_PER_MACHINE", 5)
     for i in range(8):
-        calibration.record_speeds(PLAN, f"d{i}", prompt_tokens=100, prompt_tps=100.0 + i, decode_tps=None,
-                                  hardware=HW)
+        calibration.record_speeds(
+            PLAN, f"d{i}", prompt_tokens=100, prompt_tps=100.0 + i, decode_tps=None, hardware=HW
+        )
     obs = calibration.observations("fp-test")[1]
     assert [o["model_digest"] for o in obs] == ["d3", "d4", "d5", "d6", "d7"]
 
 
 def test_a_corrupt_store_is_replaced_not_fatal(home: Path) -> None:
     (home / "calibration.json").write_text("{not json")
-    assert calibration.record_speeds(PLAN, "d", prompt_tokens=100, prompt_tps=50.0, decode_tps=5.0, hardware=HW)
+    assert calibration.record_speeds(
+        PLAN, "d", prompt_tokens=100, prompt_tps=50.0, decode_tps=5.0, hardware=HW
+    )
     assert len(calibration.observations("fp-test")[1]) == 1
 
 
@@ -76,13 +96,18 @@ def test_speed_params_are_fitted_from_recorded_runs(tmp_path: Path) -> None:
     plan = PLAN.__class__(**{**PLAN.__dict__, "model_path": path})
     for threads, dec in ((1, 10.0), (2, 18.0)):
         p = plan.__class__(**{**plan.__dict__, "threads": threads, "threads_batch": threads})
-        calibration.record_speeds(p, "d", prompt_tokens=256, prompt_tps=150.0, decode_tps=dec, hardware=HW)
+        calibration.record_speeds(
+            p, "d", prompt_tokens=256, prompt_tps=150.0, decode_tps=dec, hardware=HW
+        )
     params, n = calibration.speed_params_for("fp-test")
     assert n == 2 and isinstance(params, cost.SpeedParams) and params != cost.SpeedParams()
     stored = json.loads(calibration.store_path().read_text())["machines"]["fp-test"]["fitted"]
     assert stored["n_runs"] == 2 and stored["params"]["cpu_bw_eff"] == params.cpu_bw_eff
     calibration._fit_cache.clear()  # as a new process would see it: the stored fit is reused
-    assert calibration.observations("fp-test")[1] and calibration.speed_params_for("fp-test") == (params, 2)
+    assert calibration.observations("fp-test")[1] and calibration.speed_params_for("fp-test") == (
+        params,
+        2,
+    )
 
 
 def test_served_requests_record_the_models_workload(server) -> None:  # type: ignore[no-untyped-def]
@@ -91,10 +116,21 @@ def test_served_requests_record_the_models_workload(server) -> None:  # type: ig
     from tests.runtime.conftest import MODEL
 
     digest = server.store.resolve(MODEL).digest
-    before = len(calibration._read_workloads(calibration.workloads_path())["models"].get(digest, {}).get("requests", []))
-    r = httpx.post(f"{server.url}/api/generate", timeout=120,
-                   json={"model": MODEL, "prompt": "Workload probe, a prompt of some words", "stream": False,
-                         "options": {"num_predict": 3, "temperature": 0}})
+    before = len(
+        calibration._read_workloads(calibration.workloads_path())["models"]
+        .get(digest, {})
+        .get("requests", [])
+    )
+    r = httpx.post(
+        f"{server.url}/api/generate",
+        timeout=120,
+        json={
+            "model": MODEL,
+            "prompt": "Workload probe, a prompt of some words",
+            "stream": False,
+            "options": {"num_predict": 3, "temperature": 0},
+        },
+    )
     assert r.status_code == 200
     reqs = calibration._read_workloads(calibration.workloads_path())["models"][digest]["requests"]
     assert len(reqs) == before + 1 and reqs[-1] == [r.json()["prompt_eval_count"], 3]

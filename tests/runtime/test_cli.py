@@ -27,7 +27,9 @@ def cli_env(offload_home: Path) -> Iterator[dict[str, str]]:
         return
     if pid_info.status_code == 200:
         # The background server started by `offload run`: find it by its port and stop it.
-        out = subprocess.run(["pgrep", "-f", "offload.runtime.cli serve"], capture_output=True, text=True)
+        out = subprocess.run(
+            ["pgrep", "-f", "offload.runtime.cli serve"], capture_output=True, text=True
+        )
         for pid in out.stdout.split():
             try:
                 env_of = Path(f"/proc/{pid}/environ").read_bytes()
@@ -37,17 +39,33 @@ def cli_env(offload_home: Path) -> Iterator[dict[str, str]]:
                 os.kill(int(pid), signal.SIGTERM)
 
 
-def offload(env: dict[str, str], *args: str, stdin: str | None = None, timeout: float = 180) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "offload.runtime.cli", *args], env=env, input=stdin,
-                          capture_output=True, text=True, timeout=timeout)
+def offload(
+    env: dict[str, str], *args: str, stdin: str | None = None, timeout: float = 180
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "offload.runtime.cli", *args],
+        env=env,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
-def test_run_one_shot_starts_a_server_and_answers(cli_env: dict[str, str], offload_home: Path) -> None:
+def test_run_one_shot_starts_a_server_and_answers(
+    cli_env: dict[str, str], offload_home: Path
+) -> None:
     r = offload(cli_env, "run", "gemma3:270m", "Say hello.", "--verbose", stdin="")
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip(), "no answer printed"
-    for stat in ("total duration:", "load duration:", "prompt eval count:", "prompt eval rate:",
-                 "eval count:", "eval rate:"):
+    for stat in (
+        "total duration:",
+        "load duration:",
+        "prompt eval count:",
+        "prompt eval rate:",
+        "eval count:",
+        "eval rate:",
+    ):
         assert stat in r.stderr
     # The server it started keeps running, logging under the data dir.
     assert httpx.get(f"http://{cli_env['OFFLOAD_HOST']}/", timeout=5).status_code == 200
@@ -63,7 +81,9 @@ def test_run_reads_a_piped_prompt(cli_env: dict[str, str]) -> None:
 def test_run_unknown_model_says_how_to_get_it(cli_env: dict[str, str]) -> None:
     r = offload(cli_env, "run", "nosuchmodel", "hi", stdin="")
     assert r.returncode == 1
-    assert r.stderr.strip() == 'Error: model "nosuchmodel" not found, try "offload pull nosuchmodel"'
+    assert (
+        r.stderr.strip() == 'Error: model "nosuchmodel" not found, try "offload pull nosuchmodel"'
+    )
     assert "Traceback" not in r.stderr
 
 
@@ -78,7 +98,11 @@ def test_interactive_session_sets_parameters_and_exits_on_bye(cli_env: dict[str,
 
     pid, fd = pty.fork()
     if pid == 0:  # child: the CLI on a terminal
-        os.execve(sys.executable, [sys.executable, "-m", "offload.runtime.cli", "run", "gemma3:270m"], cli_env)
+        os.execve(
+            sys.executable,
+            [sys.executable, "-m", "offload.runtime.cli", "run", "gemma3:270m"],
+            cli_env,
+        )
     out = b""
 
     def read_until(marker: bytes, timeout: float = 120) -> bytes:
@@ -113,9 +137,20 @@ def test_interactive_session_sets_parameters_and_exits_on_bye(cli_env: dict[str,
 
 
 def test_ctrl_c_stops_the_answer_and_the_server_stays_healthy(cli_env: dict[str, str]) -> None:
-    proc = subprocess.Popen([sys.executable, "-m", "offload.runtime.cli", "run", "gemma3:270m",
-                             "Tell me a long story about the sea."], env=cli_env, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "offload.runtime.cli",
+            "run",
+            "gemma3:270m",
+            "Tell me a long story about the sea.",
+        ],
+        env=cli_env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     assert proc.stdout is not None
     assert proc.stdout.read(1), "no answer started"
     t0 = time.monotonic()
@@ -125,8 +160,16 @@ def test_ctrl_c_stops_the_answer_and_the_server_stays_healthy(cli_env: dict[str,
     assert time.monotonic() - t0 < 5
     assert b"Traceback" not in err
     # The server carries on and answers the next request.
-    r = httpx.post(f"http://{cli_env['OFFLOAD_HOST']}/api/generate", timeout=60,
-                   json={"model": "gemma3:270m", "prompt": "Hi", "stream": False, "options": {"num_predict": 2}})
+    r = httpx.post(
+        f"http://{cli_env['OFFLOAD_HOST']}/api/generate",
+        timeout=60,
+        json={
+            "model": "gemma3:270m",
+            "prompt": "Hi",
+            "stream": False,
+            "options": {"num_predict": 2},
+        },
+    )
     assert r.status_code == 200 and r.json()["done"] is True
 
 
@@ -139,10 +182,16 @@ def fresh_env(tmp_path: Path, offload_home: Path) -> Iterator[dict[str, str]]:
     home.mkdir()
     if (offload_home / "hardware.json").exists():
         shutil.copy(offload_home / "hardware.json", home / "hardware.json")
-    env = {**os.environ, "OFFLOAD_HOME": str(home), "OFFLOAD_HOST": f"127.0.0.1:{free_port()}",
-           "PYTHONUNBUFFERED": "1"}
+    env = {
+        **os.environ,
+        "OFFLOAD_HOME": str(home),
+        "OFFLOAD_HOST": f"127.0.0.1:{free_port()}",
+        "PYTHONUNBUFFERED": "1",
+    }
     yield env
-    out = subprocess.run(["pgrep", "-f", "offload.runtime.cli serve"], capture_output=True, text=True)
+    out = subprocess.run(
+        ["pgrep", "-f", "offload.runtime.cli serve"], capture_output=True, text=True
+    )
     for pid in out.stdout.split():
         try:
             if env["OFFLOAD_HOST"].encode() in Path(f"/proc/{pid}/environ").read_bytes():
@@ -151,7 +200,9 @@ def fresh_env(tmp_path: Path, offload_home: Path) -> Iterator[dict[str, str]]:
             continue
 
 
-def test_the_first_command_answers_on_a_cpu_whose_extra_kernels_crash(fresh_env: dict[str, str]) -> None:
+def test_the_first_command_answers_on_a_cpu_whose_extra_kernels_crash(
+    fresh_env: dict[str, str],
+) -> None:
     # As on a VM whose CPU advertises AMX: llama.cpp's first evaluation faults with CPU extra
     # buffer types on. The runner dies, the load is retried with them off, and the answer comes.
     env = {**fresh_env, "OFFLOAD_TEST_RUNNER_FAULT": "crash-first-eval-with-extra-bufts"}
@@ -167,7 +218,9 @@ def test_a_runner_crash_mid_answer_is_one_line_and_exit_code_1(fresh_env: dict[s
     r = offload(env, "run", "gemma3:270m", "Tell me a long story.", stdin="")
     assert r.returncode == 1
     err = r.stderr.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("Error: the runner for gemma3:270m stopped (SIGSEGV) while generating")
+    assert len(err) == 1 and err[0].startswith(
+        "Error: the runner for gemma3:270m stopped (SIGSEGV) while generating"
+    )
     assert "Traceback" not in r.stderr
 
 
@@ -175,4 +228,7 @@ def test_serve_refuses_a_bad_parallel_setting_at_start(fresh_env: dict[str, str]
     for bad in ("0", "-2", "1000", "many"):
         r = offload({**fresh_env, "OFFLOAD_NUM_PARALLEL": bad}, "serve", timeout=60)
         assert r.returncode == 1, (bad, r.stderr)
-        assert r.stderr.strip().startswith("Error: OFFLOAD_NUM_PARALLEL") and "Traceback" not in r.stderr
+        assert (
+            r.stderr.strip().startswith("Error: OFFLOAD_NUM_PARALLEL")
+            and "Traceback" not in r.stderr
+        )

@@ -44,10 +44,21 @@ def test_ps_lists_a_loaded_model_and_stop_unloads_it(
     out = CliRunner().invoke(cli, ["ps"])
     assert out.exit_code == 0, out.output
     header, *rows = out.output.splitlines()
-    assert header.split() == ["NAME", "ID", "SIZE", "PROCESSOR", "CONTEXT", "PARALLEL", "PID", "UNTIL"]
+    assert header.split() == [
+        "NAME",
+        "ID",
+        "SIZE",
+        "PROCESSOR",
+        "CONTEXT",
+        "PARALLEL",
+        "PID",
+        "UNTIL",
+    ]
     row = next(r for r in rows if r.startswith(MODEL))
     assert "100% CPU" in row and "minutes from now" in row
-    pid = next(m["pid"] for m in httpx.get(f"{server.url}/api/ps").json()["models"] if m["name"] == MODEL)
+    pid = next(
+        m["pid"] for m in httpx.get(f"{server.url}/api/ps").json()["models"] if m["name"] == MODEL
+    )
     assert f" {pid} " in row
     assert CliRunner().invoke(cli, ["stop", MODEL]).exit_code == 0
     assert MODEL not in {m["name"] for m in httpx.get(f"{server.url}/api/ps").json()["models"]}

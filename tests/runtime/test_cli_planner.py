@@ -74,7 +74,11 @@ def test_hardware_shows_a_profile() -> None:
 
 
 def test_sizes_parse_like_ollama() -> None:
-    assert parse_bytes("8GiB") == 8 << 30 and parse_bytes("8G") == 8 << 30 and parse_bytes("8g") == 8 << 30
+    assert (
+        parse_bytes("8GiB") == 8 << 30
+        and parse_bytes("8G") == 8 << 30
+        and parse_bytes("8g") == 8 << 30
+    )
     assert parse_bytes("7.5GB") == 7_500_000_000 and parse_bytes("512MiB") == 512 << 20
     assert parse_bytes("512M") == 512 << 20 and parse_bytes("1000") == 1000
 
@@ -83,7 +87,9 @@ def _gpu_budget(tmp_path: Path, args: list[str], env: dict[str, str]) -> int:
     model = tmp_path / "mistral.gguf"
     if not model.exists():
         synth.write_model(model, synth.mistral_7b())
-    r = CliRunner().invoke(_cli(), ["plan", str(model), "--hardware", "rtx3060", "--json", *args], env=env)
+    r = CliRunner().invoke(
+        _cli(), ["plan", str(model), "--hardware", "rtx3060", "--json", *args], env=env
+    )
     assert r.exit_code == 0, r.output
     return json.loads(r.output)["devices"][1]["budget_bytes"]
 
@@ -99,14 +105,20 @@ def test_gpu_memory_reads_the_same_from_the_flag_and_the_environment(
 
 def test_a_gpu_budget_larger_than_the_card_is_a_one_line_error_naming_both(tmp_path: Path) -> None:
     model = synth.write_model(tmp_path / "mistral.gguf", synth.mistral_7b())
-    r = CliRunner().invoke(_cli(), ["plan", str(model), "--hardware", "rtx3060", "--gpu-memory", "16GiB"])
+    r = CliRunner().invoke(
+        _cli(), ["plan", str(model), "--hardware", "rtx3060", "--gpu-memory", "16GiB"]
+    )
     assert r.exit_code != 0 and "Traceback" not in r.output
     assert "16.00 GiB" in r.output and "12.00 GiB" in r.output
 
 
-def test_a_gpu_budget_below_the_smallest_gpu_plan_is_a_one_line_error_naming_both(tmp_path: Path) -> None:
+def test_a_gpu_budget_below_the_smallest_gpu_plan_is_a_one_line_error_naming_both(
+    tmp_path: Path,
+) -> None:
     model = synth.write_model(tmp_path / "mistral.gguf", synth.mistral_7b())
-    r = CliRunner().invoke(_cli(), ["plan", str(model), "--hardware", "rtx3060", "--gpu-memory", "300MiB"])
+    r = CliRunner().invoke(
+        _cli(), ["plan", str(model), "--hardware", "rtx3060", "--gpu-memory", "300MiB"]
+    )
     assert r.exit_code != 0 and "Traceback" not in r.output
     assert "300 MiB" in r.output and "smallest plan that uses the GPU" in r.output
 
@@ -120,13 +132,20 @@ def test_an_absurd_workload_is_a_usage_error(tmp_path: Path, bad: str) -> None:
 
 def test_plan_shows_the_workload_it_planned_for(tmp_path: Path) -> None:
     model = synth.write_model(tmp_path / "moe.gguf", synth.qwen3_30b_a3b())
-    r = CliRunner().invoke(_cli(), ["plan", str(model), "--hardware", "rtx3060", "--workload", "4000,50"])
+    r = CliRunner().invoke(
+        _cli(), ["plan", str(model), "--hardware", "rtx3060", "--workload", "4000,50"]
+    )
     assert r.exit_code == 0, r.output
     assert "4000 prompt + 50 answer tokens" in r.output and "a request" in r.output
     d = json.loads(
         CliRunner().invoke(_cli(), ["plan", str(model), "--hardware", "rtx3060", "--json"]).output
     )
-    assert d["workload"] == {"prompt_tokens": 1024, "answer_tokens": 256, "source": "default", "requests": 0}
+    assert d["workload"] == {
+        "prompt_tokens": 1024,
+        "answer_tokens": 256,
+        "source": "default",
+        "requests": 0,
+    }
     assert d["optimize"] == "workload" and d["predicted"]["request_s"] > 0
 
 
@@ -134,7 +153,11 @@ def test_balanced_is_still_accepted_as_the_workload_mode(tmp_path: Path) -> None
     model = synth.write_model(tmp_path / "m.gguf", synth.mistral_7b())
     outs = [
         json.loads(
-            CliRunner().invoke(_cli(), ["plan", str(model), "--hardware", "rtx3060", "--optimize", o, "--json"]).output
+            CliRunner()
+            .invoke(
+                _cli(), ["plan", str(model), "--hardware", "rtx3060", "--optimize", o, "--json"]
+            )
+            .output
         )
         for o in ("balanced", "workload")
     ]

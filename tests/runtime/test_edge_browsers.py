@@ -18,8 +18,12 @@ from hypothesis import strategies as st
 from tests.runtime.conftest import MODEL, Running, start_server
 from tests.runtime.steady import assert_one_line_error, stays_steady
 
-_HEADERS = settings(max_examples=80, deadline=None, derandomize=True,
-                    suppress_health_check=[HealthCheck.function_scoped_fixture])
+_HEADERS = settings(
+    max_examples=80,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
 
 
 def _get(url: str, path: str = "/api/version", **headers: str) -> httpx.Response:
@@ -28,8 +32,18 @@ def _get(url: str, path: str = "/api/version", **headers: str) -> httpx.Response
 
 @pytest.mark.parametrize(
     "host",
-    ["evil.example.com", "evil.example.com:11435", "localhost.evil.com", "127.0.0.1.nip.io",
-     "attacker.localhost.example", "evil.com.", "a b", "localhost:notaport", "::1", "[evil]"],
+    [
+        "evil.example.com",
+        "evil.example.com:11435",
+        "localhost.evil.com",
+        "127.0.0.1.nip.io",
+        "attacker.localhost.example",
+        "evil.com.",
+        "a b",
+        "localhost:notaport",
+        "::1",
+        "[evil]",
+    ],
 )
 def test_requests_naming_a_foreign_host_are_refused(server: Running, host: str) -> None:
     with stays_steady(server.url):
@@ -40,10 +54,23 @@ def test_requests_naming_a_foreign_host_are_refused(server: Running, host: str) 
 
 @pytest.mark.parametrize(
     "host",
-    ["localhost", "LOCALHOST:11435", "127.0.0.1", "127.0.0.1:80", "[::1]:11435", "app.localhost",
-     "ui.app.localhost:3000", "192.168.1.20:11435", "10.0.0.7", "[fe80::1]", socket.gethostname()],
+    [
+        "localhost",
+        "LOCALHOST:11435",
+        "127.0.0.1",
+        "127.0.0.1:80",
+        "[::1]:11435",
+        "app.localhost",
+        "ui.app.localhost:3000",
+        "192.168.1.20:11435",
+        "10.0.0.7",
+        "[fe80::1]",
+        socket.gethostname(),
+    ],
 )
-def test_loopback_names_ip_addresses_and_the_machines_name_are_served(server: Running, host: str) -> None:
+def test_loopback_names_ip_addresses_and_the_machines_name_are_served(
+    server: Running, host: str
+) -> None:
     r = _get(server.url, "/api/tags", Host=host)
     assert r.status_code == 200 and "models" in r.json()
 
@@ -52,30 +79,52 @@ def test_a_text_plain_post_from_a_foreign_page_is_refused_and_not_run(server: Ru
     # What any web page can send without a preflight: text/plain, which the server reads as JSON.
     body = f'{{"source": "{MODEL}", "destination": "pwned:latest"}}'
     with stays_steady(server.url):
-        r = httpx.post(f"{server.url}/api/copy", content=body, timeout=30,
-                       headers={"Content-Type": "text/plain", "Origin": "https://evil.example"})
+        r = httpx.post(
+            f"{server.url}/api/copy",
+            content=body,
+            timeout=30,
+            headers={"Content-Type": "text/plain", "Origin": "https://evil.example"},
+        )
         assert_one_line_error(r, 403, "origin", "OFFLOAD_ORIGINS")
-        names = [m["name"] for m in httpx.get(f"{server.url}/api/tags", timeout=30).json()["models"]]
+        names = [
+            m["name"] for m in httpx.get(f"{server.url}/api/tags", timeout=30).json()["models"]
+        ]
         assert "pwned:latest" not in names and MODEL in names
-        r = httpx.post(f"{server.url}/v1/chat/completions", timeout=30,
-                       content='{"model": "x", "messages": []}',
-                       headers={"Content-Type": "text/plain", "Origin": "null"})
+        r = httpx.post(
+            f"{server.url}/v1/chat/completions",
+            timeout=30,
+            content='{"model": "x", "messages": []}',
+            headers={"Content-Type": "text/plain", "Origin": "null"},
+        )
         assert_one_line_error(r, 403, "origin")
         assert r.json()["error"]["type"] == "permission_error"  # OpenAI's shape on /v1
-        r = httpx.options(f"{server.url}/api/generate", timeout=30, headers={
-            "Origin": "https://evil.example", "Access-Control-Request-Method": "POST"})
+        r = httpx.options(
+            f"{server.url}/api/generate",
+            timeout=30,
+            headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"},
+        )
         assert_one_line_error(r, 403, "origin")
 
 
 def test_local_pages_and_the_servers_own_origin_are_let_in(server: Running) -> None:
     port = server.url.rsplit(":", 1)[1]
-    for origin in ("http://localhost:5173", "http://127.0.0.1:3000", "https://app.localhost",
-                   "tauri://localhost", "app://obsidian.md", f"http://127.0.0.1:{port}"):
-        r = httpx.post(f"{server.url}/api/show", json={"model": MODEL}, timeout=30,
-                       headers={"Origin": origin})
+    for origin in (
+        "http://localhost:5173",
+        "http://127.0.0.1:3000",
+        "https://app.localhost",
+        "tauri://localhost",
+        "app://obsidian.md",
+        f"http://127.0.0.1:{port}",
+    ):
+        r = httpx.post(
+            f"{server.url}/api/show", json={"model": MODEL}, timeout=30, headers={"Origin": origin}
+        )
         assert r.status_code == 200, (origin, r.text)
-        pre = httpx.options(f"{server.url}/api/show", timeout=30, headers={
-            "Origin": origin, "Access-Control-Request-Method": "POST"})
+        pre = httpx.options(
+            f"{server.url}/api/show",
+            timeout=30,
+            headers={"Origin": origin, "Access-Control-Request-Method": "POST"},
+        )
         assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] == origin
 
 
@@ -93,14 +142,26 @@ def configured(store, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:  # noqa
     running.scheduler.close()
 
 
-def test_offload_hosts_and_origins_open_the_server_to_named_hosts_and_pages(configured: str) -> None:
-    for host in ("llm.lan", "llm.lan:11435", "gpu.corp.example", "a.b.corp.example:1", socket.gethostname()):
+def test_offload_hosts_and_origins_open_the_server_to_named_hosts_and_pages(
+    configured: str,
+) -> None:
+    for host in (
+        "llm.lan",
+        "llm.lan:11435",
+        "gpu.corp.example",
+        "a.b.corp.example:1",
+        socket.gethostname(),
+    ):
         assert _get(configured, Host=host).status_code == 200, host
     # Bound to all interfaces, the host check still stands: a rebinding name is still refused.
     for host in ("evil.example.com", "corp.example", "llm.lan.evil.com"):
         assert_one_line_error(_get(configured, Host=host), 403, "host")
-    r = httpx.post(f"{configured}/api/show", json={"model": MODEL}, timeout=30,
-                   headers={"Origin": "https://ui.corp.example", "Host": "llm.lan"})
+    r = httpx.post(
+        f"{configured}/api/show",
+        json={"model": MODEL},
+        timeout=30,
+        headers={"Origin": "https://ui.corp.example", "Host": "llm.lan"},
+    )
     assert r.status_code == 200
     assert_one_line_error(_get(configured, Origin="https://other.corp.example"), 403, "origin")
 
@@ -110,7 +171,9 @@ def test_a_star_in_offload_hosts_answers_every_name(store, monkeypatch: pytest.M
     running, srv, thread = start_server(store)
     try:
         assert _get(running.url, Host="anything.example.net").status_code == 200
-        assert_one_line_error(_get(running.url, Origin="https://anything.example.net"), 403, "origin")
+        assert_one_line_error(
+            _get(running.url, Origin="https://anything.example.net"), 403, "origin"
+        )
     finally:
         srv.should_exit = True
         thread.join(timeout=10)
@@ -131,13 +194,19 @@ def _should_serve(name: str) -> bool:
         return True
     except ValueError:
         pass
-    return name in ("localhost", machine, machine.split(".")[0] + ".local", "127.0.0.1") or name.endswith(
-        ".localhost")
+    return name in (
+        "localhost",
+        machine,
+        machine.split(".")[0] + ".local",
+        "127.0.0.1",
+    ) or name.endswith(".localhost")
 
 
 @_HEADERS
-@given(name=_names | st.sampled_from(["localhost", "a.localhost", "localhost.a", "127.0.0.1"]),
-       port=st.none() | st.integers(1, 65535))
+@given(
+    name=_names | st.sampled_from(["localhost", "a.localhost", "localhost.a", "127.0.0.1"]),
+    port=st.none() | st.integers(1, 65535),
+)
 def test_a_host_is_served_exactly_when_it_is_loopback_an_address_or_the_machine(
     server: Running, name: str, port: int | None
 ) -> None:
@@ -157,15 +226,20 @@ def _loopback_v4(name: str) -> bool:
 
 
 @_HEADERS
-@given(scheme=st.sampled_from(["http", "https", "ws", "chrome-extension"]),
-       name=_names | st.sampled_from(["localhost", "127.0.0.1", "[::1]", "x.localhost", "0.0.0.0"]),
-       port=st.none() | st.integers(1, 65535))
+@given(
+    scheme=st.sampled_from(["http", "https", "ws", "chrome-extension"]),
+    name=_names | st.sampled_from(["localhost", "127.0.0.1", "[::1]", "x.localhost", "0.0.0.0"]),
+    port=st.none() | st.integers(1, 65535),
+)
 def test_an_origin_is_let_in_exactly_when_it_is_a_local_page(
     server: Running, scheme: str, name: str, port: int | None
 ) -> None:
     origin = f"{scheme}://{name}" + ("" if port is None else f":{port}")
     local = scheme in ("http", "https") and (
-        name in ("localhost", "[::1]", "0.0.0.0") or name.endswith(".localhost") or _loopback_v4(name))
+        name in ("localhost", "[::1]", "0.0.0.0")
+        or name.endswith(".localhost")
+        or _loopback_v4(name)
+    )
     r = _get(server.url, Origin=origin)
     if local:
         assert r.status_code == 200
@@ -174,8 +248,10 @@ def test_an_origin_is_let_in_exactly_when_it_is_a_local_page(
 
 
 @_HEADERS
-@given(host=st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=60),
-       origin=st.none() | st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=60))
+@given(
+    host=st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=60),
+    origin=st.none() | st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=60),
+)
 def test_odd_host_and_origin_headers_get_a_clean_answer_never_a_crash(
     server: Running, host: str, origin: str | None
 ) -> None:

@@ -25,16 +25,23 @@ from tests.option_spec import PLAN_KEYS, SPEC, converted, is_valid
 from tests.runtime.conftest import MODEL, Running
 from tests.runtime.steady import assert_one_line_error, stays_steady
 
-_SLOW = settings(max_examples=25, deadline=None, derandomize=True,
-                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+_SLOW = settings(
+    max_examples=25,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 
 
 @pytest.fixture(autouse=True)
 def warm(server: Running) -> None:
     """The model loaded for generation and for embeddings, so that the memory measured around an
     attack is the server's steady state, not a first load."""
-    r = httpx.post(f"{server.url}/api/generate", timeout=180,
-                   json={"model": MODEL, "prompt": "hi", "stream": False, "options": {"num_predict": 1}})
+    r = httpx.post(
+        f"{server.url}/api/generate",
+        timeout=180,
+        json={"model": MODEL, "prompt": "hi", "stream": False, "options": {"num_predict": 1}},
+    )
     assert r.status_code == 200, r.text
     r = httpx.post(f"{server.url}/v1/embeddings", json={"model": MODEL, "input": "hi"}, timeout=180)
     assert r.status_code == 200, r.text
@@ -42,8 +49,12 @@ def warm(server: Running) -> None:
 
 def _generate(server: Running, content: str) -> httpx.Response:
     # Raw JSON text, so that NaN and Infinity reach the server as clients send them.
-    return httpx.post(f"{server.url}/api/generate", content=content, timeout=120,
-                      headers={"Content-Type": "application/json"})
+    return httpx.post(
+        f"{server.url}/api/generate",
+        content=content,
+        timeout=120,
+        headers={"Content-Type": "application/json"},
+    )
 
 
 def _body(options: str, extra: str = "") -> str:
@@ -65,8 +76,10 @@ def _body(options: str, extra: str = "") -> str:
         ('{"num_predict": -3}', "options.num_predict"),
         ('{"top_k": {"nested": [1, 2]}}', "options.top_k"),
         ('{"use_mmap": "sometimes"}', "options.use_mmap"),
-        ('{"stop": ["a", "b", "c", "d", "e", "f", "g", "h", "i", "j", "k", "l", "m", "n", "o", "p", "q"]}',
-         "options.stop"),
+        (
+            '{"stop": ["a", "b", "c", "d", "e", "f", "g", "h", "i", "j", "k", "l", "m", "n", "o", "p", "q"]}',
+            "options.stop",
+        ),
     ],
 )
 def test_option_values_that_broke_the_server_are_refused_naming_the_option(
@@ -77,18 +90,30 @@ def test_option_values_that_broke_the_server_are_refused_naming_the_option(
         assert_one_line_error(r, 400, field)
 
 
-def test_token_ids_outside_the_vocabulary_are_refused_on_generate_and_embeddings(server: Running) -> None:
+def test_token_ids_outside_the_vocabulary_are_refused_on_generate_and_embeddings(
+    server: Running,
+) -> None:
     n_vocab = anatomy.read(server.store.resolve(MODEL).model_path).n_vocab
     with stays_steady(server.url):
-        r = _generate(server, f'{{"model": "{MODEL}", "prompt": "hi", "stream": false, "context": [99999999]}}')
+        r = _generate(
+            server,
+            f'{{"model": "{MODEL}", "prompt": "hi", "stream": false, "context": [99999999]}}',
+        )
         assert_one_line_error(r, 400, "context", str(n_vocab - 1))
         for ids in ([99999999], [5, -1], [n_vocab], [[1, 2], [3, n_vocab + 7]]):
-            r = httpx.post(f"{server.url}/v1/embeddings", json={"model": MODEL, "input": ids}, timeout=120)
+            r = httpx.post(
+                f"{server.url}/v1/embeddings", json={"model": MODEL, "input": ids}, timeout=120
+            )
             assert_one_line_error(r, 400, "input", str(n_vocab - 1))
-        r = httpx.post(f"{server.url}/v1/embeddings", json={"model": MODEL, "input": [1000, 2000]}, timeout=120)
+        r = httpx.post(
+            f"{server.url}/v1/embeddings", json={"model": MODEL, "input": [1000, 2000]}, timeout=120
+        )
         assert r.status_code == 200 and len(r.json()["data"]) == 1
         too_long = "[" + ",".join(["1"] * ((1 << 20) + 1)) + "]"
-        r = _generate(server, f'{{"model": "{MODEL}", "prompt": "hi", "stream": false, "context": {too_long}}}')
+        r = _generate(
+            server,
+            f'{{"model": "{MODEL}", "prompt": "hi", "stream": false, "context": {too_long}}}',
+        )
         assert_one_line_error(r, 413, "context")
 
 
@@ -111,14 +136,24 @@ def test_openai_fields_outside_their_documented_ranges_are_400s(server: Running)
         for fields, name in bad:
             r = httpx.post(f"{server.url}/v1/chat/completions", json={**chat, **fields}, timeout=60)
             assert_one_line_error(r, 400, name)
-        r = httpx.post(f"{server.url}/v1/chat/completions", timeout=60, headers={"Content-Type": "application/json"},
-                       content=f'{{"model": "{MODEL}", "messages": [], "temperature": NaN}}')
+        r = httpx.post(
+            f"{server.url}/v1/chat/completions",
+            timeout=60,
+            headers={"Content-Type": "application/json"},
+            content=f'{{"model": "{MODEL}", "messages": [], "temperature": NaN}}',
+        )
         assert_one_line_error(r, 400, "temperature")
-        r = httpx.post(f"{server.url}/v1/completions", json={"model": MODEL, "prompt": "a", "logprobs": 50},
-                       timeout=60)
+        r = httpx.post(
+            f"{server.url}/v1/completions",
+            json={"model": MODEL, "prompt": "a", "logprobs": 50},
+            timeout=60,
+        )
         assert_one_line_error(r, 400, "logprobs")
-        r = httpx.post(f"{server.url}/v1/embeddings", json={"model": MODEL, "input": "a", "dimensions": 0},
-                       timeout=60)
+        r = httpx.post(
+            f"{server.url}/v1/embeddings",
+            json={"model": MODEL, "input": "a", "dimensions": 0},
+            timeout=60,
+        )
         assert_one_line_error(r, 400, "dimensions")
         # Through the official client too: its error is a BadRequestError, not a dropped connection.
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
@@ -133,17 +168,35 @@ def test_num_thread_is_bounded_by_this_machines_cpus(server: Running) -> None:
         assert_one_line_error(r, 400, "options.num_thread", f"0 to {most}")
 
 
-def test_num_ctx_above_the_training_context_is_lowered_to_it_as_ollama_does(server: Running) -> None:
+def test_num_ctx_above_the_training_context_is_lowered_to_it_as_ollama_does(
+    server: Running,
+) -> None:
     n_ctx_train = anatomy.read(server.store.resolve(MODEL).model_path).n_ctx_train
-    r = httpx.post(f"{server.url}/api/generate", timeout=180, json={
-        "model": MODEL, "prompt": "hi", "stream": False, "keep_alive": "30s",
-        "options": {"num_ctx": n_ctx_train * 64, "num_predict": 1}})
+    r = httpx.post(
+        f"{server.url}/api/generate",
+        timeout=180,
+        json={
+            "model": MODEL,
+            "prompt": "hi",
+            "stream": False,
+            "keep_alive": "30s",
+            "options": {"num_ctx": n_ctx_train * 64, "num_predict": 1},
+        },
+    )
     assert r.status_code == 200, r.text
     ps = httpx.get(f"{server.url}/api/ps", timeout=10).json()["models"]
     assert any(m["name"] == MODEL and m["context_length"] == n_ctx_train for m in ps)
-    r = httpx.post(f"{server.url}/api/generate", timeout=180, json={
-        "model": MODEL, "prompt": "hi", "stream": False, "keep_alive": 0,
-        "options": {"num_ctx": n_ctx_train * 64, "repeat_last_n": n_ctx_train + 1}})
+    r = httpx.post(
+        f"{server.url}/api/generate",
+        timeout=180,
+        json={
+            "model": MODEL,
+            "prompt": "hi",
+            "stream": False,
+            "keep_alive": 0,
+            "options": {"num_ctx": n_ctx_train * 64, "repeat_last_n": n_ctx_train + 1},
+        },
+    )
     assert_one_line_error(r, 400, "options.repeat_last_n", str(n_ctx_train))
     server.scheduler.unload(MODEL)
 
@@ -162,11 +215,20 @@ def test_num_ctx_above_the_training_context_is_lowered_to_it_as_ollama_does(serv
         {"stop": ["x" * 256] * 16},
     ],
 )
-def test_extreme_values_that_are_accepted_generate_without_harm(server: Running, options: dict) -> None:
+def test_extreme_values_that_are_accepted_generate_without_harm(
+    server: Running, options: dict
+) -> None:
     with stays_steady(server.url):
-        r = httpx.post(f"{server.url}/api/generate", timeout=180, json={
-            "model": MODEL, "prompt": "the the the the", "stream": False,
-            "options": {**options, "num_predict": 6}})
+        r = httpx.post(
+            f"{server.url}/api/generate",
+            timeout=180,
+            json={
+                "model": MODEL,
+                "prompt": "the the the the",
+                "stream": False,
+                "options": {**options, "num_predict": 6},
+            },
+        )
         assert r.status_code == 200, r.text
         assert r.json()["done"] is True and r.json()["eval_count"] <= 6
 
@@ -202,13 +264,29 @@ def test_every_option_value_is_converted_when_in_range_and_refused_naming_it_whe
     for k, v in options.items():
         if k in merged:
             got, want = merged[k], converted(k, v)
-            assert got == want or (isinstance(got, float) and math.isclose(got, float(want))), (k, v, got)
+            assert got == want or (isinstance(got, float) and math.isclose(got, float(want))), (
+                k,
+                v,
+                got,
+            )
             assert not isinstance(got, float) or math.isfinite(got)
 
 
-_SAMPLING_OVER_HTTP = ["temperature", "top_k", "top_p", "min_p", "typical_p", "repeat_penalty",
-                       "presence_penalty", "frequency_penalty", "mirostat", "mirostat_tau",
-                       "mirostat_eta", "seed", "stop"]
+_SAMPLING_OVER_HTTP = [
+    "temperature",
+    "top_k",
+    "top_p",
+    "min_p",
+    "typical_p",
+    "repeat_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "mirostat",
+    "mirostat_tau",
+    "mirostat_eta",
+    "seed",
+    "stop",
+]
 
 
 @st.composite
@@ -220,7 +298,9 @@ def _http_options(draw: st.DrawFn) -> tuple[dict, set[str]]:
         options[k] = draw(SPEC[k][1])
         bad.add(k)
     if draw(st.booleans()):
-        options["repeat_last_n"] = draw(st.integers(-1, 4096) | st.integers(min_value=(1 << 24) + 1))
+        options["repeat_last_n"] = draw(
+            st.integers(-1, 4096) | st.integers(min_value=(1 << 24) + 1)
+        )
         if options["repeat_last_n"] > 4096:
             bad.add("repeat_last_n")
     options.setdefault("num_predict", 1)
@@ -236,8 +316,12 @@ def test_the_server_answers_every_option_mix_with_200_or_a_400_naming_a_bad_opti
     with stays_steady(server.url):
         # json.dumps writes NaN and Infinity, as some clients do; httpx's json= refuses them.
         body = json.dumps({"model": MODEL, "prompt": "hi", "stream": False, "options": options})
-        r = httpx.post(f"{server.url}/api/generate", timeout=180, content=body,
-                       headers={"Content-Type": "application/json"})
+        r = httpx.post(
+            f"{server.url}/api/generate",
+            timeout=180,
+            content=body,
+            headers={"Content-Type": "application/json"},
+        )
         if bad:
             msg = assert_one_line_error(r, 400)
             assert any(msg.startswith(f"options.{k} ") for k in bad), (msg, bad)
@@ -253,7 +337,9 @@ def test_embedding_token_ids_are_embedded_exactly_when_all_are_in_the_vocabulary
 ) -> None:
     n_vocab = anatomy.read(server.store.resolve(MODEL).model_path).n_vocab
     with stays_steady(server.url):
-        r = httpx.post(f"{server.url}/v1/embeddings", json={"model": MODEL, "input": ids}, timeout=120)
+        r = httpx.post(
+            f"{server.url}/v1/embeddings", json={"model": MODEL, "input": ids}, timeout=120
+        )
         if all(0 <= t < n_vocab for t in ids):
             # Ids of special tokens alone read back as no text at all: that is the only refusal.
             if r.status_code != 200:

@@ -42,19 +42,31 @@ JINJA_BOMBS = [
     ("{{ 'x'|center(1000000000) }}", ("value limit",)),
     ("{{ '%999999999d' % 1 }}", ("value limit",)),
     ("{{ 9 ** 999999999 }}", ("value limit",)),
-    ("{% set ns = namespace(s='ab') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}",
-     ("value limit",)),
-    ("{% macro d(n) %}{% if n %}{{ d(n-1) }}{{ d(n-1) }}{% else %}x{% endif %}{% endmacro %}{{ d(40) }}",
-     CPU),
+    (
+        "{% set ns = namespace(s='ab') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}",
+        ("value limit",),
+    ),
+    (
+        "{% macro d(n) %}{% if n %}{{ d(n-1) }}{{ d(n-1) }}{% else %}x{% endif %}{% endmacro %}{{ d(40) }}",
+        CPU,
+    ),
     ("{% for i in range(100000) %}" + "x" * 1000 + "{% endfor %}", ("output limit",)),
 ]
 _CHAT = [{"role": "user", "content": "hi"}]
 
 
 def _generate(server: Running, template: str, timeout: float = 60) -> httpx.Response:
-    return httpx.post(f"{server.url}/api/generate", timeout=timeout, json={
-        "model": MODEL, "prompt": "hi", "stream": False, "template": template,
-        "options": {"num_predict": 1}})
+    return httpx.post(
+        f"{server.url}/api/generate",
+        timeout=timeout,
+        json={
+            "model": MODEL,
+            "prompt": "hi",
+            "stream": False,
+            "template": template,
+            "options": {"num_predict": 1},
+        },
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -79,7 +91,9 @@ def test_template_source_too_large_or_unclosed_is_refused_quickly(server: Runnin
         t0 = time.monotonic()
         assert_one_line_error(_generate(server, "{{" * 100_000), 400, "unclosed action")
         assert_one_line_error(_generate(server, "{{ .Prompt }}" * 30_000), 413, "source limit")
-        assert_one_line_error(_generate(server, "{{" + "(" * 5000 + "1" + ")" * 5000 + "}}"), 400, "nests")
+        assert_one_line_error(
+            _generate(server, "{{" + "(" * 5000 + "1" + ")" * 5000 + "}}"), 400, "nests"
+        )
         assert time.monotonic() - t0 < 20
 
 
@@ -100,8 +114,11 @@ def test_the_server_keeps_answering_while_a_template_bomb_renders(server: Runnin
 def test_a_modelfile_template_bomb_fails_the_chat_not_the_server(server: Running) -> None:
     name = "bomb-template:latest"
     modelfile = f'FROM {MODEL}\nTEMPLATE """{{{{range 100000}}}}{{{{range 100000}}}}x{{{{end}}}}{{{{end}}}}"""\n'
-    r = httpx.post(f"{server.url}/api/create", timeout=120,
-                   json={"model": name, "modelfile": modelfile, "stream": False})
+    r = httpx.post(
+        f"{server.url}/api/create",
+        timeout=120,
+        json={"model": name, "modelfile": modelfile, "stream": False},
+    )
     assert r.status_code == 200, r.text
     body = {"model": name, "messages": _CHAT, "stream": False, "options": {"num_predict": 1}}
     try:
@@ -116,14 +133,19 @@ def test_a_modelfile_template_bomb_fails_the_chat_not_the_server(server: Running
 
 
 @pytest.fixture(scope="module")
-def jinja_models(server: Running, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+def jinja_models(
+    server: Running, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, str]]:
     """Tiny real GGUFs (llama.cpp loads them) whose chat templates are Jinja: one plain, and one
     per bomb."""
     names = {}
     folder = tmp_path_factory.mktemp("jinja-models")
-    for i, (source, _) in enumerate([("{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}", ""),
-                                     *JINJA_BOMBS]):
-        spec = dataclasses.replace(tiny_llama(n_layers=1), extra_kv={"tokenizer.chat_template": source})
+    for i, (source, _) in enumerate(
+        [("{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}", ""), *JINJA_BOMBS]
+    ):
+        spec = dataclasses.replace(
+            tiny_llama(n_layers=1), extra_kv={"tokenizer.chat_template": source}
+        )
         path = write_model(folder / f"m{i}.gguf", spec, tokenizer=True)
         name = f"jinja{i}:latest"
         create(server.store, name, f"FROM {path}")
@@ -135,11 +157,16 @@ def jinja_models(server: Running, tmp_path_factory: pytest.TempPathFactory) -> I
 
 
 def _chat(server: Running, model: str) -> httpx.Response:
-    return httpx.post(f"{server.url}/api/chat", timeout=120, json={
-        "model": model, "messages": _CHAT, "stream": False, "options": {"num_predict": 1}})
+    return httpx.post(
+        f"{server.url}/api/chat",
+        timeout=120,
+        json={"model": model, "messages": _CHAT, "stream": False, "options": {"num_predict": 1}},
+    )
 
 
-def test_a_plain_gguf_chat_template_still_renders(server: Running, jinja_models: dict[str, str]) -> None:
+def test_a_plain_gguf_chat_template_still_renders(
+    server: Running, jinja_models: dict[str, str]
+) -> None:
     plain = next(iter(jinja_models.values()))
     r = _chat(server, plain)
     assert r.status_code == 200 and r.json()["prompt_eval_count"] >= len("<user>hi") // 4
@@ -152,15 +179,22 @@ def test_gguf_jinja_template_bombs_stop_at_a_limit_and_say_which(
     assert _chat(server, jinja_models[template]).status_code == 400  # loads the model, warms up
     with stays_steady(server.url):
         t0 = time.monotonic()
-        assert any(word in assert_one_line_error(_chat(server, jinja_models[template]), 400) for word in limit)
+        assert any(
+            word in assert_one_line_error(_chat(server, jinja_models[template]), 400)
+            for word in limit
+        )
         assert time.monotonic() - t0 < 20
 
 
 def test_sigterm_stops_a_server_that_is_rendering_a_template_bomb(offload_home: Path) -> None:
     port = free_port()
     env = {**os.environ, "OFFLOAD_HOST": f"127.0.0.1:{port}"}
-    proc = subprocess.Popen([sys.executable, "-m", "offload.runtime.cli", "serve"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "offload.runtime.cli", "serve"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
@@ -170,11 +204,20 @@ def test_sigterm_stops_a_server_that_is_rendering_a_template_bomb(offload_home: 
                     break
             except httpx.HTTPError:
                 time.sleep(0.2)
-        r = httpx.post(f"{url}/api/generate", timeout=120, json={
-            "model": MODEL, "prompt": "hi", "stream": False, "options": {"num_predict": 1}})
+        r = httpx.post(
+            f"{url}/api/generate",
+            timeout=120,
+            json={"model": MODEL, "prompt": "hi", "stream": False, "options": {"num_predict": 1}},
+        )
         assert r.status_code == 200
-        bomb = threading.Thread(target=lambda: httpx.post(f"{url}/api/generate", timeout=120, json={
-            "model": MODEL, "prompt": "hi", "stream": False, "template": GO_BOMBS[0][0]}), daemon=True)
+        bomb = threading.Thread(
+            target=lambda: httpx.post(
+                f"{url}/api/generate",
+                timeout=120,
+                json={"model": MODEL, "prompt": "hi", "stream": False, "template": GO_BOMBS[0][0]},
+            ),
+            daemon=True,
+        )
         bomb.start()
         time.sleep(0.5)
         proc.send_signal(signal.SIGTERM)

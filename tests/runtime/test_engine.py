@@ -18,7 +18,11 @@ from offload.runtime.serving.process import RunnerProcess
 
 @pytest.fixture(scope="module")
 def runner(gemma_gguf: Path, offload_home: Path) -> Iterator[RunnerProcess]:
-    p = plan(anatomy.read(gemma_gguf), hardware.probe(measure=False), PlanRequest(n_ctx=1024, n_parallel=2))
+    p = plan(
+        anatomy.read(gemma_gguf),
+        hardware.probe(measure=False),
+        PlanRequest(n_ctx=1024, n_parallel=2),
+    )
     r = RunnerProcess.start("gemma-engine-test", gemma_gguf, p)
     yield r
     r.close()
@@ -47,7 +51,9 @@ def test_temperature_zero_with_a_seed_gives_the_same_text_twice(runner: RunnerPr
     assert len(a.split()) >= 5
 
 
-def test_sampling_with_the_same_seed_repeats_and_another_seed_differs(runner: RunnerProcess) -> None:
+def test_sampling_with_the_same_seed_repeats_and_another_seed_differs(
+    runner: RunnerProcess,
+) -> None:
     a, _ = run(runner, "My favourite food is", temperature=1.0, seed=1, num_predict=24)
     b, _ = run(runner, "My favourite food is", temperature=1.0, seed=1, num_predict=24)
     c, _ = run(runner, "My favourite food is", temperature=1.0, seed=2, num_predict=24)
@@ -55,11 +61,16 @@ def test_sampling_with_the_same_seed_repeats_and_another_seed_differs(runner: Ru
     assert a != c
 
 
-@pytest.mark.parametrize(("prompt", "expected"), [
-    ("Paris is the capital of", "France"),
-    ("Water is made of hydrogen and", "oxygen"),
-])
-def test_factual_prompt_gets_a_plausible_continuation(runner: RunnerProcess, prompt: str, expected: str) -> None:
+@pytest.mark.parametrize(
+    ("prompt", "expected"),
+    [
+        ("Paris is the capital of", "France"),
+        ("Water is made of hydrogen and", "oxygen"),
+    ],
+)
+def test_factual_prompt_gets_a_plausible_continuation(
+    runner: RunnerProcess, prompt: str, expected: str
+) -> None:
     text, _ = run(runner, prompt, temperature=0.0, seed=1, num_predict=8)
     assert expected in text
 
@@ -79,14 +90,19 @@ def test_a_repeated_prompt_reuses_its_cached_prefix(runner: RunnerProcess) -> No
     _, second = run(runner, prompt + " and then something new", temperature=0.0, num_predict=2)
     n_first = len(runner.tokenize(prompt))
     assert second.cached_tokens >= n_first - 1
-    assert second.prompt_eval_count == len(runner.tokenize(prompt + " and then something new")) - second.cached_tokens
+    assert (
+        second.prompt_eval_count
+        == len(runner.tokenize(prompt + " and then something new")) - second.cached_tokens
+    )
     assert second.prompt_eval_count < first.prompt_eval_count
 
 
 def test_a_stop_string_ends_generation_and_is_not_emitted(runner: RunnerProcess) -> None:
     free, _ = run(runner, "One, two, three, four,", temperature=0.0, num_predict=12)
     assert "six" in free
-    stopped, stats = run(runner, "One, two, three, four,", temperature=0.0, num_predict=12, stop=("six",))
+    stopped, stats = run(
+        runner, "One, two, three, four,", temperature=0.0, num_predict=12, stop=("six",)
+    )
     assert "six" not in stopped
     assert stopped == free[: free.index("six")]
     assert stats.done_reason == "stop"
@@ -96,8 +112,9 @@ def test_a_set_cancel_event_stops_generation_within_a_token(runner: RunnerProces
     cancel = CancelEvent()
     pieces = 0
     stats = None
-    for ev in runner.generate(Sampling(temperature=0.0, num_predict=200), text="Tell me a long story",
-                              cancel=cancel):
+    for ev in runner.generate(
+        Sampling(temperature=0.0, num_predict=200), text="Tell me a long story", cancel=cancel
+    ):
         if isinstance(ev, Piece):
             pieces += 1
             if pieces == 3:
@@ -111,18 +128,25 @@ def test_a_set_cancel_event_stops_generation_within_a_token(runner: RunnerProces
 def test_a_plain_event_cancels_too(runner: RunnerProcess) -> None:
     cancel = threading.Event()
     out = []
-    for ev in runner.generate(Sampling(temperature=0.0, num_predict=300), text="Tell me a long story", cancel=cancel):
+    for ev in runner.generate(
+        Sampling(temperature=0.0, num_predict=300), text="Tell me a long story", cancel=cancel
+    ):
         out.append(ev)
         if len(out) == 2:
             cancel.set()
-    assert isinstance(out[-1], Stats) and out[-1].done_reason == "cancel" and out[-1].eval_count < 300
+    assert (
+        isinstance(out[-1], Stats) and out[-1].done_reason == "cancel" and out[-1].eval_count < 300
+    )
 
 
 def test_an_overlong_prompt_is_truncated_from_the_left(runner: RunnerProcess) -> None:
     tokens = runner.tokenize("word " * 3000)
     assert len(tokens) > runner.n_ctx
-    stats = [ev for ev in runner.generate(Sampling(temperature=0.0, num_predict=4), tokens=tokens)
-             if isinstance(ev, Stats)][0]
+    stats = [
+        ev
+        for ev in runner.generate(Sampling(temperature=0.0, num_predict=4), tokens=tokens)
+        if isinstance(ev, Stats)
+    ][0]
     assert stats.prompt_eval_count < runner.n_ctx
     assert stats.eval_count == 4
 
@@ -133,7 +157,9 @@ def test_an_overlong_prompt_is_refused_when_truncation_is_off(runner: RunnerProc
         list(runner.generate(Sampling(num_predict=4), tokens=tokens, truncate=False))
 
 
-def test_token_ids_outside_the_vocabulary_are_refused_and_the_runner_lives(runner: RunnerProcess) -> None:
+def test_token_ids_outside_the_vocabulary_are_refused_and_the_runner_lives(
+    runner: RunnerProcess,
+) -> None:
     from offload.runtime.errors import BadRequest
 
     with pytest.raises(BadRequest, match="outside this model's vocabulary"):
@@ -149,12 +175,18 @@ def test_embeddings_come_from_the_same_runner(runner: RunnerProcess) -> None:
     assert all(len(v) == 640 for v in vectors)  # Gemma 3 270M's embedding width
 
 
-def test_a_context_smaller_than_llama_cpps_padding_still_truncates_safely(gemma_gguf: Path, offload_home: Path) -> None:
+def test_a_context_smaller_than_llama_cpps_padding_still_truncates_safely(
+    gemma_gguf: Path, offload_home: Path
+) -> None:
     p = plan(anatomy.read(gemma_gguf), hardware.probe(measure=False), PlanRequest(n_ctx=128))
     r = RunnerProcess.start("gemma-small-ctx", gemma_gguf, p)
     try:
         assert r.n_ctx == 128
-        stats = [ev for ev in r.generate(Sampling(num_predict=4), text="word " * 300) if isinstance(ev, Stats)][0]
+        stats = [
+            ev
+            for ev in r.generate(Sampling(num_predict=4), text="word " * 300)
+            if isinstance(ev, Stats)
+        ][0]
         assert stats.prompt_eval_count < 128 and stats.eval_count == 4
     finally:
         r.close()

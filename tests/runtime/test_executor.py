@@ -30,16 +30,37 @@ def gemma(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def cpu_plan(**kw: object) -> Plan:
-    base = Plan(devices=(DevicePlan("CPU", "CPU", 0, 300 << 20, 40 << 20, 500 << 20, 0, 16 << 30),),
-                n_gpu_layers=0, n_ctx=1024, n_batch=512, n_ubatch=512, threads=2, threads_batch=2,
-                predicted=Prediction(40.0, 200.0, 1.0))
+    base = Plan(
+        devices=(DevicePlan("CPU", "CPU", 0, 300 << 20, 40 << 20, 500 << 20, 0, 16 << 30),),
+        n_gpu_layers=0,
+        n_ctx=1024,
+        n_batch=512,
+        n_ubatch=512,
+        threads=2,
+        threads_batch=2,
+        predicted=Prediction(40.0, 200.0, 1.0),
+    )
     return dataclasses.replace(base, **kw)  # type: ignore[arg-type]
 
 
 def test_llama_params_carry_every_plan_field() -> None:
-    plan = cpu_plan(n_gpu_layers=7, split_mode="row", main_gpu=1, n_ctx=3000,
-                    n_parallel=2, n_batch=1024, n_ubatch=256, threads=3, threads_batch=5, kv_type="q8_0",
-                    flash_attn=True, offload_kqv=False, op_offload=False, use_mmap=False, use_mlock=True)
+    plan = cpu_plan(
+        n_gpu_layers=7,
+        split_mode="row",
+        main_gpu=1,
+        n_ctx=3000,
+        n_parallel=2,
+        n_batch=1024,
+        n_ubatch=256,
+        threads=3,
+        threads_batch=5,
+        kv_type="q8_0",
+        flash_attn=True,
+        offload_kqv=False,
+        op_offload=False,
+        use_mmap=False,
+        use_mlock=True,
+    )
     m = _model_params(plan, extra_bufts=False, overrides=None, progress=None)
     assert m.n_gpu_layers == 7 and m.main_gpu == 1 and m.split_mode == 2  # LLAMA_SPLIT_MODE_ROW
     assert m.load_mode == llama_c.LLAMA_LOAD_MODE_MLOCK and m.use_extra_bufts is False
@@ -58,15 +79,29 @@ def test_unknown_kv_type_is_refused(gemma: Path) -> None:
 
 
 def test_loaded_context_has_the_plans_values(gemma: Path) -> None:
-    plan = cpu_plan(n_ctx=768, n_parallel=2, n_batch=256, n_ubatch=128, threads=1, threads_batch=2,
-                    kv_type="q8_0", flash_attn=True, offload_kqv=False, op_offload=False)
+    plan = cpu_plan(
+        n_ctx=768,
+        n_parallel=2,
+        n_batch=256,
+        n_ubatch=128,
+        threads=1,
+        threads_batch=2,
+        kv_type="q8_0",
+        flash_attn=True,
+        offload_kqv=False,
+        op_offload=False,
+    )
     e = Engine.load(gemma, plan)
     try:
         ctx = e.ctx
-        assert llama_c.llama_n_ctx(ctx) == 1536 and llama_c.llama_n_seq_max(ctx) == 3  # + the embedding sequence
+        assert (
+            llama_c.llama_n_ctx(ctx) == 1536 and llama_c.llama_n_seq_max(ctx) == 3
+        )  # + the embedding sequence
         assert (llama_c.llama_n_batch(ctx), llama_c.llama_n_ubatch(ctx)) == (256, 128)
         assert (llama_c.llama_n_threads(ctx), llama_c.llama_n_threads_batch(ctx)) == (1, 2)
-        assert any("type_k = 'q8_0'" in ln or "q8_0" in ln for ln in e.load_log if "llama_kv_cache" in ln)
+        assert any(
+            "type_k = 'q8_0'" in ln or "q8_0" in ln for ln in e.load_log if "llama_kv_cache" in ln
+        )
         assert e.n_ctx == 768 and e.n_slots == 2  # one sequence's context; two sequences
     finally:
         e.close()
@@ -85,10 +120,15 @@ def generate(e: Engine, text: str, sampling: Sampling) -> tuple[str, dict]:
 
 
 def test_cpu_tensor_patterns_are_applied_to_exactly_the_matched_tensors(gemma: Path) -> None:
-    e = Engine.load(gemma, cpu_plan(cpu_tensor_patterns=(r"blk\.1\.ffn_(up|down)", r"blk\.3\.attn_q\.")))
+    e = Engine.load(
+        gemma, cpu_plan(cpu_tensor_patterns=(r"blk\.1\.ffn_(up|down)", r"blk\.3\.attn_q\."))
+    )
     try:
-        assert e.overridden_tensors == {"blk.1.ffn_up.weight": "CPU", "blk.1.ffn_down.weight": "CPU",
-                                        "blk.3.attn_q.weight": "CPU"}
+        assert e.overridden_tensors == {
+            "blk.1.ffn_up.weight": "CPU",
+            "blk.1.ffn_down.weight": "CPU",
+            "blk.3.attn_q.weight": "CPU",
+        }
         assert any("buffer type overridden to CPU" in ln for ln in e.load_log)
         _, stats = generate(e, "The capital of France is", Sampling(temperature=0, num_predict=4))
         assert stats["eval_count"] > 0
@@ -104,7 +144,10 @@ def test_measured_bytes_come_from_llama_cpp_and_sit_beside_the_prediction(gemma:
         assert 200 << 20 < cpu["weights"] < 320 << 20
         assert cpu["kv"] > 0 and cpu["compute"] > 0
         report = e.memory_report()
-        assert report["measured"] == e.measured_bytes and report["predicted"]["CPU"]["weights"] == 300 << 20
+        assert (
+            report["measured"] == e.measured_bytes
+            and report["predicted"]["CPU"]["weights"] == 300 << 20
+        )
         json.dumps(report)
     finally:
         e.close()
@@ -154,25 +197,41 @@ def test_batched_decode_runs_several_sequences_at_once(gemma: Path) -> None:
 
 
 def test_oom_lines_are_recognised_and_ordinary_failures_are_not() -> None:
-    assert buffers.is_out_of_memory(["ggml_backend_cuda_buffer_type_alloc_buffer: allocating 9000 MiB on "
-                                     "device 0: cudaMalloc failed: out of memory"])
-    assert not buffers.is_out_of_memory(["llama_model_load: error loading model: unknown architecture"])
-    got = buffers.measured_bytes(["load_tensors:        CUDA0 model buffer size =  1024.00 MiB",
-                                  "load_tensors:   CPU_Mapped model buffer size =   512.00 MiB",
-                                  "llama_kv_cache:      CUDA0 KV buffer size =   256.00 MiB",
-                                  "sched_reserve:      CUDA0 compute buffer size =   100.00 MiB",
-                                  "sched_reserve:  CUDA_Host compute buffer size =    10.00 MiB"])
-    assert got == {"CUDA0": {"weights": 1 << 30, "kv": 256 << 20, "compute": 100 << 20},
-                   "CPU": {"weights": 512 << 20, "kv": 0, "compute": 10 << 20}}
+    assert buffers.is_out_of_memory(
+        [
+            "ggml_backend_cuda_buffer_type_alloc_buffer: allocating 9000 MiB on "
+            "device 0: cudaMalloc failed: out of memory"
+        ]
+    )
+    assert not buffers.is_out_of_memory(
+        ["llama_model_load: error loading model: unknown architecture"]
+    )
+    got = buffers.measured_bytes(
+        [
+            "load_tensors:        CUDA0 model buffer size =  1024.00 MiB",
+            "load_tensors:   CPU_Mapped model buffer size =   512.00 MiB",
+            "llama_kv_cache:      CUDA0 KV buffer size =   256.00 MiB",
+            "sched_reserve:      CUDA0 compute buffer size =   100.00 MiB",
+            "sched_reserve:  CUDA_Host compute buffer size =    10.00 MiB",
+        ]
+    )
+    assert got == {
+        "CUDA0": {"weights": 1 << 30, "kv": 256 << 20, "compute": 100 << 20},
+        "CPU": {"weights": 512 << 20, "kv": 0, "compute": 10 << 20},
+    }
 
 
-MOE_NAMES = [f"blk.{i}.{t}.weight" for i in range(4) for t in ("attn_q", "ffn_up_exps", "ffn_down_exps")]
+MOE_NAMES = [
+    f"blk.{i}.{t}.weight" for i in range(4) for t in ("attn_q", "ffn_up_exps", "ffn_down_exps")
+]
 
 
 def test_shrink_moves_expert_groups_of_the_last_gpu_layers_first() -> None:
     plan = cpu_plan(n_gpu_layers=5)
     p1, why1 = shrink_step(plan, 0, MOE_NAMES)  # type: ignore[misc]
-    assert p1.n_gpu_layers == 5 and p1.cpu_tensor_patterns == (r"^blk\.(3)\.ffn_(up|down|gate)_exps",)
+    assert p1.n_gpu_layers == 5 and p1.cpu_tensor_patterns == (
+        r"^blk\.(3)\.ffn_(up|down|gate)_exps",
+    )
     assert "expert tensors of layer 3" in why1
     p2, why2 = shrink_step(p1, 1, MOE_NAMES)  # type: ignore[misc]
     assert "layers 1, 2" in why2 and len(p2.cpu_tensor_patterns) == 2
@@ -219,16 +278,19 @@ HEAL_SCRIPT = textwrap.dedent("""
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_AS and /proc are Linux's")
 def test_load_heals_by_shrinking_context_when_memory_runs_out(gemma: Path) -> None:
-    r = subprocess.run([sys.executable, "-c", HEAL_SCRIPT, str(gemma)], capture_output=True, text=True,
-                       timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-c", HEAL_SCRIPT, str(gemma)], capture_output=True, text=True, timeout=300
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     got = json.loads(r.stdout.strip().splitlines()[-1])
     assert got["gave_up"] and all("reduced the context" in s for s in got["gave_up"])
     assert got["n_ctx"] < 1 << 20 and got["engine_ctx"] == got["n_ctx"]
-    assert got["reasons"][-len(got["gave_up"]):] == got["gave_up"]  # the plan says what it gave up
+    assert got["reasons"][-len(got["gave_up"]) :] == got["gave_up"]  # the plan says what it gave up
 
 
-def test_a_plan_without_mmap_loads_and_its_overrides_fall_back_to_the_cpu_buffer_without_a_gpu(gemma: Path) -> None:
+def test_a_plan_without_mmap_loads_and_its_overrides_fall_back_to_the_cpu_buffer_without_a_gpu(
+    gemma: Path,
+) -> None:
     from offload.runtime.runner import native as eng
 
     # On a GPU build overridden tensors go to the GPU's pinned host buffer when the plan does not

@@ -24,7 +24,9 @@ MODEL = "gemma3:270m"
 @pytest.fixture(scope="module")
 def fresh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
     """A server over an empty store, one request per model at a time (so a second one queues)."""
-    with ServeProcess(tmp_path_factory.mktemp("fresh-home"), env={"OFFLOAD_NUM_PARALLEL": "1"}) as s:
+    with ServeProcess(
+        tmp_path_factory.mktemp("fresh-home"), env={"OFFLOAD_NUM_PARALLEL": "1"}
+    ) as s:
         yield s
 
 
@@ -68,7 +70,9 @@ def test_the_embedded_license_is_plain_text(fresh: ServeProcess) -> None:
     assert len(license_text) < 20_000
 
 
-def test_a_queued_stream_gets_its_headers_and_can_be_cancelled_while_it_waits(fresh: ServeProcess) -> None:
+def test_a_queued_stream_gets_its_headers_and_can_be_cancelled_while_it_waits(
+    fresh: ServeProcess,
+) -> None:
     busy_done = threading.Event()
     busy_chunks: list[dict] = []
 

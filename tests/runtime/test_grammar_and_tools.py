@@ -107,7 +107,9 @@ def test_tool_call_streamer_sends_prose_at_once_and_holds_what_could_be_a_call()
     sent, rest, calls = run(["It is ", "sunny ", "today."])
     assert sent == ["It is", " sunny", " today."] and rest == "" and calls == []
     # A call, its marker cut between pieces, is never sent as text and comes back parsed.
-    sent, rest, calls = run(["Let me check. <tool", '_call>{"name": "f", ', '"arguments": {"x": 1}}</tool_call>'])
+    sent, rest, calls = run(
+        ["Let me check. <tool", '_call>{"name": "f", ', '"arguments": {"x": 1}}</tool_call>']
+    )
     assert "".join(sent) == "Let me check." and rest == ""
     assert calls == [{"function": {"name": "f", "arguments": {"x": 1}}}]
     # Held text that turns out not to be a call is not lost.

@@ -17,9 +17,18 @@ def http(server: ServerThread) -> httpx.Client:
 
 
 def test_generate_returns_a_logprob_per_token_with_ranked_alternatives(http: httpx.Client) -> None:
-    r = http.post("/api/generate", json={
-        "model": "gemma3:270m", "prompt": "Paris is the capital of", "raw": True, "stream": False,
-        "logprobs": True, "top_logprobs": 3, "options": {"temperature": 0, "num_predict": 4}})
+    r = http.post(
+        "/api/generate",
+        json={
+            "model": "gemma3:270m",
+            "prompt": "Paris is the capital of",
+            "raw": True,
+            "stream": False,
+            "logprobs": True,
+            "top_logprobs": 3,
+            "options": {"temperature": 0, "num_predict": 4},
+        },
+    )
     body = r.json()
     lps = body["logprobs"]
     assert len(lps) == body["eval_count"] == 4
@@ -35,8 +44,16 @@ def test_generate_returns_a_logprob_per_token_with_ranked_alternatives(http: htt
 
 
 def test_logprobs_are_absent_unless_asked(http: httpx.Client) -> None:
-    r = http.post("/api/generate", json={"model": "gemma3:270m", "prompt": "Hi", "raw": True, "stream": False,
-                                         "options": {"num_predict": 2}})
+    r = http.post(
+        "/api/generate",
+        json={
+            "model": "gemma3:270m",
+            "prompt": "Hi",
+            "raw": True,
+            "stream": False,
+            "options": {"num_predict": 2},
+        },
+    )
     assert "logprobs" not in r.json() or r.json()["logprobs"] is None
 
 
@@ -44,14 +61,22 @@ def test_openai_chat_logprobs_through_the_official_client(server: ServerThread) 
     import openai
 
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="offload")
-    out = client.chat.completions.create(model="gemma3:270m", messages=[{"role": "user", "content": "Hi"}],
-                                         max_tokens=3, temperature=0, logprobs=True, top_logprobs=2)
+    out = client.chat.completions.create(
+        model="gemma3:270m",
+        messages=[{"role": "user", "content": "Hi"}],
+        max_tokens=3,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
+    )
     content = out.choices[0].logprobs.content
     assert len(content) == out.usage.completion_tokens
     assert all(len(c.top_logprobs) == 2 and c.logprob <= 0 for c in content)
 
 
 def test_top_logprobs_out_of_range_is_400(http: httpx.Client) -> None:
-    r = http.post("/api/generate", json={"model": "gemma3:270m", "prompt": "Hi", "logprobs": True,
-                                         "top_logprobs": 99})
+    r = http.post(
+        "/api/generate",
+        json={"model": "gemma3:270m", "prompt": "Hi", "logprobs": True, "top_logprobs": 99},
+    )
     assert r.status_code == 400 and "top_logprobs" in r.json()["error"]

@@ -28,8 +28,11 @@ def _pid(server: Running, name: str = MODEL) -> int:
 
 
 def _load(server: Running, name: str = MODEL) -> int:
-    r = httpx.post(f"{server.url}/api/generate", json={"model": name, "prompt": "Hi", "stream": False,
-                                                       "options": {"num_predict": 1}}, timeout=120)
+    r = httpx.post(
+        f"{server.url}/api/generate",
+        json={"model": name, "prompt": "Hi", "stream": False, "options": {"num_predict": 1}},
+        timeout=120,
+    )
     assert r.status_code == 200, r.text
     return _pid(server, name)
 
@@ -40,8 +43,12 @@ def test_a_runner_killed_mid_stream_ends_the_stream_with_an_error_and_the_model_
 ) -> None:
     pid = _load(server)
     lines = []
-    with httpx.stream("POST", f"{server.url}/api/generate", timeout=120,
-                      json={"model": MODEL, "prompt": "Tell me a very long story", "options": LONG}) as r:
+    with httpx.stream(
+        "POST",
+        f"{server.url}/api/generate",
+        timeout=120,
+        json={"model": MODEL, "prompt": "Tell me a very long story", "options": LONG},
+    ) as r:
         assert r.status_code == 200
         for line in r.iter_lines():
             lines.append(json.loads(line))
@@ -58,13 +65,25 @@ def test_a_runner_killed_mid_stream_ends_the_stream_with_an_error_and_the_model_
     assert new_pid != pid
 
 
-def test_a_non_streamed_request_whose_runner_dies_gets_a_500_with_the_reason(server: Running) -> None:
+def test_a_non_streamed_request_whose_runner_dies_gets_a_500_with_the_reason(
+    server: Running,
+) -> None:
     pid = _load(server)
     threading.Timer(1.0, os.kill, (pid, signal.SIGKILL)).start()
-    r = httpx.post(f"{server.url}/api/generate", timeout=120,
-                   json={"model": MODEL, "prompt": "Tell me a very long story", "stream": False, "options": LONG})
+    r = httpx.post(
+        f"{server.url}/api/generate",
+        timeout=120,
+        json={
+            "model": MODEL,
+            "prompt": "Tell me a very long story",
+            "stream": False,
+            "options": LONG,
+        },
+    )
     assert r.status_code == 500
-    assert r.json()["error"].startswith(f"the runner for {MODEL} stopped (SIGKILL) while generating")
+    assert r.json()["error"].startswith(
+        f"the runner for {MODEL} stopped (SIGKILL) while generating"
+    )
     assert _load(server) != pid
 
 
@@ -72,8 +91,11 @@ def test_other_models_keep_serving_while_one_runner_dies(server: Running) -> Non
     other_pid = _load(server, OTHER)
     pid = _load(server)
     os.kill(pid, signal.SIGKILL)
-    r = httpx.post(f"{server.url}/api/generate", timeout=120,
-                   json={"model": OTHER, "prompt": "Hello", "stream": False, "options": {"num_predict": 3}})
+    r = httpx.post(
+        f"{server.url}/api/generate",
+        timeout=120,
+        json={"model": OTHER, "prompt": "Hello", "stream": False, "options": {"num_predict": 3}},
+    )
     assert r.status_code == 200 and r.json()["eval_count"] == 3
     assert _pid(server, OTHER) == other_pid
 
@@ -86,9 +108,16 @@ def test_twenty_clients_over_two_models_while_a_runner_is_killed_all_end(server:
         model = MODEL if i % 2 else OTHER
         try:
             # A queued request gets its headers at once and its first bytes when its turn comes.
-            with httpx.stream("POST", f"{server.url}/api/chat", timeout=httpx.Timeout(300, connect=10),
-                              json={"model": model, "messages": [{"role": "user", "content": f"Story {i}"}],
-                                    "options": {"num_predict": 24, "temperature": 0}}) as r:
+            with httpx.stream(
+                "POST",
+                f"{server.url}/api/chat",
+                timeout=httpx.Timeout(300, connect=10),
+                json={
+                    "model": model,
+                    "messages": [{"role": "user", "content": f"Story {i}"}],
+                    "options": {"num_predict": 24, "temperature": 0},
+                },
+            ) as r:
                 if r.status_code != 200:
                     r.read()
                     return f"status {r.status_code}: {r.json()['error']}"
@@ -111,7 +140,9 @@ def test_twenty_clients_over_two_models_while_a_runner_is_killed_all_end(server:
 
 
 @pytest.fixture()
-def isolated(tmp_path: Path, offload_home: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Running]:
+def isolated(
+    tmp_path: Path, offload_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Running]:
     """A server over its own data dir: what it remembers about this machine starts empty."""
     home = tmp_path / "home"
     home.mkdir()
@@ -132,9 +163,16 @@ def test_a_load_that_crashes_in_its_first_evaluation_heals_with_extra_buffer_typ
     # The runner crashes (SIGSEGV) in its first evaluation while CPU extra buffer types are on,
     # as llama.cpp's AMX kernels do on some VMs.
     monkeypatch.setenv(FAULT_ENV, "crash-first-eval-with-extra-bufts")
-    r = httpx.post(f"{isolated.url}/api/generate", timeout=120,
-                   json={"model": MODEL, "prompt": "Paris is the capital of", "stream": False,
-                         "options": {"num_predict": 4, "temperature": 0}})
+    r = httpx.post(
+        f"{isolated.url}/api/generate",
+        timeout=120,
+        json={
+            "model": MODEL,
+            "prompt": "Paris is the capital of",
+            "stream": False,
+            "options": {"num_predict": 4, "temperature": 0},
+        },
+    )
     assert r.status_code == 200, r.text
     assert r.json()["response"]
     ps = httpx.get(f"{isolated.url}/api/ps", timeout=10).json()["models"][0]
@@ -157,15 +195,21 @@ def test_a_load_that_crashes_in_its_first_evaluation_heals_with_extra_buffer_typ
     # The next load starts safe: no crash this time.
     isolated.scheduler.unload(MODEL)
     crashes_before = log_text.count("Segmentation fault")
-    r = httpx.post(f"{isolated.url}/api/generate", timeout=120,
-                   json={"model": MODEL, "prompt": "Hi", "stream": False, "options": {"num_predict": 2}})
+    r = httpx.post(
+        f"{isolated.url}/api/generate",
+        timeout=120,
+        json={"model": MODEL, "prompt": "Hi", "stream": False, "options": {"num_predict": 2}},
+    )
     assert r.status_code == 200
     assert runner.proc.log.path.read_text().count("Segmentation fault") == crashes_before
 
 
 def test_without_the_fault_this_cpu_uses_extra_buffer_types(isolated: Running) -> None:
-    r = httpx.post(f"{isolated.url}/api/generate", timeout=120,
-                   json={"model": MODEL, "prompt": "Hi", "stream": False, "options": {"num_predict": 2}})
+    r = httpx.post(
+        f"{isolated.url}/api/generate",
+        timeout=120,
+        json={"model": MODEL, "prompt": "Hi", "stream": False, "options": {"num_predict": 2}},
+    )
     assert r.status_code == 200
     assert isolated.scheduler.loaded()[0].proc.extra_bufts is True
     assert "CPU_REPACK" in isolated.scheduler.loaded()[0].proc.buffers
@@ -176,21 +220,32 @@ def test_a_load_that_always_crashes_is_a_clear_error_after_the_safer_settings(
     isolated: Running, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv(FAULT_ENV, "crash-first-eval")
-    r = httpx.post(f"{isolated.url}/api/generate", timeout=300,
-                   json={"model": MODEL, "prompt": "Hi", "stream": False, "options": {"num_predict": 2}})
+    r = httpx.post(
+        f"{isolated.url}/api/generate",
+        timeout=300,
+        json={"model": MODEL, "prompt": "Hi", "stream": False, "options": {"num_predict": 2}},
+    )
     assert r.status_code == 500
     err = r.json()["error"]
-    assert err.startswith(f"the runner for {MODEL} stopped (SIGSEGV) while loading") and "after turning off" in err
+    assert (
+        err.startswith(f"the runner for {MODEL} stopped (SIGSEGV) while loading")
+        and "after turning off" in err
+    )
     assert httpx.get(f"{isolated.url}/api/version", timeout=10).status_code == 200
 
 
-def test_a_hung_runner_is_stopped_after_the_timeout(isolated: Running, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_hung_runner_is_stopped_after_the_timeout(
+    isolated: Running, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv(FAULT_ENV, "hang-after-tokens=3")
     _load(isolated)  # the runner hangs at its third token from now on
     monkeypatch.setenv("OFFLOAD_LOAD_TIMEOUT", "3s")
     t0 = time.monotonic()
-    r = httpx.post(f"{isolated.url}/api/generate", timeout=120,
-                   json={"model": MODEL, "prompt": "Tell me a story", "stream": False, "options": LONG})
+    r = httpx.post(
+        f"{isolated.url}/api/generate",
+        timeout=120,
+        json={"model": MODEL, "prompt": "Tell me a story", "stream": False, "options": LONG},
+    )
     assert r.status_code == 500
     assert "stopped answering for 3 s and was stopped while generating" in r.json()["error"]
     assert time.monotonic() - t0 < 60
@@ -203,10 +258,14 @@ def test_a_runner_that_cannot_start_names_its_log(
     broken = tmp_path / "broken"
     (broken / "llama_cpp").mkdir(parents=True)
     (broken / "llama_cpp" / "__init__.py").write_text(
-        "raise ImportError('libllama.so: cannot open shared object file: No such file or directory')\n")
+        "raise ImportError('libllama.so: cannot open shared object file: No such file or directory')\n"
+    )
     monkeypatch.setenv("PYTHONPATH", str(broken))
-    r = httpx.post(f"{isolated.url}/api/generate", timeout=120,
-                   json={"model": MODEL, "prompt": "Hi", "stream": False})
+    r = httpx.post(
+        f"{isolated.url}/api/generate",
+        timeout=120,
+        json={"model": MODEL, "prompt": "Hi", "stream": False},
+    )
     assert r.status_code == 500
     err = r.json()["error"]
     assert err.startswith(f"the runner for {MODEL} could not start (exit code 1)")
@@ -223,8 +282,12 @@ def test_a_real_server_process_never_maps_llama_cpp_but_its_runner_does(offload_
     port = free_port()
     env = {**os.environ, "OFFLOAD_HOST": f"127.0.0.1:{port}"}
     env.pop(FAULT_ENV, None)
-    proc = subprocess.Popen([sys.executable, "-m", "offload.runtime.cli", "serve"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "offload.runtime.cli", "serve"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
@@ -236,8 +299,11 @@ def test_a_real_server_process_never_maps_llama_cpp_but_its_runner_does(offload_
                 pass
             assert time.monotonic() < deadline and proc.poll() is None
             time.sleep(0.2)
-        r = httpx.post(f"{url}/api/generate", json={"model": MODEL, "prompt": "Hi", "stream": False,
-                                                    "options": {"num_predict": 2}}, timeout=120)
+        r = httpx.post(
+            f"{url}/api/generate",
+            json={"model": MODEL, "prompt": "Hi", "stream": False, "options": {"num_predict": 2}},
+            timeout=120,
+        )
         assert r.status_code == 200, r.text
         runner_pid = httpx.get(f"{url}/api/ps", timeout=10).json()["models"][0]["pid"]
         server_maps = Path(f"/proc/{proc.pid}/maps").read_text()
@@ -250,7 +316,10 @@ def test_a_real_server_process_never_maps_llama_cpp_but_its_runner_does(offload_
         proc.wait(timeout=30)
     # Stopping the server stops its runners.
     deadline = time.monotonic() + 15
-    while psutil.pid_exists(runner_pid) and psutil.Process(runner_pid).status() != psutil.STATUS_ZOMBIE:
+    while (
+        psutil.pid_exists(runner_pid)
+        and psutil.Process(runner_pid).status() != psutil.STATUS_ZOMBIE
+    ):
         assert time.monotonic() < deadline, "the runner outlived its server"
         time.sleep(0.1)
 
@@ -265,8 +334,9 @@ def test_unload_ends_the_runner_process(server: Running) -> None:
         time.sleep(0.1)
 
 
-
-def test_a_runner_log_is_capped_and_rotated_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_runner_log_is_capped_and_rotated_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from offload.runtime.serving import process
 
     monkeypatch.setattr(process, "LOG_CAP_BYTES", 4096)

@@ -171,7 +171,6 @@ def test_twenty_clients_over_two_models_are_all_answered_or_503(
     assert threading.active_count() < 60
 
 
-
 # A full offload of gemma3:270m to a CUDA GPU, as llama.cpp's load log reports it.
 _FULL_OFFLOAD_LOG = [
     "load_tensors:        CUDA0 model buffer size =   153.37 MiB",
@@ -184,7 +183,9 @@ _FULL_OFFLOAD_LOG = [
 
 
 @pytest.mark.parametrize(("num_gpu", "shown"), [(None, "100% GPU"), (6, "CPU/GPU")])
-def test_ps_says_100_percent_gpu_for_a_full_offload(store: Store, num_gpu: int | None, shown: str) -> None:
+def test_ps_says_100_percent_gpu_for_a_full_offload(
+    store: Store, num_gpu: int | None, shown: str
+) -> None:
     """llama.cpp keeps the token embeddings in host memory even with every layer offloaded; Ollama's
     `ps` still calls that 100% GPU, and so do we. A partial offload shows its split."""
     from offload.planner import anatomy
@@ -197,7 +198,9 @@ def test_ps_says_100_percent_gpu_for_a_full_offload(store: Store, num_gpu: int |
     info = store.resolve(MODEL)
     a = anatomy.read(info.model_path)
     options = {} if num_gpu is None else {"num_gpu": num_gpu}
-    plan = planning.plan_for(info.model_path, options, digest=info.digest, hw=load_profile("rtx3060"))
+    plan = planning.plan_for(
+        info.model_path, options, digest=info.digest, hw=load_profile("rtx3060")
+    )
     measured = measured_bytes(_FULL_OFFLOAD_LOG) if num_gpu is None else {}
     size, size_vram = memory_split(plan, measured, a.n_layers)
     assert shown in processor(size, size_vram)

@@ -30,8 +30,16 @@ def test_api_answers_without_server_errors_and_matches_its_schema(
     schema = schemathesis.openapi.from_asgi("/openapi.json", create_app(store))
     failures: dict[str, str] = {}
     operations = [r.ok() for r in schema.get_all_operations()]
-    assert {"/api/generate", "/api/chat", "/api/embed", "/v1/chat/completions", "/api/ps",
-            "/v1/responses", "/v1/messages", "/v1/messages/count_tokens"} <= {op.path for op in operations}
+    assert {
+        "/api/generate",
+        "/api/chat",
+        "/api/embed",
+        "/v1/chat/completions",
+        "/api/ps",
+        "/v1/responses",
+        "/v1/messages",
+        "/v1/messages/count_tokens",
+    } <= {op.path for op in operations}
     for op in operations:
         if op.path in ("/api/pull", "/api/push"):
             # They talk to a registry: with no network they answer 502 by design. tests/models
@@ -150,9 +158,18 @@ def test_agent_answers_and_errors_match_the_published_schemas(server: Running) -
                    json={"model": MODEL, "messages": hi}).json()
     )  # fmt: skip
     anthropic_error = _validator(spec, "AnthropicError")
-    for body in ({"model": MODEL, "max_tokens": 0, "messages": hi}, {"model": "nope:1", "max_tokens": 1, "messages": hi}):
-        anthropic_error.validate(httpx.post(f"{server.url}/v1/messages", json=body, timeout=60).json())
+    for body in (
+        {"model": MODEL, "max_tokens": 0, "messages": hi},
+        {"model": "nope:1", "max_tokens": 1, "messages": hi},
+    ):
+        anthropic_error.validate(
+            httpx.post(f"{server.url}/v1/messages", json=body, timeout=60).json()
+        )
     _validator(spec, "OpenAIError").validate(
-        httpx.post(f"{server.url}/v1/responses", json={"model": MODEL, "input": [{"type": "x"}]}, timeout=60).json()
+        httpx.post(
+            f"{server.url}/v1/responses",
+            json={"model": MODEL, "input": [{"type": "x"}]},
+            timeout=60,
+        ).json()
     )
     assert not anthropic_error.is_valid({"error": "flat"})  # the schema has teeth

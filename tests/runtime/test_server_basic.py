@@ -34,8 +34,15 @@ def test_version_and_tags_list_the_embedded_model(http: httpx.Client) -> None:
 
 
 def test_generate_streams_ndjson_pieces_then_a_summary(http: httpx.Client) -> None:
-    r = http.post("/api/generate", json={"model": "gemma3:270m", "prompt": "Paris is the capital of",
-                                         "raw": True, "options": OPTS})
+    r = http.post(
+        "/api/generate",
+        json={
+            "model": "gemma3:270m",
+            "prompt": "Paris is the capital of",
+            "raw": True,
+            "options": OPTS,
+        },
+    )
     assert r.status_code == 200
     assert r.headers["content-type"].startswith("application/x-ndjson")
     chunks = ndjson(r)
@@ -46,14 +53,27 @@ def test_generate_streams_ndjson_pieces_then_a_summary(http: httpx.Client) -> No
     text = "".join(c["response"] for c in chunks)
     assert "France" in text
     assert final["eval_count"] == 8
-    for k in ("total_duration", "load_duration", "prompt_eval_count", "prompt_eval_duration", "eval_duration"):
+    for k in (
+        "total_duration",
+        "load_duration",
+        "prompt_eval_count",
+        "prompt_eval_duration",
+        "eval_duration",
+    ):
         assert isinstance(final[k], int), k
     assert final["prompt_eval_count"] > 0 and final["eval_duration"] > 0
     assert final["total_duration"] >= final["eval_duration"] + final["prompt_eval_duration"]
 
 
-def test_generate_without_streaming_returns_one_object_with_the_same_text(http: httpx.Client) -> None:
-    body = {"model": "gemma3:270m", "prompt": "Paris is the capital of", "raw": True, "options": OPTS}
+def test_generate_without_streaming_returns_one_object_with_the_same_text(
+    http: httpx.Client,
+) -> None:
+    body = {
+        "model": "gemma3:270m",
+        "prompt": "Paris is the capital of",
+        "raw": True,
+        "options": OPTS,
+    }
     streamed = "".join(c["response"] for c in ndjson(http.post("/api/generate", json=body)))
     r = http.post("/api/generate", json={**body, "stream": False})
     one = r.json()
@@ -62,7 +82,11 @@ def test_generate_without_streaming_returns_one_object_with_the_same_text(http: 
 
 
 def test_chat_applies_the_template_and_streams_messages(http: httpx.Client) -> None:
-    body = {"model": "gemma3:270m", "messages": [{"role": "user", "content": "Say hello."}], "options": OPTS}
+    body = {
+        "model": "gemma3:270m",
+        "messages": [{"role": "user", "content": "Say hello."}],
+        "options": OPTS,
+    }
     chunks = ndjson(http.post("/api/chat", json=body))
     assert chunks[-1]["done"] is True
     assert all(c["message"]["role"] == "assistant" for c in chunks)
@@ -76,8 +100,13 @@ def test_chat_applies_the_template_and_streams_messages(http: httpx.Client) -> N
 
 
 def test_stop_option_cuts_the_answer(http: httpx.Client) -> None:
-    body = {"model": "gemma3:270m", "prompt": "One, two, three, four,", "raw": True, "stream": False,
-            "options": {**OPTS, "num_predict": 12}}
+    body = {
+        "model": "gemma3:270m",
+        "prompt": "One, two, three, four,",
+        "raw": True,
+        "stream": False,
+        "options": {**OPTS, "num_predict": 12},
+    }
     free = http.post("/api/generate", json=body).json()["response"]
     assert "six" in free
     body["options"]["stop"] = ["six"]
@@ -92,19 +121,34 @@ def test_unknown_model_is_404_with_a_hint(http: httpx.Client) -> None:
 
 
 def test_malformed_json_is_400_with_the_parser_message(http: httpx.Client) -> None:
-    r = http.post("/api/chat", content=b'{"model": "gemma3:270m", "messages": [', headers={"content-type": "application/json"})
+    r = http.post(
+        "/api/chat",
+        content=b'{"model": "gemma3:270m", "messages": [',
+        headers={"content-type": "application/json"},
+    )
     assert r.status_code == 400
     assert "invalid JSON" in r.json()["error"]
 
 
 def test_bad_option_type_is_400(http: httpx.Client) -> None:
-    r = http.post("/api/generate", json={"model": "gemma3:270m", "prompt": "hi", "options": {"top_k": "many"}})
+    r = http.post(
+        "/api/generate", json={"model": "gemma3:270m", "prompt": "hi", "options": {"top_k": "many"}}
+    )
     assert r.status_code == 400 and "top_k" in r.json()["error"]
 
 
 def test_a_json_body_sent_as_form_data_is_read_as_json_like_curl_d(http: httpx.Client) -> None:
     # `curl URL -d '{...}'`, as Ollama's docs call the API, labels the body as form data.
-    body = json.dumps({"model": "gemma3:270m", "prompt": "Hi", "raw": True, "stream": False,
-                       "options": {"num_predict": 2}})
-    r = http.post("/api/generate", content=body, headers={"content-type": "application/x-www-form-urlencoded"})
+    body = json.dumps(
+        {
+            "model": "gemma3:270m",
+            "prompt": "Hi",
+            "raw": True,
+            "stream": False,
+            "options": {"num_predict": 2},
+        }
+    )
+    r = http.post(
+        "/api/generate", content=body, headers={"content-type": "application/x-www-form-urlencoded"}
+    )
     assert r.status_code == 200 and r.json()["eval_count"] == 2
