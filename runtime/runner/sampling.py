@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import math
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -160,7 +161,9 @@ class Sampler:
 
     # -- log probabilities --------------------------------------------------------------------
 
-    def logprob(self, ctx: int, idx: int, token: int, piece: bytes, pieces: object) -> TokenLogprob:
+    def logprob(
+        self, ctx: int, idx: int, token: int, piece: bytes, pieces: Callable[[int], bytes]
+    ) -> TokenLogprob:
         """The token's log probability under the model (before sampling tweaks) and its top rivals."""
         ptr = llama_c.llama_get_logits_ith(ctx, idx)
         logits = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).astype(np.float64)
@@ -174,11 +177,11 @@ class Sampler:
             top = tuple(
                 (
                     pieces(int(i)).decode("utf-8", errors="replace"),
-                    float(logp[i]),  # type: ignore[operator]
+                    float(logp[i]),
                     tuple(pieces(int(i))),
                 )
                 for i in ids
-            )  # type: ignore[operator]
+            )
         return TokenLogprob(
             piece.decode("utf-8", errors="replace"), float(logp[token]), tuple(piece), top
         )
