@@ -115,3 +115,15 @@ def test_scheduler_events_reach_the_server_log(fresh: ServeProcess) -> None:
     log = fresh.log.read_text(errors="replace")
     assert "INFO offload.runtime.serving.scheduler: load {" in log, log[-2000:]
     assert "probe failed" not in log, log[-2000:]
+
+
+def test_ps_lists_a_model_once_after_embeddings_and_generation(fresh: ServeProcess) -> None:
+    e = httpx.post(
+        f"{fresh.url}/api/embed", json={"model": MODEL, "input": ["a", "b"]}, timeout=120
+    )
+    assert e.status_code == 200 and len(e.json()["embeddings"]) == 2
+    g = httpx.post(f"{fresh.url}/api/generate", timeout=120,
+                   json={"model": MODEL, "prompt": "Hi", "stream": False, "options": {"num_predict": 1}})  # fmt: skip
+    assert g.status_code == 200
+    names = [m["name"] for m in httpx.get(f"{fresh.url}/api/ps", timeout=30).json()["models"]]
+    assert names == [MODEL]
