@@ -6,6 +6,12 @@ vocabularies (262k tokens for Gemma 3): a full chain of penalties then top-k too
 a 2-core EPYC, against 0.22 ms with top-k first. Penalties can only lower a logit, and at most
 ``penalty_last_n`` tokens carry one, so the true top-k after penalties always lies within the top
 ``k + penalty_last_n`` before them: cutting to that first gives exactly the same distribution.
+
+Where a chain starts by keeping the top k (every chain but mirostat's and those without a top-k),
+even that first cut need not see the whole vocabulary in C: a threshold read from a strided sample
+of the logits picks, with two vectorized passes, a few hundred tokens that surely hold the top k,
+and the chain runs on those (0.054 ms instead of 0.165 ms a token for Gemma 3 on 2 cores). The
+chain sorts what it keeps, so it picks the same token, seeded draws included.
 """
 
 from __future__ import annotations
@@ -24,6 +30,13 @@ from offload.runtime.runner.native import llama_c
 __all__ = ["Sampler"]
 
 _NEG_INF = float("-inf")
+_TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
+# The top-k shortcut: every STRIDE-th logit is read to find a threshold above which about
+# (k // STRIDE + MARGIN) * STRIDE tokens lie. Fewer than k above it (rare) or more than CAPACITY
+# falls back to the whole vocabulary.
+_STRIDE = 64
+_MARGIN = 8
+_CAPACITY = 8192
 
 
 def _add(chain: int, smpl: int | None) -> None:
@@ -55,6 +68,9 @@ class Sampler:
         self.chain = llama_c.llama_sampler_chain_init(params)
         self.grammar: _Grammar | None = None
         self._cur: ctypes.Array | None = None
+        # k when the chain starts by keeping the top k logits (greedy alone is k = 1).
+        self.first_k: int | None = None
+        self._small: ctypes.Array | None = None
         self._build(sampling, n_ctx)
         if sampling.grammar:
             smpl = llama_c.llama_sampler_init_grammar(
@@ -78,6 +94,7 @@ class Sampler:
         keep = 1 if greedy else top_k
         if penalize and keep and _lowers_only(s) and not s.mirostat:
             _add(chain, llama_c.llama_sampler_init_top_k(keep + last_n))
+            self.first_k = keep + last_n
         if penalize:
             _add(
                 chain,
@@ -87,6 +104,8 @@ class Sampler:
             )
         if greedy:
             _add(chain, llama_c.llama_sampler_init_greedy())
+            if not penalize:
+                self.first_k = 1
             return
         seed = s.seed if s.seed is not None and s.seed >= 0 else random.getrandbits(31)
         if s.mirostat == 1:
@@ -109,6 +128,8 @@ class Sampler:
             return
         if top_k:
             _add(chain, llama_c.llama_sampler_init_top_k(top_k))
+            if not penalize:
+                self.first_k = top_k
         if s.typical_p < 1.0:
             _add(chain, llama_c.llama_sampler_init_typical(s.typical_p, 1))
         if s.top_p < 1.0:
@@ -122,12 +143,14 @@ class Sampler:
 
     def sample(self, ctx: int, idx: int) -> int:
         """Pick the token for output ``idx`` of the last decode and accept it into the chain."""
-        if self.grammar is None:
+        if self.grammar is None and self.first_k is None:
             return int(llama_c.llama_sampler_sample(self.chain, ctx, idx))
+        logits = llama_c.llama_get_logits_ith(ctx, idx)
+        if self.grammar is None:
+            return self.sample_logits(logits)
         # Sample freely, then check the one token against the grammar: applying a grammar to the
         # whole vocabulary is slow, and most tokens a constrained model picks are allowed anyway.
-        logits = llama_c.llama_get_logits_ith(ctx, idx)
-        token = self._apply(self.chain, logits, with_grammar=False)
+        token = self._pick(logits)
         g = self.grammar
         g.single[0].id, g.single[0].logit, g.single[0].p = token, 1.0, 0.0
         g.single_arr.size, g.single_arr.selected, g.single_arr.sorted = 1, -1, False
@@ -138,12 +161,50 @@ class Sampler:
         llama_c.llama_sampler_accept(self.chain, token)
         return token
 
+    def sample_logits(self, logits: ctypes.Array) -> int:
+        """Pick a token from a row of logits (``n_vocab`` floats) and accept it into the chain."""
+        token = self._pick(logits)
+        llama_c.llama_sampler_accept(self.chain, token)
+        return token
+
+    def _pick(self, logits: ctypes.Array) -> int:
+        """The chain's choice over the whole vocabulary, through the top-k shortcut where it holds."""
+        if self.first_k is not None:
+            token = self._apply_top(logits, self.first_k)
+            if token is not None:
+                return token
+        return self._apply(self.chain, logits, with_grammar=False)
+
+    def _apply_top(self, logits: ctypes.Array, k: int) -> int | None:
+        """Run the chain on a superset of the k largest logits; None when none was found cheaply."""
+        x = np.ctypeslib.as_array(logits, shape=(self.n_vocab,))
+        if k * _STRIDE * 4 >= self.n_vocab:
+            return None  # a small vocabulary: the whole of it costs as little
+        sample = x[::_STRIDE]
+        m = min(len(sample), k // _STRIDE + _MARGIN)
+        threshold = np.partition(sample, len(sample) - m)[len(sample) - m]
+        ids = np.flatnonzero(x >= threshold)
+        if not k <= len(ids) <= _CAPACITY:
+            return None
+        if self._small is None:
+            self._small = (llama_c.llama_token_data * _CAPACITY)()
+            self._small_view = np.ctypeslib.as_array(self._small).view(_TOKEN_DATA)
+        view = self._small_view[: len(ids)]
+        view["id"] = ids
+        view["logit"] = x[ids]
+        view["p"] = 0.0
+        arr = llama_c.llama_token_data_array(
+            data=self._small, size=len(ids), selected=-1, sorted=False
+        )
+        llama_c.llama_sampler_apply(self.chain, ctypes.byref(arr))
+        if arr.selected < 0:
+            raise ValueError("the sampler chain selected no token")
+        return int(arr.data[arr.selected].id)
+
     def _apply(self, chain: int, logits: ctypes.Array, with_grammar: bool) -> int:
         if self._cur is None:
             self._cur = (llama_c.llama_token_data * self.n_vocab)()
-            self._view = np.ctypeslib.as_array(self._cur).view(
-                np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
-            )
+            self._view = np.ctypeslib.as_array(self._cur).view(_TOKEN_DATA)
             self._ids = np.arange(self.n_vocab, dtype=np.int32)
         view = self._view
         view["id"] = self._ids
