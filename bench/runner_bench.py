@@ -202,37 +202,32 @@ def server_stream_once(url: str, model_name: str, prompt: str, gen: int) -> dict
 def overhead(args: argparse.Namespace, model: Path, plans: Any, tools: Path) -> dict[str, Any]:
     single = plans(1, args.prompt + args.gen + 64)
     n_ctx = single.n_ctx
-    base = [
-        batched_bench(
-            tools / "llama-batched-bench",
-            model,
-            single,
-            n_ctx,
-            args.prompt,
-            args.gen,
-            [1],
-            args.extra_bufts,
-        )[0]
-        for _ in range(args.repeats)
-    ]
-    # llama.cpp's whole cost of getting ready: process start, load, a tiny run, exit.
-    load_base = []
-    for _ in range(args.repeats):
+    # Interleaved, one of each per round, so that a machine whose speed drifts (a shared VM)
+    # weighs on both alike; the ratio is also reported as the median of the rounds' ratios.
+    base: list[dict[str, Any]] = []
+    load_base: list[float] = []
+    ours: list[dict[str, Any]] = []
+    loads: list[float] = []
+    for r in range(args.repeats):
+        base.append(
+            batched_bench(
+                tools / "llama-batched-bench", model, single, n_ctx, args.prompt, args.gen, [1],
+                args.extra_bufts,
+            )[0]
+        )  # fmt: skip
+        # llama.cpp's whole cost of getting ready: process start, load, a tiny run, exit.
         t0 = time.perf_counter()
         batched_bench(
             tools / "llama-batched-bench", model, single, n_ctx, 8, 1, [1], args.extra_bufts
         )
         load_base.append(time.perf_counter() - t0)
-    ours, loads = [], []
-    for _ in range(args.repeats):
         t0 = time.perf_counter()
         proc = RunnerProcess.start("bench", model, single, extra_bufts=args.extra_bufts)
         loads.append(time.perf_counter() - t0)
         try:
-            stream_once(
-                proc, distinct_prompt(proc, args.prompt, 999), 8
-            )  # warm-up, as llama.cpp does
-            ours.append(stream_once(proc, distinct_prompt(proc, args.prompt, len(loads)), args.gen))
+            # A warm-up, as llama.cpp's tools do.
+            stream_once(proc, distinct_prompt(proc, args.prompt, 999), 8)
+            ours.append(stream_once(proc, distinct_prompt(proc, args.prompt, r + 1), args.gen))
         finally:
             proc.close()
     out: dict[str, Any] = {
@@ -254,6 +249,9 @@ def overhead(args: argparse.Namespace, model: Path, plans: Any, tools: Path) -> 
         out["server"] = server_overhead(args, single)
     lc, rn = out["llama_cpp"], out["runner"]
     out["decode_ratio"] = rn["decode_tps"] / lc["decode_tps"] if lc["decode_tps"] else None
+    out["decode_ratio_of_rounds"] = median(
+        [o["decode_tps"] / b["speed_tg"] for o, b in zip(ours, base, strict=True) if b["speed_tg"]]
+    )
     out["ttft_extra_ms"] = (rn["ttft_s"] - lc["prompt_s"]) * 1e3
     out["load_extra_s"] = rn["load_s"] - lc["ready_s"]
     if "server" in out:

@@ -26,6 +26,7 @@ from offload.runtime.runner import FAULT_ENV, buffers
 from offload.runtime.runner.native import (
     KV_TYPES,
     SPLIT_MODES,
+    CpuThreadpools,
     captured_log,
     check_applicable,
     llama_c,
@@ -270,6 +271,7 @@ class Engine:
                 ctx = llama_c.llama_init_from_model(model, _context_params(plan, n_seq_max))
                 if not ctx:
                     raise _oom_or_failed(lines, model_path.name)
+                keep.append(CpuThreadpools.attach(ctx))
                 if lora:
                     # Adapters belong to the model: llama_model_free frees them.
                     arr = (llama_c.llama_adapter_lora_p_ctypes * 1)(lora[0])
@@ -282,10 +284,10 @@ class Engine:
                 if verify_decode:
                     engine._verify_decode(extra_bufts)
             except LoadFailed:
-                cls._free(model, ctx)
+                cls._free(model, ctx, keep)
                 raise
             except (ValueError, RuntimeError, OSError, MemoryError) as e:
-                cls._free(model, ctx)
+                cls._free(model, ctx, keep)
                 if isinstance(e, MemoryError):
                     raise OutOfMemory(
                         f"not enough memory for this plan of {model_path.name}: {e}"
@@ -299,11 +301,14 @@ class Engine:
         return engine
 
     @staticmethod
-    def _free(model: Any, ctx: Any) -> None:
+    def _free(model: Any, ctx: Any, keep: Sequence[Any] = ()) -> None:
         if ctx:
             llama_c.llama_free(ctx)
         if model:
             llama_c.llama_model_free(model)
+        for item in keep:
+            if isinstance(item, CpuThreadpools):
+                item.free()
 
     def _verify_decode(self, extra_bufts: bool) -> None:
         """Decode one full micro-batch so compute buffers that allocate lazily fail now, not
@@ -527,4 +532,4 @@ class Engine:
         """Free the context and model now."""
         ctx, model = self.ctx, self.model
         self.ctx = self.model = None  # type: ignore[assignment]
-        self._free(model, ctx)
+        self._free(model, ctx, self._keep)

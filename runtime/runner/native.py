@@ -55,6 +55,7 @@ __all__ = [
     "cpu_buffer_type",
     "ggml_symbol",
     "set_progress_hook",
+    "CpuThreadpools",
 ]
 
 SPLIT_MODES = {
@@ -162,6 +163,88 @@ def ggml_symbol(name: str) -> Any:
                 if fn is not None:
                     return fn
     raise LoadFailed(f"{name} not found in {lib_dir}")
+
+
+class _ThreadpoolParams(ctypes.Structure):
+    """ggml's ``struct ggml_threadpool_params`` (ggml.h; GGML_MAX_N_THREADS is 512)."""
+
+    _fields_ = [
+        ("cpumask", ctypes.c_bool * 512),
+        ("n_threads", ctypes.c_int),
+        ("prio", ctypes.c_int),
+        ("poll", ctypes.c_uint32),
+        ("strict_cpu", ctypes.c_bool),
+        ("paused", ctypes.c_bool),
+    ]
+
+
+# ggml's default: threads busy-wait a little for the next graph before they sleep.
+THREADPOOL_POLL = 50
+
+
+class CpuThreadpools:
+    """Persistent CPU thread pools attached to a context, as llama.cpp's own tools attach them.
+
+    Without them a ggml built without OpenMP (Apple clang's builds, for one) starts and joins its
+    worker threads for every graph it computes, that is for every decoded token; llama-cpp-python
+    attaches none. (With OpenMP, its thread team persists either way.) One pool for generation and, when the
+    batch thread count differs, one for prompt batches (the other waits paused, as in llama.cpp).
+    """
+
+    def __init__(self, pool: int, pool_batch: int | None, free: Any) -> None:
+        self.pool, self.pool_batch, self._free = pool, pool_batch, free
+
+    @classmethod
+    def attach(cls, ctx: Any) -> CpuThreadpools | None:
+        """Create and attach the pools; None (ggml's own threads per graph) where this build
+        does not export what it takes."""
+        try:
+            by_type = ggml_symbol("ggml_backend_dev_by_type")
+            dev_reg = ggml_symbol("ggml_backend_dev_backend_reg")
+            proc = ggml_symbol("ggml_backend_reg_get_proc_address")
+            attach = llama_c._lib.llama_attach_threadpool
+        except (LoadFailed, AttributeError):
+            return None
+        by_type.restype, by_type.argtypes = ctypes.c_void_p, [ctypes.c_int]
+        dev_reg.restype, dev_reg.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
+        proc.restype, proc.argtypes = ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_char_p]
+        dev = by_type(0)  # GGML_BACKEND_DEVICE_TYPE_CPU
+        reg = dev_reg(dev) if dev else None
+        new_ptr = proc(reg, b"ggml_threadpool_new") if reg else None
+        free_ptr = proc(reg, b"ggml_threadpool_free") if reg else None
+        if not new_ptr or not free_ptr:
+            return None
+        new = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.POINTER(_ThreadpoolParams))(new_ptr)
+        free = ctypes.CFUNCTYPE(None, ctypes.c_void_p)(free_ptr)
+        attach.restype, attach.argtypes = None, [ctypes.c_void_p] * 3
+
+        def params(n_threads: int, paused: bool) -> _ThreadpoolParams:
+            p = _ThreadpoolParams()
+            p.n_threads, p.prio, p.poll, p.strict_cpu, p.paused = (
+                n_threads, 0, THREADPOOL_POLL, False, paused,
+            )  # fmt: skip
+            return p
+
+        n, n_batch = int(llama_c.llama_n_threads(ctx)), int(llama_c.llama_n_threads_batch(ctx))
+        pool_batch = None
+        if n_batch != n:
+            pool_batch = new(ctypes.byref(params(n_batch, False)))
+            if not pool_batch:
+                return None
+        pool = new(ctypes.byref(params(n, pool_batch is not None)))
+        if not pool:
+            if pool_batch:
+                free(pool_batch)
+            return None
+        attach(ctx, pool, pool_batch)
+        return cls(pool, pool_batch, free)
+
+    def free(self) -> None:
+        """Free the pools; only after the context that used them is freed."""
+        for p in (self.pool, self.pool_batch):
+            if p:
+                self._free(p)
+        self.pool = self.pool_batch = 0
 
 
 def cpu_buffer_type(pinned: bool = False) -> int:

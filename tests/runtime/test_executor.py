@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -18,7 +19,7 @@ from offload.runtime.runner import buffers
 from offload.runtime.runner.batch import BatchLoop, Job
 from offload.runtime.runner.engine import Engine, _context_params, _model_params
 from offload.runtime.runner.generation import Sampling
-from offload.runtime.runner.native import KV_TYPES, llama_c
+from offload.runtime.runner.native import KV_TYPES, CpuThreadpools, llama_c
 from offload.runtime.serving.healing import shrink_step
 
 
@@ -302,3 +303,31 @@ def test_a_plan_without_mmap_loads_and_its_overrides_fall_back_to_the_cpu_buffer
         assert generate(e, "Hello", Sampling(temperature=0, num_predict=2))[1]["eval_count"] == 2
     finally:
         e.close()
+
+
+def _threads() -> set[str]:
+    return set(os.listdir("/proc/self/task"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs /proc")
+def test_cpu_threads_persist_between_tokens_as_in_llama_cpps_tools(gemma: Path) -> None:
+    """Without an attached pool, a ggml built without OpenMP (Apple clang's builds, for one)
+    starts and joins its worker threads for every graph, that is for every token. The engine
+    attaches one pool for generation and one for prompt batches (threads 2 and 3 here), as
+    llama.cpp's own tools do; with OpenMP, its thread team persists either way."""
+    openmp = b"OPENMP = 1" in llama_c.llama_print_system_info()
+    before = _threads()
+    e = Engine.load(gemma, cpu_plan(threads=2, threads_batch=3))
+    try:
+        pools = [k for k in e._keep if isinstance(k, CpuThreadpools)]
+        assert len(pools) == 1 and pools[0].pool and pools[0].pool_batch
+        generate(e, "One, two,", Sampling(temperature=0.0, num_predict=4))
+        workers = _threads() - before
+        generate(e, "Three, four,", Sampling(temperature=0.0, num_predict=4))
+        assert _threads() - before == workers, "worker threads came and went between requests"
+        if not openmp:
+            assert len(workers) >= 1 + 2  # the generation pool's 1 worker, the batch pool's 2
+    finally:
+        e.close()
+    if not openmp:
+        assert not (_threads() - before) & workers, "the pools' threads outlived the engine"
