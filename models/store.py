@@ -12,7 +12,6 @@ import builtins
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -38,11 +37,10 @@ from offload.models.layout import (
     TEMP_PREFIX,
     BlobWriter,
     InvalidManifest,
+    atomic_write,
     check_digest,
     check_manifest,
     config_details,
-    no_space,
-    open_temp,
     prune_stale,
     read_capped,
     sha256_file,
@@ -227,15 +225,7 @@ class Store:
         except InvalidManifest as e:
             raise StoreError(f"cannot write the manifest of {name.display}: {e.problem}") from None
         self._check_blobs(manifest)
-        p = self.manifest_path(name)
-        f, tmp = open_temp(p.parent)
-        try:
-            with no_space(p), f:
-                f.write(raw)
-            os.replace(tmp, p)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        atomic_write(self.manifest_path(name), raw)
         return "sha256:" + hashlib.sha256(raw).hexdigest()
 
     def _parse(self, name: ModelName, raw: bytes) -> dict[str, Any]:
