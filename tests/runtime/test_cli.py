@@ -137,25 +137,32 @@ def test_interactive_session_sets_parameters_and_exits_on_bye(cli_env: dict[str,
 
 
 def test_ctrl_c_stops_the_answer_and_the_server_stays_healthy(cli_env: dict[str, str]) -> None:
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "offload.runtime.cli",
-            "run",
-            "gemma3:270m",
-            "Tell me a long story about the sea.",
-        ],
-        env=cli_env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    assert proc.stdout is not None
-    assert proc.stdout.read(1), "no answer started"
-    t0 = time.monotonic()
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=30)
+    for _attempt in range(3):
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "offload.runtime.cli",
+                "run",
+                "gemma3:270m",
+                "Tell me a long story about the sea.",
+            ],
+            env=cli_env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        assert proc.stdout is not None
+        assert proc.stdout.read(1), "no answer started"
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+        # The base model sometimes ends its answer within a few tokens, before the signal lands:
+        # that run says nothing about Ctrl-C, so ask again. Ignoring Ctrl-C would run on for
+        # seconds (up to the Modelfile's 256 tokens) and fail below.
+        if proc.returncode == 0 and time.monotonic() - t0 < 0.5:
+            continue
+        break
     assert proc.returncode == 130, err
     assert time.monotonic() - t0 < 5
     assert b"Traceback" not in err
