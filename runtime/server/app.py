@@ -149,7 +149,8 @@ def create_app(store: Store | None = None, scheduler: Scheduler | None = None) -
     async def root() -> str:
         return "Offload is running"
 
-    @app.api_route("/api/version", methods=["GET", "HEAD"], response_model=VersionResponse)
+    @app.get("/api/version", response_model=VersionResponse)
+    @app.head("/api/version", include_in_schema=False)
     async def version() -> dict[str, Any]:
         return {"version": __version__}
 

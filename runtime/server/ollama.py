@@ -212,7 +212,8 @@ def _details(config: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-@router.api_route("/api/tags", methods=["GET", "HEAD"], response_model=ListResponse)
+@router.get("/api/tags", response_model=ListResponse)
+@router.head("/api/tags", include_in_schema=False)
 async def tags(request: Request) -> dict[str, Any]:
     """The models in the store."""
     models = []
