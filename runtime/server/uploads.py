@@ -13,8 +13,10 @@ temporary file before the answer goes out.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import queue
 import shutil
+import sys
 import threading
 import time
 from typing import Any
@@ -178,6 +180,24 @@ async def _pump(request: Request, writer: _Writer, cap: int) -> None:
         await writer.put(bytes(buf))
 
 
+def _libc_trim() -> Any:
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+_malloc_trim = _libc_trim() if sys.platform.startswith("linux") else None
+
+
+def _give_back_heap() -> None:
+    """Return the heap pages that megabyte chunks left free to the system (glibc keeps them:
+    after freeing large blocks it raises its mmap threshold, and later chunks come from the heap),
+    so that uploads do not ratchet the server's memory up."""
+    if _malloc_trim is not None:
+        _malloc_trim(0)
+
+
 async def receive_blob(request: Request, store: Store, digest: str) -> None:
     """Store the request body as the blob ``digest``; typed errors for every way it can fail."""
     cap = config.max_upload_bytes()
@@ -205,3 +225,5 @@ async def receive_blob(request: Request, store: Store, digest: str) -> None:
         if not committed:
             writer.end(commit=False)
         slots.active -= 1
+        if slots.active == 0:
+            _give_back_heap()
