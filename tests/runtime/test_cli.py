@@ -158,6 +158,9 @@ def test_ctrl_c_stops_the_answer_and_the_server_stays_healthy(
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
+        # As from a terminal: a suite started in the background (`cmd &` in a script) inherits
+        # SIGINT ignored, and Python then leaves it ignored in every child.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     assert proc.stdout is not None
     assert proc.stdout.read(1), "no answer started"
