@@ -12,7 +12,9 @@ from typing import Any
 
 from hypothesis import strategies as st
 
-__all__ = ["SPEC", "INT32_MAX", "FLOAT32_MAX", "json_junk", "PLAN_KEYS", "is_valid", "converted"]
+__all__ = [
+    "SPEC", "INT32_MAX", "FLOAT32_MAX", "INT_KEYS", "json_junk", "PLAN_KEYS", "is_valid", "converted"
+]  # fmt: skip
 
 INT32_MAX = 2**31 - 1
 FLOAT32_MAX = 3.4028234663852886e38
@@ -144,13 +146,13 @@ def converted(key: str, value: Any) -> Any:
     and a seed is taken to 32 bits (llama.cpp's seed), negative meaning random."""
     if key == "stop":
         return [value] if isinstance(value, str) else list(value)
-    if isinstance(value, bool) or key not in _INT_KEYS:
+    if isinstance(value, bool) or key not in INT_KEYS:
         return value
     v = int(value)
     return v & 0xFFFFFFFF if key == "seed" and v >= 0 else v
 
 
-_INT_KEYS = frozenset(
+INT_KEYS = frozenset(
     {
         "num_ctx",
         "num_batch",

@@ -14,28 +14,16 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from offload.models.modelfile import ModelfileError, coerce_parameter, parse_modelfile
-from tests.option_spec import SPEC, converted
+from tests.option_spec import INT_KEYS, SPEC, converted
 
 _NUMERIC = sorted(k for k in SPEC if k not in ("stop", "use_mmap", "use_mlock", "numa", "low_vram"))
-_INTS = {
-    "num_ctx",
-    "num_batch",
-    "num_gpu",
-    "main_gpu",
-    "num_keep",
-    "seed",
-    "num_predict",
-    "top_k",
-    "repeat_last_n",
-    "mirostat",
-}
 
 
 def _text(key: str, value: object) -> str:
     """How a Modelfile writes the value (integers without a decimal point)."""
     if isinstance(value, bool):
         return "true" if value else "false"
-    if key in _INTS and isinstance(value, float) and value.is_integer():
+    if key in INT_KEYS and isinstance(value, float) and value.is_integer():
         return str(int(value))
     return repr(value) if isinstance(value, float) else str(value)
 

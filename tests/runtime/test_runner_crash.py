@@ -274,31 +274,12 @@ def test_a_runner_that_cannot_start_names_its_log(
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads /proc/PID/maps")
 def test_a_real_server_process_never_maps_llama_cpp_but_its_runner_does(offload_home: Path) -> None:
-    import subprocess
-    import sys
+    from tests.serve_process import ServeProcess
 
-    from tests.conftest import free_port
-
-    port = free_port()
-    env = {**os.environ, "OFFLOAD_HOST": f"127.0.0.1:{port}"}
-    env.pop(FAULT_ENV, None)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "offload.runtime.cli", "serve"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(url, timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline and proc.poll() is None
-            time.sleep(0.2)
+    server = ServeProcess(offload_home)
+    with server:
+        assert server.proc is not None
+        url = server.url
         r = httpx.post(
             f"{url}/api/generate",
             json={"model": MODEL, "prompt": "Hi", "stream": False, "options": {"num_predict": 2}},
@@ -306,14 +287,11 @@ def test_a_real_server_process_never_maps_llama_cpp_but_its_runner_does(offload_
         )
         assert r.status_code == 200, r.text
         runner_pid = httpx.get(f"{url}/api/ps", timeout=10).json()["models"][0]["pid"]
-        server_maps = Path(f"/proc/{proc.pid}/maps").read_text()
+        server_maps = Path(f"/proc/{server.proc.pid}/maps").read_text()
         runner_maps = Path(f"/proc/{runner_pid}/maps").read_text()
         assert "libllama" in runner_maps and "libggml" in runner_maps
         assert "libllama" not in server_maps and "libggml" not in server_maps
-        assert psutil.Process(runner_pid).ppid() == proc.pid
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        assert psutil.Process(runner_pid).ppid() == server.proc.pid
     # Stopping the server stops its runners.
     deadline = time.monotonic() + 15
     while (
