@@ -7,8 +7,8 @@ from dataclasses import replace
 from offload.planner.cost import SpeedParams, predict, predict_aggregate
 from offload.planner.errors import GPUBudgetError
 from offload.planner.memory import (
-    CUDA_CONTEXT_BYTES,
     compute_buffer_bytes,
+    gpu_overhead_bytes,
     kv_bytes_per_layer,
     output_buffer_bytes,
     pipeline_copy_bytes,
@@ -63,8 +63,11 @@ def given_gpu_budgets(hardware: Hardware, request: PlanRequest) -> list[int] | N
     return given
 
 
-def device_budgets(hardware: Hardware, request: PlanRequest) -> tuple[int, list[int], list[int]]:
-    """RAM budget, each GPU's budget, and each GPU's fixed overhead (CUDA context) in bytes.
+def device_budgets(
+    hardware: Hardware, request: PlanRequest, anatomy: Anatomy | None = None
+) -> tuple[int, list[int], list[int]]:
+    """RAM budget, each GPU's budget, and each GPU's fixed overhead (CUDA context and kernels, for
+    ``anatomy``'s kind of model) in bytes.
 
     GPU budgets count what nvidia-smi counts: everything the process holds on the card, its CUDA
     context included (what llama.cpp's ``--fit`` target means). A given budget is capped by the
@@ -75,7 +78,7 @@ def device_budgets(hardware: Hardware, request: PlanRequest) -> tuple[int, list[
     given = given_gpu_budgets(hardware, request)
     budgets, overheads = [], []
     for i, g in enumerate(hardware.gpus):
-        overheads.append(CUDA_CONTEXT_BYTES)
+        overheads.append(gpu_overhead_bytes(anatomy))
         if given is not None:
             budgets.append(min(given[i], g.vram_free_bytes) if g.vram_free_bytes else given[i])
         else:
@@ -232,7 +235,7 @@ def evaluate(
     reasons: tuple[str, ...] = (),
 ) -> Plan:
     """Build the Plan for a given placement: memory per device, budgets and predicted speeds."""
-    ram, budgets, overheads = device_budgets(hardware, request)
+    ram, budgets, overheads = device_budgets(hardware, request, anatomy)
     placement = _resolved(hardware, request, placement)
     mem = memory_by_device(anatomy, hardware, placement)
     w, k, c, x = mem[CPU]

@@ -15,6 +15,8 @@ from offload.planner.types import Anatomy, TensorInfo
 __all__ = [
     "KV_TYPES",
     "CUDA_CONTEXT_BYTES",
+    "MOE_KERNELS_BYTES",
+    "gpu_overhead_bytes",
     "PIPELINE_COPIES",
     "pipeline_copy_bytes",
     "kv_elem_bytes",
@@ -39,16 +41,25 @@ KV_TYPES: dict[str, float] = {
     "iq4_nl": 18 / 32,
 }
 # What a process holds on a GPU beside llama.cpp's own buffers, as nvidia-smi counts it: the CUDA
-# context, cuBLAS handles and workspace, and llama.cpp's pool of temporary buffers. No run in
-# bench/results recorded an nvidia-smi peak (the sweep's NVML deltas were read after a warm-up,
-# context already held, and came out 0-34 MiB above the buffers). Bounds from what was recorded:
-# llama.cpp's fit, whose target is the whole process, left 535-664 MiB between its buffers and
-# the budget at every consumer budget (bench/results/{dense-3,dense-4,moe-8,moe-12,moe-16}gib.json,
-# label "fit"), so its context took at most 535 MiB; plans whose buffers were 40-170 MiB under
-# the budget peaked 360-450 MiB over it on an H200, i.e. 400-620 MiB beyond their buffers. Plans
-# keep 512 MiB for it, which together with the compute-buffer allowance (evaluate.py) covers all
-# of those. GPUs with fewer SMs than an H100/H200 need less.
-CUDA_CONTEXT_BYTES = 512 << 20
+# context, the kernels it loads (lazily, so a model with more kinds of operations loads more),
+# cuBLAS handles and workspace, and llama.cpp's pool of temporary buffers. The H200 sweep of
+# 2026-11-30 recorded nvidia-smi's peak beside llama.cpp's buffers for 48 loads
+# (bench/results/sweep-2026-11-30): dense models 617-652 MiB beyond the buffers, MoE models (whose
+# expert matmuls load kernels of their own) 712-772 MiB, whatever the placement, micro-batch or
+# load mode. 512 MiB left every plan 15-103 MiB over its budget there. Plans keep the largest
+# figure seen plus a little, per kind of model; GPUs with fewer SMs than an H200 need less, which
+# costs them a layer at most.
+CUDA_CONTEXT_BYTES = 672 << 20
+# Beyond CUDA_CONTEXT_BYTES for models with expert tensors (mul_mat_id kernels and their pools).
+MOE_KERNELS_BYTES = 128 << 20
+
+
+def gpu_overhead_bytes(anatomy: Anatomy | None) -> int:
+    """What one GPU that holds part of ``anatomy`` needs beyond llama.cpp's buffers."""
+    moe = anatomy is not None and anatomy.expert_count > 0
+    return CUDA_CONTEXT_BYTES + (MOE_KERNELS_BYTES if moe else 0)
+
+
 # llama.cpp pipelines micro-batches across GPUs (all layers offloaded, layer split, no tensor
 # overrides): the scheduler then keeps this many copies of every graph input and of every
 # activation crossing between devices (ggml-backend's GGML_SCHED_MAX_COPIES).

@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 
 from offload.planner.cost import SpeedParams, pageable_h2d_Bps
 from offload.planner.evaluate import device_budgets
-from offload.planner.memory import CUDA_CONTEXT_BYTES, kv_bytes_per_layer
+from offload.planner.memory import kv_bytes_per_layer
 from offload.planner.objective import (
     CONTEXT_MAX_DECODE_LOSS,
     PARALLEL_MAX,
@@ -43,7 +43,7 @@ class Outcome:
 
 def infeasible_reason(anatomy: Anatomy, hw: Hardware, req: PlanRequest, n_ctx: int) -> str:
     """What the model needs against what the machine offers."""
-    ram, budgets, _ = device_budgets(hw, req)
+    ram, budgets, _ = device_budgets(hw, req, anatomy)
     kv = sum(kv_bytes_per_layer(anatomy, n_ctx, max(req.n_parallel or 1, 1), req.kv_type or "f16"))
     need = anatomy.weights_bytes + kv
     return (
@@ -155,7 +155,7 @@ def _budgets(p: Plan, hw: Hardware, req: PlanRequest) -> list[str]:
     gpus = [d for d in p.devices if d.kind == "GPU"]
     if not gpus:
         return []
-    ctx = f"its {CUDA_CONTEXT_BYTES / _MiB:.0f} MiB CUDA context included"
+    ctx = f"its {max(d.overhead_bytes for d in gpus) / _MiB:.0f} MiB CUDA context and kernels included"
     if req.gpu_budget_bytes is not None:
         given = req.gpu_budget_bytes
         figure = (

@@ -298,7 +298,7 @@ def _too_small(
         return None
     least = _smallest_gpu_plan(anatomy, hw, req, n_ctx, kv)
     gpu = least.devices[1]
-    _, budgets, _ = device_budgets(hw, req)
+    _, budgets, _ = device_budgets(hw, req, anatomy)
     if budgets[0] >= gpu.total_bytes:
         return None
     mib = 1 << 20

@@ -55,7 +55,7 @@ def fit_split(
     act = min(max(placement.n_gpu_layers, 0), anatomy.n_layers + 1)
     if n_gpus < 2 or act == 0:
         return placement
-    _, budgets, overheads = device_budgets(hw, request)
+    _, budgets, overheads = device_budgets(hw, request, anatomy)
 
     def at(counts: list[int]) -> Placement:
         return replace(placement, tensor_split=split_for_counts(tuple(counts)))

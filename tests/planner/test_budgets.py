@@ -8,7 +8,7 @@ import pytest
 
 from offload.planner import BudgetTooSmall, GPUBudgetError, PlanRequest, plan
 from offload.planner.hardware import load_profile
-from offload.planner.memory import CUDA_CONTEXT_BYTES
+from offload.planner.memory import CUDA_CONTEXT_BYTES, MOE_KERNELS_BYTES, gpu_overhead_bytes
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -22,9 +22,10 @@ def test_every_gpu_byte_a_plan_places_counts_against_the_budget(
     a = request.getfixturevalue(model)
     p = plan(a, load_profile("rtx3060"), PlanRequest(gpu_budget_bytes=budget_gib * GiB))
     gpu = p.devices[1]
-    assert gpu.overhead_bytes == CUDA_CONTEXT_BYTES
+    extra = MOE_KERNELS_BYTES if model == "qwen_moe" else 0
+    assert gpu.overhead_bytes == gpu_overhead_bytes(a) == CUDA_CONTEXT_BYTES + extra
     assert (
-        gpu.weights_bytes + gpu.kv_bytes + gpu.compute_bytes + CUDA_CONTEXT_BYTES == gpu.total_bytes
+        gpu.weights_bytes + gpu.kv_bytes + gpu.compute_bytes + gpu.overhead_bytes == gpu.total_bytes
     )
     assert gpu.budget_bytes == budget_gib * GiB and gpu.total_bytes <= gpu.budget_bytes
     # And the budget is used: within a layer's worth of experts or dense FFN of full.

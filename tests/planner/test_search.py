@@ -24,6 +24,7 @@ from offload.planner import (
     plan,
 )
 from offload.planner.evaluate import fits
+from offload.planner.memory import gpu_overhead_bytes
 from offload.planner.placement import CPU, tensor_devices
 from offload.planner.search import expert_pattern
 from tests import synth
@@ -305,8 +306,9 @@ def test_random_moe_at_a_tight_budget_moves_experts_before_attention(
     a = _moe(synth_dir, *model)
     non_expert = sum(t.nbytes for t in a.tensors if t.role != "expert")
     expert = a.weights_bytes - non_expert
-    # Room for everything but experts (plus KV and compute buffers), then a fraction of the experts.
-    budget = int(non_expert + frac * expert + 512 * (1 << 20))
+    # Room for everything but experts (plus the CUDA context, KV and compute buffers), then a
+    # fraction of the experts.
+    budget = int(non_expert + frac * expert + gpu_overhead_bytes(a) + 512 * (1 << 20))
     p = plan(
         a,
         _hw(80, ram_gib=256, cores=cores),
