@@ -152,16 +152,22 @@ def memory_by_device(
             out[d] = (ld.weights_bytes, kv_on[d], comp, ld.repack_bytes if n_gpus == 0 else 0)
         else:
             main = d == 0
+            offloads = main and placement.op_offload
             # The main GPU holds a compute buffer even with no layers when op offload may use it.
-            used = bool(ld.layers) or ld.has_output or (main and placement.op_offload)
+            used = bool(ld.layers) or ld.has_output or offloads
             comp = (
                 compute_buffer_bytes(
                     anatomy,
                     ub,
                     n_ctx_total,
                     placement.flash_attn,
-                    logits=main or ld.has_output,
+                    # Logits are computed where the output layer is, or by op offload on the
+                    # main GPU when it stays on the CPU (two H200s: a GPU without the output
+                    # layer held a third of the compute buffer of the one with it).
+                    logits=ld.has_output or (offloads and loads[CPU].has_output),
                     layers=bool(ld.layers) or main,
+                    # CPU-resident experts go through the main GPU one tensor at a time.
+                    layer_copy_bytes=loads[CPU].largest_expert_bytes if offloads else 0,
                 )
                 if used
                 else 0

@@ -133,10 +133,15 @@ def _attention_bytes(anatomy: Anatomy, n_ubatch: int, n_kv: int, flash_attn: boo
 
 def _layer_bytes(anatomy: Anatomy, n_ubatch: int) -> int:
     ff = anatomy.n_ff
+    down = 0
     if anatomy.expert_count:
-        ff = max(ff, anatomy.n_ff_exp * max(anatomy.expert_used_count, 1) + anatomy.expert_count)
+        used = max(anatomy.expert_used_count, 1)
+        ff = max(ff, anatomy.n_ff_exp * used + anatomy.expert_count)
+        # Each used expert's ffn_down output stays apart until they are weighted and summed
+        # (two H200s, the 30B-A3B shape without the output layer: 344 MiB at n_ubatch 2048).
+        down = anatomy.n_embd * used
     # gate, up and their product are alive together before ffn_down consumes them.
-    return n_ubatch * 4 * (anatomy.n_embd * 3 + ff * 3)
+    return n_ubatch * 4 * (anatomy.n_embd * 3 + ff * 3 + down)
 
 
 def compute_buffer_bytes(
@@ -147,17 +152,20 @@ def compute_buffer_bytes(
     *,
     logits: bool = True,
     layers: bool = True,
+    layer_copy_bytes: int = 0,
 ) -> int:
     """Peak compute buffer of one device: the largest live set among logits, FFN and attention.
 
     ``logits``: the device computes the output projection for a full ubatch; ``layers``: it runs
-    repeating layers. ggml's allocator reuses memory, so the buffer is the max phase, not the sum.
+    repeating layers; ``layer_copy_bytes``: a weight op offload copies in for a layer, alive with
+    that layer's activations. ggml's allocator reuses memory, so the buffer is the max phase, not
+    the sum.
     """
     phases = [anatomy.n_embd * n_ubatch * 4 * 2]
     if logits:
         phases.append(n_ubatch * (anatomy.n_vocab + anatomy.n_embd) * 4)
     if layers:
-        phases.append(_layer_bytes(anatomy, n_ubatch))
+        phases.append(_layer_bytes(anatomy, n_ubatch) + layer_copy_bytes)
         if any(anatomy.kv_bytes_per_token_f16):
             phases.append(
                 _attention_bytes(anatomy, n_ubatch, _pad(n_ctx_total, _KV_PAD), flash_attn)

@@ -144,6 +144,9 @@ class DeviceLoad:
     # Largest dense tensor an override pattern moved here from a GPU layer: op offload copies it
     # into the GPU's compute buffer for prompt processing (CPU only).
     largest_moved_dense_bytes: int = 0
+    # Largest expert tensor kept here (CPU only): op offload copies it to the main GPU for a
+    # micro-batch, while that layer's activations are alive.
+    largest_expert_bytes: int = 0
     layers: set[int] = field(default_factory=set)
     has_output: bool = False
 
@@ -214,6 +217,7 @@ class _Block:
     stream_expert_bytes: int = 0
     repack_bytes: int = 0
     largest_dense_bytes: int = 0  # largest tensor that is neither expert nor output
+    largest_expert_bytes: int = 0
     has_output: bool = False
     layers: set[int] = field(default_factory=set)
 
@@ -262,6 +266,7 @@ def _blocks(anatomy: Anatomy, patterns: tuple[str, ...]) -> tuple[dict[tuple, _B
             b.expert_decode_bytes += nbytes * share
             b.expert_flops += flops * share
             b.stream_expert_bytes += nbytes
+            b.largest_expert_bytes = max(b.largest_expert_bytes, nbytes)
         else:
             b.decode_bytes += nbytes
             b.dense_flops += flops
@@ -292,6 +297,7 @@ def _add(ld: DeviceLoad, b: _Block, on_cpu: bool) -> None:
         ld.stream_bytes += b.stream_bytes
         ld.stream_expert_bytes += b.stream_expert_bytes
         ld.repack_bytes += b.repack_bytes
+        ld.largest_expert_bytes = max(ld.largest_expert_bytes, b.largest_expert_bytes)
 
 
 def _device_loads(

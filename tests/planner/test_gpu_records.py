@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 
 from offload.planner import anatomy, evaluate
+from offload.planner.evaluate import memory_by_device
+from offload.planner.hardware import load_profile
 from offload.planner.memory import gpu_overhead_bytes
 from offload.planner.types import Anatomy, Hardware, Placement, Plan, PlanRequest
 from tests import synth
@@ -23,6 +25,7 @@ from tests import synth
 RESULTS = Path(__file__).parents[2] / "bench" / "results"
 FILES = sorted(RESULTS.glob("**/*gib.json"))
 GiB = 1 << 30
+MiB = 1 << 20
 
 
 @pytest.fixture(scope="module")
@@ -148,3 +151,53 @@ def test_plans_that_left_no_room_for_the_cuda_context_are_over_budget_now(
     gpu = next(d for d in _evaluated(models, run).devices if d.kind == "GPU")
     if measured + gpu.overhead_bytes > gpu.budget_bytes:
         assert gpu.total_bytes > gpu.budget_bytes
+
+
+TWO_GPU = sorted((RESULTS / "sweep-2gpu-2026-11-30").glob("sweep-2gpu-*.json"))
+
+
+def _two_gpu_runs() -> list[tuple[str, str, dict, dict]]:
+    out = []
+    for f in TWO_GPU:
+        d = json.loads(f.read_text())
+        for label, c in d["candidates"].items():
+            run = next((r for r in d["runs"] if r["label"] == label and r.get("buffers_mib")), None)
+            if c.get("plan") and run:
+                out.append((f.name, d["kind"], c["plan"], run))
+    return out
+
+
+TWO_GPU_RUNS = _two_gpu_runs()
+
+
+@pytest.mark.parametrize(
+    "name,kind,plan_doc,run",
+    TWO_GPU_RUNS,
+    ids=[f"{n}:{r['label']}" for n, _, _, r in TWO_GPU_RUNS],
+)
+def test_two_gpu_plans_model_each_cards_buffers(
+    models: dict[str, Anatomy], name: str, kind: str, plan_doc: dict, run: dict
+) -> None:
+    """offload's plans on two H200s: per card, the weights match what llama.cpp allocated and the
+    compute buffer planned (allowance included) covers the measured one, also on the card without
+    the output layer, whose buffer holds no logits but, with op offload, the expert copies."""
+    a = models[kind]
+    names = {f.name for f in dataclasses.fields(Placement)}
+    pl = {
+        **{k: v for k, v in plan_doc.items() if k in names},
+        "cpu_tensor_patterns": tuple(plan_doc["cpu_tensor_patterns"]),
+        "tensor_split": tuple(plan_doc["tensor_split"]),
+    }
+    hw = load_profile("2x-rtx3060")
+    mem = memory_by_device(a, hw, Placement(**pl))
+    for i in range(2):
+        measured = run["buffers_mib"][f"CUDA{i}"]
+        w, _, c, _ = mem[i]
+        assert w / MiB == pytest.approx(measured["model"], rel=0.006)
+        assert c / MiB >= measured["compute"], (i, c / MiB, measured["compute"])
+        # ... and not by more than the allowance and one expert tensor.
+        assert c / MiB <= measured["compute"] * 1.25 + 170, (i, c / MiB, measured["compute"])
+
+
+def test_there_are_recorded_two_gpu_plans() -> None:
+    assert len(TWO_GPU_RUNS) >= 12
