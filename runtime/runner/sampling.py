@@ -33,7 +33,7 @@ import numpy as np
 from offload.runtime.runner.generation import Sampling, TokenLogprob
 from offload.runtime.runner.native import llama_c
 
-__all__ = ["Sampler"]
+__all__ = ["Sampler", "StepLogits", "sample_rows"]
 
 _NEG_INF = float("-inf")
 _TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
@@ -327,3 +327,68 @@ class Sampler:
         if self.grammar is not None:
             llama_c.llama_sampler_free(self.grammar.smpl)
             self.grammar = None
+
+
+class StepLogits:
+    """The logits of the last decode as one ``(rows, n_vocab)`` array, read in place.
+
+    llama.cpp stores the rows of the outputs a batch asked for contiguously, in batch order
+    (``llama_get_logits``); the view of them is made once per buffer address and row count, not
+    once per token.
+    """
+
+    def __init__(self, n_vocab: int) -> None:
+        self.n_vocab = n_vocab
+        self._views: dict[tuple[int, int], np.ndarray] = {}
+
+    def rows(self, ctx: int, n_rows: int) -> np.ndarray | None:
+        """The rows of the last decode's ``n_rows`` outputs; None where llama.cpp has none."""
+        base = _get_logits(ctx)
+        if not base:
+            return None
+        view = self._views.get((base, n_rows))
+        if view is None:
+            if len(self._views) > 64:
+                self._views.clear()  # the buffer moved (llama.cpp grew it): forget old addresses
+            buf = (ctypes.c_float * (n_rows * self.n_vocab)).from_address(base)
+            view = np.frombuffer(buf, dtype=np.float32).reshape(n_rows, self.n_vocab)
+            self._views[(base, n_rows)] = view
+        return view
+
+
+# ``llama_get_logits`` returning the address as an int (its own function object, so that
+# llama_cpp's keeps its types).
+_get_logits = llama_c._lib["llama_get_logits"]
+_get_logits.argtypes, _get_logits.restype = [ctypes.c_void_p], ctypes.c_void_p
+
+
+def sample_rows(ctx: int, x: np.ndarray | None, picks: list[tuple[Sampler, int, int]]) -> list[int]:
+    """Pick and accept the next token of each ``(sampler, batch index, row of x)``.
+
+    Rows are read in place from ``x`` (the step's logits); the largest logits of greedy rows are
+    found in one vectorized pass. Each chain still runs with its own options and state. (Finding
+    the candidates of several top-k rows in one pass saved nothing: the chain's own work in C
+    dominates those.)
+    """
+    tokens = [0] * len(picks)
+    greedy: list[int] = []
+    for i, (s, idx, r) in enumerate(picks):
+        if x is None or not s.shortcut:
+            tokens[i] = s.sample(ctx, idx)
+        elif s.greedy:
+            greedy.append(i)
+        else:
+            tokens[i] = token = s.pick(x[r])
+            s.accept(token)
+    if greedy:
+        assert x is not None
+        rows = [picks[i][2] for i in greedy]
+        if len(rows) > 1 and rows == list(range(rows[0], rows[0] + len(rows))):
+            best = x[rows[0] : rows[0] + len(rows)].argmax(axis=1).tolist()
+        else:
+            best = [int(x[r].argmax()) for r in rows]
+        for i, r, b in zip(greedy, rows, best, strict=True):
+            s = picks[i][0]
+            tokens[i] = token = s._greedy(x[r], b)
+            s.accept(token)
+    return tokens
