@@ -351,7 +351,7 @@ class StepLogits:
             if len(self._views) > 64:
                 self._views.clear()  # the buffer moved (llama.cpp grew it): forget old addresses
             buf = (ctypes.c_float * (n_rows * self.n_vocab)).from_address(base)
-            view = np.frombuffer(buf, dtype=np.float32).reshape(n_rows, self.n_vocab)
+            view = np.ctypeslib.as_array(buf).reshape(n_rows, self.n_vocab)
             self._views[(base, n_rows)] = view
         return view
 
