@@ -30,7 +30,7 @@ from offload.runtime.runner import FAULT_ENV
 from offload.runtime.runner.engine import Engine
 from offload.runtime.runner.generation import Sampling, StopScanner, TokenLogprob
 from offload.runtime.runner.native import llama_c
-from offload.runtime.runner.sampling import Sampler
+from offload.runtime.runner.sampling import Sampler, StepLogits, sample_rows
 
 __all__ = ["BatchLoop", "Job", "fit_prompt"]
 
@@ -151,6 +151,7 @@ class BatchLoop:
         # launched, so that it overlaps the device's work; on the CPU it would only delay them.
         self.pipelined = engine.decode_async
         self._unsent: list[tuple[Job, int, TokenLogprob | None]] = []
+        self.logits = StepLogits(engine.n_vocab)
 
     # -- from other threads ----------------------------------------------------------------------
 
@@ -365,9 +366,15 @@ class BatchLoop:
                 job.feeding = 0
             slot.last_used = now
         self._finish_stopping()
-        for job, idx in outputs:
-            if job in self.active and not job.stopping:
-                self._sample(job, idx, now)
+        picks: list[tuple[Job, int, int]] = []  # (request, batch index, row of the logits)
+        for row, (job, idx) in enumerate(outputs):
+            if job in self.active and not job.stopping and self._due(job, now):
+                picks.append((job, idx, row))
+        if picks:
+            rows = self.logits.rows(e.ctx, len(outputs))
+            tokens = sample_rows(e.ctx, rows, [(j.sampler, i, r) for j, i, r in picks])  # type: ignore[misc]
+            for (job, idx, _), token in zip(picks, tokens, strict=True):
+                self._sampled(job, idx, token)
         # The whole step, sampling included (where llama_decode returns early, it is sampling that
         # waits for the device): what a stream between two of its tokens sees.
         self._measure(decoding, prefill, time.perf_counter() - t_step)
@@ -407,8 +414,8 @@ class BatchLoop:
 
     # -- sampling and sending ----------------------------------------------------------------------
 
-    def _sample(self, job: Job, idx: int, now: float) -> None:
-        e = self.engine
+    def _due(self, job: Job, now: float) -> bool:
+        """Account for a step that gave ``job`` logits; False when it has reached its limit."""
         if not job.t_first:
             job.t_first = now
         elif job.t_last:
@@ -416,9 +423,12 @@ class BatchLoop:
         job.t_last = now
         if len(job.generated) >= job.limit:
             self._finish(job, "length")
-            return
+            return False
+        return True
+
+    def _sampled(self, job: Job, idx: int, token: int) -> None:
+        e = self.engine
         assert job.sampler is not None and job.scanner is not None
-        token = job.sampler.sample(e.ctx, idx)
         if not job.ignore_eos and e.is_eog(token):
             self._finish(job, "stop")
             return

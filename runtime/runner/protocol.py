@@ -52,12 +52,23 @@ from offload.runtime.runner.generation import Sampling
 __all__ = ["encode", "decode", "error_from", "sampling_to_json", "sampling_from_json"]
 
 
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+_quote = json.encoder.encode_basestring  # a JSON string literal, non-ASCII kept (as _ENCODER does)
+
+
 def encode(messages: list[dict[str, Any]]) -> bytes:
     """Messages as the bytes of their lines."""
-    return b"".join(
-        json.dumps(m, separators=(",", ":"), ensure_ascii=False).encode("utf-8") + b"\n"
-        for m in messages
-    )
+    lines = []
+    for m in messages:
+        # A piece of text (the message of every token) is written directly: the same JSON as the
+        # encoder's, at a fraction of its cost.
+        if len(m) == 3 and m.get("ev") == "piece":
+            rid, text = m.get("id"), m.get("text")
+            if type(rid) is int and type(text) is str:
+                lines.append(f'{{"ev":"piece","id":{rid},"text":{_quote(text)}}}\n')
+                continue
+        lines.append(_ENCODER.encode(m) + "\n")
+    return "".join(lines).encode("utf-8")
 
 
 def decode(line: bytes) -> dict[str, Any]:

@@ -12,10 +12,16 @@ even that first cut need not see the whole vocabulary in C: a threshold read fro
 of the logits picks, with two vectorized passes, a few hundred tokens that surely hold the top k,
 and the chain runs on those (0.054 ms instead of 0.165 ms a token for Gemma 3 on 2 cores). The
 chain sorts what it keeps, so it picks the same token, seeded draws included.
+
+A greedy chain needs less still: the largest logit is its pick unless a penalty lowers it (one pass,
+``argmax``). When the largest logit is a penalized token, the pick is among the penalized tokens and
+the best of the others (a second ``argmax`` with the penalized ones masked), and the chain picks
+from those few in C.
 """
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import math
 import random
@@ -27,7 +33,7 @@ import numpy as np
 from offload.runtime.runner.generation import Sampling, TokenLogprob
 from offload.runtime.runner.native import llama_c
 
-__all__ = ["Sampler"]
+__all__ = ["Sampler", "StepLogits", "sample_rows"]
 
 _NEG_INF = float("-inf")
 _TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
@@ -70,6 +76,13 @@ class Sampler:
         self._cur: ctypes.Array | None = None
         # k when the chain starts by keeping the top k logits (greedy alone is k = 1).
         self.first_k: int | None = None
+        # A greedy chain picks the largest logit after penalties that can only lower logits: the
+        # largest logit itself unless it carries a penalty. The tokens the penalties sampler holds
+        # (the last ``penalty_last_n`` accepted) are mirrored here, with their counts, to tell.
+        self.greedy = False
+        self._window: collections.deque[int] | None = None
+        self._counts: dict[int, int] = {}
+        self._stateless = False  # the chain is greedy alone: accepting a token changes nothing
         self._small: ctypes.Array | None = None
         self._build(sampling, n_ctx)
         if sampling.grammar:
@@ -106,6 +119,11 @@ class Sampler:
             _add(chain, llama_c.llama_sampler_init_greedy())
             if not penalize:
                 self.first_k = 1
+                self.greedy = self._stateless = True
+            elif _lowers_only(s):
+                self.greedy = True
+                self._window = collections.deque()
+                self._last_n = last_n
             return
         seed = s.seed if s.seed is not None and s.seed >= 0 else random.getrandbits(31)
         if s.mirostat == 1:
@@ -141,43 +159,89 @@ class Sampler:
 
     # -- sampling -----------------------------------------------------------------------------
 
+    @property
+    def shortcut(self) -> bool:
+        """True when the chain's pick can be made from a row of logits read in place (no grammar,
+        and greedy or starting with a top-k cut)."""
+        return self.grammar is None and (self.greedy or self.first_k is not None)
+
     def sample(self, ctx: int, idx: int) -> int:
         """Pick the token for output ``idx`` of the last decode and accept it into the chain."""
-        if self.grammar is None and self.first_k is None:
+        if self.grammar is None and not self.greedy and self.first_k is None:
             return int(llama_c.llama_sampler_sample(self.chain, ctx, idx))
-        logits = llama_c.llama_get_logits_ith(ctx, idx)
+        x = np.ctypeslib.as_array(llama_c.llama_get_logits_ith(ctx, idx), shape=(self.n_vocab,))
         if self.grammar is None:
-            return self.sample_logits(logits)
+            token = self.pick(x)
+            self.accept(token)
+            return token
         # Sample freely, then check the one token against the grammar: applying a grammar to the
         # whole vocabulary is slow, and most tokens a constrained model picks are allowed anyway.
-        token = self._pick(logits)
+        token = self.pick(x)
         g = self.grammar
         g.single[0].id, g.single[0].logit, g.single[0].p = token, 1.0, 0.0
         g.single_arr.size, g.single_arr.selected, g.single_arr.sorted = 1, -1, False
         llama_c.llama_sampler_apply(g.smpl, ctypes.byref(g.single_arr))
         if g.single[0].logit == _NEG_INF:
-            token = self._apply(self.chain, logits, with_grammar=True)
+            token = self._apply(x, with_grammar=True)
         llama_c.llama_sampler_accept(g.smpl, token)
-        llama_c.llama_sampler_accept(self.chain, token)
+        self.accept(token)
         return token
 
     def sample_logits(self, logits: ctypes.Array) -> int:
         """Pick a token from a row of logits (``n_vocab`` floats) and accept it into the chain."""
-        token = self._pick(logits)
-        llama_c.llama_sampler_accept(self.chain, token)
+        token = self.pick(np.ctypeslib.as_array(logits, shape=(self.n_vocab,)))
+        self.accept(token)
         return token
 
-    def _pick(self, logits: ctypes.Array) -> int:
-        """The chain's choice over the whole vocabulary, through the top-k shortcut where it holds."""
+    def accept(self, token: int) -> None:
+        """Tell the chain (and the mirror of its penalty window) which token was chosen."""
+        if not self._stateless:
+            llama_c.llama_sampler_accept(self.chain, token)
+        window = self._window
+        if window is not None:
+            counts = self._counts
+            if len(window) >= self._last_n:
+                old = window.popleft()
+                left = counts[old] - 1
+                if left:
+                    counts[old] = left
+                else:
+                    del counts[old]
+            window.append(token)
+            counts[token] = counts.get(token, 0) + 1
+
+    def pick(self, x: np.ndarray, top: int | None = None) -> int:
+        """The chain's choice over a row of logits (not accepted), through a shortcut where one
+        holds; ``top`` is the row's largest logit's token when already known."""
+        if self.greedy:
+            return self._greedy(x, int(x.argmax()) if top is None else top)
         if self.first_k is not None:
-            token = self._apply_top(logits, self.first_k)
+            token = self._apply_top(x, self.first_k)
             if token is not None:
                 return token
-        return self._apply(self.chain, logits, with_grammar=False)
+        return self._apply(x, with_grammar=False)
 
-    def _apply_top(self, logits: ctypes.Array, k: int) -> int | None:
+    def _greedy(self, x: np.ndarray, top: int) -> int:
+        """The greedy pick given the largest logit's token ``top``: itself when no penalty lowers
+        it; else the best of the penalized tokens and the best of the others, run through the chain
+        (the penalties and the greedy pick, in C)."""
+        counts = self._counts
+        if self._window is None or top not in counts:
+            return top
+        held = np.fromiter(counts, dtype=np.int32, count=len(counts))
+        if len(held) + 1 > _CAPACITY:
+            return self._apply(x, with_grammar=False)
+        saved = x[held]
+        x[held] = _NEG_INF  # the logits row is read in place: put it back before anything else
+        try:
+            best = int(x.argmax())
+        finally:
+            x[held] = saved
+        ids = np.append(held, np.int32(best))
+        return self._run(ids, x[ids])
+
+    def _apply_top(self, x: np.ndarray, k: int) -> int | None:
         """Run the chain on a superset of the k largest logits; None when none was found cheaply."""
-        x = np.ctypeslib.as_array(logits, shape=(self.n_vocab,))
         if k * _STRIDE * 4 >= self.n_vocab:
             return None  # a small vocabulary: the whole of it costs as little
         sample = x[::_STRIDE]
@@ -186,36 +250,44 @@ class Sampler:
         ids = np.flatnonzero(x >= threshold)
         if not k <= len(ids) <= _CAPACITY:
             return None
+        return self._run(ids, x[ids])
+
+    def _run(self, ids: np.ndarray, logits: np.ndarray) -> int:
+        """Run the chain on the tokens ``ids`` (at most ``_CAPACITY``) with their logits."""
         if self._small is None:
             self._small = (llama_c.llama_token_data * _CAPACITY)()
             self._small_view = np.ctypeslib.as_array(self._small).view(_TOKEN_DATA)
-        view = self._small_view[: len(ids)]
+            self._small_arr = llama_c.llama_token_data_array(
+                data=self._small, size=0, selected=-1, sorted=False
+            )
+            self._small_ptr = ctypes.pointer(self._small_arr)
+        n = len(ids)
+        view = self._small_view[:n]
         view["id"] = ids
-        view["logit"] = x[ids]
+        view["logit"] = logits
         view["p"] = 0.0
-        arr = llama_c.llama_token_data_array(
-            data=self._small, size=len(ids), selected=-1, sorted=False
-        )
-        llama_c.llama_sampler_apply(self.chain, ctypes.byref(arr))
+        arr = self._small_arr
+        arr.data, arr.size, arr.selected, arr.sorted = self._small, n, -1, False
+        llama_c.llama_sampler_apply(self.chain, self._small_ptr)
         if arr.selected < 0:
             raise ValueError("the sampler chain selected no token")
         return int(arr.data[arr.selected].id)
 
-    def _apply(self, chain: int, logits: ctypes.Array, with_grammar: bool) -> int:
+    def _apply(self, x: np.ndarray, with_grammar: bool) -> int:
         if self._cur is None:
             self._cur = (llama_c.llama_token_data * self.n_vocab)()
             self._view = np.ctypeslib.as_array(self._cur).view(_TOKEN_DATA)
             self._ids = np.arange(self.n_vocab, dtype=np.int32)
         view = self._view
         view["id"] = self._ids
-        view["logit"] = np.ctypeslib.as_array(logits, shape=(self.n_vocab,))
+        view["logit"] = x
         view["p"] = 0.0
         arr = llama_c.llama_token_data_array(
             data=self._cur, size=self.n_vocab, selected=-1, sorted=False
         )
         if with_grammar and self.grammar is not None:
             llama_c.llama_sampler_apply(self.grammar.smpl, ctypes.byref(arr))
-        llama_c.llama_sampler_apply(chain, ctypes.byref(arr))
+        llama_c.llama_sampler_apply(self.chain, ctypes.byref(arr))
         if arr.selected < 0:
             raise ValueError("the sampler chain selected no token")
         return int(arr.data[arr.selected].id)
@@ -255,3 +327,68 @@ class Sampler:
         if self.grammar is not None:
             llama_c.llama_sampler_free(self.grammar.smpl)
             self.grammar = None
+
+
+class StepLogits:
+    """The logits of the last decode as one ``(rows, n_vocab)`` array, read in place.
+
+    llama.cpp stores the rows of the outputs a batch asked for contiguously, in batch order
+    (``llama_get_logits``); the view of them is made once per buffer address and row count, not
+    once per token.
+    """
+
+    def __init__(self, n_vocab: int) -> None:
+        self.n_vocab = n_vocab
+        self._views: dict[tuple[int, int], np.ndarray] = {}
+
+    def rows(self, ctx: int, n_rows: int) -> np.ndarray | None:
+        """The rows of the last decode's ``n_rows`` outputs; None where llama.cpp has none."""
+        base = _get_logits(ctx)
+        if not base:
+            return None
+        view = self._views.get((base, n_rows))
+        if view is None:
+            if len(self._views) > 64:
+                self._views.clear()  # the buffer moved (llama.cpp grew it): forget old addresses
+            buf = (ctypes.c_float * (n_rows * self.n_vocab)).from_address(base)
+            view = np.ctypeslib.as_array(buf).reshape(n_rows, self.n_vocab)
+            self._views[(base, n_rows)] = view
+        return view
+
+
+# ``llama_get_logits`` returning the address as an int (its own function object, so that
+# llama_cpp's keeps its types).
+_get_logits = llama_c._lib["llama_get_logits"]
+_get_logits.argtypes, _get_logits.restype = [ctypes.c_void_p], ctypes.c_void_p
+
+
+def sample_rows(ctx: int, x: np.ndarray | None, picks: list[tuple[Sampler, int, int]]) -> list[int]:
+    """Pick and accept the next token of each ``(sampler, batch index, row of x)``.
+
+    Rows are read in place from ``x`` (the step's logits); the largest logits of greedy rows are
+    found in one vectorized pass. Each chain still runs with its own options and state. (Finding
+    the candidates of several top-k rows in one pass saved nothing: the chain's own work in C
+    dominates those.)
+    """
+    tokens = [0] * len(picks)
+    greedy: list[int] = []
+    for i, (s, idx, r) in enumerate(picks):
+        if x is None or not s.shortcut:
+            tokens[i] = s.sample(ctx, idx)
+        elif s.greedy:
+            greedy.append(i)
+        else:
+            tokens[i] = token = s.pick(x[r])
+            s.accept(token)
+    if greedy:
+        assert x is not None
+        rows = [picks[i][2] for i in greedy]
+        if len(rows) > 1 and rows == list(range(rows[0], rows[0] + len(rows))):
+            best = x[rows[0] : rows[0] + len(rows)].argmax(axis=1).tolist()
+        else:
+            best = [int(x[r].argmax()) for r in rows]
+        for i, r, b in zip(greedy, rows, best, strict=True):
+            s = picks[i][0]
+            tokens[i] = token = s._greedy(x[r], b)
+            s.accept(token)
+    return tokens

@@ -28,14 +28,15 @@ class Channel:
     """Both directions of the socket: lines in, batches of messages out (one write each)."""
 
     def __init__(self, sock: socket.socket) -> None:
+        from offload.runtime.runner import protocol
+
         self.sock = sock
         self.reader = sock.makefile("rb", buffering=1 << 16)
         self.lock = threading.Lock()
+        self._encode, self._decode = protocol.encode, protocol.decode
 
     def send(self, messages: list[dict[str, Any]]) -> None:
-        from offload.runtime.runner.protocol import encode
-
-        data = encode(messages)
+        data = self._encode(messages)
         try:
             with self.lock:
                 self.sock.sendall(data)
@@ -43,12 +44,10 @@ class Channel:
             os._exit(0)  # the server is gone: nothing to serve
 
     def read(self) -> dict[str, Any] | None:
-        from offload.runtime.runner.protocol import decode
-
         line = self.reader.readline()
         if not line:
             return None
-        return decode(line)
+        return self._decode(line)
 
 
 def _load(channel: Channel, msg: dict[str, Any]) -> Any:

@@ -8,6 +8,7 @@ import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from offload.planner.types import DevicePlan, Plan, Prediction
@@ -297,3 +298,58 @@ def test_sending_tokens_while_the_next_step_runs_changes_no_answer(
     again = lp.submit("One, two, three, four,", temperature=0, num_predict=12)
     lp.run(again)
     assert lp.text(again) == lp.text(free) and lp.stats(again)["cached_tokens"] > 0
+
+
+def test_a_steps_rows_are_sampled_as_each_request_alone_would_sample_them(engine: Engine) -> None:
+    """``sample_rows`` reads the step's logits in place and finds greedy rows' maxima in one pass:
+    each request still gets the token its own chain picks from its own row (read through
+    ``llama_get_logits_ith``), seeded draws and penalties included, and the rows are left as found."""
+    from offload.runtime.runner.native import llama_c
+    from offload.runtime.runner.sampling import Sampler, StepLogits, sample_rows
+
+    options = [
+        Sampling(temperature=0),
+        Sampling(temperature=0, repeat_penalty=1.5, repeat_last_n=8),
+        Sampling(seed=3),
+        Sampling(seed=4, top_k=5, min_p=0.05, repeat_penalty=1.0),
+        Sampling(seed=5, mirostat=2),
+    ]
+    llama_c.llama_memory_clear(engine.mem, True)
+    batched = [Sampler(o, engine.vocab, engine.n_vocab, engine.n_ctx) for o in options]
+    alone = [Sampler(o, engine.vocab, engine.n_vocab, engine.n_ctx) for o in options]
+    logits = StepLogits(engine.n_vocab)
+    b = engine.batch
+    n, outs, pos = 0, [], []
+    for seq in range(len(options)):
+        prompt = engine.tokenize(f"Story {seq}: the sea was")
+        k = len(prompt)
+        b.token[n : n + k] = prompt
+        b.pos[n : n + k] = range(k)
+        b.seq[n : n + k] = seq
+        b.logits[n : n + k] = 0
+        b.logits[n + k - 1] = 1
+        n += k
+        outs.append(n - 1)
+        pos.append(k)
+    try:
+        for _ in range(16):
+            assert b.decode(engine.ctx, n) == 0
+            rows = logits.rows(engine.ctx, len(outs))
+            assert rows is not None
+            before = rows.copy()
+            got = sample_rows(
+                engine.ctx,
+                rows,
+                [(s, i, r) for r, (s, i) in enumerate(zip(batched, outs, strict=True))],
+            )
+            assert np.array_equal(rows, before)
+            want = [s.sample(engine.ctx, i) for s, i in zip(alone, outs, strict=True)]
+            assert got == want
+            for seq, token in enumerate(got):
+                b.token[seq], b.pos[seq], b.seq[seq], b.logits[seq] = token, pos[seq], seq, 1
+                pos[seq] += 1
+            n, outs = len(options), list(range(len(options)))
+    finally:
+        for s in batched + alone:
+            s.close()
+        llama_c.llama_memory_clear(engine.mem, True)

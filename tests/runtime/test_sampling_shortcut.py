@@ -39,20 +39,20 @@ def test_the_shortcut_picks_what_the_whole_vocabulary_would(name: str, n_vocab: 
     sampling = CONFIGS[name]
     fast = Sampler(sampling, 0, n_vocab, 4096)
     whole = Sampler(sampling, 0, n_vocab, 4096)
-    whole.first_k = None  # the chain over every token, as llama_sampler_sample runs it
+    # The chain over every token, as llama_sampler_sample runs it.
+    whole.first_k, whole.greedy = None, False
     rng = np.random.default_rng(n_vocab)
     picked: list[int] = []
-    used: list[bool] = []
-    shortcut = fast._apply_top
+    whole_vocab: list[bool] = []
+    apply = fast._apply
 
-    def counted(logits: ctypes.Array, k: int) -> int | None:
-        token = shortcut(logits, k)
-        used.append(token is not None)
-        return token
+    def counted(x: np.ndarray, with_grammar: bool) -> int:
+        whole_vocab.append(True)
+        return apply(x, with_grammar)
 
-    fast._apply_top = counted  # type: ignore[method-assign]
+    fast._apply = counted  # type: ignore[method-assign]
     try:
-        assert fast.first_k is not None, "every one of these chains starts with a top-k cut"
+        assert fast.shortcut, "every one of these chains is greedy or starts with a top-k cut"
         for _ in range(150):
             row = _logits(rng, n_vocab, picked)
             a, b = fast.sample_logits(row), whole.sample_logits(row)
@@ -62,9 +62,43 @@ def test_the_shortcut_picks_what_the_whole_vocabulary_would(name: str, n_vocab: 
         fast.close()
         whole.close()
     assert len(set(picked)) > 1
-    assert len(used) == 150
-    if fast.first_k * 256 < n_vocab:
-        assert sum(used) >= 140, "the shortcut fell back to the whole vocabulary too often"
+    if fast.greedy or fast.first_k * 256 < n_vocab:  # type: ignore[operator]
+        assert len(whole_vocab) <= 10, "the shortcut fell back to the whole vocabulary too often"
+
+
+def test_greedy_with_penalties_finds_the_best_token_when_the_largest_logit_is_penalized() -> None:
+    """The largest logit belongs to a token just generated: the greedy shortcut must weigh the
+    penalized tokens against the best unpenalized one, as the whole chain does, and leave the row
+    of logits as it found it."""
+    n_vocab = 32_000
+    for penalty, expect_repeat in ((1.005, True), (1.05, False)):
+        fast = Sampler(Sampling(temperature=0.0, repeat_penalty=penalty), 0, n_vocab, 4096)
+        whole = Sampler(Sampling(temperature=0.0, repeat_penalty=penalty), 0, n_vocab, 4096)
+        whole.first_k, whole.greedy = None, False
+        try:
+            x = np.zeros(n_vocab, dtype=np.float32)
+            x[[7, 9, 11]] = (10.0, 9.9, 9.0)
+            for t in (7, 300, 7):  # 7 twice in the window
+                fast.accept(t)
+                whole.accept(t)
+            row = (ctypes.c_float * n_vocab).from_buffer_copy(x.tobytes())
+            a = fast.sample_logits(row)
+            assert np.array_equal(np.ctypeslib.as_array(row), x)
+            assert a == whole.sample_logits(row)
+            assert (a == 7) is expect_repeat and a in (7, 9)
+        finally:
+            fast.close()
+            whole.close()
+
+
+def test_the_penalty_window_mirror_follows_the_chain() -> None:
+    s = Sampler(Sampling(temperature=0.0, repeat_last_n=3), 0, 1000, 4096)
+    try:
+        for t in (1, 2, 1, 3, 4):
+            s.accept(t)
+        assert list(s._window or ()) == [1, 3, 4] and s._counts == {1: 1, 3: 1, 4: 1}
+    finally:
+        s.close()
 
 
 def test_chains_that_do_not_start_with_a_top_k_cut_take_the_whole_vocabulary() -> None:
@@ -72,9 +106,10 @@ def test_chains_that_do_not_start_with_a_top_k_cut_take_the_whole_vocabulary() -
         Sampling(seed=1, mirostat=2),
         Sampling(seed=1, top_k=0),
         Sampling(seed=1, repeat_penalty=0.8),  # raises logits: the cut-first rule does not hold
+        Sampling(temperature=0.0, repeat_penalty=0.8),
     ):
         s = Sampler(sampling, 0, 32_000, 4096)
         try:
-            assert s.first_k is None
+            assert s.first_k is None and not s.greedy
         finally:
             s.close()
