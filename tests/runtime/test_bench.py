@@ -219,7 +219,7 @@ def _sweep(tmp_path: Path, tools: Path, *extra: str) -> subprocess.CompletedProc
             str(BENCH / "gpu_sweep.py"),
             "--cpu-smoke",
             "--budgets",
-            "tiny-moe=0.55",
+            "tiny-moe=0.9",
             "--state",
             str(tmp_path / "state"),
             "--out",
@@ -240,7 +240,7 @@ def test_gpu_sweep_runs_every_candidate_resumes_and_stops_in_time(tmp_path: Path
     tools = _llama_tools(tmp_path)
     r = _sweep(tmp_path, tools, "--reps", "2", "--time-budget-s", "300")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    doc = json.loads((tmp_path / "out" / "sweep-tiny-moe-0.55gib.json").read_text())
+    doc = json.loads((tmp_path / "out" / "sweep-tiny-moe-0.9gib.json").read_text())
     labels = ("fit", "fit_no_mmap", "expert", "offload", "offload_decode", "offload_prompt")
     assert set(doc["candidates"]) == set(labels), doc["notes"]
     cands = doc["candidates"]
@@ -265,13 +265,13 @@ def test_gpu_sweep_runs_every_candidate_resumes_and_stops_in_time(tmp_path: Path
         assert m["request_s"] == pytest.approx(1024 / m["prompt_tps"] + 256 / m["decode_tps"])
     assert doc["targets"]["request_speedup"] > 0 and doc["targets"]["complete"]
     summary = (tmp_path / "out" / "sweep-summary.md").read_text()
-    assert "| tiny-moe | 1×0.55 GiB |" in summary and "expert line" in summary
+    assert "| tiny-moe | 1×0.9 GiB |" in summary and "expert line" in summary
 
     # Resumed: only the third load of each placement runs; the first two are kept as they were.
     first = {(x["label"], x["rep"]): x.get("wall_s") for x in doc["runs"]}
     r = _sweep(tmp_path, tools, "--reps", "3", "--time-budget-s", "300")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    doc = json.loads((tmp_path / "state" / "sweep-tiny-moe-0.55gib.json").read_text())
+    doc = json.loads((tmp_path / "state" / "sweep-tiny-moe-0.9gib.json").read_text())
     assert {(x["label"], x["rep"]): x.get("wall_s") for x in doc["runs"] if x["rep"] < 3} == first
     assert (
         all(doc["medians"][label]["loads"] == 3 for label in labels) and doc["targets"]["complete"]
@@ -284,7 +284,7 @@ def test_gpu_sweep_runs_every_candidate_resumes_and_stops_in_time(tmp_path: Path
     # Out of time: no load is started, the files are still written.
     r = _sweep(tmp_path, tools, "--reps", "4", "--time-budget-s", "1")
     assert r.returncode == 0 and "stopping" in r.stdout
-    last = json.loads((tmp_path / "out" / "sweep-tiny-moe-0.55gib.json").read_text())
+    last = json.loads((tmp_path / "out" / "sweep-tiny-moe-0.9gib.json").read_text())
     assert (
         len(last["runs"]) == len(doc["runs"]) and last["targets"]["complete"] is False
     )  # 3 of 4 loads
