@@ -69,7 +69,12 @@ gpu_python() {  # the Python whose llama_cpp offloads to a GPU: the install phas
     PY=$T/venv/bin/python
   elif PYTHONPATH=/tmp/site python3 -c "$check" 2>/dev/null; then
     PY=python3
-    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+    # The recipe's build leaves offload itself uninstalled: this checkout, through a shim that
+    # names its three folders as the offload namespace (runner children inherit it).
+    mkdir -p "$T/shim/offload"
+    local f
+    for f in planner runtime models; do ln -sfn "$root/$f" "$T/shim/offload/$f"; done
+    export PYTHONPATH=/tmp/site:$T/shim${PYTHONPATH:+:$PYTHONPATH}
   else
     return 1
   fi
