@@ -241,6 +241,26 @@ class BatchLoop:
             job = self.waiting.popleft()
             self._place(job, free)
             self.active.append(job)
+            self._trim_idle()
+
+    def _trim_idle(self) -> None:
+        """Drop the caches of idle slots, least recently used first, while they hold more cells
+        than the running requests and more than one sequence's context. llama.cpp attends over
+        every cell up to the highest one in use, so the caches finished requests leave behind
+        would slow every running stream (a 1-stream round after a 16-stream one ran at 0.64 of a
+        fresh cache on a 2-core CPU); one conversation's worth stays for the next turn."""
+        idle = sorted(
+            (s for s in self.slots if s.job is None and s.cached), key=lambda s: s.last_used
+        )
+        held = sum(len(s.cached) for s in idle)
+        running = sum(len(s.cached) + len(s.job.pending) for s in self.slots if s.job is not None)
+        keep = max(running, self.engine.n_ctx)
+        for slot in idle:
+            if held <= keep:
+                break
+            llama_c.llama_memory_seq_rm(self.engine.mem, slot.seq, 0, -1)
+            held -= len(slot.cached)
+            slot.cached = []
 
     def _place(self, job: Job, free: list[Slot]) -> None:
         """Give ``job`` the free slot holding the longest prefix of its prompt (least recently used

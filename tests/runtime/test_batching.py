@@ -353,3 +353,39 @@ def test_a_steps_rows_are_sampled_as_each_request_alone_would_sample_them(engine
         for s in batched + alone:
             s.close()
         llama_c.llama_memory_clear(engine.mem, True)
+
+
+def test_idle_caches_beyond_one_context_are_dropped_oldest_first(engine: Engine) -> None:
+    """Finished requests leave their cells for the next turn, but llama.cpp attends over every cell
+    in use: once idle slots hold more than the running requests and one sequence's context, the
+    least recently used are emptied, in llama.cpp too, and the most recent stays reusable."""
+    from offload.runtime.runner.native import llama_c
+
+    lp = Loop(engine)
+    words = " ".join(f"w{i}" for i in range(900))
+    prompts = [engine.tokenize(f"Document {i}: {words}") for i in range(4)]
+    assert all(len(p) > engine.n_ctx // 3 for p in prompts)
+    rids = [lp.submit(tokens=p, temperature=0, num_predict=4) for p in prompts]
+    lp.run(*rids)
+    slots = lp.loop.slots
+    before = {s.seq: list(s.cached) for s in slots}
+    assert sum(len(c) for c in before.values()) > engine.n_ctx  # more than one context held idle
+    order = [s.seq for s in sorted(slots, key=lambda s: s.last_used)]
+    short = lp.submit("Hi", temperature=0, num_predict=2)
+    lp.run(short)
+    by_seq = {s.seq: s for s in slots}
+    taken = order[0]  # the least recently used slot serves the new request
+    assert by_seq[taken].cached != before[taken]
+    rest = order[1:]
+    dropped = [q for q in rest if not by_seq[q].cached]
+    assert dropped and dropped == rest[: len(dropped)]  # the oldest first
+    assert sum(len(by_seq[q].cached) for q in rest) <= engine.n_ctx
+    for q in dropped:
+        assert llama_c.llama_memory_seq_pos_max(engine.mem, q) == -1
+    # The most recent conversation is still there for its next turn.
+    newest = by_seq[order[-1]]
+    assert newest.cached == before[newest.seq]
+    follow = lp.submit(tokens=before[newest.seq] + engine.tokenize(" more", add_bos=False),
+                       temperature=0, num_predict=2)  # fmt: skip
+    lp.run(follow)
+    assert lp.stats(follow)["cached_tokens"] >= len(before[newest.seq]) - 1
