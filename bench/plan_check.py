@@ -36,7 +36,6 @@ import synth_models  # noqa: E402
 
 from offload.planner import Plan, PlanRequest, Workload, anatomy, plan, predict_aggregate  # noqa: E402
 from offload.planner import hardware as hw_mod  # noqa: E402
-from offload.planner.memory import CUDA_CONTEXT_BYTES  # noqa: E402
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -171,12 +170,13 @@ def _row(label: str, p: Plan, hw: Any, res: dict[str, Any]) -> dict[str, Any]:
                 "peak_mib": peak,
                 "over_budget": peak is not None and peak * MiB > d.budget_bytes,
                 "llama_buffers_mib": bufs / MiB,
-                # What the process holds beyond llama.cpp's buffers: what CUDA_CONTEXT_BYTES stands for.
+                # What the process holds beyond llama.cpp's buffers: what the plan keeps for the
+                # CUDA context and kernels (overhead_bytes) stands for.
                 "beyond_buffers_mib": (peak - bufs / MiB) if peak is not None else None,
+                "overhead_budgeted_mib": d.overhead_bytes / MiB,
             }
         )
     row["gpus"] = checks
-    row["cuda_context_budgeted_mib"] = CUDA_CONTEXT_BYTES / MiB
     return row
 
 
