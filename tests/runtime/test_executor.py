@@ -331,3 +331,29 @@ def test_cpu_threads_persist_between_tokens_as_in_llama_cpps_tools(gemma: Path) 
         e.close()
     if not openmp:
         assert not (_threads() - before) & workers, "the pools' threads outlived the engine"
+
+
+def test_llama_cpps_debug_lines_are_kept_while_loading_and_dropped_after(
+    gemma: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """CUDA builds log a debug line for every graph they launch: dozens per token for an MoE with
+    CPU experts, which cost a quarter of its decode speed when each went through Python's logging.
+    After a load they are dropped as they arrive; while loading they are kept (the load's log is
+    parsed: buffer overrides are debug lines). ``llama_set_n_threads`` logs one, for real."""
+    from offload.runtime.runner import native
+
+    e = Engine.load(gemma, cpu_plan())
+    try:
+        with caplog.at_level("INFO", logger="offload.runtime.llama_cpp"):
+            llama_c.llama_set_n_threads(e.ctx, 2, 2)
+            after = [r.getMessage() for r in caplog.records]
+            caplog.clear()
+            with native.captured_log() as lines:
+                llama_c.llama_set_n_threads(e.ctx, 2, 2)
+            native._on_llama_log(2, b"an info line\n", None)
+            kept = [r.getMessage() for r in caplog.records]
+    finally:
+        e.close()
+    assert not any("set_n_threads" in m for m in after)
+    assert any("set_n_threads: n_threads = 2" in ln for ln in lines)
+    assert any("set_n_threads" in m for m in kept) and "an info line" in kept
