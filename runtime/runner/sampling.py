@@ -84,6 +84,7 @@ class Sampler:
         self._counts: dict[int, int] = {}
         self._stateless = False  # the chain is greedy alone: accepting a token changes nothing
         self._small: ctypes.Array | None = None
+        self._exact = False
         self._build(sampling, n_ctx)
         if sampling.grammar:
             smpl = llama_c.llama_sampler_init_grammar(
@@ -124,6 +125,11 @@ class Sampler:
                 self.greedy = True
                 self._window = collections.deque()
                 self._last_n = last_n
+                # Without a frequency penalty, llama.cpp's penalty is one float operation per
+                # term, which numpy repeats bit for bit: the pick needs no call into the chain.
+                self._exact = s.frequency_penalty == 0.0
+                self._repeat = np.float32(s.repeat_penalty)
+                self._presence = np.float32(s.presence_penalty)
             return
         seed = s.seed if s.seed is not None and s.seed >= 0 else random.getrandbits(31)
         if s.mirostat == 1:
@@ -237,6 +243,15 @@ class Sampler:
             best = int(x.argmax())
         finally:
             x[held] = saved
+        if self._exact:
+            # llama.cpp's penalties: a logit <= 0 times the repeat penalty, above 0 divided by
+            # it, less the presence penalty. Its greedy pick takes the first largest, and the
+            # chain's top-k cut orders a penalized token before an unpenalized one of equal value.
+            pen = np.where(saved <= 0, saved * self._repeat, saved / self._repeat)
+            if self._presence:
+                pen -= self._presence
+            i = int(pen.argmax())
+            return int(held[i]) if pen[i] >= x[best] else best
         ids = np.append(held, np.int32(best))
         return self._run(ids, x[ids])
 

@@ -14,6 +14,8 @@ from offload.runtime.runner.sampling import Sampler
 CONFIGS = {
     "greedy": Sampling(temperature=0.0, repeat_penalty=1.0),
     "greedy, penalties": Sampling(temperature=0.0),
+    "greedy, presence penalty": Sampling(temperature=0.0, repeat_penalty=1.3, presence_penalty=0.7),
+    "greedy, frequency penalty": Sampling(temperature=0.0, frequency_penalty=0.4),
     "Ollama's defaults": Sampling(seed=7),
     "top_k 5, min_p": Sampling(seed=11, top_k=5, min_p=0.05, repeat_penalty=1.0),
     "top_k 200, penalties": Sampling(
