@@ -41,7 +41,9 @@ from offload.planner import plan as make_plan  # noqa: E402
 from offload.planner.types import Plan, PlanRequest  # noqa: E402
 
 
-def in_process(model: Path, plan: Plan, prompt: int, gen: int, rounds: int, rp: float) -> dict[str, Any]:
+def in_process(
+    model: Path, plan: Plan, prompt: int, gen: int, rounds: int, rp: float
+) -> dict[str, Any]:
     """The engine and batch loop in this process: step and decode-call times per token."""
     from offload.runtime.runner import native
     from offload.runtime.runner.batch import BatchLoop, Job
@@ -94,7 +96,8 @@ def in_process(model: Path, plan: Plan, prompt: int, gen: int, rounds: int, rp: 
                 {
                     "step_ms": statistics.median(steps) * 1e3,
                     "decode_call_ms": statistics.median(dec) * 1e3,
-                    "python_ms": statistics.median([a - b for a, b in zip(steps, dec)]) * 1e3,
+                    "python_ms": statistics.median([a - b for a, b in zip(steps, dec, strict=True)])
+                    * 1e3,
                     "decode_tps": len(steps) / sum(steps),
                     "log_lines": lines[0],
                 }
@@ -123,7 +126,10 @@ def main() -> None:
     model = resolve(args.model)
     if args.child:
         plan = Plan.from_dict(json.loads(args.child.read_text()))
-        print("RESULT " + json.dumps(in_process(model, plan, args.prompt, args.gen, args.rounds, args.rp)))
+        print(
+            "RESULT "
+            + json.dumps(in_process(model, plan, args.prompt, args.gen, args.rounds, args.rp))
+        )
         return
 
     from offload.runtime import config
@@ -152,7 +158,13 @@ def main() -> None:
     if args.tools:
         runs = [
             batched_bench(
-                args.tools / "llama-batched-bench", model, plan, plan.n_ctx, args.prompt, args.gen, [1]
+                args.tools / "llama-batched-bench",
+                model,
+                plan,
+                plan.n_ctx,
+                args.prompt,
+                args.gen,
+                [1],
             )[0]
             for _ in range(2)
         ]

@@ -231,7 +231,7 @@ def _on_loop(channel: Channel, loop: Any, engine: Any, msg: dict[str, Any]) -> A
                     "step_s": list(t.step_s),
                 }
             else:
-                value = {"steps": [list(s) for s in loop.steps]}
+                value = {"steps": [list(s) for s in loop.steps], "compactions": loop.compactions}
                 loop.steps.clear()
             loop.out.append({"ev": "result", "id": rid, "value": value})
         except OffloadError as e:
