@@ -47,12 +47,10 @@ def load_healing(
     """
     path, adapters = _model_path_and_adapters(info_or_path)
     if shrink is None:
-        from offload.planner.gguf_header import read_header
-
-        names = [t.name for t in read_header(path).tensors]
+        from offload.runtime.runner.native import gguf_tensor_names
 
         def shrink(p: Plan, retry: int) -> tuple[Plan, str] | None:
-            return shrink_step(p, retry, names)
+            return shrink_step(p, retry, list(gguf_tensor_names(path)))  # read when needed
 
     gave_up: list[str] = []
     current = plan

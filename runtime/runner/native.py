@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import importlib.util
 import logging
 import os
 import re
+import stat
 import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -89,39 +91,41 @@ class _LogSink:
         # OFFLOAD_DEBUG=1 keeps llama.cpp's debug lines in the runner's log after the load.
         self.debug = os.environ.get("OFFLOAD_DEBUG", "") not in ("", "0", "false")
 
-    def write(self, level: int, text: str) -> None:
+    def write(self, text: str, log: bool = True) -> None:
+        """Take a piece of llama.cpp's log: whole lines go to the capture, if any, and (``log``)
+        to the runner's log."""
         with self.lock:
             self.partial += text
             while "\n" in self.partial:
                 line, self.partial = self.partial.split("\n", 1)
                 if self.capture is not None:
                     self.capture.append(line)
-                if line.strip():
+                if log and line.strip():
                     _llama_log.info("%s", line)
 
 
 _SINK = _LogSink()
 
 
-# ggml's log levels: debug lines (and their continuations) are dropped outside a load.
+# ggml's log levels: a debug line, and the pieces that continue one.
 _DEBUG, _CONT = 1, 5
 
 
 @llama_c.llama_log_callback
 def _on_llama_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
-    # Called for every line llama.cpp logs, debug ones included: CUDA builds log one for every
-    # graph they launch ("CUDA Graph id N reused"), that is one per GPU split per token, dozens
-    # per token for an MoE with CPU experts. Handled in Python, those cost 15-25% of decode speed
-    # (measured on an H200); dropped here first thing, they cost a call. A load keeps them: its
-    # log is parsed (buffer overrides are debug lines).
+    # Called for every line llama.cpp logs, debug ones included. CUDA builds log one for every
+    # graph they launch ("CUDA Graph id N reused"), that is one per GPU split per token: dozens
+    # per token for an MoE with CPU experts, which through Python's logging cost it a quarter of
+    # its decode speed (measured on an H200). A load logs a thousand more (every tensor created).
+    # Debug lines are therefore dropped first thing; while a load's log is captured they go to
+    # the capture only (it is parsed: buffer overrides are debug lines). OFFLOAD_DEBUG keeps them.
     sink = _SINK
-    if sink.capture is None and not sink.debug:
-        if level == _DEBUG or (level == _CONT and sink.skipping):
-            sink.skipping = True
-            return
-        sink.skipping = False
+    debug = level == _DEBUG or (level == _CONT and sink.skipping)
+    sink.skipping = debug
+    if debug and not sink.debug and sink.capture is None:
+        return
     try:
-        sink.write(int(level), text.decode("utf-8", errors="replace"))
+        sink.write(text.decode("utf-8", errors="replace"), log=not debug or sink.debug)
     except Exception:  # noqa: BLE001 - an exception must never cross back into C
         pass
 
@@ -132,7 +136,8 @@ llama_c.llama_log_set(_on_llama_log, ctypes.c_void_p(0))
 
 @contextlib.contextmanager
 def captured_log() -> Iterator[list[str]]:
-    """Collect llama.cpp's log lines while the block runs (they still reach the log file)."""
+    """Collect llama.cpp's log lines while the block runs (all but debug lines still reach the
+    log file)."""
     lines: list[str] = []
     _SINK.capture = lines
     try:
@@ -329,14 +334,25 @@ def gpu_device_count() -> int:
     return sum(1 for i in range(count()) if kind(get(i)) in (1, 2))
 
 
-def _gguf_tensor_names(model_path: Path) -> list[str]:
+def gguf_tensor_names(model_path: Path) -> tuple[str, ...]:
+    """The tensor names of a GGUF file (its header read once per file version: a header with a
+    large vocabulary takes a tenth of a second or more to read)."""
+    try:
+        st = model_path.stat()
+    except OSError as e:
+        raise LoadFailed(f"cannot read {model_path}: {e}") from None
+    return _tensor_names(str(model_path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4)
+def _tensor_names(path: str, size: int, mtime_ns: int) -> tuple[str, ...]:
     from offload.planner.errors import GGUFError
     from offload.planner.gguf_header import read_header
 
     try:
-        return [t.name for t in read_header(model_path).tensors]
+        return tuple(t.name for t in read_header(path).tensors)
     except (OSError, GGUFError) as e:
-        raise LoadFailed(f"cannot read {model_path}: {e}") from None
+        raise LoadFailed(f"cannot read {path}: {e}") from None
 
 
 def check_applicable(
@@ -346,7 +362,18 @@ def check_applicable(
     n_gpus: int | None = None,
 ) -> None:
     """Raise ``PlanNotApplicable`` when llama.cpp could not apply ``plan`` as written."""
-    names = list(tensor_names) if tensor_names is not None else _gguf_tensor_names(Path(model_path))
+    try:  # non-blocking: a FIFO put in the model's place never blocks the runner
+        fd = os.open(model_path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as e:
+        raise LoadFailed(f"cannot read {model_path}: {e.strerror or e}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise LoadFailed(f"cannot read {model_path}: it is not a regular file")
+    finally:
+        os.close(fd)
+    names: Sequence[str] = ()
+    if plan.cpu_tensor_patterns:
+        names = tensor_names if tensor_names is not None else gguf_tensor_names(Path(model_path))
     for pattern in plan.cpu_tensor_patterns:
         try:
             rx = re.compile(pattern)
