@@ -411,7 +411,9 @@ class BatchLoop:
             for j in together:
                 j.alone = False
         rc = b.decode(e.ctx, n)
-        self._send_unsent()  # while the device works on this step
+        if self.pipelined:  # last step's tokens, sent while the device works on this one
+            self._send_unsent()
+            self._flush()
         if rc != 0:
             for job, token in fed:  # nothing of the step was applied: feed it again next step
                 if job.next_token is None and not job.stopping:

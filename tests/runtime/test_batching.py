@@ -300,6 +300,30 @@ def test_sending_tokens_while_the_next_step_runs_changes_no_answer(
     assert lp.text(again) == lp.text(free) and lp.stats(again)["cached_tokens"] > 0
 
 
+def test_where_decoding_is_asynchronous_a_token_is_sent_before_the_next_step_waits(
+    engine: Engine,
+) -> None:
+    """On a GPU, llama_decode returns before the device has finished: last step's token is then
+    written to the socket before this step waits for its logits, not after."""
+    lp = Loop(engine)
+    lp.loop.pipelined = True
+    rid = lp.submit("One, two, three, four,", temperature=0, num_predict=8)
+    seen: list[int] = []
+    rows = lp.loop.logits.rows
+
+    def waiting(ctx: int, n_rows: int) -> object:
+        seen.append(sum(1 for e in lp.events if e.get("id") == rid and e["ev"] == "piece"))
+        return rows(ctx, n_rows)
+
+    lp.loop.logits.rows = waiting  # type: ignore[method-assign]
+    for _ in range(4):  # the prompt, then three decode steps
+        lp.loop.step()
+    # When step k waits for its logits, the k-1 tokens sampled before it have all been sent.
+    assert seen == [0, 1, 2, 3]
+    lp.run(rid)
+    assert lp.stats(rid)["eval_count"] == 8
+
+
 def test_a_steps_rows_are_sampled_as_each_request_alone_would_sample_them(engine: Engine) -> None:
     """``sample_rows`` reads the step's logits in place and finds greedy rows' maxima in one pass:
     each request still gets the token its own chain picks from its own row (read through
