@@ -15,8 +15,9 @@ chain sorts what it keeps, so it picks the same token, seeded draws included.
 
 A greedy chain needs less still: the largest logit is its pick unless a penalty lowers it (one pass,
 ``argmax``). When the largest logit is a penalized token, the pick is among the penalized tokens and
-the best of the others (a second ``argmax`` with the penalized ones masked), and the chain picks
-from those few in C.
+the best of the others (a second ``argmax`` with the penalized ones masked): without a frequency
+penalty, numpy applies llama.cpp's penalty arithmetic to those few, bit for bit; with one, the
+chain picks from them in C.
 """
 
 from __future__ import annotations
@@ -229,8 +230,8 @@ class Sampler:
 
     def _greedy(self, x: np.ndarray, top: int) -> int:
         """The greedy pick given the largest logit's token ``top``: itself when no penalty lowers
-        it; else the best of the penalized tokens and the best of the others, run through the chain
-        (the penalties and the greedy pick, in C)."""
+        it; else the best of the penalized tokens and the best of the others, weighed in numpy
+        (no frequency penalty) or by the chain in C."""
         counts = self._counts
         if self._window is None or top not in counts:
             return top
