@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import random
+import re
 import statistics
 import subprocess
 import sys
@@ -103,6 +104,7 @@ def batched_bench(
     ntg: int,
     npl: list[int],
     extra_bufts: bool = True,
+    verbose: bool = False,
 ) -> list[dict[str, Any]]:
     cmd = [
         str(tool),
@@ -122,10 +124,16 @@ def batched_bench(
     ]
     if not extra_bufts:
         cmd.append("--no-repack")
+    if verbose:  # llama.cpp's timings are logged at this verbosity (debug lines too)
+        cmd += ["-lv", "4"]
     for _ in range(3):  # seen once: an exit code 0 with no result lines
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=3000)
         rows = [json.loads(ln) for ln in r.stdout.splitlines() if ln.startswith("{")]
         if r.returncode == 0 and rows:
+            # llama.cpp's own count of the model's load (llama_perf_context_print's "load time").
+            m = re.search(r"load time\s*=\s*([0-9.]+) ms", r.stderr)
+            for row in rows:
+                row["load_ms"] = float(m.group(1)) if m else None
             return rows
     raise RuntimeError(f"{' '.join(cmd)} failed (exit {r.returncode}): {r.stderr[-800:]}")
 
@@ -206,6 +214,8 @@ def overhead(args: argparse.Namespace, model: Path, plans: Any, tools: Path) -> 
     # weighs on both alike; the ratio is also reported as the median of the rounds' ratios.
     base: list[dict[str, Any]] = []
     load_base: list[float] = []
+    model_base: list[float] = []  # llama.cpp's own "load time" of the model within that
+    phases: list[dict[str, float]] = []  # the runner's (RunnerProcess.phases)
     ours: list[dict[str, Any]] = []
     loads: list[float] = []
     for r in range(args.repeats):
@@ -221,9 +231,15 @@ def overhead(args: argparse.Namespace, model: Path, plans: Any, tools: Path) -> 
             tools / "llama-batched-bench", model, single, n_ctx, 8, 1, [1], args.extra_bufts
         )
         load_base.append(time.perf_counter() - t0)
+        # Once more, logging, for llama.cpp's own count of the model's load within that.
+        tiny = batched_bench(
+            tools / "llama-batched-bench", model, single, n_ctx, 8, 1, [1], args.extra_bufts, True
+        )
+        model_base.append((tiny[0].get("load_ms") or 0.0) / 1e3)
         t0 = time.perf_counter()
         proc = RunnerProcess.start("bench", model, single, extra_bufts=args.extra_bufts)
         loads.append(time.perf_counter() - t0)
+        phases.append(dict(proc.phases))
         try:
             # A warm-up, as llama.cpp's tools do.
             stream_once(proc, distinct_prompt(proc, args.prompt, 999), 8)
@@ -235,6 +251,7 @@ def overhead(args: argparse.Namespace, model: Path, plans: Any, tools: Path) -> 
             "decode_tps": median([b["speed_tg"] for b in base]),
             "prompt_s": median([b["t_pp"] for b in base]),
             "ready_s": median(load_base),
+            "model_load_s": median(model_base),
             "runs": base,
         },
         "runner": {
@@ -242,6 +259,9 @@ def overhead(args: argparse.Namespace, model: Path, plans: Any, tools: Path) -> 
             "ttft_s": median([o["ttft_s"] for o in ours]),
             "prompt_eval_s": median([o["prompt_eval_s"] for o in ours]),
             "load_s": median(loads),
+            "phases": {k: median([p.get(k, 0.0) for p in phases]) for k in phases[0]}
+            if phases
+            else {},
             "runs": ours,
         },
     }

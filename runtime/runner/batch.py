@@ -420,6 +420,10 @@ class BatchLoop:
                     job.next_token = token
             self._decode_failed(rc, together)
             return
+        if self.pipelined and outputs:
+            # The step's times are of its end, not of its launch: a prompt's evaluation would
+            # otherwise count as the time of its first answer token.
+            e.synchronize()
         now = time.perf_counter()
         for job, token in fed:
             assert job.slot is not None

@@ -211,6 +211,9 @@ class Engine:
         # Whether llama_decode returns before the device has finished (measured at the first
         # evaluation): the batch loop then overlaps sending tokens with the device's work.
         self.decode_async = False
+        # Seconds of the load's parts: model_s (weights read and placed), context_s (KV cache and
+        # compute buffers), first_eval_s (the checking evaluation, when asked for).
+        self.phases: dict[str, float] = {}
 
     # -- loading -------------------------------------------------------------------------------
 
@@ -257,6 +260,7 @@ class Engine:
                 model = llama_c.llama_model_load_from_file(str(model_path).encode("utf-8"), mparams)
                 if not model:
                     raise _oom_or_failed(lines, model_path.name)
+                t_model = time.perf_counter()
                 lora = []
                 for adapter_path in adapters:
                     adapter = llama_c.llama_adapter_lora_init(
@@ -280,9 +284,12 @@ class Engine:
                         raise LoadFailed(
                             f"llama.cpp could not apply the LoRA adapter {adapters[0]}"
                         )
-                engine = cls(model, ctx, plan, model_path, time.perf_counter() - t0, lines, keep)
+                t_ctx = time.perf_counter()
+                engine = cls(model, ctx, plan, model_path, t_ctx - t0, lines, keep)
+                engine.phases = {"model_s": t_model - t0, "context_s": t_ctx - t_model}
                 if verify_decode:
                     engine._verify_decode(extra_bufts)
+                    engine.phases["first_eval_s"] = time.perf_counter() - t_ctx
             except LoadFailed:
                 cls._free(model, ctx, keep)
                 raise
@@ -366,6 +373,10 @@ class Engine:
         }
 
     # -- tokens --------------------------------------------------------------------------------
+
+    def synchronize(self) -> None:
+        """Wait until the device has finished the last ``llama_decode``."""
+        llama_c.llama_synchronize(self.ctx)
 
     def tokenize(self, text: str, add_bos: bool = True, special: bool = True) -> list[int]:
         """Text to token ids; special tokens in the text (template markers) are parsed as such."""

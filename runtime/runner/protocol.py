@@ -26,7 +26,8 @@ Runner -> server
   {"ev": "progress", "fraction": F}
   {"ev": "tick"}                     still working (sent at most once a second while busy and silent)
   {"ev": "loaded", "pid": N, "plan": PLAN, "load_s": F, "n_ctx": N, "n_parallel": N, "n_vocab": N,
-   "measured_bytes": {...}, "memory": {...}, "gave_up": [STR], "extra_bufts": BOOL}
+   "measured_bytes": {...}, "memory": {...}, "gave_up": [STR], "extra_bufts": BOOL,
+   "phases": {"model_s": F, "context_s": F, "first_eval_s": F, "other_s": F}}
   {"ev": "load_failed", "kind": ERROR, "message": STR}
   {"ev": "piece", "id": N, "text": STR, "logprobs": [...]}      logprobs only when asked for
   {"ev": "done", "id": N, "stats": {"prompt_eval_count", "prompt_eval_s", "eval_count", "eval_s",

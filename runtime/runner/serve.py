@@ -50,7 +50,7 @@ class Channel:
         return self._decode(line)
 
 
-def _load(channel: Channel, msg: dict[str, Any]) -> Any:
+def _load(channel: Channel, msg: dict[str, Any], t_start: float) -> Any:
     from offload.planner.errors import OffloadError
     from offload.planner.types import Plan
     from offload.runtime.runner import buffers
@@ -78,6 +78,7 @@ def _load(channel: Channel, msg: dict[str, Any]) -> Any:
         channel.send([{"ev": "load_failed", "kind": type(e).__name__, "message": str(e)}])
         return None
     engine.gave_up = list(gave_up)
+    phases = {"other_s": time.monotonic() - t_start - sum(engine.phases.values())}
     channel.send(
         [
             {
@@ -85,6 +86,7 @@ def _load(channel: Channel, msg: dict[str, Any]) -> Any:
                 "pid": os.getpid(),
                 "plan": plan.to_dict(),
                 "load_s": engine.load_s,
+                "phases": {**engine.phases, **phases},
                 "n_ctx": engine.n_ctx,
                 "n_parallel": engine.n_slots,
                 "n_vocab": engine.n_vocab,
@@ -275,7 +277,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     channel.send([{"ev": "started", "pid": os.getpid()}])
 
-    engine = _load(channel, first)
+    engine = _load(channel, first, time.monotonic())
     if engine is None:
         sys.exit(0)
     from offload.runtime.runner.batch import BatchLoop

@@ -157,7 +157,10 @@ class RunnerProcess:
         )
         # Filled by the load handshake.
         self.plan: Plan | None = None
-        self.load_s = 0.0
+        self.load_s = 0.0  # from the process's start to the model's being ready
+        # Where that time went: process_s (the interpreter and llama.cpp's libraries), then the
+        # runner's model_s, context_s, first_eval_s and other_s (see Engine.phases).
+        self.phases: dict[str, float] = {}
         self.n_ctx = 0
         self.n_parallel = 1
         self.n_vocab = 0
@@ -203,6 +206,7 @@ class RunnerProcess:
         # On an abort ggml would run gdb for a backtrace, which can take minutes; its message and
         # our own faulthandler's traceback are what the log needs.
         env = {"GGML_NO_BACKTRACE": "1", **os.environ}
+        t0 = time.monotonic()
         try:
             proc = subprocess.Popen(
                 cmd,
@@ -237,7 +241,7 @@ class RunnerProcess:
         )
         try:
             runner._handshake(
-                load_timeout_s if load_timeout_s is not None else config.load_timeout_s()
+                load_timeout_s if load_timeout_s is not None else config.load_timeout_s(), t0
             )
         except BaseException:
             # Whatever went wrong, no half-started runner is left holding memory.
@@ -257,9 +261,10 @@ class RunnerProcess:
             self.log.write(line)
         self.log.close()
 
-    def _handshake(self, timeout_s: float) -> None:
+    def _handshake(self, timeout_s: float, t0: float) -> None:
         self.sock.settimeout(timeout_s)
         started = False
+        t_started = t0
         try:
             while True:
                 try:
@@ -276,6 +281,7 @@ class RunnerProcess:
                 ev = msg.get("ev")
                 if ev == "started":
                     started = True
+                    t_started = time.monotonic()
                     continue
                 if ev in ("progress", "tick"):
                     continue
@@ -284,7 +290,20 @@ class RunnerProcess:
                     raise protocol.error_from(str(msg.get("kind")), str(msg.get("message")))
                 if ev == "loaded":
                     self.plan = Plan.from_dict(msg["plan"])
-                    self.load_s = float(msg.get("load_s", 0.0))
+                    # The whole wait, as a client sees it: the process's start included.
+                    self.load_s = time.monotonic() - t0
+                    phases = msg.get("phases") if isinstance(msg.get("phases"), dict) else {}
+                    self.phases = {
+                        "process_s": t_started - t0,
+                        **{k: float(v) for k, v in phases.items()},
+                    }
+                    log.info(
+                        "runner for %s (pid %d) ready in %.2f s: %s",
+                        self.name,
+                        self.pid,
+                        self.load_s,
+                        ", ".join(f"{k[:-2]} {v:.2f} s" for k, v in self.phases.items()),
+                    )
                     self.n_ctx = int(msg.get("n_ctx", 0))
                     self.n_parallel = int(msg.get("n_parallel", 1))
                     self.n_vocab = int(msg.get("n_vocab", 0))

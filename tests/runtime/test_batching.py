@@ -5,6 +5,7 @@ full KV cache ends only the request that hit it."""
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -322,6 +323,48 @@ def test_where_decoding_is_asynchronous_a_token_is_sent_before_the_next_step_wai
     assert seen == [0, 1, 2, 3]
     lp.run(rid)
     assert lp.stats(rid)["eval_count"] == 8
+
+
+def test_where_decoding_is_asynchronous_prompt_time_is_not_counted_as_answer_time(
+    engine: Engine,
+) -> None:
+    """On a GPU, llama_decode returns when the step is launched. The step's end (when its logits
+    are ready) is what marks a request's first token: a slow prompt must show as prompt time, not
+    as time spent on the answer. The device is played here by running each decode late, when the
+    loop waits for it, and by holding the prompt's step for half a second."""
+    lp = Loop(engine)
+    lp.loop.pipelined = True
+    e = lp.engine
+    pending: list[tuple[int, int]] = []
+    decode, synchronize, rows = e.batch.decode, e.synchronize, lp.loop.logits.rows
+
+    def launch(ctx: int, n: int) -> int:
+        pending.append((ctx, n))
+        return 0
+
+    def wait() -> None:
+        while pending:
+            ctx, n = pending.pop(0)
+            assert decode(ctx, n) == 0
+            if n > 1:  # the prompt's step: a slow device
+                time.sleep(0.5)
+        synchronize()
+
+    def read(ctx: int, n_rows: int) -> object:
+        wait()
+        return rows(ctx, n_rows)
+
+    e.batch.decode, e.synchronize = launch, wait  # type: ignore[method-assign]
+    lp.loop.logits.rows = read  # type: ignore[method-assign]
+    try:
+        rid = lp.submit("One, two, three, four,", temperature=0, num_predict=4)
+        lp.run(rid)
+    finally:
+        del e.batch.decode, e.synchronize
+    stats = lp.stats(rid)
+    assert stats["eval_count"] == 4
+    assert stats["prompt_eval_s"] >= 0.5
+    assert stats["eval_s"] < 0.5
 
 
 def test_a_steps_rows_are_sampled_as_each_request_alone_would_sample_them(engine: Engine) -> None:

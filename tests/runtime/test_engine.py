@@ -42,6 +42,11 @@ def run(runner: RunnerProcess, prompt: str, **sampling: object) -> tuple[str, St
 def test_runner_loads_with_the_plans_context_and_sequences(runner: RunnerProcess) -> None:
     assert runner.n_ctx == runner.plan.n_ctx == 1024  # type: ignore[union-attr]
     assert runner.n_parallel == 2 and runner.pid != 0 and runner.load_s > 0
+    # Where the load's time went, each part measured, together within the whole wait.
+    phases = runner.phases
+    assert set(phases) == {"process_s", "model_s", "context_s", "first_eval_s", "other_s"}
+    assert all(v >= 0 for v in phases.values()) and phases["model_s"] > 0
+    assert sum(phases.values()) <= runner.load_s
 
 
 def test_temperature_zero_with_a_seed_gives_the_same_text_twice(runner: RunnerProcess) -> None:
