@@ -45,7 +45,7 @@ from offload.planner import predict_aggregate  # noqa: E402
 from offload.planner.types import Plan, PlanRequest  # noqa: E402
 from offload.runtime import config  # noqa: E402
 from offload.runtime.runner.generation import CancelEvent, Piece, Sampling, Stats  # noqa: E402
-from offload.runtime.serving import calibration  # noqa: E402
+from offload.runtime.serving import calibration, process  # noqa: E402
 from offload.runtime.serving.benchmark import measure_parallel  # noqa: E402
 from offload.runtime.serving.planning import current_hardware  # noqa: E402
 from offload.runtime.serving.process import RunnerProcess  # noqa: E402
@@ -138,6 +138,28 @@ def batched_bench(
     raise RuntimeError(f"{' '.join(cmd)} failed (exit {r.returncode}): {r.stderr[-800:]}")
 
 
+def gpu_mib_of(pid: int | None) -> float | None:
+    """GPU memory nvidia-smi counts for ``pid`` (0 when it holds none; None without nvidia-smi)."""
+    if pid is None:
+        return None
+    try:
+        r = subprocess.run(
+            ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if r.returncode != 0:
+        return None
+    for line in r.stdout.splitlines():
+        parts = [x.strip() for x in line.split(",")]
+        if len(parts) == 2 and parts[0] == str(pid):
+            return float(parts[1])
+    return 0.0
+
+
 def median(xs: list[float]) -> float:
     return float(statistics.median(xs)) if xs else 0.0
 
@@ -216,6 +238,9 @@ def overhead(args: argparse.Namespace, model: Path, plans: Any, tools: Path) -> 
     load_base: list[float] = []
     model_base: list[float] = []  # llama.cpp's own "load time" of the model within that
     phases: list[dict[str, float]] = []  # the runner's (RunnerProcess.phases)
+    spare_loads: list[float] = []  # the same load, taking a spare runner
+    spare_phases: list[dict[str, float]] = []
+    spare_gpu: list[float | None] = []  # GPU memory (MiB) a spare held before its load
     ours: list[dict[str, Any]] = []
     loads: list[float] = []
     for r in range(args.repeats):
@@ -246,6 +271,17 @@ def overhead(args: argparse.Namespace, model: Path, plans: Any, tools: Path) -> 
             ours.append(stream_once(proc, distinct_prompt(proc, args.prompt, r + 1), args.gen))
         finally:
             proc.close()
+        # As a running server loads: its spare runner has started Python and llama.cpp already.
+        process.keep_spare_runner()
+        spare_pid = process._spares.pid()
+        time.sleep(3)
+        spare_gpu.append(gpu_mib_of(spare_pid))
+        t0 = time.perf_counter()
+        proc = RunnerProcess.start("bench", model, single, extra_bufts=args.extra_bufts)
+        spare_loads.append(time.perf_counter() - t0)
+        spare_phases.append(dict(proc.phases))
+        process.close_spare_runner()
+        proc.close()
     out: dict[str, Any] = {
         "llama_cpp": {
             "decode_tps": median([b["speed_tg"] for b in base]),
@@ -263,6 +299,13 @@ def overhead(args: argparse.Namespace, model: Path, plans: Any, tools: Path) -> 
             if phases
             else {},
             "runs": ours,
+            "load_with_spare_s": median(spare_loads),
+            "phases_with_spare": {
+                k: median([p.get(k, 0.0) for p in spare_phases]) for k in spare_phases[0]
+            }
+            if spare_phases
+            else {},
+            "spare_gpu_mib": spare_gpu,
         },
     }
     if args.server_model:
@@ -274,6 +317,7 @@ def overhead(args: argparse.Namespace, model: Path, plans: Any, tools: Path) -> 
     )
     out["ttft_extra_ms"] = (rn["ttft_s"] - lc["prompt_s"]) * 1e3
     out["load_extra_s"] = rn["load_s"] - lc["ready_s"]
+    out["load_extra_with_spare_s"] = rn["load_with_spare_s"] - lc["ready_s"]
     if "server" in out:
         sv = out["server"]
         out["server_decode_ratio"] = (

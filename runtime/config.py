@@ -271,6 +271,17 @@ def load_timeout_s() -> float:
     return value
 
 
+def spare_runner() -> bool:
+    """``OFFLOAD_SPARE_RUNNER``: whether the server keeps one runner process started ahead of the
+    next load (default on; ``0`` turns it off)."""
+    value = os.environ.get("OFFLOAD_SPARE_RUNNER", "1").strip().lower()
+    if value in ("1", "true", "yes", "on", ""):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"OFFLOAD_SPARE_RUNNER must be 1 or 0, not {value!r}")
+
+
 def check() -> None:
     """Read every ``OFFLOAD_*`` variable once, so that a bad value fails at startup, not on the
     first request; ``ConfigError`` names the variable."""
@@ -283,6 +294,7 @@ def check() -> None:
     kv_cache_type()
     num_parallel()
     load_timeout_s()
+    spare_runner()
     max_uploads()
     upload_timeout_s()
     max_upload_bytes()

@@ -76,8 +76,12 @@ def create_app(store: Store | None = None, scheduler: Scheduler | None = None) -
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         store.prune_stale()  # what writers killed mid-write (kill -9, power loss) left behind
-        yield
-        scheduler.close()  # models are freed when the server stops, not at interpreter exit
+        if config.spare_runner():
+            scheduler.keep_spare_runner()  # the first load skips starting a process
+        try:
+            yield
+        finally:
+            scheduler.close()  # models are freed when the server stops, not at interpreter exit
 
     app = FastAPI(
         title="offload",

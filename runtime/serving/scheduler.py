@@ -26,7 +26,7 @@ from offload.planner.gguf_header import read_header
 from offload.planner.types import Hardware, Plan
 from offload.runtime import config
 from offload.runtime.errors import QueueFull
-from offload.runtime.serving import planning
+from offload.runtime.serving import planning, process
 from offload.runtime.serving.healing import shrink_step
 from offload.runtime.serving.options import plan_key
 from offload.runtime.serving.planning import current_hardware
@@ -469,9 +469,14 @@ class Scheduler:
                 if gone is not None:
                     self._close_runner(gone)
 
+    def keep_spare_runner(self) -> None:
+        """Keep one runner process started ahead of the next load (``process._Spares``)."""
+        process.keep_spare_runner()
+
     def close(self) -> None:
-        """Unload everything and stop the reaper."""
+        """Unload everything, end the spare runner and stop the reaper."""
         self._stop.set()
+        process.close_spare_runner()
         with self._lock:
             runners = list(self.runners.values())
             self.runners.clear()
