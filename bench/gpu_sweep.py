@@ -119,6 +119,8 @@ class Sweep:
             p for p in (SHIM, os.environ.get("PYTHONPATH")) if p
         )
         self.env["OFFLOAD_HOME"] = str(self.state / "offload-home")
+        # This process reads the same calibration (for its predictions of the baselines).
+        os.environ["OFFLOAD_HOME"] = self.env["OFFLOAD_HOME"]
         self.env.pop("OFFLOAD_GPU_MEMORY", None)
         if not self.smoke:  # one GPU means GPU 0 alone, also on a host with more
             self.env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(args.gpus))
@@ -325,7 +327,21 @@ class Sweep:
         for label in BASELINES:
             if label in cands and "predicted" not in cands[label]:
                 cands[label]["predicted"] = self.predict(doc, cands[label]["args"])
+        hw = self.hardware()
+        if hw is not None and "hardware" not in doc:
+            # What the predictions were made for, so that they can be recomputed off the machine.
+            doc["hardware"] = hw.to_dict()
+            speed = self.speed(hw)
+            doc["speed_params"] = speed.to_dict() if speed is not None else None
         self.save(doc)
+
+    @staticmethod
+    def speed(hw: Any) -> Any:
+        """The speed model `offload plan` uses here: fitted to this machine's runs in the sweep's
+        OFFLOAD_HOME (`offload bench` there calibrates it), else the defaults (None)."""
+        from offload.runtime.serving import calibration
+
+        return calibration.speed_params_for(hw.fingerprint)[0]
 
     def predict(self, doc: dict[str, Any], args: list[str]) -> dict[str, float] | None:
         """The planner's prediction for a baseline placement (None where it cannot say)."""
@@ -365,7 +381,7 @@ class Sweep:
                 gpu_budget_bytes=int(doc["budget_gib"] * GiB),
                 prompt_tokens=doc["prompt"],
             )
-            p = evaluate(a, hw, req, place)
+            p = evaluate(a, hw, req, place, self.speed(hw))
             return {"decode_tps": p.predicted.decode_tps, "prompt_tps": p.predicted.prompt_tps}
         except Exception as e:  # noqa: BLE001 - a prediction is extra; the measurement stands
             doc["notes"].append(

@@ -243,6 +243,8 @@ def test_gpu_sweep_runs_every_candidate_resumes_and_stops_in_time(tmp_path: Path
     doc = json.loads((tmp_path / "out" / "sweep-tiny-moe-0.9gib.json").read_text())
     labels = ("fit", "fit_no_mmap", "expert", "offload", "offload_decode", "offload_prompt")
     assert set(doc["candidates"]) == set(labels), doc["notes"]
+    # The machine and speed model the predictions were made with travel with the results.
+    assert doc["hardware"]["gpus"] and "speed_params" in doc
     cands = doc["candidates"]
     assert cands["fit_no_mmap"]["args"] == cands["fit"]["args"] + ["-lm", "none"]
     expert = cands["expert"]["args"]
