@@ -257,7 +257,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--fd", type=int, required=True, help="the inherited socket's file descriptor"
     )
-    parser.add_argument("--name", default="model", help="the model's name, for the log")
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO,
