@@ -55,8 +55,9 @@ def test_a_load_takes_the_spare_and_a_new_one_is_started_behind_it(
     runner = RunnerProcess.start("spare-test", gemma_gguf, gemma_plan)
     try:
         assert runner.pid == first
-        # Its libraries were loaded before the load was asked for.
-        assert runner.phases["process_s"] < 0.1, runner.phases
+        # Its libraries were loaded before the load was asked for: the wait for its first answer
+        # is a message's round trip (a cold start loads Python and llama.cpp first).
+        assert runner.phases["process_s"] < 0.5, runner.phases
         text = "".join(
             ev.text
             for ev in runner.generate(Sampling(temperature=0, num_predict=8), text="The sky is")
