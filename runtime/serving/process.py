@@ -389,7 +389,11 @@ class RunnerProcess:
                     phases: dict[str, Any] = got if isinstance(got, dict) else {}
                     self.phases = {
                         "process_s": t_started - t0,
-                        **{k: float(v) for k, v in phases.items()},
+                        **{
+                            str(k): float(v)
+                            for k, v in phases.items()
+                            if isinstance(v, (int, float)) and not isinstance(v, bool)
+                        },
                     }
                     log.info(
                         "runner for %s (pid %d) ready in %.2f s: %s",
