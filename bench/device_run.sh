@@ -15,6 +15,8 @@
 #       sweep (bench/gpu_sweep.py), resumed where the last call stopped, until this call's end.
 #   bash bench/device_run.sh two-gpu [gpu_sweep.py args]   On a two-GPU host: the recipe's build
 #       when this machine has none, then the two-GPU sweep, resumable the same way.
+#   bash bench/device_run.sh plan-check [plan_check.py args]   On a warm machine: plans run through
+#       offload's own executor with nvidia-smi's peak per GPU (bench/plan_check.py).
 #   bash bench/device_run.sh runners   On a warm machine: runner processes against
 #       llama-batched-bench (bench/runner_bench.py: the dense model fully on the GPU, the MoE at 8
 #       and 12 GiB; RUNNER_PARTS picks) and GPU memory after unloading (bench/unload_check.py).
@@ -240,7 +242,8 @@ main() {
     build) recipe_build && link_tools ;;
     sweep) sweep 1 "$@" ;;
     two-gpu) { gpu_python || recipe_build; } && sweep 2 "$@" ;;
-    *) echo "usage: bash bench/device_run.sh install|build|sweep|two-gpu|runners [gpu_sweep.py args]" >&2; return 2 ;;
+    plan-check) gpu_python && MODELS=${MODELS:-moe} wait_models && "$PY" bench/plan_check.py "$@" --out "$OUT" ;;
+    *) echo "usage: bash bench/device_run.sh install|build|sweep|two-gpu|runners|plan-check [args]" >&2; return 2 ;;
   esac
 }
 

@@ -355,14 +355,20 @@ class Sweep:
             a = anatomy.read(doc["model_path"])
             names = [t.name for t in a.tensors]
             kv = dict(zip(args[::2], args[1::2], strict=False))
-            cpu = [p.split("=")[0] for p in kv.get("-ot", "").split(";") if p.endswith("=CPU")]
-            cpu = [
-                p for p in cpu if any(re.search(p, n) for n in names)
-            ]  # fit may name one block too many
+            rules = [r.rpartition("=") for r in kv.get("-ot", "").split(";") if "=" in r]
+            # fit may name one block too many
+            rules = [r for r in rules if any(re.search(r[0], n) for n in names)]
+            cpu = [p for p, _, b in rules if b == "CPU"]
+            gpu = [
+                (p, int(b[len(gpu_tools.GPU_BUFT) :]))
+                for p, _, b in rules
+                if b.startswith(gpu_tools.GPU_BUFT) and b[len(gpu_tools.GPU_BUFT) :].isdigit()
+            ]
             ngl = int(kv["-ngl"])
             knobs = {
                 "n_gpu_layers": ngl if ngl >= 0 else a.n_layers + 1,
                 "cpu_tensor_patterns": tuple(cpu),
+                "gpu_tensor_patterns": tuple(gpu),
                 "n_ctx": doc["ctx"],
                 "n_batch": int(kv.get("-b", 2048)),
                 "n_ubatch": int(kv.get("-ub", 512)),

@@ -198,6 +198,7 @@ def fit_bench_args(parsed: dict[str, Any]) -> list[str]:
 _PLAN_KEYS = {
     "n_gpu_layers",
     "cpu_tensor_patterns",
+    "gpu_tensor_patterns",
     "tensor_split",
     "n_batch",
     "n_ubatch",
@@ -226,6 +227,17 @@ _PLAN_KEYS = {
 }
 
 
+# llama.cpp's name for the buffer type of GPU i, as its -ot option takes it (the CUDA backend).
+GPU_BUFT = "CUDA"
+
+
+def override_rules(plan: dict[str, Any]) -> list[tuple[str, str]]:
+    """A plan's tensor overrides as (pattern, buffer type) in llama.cpp's order: the GPU ones
+    first (a tensor takes the first pattern it matches), then the CPU ones."""
+    rules = [(str(p), f"{GPU_BUFT}{int(g)}") for p, g in plan.get("gpu_tensor_patterns") or []]
+    return rules + [(str(p), "CPU") for p in plan.get("cpu_tensor_patterns") or []]
+
+
 def plan_bench_args(plan: dict[str, Any]) -> tuple[list[str], list[str]]:
     """llama-bench arguments that replay an ``offload plan --json`` placement, and notes on what
     llama-bench cannot express."""
@@ -234,10 +246,10 @@ def plan_bench_args(plan: dict[str, Any]) -> tuple[list[str], list[str]]:
     split = [float(x) for x in plan.get("tensor_split") or []]
     if len([x for x in split if x > 0]) > 1:
         args += ["-ts", "/".join(f"{x:g}" for x in split)]
-    pats = list(plan.get("cpu_tensor_patterns") or [])
-    if pats:
-        _check_patterns(pats)
-        args += ["-ot", ";".join(f"{p}=CPU" for p in pats)]
+    rules = override_rules(plan)
+    if rules:
+        _check_patterns([p for p, _ in rules])
+        args += ["-ot", ";".join(f"{p}={b}" for p, b in rules)]
     args += ["-b", str(plan.get("n_batch", 2048)), "-ub", str(plan.get("n_ubatch", 512))]
     if plan.get("threads"):
         args += ["-t", str(plan["threads"])]

@@ -50,6 +50,9 @@ from offload.runtime.serving.benchmark import measure_parallel  # noqa: E402
 from offload.runtime.serving.planning import current_hardware  # noqa: E402
 from offload.runtime.serving.process import RunnerProcess  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_tools import override_rules  # noqa: E402
+
 WORDS = (
     "river stone cloud paper garden window silver orange forest candle harbor ladder violin "
     "meadow pencil thunder lantern marble castle pepper"
@@ -86,8 +89,9 @@ def llama_args(plan: Plan) -> list[str]:
         "mmap" if plan.use_mmap else "none",
         "-kvu",
     ]
-    if plan.cpu_tensor_patterns:
-        args += ["-ot", ",".join(f"{p}=CPU" for p in plan.cpu_tensor_patterns)]
+    rules = override_rules(plan.to_dict())
+    if rules:
+        args += ["-ot", ",".join(f"{p}={b}" for p, b in rules)]
     if plan.tensor_split:
         args += ["-ts", ",".join(f"{x:.4f}" for x in plan.tensor_split)]
     if not plan.op_offload:

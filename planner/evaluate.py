@@ -104,6 +104,7 @@ def pipelined(anatomy: Anatomy, placement: Placement, n_gpus: int) -> bool:
         and placement.split_mode == "layer"
         and placement.offload_kqv
         and not placement.cpu_tensor_patterns
+        and not placement.gpu_tensor_patterns
     )
 
 

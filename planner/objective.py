@@ -80,7 +80,15 @@ def _fastest(plans: list[Plan], mode: str) -> Plan:
 
 
 def _same_placement(a: Plan, b: Plan) -> bool:
-    keys = ("n_gpu_layers", "cpu_tensor_patterns", "kv_type", "n_ctx", "tensor_split", "n_parallel")
+    keys = (
+        "n_gpu_layers",
+        "cpu_tensor_patterns",
+        "gpu_tensor_patterns",
+        "kv_type",
+        "n_ctx",
+        "tensor_split",
+        "n_parallel",
+    )
     return all(getattr(a, k) == getattr(b, k) for k in keys)
 
 

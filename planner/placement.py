@@ -2,7 +2,8 @@
 
 llama.cpp offloads ``n_gpu_layers`` layers from the top: the output layer first, then the last
 repeating layers; it keeps the input embedding on the CPU, splits GPU layers by ``tensor_split``, and then
-moves every tensor whose name a buffer-override pattern matches (``re.search``) to the CPU.
+moves every tensor whose name a buffer-override pattern matches (``re.search``) to that pattern's
+device: the CPU, or (to fill a card) another GPU.
 """
 
 from __future__ import annotations
@@ -100,11 +101,34 @@ def output_device(
 
 
 @lru_cache(maxsize=4096)
-def _matched(names: tuple[str, ...], patterns: tuple[str, ...]) -> frozenset[int]:
-    if not patterns:
-        return frozenset()
-    rx = [re.compile(p) for p in patterns]
-    return frozenset(i for i, n in enumerate(names) if any(r.search(n) for r in rx))
+def _moved(
+    names: tuple[str, ...],
+    gpu_patterns: tuple[tuple[str, int], ...],
+    cpu_patterns: tuple[str, ...],
+) -> dict[int, int]:
+    """Tensor index -> device for every tensor an override moves, as llama.cpp applies them: the
+    first pattern a name matches (``re.search``) wins, GPU overrides ahead of CPU ones."""
+    if not gpu_patterns and not cpu_patterns:
+        return {}
+    rules = [(re.compile(p), g) for p, g in gpu_patterns] + [
+        (re.compile(p), CPU) for p in cpu_patterns
+    ]
+    out: dict[int, int] = {}
+    for i, n in enumerate(names):
+        for rx, d in rules:
+            if rx.search(n):
+                out[i] = d
+                break
+    return out
+
+
+def _cpu_patterns(placement: Placement, n_gpus: int) -> tuple[str, ...]:
+    return tuple(placement.cpu_tensor_patterns) if n_gpus else ()
+
+
+def _gpu_patterns(placement: Placement, n_gpus: int) -> tuple[tuple[str, int], ...]:
+    """GPU overrides this machine can honour (a GPU index beyond its GPUs names none)."""
+    return tuple((p, g) for p, g in placement.gpu_tensor_patterns if 0 <= g < n_gpus)
 
 
 def tensor_devices(anatomy: Anatomy, placement: Placement, n_gpus: int) -> list[int]:
@@ -114,11 +138,13 @@ def tensor_devices(anatomy: Anatomy, placement: Placement, n_gpus: int) -> list[
         anatomy.n_layers, placement.n_gpu_layers, n_gpus, placement.tensor_split
     )
     names = tuple(t.name for t in anatomy.tensors)
-    forced = _matched(names, tuple(placement.cpu_tensor_patterns)) if n_gpus else frozenset()
+    moved = _moved(names, _gpu_patterns(placement, n_gpus), _cpu_patterns(placement, n_gpus))
     devs = []
     for i, t in enumerate(anatomy.tensors):
-        if t.role == "embedding" or i in forced:
+        if t.role == "embedding":
             devs.append(CPU)
+        elif i in moved:
+            devs.append(moved[i])
         elif t.layer is not None and t.layer < anatomy.n_layers:
             devs.append(layers[t.layer])
         elif t.layer is None and t.name.startswith("output"):
@@ -190,6 +216,7 @@ def device_loads(
         id(anatomy),
         placement.n_gpu_layers,
         tuple(placement.cpu_tensor_patterns),
+        tuple(placement.gpu_tensor_patterns),
         tuple(placement.tensor_split),
         n_gpus,
     )
@@ -225,19 +252,22 @@ class _Block:
 _BLOCKS: dict[tuple, tuple[Anatomy, dict[tuple, _Block], list[tuple]]] = {}
 
 
-def _blocks(anatomy: Anatomy, patterns: tuple[str, ...]) -> tuple[dict[tuple, _Block], list[tuple]]:
+def _blocks(
+    anatomy: Anatomy, patterns: tuple[str, ...], gpu_patterns: tuple[tuple[str, int], ...] = ()
+) -> tuple[dict[tuple, _Block], list[tuple]]:
     """Tensors grouped by what decides their device, and each tensor's group.
 
     Groups: ("emb",) the input embedding (always the CPU), ("cpu",) tensors outside the repeating
-    layers and the output (the CPU), ("out", forced) the output layer, ("L", il, forced) a layer's
-    tensors an override pattern moves to the CPU (forced) or not.
+    layers and the output (the CPU), ("out", to) the output layer, ("L", il, to) a layer's tensors,
+    where ``to`` is the device an override pattern moves them to (``CPU`` or a GPU index), or
+    None where none does (they go where their layer goes).
     """
-    key = (id(anatomy), patterns)
+    key = (id(anatomy), patterns, gpu_patterns)
     hit = _BLOCKS.get(key)
     if hit is not None and hit[0] is anatomy:
         return hit[1], hit[2]
     names = tuple(t.name for t in anatomy.tensors)
-    forced = _matched(names, patterns)
+    moved = _moved(names, gpu_patterns, patterns)
     share = (anatomy.expert_used_count / anatomy.expert_count) if anatomy.expert_count else 1.0
     vocab = max(anatomy.n_vocab, 1)
     blocks: dict[tuple, _Block] = {}
@@ -248,9 +278,9 @@ def _blocks(anatomy: Anatomy, patterns: tuple[str, ...]) -> tuple[dict[tuple, _B
         if t.role == "embedding":
             g: tuple = ("emb",)
         elif t.layer is not None and t.layer < anatomy.n_layers:
-            g = ("L", t.layer, i in forced)
+            g = ("L", t.layer, moved.get(i))
         elif t.layer is None and t.name.startswith("output"):
-            g = ("out", i in forced)
+            g = ("out", moved.get(i))
         else:
             g = ("cpu",)
         groups.append(g)
@@ -303,8 +333,9 @@ def _add(ld: DeviceLoad, b: _Block, on_cpu: bool) -> None:
 def _device_loads(
     anatomy: Anatomy, placement: Placement, n_gpus: int
 ) -> tuple[dict[int, DeviceLoad], list[int]]:
-    patterns = tuple(placement.cpu_tensor_patterns) if n_gpus else ()
-    blocks, groups = _blocks(anatomy, patterns)
+    blocks, groups = _blocks(
+        anatomy, _cpu_patterns(placement, n_gpus), _gpu_patterns(placement, n_gpus)
+    )
     layers = layer_devices(anatomy.n_layers, placement.n_gpu_layers, n_gpus, placement.tensor_split)
     out_dev = output_device(
         anatomy.n_layers, placement.n_gpu_layers, n_gpus, placement.tensor_split
@@ -312,9 +343,9 @@ def _device_loads(
 
     def device(g: tuple) -> int:
         if g[0] == "L":
-            return CPU if g[2] else layers[g[1]]
+            return layers[g[1]] if g[2] is None else g[2]
         if g[0] == "out":
-            return CPU if g[1] else out_dev
+            return out_dev if g[1] is None else g[1]
         return CPU
 
     loads: dict[int, DeviceLoad] = {CPU: DeviceLoad(), **{i: DeviceLoad() for i in range(n_gpus)}}
@@ -325,7 +356,7 @@ def _device_loads(
         # A dense tensor an override moved off a GPU layer: op offload copies it whole into the
         # GPU's compute buffer for prompt processing. (The output layer's matmul covers only the
         # tokens that need logits: too small to offload.)
-        if g[0] == "L" and g[2] and layers[g[1]] != CPU:
+        if g[0] == "L" and g[2] == CPU and layers[g[1]] != CPU:
             cpu = loads[CPU]
             cpu.largest_moved_dense_bytes = max(
                 cpu.largest_moved_dense_bytes, b.largest_dense_bytes

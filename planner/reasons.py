@@ -181,7 +181,20 @@ def _budgets(p: Plan, hw: Hardware, req: PlanRequest) -> list[str]:
             f"Offloaded layers split {counts} over the GPUs (tensor_split, in llama.cpp's layer order, "
             f"the output layer last) so that each card holds what fits: {used}."
         )
+    if p.gpu_tensor_patterns:
+        moved = _moved_to_gpus(p)
+        out.append(
+            "Whole layers left room on a card, so tensors that would stay on the CPU go there "
+            f"instead (overrides ahead of the CPU ones): {moved}."
+        )
     return out
+
+
+def _moved_to_gpus(p: Plan) -> str:
+    by_gpu: dict[int, list[str]] = {}
+    for pat, g in p.gpu_tensor_patterns:
+        by_gpu.setdefault(g, []).append(pat)
+    return "; ".join(f"GPU {g}: {' and '.join(pats)}" for g, pats in sorted(by_gpu.items()))
 
 
 def _kv(o: Outcome, req: PlanRequest) -> list[str]:

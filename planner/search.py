@@ -117,11 +117,66 @@ def _whole_layers(build: Callable[[int], Plan], top: int, forced: bool) -> list[
     return [build(k) for k in range(0, most[0], step)] + [most[1]]
 
 
+def _gpu_room(p: Plan) -> dict[int, int]:
+    return {d.index: d.budget_bytes - d.total_bytes for d in p.devices if d.kind == "GPU"}
+
+
+# A fill stops on a card after this many tensors in a row did not fit there.
+_FILL_MISSES = 3
+
+
+def _fill_cards(
+    anatomy: Anatomy,
+    plan: Plan,
+    cpu_units: list[tuple[int, str]],
+    reevaluate: Callable[[Placement], Plan],
+) -> Plan | None:
+    """Several GPUs: the room a whole-layer split leaves on a card taken by FFN (expert) tensors
+    that would stay on the CPU, nearest the GPU layers first; None when no card has room for one.
+
+    Layers go to the cards whole (``tensor_split``), so a card can be a large fraction of a layer
+    short of its budget while the CPU keeps expert tensors; llama.cpp places any tensor on any
+    device by an override, so those tensors go to the card with room instead.
+    """
+    if len([d for d in plan.devices if d.kind == "GPU"]) < 2 or not cpu_units:
+        return None
+    experts = bool(anatomy.expert_count)
+    extra = tuple(x for x in plan.cpu_tensor_patterns if x == OUTPUT_PATTERN)
+    left = list(cpu_units)
+    on: dict[int, list[tuple[int, str]]] = {}
+    best = plan
+    room = _gpu_room(plan)
+    for g in sorted(room, key=lambda i: -room[i]):
+        misses = 0
+        for u in list(reversed(left)):
+            if misses >= _FILL_MISSES:
+                break
+            trial = {**on, g: [*on.get(g, []), u]}
+            rest = [x for x in left if x != u]
+            pl = replace(
+                best.placement,
+                cpu_tensor_patterns=extra + ffn_patterns(rest, experts),
+                gpu_tensor_patterns=tuple(
+                    (pat, i) for i in sorted(trial) for pat in ffn_patterns(trial[i], experts)
+                ),
+            )
+            p = reevaluate(pl)
+            if fits(p):
+                best, left, on, misses = p, rest, trial, 0
+            else:
+                misses += 1
+    return best if on else None
+
+
 def _ffn_family(
-    anatomy: Anatomy, evaluate_at: Callable[[int, tuple[str, ...]], Plan], top: int
+    anatomy: Anatomy,
+    evaluate_at: Callable[[int, tuple[str, ...]], Plan],
+    top: int,
+    reevaluate: Callable[[Placement], Plan] | None = None,
 ) -> list[Plan]:
     """All layers on the GPU, FFN (expert) tensors of the first layers on the CPU: the fewest that
-    fit, then every mix of tensor kinds for the partial layer (down_exps alone is the biggest)."""
+    fit, then every mix of tensor kinds for the partial layer (down_exps alone is the biggest).
+    With several GPUs, also the fewest with the cards' leftover room filled (``_fill_cards``)."""
     n_layers, experts = anatomy.n_layers, bool(anatomy.expert_count)
     out: list[Plan] = []
     # Output layer on the GPU and, as a second try, kept on the CPU by a pattern of its own (its
@@ -143,6 +198,10 @@ def _ffn_family(
         if found is None:
             continue
         out.append(found[1])
+        if reevaluate is not None and found[0]:
+            filled = _fill_cards(anatomy, found[1], units[: found[0]], reevaluate)
+            if filled is not None:
+                out.append(filled)
         full = found[0] // len(_FFN_KINDS)
         if full < len(gpu_layers) and found[0]:
             base = units[: full * len(_FFN_KINDS)]
@@ -220,8 +279,11 @@ def _candidates(
             pl = fit_split(anatomy, hw, req, Placement(ngl, pats, **common))
             return evaluate(anatomy, hw, req, _pinned(anatomy, hw, req, pl), speed)
 
+        def again(pl: Placement) -> Plan:
+            return evaluate(anatomy, hw, req, pl, speed)
+
         top = n_layers + 1 if req.num_gpu is None else min(req.num_gpu, n_layers + 1)
-        ffn = _ffn_family(anatomy, at, top)
+        ffn = _ffn_family(anatomy, at, top, again if len(hw.gpus) > 1 else None)
         whole = _whole_layers(at, top, forced=req.num_gpu is not None)
         if anatomy.expert_count and ffn:
             # MoE: expert tensors leave the GPU before any attention does (at equal GPU memory they

@@ -277,6 +277,11 @@ class Placement:
     pinned_weights: bool = False
     split_mode: str = "layer"  # none | layer | row
     main_gpu: int = 0
+    # Tensors moved onto a GPU other than their layer's: (pattern, GPU index) pairs, applied before
+    # ``cpu_tensor_patterns`` (llama.cpp takes the first override a tensor name matches). With
+    # several GPUs, this fills the room a whole-layer split leaves on a card with tensors that
+    # would otherwise stay on the CPU.
+    gpu_tensor_patterns: tuple[tuple[str, int], ...] = ()
     # None: map the file unless the weights are pinned (pinned memory needs them read in).
     use_mmap: bool | None = None
     use_mlock: bool = False
@@ -295,6 +300,7 @@ class Placement:
         """JSON-ready dict."""
         d = asdict(self)
         d["cpu_tensor_patterns"] = list(self.cpu_tensor_patterns)
+        d["gpu_tensor_patterns"] = [[p, g] for p, g in self.gpu_tensor_patterns]
         d["tensor_split"] = list(self.tensor_split)
         return d
 
@@ -302,7 +308,28 @@ class Placement:
     def from_dict(cls, data: dict[str, Any]) -> Placement:
         """Inverse of ``to_dict``; unknown keys are ignored."""
         conv = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        if "gpu_tensor_patterns" in conv:
+            conv["gpu_tensor_patterns"] = _gpu_patterns(conv["gpu_tensor_patterns"])
         return _from_dict(cls, conv)
+
+
+def _gpu_patterns(value: Any) -> tuple[tuple[str, int], ...]:
+    """``gpu_tensor_patterns`` from JSON: a list of [pattern, GPU index] pairs."""
+    out = []
+    for item in value or ():
+        if (
+            not isinstance(item, (list, tuple))
+            or len(item) != 2
+            or not isinstance(item[0], str)
+            or isinstance(item[1], bool)
+            or not isinstance(item[1], int)
+            or item[1] < 0
+        ):
+            raise ValueError(
+                f"gpu_tensor_patterns: each entry is [pattern, GPU index], not {item!r}"
+            )
+        out.append((item[0], int(item[1])))
+    return tuple(out)
 
 
 _KNOBS = frozenset(f.name for f in fields(Placement))
@@ -370,6 +397,7 @@ class Plan:
 
     n_gpu_layers = _knob("n_gpu_layers")
     cpu_tensor_patterns = _knob("cpu_tensor_patterns")
+    gpu_tensor_patterns = _knob("gpu_tensor_patterns")
     n_ctx = _knob("n_ctx")
     n_parallel = _knob("n_parallel")
     n_batch = _knob("n_batch")

@@ -85,6 +85,8 @@ def _print_plan(p: Plan, a: Anatomy, hw: Hardware) -> None:
     s.add_column("knob")
     s.add_column("value")
     s.add_row("layers on GPU", f"{p.n_gpu_layers} of {a.n_layers + 1} (output layer counts as one)")
+    for pat, g in p.gpu_tensor_patterns:
+        s.add_row(f"moved to GPU {g}", pat)
     for pat in p.cpu_tensor_patterns:
         s.add_row("kept on CPU", pat)
     if p.tensor_split:

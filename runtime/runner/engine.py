@@ -243,7 +243,11 @@ class Engine:
         t0 = time.perf_counter()
         # Without mmap, llama.cpp keeps CPU layers in the GPU's pinned host buffer; overridden
         # tensors follow them there, so op offload copies all CPU-resident weights at full speed.
-        overrides = overrides_array(plan.cpu_tensor_patterns, pinned=not plan.use_mmap)
+        overrides = overrides_array(
+            plan.cpu_tensor_patterns,
+            pinned=not plan.use_mmap,
+            gpu_patterns=plan.gpu_tensor_patterns,
+        )
         keep: list[Any] = [overrides]
         model = ctx = None
         with captured_log() as lines:

@@ -53,6 +53,7 @@ __all__ = [
     "KV_TYPES",
     "check_applicable",
     "gpu_device_count",
+    "gpu_buffer_type",
     "captured_log",
     "overrides_array",
     "cpu_buffer_type",
@@ -297,19 +298,56 @@ def cpu_buffer_type(pinned: bool = False) -> int:
     return int(fn())
 
 
+def _gpu_devices() -> list[int]:
+    """llama.cpp's GPUs in its own order (the order of ``tensor_split``): discrete GPUs, or the
+    integrated ones where there is none."""
+    count, get, kind = (
+        ggml_symbol(n)
+        for n in ("ggml_backend_dev_count", "ggml_backend_dev_get", "ggml_backend_dev_type")
+    )
+    count.restype, count.argtypes = ctypes.c_size_t, []
+    get.restype, get.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    kind.restype, kind.argtypes = ctypes.c_int, [ctypes.c_void_p]
+    devs = [(int(get(i)), kind(get(i))) for i in range(count())]
+    gpus = [d for d, k in devs if k == 1]
+    return gpus or [d for d, k in devs if k == 2]
+
+
+def gpu_buffer_type(index: int) -> int:
+    """The buffer type of llama.cpp's GPU ``index``: where a GPU override puts its tensors."""
+    gpus = _gpu_devices()
+    if not 0 <= index < len(gpus):
+        raise PlanNotApplicable(
+            f"the plan moves tensors to GPU {index}; llama.cpp sees {len(gpus)} GPU(s)"
+        )
+    fn = ggml_symbol("ggml_backend_dev_buffer_type")
+    fn.restype, fn.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
+    buft = fn(gpus[index])
+    if not buft:
+        raise PlanNotApplicable(f"llama.cpp's GPU {index} has no buffer type")
+    return int(buft)
+
+
 def overrides_array(
-    patterns: Sequence[str], pinned: bool = False
+    patterns: Sequence[str],
+    pinned: bool = False,
+    gpu_patterns: Sequence[tuple[str, int]] = (),
 ) -> ctypes.Array[_BuftOverride] | None:
-    """A NULL-terminated ``llama_model_tensor_buft_override`` array placing ``patterns`` on the CPU."""
-    if not patterns:
+    """A NULL-terminated ``llama_model_tensor_buft_override`` array placing ``patterns`` on the CPU
+    and each of ``gpu_patterns`` on its GPU. llama.cpp takes the first pattern a tensor name
+    matches, so the GPU ones come first, as the planner reads them."""
+    rules = [(p, gpu_buffer_type(g)) for p, g in gpu_patterns]
+    if patterns:
+        buft = cpu_buffer_type(pinned)
+        rules += [(p, buft) for p in patterns]
+    if not rules:
         return None
-    buft = cpu_buffer_type(pinned)
-    arr = (_BuftOverride * (len(patterns) + 1))()
-    for i, p in enumerate(patterns):
+    arr = (_BuftOverride * (len(rules) + 1))()
+    for i, (p, b) in enumerate(rules):
         arr[i].pattern = p.encode("utf-8")
-        arr[i].buft = buft
-    arr[len(patterns)].pattern = None
-    arr[len(patterns)].buft = None
+        arr[i].buft = b
+    arr[len(rules)].pattern = None
+    arr[len(rules)].buft = None
     return arr
 
 
@@ -321,17 +359,9 @@ def gpu_device_count() -> int:
     if not llama_c.llama_supports_gpu_offload():
         return 0
     try:
-        count, get, kind = (
-            ggml_symbol(n)
-            for n in ("ggml_backend_dev_count", "ggml_backend_dev_get", "ggml_backend_dev_type")
-        )
+        return len(_gpu_devices())
     except LoadFailed:
         return 1  # no device API to ask; offload support implies at least one GPU
-    count.restype, count.argtypes = ctypes.c_size_t, []
-    get.restype, get.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
-    kind.restype, kind.argtypes = ctypes.c_int, [ctypes.c_void_p]
-    # ggml_backend_dev_type: 0 CPU, 1 GPU, 2 IGPU, 3 ACCEL
-    return sum(1 for i in range(count()) if kind(get(i)) in (1, 2))
 
 
 def gguf_tensor_names(model_path: Path) -> tuple[str, ...]:
@@ -372,9 +402,10 @@ def check_applicable(
     finally:
         os.close(fd)
     names: Sequence[str] = ()
-    if plan.cpu_tensor_patterns:
+    gpu_patterns = tuple(plan.gpu_tensor_patterns)
+    if plan.cpu_tensor_patterns or gpu_patterns:
         names = tensor_names if tensor_names is not None else gguf_tensor_names(Path(model_path))
-    for pattern in plan.cpu_tensor_patterns:
+    for pattern in (*(p for p, _ in gpu_patterns), *plan.cpu_tensor_patterns):
         try:
             rx = re.compile(pattern)
         except re.error as e:
@@ -394,6 +425,11 @@ def check_applicable(
         raise PlanNotApplicable(
             f"the plan puts {plan.n_gpu_layers} layers on a GPU, but llama.cpp sees no GPU here"
         )
+    for _, g in gpu_patterns:
+        if not 0 <= g < gpus:
+            raise PlanNotApplicable(
+                f"the plan moves tensors to GPU {g}; llama.cpp sees {gpus} GPU(s)"
+            )
     if plan.tensor_split and len([x for x in plan.tensor_split if x > 0]) > max(gpus, 1):
         raise PlanNotApplicable(
             f"the plan splits over {len(plan.tensor_split)} GPUs; llama.cpp sees {gpus}"

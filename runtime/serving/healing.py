@@ -65,6 +65,15 @@ def shrink_step(
     cost of overshooting by at most one step.
     """
     count = 1 << min(retry, 5)
+    if plan.gpu_tensor_patterns:
+        # Tensors that filled a card's leftover room go back to the CPU first.
+        pats = tuple(p for p, _ in plan.gpu_tensor_patterns)
+        new = plan.with_knobs(
+            gpu_tensor_patterns=(), cpu_tensor_patterns=(*plan.cpu_tensor_patterns, *pats)
+        )
+        return new, (
+            "moved the tensors that filled the GPUs' leftover room back to the CPU to fit GPU memory"
+        )
     if plan.n_gpu_layers > 0:
         experts = _expert_layers(tensor_names)
         on_cpu = _cpu_expert_layers(plan, tensor_names)

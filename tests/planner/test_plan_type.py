@@ -85,6 +85,17 @@ def test_plan_json_is_flat_and_round_trips(mistral) -> None:
     assert Plan.from_dict(d) == p
 
 
+def test_tensors_moved_to_a_gpu_round_trip_and_bad_entries_are_refused(mistral) -> None:
+    p = plan(mistral, load_profile("rtx3060"), PlanRequest())
+    moved = p.with_knobs(gpu_tensor_patterns=((r"blk\.3\.ffn_up\.weight", 1),))
+    d = json.loads(json.dumps(moved.to_dict()))
+    assert d["gpu_tensor_patterns"] == [[r"blk\.3\.ffn_up\.weight", 1]]
+    assert Plan.from_dict(d) == moved
+    for bad in ([["x"]], [["x", "1"]], [["x", -1]], [["x", True]], ["x"], [[1, 1]]):
+        with pytest.raises(ValueError, match="gpu_tensor_patterns"):
+            Plan.from_dict({**d, "gpu_tensor_patterns": bad})
+
+
 def test_knobs_read_through_and_replace_by_name_as_before() -> None:
     pred = Prediction(10.0, 100.0, 1.0)
     dev = (DevicePlan("CPU", "CPU", 0, 1, 1, 1, 0, 10),)

@@ -119,3 +119,64 @@ def test_a_fully_offloaded_split_pays_for_llama_cpps_pipeline_copies(mistral) ->
     # Pipeline parallelism (no overrides) keeps more copies of inputs and handed-over activations.
     assert piped.devices[2].compute_bytes > overridden.devices[2].compute_bytes
     assert layer_devices(mistral.n_layers, 0, 2) == [CPU] * mistral.n_layers
+
+
+def _decode_plan(a, hw, budget: int):
+    return plan(a, hw, PlanRequest(gpu_budget_bytes=budget, optimize="decode", n_ctx=2112))
+
+
+def test_room_whole_layers_leave_on_a_card_takes_experts_the_cpu_would_keep(qwen_moe) -> None:
+    """The 30B-A3B shape on two 6 GiB cards, decode mode: layers go to the cards whole, which left
+    GPU 1 a third of a layer short of its budget while the CPU kept expert tensors; those tensors
+    now go to GPU 1 by an override of their own, ahead of the CPU ones."""
+    hw = load_profile("2x-rtx2060")
+    p = _decode_plan(qwen_moe, hw, 6 * GiB)
+    assert p.gpu_tensor_patterns, p.reasons
+    assert all(d.total_bytes <= d.budget_bytes for d in p.devices)
+    # Without the fill: the same layers, split and CPU experts, the moved tensors back on the CPU.
+    unfilled = evaluate(
+        qwen_moe,
+        hw,
+        PlanRequest(gpu_budget_bytes=6 * GiB, optimize="decode", n_ctx=2112),
+        replace(
+            p.placement,
+            gpu_tensor_patterns=(),
+            cpu_tensor_patterns=(*p.cpu_tensor_patterns, *(x for x, _ in p.gpu_tensor_patterns)),
+        ),
+    )
+    moved = unfilled.devices[0].weights_bytes - p.devices[0].weights_bytes
+    expert = max(t.nbytes for t in qwen_moe.tensors if t.role == "expert")
+    assert moved >= expert
+    for g in {g for _, g in p.gpu_tensor_patterns}:
+        # (GPU weights carry the memory model's 0.5% allowance.)
+        gained = p.devices[1 + g].weights_bytes - unfilled.devices[1 + g].weights_bytes
+        assert gained == pytest.approx(moved, rel=0.01)
+        # Filled up to less than one more expert tensor.
+        assert p.devices[1 + g].budget_bytes - p.devices[1 + g].total_bytes < expert * 1.01
+    assert p.predicted.decode_tps > unfilled.predicted.decode_tps
+    assert any("room on a card" in r and "GPU 1" in r for r in p.reasons), p.reasons
+
+
+def test_tensors_moved_to_a_gpu_take_precedence_over_the_cpu_patterns(qwen_moe) -> None:
+    from offload.planner.placement import tensor_devices
+
+    names = [t.name for t in qwen_moe.tensors]
+    pl = Placement(
+        qwen_moe.n_layers + 1,
+        cpu_tensor_patterns=(r"blk\.(0|1|2)\.ffn_(up|down|gate)_exps\.weight",),
+        gpu_tensor_patterns=((r"blk\.2\.ffn_down_exps\.weight", 1),),
+        tensor_split=(20.0, 29.0),
+    )
+    devs = dict(zip(names, tensor_devices(qwen_moe, pl, 2), strict=True))
+    assert devs["blk.2.ffn_down_exps.weight"] == 1  # its layer is on GPU 0, the CPU pattern matches
+    assert devs["blk.2.ffn_up_exps.weight"] == CPU
+    assert devs["blk.1.ffn_down_exps.weight"] == CPU
+    assert devs["blk.2.attn_q.weight"] == 0
+    # A machine with one GPU has no GPU 1: the override names nothing there, the CPU one holds.
+    one = dict(zip(names, tensor_devices(qwen_moe, pl, 1), strict=True))
+    assert one["blk.2.ffn_down_exps.weight"] == CPU
+
+
+def test_one_card_needs_no_fill(qwen_moe) -> None:
+    hw = load_profile("rtx3060")
+    assert not _decode_plan(qwen_moe, hw, 8 * GiB).gpu_tensor_patterns

@@ -172,6 +172,12 @@ def test_two_gpu_fit_lines_and_plans_become_llama_bench_arguments() -> None:
     assert notes == ["plan keys not replayed: something_new"]
     with pytest.raises(ValueError, match="separator"):
         tools.plan_bench_args({**plan, "cpu_tensor_patterns": [r"blk\.\d{1,2}\.x"]})
+    # Tensors moved to another GPU come first: llama.cpp takes the first pattern a name matches.
+    moved = {**plan, "gpu_tensor_patterns": [[r"blk\.1\.ffn_up_exps", 1]]}
+    args, _ = tools.plan_bench_args(moved)
+    assert args[args.index("-ot") + 1] == (
+        r"blk\.1\.ffn_up_exps=CUDA1;^blk\.(0|1)\.ffn_up_exps=CPU"
+    )
 
 
 def test_llama_bench_buffers_and_out_of_memory_are_read_from_its_log() -> None:

@@ -164,6 +164,19 @@ def test_pattern_matching_no_tensor_is_refused_before_loading(gemma: Path) -> No
         Engine.load(gemma, cpu_plan(cpu_tensor_patterns=(r"blk\.\d+\.ffn_up_exps",)))
 
 
+def test_tensors_moved_to_a_gpu_llama_cpp_lacks_are_refused_before_loading(gemma: Path) -> None:
+    moved = cpu_plan(gpu_tensor_patterns=((r"blk\.0\.ffn_up\.weight", 1),))
+    with pytest.raises(PlanNotApplicable, match="GPU 1; llama.cpp sees 0"):
+        Engine.load(gemma, moved)
+    with pytest.raises(PlanNotApplicable, match="matches no tensor"):
+        Engine.load(gemma, cpu_plan(gpu_tensor_patterns=((r"blk\.0\.ffn_up_exps", 0),)))
+    # Even unchecked, the override array itself refuses a GPU this build does not have.
+    from offload.runtime.runner.native import overrides_array
+
+    with pytest.raises(PlanNotApplicable, match="GPU 1"):
+        overrides_array((), gpu_patterns=((r"blk\.0\.ffn_up\.weight", 1),))
+
+
 def test_a_missing_model_file_is_a_load_failure(tmp_path: Path) -> None:
     with pytest.raises(LoadFailed, match="cannot read"):
         Engine.load(tmp_path / "absent.gguf", cpu_plan())
@@ -239,6 +252,19 @@ def test_shrink_moves_expert_groups_of_the_last_gpu_layers_first() -> None:
     p3, _ = shrink_step(p2, 2, MOE_NAMES)  # type: ignore[misc]
     p4, why4 = shrink_step(p3, 0, MOE_NAMES)  # type: ignore[misc]  # every expert is on the CPU now
     assert p4.n_gpu_layers == 4 and "GPU layer" in why4
+
+
+def test_shrink_first_takes_back_what_filled_a_cards_leftover_room() -> None:
+    plan = cpu_plan(
+        n_gpu_layers=5,
+        cpu_tensor_patterns=(r"blk\.(0)\.ffn_(up|down|gate)_exps\.weight",),
+        gpu_tensor_patterns=((r"blk\.1\.ffn_down_exps\.weight", 1),),
+    )
+    p1, why = shrink_step(plan, 0, MOE_NAMES)  # type: ignore[misc]
+    assert not p1.gpu_tensor_patterns and "leftover room" in why
+    assert p1.cpu_tensor_patterns == (*plan.cpu_tensor_patterns, r"blk\.1\.ffn_down_exps\.weight")
+    p2, why2 = shrink_step(p1, 0, MOE_NAMES)  # type: ignore[misc]
+    assert "expert tensors of layer 3" in why2
 
 
 def test_shrink_only_moves_experts_of_layers_that_are_on_the_gpu() -> None:
