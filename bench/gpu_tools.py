@@ -307,16 +307,20 @@ def run_llama_bench(
     timeout_s: float = 300,
     env: dict[str, str] | None = None,
     monitor: bool = True,
+    more_prompts: tuple[int, ...] = (),
 ) -> dict[str, Any]:
     """One llama-bench process (one load of the model): prompt and decode t/s, llama.cpp's buffers
-    and, with nvidia-smi, the peak memory of every GPU while it ran."""
+    and, with nvidia-smi, the peak memory of every GPU while it ran. ``prompt_tps`` is at
+    ``prompt`` tokens; ``prompt_tps_at`` has every length, ``more_prompts`` included (measured in
+    the same load)."""
+    lengths = [prompt, *(n for n in more_prompts if n != prompt)]
     cmd = [
         str(tool),
         "-m",
         str(model),
         *args,
         "-p",
-        str(prompt),
+        ",".join(str(n) for n in lengths),
         "-n",
         str(gen),
         "-r",
@@ -358,8 +362,10 @@ def run_llama_bench(
         rows = json.loads(stdout[stdout.index("[") :])
         for row in rows:
             if row.get("n_prompt") and not row.get("n_gen"):
-                res["prompt_tps"] = row.get("avg_ts")
-                res["prompt_samples_ts"] = row.get("samples_ts")
+                res.setdefault("prompt_tps_at", {})[str(row["n_prompt"])] = row.get("avg_ts")
+                if row["n_prompt"] == prompt:
+                    res["prompt_tps"] = row.get("avg_ts")
+                    res["prompt_samples_ts"] = row.get("samples_ts")
             elif row.get("n_gen") and not row.get("n_prompt"):
                 res["decode_tps"] = row.get("avg_ts")
                 res["decode_samples_ts"] = row.get("samples_ts")

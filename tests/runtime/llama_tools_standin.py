@@ -55,7 +55,9 @@ def bench(argv: list[str]) -> int:
     if a.get("-lm", "auto") not in ("auto", "none", "mmap"):
         print(f"error: unknown load mode {a['-lm']}")
         return 1
-    n_prompt, n_gen = int(a.get("-p", 512)), int(a.get("-n", 128))
+    # -p takes a comma-separated list of prompt lengths, each a test of its own.
+    prompts, n_gen = [int(x) for x in a.get("-p", "512").split(",")], int(a.get("-n", 128))
+    n_prompt = max(prompts)
     n_ubatch = int(a.get("-ub", 512))
     threads = int(a.get("-t", 2))
     llm = llama_cpp.Llama(
@@ -71,13 +73,13 @@ def bench(argv: list[str]) -> int:
     rng = random.Random(0)
     tokens = [rng.randrange(10, llm.n_vocab()) for _ in range(n_prompt)]
     rows = []
-    for kind, n in (("pp", n_prompt), ("tg", n_gen)):
+    for kind, n in [*(("pp", p) for p in prompts), ("tg", n_gen)]:
         llm.reset()
         llm.eval(tokens[: min(8, n_prompt)])  # warm-up, as llama-bench does
         llm.reset()
         t0 = time.perf_counter()
         if kind == "pp":
-            llm.eval(tokens)
+            llm.eval(tokens[:n])
         else:
             for i in range(n):
                 llm.eval([tokens[i % len(tokens)]])

@@ -270,7 +270,12 @@ def test_gpu_sweep_runs_every_candidate_resumes_and_stops_in_time(tmp_path: Path
         assert (
             m["loads"] == 2 and m["measured"] == 2 and m["prompt_tps"] > 0 and m["decode_tps"] > 0
         ), label
-        assert m["request_s"] == pytest.approx(1024 / m["prompt_tps"] + 256 / m["decode_tps"])
+        # Each load also timed a prompt of the request's length, which the request time uses.
+        assert m["request_prompt_tps"] != m["prompt_tps"]
+        assert m["request_s"] == pytest.approx(
+            1024 / m["request_prompt_tps"] + 256 / m["decode_tps"]
+        )
+    assert all(set(r["prompt_tps_at"]) == {"64", "1024"} for r in doc["runs"])
     assert doc["targets"]["request_speedup"] > 0 and doc["targets"]["complete"]
     summary = (tmp_path / "out" / "sweep-summary.md").read_text()
     assert "| tiny-moe | 1×0.9 GiB |" in summary and "expert line" in summary
@@ -411,3 +416,94 @@ def test_synthetic_moe_routes_a_batch_across_all_experts_like_a_trained_model(
     # Every layer but the last (llama.cpp computes that one for the final token only).
     inner = [used[f"ffn_moe_topk-{il}"] for il in range(3)]
     assert inner == [32, 32, 32], used
+
+
+def test_a_baseline_over_the_budget_is_fitted_again_with_the_overshoot_added(
+    tmp_path: Path,
+) -> None:
+    """llama.cpp's fit does not count all of the CUDA context, so its loads can end over the
+    budget as nvidia-smi counts it: the sweep fits that baseline again with larger margins and
+    keeps the earlier loads out of the medians, so every candidate runs in the same memory."""
+    import argparse
+    import sys
+
+    sys.path.insert(0, str(BENCH))
+    import gpu_sweep
+
+    tools = _llama_tools(tmp_path)
+    args = argparse.Namespace(
+        gpus=1, state=str(tmp_path / "state"), out=None, tools_dir=str(tools), cpu_smoke=True,
+        model_dir=str(tmp_path), end_time=None, time_budget_s=60, resume_from=None, fresh=True,
+        prompt=2048, gen=64, ctx=2112, reps=3, budgets=None, expert_threads=4,
+    )  # fmt: skip
+    sweep = gpu_sweep.Sweep(args)
+    src = {"margins_mib": [1000], "free_mib": [9192], "extra": [], "cmd": "fit"}
+    doc = {
+        "kind": "tiny-moe", "budget_gib": 8.0, "model_path": str(tmp_path / "m.gguf"),
+        "ctx": 2112, "prompt": 2048, "gen": 64, "reps": 3, "notes": [], "runs": [],
+        "candidates": {
+            "fit": {"args": ["-ngl", "49"], "source": src},
+            "fit_no_mmap": {"args": ["-ngl", "49", "-lm", "none"], "source": {"same_fit_as": "fit"}},
+            "offload": {"args": ["-ngl", "49", "-ub", "512"]},
+        },
+    }  # fmt: skip
+    (tmp_path / "m.gguf").write_bytes(b"")
+    sweep.predict = lambda doc, args: None  # type: ignore[method-assign]
+    ok = {"label": "offload", "over_budget": False, "gpu_process_peak_mib": {0: 8000}}
+    assert not sweep.refit(doc, "offload", ok)
+    over = {
+        "label": "fit_no_mmap",
+        "rep": 1,
+        "over_budget": True,
+        "gpu_process_peak_mib": {0: 8300},
+    }
+    doc["runs"] = [{"label": "fit", "rep": 1}, over]
+    assert sweep.refit(doc, "fit_no_mmap", over)
+    fit = doc["candidates"]["fit"]["source"]
+    assert fit["margins_mib"] == [1000 + 108 + gpu_sweep.REFIT_EXTRA_MIB]
+    assert f"-fitt {1000 + 108 + gpu_sweep.REFIT_EXTRA_MIB}" in fit["cmd"]
+    assert fit["refits"][0]["over_mib"] == [108]
+    assert doc["candidates"]["fit_no_mmap"]["args"] == doc["candidates"]["fit"]["args"] + [
+        "-lm",
+        "none",
+    ]
+    assert all(r["superseded"] for r in doc["runs"])
+    # Not forever: after MAX_REFITS, an over-budget load stays as it is.
+    for _ in range(gpu_sweep.MAX_REFITS - 1):
+        assert sweep.refit(doc, "fit", {**over, "label": "fit"})
+    assert not sweep.refit(doc, "fit", {**over, "label": "fit"})
+
+
+def test_the_request_time_uses_the_prompt_measured_at_the_requests_length() -> None:
+    import sys
+
+    sys.path.insert(0, str(BENCH))
+    import gpu_sweep
+
+    def run(label: str, pp: float, at: float | None, over: bool = False) -> dict:
+        r = {"label": label, "rep": 1, "prompt_tps": pp, "decode_tps": 50.0, "over_budget": over}
+        if at:
+            r["prompt_tps_at"] = {"2048": pp, "1024": at}
+        return r
+
+    doc = {
+        "workload": [1024, 256],
+        "reps": 1,
+        "candidates": {},
+        "runs": [
+            run("fit", 1000.0, 900.0),
+            run("expert", 5000.0, 2600.0),
+            {**run("expert", 9000.0, 9000.0), "superseded": True},
+            run("offload", 3000.0, 2800.0, over=False),
+            run("offload_decode", 2000.0, None),
+        ],
+    }
+    gpu_sweep.summarize(doc)
+    med = doc["medians"]
+    assert med["expert"]["request_s"] == pytest.approx(1024 / 2600 + 256 / 50)
+    assert med["expert"]["prompt_tps"] == 5000.0  # the superseded load is out of the medians
+    assert med["offload_decode"]["request_s"] == pytest.approx(1024 / 2000 + 256 / 50)
+    assert doc["targets"]["superseded_loads"] == 1
+    assert doc["targets"]["request_speedup"] == pytest.approx(
+        (1024 / 2600 + 256 / 50) / (1024 / 2800 + 256 / 50)
+    )
