@@ -419,12 +419,13 @@ def test_synthetic_moe_routes_a_batch_across_all_experts_like_a_trained_model(
 
 
 def test_a_baseline_over_the_budget_is_fitted_again_with_the_overshoot_added(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """llama.cpp's fit does not count all of the CUDA context, so its loads can end over the
     budget as nvidia-smi counts it: the sweep fits that baseline again with larger margins and
     keeps the earlier loads out of the medians, so every candidate runs in the same memory."""
     import argparse
+    import os
     import sys
 
     sys.path.insert(0, str(BENCH))
@@ -436,6 +437,8 @@ def test_a_baseline_over_the_budget_is_fitted_again_with_the_overshoot_added(
         model_dir=str(tmp_path), end_time=None, time_budget_s=60, resume_from=None, fresh=True,
         prompt=2048, gen=64, ctx=2112, reps=3, budgets=None, expert_threads=4,
     )  # fmt: skip
+    # A sweep points this process's OFFLOAD_HOME at its own state: put it back afterwards.
+    monkeypatch.setenv("OFFLOAD_HOME", os.environ.get("OFFLOAD_HOME", str(tmp_path / "home")))
     sweep = gpu_sweep.Sweep(args)
     src = {"margins_mib": [1000], "free_mib": [9192], "extra": [], "cmd": "fit"}
     doc = {
