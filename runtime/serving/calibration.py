@@ -209,7 +209,10 @@ def speed_params_for(
         a = _anatomy(r.get("model_path", ""), anatomies)
         if a is None:
             continue  # the model is gone; its runs can't be re-predicted
-        plan = Plan.from_dict(r["plan"])
+        try:
+            plan = Plan.from_dict(r["plan"])
+        except (KeyError, TypeError, ValueError):
+            continue  # a record this version cannot read (edited by hand, or damaged)
         obs.append(
             Observation(
                 a,

