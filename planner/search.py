@@ -18,7 +18,7 @@ from offload.planner.objective import (
     choose,
     mode_of,
 )
-from offload.planner.placement import CPU, device_loads
+from offload.planner.placement import CPU, device_loads, layer_devices
 from offload.planner.reasons import OUTPUT_PATTERN, Outcome, explain, infeasible_reason
 from offload.planner.split import fit_split
 from offload.planner.types import Anatomy, Hardware, Placement, Plan, PlanRequest, Workload
@@ -142,6 +142,8 @@ def _fill_cards(
         return None
     experts = bool(anatomy.expert_count)
     extra = tuple(x for x in plan.cpu_tensor_patterns if x == OUTPUT_PATTERN)
+    n_gpus = sum(1 for d in plan.devices if d.kind == "GPU")
+    home = layer_devices(anatomy.n_layers, plan.n_gpu_layers, n_gpus, plan.tensor_split)
     left = list(cpu_units)
     on: dict[int, list[tuple[int, str]]] = {}
     best = plan
@@ -153,11 +155,13 @@ def _fill_cards(
                 break
             trial = {**on, g: [*on.get(g, []), u]}
             rest = [x for x in left if x != u]
+            # A tensor whose layer is on this card needs no override: it just leaves the CPU's.
+            moved = {i: [x for x in us if home[x[0]] != i] for i, us in trial.items()}
             pl = replace(
                 best.placement,
                 cpu_tensor_patterns=extra + ffn_patterns(rest, experts),
                 gpu_tensor_patterns=tuple(
-                    (pat, i) for i in sorted(trial) for pat in ffn_patterns(trial[i], experts)
+                    (pat, i) for i in sorted(moved) for pat in ffn_patterns(moved[i], experts)
                 ),
             )
             p = reevaluate(pl)

@@ -157,6 +157,20 @@ def test_room_whole_layers_leave_on_a_card_takes_experts_the_cpu_would_keep(qwen
     assert any("room on a card" in r and "GPU 1" in r for r in p.reasons), p.reasons
 
 
+@pytest.mark.parametrize("profile", ["2x-rtx2060", "2x-rtx4060ti-8gb", "2x-rtx3060"])
+def test_a_fill_override_never_names_the_card_a_tensors_layer_is_on(qwen_moe, profile) -> None:
+    import re
+
+    hw = load_profile(profile)
+    for mode in ("decode", "workload", "prompt"):
+        p = plan(qwen_moe, hw, PlanRequest(optimize=mode, n_parallel=None))
+        home = layer_devices(qwen_moe.n_layers, p.n_gpu_layers, 2, p.tensor_split)
+        for pat, g in p.gpu_tensor_patterns:
+            layers = {t.layer for t in qwen_moe.tensors if re.search(pat, t.name)}
+            assert layers and all(home[il] != g for il in layers), (pat, g)
+        assert all(d.total_bytes <= d.budget_bytes for d in p.devices)
+
+
 def test_tensors_moved_to_a_gpu_take_precedence_over_the_cpu_patterns(qwen_moe) -> None:
     from offload.planner.placement import tensor_devices
 
