@@ -88,6 +88,8 @@ SMOKE_FREE_MIB = 2048  # the pretend card of --cpu-smoke
 # medians. So every candidate runs within the same GPU memory.
 REFIT_EXTRA_MIB = 32
 MAX_REFITS = 2
+# What one calibration sweep may take (ten placements loaded by a runner, 512 + 64 tokens each).
+CALIBRATION_S = 240
 # Which fit each baseline's placement comes from.
 FIT_SOURCE = {"fit": "fit", "fit_no_mmap": "fit", "expert": "expert"}
 MAX_LOAD_S = 400.0  # one llama-bench process longer than this is a failure, not a slow placement
@@ -460,8 +462,34 @@ class Sweep:
         )
         return run
 
+    def calibrate(self) -> None:
+        """`offload bench MODEL --gpu-layers sweep` for each model of --calibrate, once per state:
+        offload's plans (and the predictions of the baselines) then use the speed model fitted to
+        this machine, as a user's would after running it."""
+        for kind in [k for k in (self.args.calibrate or "").split(",") if k]:
+            done = self.state / f"calibration-{kind}.txt"
+            if done.exists():
+                continue
+            if self.time_left() < CALIBRATION_S:
+                log(f"no time left to calibrate on {kind}")
+                return
+            t0 = time.time()
+            r = self.offload_cli(
+                "bench", str(self.model(kind)), "--gpu-layers", "sweep", "--prompt", "512",
+                "--gen", "64", timeout_s=max(self.time_left() - 20, 60),
+            )  # fmt: skip
+            text = f"$ offload bench {kind} --gpu-layers sweep (exit {r.returncode}, {time.time() - t0:.0f} s)\n"
+            text += r.stdout + r.stderr[-4000:]
+            log(text)
+            if r.returncode != 0:
+                continue
+            done.write_text(text)
+            if self.out:
+                (self.out / done.name).write_text(text)
+
     def run(self) -> list[dict[str, Any]]:
         """Prepare every document, then load round by round (every candidate once, then again)."""
+        self.calibrate()
         docs = []
         for kind, budgets in self.budgets().items():
             model = self.model(kind)
@@ -772,6 +800,10 @@ def main(argv: list[str] | None = None) -> int:
         "--tools-dir", default="/tmp/llama-tools", help="llama-bench and llama-fit-params"
     )
     ap.add_argument("--expert-threads", type=int, help="-t of the expert line (default: all cores)")
+    ap.add_argument(
+        "--calibrate",
+        help="models (dense,moe) to calibrate the speed model on first, in --state's offload home",
+    )
     g = ap.add_mutually_exclusive_group()
     g.add_argument(
         "--end-time", type=float, help="epoch seconds: start no load that would end after it"

@@ -18,12 +18,23 @@ import numpy as np
 from offload.planner.cost import predict
 from offload.planner.types import Anatomy, Hardware, Placement, Prediction
 
-__all__ = ["Observation", "fit", "fit_error", "FIT_BOUNDS"]
+__all__ = ["Observation", "fit", "fit_error", "FIT_BOUNDS", "LOOSE_FACTORS"]
 
 # Each factor may move between a quarter and four times its base: enough for a machine that is
 # twice as fast or slow as assumed, not enough for a few noisy runs to make predictions absurd.
 FIT_BOUNDS = (0.25, 4.0)
 _PRIOR_WEIGHT = 0.15
+# Two factors differ by an order of magnitude from one machine to the next, so they get wide
+# bounds and a weak pull: the cost of a whole layer's small CPU ops (a 16-vCPU H100 host: 0.6 ms
+# a layer at 16 threads, dense decode with FFN tensors on the CPU 25% faster than whole layers of
+# the same bytes; a 16-vCPU H200 host: whole layers cost their bytes alone, and whole layers won
+# by 10-16% against the same split) and the cost of a hand-over between CPU and GPU. Runs tell
+# them apart only when the sweep holds split placements too (search.split_probes).
+LOOSE_FACTORS: dict[str, tuple[float, float]] = {
+    "cpu_layer_overhead_s": (0.01, 4.0),
+    "split_overhead_s": (0.25, 8.0),
+}
+_LOOSE_PRIOR_WEIGHT = 0.005
 _MAX_OBSERVATIONS = 48
 
 
@@ -98,8 +109,10 @@ def fit(
     if not obs:
         return base
     names = list(names) if names is not None else _fitted_fields(base)
-    lo, hi = math.log(FIT_BOUNDS[0]), math.log(FIT_BOUNDS[1])
-    prior = math.sqrt(_PRIOR_WEIGHT)
+    bounds = [LOOSE_FACTORS.get(n, FIT_BOUNDS) for n in names]
+    lo = np.log([b[0] for b in bounds])
+    hi = np.log([b[1] for b in bounds])
+    prior = np.sqrt([_LOOSE_PRIOR_WEIGHT if n in LOOSE_FACTORS else _PRIOR_WEIGHT for n in names])
 
     def params_at(x: np.ndarray) -> Any:
         return dataclasses.replace(
@@ -107,7 +120,7 @@ def fit(
         )
 
     def resid(x: np.ndarray) -> np.ndarray:
-        return np.array(_residuals(obs, params_at(x), predict) + [prior * v for v in x])
+        return np.array(_residuals(obs, params_at(x), predict) + list(prior * x))
 
     x = np.zeros(len(names))
     r = resid(x)

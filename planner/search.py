@@ -28,6 +28,7 @@ __all__ = [
     "expert_pattern",
     "ffn_pattern",
     "ffn_patterns",
+    "split_probes",
     "choose",
     "OUTPUT_PATTERN",
     "PIN_RAM_FRACTION",
@@ -303,6 +304,37 @@ def _candidates(
         if fits(only):
             out.append(only)
     return out
+
+
+def split_probes(
+    anatomy: Anatomy, hw: Hardware, req: PlanRequest, base: Placement
+) -> list[Placement]:
+    """Two placements that let calibration tell its decode costs apart, from ``base`` (the sweep's
+    placement with the most layers on the GPU).
+
+    A whole-layer sweep cannot: the bytes a CPU layer reads, the small ops of its attention and the
+    one hand-over per token all grow together with the layers on the CPU. These keep every
+    attention on the GPU and move FFN (expert) tensors of GPU layers to the CPU instead: those of
+    the first half of the layers, then ``ffn_down`` alone of every layer. The second reads about as
+    many CPU bytes as the first with twice the hand-overs between CPU and GPU, which separates the
+    cost of a hand-over from CPU bandwidth, and both from the cost of whole CPU layers.
+    """
+    n, experts = anatomy.n_layers, bool(anatomy.expert_count)
+    homes = layer_devices(n, base.n_gpu_layers, len(hw.gpus), base.tensor_split)
+    gpu_layers = [il for il, d in enumerate(homes) if d != CPU]
+    if len(gpu_layers) < 2:
+        return []
+    half = gpu_layers[: len(gpu_layers) // 2]
+    probes = (
+        ffn_patterns([(il, k) for il in half for k in _FFN_KINDS], experts),
+        ffn_patterns([(il, "down") for il in gpu_layers], experts),
+    )
+    return [
+        _pinned(
+            anatomy, hw, req, replace(base, cpu_tensor_patterns=(*base.cpu_tensor_patterns, *p))
+        )
+        for p in probes
+    ]
 
 
 def _pinned(anatomy: Anatomy, hw: Hardware, req: PlanRequest, pl: Placement) -> Placement:

@@ -12,9 +12,10 @@ from typing import Any
 
 import click
 
-from offload.planner import Hardware, Plan, Workload, predict_aggregate
+from offload.planner import Hardware, Plan, Workload, evaluate, fits, predict_aggregate
 from offload.planner.anatomy import read as read_anatomy
 from offload.planner.errors import OffloadError
+from offload.planner.search import split_probes
 from offload.planner.types import Anatomy
 from offload.runtime.serving import calibration, planning
 
@@ -64,6 +65,20 @@ def _plans(
             )
         except OffloadError as e:
             click.echo(f"skipping {n} GPU layers: {e}", err=True)
+    if gpu_layers == "sweep" and plans:
+        # FFN tensors behind GPU attention too, so that calibration can tell the cost of a
+        # hand-over between CPU and GPU from CPU bandwidth (see split_probes).
+        most = max(plans, key=lambda p: p.n_gpu_layers)
+        req = planning.request(**base, num_gpu=most.n_gpu_layers)
+        speed, _ = calibration.speed_params_for(hw.fingerprint)
+        plans += [
+            p
+            for p in (
+                evaluate(anatomy, hw, req, pl, speed)
+                for pl in split_probes(anatomy, hw, req, most.placement)
+            )
+            if fits(p)
+        ]
     return plans
 
 

@@ -105,3 +105,54 @@ def test_fit_with_the_planners_speed_model(tmp_path: Path) -> None:
     fitted = fit(obs, base)
     assert fit_error(obs, fitted) < 0.5 * fit_error(obs, base)
     assert fit_error(obs, fitted) < 0.1
+
+
+def test_split_probes_let_calibration_price_a_hand_over(mistral) -> None:
+    """A 16-core machine whose whole CPU layers cost almost nothing beyond their bytes and whose
+    hand-overs between CPU and GPU cost twice the default (as the H200 host's dense runs suggested).
+    A whole-layer sweep fits its runs well and learns nothing about hand-overs; with the two probes
+    in the sweep, calibration prices them, and the cost of whole CPU layers moves towards the truth."""
+    from dataclasses import replace
+
+    from offload.planner.cost import SpeedParams, _switches, predict
+    from offload.planner.hardware import load_profile
+    from offload.planner.placement import CPU, device_loads, layer_devices
+    from offload.planner.search import split_probes
+    from offload.planner.types import Placement, PlanRequest
+
+    hw = load_profile("h100-sxm")
+    truth = replace(
+        SpeedParams(), cpu_layer_overhead_s=1.5e-6, split_overhead_s=40e-6, cpu_bw_eff=1.2
+    )
+    top = mistral.n_layers + 1
+    base = Placement(top, n_ctx=656, flash_attn=True)
+    whole = [replace(base, n_gpu_layers=n) for n in sorted({0, top, *range(0, top, 5)})]
+    probes = split_probes(mistral, hw, PlanRequest(), base)
+    assert len(probes) == 2
+    # All attention stays on the GPU; the second probe hands over twice as often for about as
+    # many CPU bytes as the first.
+    switches, cpu_bytes = [], []
+    for pl in probes:
+        loads, devs = device_loads(mistral, pl, 1)
+        switches.append(_switches(mistral, devs))
+        cpu_bytes.append(loads[CPU].decode_bytes)
+        assert CPU not in layer_devices(mistral.n_layers, pl.n_gpu_layers, 1)
+    assert switches[1] >= 1.8 * switches[0]
+    assert 0.6 < cpu_bytes[1] / cpu_bytes[0] < 1.4
+
+    def runs(placements: list[Placement]) -> list[Observation]:
+        out = []
+        for pl in placements:
+            p = predict(mistral, hw, pl, truth, prompt_tokens=512)
+            out.append(Observation(mistral, hw, pl, 512, p.decode_tps, p.prompt_tps))
+        return out
+
+    def off(params: SpeedParams, name: str) -> float:
+        return abs(math.log(getattr(params, name) / getattr(truth, name)))
+
+    sweep_only = fit(runs(whole), SpeedParams())
+    with_probes = fit(runs(whole + probes), SpeedParams())
+    assert fit_error(runs(whole), sweep_only) < 0.02  # the sweep itself is fitted well
+    assert off(sweep_only, "split_overhead_s") > 0.6  # still the default: 21 us
+    assert off(with_probes, "split_overhead_s") < 0.15
+    assert off(with_probes, "cpu_layer_overhead_s") < off(sweep_only, "cpu_layer_overhead_s")

@@ -125,19 +125,28 @@ def _decode_plan(a, hw, budget: int):
     return plan(a, hw, PlanRequest(gpu_budget_bytes=budget, optimize="decode", n_ctx=2112))
 
 
+def _filled_decode_plan(a, hw):
+    """The first budget per card from 6 GiB down (64 MiB steps) where whole layers leave a card
+    room for an expert tensor the CPU would keep (whether 6 GiB itself does depends on rounding)."""
+    for mib in range(6144, 5120, -64):
+        p = _decode_plan(a, hw, mib << 20)
+        if p.gpu_tensor_patterns:
+            return p, mib << 20
+    pytest.fail("no budget between 5 and 6 GiB per card fills a card")
+
+
 def test_room_whole_layers_leave_on_a_card_takes_experts_the_cpu_would_keep(qwen_moe) -> None:
-    """The 30B-A3B shape on two 6 GiB cards, decode mode: layers go to the cards whole, which left
-    GPU 1 a third of a layer short of its budget while the CPU kept expert tensors; those tensors
-    now go to GPU 1 by an override of their own, ahead of the CPU ones."""
+    """The 30B-A3B shape on two ~6 GiB cards, decode mode: layers go to the cards whole, which can
+    leave a card up to a layer short of its budget while the CPU kept expert tensors; those tensors
+    go to that card by an override of their own, ahead of the CPU ones."""
     hw = load_profile("2x-rtx2060")
-    p = _decode_plan(qwen_moe, hw, 6 * GiB)
-    assert p.gpu_tensor_patterns, p.reasons
+    p, budget = _filled_decode_plan(qwen_moe, hw)
     assert all(d.total_bytes <= d.budget_bytes for d in p.devices)
     # Without the fill: the same layers, split and CPU experts, the moved tensors back on the CPU.
     unfilled = evaluate(
         qwen_moe,
         hw,
-        PlanRequest(gpu_budget_bytes=6 * GiB, optimize="decode", n_ctx=2112),
+        PlanRequest(gpu_budget_bytes=budget, optimize="decode", n_ctx=2112),
         replace(
             p.placement,
             gpu_tensor_patterns=(),
@@ -148,7 +157,7 @@ def test_room_whole_layers_leave_on_a_card_takes_experts_the_cpu_would_keep(qwen
     expert = max(t.nbytes for t in qwen_moe.tensors if t.role == "expert")
     assert moved >= expert
     for g in {g for _, g in p.gpu_tensor_patterns}:
-        # (GPU weights carry the memory model's 0.5% allowance.)
+        # (GPU weights carry the memory model's small alignment allowance.)
         gained = p.devices[1 + g].weights_bytes - unfilled.devices[1 + g].weights_bytes
         assert gained == pytest.approx(moved, rel=0.01)
         # Filled up to less than one more expert tensor.

@@ -68,6 +68,30 @@ def test_bench_table_names_the_placement(cli: click.Group, gemma: Path) -> None:
     assert re.search(r"^\s+2\s+[\d.]+ / [\d.]+\s", r.output, re.M), r.output
 
 
+def test_a_gpu_sweep_also_measures_ffn_tensors_behind_gpu_attention(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--gpu-layers sweep` on a GPU: whole layers, then the two split probes (every layer on the
+    GPU, FFN tensors of some on the CPU), which calibration needs to price a CPU-GPU hand-over."""
+    from offload.planner import anatomy
+    from offload.planner.hardware import load_profile
+    from offload.runtime.serving import planning
+
+    monkeypatch.setenv("OFFLOAD_HOME", str(tmp_path))
+    path = synth.write_model(tmp_path / "m.gguf", synth.mistral_7b())
+    a = anatomy.read(path)
+    hw = load_profile("rtx4090")
+    plans = cli_bench._plans(planning.ModelRef(path), a, hw, "sweep", 512, 64, 1, "workload")
+    whole = [p for p in plans if not p.cpu_tensor_patterns]
+    split = [p for p in plans if p.cpu_tensor_patterns]
+    assert [p.n_gpu_layers for p in whole] == sorted({0, 33, *range(0, 34, 5)})
+    assert len(split) == 2 and all(p.n_gpu_layers == a.n_layers + 1 for p in split)
+    assert all("ffn_" in pat for p in split for pat in p.cpu_tensor_patterns)
+    # Each a real plan: within the card, with its own prediction.
+    assert all(d.total_bytes <= d.budget_bytes for p in split for d in p.devices)
+    assert split[0].predicted.decode_tps != split[1].predicted.decode_tps
+
+
 def test_bad_parallel_list_is_a_usage_error(cli: click.Group, gemma: Path) -> None:
     r = CliRunner().invoke(cli, ["bench", str(gemma), "--parallel", "1,x"])
     assert r.exit_code == 2 and "comma-separated" in r.output
@@ -244,8 +268,11 @@ def _sweep(tmp_path: Path, tools: Path, *extra: str) -> subprocess.CompletedProc
 
 def test_gpu_sweep_runs_every_candidate_resumes_and_stops_in_time(tmp_path: Path) -> None:
     tools = _llama_tools(tmp_path)
-    r = _sweep(tmp_path, tools, "--reps", "2", "--time-budget-s", "300")
+    r = _sweep(tmp_path, tools, "--reps", "2", "--time-budget-s", "300", "--calibrate", "tiny-moe")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    # Calibrated first, through `offload bench --gpu-layers sweep` in the sweep's own home.
+    calibrated = (tmp_path / "out" / "calibration-tiny-moe.txt").read_text()
+    assert "(exit 0," in calibrated and "recorded" in calibrated, calibrated
     doc = json.loads((tmp_path / "out" / "sweep-tiny-moe-0.9gib.json").read_text())
     labels = ("fit", "fit_no_mmap", "expert", "offload", "offload_decode", "offload_prompt")
     assert set(doc["candidates"]) == set(labels), doc["notes"]
