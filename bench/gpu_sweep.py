@@ -155,7 +155,11 @@ class Sweep:
         for p in [] if self.args.fresh else [path, seed]:
             if p and p.exists():
                 doc = json.loads(p.read_text())
-                if doc.get("prompt") == self.args.prompt and doc.get("gen") == self.args.gen:
+                if (doc.get("prompt"), doc.get("gen"), doc.get("decode_depth", 0)) == (
+                    self.args.prompt,
+                    self.args.gen,
+                    self.args.decode_depth,
+                ):
                     log(f"resuming {p} ({len(doc.get('runs', []))} loads done)")
                     doc["reps"] = self.args.reps
                     doc["model_path"] = str(model)
@@ -169,6 +173,7 @@ class Sweep:
             "prompt": self.args.prompt,
             "gen": self.args.gen,
             "ctx": self.args.ctx,
+            "decode_depth": self.args.decode_depth,
             "workload": list(WORKLOAD),
             "reps": self.args.reps,
             "cpu_smoke": self.smoke,
@@ -435,6 +440,7 @@ class Sweep:
             timeout_s=timeout_s,
             # The typical request's prompt length too: its time is measured, not scaled.
             more_prompts=(int(doc.get("workload", WORKLOAD)[0]),),
+            depth=int(doc.get("decode_depth", 0)),
         )
         run: dict[str, Any] = {
             "label": label,
@@ -640,6 +646,10 @@ def summarize(doc: dict[str, Any]) -> None:
         # large as the prompt copies CPU weights once either way), else at the sweep's length.
         at_p = _median([(r.get("prompt_tps_at") or {}).get(str(p_w)) or 0 for r in ok]) or None
         request_prompt = at_p if at_p else prompt
+        # The request's answer decoded after its prompt, where the load measured it there.
+        depth = str(doc.get("decode_depth") or "")
+        at_d = _median([(r.get("decode_tps_at_depth") or {}).get(depth) or 0 for r in ok]) or None
+        request_decode = at_d if at_d else decode
         peaks = [
             max(r["gpu_process_peak_mib"].values()) for r in runs if r.get("gpu_process_peak_mib")
         ]
@@ -649,7 +659,10 @@ def summarize(doc: dict[str, Any]) -> None:
             "prompt_tps": prompt,
             "decode_tps": decode,
             "request_prompt_tps": request_prompt,
-            "request_s": p_w / request_prompt + g_w / decode if request_prompt and decode else None,
+            "decode_tps_at_depth": at_d,
+            "request_s": p_w / request_prompt + g_w / request_decode
+            if request_prompt and request_decode
+            else None,
             "gpu_process_peak_mib": max(peaks) if peaks else None,
             "over_budget": sum(1 for r in runs if r.get("over_budget")),
             "oom": sum(1 for r in runs if r.get("oom")),
@@ -713,9 +726,12 @@ def _ratio(v: float | None, ok: bool | None) -> str:
 def summary_markdown(docs: list[dict[str, Any]]) -> str:
     """The README's table (prompt / decode t/s, medians) and the targets, one row per budget."""
     per = "per card " if docs and docs[0].get("gpus", 1) > 1 else ""
+    reps = sorted({int(d.get("reps", 3)) for d in docs}) or [3]
+    nreps = f"{reps[0]}" if len(reps) == 1 else f"{reps[0]}-{reps[-1]}"
+    depth = max((int(d.get("decode_depth") or 0) for d in docs), default=0)
     lines = [
         f"Prompt / decode t/s (llama-bench pp{docs[0]['prompt'] if docs else ''} + tg{docs[0]['gen'] if docs else ''},"
-        f" median of {docs[0].get('reps', 3) if docs else 3} loads, budget {per}as nvidia-smi counts it):",
+        f" median of {nreps} loads, budget {per}as nvidia-smi counts it):",
         "",
         "| model | budget | fit, file mapped | fit, `--no-mmap` | expert line | offload (default) "
         "| `--optimize decode` | `--optimize prompt` |",
@@ -728,10 +744,27 @@ def summary_markdown(docs: list[dict[str, Any]]) -> str:
             + " | ".join(_pd(m.get(label)) for label in LABELS)
             + " |"
         )
+    if depth:
+        lines += [
+            "",
+            f"Decode t/s with {depth} tokens already in the context (llama-bench -d {depth}), medians:",
+            "",
+            "| model | budget | " + " | ".join(LABELS) + " |",
+            "|---|---|" + "---|" * len(LABELS),
+        ]
+        for d in sorted(docs, key=lambda d: (d["kind"], d["budget_gib"])):
+            m = d.get("medians", {})
+            cells = [(m.get(label) or {}).get("decode_tps_at_depth") for label in LABELS]
+            lines.append(
+                f"| {d['kind']} | {d.get('gpus', 1)}×{d['budget_gib']:g} GiB | "
+                + " | ".join("—" if c is None else f"{c:.1f}" for c in cells)
+                + " |"
+            )
+    answer = f", the answer decoded at depth {depth}" if depth else ""
     lines += [
         "",
         f"Targets (request = {WORKLOAD[0]} prompt + {WORKLOAD[1]} answer tokens, the prompt timed at "
-        f"{WORKLOAD[0]} tokens where the loads measured it; ratios against the best of the three "
+        f"{WORKLOAD[0]} tokens where the loads measured it{answer}; ratios against the best of the three "
         "baselines, each held to the budget (a baseline over it is fitted again); prediction errors: "
         "median over offload's three plans):",
         "",
@@ -776,10 +809,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt", type=int, default=None, help="llama-bench -p (2048; smoke 64)")
     ap.add_argument("--gen", type=int, default=None, help="llama-bench -n (64; smoke 8)")
     ap.add_argument(
+        "--decode-depth",
+        type=int,
+        default=0,
+        help="also decode with this many tokens in the context (llama-bench -d); the request time "
+        "then uses that decode (e.g. 1024, the typical request's prompt)",
+    )
+    ap.add_argument(
         "--ctx",
         type=int,
         default=None,
-        help="context all candidates are planned for (prompt + gen)",
+        help="context all candidates are planned for (prompt + gen + decode depth)",
     )
     ap.add_argument(
         "--state",
@@ -817,7 +857,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     args.prompt = args.prompt or (64 if args.cpu_smoke else 2048)
     args.gen = args.gen or (8 if args.cpu_smoke else 64)
-    args.ctx = args.ctx or args.prompt + args.gen
+    if args.decode_depth < 0:
+        ap.error("--decode-depth must be 0 or more")
+    # llama-bench sizes each test's context as its prompt + answer + depth.
+    args.ctx = args.ctx or args.prompt + args.gen + args.decode_depth
     if args.fresh:
         shutil.rmtree(args.state, ignore_errors=True)
     sweep = Sweep(args)

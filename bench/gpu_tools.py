@@ -308,11 +308,14 @@ def run_llama_bench(
     env: dict[str, str] | None = None,
     monitor: bool = True,
     more_prompts: tuple[int, ...] = (),
+    depth: int = 0,
 ) -> dict[str, Any]:
     """One llama-bench process (one load of the model): prompt and decode t/s, llama.cpp's buffers
     and, with nvidia-smi, the peak memory of every GPU while it ran. ``prompt_tps`` is at
     ``prompt`` tokens; ``prompt_tps_at`` has every length, ``more_prompts`` included (measured in
-    the same load)."""
+    the same load). With ``depth``, every test also runs with that many tokens already in the
+    context (llama-bench -d), and ``decode_tps_at_depth`` has the decode there: a request's answer
+    is decoded after its prompt, where CPU-resident attention reads the KV cache at every token."""
     lengths = [prompt, *(n for n in more_prompts if n != prompt)]
     cmd = [
         str(tool),
@@ -323,6 +326,7 @@ def run_llama_bench(
         ",".join(str(n) for n in lengths),
         "-n",
         str(gen),
+        *(["-d", f"0,{depth}"] if depth else []),
         "-r",
         str(reps),
         "-o",
@@ -361,6 +365,12 @@ def run_llama_bench(
     try:
         rows = json.loads(stdout[stdout.index("[") :])
         for row in rows:
+            if row.get("n_depth"):
+                if row.get("n_gen") and not row.get("n_prompt"):
+                    res.setdefault("decode_tps_at_depth", {})[str(row["n_depth"])] = row.get(
+                        "avg_ts"
+                    )
+                continue
             if row.get("n_prompt") and not row.get("n_gen"):
                 res.setdefault("prompt_tps_at", {})[str(row["n_prompt"])] = row.get("avg_ts")
                 if row["n_prompt"] == prompt:

@@ -55,9 +55,11 @@ def bench(argv: list[str]) -> int:
     if a.get("-lm", "auto") not in ("auto", "none", "mmap"):
         print(f"error: unknown load mode {a['-lm']}")
         return 1
-    # -p takes a comma-separated list of prompt lengths, each a test of its own.
+    # -p takes a comma-separated list of prompt lengths, each a test of its own; so does -d, the
+    # tokens already in the context (KV cache) when each test starts.
     prompts, n_gen = [int(x) for x in a.get("-p", "512").split(",")], int(a.get("-n", 128))
-    n_prompt = max(prompts)
+    depths = [int(x) for x in a.get("-d", "0").split(",")]
+    n_prompt = max(prompts) + max(depths)
     n_ubatch = int(a.get("-ub", 512))
     threads = int(a.get("-t", 2))
     llm = llama_cpp.Llama(
@@ -73,21 +75,27 @@ def bench(argv: list[str]) -> int:
     rng = random.Random(0)
     tokens = [rng.randrange(10, llm.n_vocab()) for _ in range(n_prompt)]
     rows = []
-    for kind, n in [*(("pp", p) for p in prompts), ("tg", n_gen)]:
+    tests = [
+        (d, kind, n) for d in depths for kind, n in [*(("pp", p) for p in prompts), ("tg", n_gen)]
+    ]
+    for depth, kind, n in tests:
         llm.reset()
         llm.eval(tokens[: min(8, n_prompt)])  # warm-up, as llama-bench does
         llm.reset()
+        if depth:
+            llm.eval(tokens[:depth])
         t0 = time.perf_counter()
         if kind == "pp":
-            llm.eval(tokens[:n])
+            llm.eval(tokens[depth : depth + n])
         else:
             for i in range(n):
-                llm.eval([tokens[i % len(tokens)]])
+                llm.eval([tokens[(depth + i) % len(tokens)]])
         dt = time.perf_counter() - t0
         rows.append(
             {
                 "n_prompt": n if kind == "pp" else 0,
                 "n_gen": n if kind == "tg" else 0,
+                "n_depth": depth,
                 "n_threads": threads,
                 "n_ubatch": n_ubatch,
                 "load_mode": a.get("-lm", "auto"),

@@ -330,6 +330,23 @@ def test_gpu_sweep_runs_every_candidate_resumes_and_stops_in_time(tmp_path: Path
     )  # 3 of 4 loads
 
 
+
+def test_a_sweep_with_a_decode_depth_times_the_answer_after_the_prompt(tmp_path: Path) -> None:
+    """--decode-depth D: every load also decodes with D tokens in the context (llama-bench -d 0,D),
+    every candidate is planned for that longer context, and the request time uses that decode."""
+    r = _sweep(tmp_path, _llama_tools(tmp_path), "--reps", "1", "--decode-depth", "32")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    doc = json.loads((tmp_path / "out" / "sweep-tiny-moe-0.9gib.json").read_text())
+    assert doc["decode_depth"] == 32 and doc["ctx"] == 64 + 8 + 32
+    assert all("-d 0,32" in x["cmd"] for x in doc["runs"])
+    for label, m in doc["medians"].items():
+        at = m["decode_tps_at_depth"]
+        assert at and at > 0 and at != m["decode_tps"], label
+        assert m["request_s"] == pytest.approx(1024 / m["request_prompt_tps"] + 256 / at), label
+    summary = (tmp_path / "out" / "sweep-summary.md").read_text()
+    assert "Decode t/s with 32 tokens already in the context" in summary
+    assert "the answer decoded at depth 32" in summary
+
 def test_llama_bench_json_is_read_and_a_failed_load_is_an_out_of_memory(tmp_path: Path) -> None:
     tools = _gpu_tools()
     fake = tmp_path / "llama-bench"
