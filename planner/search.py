@@ -329,9 +329,12 @@ def split_probes(
         ffn_patterns([(il, k) for il in half for k in _FFN_KINDS], experts),
         ffn_patterns([(il, "down") for il in gpu_layers], experts),
     )
+    # Where the CPU-resident weights live is decided again (pinned for op offload's copies, as
+    # the planner's own plans do): ``base`` may have none on the CPU and say "map the file".
+    fresh = replace(base, use_mmap=None, pinned_weights=False)
     return [
         _pinned(
-            anatomy, hw, req, replace(base, cpu_tensor_patterns=(*base.cpu_tensor_patterns, *p))
+            anatomy, hw, req, replace(fresh, cpu_tensor_patterns=(*base.cpu_tensor_patterns, *p))
         )
         for p in probes
     ]

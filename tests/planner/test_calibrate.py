@@ -127,8 +127,11 @@ def test_split_probes_let_calibration_price_a_hand_over(mistral) -> None:
     top = mistral.n_layers + 1
     base = Placement(top, n_ctx=656, flash_attn=True)
     whole = [replace(base, n_gpu_layers=n) for n in sorted({0, top, *range(0, top, 5)})]
-    probes = split_probes(mistral, hw, PlanRequest(), base)
+    # From a resolved all-GPU plan (which maps the file: nothing of it stays on the CPU).
+    probes = split_probes(mistral, hw, PlanRequest(), replace(base, use_mmap=True))
     assert len(probes) == 2
+    # Their CPU-resident weights are pinned for op offload's copies, and the file is read in.
+    assert all(p.pinned_weights and p.use_mmap is None and not p.mmap for p in probes)
     # All attention stays on the GPU; the second probe hands over twice as often for about as
     # many CPU bytes as the first.
     switches, cpu_bytes = [], []

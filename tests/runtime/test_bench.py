@@ -330,7 +330,6 @@ def test_gpu_sweep_runs_every_candidate_resumes_and_stops_in_time(tmp_path: Path
     )  # 3 of 4 loads
 
 
-
 def test_a_sweep_with_a_decode_depth_times_the_answer_after_the_prompt(tmp_path: Path) -> None:
     """--decode-depth D: every load also decodes with D tokens in the context (llama-bench -d 0,D),
     every candidate is planned for that longer context, and the request time uses that decode."""
@@ -346,6 +345,7 @@ def test_a_sweep_with_a_decode_depth_times_the_answer_after_the_prompt(tmp_path:
     summary = (tmp_path / "out" / "sweep-summary.md").read_text()
     assert "Decode t/s with 32 tokens already in the context" in summary
     assert "the answer decoded at depth 32" in summary
+
 
 def test_llama_bench_json_is_read_and_a_failed_load_is_an_out_of_memory(tmp_path: Path) -> None:
     tools = _gpu_tools()
