@@ -224,8 +224,9 @@ def register(group: click.Group) -> None:
         )
         for r in results:
             m, p, pl = r["measured"], r["predicted"], r["plan"]
+            n_over = len(pl["cpu_tensor_patterns"])
             where = f"{pl['n_gpu_layers']} GPU layers" + (
-                f", {len(pl['cpu_tensor_patterns'])} overrides" if pl["cpu_tensor_patterns"] else ""
+                f", {n_over} override{'s' if n_over > 1 else ''}" if n_over else ""
             )
             click.echo(
                 f"{where:<22}{m['prompt_tps']:>12.1f} / {p['prompt_tps']:<7.1f}"
