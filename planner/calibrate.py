@@ -25,11 +25,13 @@ __all__ = ["Observation", "fit", "fit_error", "FIT_BOUNDS", "LOOSE_FACTORS"]
 FIT_BOUNDS = (0.25, 4.0)
 _PRIOR_WEIGHT = 0.15
 # Two factors differ by an order of magnitude from one machine to the next, so they get wide
-# bounds and a weak pull: the cost of a whole layer's small CPU ops (a 16-vCPU H100 host: 0.6 ms
-# a layer at 16 threads, dense decode with FFN tensors on the CPU 25% faster than whole layers of
-# the same bytes; a 16-vCPU H200 host: whole layers cost their bytes alone, and whole layers won
-# by 10-16% against the same split) and the cost of a hand-over between CPU and GPU. Runs tell
-# them apart only when the sweep holds split placements too (search.split_probes).
+# bounds and a weak pull: what a whole layer's small CPU ops cost beyond its bytes, and what a
+# hand-over between CPU and GPU costs. (A 16-vCPU H100 host: 0.6 ms a CPU layer at 16 threads,
+# dense decode with FFN tensors on the CPU 25% faster than whole layers of the same bytes. A
+# 32-vCPU H200 host: through offload's runner after a 512-token prompt, 11.7 us a layer per thread
+# and 32 us a hand-over; in llama-bench's decode with an empty KV cache, whole layers won by 12-16%
+# against a split.) Runs tell the two apart only when the sweep holds split placements too
+# (search.split_probes).
 LOOSE_FACTORS: dict[str, tuple[float, float]] = {
     "cpu_layer_overhead_s": (0.01, 4.0),
     "split_overhead_s": (0.25, 8.0),
