@@ -859,6 +859,14 @@ def main(argv: list[str] | None = None) -> int:
     args.gen = args.gen or (8 if args.cpu_smoke else 64)
     if args.decode_depth < 0:
         ap.error("--decode-depth must be 0 or more")
+    if args.calibrate:
+        import synth_models
+
+        unknown = [k for k in args.calibrate.split(",") if k and k not in synth_models.SPECS]
+        if unknown:
+            ap.error(
+                f"--calibrate: no synthetic model {unknown}; one of {sorted(synth_models.SPECS)}"
+            )
     # llama-bench sizes each test's context as its prompt + answer + depth.
     args.ctx = args.ctx or args.prompt + args.gen + args.decode_depth
     if args.fresh:
