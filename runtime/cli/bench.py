@@ -12,7 +12,15 @@ from typing import Any
 
 import click
 
-from offload.planner import Hardware, Plan, Workload, evaluate, fits, predict_aggregate
+from offload.planner import (
+    Hardware,
+    Plan,
+    SpeedParams,
+    Workload,
+    evaluate,
+    fits,
+    predict_aggregate,
+)
 from offload.planner.anatomy import read as read_anatomy
 from offload.planner.errors import OffloadError
 from offload.planner.search import split_probes
@@ -88,11 +96,17 @@ def _lookup(predicted: dict[str, float]) -> Callable[[int], float | None]:
 
 
 def _predicted_parallel(
-    anatomy: Anatomy, hw: Hardware, plan: Plan, streams: tuple[int, ...], prompt: int, gen: int
+    anatomy: Anatomy,
+    hw: Hardware,
+    plan: Plan,
+    streams: tuple[int, ...],
+    prompt: int,
+    gen: int,
+    speed: SpeedParams | None,
 ) -> dict[str, float]:
     """The speed model's aggregate decode for each stream count, as ``measure_plan`` runs them (each
-    stream its own prompt of ``prompt`` tokens, then ``gen`` tokens each)."""
-    speed, _ = calibration.speed_params_for(hw.fingerprint)
+    stream its own prompt of ``prompt`` tokens, then ``gen`` tokens each). ``speed``: the model the
+    plans were predicted with, so that runs recorded meanwhile do not change it between rows."""
     context = prompt + gen // 2
     return {
         str(n): round(
@@ -116,10 +130,13 @@ def bench(
     ref = planning.resolve(model)
     anatomy = read_anatomy(ref.path)
     hw = planning.current_hardware()
+    speed, _ = calibration.speed_params_for(hw.fingerprint)
     plans = _plans(ref, anatomy, hw, gpu_layers, prompt, gen, max(parallel), optimize)
     results = []
     for p in plans:
-        predicted = _predicted_parallel(anatomy, hw, p, parallel, PARALLEL_PROMPT_TOKENS, gen)
+        predicted = _predicted_parallel(
+            anatomy, hw, p, parallel, PARALLEL_PROMPT_TOKENS, gen, speed
+        )
         results.append(
             measure_plan(
                 ref.path,

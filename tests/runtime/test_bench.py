@@ -92,6 +92,44 @@ def test_a_gpu_sweep_also_measures_ffn_tensors_behind_gpu_attention(
     assert split[0].predicted.decode_tps != split[1].predicted.decode_tps
 
 
+def test_a_sweeps_stream_predictions_use_the_speed_model_its_plans_were_predicted_with(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every run a sweep measures is recorded for calibration at once; the prediction printed
+    beside each later row must still come from the speed model the plans were made with."""
+    from offload.planner import anatomy, predict_aggregate
+    from offload.planner.cost import SpeedParams
+    from offload.planner.hardware import load_profile
+    from offload.runtime.serving import benchmark, planning
+
+    monkeypatch.setenv("OFFLOAD_HOME", str(tmp_path))
+    path = synth.write_model(tmp_path / "m.gguf", synth.mistral_7b())
+    hw = load_profile("rtx4090")
+    monkeypatch.setattr(planning, "resolve", lambda name: planning.ModelRef(path))
+    monkeypatch.setattr(planning, "current_hardware", lambda refresh=False: hw)
+    fitted = SpeedParams(cpu_bw_eff=0.3)  # what calibration would say after the first run
+    measured: list[int] = []
+    monkeypatch.setattr(
+        calibration,
+        "speed_params_for",
+        lambda fp, base=None: (fitted, len(measured)) if measured else (None, 0),
+    )
+
+    def measure(model_path, plan, *, predict_aggregate, **kw):  # the runner is not the subject
+        measured.append(1)
+        return {"plan": plan, "predicted_one": predict_aggregate(1)}
+
+    monkeypatch.setattr(benchmark, "measure_plan", measure)
+    results = cli_bench.bench(str(path), prompt=64, gen=16, gpu_layers="sweep")
+    a = anatomy.read(path)
+    assert len(results) > 2
+    for r in results:
+        ctx = cli_bench.PARALLEL_PROMPT_TOKENS + 16 // 2
+        assert r["predicted_one"] == pytest.approx(
+            predict_aggregate(a, hw, r["plan"].placement, 1, None, context_tokens=ctx), abs=1e-3
+        )
+
+
 def test_bad_parallel_list_is_a_usage_error(cli: click.Group, gemma: Path) -> None:
     r = CliRunner().invoke(cli, ["bench", str(gemma), "--parallel", "1,x"])
     assert r.exit_code == 2 and "comma-separated" in r.output
@@ -554,3 +592,4 @@ def test_the_request_time_uses_the_prompt_measured_at_the_requests_length() -> N
     assert doc["targets"]["request_speedup"] == pytest.approx(
         (1024 / 2600 + 256 / 50) / (1024 / 2800 + 256 / 50)
     )
+
