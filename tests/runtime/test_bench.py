@@ -593,3 +593,81 @@ def test_the_request_time_uses_the_prompt_measured_at_the_requests_length() -> N
         (1024 / 2600 + 256 / 50) / (1024 / 2800 + 256 / 50)
     )
 
+
+def test_with_a_decode_depth_the_decode_targets_are_judged_where_the_answer_decodes() -> None:
+    """The planner predicts the decode after the workload's prompt: the decode-mode ratio and the
+    decode errors compare at the measured depth, and the empty-context ratio is kept beside it."""
+    import sys
+
+    sys.path.insert(0, str(BENCH))
+    import gpu_sweep
+
+    def run(label: str, d0: float, d1024: float) -> dict:
+        return {
+            "label": label,
+            "rep": 1,
+            "prompt_tps": 4000.0,
+            "decode_tps": d0,
+            "decode_tps_at_depth": {"1024": d1024},
+        }
+
+    doc = {
+        "workload": [1024, 256],
+        "decode_depth": 1024,
+        "reps": 1,
+        "candidates": {"offload_decode": {"predicted": {"decode_tps": 27.0, "prompt_tps": 4000.0}}},
+        "runs": [
+            run("fit", 30.0, 26.0),
+            run("fit_no_mmap", 29.0, 26.5),
+            run("expert", 25.0, 24.0),
+            run("offload", 25.0, 28.0),
+            run("offload_decode", 25.0, 28.0),
+            run("offload_prompt", 23.0, 23.0),
+        ],
+    }
+    gpu_sweep.summarize(doc)
+    t = doc["targets"]
+    assert t["decode_ratio"] == pytest.approx(28.0 / 26.5) and t["decode_ratio_at"] == 1024
+    assert t["decode_ratio_empty_context"] == pytest.approx(25.0 / 30.0)
+    assert doc["medians"]["offload_decode"]["decode_error"] == pytest.approx(1 - 27.0 / 28.0)
+    md = gpu_sweep.summary_markdown(
+        [{**doc, "kind": "dense", "budget_gib": 3, "prompt": 2048, "gen": 64}]
+    )
+    assert "1.06 ✓ (tg, empty context: 0.83)" in md
+
+    # Without a depth the empty-context decode is the one judged.
+    del doc["decode_depth"]
+    for r in doc["runs"]:
+        del r["decode_tps_at_depth"]
+    gpu_sweep.summarize(doc)
+    assert doc["targets"]["decode_ratio"] == pytest.approx(25.0 / 30.0)
+    assert doc["targets"]["decode_ratio_at"] == 0
+
+
+def test_the_thread_probe_replays_a_recorded_placement_with_its_own_thread_counts() -> None:
+    import sys
+
+    sys.path.insert(0, str(BENCH))
+    import thread_probe
+
+    cmd = (
+        "/t/llama-bench -m /m.gguf -ngl 33 -ot 'blk\\.(0|1)\\.ffn_(up|down)\\.weight=CPU' -b 2048 "
+        "-ub 512 -t 32 -fa 1 -lm none -p 2048,1024 -n 64 -d 0,1024 -r 1 -o json -v"
+    )
+    tool, args = thread_probe.placement_args(cmd)
+    assert tool == "/t/llama-bench"
+    assert args == [
+        "-m", "/m.gguf", "-ngl", "33", "-ot", "blk\\.(0|1)\\.ffn_(up|down)\\.weight=CPU",
+        "-b", "2048", "-ub", "512", "-fa", "1", "-lm", "none",
+    ]  # fmt: skip
+    doc = {
+        "runs": [
+            {"label": "fit", "rc": 0, "cmd": "a", "over_budget": True},
+            {"label": "fit", "rc": 0, "cmd": "b", "superseded": True},
+            {"label": "fit", "rc": 0, "cmd": "c"},
+            {"label": "offload", "rc": 1, "cmd": "d"},
+            {"label": "offload", "rc": 0, "cmd": "e"},
+        ]
+    }
+    assert thread_probe.last_loads(doc, None) == {"fit": "c", "offload": "e"}
+    assert thread_probe.last_loads(doc, ["offload"]) == {"offload": "e"}
