@@ -113,6 +113,58 @@ def _median(xs: list[float]) -> float | None:
     return statistics.median(xs) if xs else None
 
 
+def predict_args(
+    doc: dict[str, Any], args: list[str], hw: Any, speed: Any, context: int | None = None
+) -> dict[str, float]:
+    """The speed model's prediction for a placement given as llama-bench arguments, on ``hw``
+    with ``speed``: prompt t/s at the sweep's prompt length; decode t/s with ``context`` tokens in
+    the KV cache (default: the prompt length, as `offload plan --prompt-tokens` predicts it)."""
+    from offload.planner import anatomy, evaluate
+    from offload.planner.types import Placement, PlanRequest
+
+    a = anatomy.read(doc["model_path"])
+    names = [t.name for t in a.tensors]
+    kv = dict(zip(args[::2], args[1::2], strict=False))
+    rules = [r.rpartition("=") for r in kv.get("-ot", "").split(";") if "=" in r]
+    # fit may name one block too many
+    rules = [r for r in rules if any(re.search(r[0], n) for n in names)]
+    cpu = [p for p, _, b in rules if b == "CPU"]
+    gpu = [
+        (p, int(b[len(gpu_tools.GPU_BUFT) :]))
+        for p, _, b in rules
+        if b.startswith(gpu_tools.GPU_BUFT) and b[len(gpu_tools.GPU_BUFT) :].isdigit()
+    ]
+    ngl = int(kv["-ngl"])
+    knobs = {
+        "n_gpu_layers": ngl if ngl >= 0 else a.n_layers + 1,
+        "cpu_tensor_patterns": tuple(cpu),
+        "gpu_tensor_patterns": tuple(gpu),
+        "n_ctx": doc["ctx"],
+        "n_batch": int(kv.get("-b", 2048)),
+        "n_ubatch": int(kv.get("-ub", 512)),
+        "threads": int(kv.get("-t", 0)),
+        "flash_attn": kv.get("-fa") == "1",
+        "tensor_split": tuple(float(x) for x in kv["-ts"].split("/")) if "-ts" in kv else (),
+        "pinned_weights": kv.get("-lm") == "none" and kv.get("--no-host") != "1",
+        "use_mmap": kv.get("-lm") != "none",
+    }
+    fields = Placement.__dataclass_fields__
+    place = Placement(**{k: v for k, v in knobs.items() if k in fields})
+    req = PlanRequest(
+        n_ctx=doc["ctx"],
+        gpu_budget_bytes=int(doc["budget_gib"] * GiB),
+        prompt_tokens=doc["prompt"],
+    )
+    p = evaluate(a, hw, req, place, speed)
+    out = {"decode_tps": p.predicted.decode_tps, "prompt_tps": p.predicted.prompt_tps}
+    if context is not None:
+        from offload.planner.cost import predict
+
+        at = predict(a, hw, p.placement, speed, prompt_tokens=doc["prompt"], context_tokens=context)
+        out.update(decode_tps=at.decode_tps, decode_context=context)
+    return out
+
+
 class Sweep:
     """Every (model, budget) document, prepared once, measured load by load until the end time."""
 
@@ -346,6 +398,11 @@ class Sweep:
         for label in BASELINES:
             if label in cands and "predicted" not in cands[label]:
                 cands[label]["predicted"] = self.predict(doc, cands[label]["args"])
+        depth = int(doc.get("decode_depth") or 0)
+        for cand in cands.values():
+            if depth and "predicted_at_depth" not in cand:
+                # The decode where the loads measure it (llama-bench -d), every candidate alike.
+                cand["predicted_at_depth"] = self.predict(doc, cand["args"], context=depth)
         hw = self.hardware()
         if hw is not None and "hardware" not in doc:
             # What the predictions were made for, so that they can be recomputed off the machine.
@@ -362,52 +419,17 @@ class Sweep:
 
         return calibration.speed_params_for(hw.fingerprint)[0]
 
-    def predict(self, doc: dict[str, Any], args: list[str]) -> dict[str, float] | None:
-        """The planner's prediction for a baseline placement (None where it cannot say)."""
+    def predict(
+        self, doc: dict[str, Any], args: list[str], context: int | None = None
+    ) -> dict[str, float] | None:
+        """The planner's prediction for a placement given as llama-bench arguments (None where it
+        cannot say): the prompt at the sweep's length, the decode with ``context`` tokens in the
+        KV cache (default: that length too)."""
         try:
-            from offload.planner import anatomy, evaluate
-            from offload.planner.types import Placement, PlanRequest
-
             hw = self.hardware()
             if hw is None:
                 return None
-            a = anatomy.read(doc["model_path"])
-            names = [t.name for t in a.tensors]
-            kv = dict(zip(args[::2], args[1::2], strict=False))
-            rules = [r.rpartition("=") for r in kv.get("-ot", "").split(";") if "=" in r]
-            # fit may name one block too many
-            rules = [r for r in rules if any(re.search(r[0], n) for n in names)]
-            cpu = [p for p, _, b in rules if b == "CPU"]
-            gpu = [
-                (p, int(b[len(gpu_tools.GPU_BUFT) :]))
-                for p, _, b in rules
-                if b.startswith(gpu_tools.GPU_BUFT) and b[len(gpu_tools.GPU_BUFT) :].isdigit()
-            ]
-            ngl = int(kv["-ngl"])
-            knobs = {
-                "n_gpu_layers": ngl if ngl >= 0 else a.n_layers + 1,
-                "cpu_tensor_patterns": tuple(cpu),
-                "gpu_tensor_patterns": tuple(gpu),
-                "n_ctx": doc["ctx"],
-                "n_batch": int(kv.get("-b", 2048)),
-                "n_ubatch": int(kv.get("-ub", 512)),
-                "threads": int(kv.get("-t", 0)),
-                "flash_attn": kv.get("-fa") == "1",
-                "tensor_split": tuple(float(x) for x in kv["-ts"].split("/"))
-                if "-ts" in kv
-                else (),
-                "pinned_weights": kv.get("-lm") == "none" and kv.get("--no-host") != "1",
-                "use_mmap": kv.get("-lm") != "none",
-            }
-            fields = Placement.__dataclass_fields__
-            place = Placement(**{k: v for k, v in knobs.items() if k in fields})
-            req = PlanRequest(
-                n_ctx=doc["ctx"],
-                gpu_budget_bytes=int(doc["budget_gib"] * GiB),
-                prompt_tokens=doc["prompt"],
-            )
-            p = evaluate(a, hw, req, place, self.speed(hw))
-            return {"decode_tps": p.predicted.decode_tps, "prompt_tps": p.predicted.prompt_tps}
+            return predict_args(doc, args, hw, self.speed(hw), context)
         except Exception as e:  # noqa: BLE001 - a prediction is extra; the measurement stands
             doc["notes"].append(
                 f"no prediction for {' '.join(args)[:80]}: {type(e).__name__}: {e}"[:300]
@@ -668,11 +690,17 @@ def summarize(doc: dict[str, Any]) -> None:
             "oom": sum(1 for r in runs if r.get("oom")),
             "failed": sum(1 for r in runs if r.get("rc") or r.get("error")),
         }
-        pred = doc["candidates"].get(label, {}).get("predicted") or {}
+        cand = doc["candidates"].get(label, {})
+        pred = cand.get("predicted") or {}
         if pred and decode and prompt:
-            # The planner predicts the decode after the workload's prompt: against the decode
-            # measured there when the loads measured it, else with an empty context.
-            m["decode_error"] = abs(pred["decode_tps"] / request_decode - 1)
+            # Decode predicted where the loads measured it: at the decode depth when the sweep
+            # has one (`predicted_at_depth`), else as `offload plan --prompt-tokens` predicts it.
+            at_depth = (cand.get("predicted_at_depth") or {}).get("decode_tps")
+            m["decode_error"] = (
+                abs(at_depth / at_d - 1)
+                if at_depth and at_d
+                else abs(pred["decode_tps"] / decode - 1)
+            )
             m["prompt_error"] = abs(pred["prompt_tps"] / prompt - 1)
         med[label] = m
     doc["medians"] = med
@@ -787,6 +815,7 @@ def summary_markdown(docs: list[dict[str, Any]]) -> str:
             )
     answer = (
         f", the answer decoded at depth {depth}, as are the decode-mode ratio and the decode errors"
+        " (decode predicted at that depth)"
         if depth
         else ""
     )

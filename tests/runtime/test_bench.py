@@ -376,6 +376,11 @@ def test_a_sweep_with_a_decode_depth_times_the_answer_after_the_prompt(tmp_path:
     doc = json.loads((tmp_path / "out" / "sweep-tiny-moe-0.9gib.json").read_text())
     assert doc["decode_depth"] == 32 and doc["ctx"] == 64 + 8 + 32
     assert all("-d 0,32" in x["cmd"] for x in doc["runs"])
+    # Every candidate's decode is also predicted at that depth, and judged there.
+    for label, cand in doc["candidates"].items():
+        at = cand["predicted_at_depth"]
+        assert at["decode_context"] == 32 and at["decode_tps"] > 0, label
+        assert at["prompt_tps"] == pytest.approx(cand["predicted"]["prompt_tps"]), label
     for label, m in doc["medians"].items():
         at = m["decode_tps_at_depth"]
         assert at and at > 0 and at != m["decode_tps"], label
@@ -615,7 +620,13 @@ def test_with_a_decode_depth_the_decode_targets_are_judged_where_the_answer_deco
         "workload": [1024, 256],
         "decode_depth": 1024,
         "reps": 1,
-        "candidates": {"offload_decode": {"predicted": {"decode_tps": 27.0, "prompt_tps": 4000.0}}},
+        "candidates": {
+            "offload_decode": {
+                "predicted": {"decode_tps": 26.0, "prompt_tps": 4000.0},
+                "predicted_at_depth": {"decode_tps": 27.0, "decode_context": 1024},
+            },
+            "offload": {"predicted": {"decode_tps": 26.0, "prompt_tps": 4000.0}},
+        },
         "runs": [
             run("fit", 30.0, 26.0),
             run("fit_no_mmap", 29.0, 26.5),
@@ -630,6 +641,8 @@ def test_with_a_decode_depth_the_decode_targets_are_judged_where_the_answer_deco
     assert t["decode_ratio"] == pytest.approx(28.0 / 26.5) and t["decode_ratio_at"] == 1024
     assert t["decode_ratio_empty_context"] == pytest.approx(25.0 / 30.0)
     assert doc["medians"]["offload_decode"]["decode_error"] == pytest.approx(1 - 27.0 / 28.0)
+    # A document without the prediction at depth compares like with like: tg with tg.
+    assert doc["medians"]["offload"]["decode_error"] == pytest.approx(26.0 / 25.0 - 1)
     md = gpu_sweep.summary_markdown(
         [{**doc, "kind": "dense", "budget_gib": 3, "prompt": 2048, "gen": 64}]
     )
