@@ -381,6 +381,17 @@ def test_a_sweep_with_a_decode_depth_times_the_answer_after_the_prompt(tmp_path:
         at = cand["predicted_at_depth"]
         assert at["decode_context"] == 32 and at["decode_tps"] > 0, label
         assert at["prompt_tps"] == pytest.approx(cand["predicted"]["prompt_tps"]), label
+    # Off the machine, revalidate.py re-predicts the same loads from what the document recorded.
+    import sys
+
+    sys.path.insert(0, str(BENCH))
+    import revalidate
+
+    path = str(tmp_path / "out" / "sweep-tiny-moe-0.9gib.json")
+    again = revalidate.main([path], "recorded", str(tmp_path))
+    for label, r in again[path].items():
+        assert r["decode_error"] == pytest.approx(doc["medians"][label]["decode_error"]), label
+    assert again["all offload"]["placements"] == 3 and again["all baselines"]["placements"] == 3
     for label, m in doc["medians"].items():
         at = m["decode_tps_at_depth"]
         assert at and at > 0 and at != m["decode_tps"], label
