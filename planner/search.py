@@ -242,7 +242,7 @@ def _cpu_plan(
     speed: SpeedParams | None,
     op_offload: bool,
 ) -> Plan:
-    ub = req.n_ubatch or min(512, req.n_batch or 512)
+    ub = max(req.n_ubatch or min(512, req.n_batch or 512), base["n_parallel"])
     pl = Placement(
         0,
         n_batch=max(req.n_batch or 2048, ub),
@@ -272,6 +272,9 @@ def _candidates(
         else [u for u in _UBATCHES if not req.n_batch or u <= req.n_batch]
     )
     ubatches = ubatches or [req.n_batch or 512]
+    # A step holds a token of every sequence, and llama.cpp keeps room for as many outputs as a
+    # batch holds: smaller batches abort it (GGML_ASSERT on n_outputs_max).
+    ubatches = sorted({max(u, base["n_parallel"]) for u in ubatches})
     out: list[Plan] = []
     fa = _flash_attn(req, kv)
     if kv != "f16" and req.flash_attn is False:
@@ -378,7 +381,7 @@ def _smallest_gpu_plan(
     anatomy: Anatomy, hw: Hardware, req: PlanRequest, n_ctx: int, kv: str
 ) -> Plan:
     """The least GPU memory any plan that uses a GPU needs: no layers there, op offload only."""
-    ub = req.n_ubatch or min(_UBATCHES)
+    ub = max(req.n_ubatch or min(_UBATCHES), req.n_parallel or 1)
     pl = Placement(
         0,
         n_ctx=n_ctx,

@@ -132,9 +132,12 @@ def _model_params(
 
 def _context_params(plan: Plan, n_seq_max: int) -> Any:
     p = llama_c.llama_context_default_params()
-    p.n_ctx = plan.n_ctx * max(1, plan.n_parallel)
-    p.n_batch = plan.n_batch
-    p.n_ubatch = plan.n_ubatch
+    # llama.cpp lowers the batch to the context: at least a cell for every sequence (below).
+    p.n_ctx = max(plan.n_ctx * max(1, plan.n_parallel), n_seq_max)
+    # llama.cpp keeps room for as many outputs as a batch holds, and a step can hold one token
+    # of every sequence: a smaller batch aborts it (GGML_ASSERT on n_outputs_max).
+    p.n_batch = max(plan.n_batch, n_seq_max)
+    p.n_ubatch = max(plan.n_ubatch, n_seq_max)
     p.n_seq_max = n_seq_max
     p.n_threads = plan.threads
     p.n_threads_batch = plan.threads_batch

@@ -5,7 +5,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator
+import re
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -13,6 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from offload.models.errors import ModelNotFound
 from offload.models.store import Store
@@ -31,6 +33,18 @@ log = logging.getLogger(__name__)
 
 def _family(request: Request) -> Family:
     return family_of(request.url.path, request.headers)
+
+
+def _leaf_routes(routes: Any) -> Iterator[Any]:
+    """Every route, routers included with ``include_router`` opened up."""
+    for r in routes:
+        inner = getattr(r, "routes", None) or getattr(
+            getattr(r, "original_router", None), "routes", None
+        )
+        if inner and not getattr(r, "methods", None):
+            yield from _leaf_routes(inner)
+        else:
+            yield r
 
 
 def _validation_message(exc: RequestValidationError) -> str:
@@ -66,6 +80,132 @@ class JSONBodyByDefault:
             ):
                 scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
         await self.app(scope, receive, send)
+
+
+# A JSON request body larger than this is answered 413 before it is parsed: images travel inside
+# JSON (base64), so the cap is far above any prompt, yet bounds what one request can hold.
+MAX_JSON_BODY = 256 << 20
+
+# A lone UTF-16 surrogate, escaped (\\ud800) or as the bytes Python's JSON decoder lets through
+# (ED A0 80): JSON text can carry one, Unicode cannot, and nothing downstream can encode it.
+_SURROGATE_HINT = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}|\xed[\xa0-\xbf]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _lone_surrogate(obj: Any) -> str | None:
+    """The first string (or key) in ``obj`` that holds a lone surrogate, else None."""
+    stack = [obj]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, str):
+            if _SURROGATE.search(x):
+                return x
+        elif isinstance(x, dict):
+            stack.extend(x.keys())
+            stack.extend(x.values())
+        elif isinstance(x, list):
+            stack.extend(x)
+    return None
+
+
+class CheckedJSONBody:
+    """JSON bodies read once here: over ``MAX_JSON_BODY`` a 413; a string that is not valid
+    Unicode (a lone surrogate) a 400 naming it. Either would otherwise reach code that cannot
+    handle it (an encoder, a runner's pipe) and come back as a 500. The body is then replayed."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if (
+            scope["type"] != "http"
+            or scope.get("method") not in ("POST", "PUT", "DELETE", "PATCH")
+            or scope.get("path", "").startswith("/api/blobs/")
+        ):
+            await self.app(scope, receive, send)
+            return
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > MAX_JSON_BODY:
+                await self._refuse(
+                    scope, send, 413, f"request body larger than {MAX_JSON_BODY >> 20} MiB"
+                )
+                return
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+        if _SURROGATE_HINT.search(body):
+            try:
+                bad = _lone_surrogate(json.loads(body))
+            except (ValueError, RecursionError):
+                bad = None  # not JSON: the route's own parser answers that
+            if bad is not None:
+                at = _SURROGATE.search(bad)
+                code = f"\\u{ord(at.group()):04x}" if at else "a surrogate"
+                await self._refuse(
+                    scope,
+                    send,
+                    400,
+                    f"invalid JSON: a string holds a lone UTF-16 surrogate ({code}), which is not "
+                    "valid Unicode",
+                )
+                return
+        sent = False
+
+        async def replay() -> Any:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    @staticmethod
+    async def _refuse(scope: Any, send: Any, status: int, message: str) -> None:
+        request = Request(scope)
+        response = error_response(status, message, family_of(request.url.path, request.headers))
+        await response(scope, None, send)
+
+
+class AnswerUnexpected:
+    """A bug is answered in the caller's API shape, and the connection stays usable.
+
+    Starlette's own last-resort handler sends the 500 and then raises again, so the server drops
+    the connection without saying so, and a client's next request on it (keep-alive) fails too.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def watch(message: Any) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch)
+        except Exception as exc:  # noqa: BLE001 - the last resort: answered, then logged
+            if started:
+                raise  # half an answer is out: only closing the connection tells the client
+            request = Request(scope)
+            log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+            response = error_response(
+                500, f"internal error: {exc}", family_of(request.url.path, request.headers)
+            )
+            await response(scope, receive, send)
 
 
 def create_app(store: Store | None = None, scheduler: Scheduler | None = None) -> FastAPI:
@@ -116,7 +256,15 @@ def create_app(store: Store | None = None, scheduler: Scheduler | None = None) -
         if exc.status_code == 404:
             message = f"404 page not found: no route {method} {path}"
         elif exc.status_code == 405:
-            allowed = (exc.headers or {}).get("Allow")
+            # Every method of every route on this path (Starlette names the first route's only).
+            methods = {
+                m
+                for r in _leaf_routes(request.app.router.routes)
+                if getattr(r, "methods", None) and r.matches(request.scope)[0] != Match.NONE
+                for m in r.methods
+            }
+            allowed = ", ".join(sorted(methods)) or (exc.headers or {}).get("Allow")
+            exc.headers = {**(exc.headers or {}), **({"Allow": allowed} if allowed else {})}
             message = f"method {method} is not allowed on {path}" + (
                 f"; use {allowed}" if allowed else ""
             )
@@ -143,10 +291,12 @@ def create_app(store: Store | None = None, scheduler: Scheduler | None = None) -
         allow_headers=["*"],
         allow_credentials=False,
     )
-    # Added last, so it runs first: before CORS and before bodies are read as JSON.
+    app.add_middleware(CheckedJSONBody)
+    # Added after those, so it runs before them: before CORS and before bodies are read as JSON.
     app.add_middleware(
         BrowserGuard, hosts=HostPolicy.build(config.host().host, config.hosts()), origins=origins
     )
+    app.add_middleware(AnswerUnexpected)
 
     @app.get("/", response_class=PlainTextResponse)
     @app.head("/", response_class=PlainTextResponse)

@@ -8,7 +8,7 @@ as Ollama does.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -31,6 +31,9 @@ _OPEN = ConfigDict(extra="allow")
 KeepAlive = str | float | None
 Format = str | dict[str, Any] | None
 Think = bool | str | None
+
+
+MAX_EMBED_INPUTS = 2048
 
 
 class ToolCallFunction(BaseModel):
@@ -100,7 +103,8 @@ class EmbedRequest(BaseModel):
 
     model_config = _IGNORE
     model: str
-    input: str | list[str] = ""
+    # At most 2048 inputs, as /v1/embeddings (and OpenAI's): each is a pass through the model.
+    input: str | Annotated[list[str], Field(max_length=MAX_EMBED_INPUTS)] = ""
     truncate: bool | None = True
     dimensions: int | None = None
     options: dict[str, Any] | None = None

@@ -42,11 +42,28 @@ def _literal(value: Any) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
 
 
+# A grammar is matched against the vocabulary at every sampled token: its size is work on every
+# step of the model's runner, for every request it serves. JSON Schemas larger than this (enum
+# values, anyOf/oneOf branches, properties and types counted together) are refused.
+MAX_SCHEMA_NODES = 1024
+MAX_GRAMMAR_CHARS = 256 << 10
+
+
 class _Converter:
     def __init__(self, root_schema: dict[str, Any]) -> None:
         self.root_schema = root_schema
         self.rules: dict[str, str] = {}
         self.refs: dict[str, str] = {}
+        self.nodes = 0
+
+    def _count(self, n: int = 1) -> None:
+        self.nodes += n
+        if self.nodes > MAX_SCHEMA_NODES:
+            raise BadRequest(
+                f"format: the JSON Schema is too large for a grammar (more than {MAX_SCHEMA_NODES} "
+                "schemas, enum values and branches); constrain less of it, or check the answer "
+                "after it is written"
+            )
 
     def _name(self, hint: str) -> str:
         base = re.sub(r"[^a-zA-Z0-9-]+", "-", hint).strip("-").lower() or "r"
@@ -79,6 +96,7 @@ class _Converter:
 
     def visit(self, schema: Any, hint: str) -> str:
         """A GBNF expression for ``schema``."""
+        self._count()
         if schema is True or schema == {} or schema is None:
             return "value"
         if not isinstance(schema, dict):
@@ -90,6 +108,7 @@ class _Converter:
         if "enum" in schema:
             if not schema["enum"]:
                 raise BadRequest("format: enum must not be empty")
+            self._count(len(schema["enum"]))
             return "( " + " | ".join(_literal(v) for v in schema["enum"]) + " )"
         for key in ("anyOf", "oneOf"):
             if key in schema:
@@ -174,7 +193,13 @@ def schema_to_gbnf(schema: dict[str, Any]) -> str:
     except (TypeError, ValueError, AttributeError) as e:
         # A keyword with a value of the wrong kind ("minItems": "x", "anyOf": 5): the caller's mistake.
         raise BadRequest(f"format: not a valid JSON Schema ({e})") from None
-    return _rules_text({"root": root, **conv.rules, **_PRIMITIVES})
+    text = _rules_text({"root": root, **conv.rules, **_PRIMITIVES})
+    if len(text) > MAX_GRAMMAR_CHARS:
+        raise BadRequest(
+            f"format: the JSON Schema makes a grammar of {len(text)} characters, more than the "
+            f"{MAX_GRAMMAR_CHARS} allowed; constrain less of it"
+        )
+    return text
 
 
 def grammar_for_format(fmt: Any) -> str | None:

@@ -1,0 +1,163 @@
+"""Hostile input that used to reach code unable to handle it: a 400/413 at the edge, never a 500,
+and a connection that stays usable after any answer."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import ServerThread
+
+GEN = {"model": "gemma3:270m", "stream": False, "options": {"num_predict": 2}}
+
+
+@pytest.fixture(scope="module")
+def http(server: ServerThread) -> httpx.Client:
+    with httpx.Client(base_url=server.url, timeout=120) as c:
+        yield c
+
+
+def _one_line_error(r: httpx.Response, status: int) -> str:
+    assert r.status_code == status, (r.status_code, r.text[:300])
+    body = r.json()
+    err = body["error"]
+    message = err["message"] if isinstance(err, dict) else err
+    assert "\n" not in message and "Traceback" not in message
+    return message
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/api/generate", '{"model":"gemma3:270m","prompt":"\\ud800","stream":false}'),
+        ("/api/show", '{"model":"\\udfff"}'),
+        ("/api/chat", '{"model":"gemma3:270m","messages":[{"role":"user","content":"a\\ud83d"}]}'),
+        ("/v1/chat/completions", '{"model":"x\\ud800","messages":[]}'),
+        ("/v1/messages", '{"model":"m","max_tokens":1,"messages":[],"system":"\\udc00"}'),
+        ("/api/embed", '{"model":"gemma3:270m","input":["ok","\\ud800"]}'),
+    ],
+)
+def test_a_lone_surrogate_in_any_string_is_a_400(http: httpx.Client, path: str, body: str) -> None:
+    r = http.post(path, content=body, headers={"content-type": "application/json"})
+    assert "lone UTF-16 surrogate" in _one_line_error(r, 400)
+
+
+def test_a_surrogate_sent_as_raw_bytes_is_a_400_too(http: httpx.Client) -> None:
+    body = b'{"model":"gemma3:270m","messages":[{"role":"user","content":"\xed\xa0\x80"}]}'
+    r = http.post("/api/chat", content=body)
+    assert "lone UTF-16 surrogate" in _one_line_error(r, 400)
+
+
+def test_a_surrogate_pair_is_one_character_and_works(http: httpx.Client) -> None:
+    # \ud83d\ude00 is one emoji: JSON's way of writing a character beyond the BMP.
+    body = '{"model":"gemma3:270m","prompt":"hi \\ud83d\\ude00","stream":false,"options":{"num_predict":1}}'
+    r = http.post("/api/generate", content=body)
+    assert r.status_code == 200, r.text
+
+
+def test_a_json_body_over_the_cap_is_a_413_before_it_is_parsed(
+    http: httpx.Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from offload.runtime.server import app as app_mod
+
+    monkeypatch.setattr(app_mod, "MAX_JSON_BODY", 1 << 20)
+    r = http.post("/api/generate", content=b'{"prompt":"' + b"x" * (2 << 20) + b'"}')
+    assert "larger than 1 MiB" in _one_line_error(r, 413)
+
+
+@pytest.mark.parametrize("options", [{"num_batch": 1}, {"num_batch": 3}, {"num_ctx": 1}])
+def test_tiny_batches_and_contexts_run_instead_of_aborting_llama_cpp(
+    http: httpx.Client, options: dict
+) -> None:
+    """llama.cpp asserts when a batch cannot hold a token of every sequence; the executor gives
+    the context room for them whatever the options say."""
+    r = http.post(
+        "/api/generate", json={**GEN, "prompt": "hi", "options": {**options, "num_predict": 2}}
+    )
+    assert r.status_code == 200, r.text[:300]
+    assert r.json()["done"] is True
+
+
+def test_a_format_schema_too_large_for_a_grammar_is_refused(http: httpx.Client) -> None:
+    big = {"enum": list(range(5000))}
+    r = http.post("/api/generate", json={**GEN, "prompt": "Pick:", "format": big})
+    assert "too large for a grammar" in _one_line_error(r, 400)
+    branches = {"anyOf": [{"const": i} for i in range(2000)]}
+    r = http.post("/api/generate", json={**GEN, "prompt": "Pick:", "format": branches})
+    assert "too large for a grammar" in _one_line_error(r, 400)
+    # An ordinary enum still constrains the answer.
+    r = http.post(
+        "/api/generate",
+        json={
+            **GEN,
+            "prompt": "Pick:",
+            "format": {"enum": ["yes", "no"]},
+            "options": {"num_predict": 4},
+        },
+    )
+    assert r.status_code == 200 and r.json()["response"].strip('"') in ("yes", "no")
+
+
+def test_embed_takes_at_most_2048_inputs(http: httpx.Client) -> None:
+    r = http.post("/api/embed", json={"model": "gemma3:270m", "input": ["x"] * 2049})
+    assert "2048" in _one_line_error(r, 400)
+
+
+def test_405_names_every_method_of_the_path(http: httpx.Client) -> None:
+    for path in ("/api/tags", "/api/version"):
+        r = http.post(path, json={})
+        assert r.status_code == 405
+        assert set(r.headers["allow"].replace(" ", "").split(",")) == {"GET", "HEAD"}, path
+
+
+def test_a_bug_is_a_500_in_the_api_shape_and_the_connection_stays_usable(
+    offload_home: Path,
+) -> None:
+    """Starlette's last-resort handler answered and then raised again, so the server dropped the
+    connection without a word, and a keep-alive client's next request failed."""
+    from offload.runtime.server.app import create_app
+
+    app = create_app()
+
+    @app.post("/api/boom")
+    async def boom() -> None:
+        raise RuntimeError("a bug")
+
+    request = (
+        b"POST /api/boom HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 2\r\n\r\n{}"
+    )
+    version = b"GET /api/version HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    try:
+        with ServerThread(app) as s, socket.create_connection(("127.0.0.1", s.port), 10) as c:
+            c.sendall(request)
+            first = _read_response(c)
+            assert first.startswith(b"HTTP/1.1 500") and b'"error":"internal error: a bug"' in first
+            c.sendall(version)  # the same connection, as httpx and the official clients reuse it
+            assert _read_response(c).startswith(b"HTTP/1.1 200")
+    finally:
+        app.state.scheduler.close()
+
+
+def _read_response(c: socket.socket) -> bytes:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = c.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(
+        int(line.split(b":", 1)[1])
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length:")
+    )
+    while len(body) < length:
+        chunk = c.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return head + b"\r\n\r\n" + body
