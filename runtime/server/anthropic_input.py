@@ -18,6 +18,7 @@ from offload.runtime.server.anthropic_schemas import (
     MessagesRequest,
 )
 from offload.runtime.server.bridge import forced_call_schema
+from offload.runtime.server.openai_schemas import json_type, untrusted_input
 from offload.runtime.serving.requests import ChatRequest
 
 __all__ = [
@@ -89,6 +90,8 @@ def _user_turn(where: str, blocks: list[Any], known: dict[str, str]) -> list[dic
             images.append(_image(at, b))
         elif kind == "tool_result":
             tid = b.get("tool_use_id")
+            if not isinstance(tid, str):
+                raise BadRequest(f"{at}: tool_use_id must be a string, got {json_type(tid)}")
             if tid not in known:
                 raise BadRequest(
                     f"{at}: tool_result for tool_use_id {tid!r}, which no earlier tool_use block has"
@@ -171,6 +174,9 @@ def _tools(raw: list[dict[str, Any]]) -> list[dict[str, Any]]:
             raise BadRequest(f"tools[{i}]: a tool needs a name")
         if not isinstance(t.get("input_schema"), dict):
             raise BadRequest(f"tools[{i}]: input_schema must be a JSON Schema object")
+        description = t.get("description")
+        if description is not None and not isinstance(description, str):
+            raise BadRequest(f"tools[{i}]: description must be a string")
         fn = {
             "name": t["name"],
             "description": t.get("description") or "",
@@ -227,7 +233,13 @@ def output_format(config: dict[str, Any] | None) -> dict[str, Any] | None:
 
 
 def chat_request(body: CountTokensRequest) -> ChatRequest:
-    """The ``service.chat`` request for a Messages (or count_tokens) request."""
+    """The ``service.chat`` request for a Messages (or count_tokens) request; a malformed body is
+    a 400 naming the field at fault (``untrusted_input``)."""
+    with untrusted_input():
+        return _chat_request(body)
+
+
+def _chat_request(body: CountTokensRequest) -> ChatRequest:
     req: dict[str, Any] = {
         "model": body.model,
         "messages": chat_messages(body.system, body.messages),

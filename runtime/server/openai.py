@@ -38,6 +38,8 @@ from offload.runtime.server.openai_schemas import (
     ModelList,
     ModelObject,
     OpenAIError,
+    json_type,
+    untrusted_input,
 )
 from offload.runtime.server.streaming import (
     CancellingStreamingResponse,
@@ -78,43 +80,97 @@ def _options(
     return {k: v for k, v in opts.items() if v is not None}
 
 
-def _content_text(content: Any, images: list[str]) -> str:
+def _content_text(where: str, content: Any, images: list[str]) -> str:
     if content is None or isinstance(content, str):
         return content or ""
+    if not isinstance(content, list):
+        raise BadRequest(
+            f"{where}.content must be a string or an array of content parts, got {json_type(content)}"
+        )
     parts = []
-    for p in content:
-        if isinstance(p, dict) and p.get("type") == "text":
-            parts.append(p.get("text", ""))
-        elif isinstance(p, dict) and p.get("type") == "image_url":
-            images.append(str((p.get("image_url") or {}).get("url", "")))
+    for j, p in enumerate(content):
+        at = f"{where}.content[{j}]"
+        kind = p.get("type") if isinstance(p, dict) else None
+        if kind == "text":
+            text = p.get("text", "")
+            if not isinstance(text, str):
+                raise BadRequest(f"{at}.text must be a string, got {json_type(text)}")
+            parts.append(text)
+        elif kind == "image_url":
+            image = p.get("image_url")
+            url = image.get("url") if isinstance(image, dict) else None
+            if not isinstance(url, str):
+                raise BadRequest(
+                    f'{at}.image_url must be an object with a string "url", got {json_type(image)}'
+                )
+            images.append(url)
         else:
-            raise BadRequest(f"unsupported content part: {p!r}")
+            raise BadRequest(f"{at}: unsupported content part: {p!r}")
     return "".join(parts)
+
+
+def _arguments(where: str, raw: Any) -> dict[str, Any]:
+    """A tool call's ``arguments``: a string holding a JSON object (or the object itself)."""
+    if raw is None or raw == "":
+        return {}
+    if isinstance(raw, dict):
+        return raw
+    if not isinstance(raw, str):
+        raise BadRequest(f"{where} must be a string holding a JSON object, got {json_type(raw)}")
+    try:
+        args = json.loads(raw)
+    except RecursionError:
+        raise BadRequest(f"{where} must be a JSON object: it is nested too deeply") from None
+    except ValueError:
+        raise BadRequest(f"{where} must be a JSON object, got invalid JSON") from None
+    if not isinstance(args, dict):
+        raise BadRequest(f"{where} must be a JSON object, got {json_type(args)}")
+    return args
+
+
+def _tool_call(where: str, c: Any) -> dict[str, Any]:
+    if not isinstance(c, dict):
+        raise BadRequest(f"{where} must be an object, got {json_type(c)}")
+    fn = c.get("function")
+    if not isinstance(fn, dict):
+        raise BadRequest(
+            f"{where}.function must be an object with a name and arguments, got {json_type(fn)}"
+        )
+    name = fn.get("name", "")
+    if not isinstance(name, str):
+        raise BadRequest(f"{where}.function.name must be a string, got {json_type(name)}")
+    args = _arguments(f"{where}.function.arguments", fn.get("arguments"))
+    return {"function": {"name": name, "arguments": args}}
 
 
 def _messages(msgs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
-    for m in msgs:
+    for i, m in enumerate(msgs):
+        where = f"messages[{i}]"
+        role = m.get("role", "user")
+        if not isinstance(role, str):
+            raise BadRequest(f"{where}.role must be a string, got {json_type(role)}")
         images: list[str] = []
         msg: dict[str, Any] = {
-            "role": m.get("role", "user"),
-            "content": _content_text(m.get("content"), images),
+            "role": role,
+            "content": _content_text(where, m.get("content"), images),
         }
         if images:
             msg["images"] = images
-        if m.get("tool_calls"):
-            calls = []
-            for c in m["tool_calls"]:
-                fn = c.get("function") or {}
-                args = fn.get("arguments") or "{}"
-                try:
-                    args = json.loads(args) if isinstance(args, str) else args
-                except ValueError:
-                    raise BadRequest("tool_calls arguments must be a JSON object") from None
-                calls.append({"function": {"name": fn.get("name", ""), "arguments": args}})
-            msg["tool_calls"] = calls
-        if m.get("role") == "tool" and m.get("name"):
-            msg["tool_name"] = m["name"]
+        raw_calls = m.get("tool_calls")
+        if raw_calls is not None and not isinstance(raw_calls, list):
+            raise BadRequest(
+                f"{where}.tool_calls must be an array of tool calls, got {json_type(raw_calls)}"
+            )
+        if raw_calls:
+            msg["tool_calls"] = [
+                _tool_call(f"{where}.tool_calls[{k}]", c) for k, c in enumerate(raw_calls)
+            ]
+        name = m.get("name")
+        if role == "tool" and name:
+            if not isinstance(name, str):
+                raise BadRequest(f"{where}.name must be a string, got {json_type(name)}")
+            msg["tool_name"] = name
         out.append(msg)
     return out
 
@@ -125,20 +181,88 @@ def _format(rf: dict[str, Any] | None) -> Any:
     if rf.get("type") == "json_object":
         return "json"
     if rf.get("type") == "json_schema":
-        schema = (rf.get("json_schema") or {}).get("schema")
+        spec = rf.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
         if not isinstance(schema, dict):
             raise BadRequest("response_format.json_schema.schema must be a JSON Schema object")
         return schema
     raise BadRequest(f"unsupported response_format type {rf.get('type')!r}")
 
 
+def _check_tools(tools: list[dict[str, Any]]) -> None:
+    """Function tools, each with a named ``function`` (what the template and grammar read)."""
+    for i, t in enumerate(tools):
+        kind = t.get("type", "function")
+        if kind != "function":
+            raise BadRequest(
+                f"tools[{i}]: tool type {kind!r} is not supported; only function tools are"
+            )
+        fn = t.get("function")
+        if not isinstance(fn, dict):
+            raise BadRequest(
+                f"tools[{i}].function must be an object with a name, got {json_type(fn)}"
+            )
+        if not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise BadRequest(f"tools[{i}].function.name must be a non-empty string")
+        for field, ok in (("description", str), ("parameters", dict)):
+            value = fn.get(field)
+            if value is not None and not isinstance(value, ok):
+                raise BadRequest(
+                    f"tools[{i}].function.{field} must be "
+                    f"{'a string' if ok is str else 'a JSON Schema object'}, got {json_type(value)}"
+                )
+
+
+def _choice_name(choice: Any) -> str | None:
+    """The function ``tool_choice`` names, or None ("none", "auto", "required" or absent)."""
+    if choice is None or choice in ("none", "auto", "required"):
+        return None
+    if not isinstance(choice, dict):
+        raise BadRequest(
+            'tool_choice must be "none", "auto", "required" or '
+            f'{{"type": "function", "function": {{"name": ...}}}}, got {choice!r}'
+        )
+    fn = choice.get("function")
+    if fn is None and choice.get("type") not in (None, "function"):
+        return None  # another kind of choice (allowed_tools ...): the tools are offered, not forced
+    name = fn.get("name") if isinstance(fn, dict) else None
+    if not isinstance(name, str) or not name:
+        raise BadRequest(
+            'tool_choice must name a function as {"type": "function", "function": {"name": ...}}'
+        )
+    return name
+
+
 def _forced_call_schema(tools: list[dict[str, Any]], choice: Any) -> dict[str, Any] | None:
     """The schema that makes the model call a tool ("required" or a named function), else None."""
     if choice == "required":
         return forced_call_schema(tools, None)
-    if isinstance(choice, dict) and (choice.get("function") or {}).get("name"):
-        return forced_call_schema(tools, {choice["function"]["name"]})
-    return None
+    name = _choice_name(choice)
+    return None if name is None else forced_call_schema(tools, {name})
+
+
+def _chat_request(body: ChatCompletionRequest) -> ChatRequest:
+    """The ``service.chat`` request for ``body``; a malformed body is a 400 naming the field."""
+    with untrusted_input():
+        req: dict[str, Any] = {
+            "model": body.model,
+            "messages": _messages(body.messages),
+            "options": _options(body, body.max_completion_tokens or body.max_tokens),
+            "format": _format(body.response_format),
+            "logprobs": bool(body.logprobs),
+            "top_logprobs": body.top_logprobs or 0,
+        }
+        _choice_name(body.tool_choice)  # refused whether or not tools come with it
+        if body.tools:
+            _check_tools(body.tools)
+        if body.tools and body.tool_choice != "none":
+            req["tools"] = body.tools
+            forced = _forced_call_schema(body.tools, body.tool_choice)
+            if forced is not None and req["format"] is None:
+                req["format"] = forced
+        if body.reasoning_effort:
+            req["think"] = body.reasoning_effort
+        return ChatRequest.model_validate(req)
 
 
 def _finish(done_reason: str | None, has_calls: bool) -> str:
@@ -191,23 +315,8 @@ def _sse_stream(
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
     """Chat completions, streamed as SSE or whole."""
     sched = request.app.state.scheduler
-    req: dict[str, Any] = {
-        "model": body.model,
-        "messages": _messages(body.messages),
-        "options": _options(body, body.max_completion_tokens or body.max_tokens),
-        "format": _format(body.response_format),
-        "logprobs": bool(body.logprobs),
-        "top_logprobs": body.top_logprobs or 0,
-    }
-    if body.tools and body.tool_choice != "none":
-        req["tools"] = body.tools
-        forced = _forced_call_schema(body.tools, body.tool_choice)
-        if forced is not None and req["format"] is None:
-            req["format"] = forced
-    if body.reasoning_effort:
-        req["think"] = body.reasoning_effort
+    chat = _chat_request(body)
     cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-    chat = ChatRequest.model_validate(req)
     ts = ThreadedStream(lambda cancel: service.chat(sched, chat, cancel))
     if not body.stream:
         final = merge_chunks(await collect(ts, request), "message")
@@ -280,7 +389,8 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     if body.suffix:
         req["suffix"] = body.suffix
     cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-    gen = GenerateRequest.model_validate(req)
+    with untrusted_input():
+        gen = GenerateRequest.model_validate(req)
     ts = ThreadedStream(lambda cancel: service.generate(sched, gen, cancel))
 
     def choice(

@@ -15,6 +15,7 @@ from typing import Any
 
 from offload.runtime.errors import BadRequest
 from offload.runtime.server.bridge import forced_call_schema
+from offload.runtime.server.openai_schemas import json_type, untrusted_input
 from offload.runtime.server.responses_schemas import ResponsesRequest
 from offload.runtime.serving.requests import ChatRequest
 
@@ -62,8 +63,18 @@ def calls_by_id(messages: Sequence[dict[str, Any]]) -> dict[str, str]:
 def _arguments(where: str, raw: Any) -> dict[str, Any]:
     if isinstance(raw, dict):
         return raw
+    if raw is None or (isinstance(raw, str) and not raw.strip()):
+        return {}
+    if not isinstance(raw, str):
+        raise BadRequest(
+            f"{where}: arguments must be a string holding a JSON object, got {json_type(raw)}"
+        )
     try:
-        args = json.loads(raw) if isinstance(raw, str) and raw.strip() else {}
+        args = json.loads(raw)
+    except RecursionError:
+        raise BadRequest(
+            f"{where}: arguments must be a JSON object; it is nested too deeply"
+        ) from None
     except ValueError:
         raise BadRequest(f"{where}: arguments must be a JSON object, got {raw!r}") from None
     if not isinstance(args, dict):
@@ -88,10 +99,11 @@ def input_messages(
             raise BadRequest(f"{where}: an input item must be an object")
         kind = item.get("type") or ("message" if "role" in item else None)
         if kind == "message":
-            role = _ROLES.get(item.get("role"))  # type: ignore[arg-type]
+            raw_role = item.get("role")
+            role = _ROLES.get(raw_role) if isinstance(raw_role, str) else None
             if role is None:
                 raise BadRequest(
-                    f"{where}: role must be user, assistant, system or developer, got {item.get('role')!r}"
+                    f"{where}: role must be user, assistant, system or developer, got {raw_role!r}"
                 )
             images: list[str] = []
             msg: dict[str, Any] = {
@@ -121,6 +133,8 @@ def input_messages(
                 out[-1]["thinking"], thinking = thinking, ""
         elif kind == "function_call_output":
             cid = item.get("call_id")
+            if not isinstance(cid, str):
+                raise BadRequest(f"{where}: call_id must be a string, got {json_type(cid)}")
             if cid not in known:
                 raise BadRequest(
                     f"{where}: function_call_output for call_id {cid!r}, which no function_call "
@@ -158,6 +172,9 @@ def _tools(raw: list[dict[str, Any]]) -> list[dict[str, Any]]:
         params = t.get("parameters")
         if params is not None and not isinstance(params, dict):
             raise BadRequest(f"tools[{i}]: parameters must be a JSON Schema object")
+        description = t.get("description")
+        if description is not None and not isinstance(description, str):
+            raise BadRequest(f"tools[{i}]: description must be a string")
         fn = {
             "name": t["name"],
             "description": t.get("description") or "",
@@ -184,7 +201,14 @@ def tools_and_forcing(
             raise BadRequest("tool_choice: a function choice needs a name")
         return tools, forced_call_schema(tools, {name})
     if isinstance(choice, dict) and choice.get("type") == "allowed_tools":
-        names = {a.get("name") for a in choice.get("tools") or [] if isinstance(a, dict)} - {None}
+        listed = choice.get("tools")
+        if not isinstance(listed, list):
+            raise BadRequest(
+                f"tool_choice.tools: allowed_tools needs an array of tools, got {json_type(listed)}"
+            )
+        names = {
+            a["name"] for a in listed if isinstance(a, dict) and isinstance(a.get("name"), str)
+        }
         allowed = [t for t in tools if t["function"]["name"] in names]
         if not allowed:
             raise BadRequest("tool_choice: allowed_tools names none of the request's tools")
@@ -216,7 +240,15 @@ def chat_request(
     body: ResponsesRequest, history: Sequence[dict[str, Any]]
 ) -> tuple[ChatRequest, list[dict[str, Any]]]:
     """The ``service.chat`` request for ``body`` continuing ``history`` (a previous response's),
-    and the conversation to remember: history and input, without this request's instructions."""
+    and the conversation to remember: history and input, without this request's instructions.
+    A malformed body is a 400 naming the field at fault (``untrusted_input``)."""
+    with untrusted_input():
+        return _chat_request(body, history)
+
+
+def _chat_request(
+    body: ResponsesRequest, history: Sequence[dict[str, Any]]
+) -> tuple[ChatRequest, list[dict[str, Any]]]:
     conversation = list(history) + input_messages(body.input, history)
     if not any(m["role"] != "system" for m in conversation):
         raise BadRequest(
