@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from offload.models import gotemplate
-from offload.models.errors import ModelError, StoreError
+from offload.models.errors import InvalidQuantization, ModelError, StoreError
 from offload.models.layout import (
+    MAX_LAYERS,
     MAX_TEXT_BYTES,
     MEDIA_ADAPTER,
     MEDIA_LICENSE,
@@ -32,10 +33,17 @@ from offload.models.layout import (
     read_capped,
     sha256_file,
 )
-from offload.models.modelfile import Modelfile, ModelfileError, parse_modelfile
+from offload.models.modelfile import (
+    ROLES,
+    Modelfile,
+    ModelfileError,
+    ModelfileTooLarge,
+    parse_modelfile,
+)
 from offload.models.names import ModelName, parse_name
 from offload.models.sources import is_path, model_file
 from offload.models.store import Store
+from offload.models.template_limits import TemplateTooLarge
 from offload.planner.errors import GGUFError
 from offload.planner.gguf_header import GGUFHeader, read_header
 
@@ -43,6 +51,7 @@ __all__ = [
     "FILE_TYPES",
     "CheckedSources",
     "Quantizer",
+    "check_quantize",
     "check_sources",
     "create",
     "file_type_name",
@@ -85,7 +94,9 @@ def quant_type(name: str) -> int:
     """The llama.cpp file type for a name like ``q4_K_M`` (any case); raise on unknown names."""
     key = name.strip().upper()
     if key not in FILE_TYPES:
-        raise ModelError(f'unknown quantization "{name}", expected one of {", ".join(FILE_TYPES)}')
+        raise InvalidQuantization(
+            f"unknown quantization {json.dumps(name[:40])}, expected one of {', '.join(FILE_TYPES)}"
+        )
     return FILE_TYPES[key]
 
 
@@ -142,18 +153,85 @@ class CheckedSources:
     adapters: tuple[Path, ...]
 
 
+def _messages_data(mf: Modelfile) -> bytes:
+    msgs = [{"role": m.role, "content": m.content} for m in mf.messages]
+    return json.dumps(msgs, separators=(",", ":")).encode()
+
+
+def _params_data(params: dict[str, Any]) -> bytes:
+    return json.dumps(params, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _check_values(mf: Modelfile) -> None:
+    """What the Modelfile itself says fits its layers: messages, and every text layer's size."""
+    for i, m in enumerate(mf.messages):
+        if not isinstance(m.role, str) or m.role not in ROLES:
+            raise ModelfileError(
+                f"MESSAGE {i + 1}: role {json.dumps(m.role, default=str)[:40]} is not one of "
+                f"{', '.join(ROLES)}"
+            )
+        if not isinstance(m.content, str):
+            raise ModelfileError(
+                f"MESSAGE {i + 1}: content must be text, not {type(m.content).__name__}"
+            )
+    texts: list[tuple[str, bytes]] = []
+    if mf.template is not None:
+        texts.append(("TEMPLATE", mf.template.encode()))
+    if mf.system is not None:
+        texts.append(("SYSTEM", mf.system.encode()))
+    texts += [("LICENSE", lic.encode()) for lic in mf.licenses]
+    if mf.parameters:
+        texts.append(("the PARAMETERs", _params_data(mf.parameters)))
+    if mf.messages:
+        texts.append(("the MESSAGEs", _messages_data(mf)))
+    for what, data in texts:
+        if len(data) > MAX_TEXT_BYTES:
+            raise ModelfileTooLarge(
+                f"{what} is {len(data)} bytes, more than the {MAX_TEXT_BYTES} a layer may hold"
+            )
+
+
+def _check_layer_count(mf: Modelfile, base: dict[str, Any] | None) -> None:
+    replaced = {
+        MEDIA_TEMPLATE: mf.template is not None,
+        MEDIA_SYSTEM: mf.system is not None,
+        MEDIA_LICENSE: bool(mf.licenses),
+        MEDIA_PARAMS: bool(mf.parameters),
+        MEDIA_MESSAGES: bool(mf.messages),
+    }
+    kept = [x for x in base["layers"] if not replaced.get(x["mediaType"])] if base else [None]
+    count = (
+        len(kept)
+        + len(mf.adapters)
+        + len(mf.licenses)
+        + sum(replaced[m] for m in (MEDIA_TEMPLATE, MEDIA_SYSTEM, MEDIA_PARAMS, MEDIA_MESSAGES))
+    )
+    if count > MAX_LAYERS:
+        raise ModelfileError(
+            f"the model would have {count} layers, more than the {MAX_LAYERS} allowed "
+            "(each LICENSE and ADAPTER is a layer)"
+        )
+
+
 def check_sources(
     store: Store,
     mf: Modelfile,
     *,
     base_dir: Path,
     allowed_dirs: Sequence[Path] | None = None,
+    quantize: str | None = None,
 ) -> CheckedSources:
-    """Check everything a Modelfile names, writing nothing; ``ModelfileError`` naming the line."""
+    """Check everything a Modelfile names, writing nothing; ``ModelfileError`` naming the line.
+
+    With ``quantize``, also that the model can be quantized to that type (``InvalidQuantization``).
+    """
     from_line = mf.lines.get("FROM")
+    _check_values(mf)
     if mf.template is not None:
         try:
             gotemplate.parse(mf.template)
+        except TemplateTooLarge as e:
+            raise ModelfileTooLarge(f"TEMPLATE: {e.problem}", mf.lines.get("TEMPLATE")) from None
         except gotemplate.TemplateError as e:
             start = mf.lines.get("TEMPLATE")
             line = start + e.line - 1 if start and e.line else start
@@ -164,6 +242,9 @@ def check_sources(
     )
     if is_path(mf.from_, base_dir, allowed_dirs):
         path, header = model_file(mf.from_, base_dir, "FROM", from_line, allowed_dirs)
+        _check_layer_count(mf, None)
+        if quantize:
+            check_quantize(header, quantize)
         return CheckedSources(path, None, header, adapters)
     try:
         holder, raw = store.locate_manifest(mf.from_)
@@ -179,6 +260,9 @@ def check_sources(
         header = read_header(path)
     except GGUFError as e:
         raise ModelfileError(f"FROM {mf.from_}: {e.problem}", from_line) from None
+    _check_layer_count(mf, manifest)
+    if quantize:
+        check_quantize(header, quantize)
     return CheckedSources(None, (holder, manifest), header, adapters)
 
 
@@ -215,7 +299,9 @@ def create(
     base_dir = Path(base_dir or Path.cwd())
     report({"status": "parsing modelfile"})
     mf = parse_modelfile(modelfile) if isinstance(modelfile, str) else modelfile
-    checked = check_sources(store, mf, base_dir=base_dir, allowed_dirs=allowed_dirs)
+    checked = check_sources(
+        store, mf, base_dir=base_dir, allowed_dirs=allowed_dirs, quantize=quantize
+    )
     if quantize:
         _check_quantizable(checked.header, quantize, quantizer)
     from_line = mf.lines.get("FROM")
@@ -260,11 +346,10 @@ def create(
         ]
     if mf.parameters:
         params = {**base_params, **mf.parameters}
-        data = json.dumps(params, sort_keys=True, separators=(",", ":")).encode()
+        data = _params_data(params)
         layers[MEDIA_PARAMS] = [_text_layer(store, MEDIA_PARAMS, data, report)]
     if mf.messages:
-        msgs = [{"role": m.role, "content": m.content} for m in mf.messages]
-        data = json.dumps(msgs, separators=(",", ":")).encode()
+        data = _messages_data(mf)
         layers[MEDIA_MESSAGES] = [_text_layer(store, MEDIA_MESSAGES, data, report)]
 
     ordered = [layer for media in _LAYER_ORDER for layer in layers.get(media, [])]
@@ -281,14 +366,21 @@ def create(
     return digest
 
 
-def _check_quantizable(header: GGUFHeader, quantize: str, quantizer: Quantizer | None) -> int:
+def check_quantize(header: GGUFHeader, quantize: str) -> int:
+    """The llama.cpp file type to quantize to; ``InvalidQuantization`` for an unknown type or a
+    model that is already quantized (only F16, BF16 and F32 weights can be quantized)."""
     ftype = quant_type(quantize)
     current = header.metadata.get("general.file_type")
     if current not in _UNQUANTIZED:
-        raise ModelError(
+        raise InvalidQuantization(
             f"quantize: only F16, BF16 or F32 models can be quantized, this one is "
-            f"{file_type_name(current)}"
+            f"{file_type_name(current)}; create from its unquantized weights instead"
         )
+    return ftype
+
+
+def _check_quantizable(header: GGUFHeader, quantize: str, quantizer: Quantizer | None) -> int:
+    ftype = check_quantize(header, quantize)
     if quantizer is None:
         raise ModelError("quantize: no quantizer available in this build")
     return ftype

@@ -15,6 +15,8 @@ __all__ = [
     "RegistryModelNotFound",
     "AuthRequired",
     "BlobOverflow",
+    "BlobNotFound",
+    "InvalidQuantization",
     "DownloadInterrupted",
     "DiskFull",
 ]
@@ -64,6 +66,24 @@ class DigestMismatch(ModelError):
         )
         self.expected = expected
         self.actual = actual
+
+
+class BlobNotFound(ModelError):
+    """A request names a blob (by digest) that was never uploaded to this server."""
+
+    http_status = 400
+
+    def __init__(self, digest: str, what: str = "blob") -> None:
+        super().__init__(
+            f"{what} {digest} is not on the server; upload it with POST /api/blobs first"
+        )
+        self.digest = digest
+
+
+class InvalidQuantization(ModelError):
+    """A quantization type that does not exist, or a model that cannot be quantized to it."""
+
+    http_status = 400
 
 
 class StoreError(ModelError):

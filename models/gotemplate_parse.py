@@ -5,7 +5,7 @@ The nodes are private to ``offload.models.gotemplate``, which executes them.
 
 from __future__ import annotations
 
-import json as _json
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -169,7 +169,7 @@ class _PipeParser:
         elif k == "raw":
             op = _Operand("lit", t[1:-1])
         elif k == "char":
-            op = _Operand("lit", ord(_unquote('"' + t[1:-1] + '"', self.line)))
+            op = _Operand("lit", _char(t, self.line))
         elif k == "num":
             op = _Operand("lit", _number(t, self.line))
         elif k == "dot":
@@ -203,27 +203,112 @@ class _PipeParser:
         return op
 
 
+_SIMPLE_ESCAPES = {
+    "a": "\a", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t", "v": "\v", "\\": "\\",
+}  # fmt: skip
+_HEX_LEN = {"x": 2, "u": 4, "U": 8}
+
+
+def _unescape(body: str, quote: str) -> tuple[list[str | int], bool]:
+    """Go's escapes in the body of a ``quote``-delimited literal, as ``strconv.Unquote`` reads
+    them: a list of characters (str) and raw bytes (int, from hex and octal byte escapes), and
+    whether it is well formed. Only the literal's own quote may be escaped."""
+    out: list[str | int] = []
+    i = 0
+    while i < len(body):
+        c = body[i]
+        if c == quote or c == "\n":
+            return out, False
+        if c != "\\":
+            out.append(c)
+            i += 1
+            continue
+        if i + 1 >= len(body):
+            return out, False
+        e = body[i + 1]
+        i += 2
+        if e in _SIMPLE_ESCAPES:
+            out.append(_SIMPLE_ESCAPES[e])
+        elif e == quote:
+            out.append(quote)
+        elif e in _HEX_LEN:
+            digits = body[i : i + _HEX_LEN[e]]
+            if len(digits) != _HEX_LEN[e] or not all(d in "0123456789abcdefABCDEF" for d in digits):
+                return out, False
+            i += _HEX_LEN[e]
+            value = int(digits, 16)
+            if e == "x":
+                out.append(value)
+            elif value > 0x10FFFF or 0xD800 <= value <= 0xDFFF:
+                return out, False  # not a Unicode code point: Go refuses it too
+            else:
+                out.append(chr(value))
+        elif e in "01234567":
+            digits = body[i - 1 : i + 2]
+            if len(digits) != 3 or not all(d in "01234567" for d in digits):
+                return out, False
+            i += 2
+            value = int(digits, 8)
+            if value > 255:
+                return out, False
+            out.append(value)
+        else:
+            return out, False
+    return out, True
+
+
 def _unquote(text: str, line: int) -> str:
-    try:
-        return (
-            _json.loads(text, strict=False)
-            if "\\x" not in text
-            else text[1:-1].encode().decode("unicode_escape")
+    """The value of a Go interpreted string literal ``"..."``."""
+    parts, ok = _unescape(text[1:-1], '"')
+    if not ok:
+        raise TemplateError(f"bad string literal {_shown(text)}", line)
+    data = bytearray()
+    for part in parts:
+        data += bytes([part]) if isinstance(part, int) else part.encode("utf-8")
+    # Go strings are bytes; "\xff" alone is no UTF-8 and prints as the replacement character.
+    return data.decode("utf-8", errors="replace")
+
+
+def _char(text: str, line: int) -> int:
+    """The value of a Go character literal ``'x'``: one character, or one escape, as a number."""
+    parts, ok = _unescape(text[1:-1], "'")
+    if not ok or len(parts) != 1:
+        raise TemplateError(
+            f"malformed character constant {_shown(text)}: expected exactly one character", line
         )
-    except ValueError as exc:
-        raise TemplateError(f"bad string literal {text}", line) from exc
+    part = parts[0]
+    return part if isinstance(part, int) else ord(part)
+
+
+def _shown(text: str, limit: int = 40) -> str:
+    """A literal for a one-line message: cut when long, line breaks escaped."""
+    cut = text[:limit] + ("..." if len(text) > limit else "")
+    return cut.replace("\r", "\\r").replace("\n", "\\n")
+
+
+_OCTAL = re.compile(r"[-+]?0[0-7_]+")
+_INT64_MIN, _UINT64_MAX = -(1 << 63), (1 << 64) - 1
 
 
 def _number(text: str, line: int) -> int | float:
     t = text.replace("_", "")
     try:
         if t.lower().lstrip("+-").startswith("0x"):
-            return int(t, 16)
-        if any(c in t for c in ".eE"):
-            return float(t)
-        return int(t)
+            value: int | float = int(t, 16)
+        elif _OCTAL.fullmatch(text) and len(t.lstrip("+-")) > 1:
+            value = int(t, 8)  # Go reads 017 as octal
+        elif any(c in t for c in ".eE"):
+            value = float(t)
+        else:
+            value = int(t)
     except ValueError as exc:
-        raise TemplateError(f"bad number {text}", line) from exc
+        raise TemplateError(f"bad number {_shown(text)}", line) from exc
+    if isinstance(value, int) and not _INT64_MIN <= value <= _UINT64_MAX:
+        # Go keeps a constant too big for 64 bits as a float, if a float can hold it.
+        value = float(value) if abs(value) < 1 << 1000 else math.inf
+    if not math.isfinite(value):
+        raise TemplateError(f"bad number {_shown(text)}: out of range", line)
+    return value
 
 
 # ---------------------------------------------------------------- splitting text and actions
@@ -312,7 +397,10 @@ def _build(source: str) -> list[_Node]:
                 sub_kind = toks[1].text
                 if sub_kind not in ("if", "with") or toks[1].kind != "ident":
                     raise TemplateError(f"unexpected {sub_kind!r} after else", line)
-                sub = _Node(sub_kind, line, pipe=_PipeParser(toks[2:], line).pipeline())
+                sub_parser = _PipeParser(toks[2:], line)
+                sub = _Node(sub_kind, line, pipe=sub_parser.pipeline())
+                if (extra := sub_parser.peek()) is not None:
+                    raise TemplateError(f"unexpected {extra.text!r} in action", line)
                 node.else_body.append(sub)
                 stack.append((node, node.else_body, chained))
                 stack.append((sub, sub.body, 1))

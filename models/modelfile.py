@@ -7,6 +7,7 @@ string (``\\"`` escapes a quote), or a ``\"\"\"multi-line\"\"\"`` block.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -21,6 +22,8 @@ __all__ = [
     "Message",
     "Modelfile",
     "ModelfileError",
+    "ModelfileTooLarge",
+    "ROLES",
     "PARAMETER_TYPES",
     "coerce_parameter",
     "parse_modelfile",
@@ -38,6 +41,12 @@ class ModelfileError(ModelError):
         super().__init__(f"Modelfile line {line}: {problem}" if line else f"Modelfile: {problem}")
         self.problem = problem
         self.line = line
+
+
+class ModelfileTooLarge(ModelfileError):
+    """A value too big for the layer it would be stored in."""
+
+    http_status = 413
 
 
 def _shown(text: str, limit: int = 80) -> str:
@@ -155,28 +164,39 @@ class Modelfile:
     #: Where each instruction was: "FROM", "TEMPLATE", "ADAPTER0"... -> 1-based line (not compared).
     lines: dict[str, int] = field(default_factory=dict, compare=False, repr=False)
 
-    def render(self) -> str:
-        """Text that ``parse_modelfile`` reads back to an equal Modelfile."""
-        out = [f"FROM {_quote(self.from_)}"]
-        out += [f"ADAPTER {_quote(a)}" for a in self.adapters]
+    def render(self, *, strict: bool = True) -> str:
+        """Text that ``parse_modelfile`` reads back to an equal Modelfile.
+
+        With ``strict=False`` (showing a stored model) nothing raises: a value no Modelfile can
+        hold (both ``\"\"\"`` and a line break, or not text at all) is written as near as it can be.
+        """
+        q = functools.partial(_quote, strict=strict)
+        out = [f"FROM {q(self.from_)}"]
+        out += [f"ADAPTER {q(a)}" for a in self.adapters]
         if self.template is not None:
-            out.append(f"TEMPLATE {_quote(self.template, block=True)}")
+            out.append(f"TEMPLATE {q(self.template, block=True)}")
         if self.system is not None:
-            out.append(f"SYSTEM {_quote(self.system, block=True)}")
+            out.append(f"SYSTEM {q(self.system, block=True)}")
         for key, value in self.parameters.items():
             for v in value if isinstance(value, list) else [value]:
                 text = ("true" if v else "false") if isinstance(v, bool) else str(v)
-                out.append(f"PARAMETER {key} {_quote(text)}")
-        out += [f"LICENSE {_quote(lic, block=True)}" for lic in self.licenses]
-        out += [f"MESSAGE {m.role} {_quote(m.content)}" for m in self.messages]
+                out.append(f"PARAMETER {key} {q(text)}")
+        out += [f"LICENSE {q(lic, block=True)}" for lic in self.licenses]
+        out += [f"MESSAGE {m.role} {q(m.content)}" for m in self.messages]
         return "\n".join(out) + "\n"
 
 
-def _quote(value: str, block: bool = False) -> str:
+def _quote(value: str, block: bool = False, strict: bool = True) -> str:
     """The shortest form that reads back exactly as ``value``."""
+    if not isinstance(value, str):
+        if strict:
+            raise ModelfileError(f"a value must be text, not {type(value).__name__}")
+        value = json.dumps(value, ensure_ascii=False, default=str)
     if '"""' in value or value.endswith('"'):
         if "\n" in value:
-            raise ModelfileError('a value holding both \'"""\' and a newline cannot be written')
+            if strict:
+                raise ModelfileError('a value holding both \'"""\' and a newline cannot be written')
+            value = value.replace("\r", "\\r").replace("\n", "\\n")  # shown, not read back
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
     if "\n" in value or (block and value != value.strip()):
         return f'"""{value}"""'

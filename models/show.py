@@ -62,7 +62,11 @@ def modelfile_of(info: ModelInfo) -> Modelfile:
         system=info.system,
         adapters=[str(p) for p in info.adapters],
         licenses=list(info.license),
-        messages=[Message(m.get("role", ""), m.get("content", "")) for m in info.messages],
+        messages=[
+            Message(m["role"], m.get("content", ""))
+            for m in info.messages
+            if isinstance(m.get("role"), str) and isinstance(m.get("content", ""), str)
+        ],
     )
 
 
@@ -74,7 +78,8 @@ def modelfile_text(store: Store, name: str | ModelName) -> str:
         "# To build a new Modelfile based on this, replace FROM with:\n"
         f"# FROM {info.name.display}\n\n"
     )
-    return head + modelfile_of(info).render()
+    # Not strict: whatever a stored model holds, showing it must not fail.
+    return head + modelfile_of(info).render(strict=False)
 
 
 def show(store: Store, name: str | ModelName) -> dict[str, Any]:

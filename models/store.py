@@ -356,7 +356,14 @@ class Store:
                 licenses.append(self._read_text(digest, f"the license of {n.display}"))
             elif mt == MEDIA_MESSAGES:
                 msgs = self._read_json(digest, list, f"the messages of {n.display}")
-                messages.extend(m for m in msgs if isinstance(m, dict))
+                # Only turns a chat can use: a role and a content that are text.
+                messages.extend(
+                    m
+                    for m in msgs
+                    if isinstance(m, dict)
+                    and isinstance(m.get("role"), str)
+                    and isinstance(m.get("content", ""), str)
+                )
             elif mt in (MEDIA_ADAPTER, MEDIA_PROJECTOR):
                 p = self.find_blob(digest)
                 if p is None:

@@ -23,9 +23,9 @@ from starlette.requests import ClientDisconnect
 
 from offload.models import embedded, registry
 from offload.models.create import check_sources, create
-from offload.models.errors import ModelError
+from offload.models.errors import BlobNotFound, ModelError
 from offload.models.layout import check_digest
-from offload.models.modelfile import Message, Modelfile, coerce_parameter, parse_modelfile
+from offload.models.modelfile import ROLES, Message, Modelfile, coerce_parameter, parse_modelfile
 from offload.models.names import parse_name
 from offload.models.show import show
 from offload.models.store import Store
@@ -170,9 +170,10 @@ def _modelfile_from_request(store: Store, body: CreateRequest) -> Modelfile:
     if body.files:
         # Files were uploaded with POST /api/blobs; FROM the model file's blob.
         digest = check_digest(next(iter(body.files.values())))
-        if not store.has_blob(digest):
-            raise ModelError(f"blob {digest} is not on the server; upload it with POST /api/blobs")
-        source = str(store.find_blob(digest))
+        path = store.find_blob(digest)
+        if path is None:
+            raise BlobNotFound(digest)
+        source = str(path)
     if not source:
         raise BadRequest('create needs "from" (a model name), "files" or "modelfile"')
     params: dict[str, Any] = {}
@@ -184,7 +185,7 @@ def _modelfile_from_request(store: Store, body: CreateRequest) -> Modelfile:
     for digest in (body.adapters or {}).values():
         path = store.find_blob(check_digest(digest))
         if path is None:
-            raise ModelError(f"adapter blob {digest} is not on the server; upload it first")
+            raise BlobNotFound(check_digest(digest), "adapter blob")
         adapters.append(str(path))
     licenses = [body.license] if isinstance(body.license, str) else list(body.license or [])
     return Modelfile(
@@ -194,8 +195,19 @@ def _modelfile_from_request(store: Store, body: CreateRequest) -> Modelfile:
         system=body.system,
         adapters=adapters,
         licenses=licenses,
-        messages=[Message(m.get("role", ""), m.get("content", "")) for m in body.messages or []],
+        messages=[_message(i, m) for i, m in enumerate(body.messages or [])],
     )
+
+
+def _message(i: int, m: dict[str, Any]) -> Message:
+    """One of a create request's ``messages``: what a Modelfile MESSAGE line may say."""
+    role, content = m.get("role"), m.get("content", "")
+    if not isinstance(role, str) or role.lower() not in ROLES:
+        shown = json.dumps(role, default=str)[:40]
+        raise BadRequest(f"messages[{i}]: role {shown} is not one of {', '.join(ROLES)}")
+    if not isinstance(content, str):
+        raise BadRequest(f"messages[{i}]: content must be a string, not {type(content).__name__}")
+    return Message(role.lower(), content)
 
 
 def _allowed_dirs(store: Store) -> list[Path]:
@@ -203,9 +215,9 @@ def _allowed_dirs(store: Store) -> list[Path]:
     return [*config.allowed_paths(), *(s.blobs_dir for s in [store, *store.fallbacks])]
 
 
-def _precheck(store: Store, mf: Modelfile, allowed: list[Path]) -> None:
+def _precheck(store: Store, mf: Modelfile, allowed: list[Path], quantize: str | None) -> None:
     embedded.ensure(store, mf.from_)
-    check_sources(store, mf, base_dir=Path.cwd(), allowed_dirs=allowed)
+    check_sources(store, mf, base_dir=Path.cwd(), allowed_dirs=allowed, quantize=quantize)
 
 
 @router.post("/api/create")
@@ -218,7 +230,7 @@ async def api_create(body: CreateRequest, request: Request) -> Response:
         mf = _modelfile_from_request(store, body)
         # Everything the request names is checked before the answer starts, so a bad file gets
         # its status (400, not a 200 stream that ends in an error) and nothing is written.
-        await run_in_threadpool(_precheck, store, mf, allowed)
+        await run_in_threadpool(_precheck, store, mf, allowed, body.quantize)
     except OffloadError as e:
         return _error(e)
 
