@@ -100,7 +100,12 @@ def _user_turn(where: str, blocks: list[Any], known: dict[str, str]) -> list[dic
             content = _text_blocks(f"{at}.content", b.get("content") or "", tool_images)
             if b.get("is_error"):
                 content = f"Error: {content}"
-            msg = {"role": "tool", "content": content, "tool_name": known[tid], "tool_call_id": tid}
+            msg: dict[str, Any] = {
+                "role": "tool",
+                "content": content,
+                "tool_name": known[tid],
+                "tool_call_id": tid,
+            }
             if tool_images:
                 msg["images"] = tool_images
             out.append(msg)
@@ -109,7 +114,7 @@ def _user_turn(where: str, blocks: list[Any], known: dict[str, str]) -> list[dic
                 f"{at}: unknown block type {kind!r} in a user turn; expected {_USER_BLOCKS}"
             )
     if texts or images or not out:
-        msg = {"role": "user", "content": "".join(texts)}
+        msg = {"role": "user", "content": "".join(texts)}  # typed at its first use above
         if images:
             msg["images"] = images
         out.append(msg)

@@ -133,7 +133,7 @@ class CheckedJSONBody:
             size += len(chunk)
             if size > MAX_JSON_BODY:
                 await self._refuse(
-                    scope, send, 413, f"request body larger than {MAX_JSON_BODY >> 20} MiB"
+                    scope, receive, send, 413, f"request body larger than {MAX_JSON_BODY >> 20} MiB"
                 )
                 return
             chunks.append(chunk)
@@ -149,6 +149,7 @@ class CheckedJSONBody:
                 code = f"\\u{ord(at.group()):04x}" if at else "a surrogate"
                 await self._refuse(
                     scope,
+                    receive,
                     send,
                     400,
                     f"invalid JSON: a string holds a lone UTF-16 surrogate ({code}), which is not "
@@ -167,10 +168,10 @@ class CheckedJSONBody:
         await self.app(scope, replay, send)
 
     @staticmethod
-    async def _refuse(scope: Any, send: Any, status: int, message: str) -> None:
+    async def _refuse(scope: Any, receive: Any, send: Any, status: int, message: str) -> None:
         request = Request(scope)
         response = error_response(status, message, family_of(request.url.path, request.headers))
-        await response(scope, None, send)
+        await response(scope, receive, send)
 
 
 class AnswerUnexpected:
