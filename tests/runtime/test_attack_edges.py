@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from tests.conftest import ServerThread
+from tests.runtime.steady import assert_one_line_error
 
 GEN = {"model": "gemma3:270m", "stream": False, "options": {"num_predict": 2}}
 
@@ -18,15 +19,6 @@ GEN = {"model": "gemma3:270m", "stream": False, "options": {"num_predict": 2}}
 def http(server: ServerThread) -> httpx.Client:
     with httpx.Client(base_url=server.url, timeout=120) as c:
         yield c
-
-
-def _one_line_error(r: httpx.Response, status: int) -> str:
-    assert r.status_code == status, (r.status_code, r.text[:300])
-    body = r.json()
-    err = body["error"]
-    message = err["message"] if isinstance(err, dict) else err
-    assert "\n" not in message and "Traceback" not in message
-    return message
 
 
 @pytest.mark.parametrize(
@@ -42,13 +34,13 @@ def _one_line_error(r: httpx.Response, status: int) -> str:
 )
 def test_a_lone_surrogate_in_any_string_is_a_400(http: httpx.Client, path: str, body: str) -> None:
     r = http.post(path, content=body, headers={"content-type": "application/json"})
-    assert "lone UTF-16 surrogate" in _one_line_error(r, 400)
+    assert "lone UTF-16 surrogate" in assert_one_line_error(r, 400)
 
 
 def test_a_surrogate_sent_as_raw_bytes_is_a_400_too(http: httpx.Client) -> None:
     body = b'{"model":"gemma3:270m","messages":[{"role":"user","content":"\xed\xa0\x80"}]}'
     r = http.post("/api/chat", content=body)
-    assert "lone UTF-16 surrogate" in _one_line_error(r, 400)
+    assert "lone UTF-16 surrogate" in assert_one_line_error(r, 400)
 
 
 def test_a_surrogate_pair_is_one_character_and_works(http: httpx.Client) -> None:
@@ -65,7 +57,7 @@ def test_a_json_body_over_the_cap_is_a_413_before_it_is_parsed(
 
     monkeypatch.setattr(app_mod, "MAX_JSON_BODY", 1 << 20)
     r = http.post("/api/generate", content=b'{"prompt":"' + b"x" * (2 << 20) + b'"}')
-    assert "larger than 1 MiB" in _one_line_error(r, 413)
+    assert "larger than 1 MiB" in assert_one_line_error(r, 413)
 
 
 @pytest.mark.parametrize("options", [{"num_batch": 1}, {"num_batch": 3}, {"num_ctx": 1}])
@@ -84,10 +76,10 @@ def test_tiny_batches_and_contexts_run_instead_of_aborting_llama_cpp(
 def test_a_format_schema_too_large_for_a_grammar_is_refused(http: httpx.Client) -> None:
     big = {"enum": list(range(5000))}
     r = http.post("/api/generate", json={**GEN, "prompt": "Pick:", "format": big})
-    assert "too large for a grammar" in _one_line_error(r, 400)
+    assert "too large for a grammar" in assert_one_line_error(r, 400)
     branches = {"anyOf": [{"const": i} for i in range(2000)]}
     r = http.post("/api/generate", json={**GEN, "prompt": "Pick:", "format": branches})
-    assert "too large for a grammar" in _one_line_error(r, 400)
+    assert "too large for a grammar" in assert_one_line_error(r, 400)
     # An ordinary enum still constrains the answer.
     r = http.post(
         "/api/generate",
@@ -103,7 +95,7 @@ def test_a_format_schema_too_large_for_a_grammar_is_refused(http: httpx.Client) 
 
 def test_embed_takes_at_most_2048_inputs(http: httpx.Client) -> None:
     r = http.post("/api/embed", json={"model": "gemma3:270m", "input": ["x"] * 2049})
-    assert "2048" in _one_line_error(r, 400)
+    assert "2048" in assert_one_line_error(r, 400)
 
 
 def test_405_names_every_method_of_the_path(http: httpx.Client) -> None:
