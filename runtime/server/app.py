@@ -175,7 +175,8 @@ class CheckedJSONBody:
 
 
 class AnswerUnexpected:
-    """A bug is answered in the caller's API shape, and the connection stays usable.
+    """A bug is answered in the caller's API shape (one line; the traceback goes to the log), and
+    the connection stays usable. The only last-resort handler: ``create_app`` registers none.
 
     Starlette's own last-resort handler sends the 500 and then raises again, so the server drops
     the connection without saying so, and a client's next request on it (keep-alive) fails too.
@@ -203,8 +204,9 @@ class AnswerUnexpected:
                 raise  # half an answer is out: only closing the connection tells the client
             request = Request(scope)
             log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+            detail = " ".join(str(exc).split()) or type(exc).__name__  # one line
             response = error_response(
-                500, f"internal error: {exc}", family_of(request.url.path, request.headers)
+                500, f"internal error: {detail}", family_of(request.url.path, request.headers)
             )
             await response(scope, receive, send)
 
@@ -272,12 +274,6 @@ def create_app(store: Store | None = None, scheduler: Scheduler | None = None) -
         else:
             message = str(exc.detail)
         return error_response(exc.status_code, message, _family(request), headers=exc.headers)
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        # A bug is still answered in the caller's API shape; the traceback goes to the log.
-        log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-        return error_response(500, f"internal error: {exc}", _family(request))
 
     @app.exception_handler(json.JSONDecodeError)
     async def _bad_json(request: Request, exc: json.JSONDecodeError) -> JSONResponse:

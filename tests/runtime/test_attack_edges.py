@@ -116,7 +116,7 @@ def test_a_bug_is_a_500_in_the_api_shape_and_the_connection_stays_usable(
 
     @app.post("/api/boom")
     async def boom() -> None:
-        raise RuntimeError("a bug")
+        raise RuntimeError("a bug\n  on two lines")
 
     request = (
         b"POST /api/boom HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
@@ -127,7 +127,10 @@ def test_a_bug_is_a_500_in_the_api_shape_and_the_connection_stays_usable(
         with ServerThread(app) as s, socket.create_connection(("127.0.0.1", s.port), 10) as c:
             c.sendall(request)
             first = _read_response(c)
-            assert first.startswith(b"HTTP/1.1 500") and b'"error":"internal error: a bug"' in first
+            assert (
+                first.startswith(b"HTTP/1.1 500")
+                and b'"error":"internal error: a bug on two lines"' in first
+            )
             c.sendall(version)  # the same connection, as httpx and the official clients reuse it
             assert _read_response(c).startswith(b"HTTP/1.1 200")
     finally:
