@@ -750,6 +750,7 @@ def summarize(doc: dict[str, Any]) -> None:
             for label in LABELS
         ),
     }
+    t["request_speedup_paired"] = _paired_request_speedup(doc)
     t["met"] = {
         k: (v is not None and (v <= TARGETS[k] if k.endswith("error") else v >= TARGETS[k]))
         for k, v in t.items()
@@ -757,6 +758,35 @@ def summarize(doc: dict[str, Any]) -> None:
     }
     t["met"]["budget"] = t["over_budget_loads"] == 0 and t["oom_loads"] == 0
     doc["targets"] = t
+
+
+def _request_s(doc: dict[str, Any], run: dict[str, Any]) -> float | None:
+    """One load's request time: its prompt at the workload's length (else the sweep's) and its
+    decode at the sweep's depth (else with an empty context)."""
+    p_w, g_w = doc.get("workload", WORKLOAD)
+    prompt = (run.get("prompt_tps_at") or {}).get(str(p_w)) or run.get("prompt_tps")
+    depth = str(doc.get("decode_depth") or "")
+    decode = (run.get("decode_tps_at_depth") or {}).get(depth) or run.get("decode_tps")
+    return p_w / prompt + g_w / decode if prompt and decode else None
+
+
+def _paired_request_speedup(doc: dict[str, Any]) -> float | None:
+    """Median over rounds of (best baseline's request time / the default plan's) within a round.
+
+    A round loads every candidate once, one after the other, so a slow spell of a shared host
+    (every placement of a round can lose 40% of its decode) divides out; the medians of each
+    candidate's own loads are kept beside it."""
+    ratios = []
+    for rep in sorted({r["rep"] for r in doc["runs"]}):
+        this = {
+            r["label"]: _request_s(doc, r)
+            for r in doc["runs"]
+            if r["rep"] == rep and not r.get("superseded")
+        }
+        base = [this[b] for b in BASELINES if this.get(b)]
+        if base and this.get("offload"):
+            ratios.append(min(base) / this["offload"])
+    return _median(ratios)
 
 
 def _pd(m: dict[str, Any] | None) -> str:
@@ -767,6 +797,11 @@ def _pd(m: dict[str, Any] | None) -> str:
 
 def _ratio(v: float | None, ok: bool | None) -> str:
     return "—" if v is None else f"{v:.2f} {'✓' if ok else '✗'}"
+
+
+def _paired(t: dict[str, Any]) -> str:
+    v = t.get("request_speedup_paired")
+    return "" if v is None else f" (paired {v:.2f})"
 
 
 def _empty(t: dict[str, Any]) -> str:
@@ -837,7 +872,7 @@ def summary_markdown(docs: list[dict[str, Any]]) -> str:
         loads = sum(1 for r in d["runs"] if "shared_with" not in r)
         lines.append(
             f"| {d['kind']} | {d.get('gpus', 1)}×{d['budget_gib']:g} GiB | "
-            f"{_ratio(t.get('request_speedup'), met.get('request_speedup'))} | "
+            f"{_ratio(t.get('request_speedup'), met.get('request_speedup'))}{_paired(t)} | "
             f"{_ratio(t.get('decode_ratio'), met.get('decode_ratio'))}{_empty(t)} | "
             f"{_ratio(t.get('prompt_ratio'), met.get('prompt_ratio'))} | "
             f"{_ratio(t.get('decode_error'), met.get('decode_error'))} | "
