@@ -41,7 +41,12 @@ _LOCAL_ORIGINS = [
     r"file://.*",
     r"tauri://.*",
 ]
-_NAME = re.compile(r"[a-z0-9_]([a-z0-9_.-]{0,251}[a-z0-9_])?")
+# A host name: dot-separated labels of letters, digits, '-' and '_' (container names), none
+# empty, none starting or ending with '-'. Percent signs, '@', spaces and the like make it no name.
+_LABEL = r"[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?"
+_NAME = re.compile(rf"{_LABEL}(\.{_LABEL})*")
+_MAX_NAME = 253
+_PORT = re.compile(r":([0-9]{1,5})")
 
 
 def origin_regex(extra: list[str]) -> str:
@@ -51,29 +56,38 @@ def origin_regex(extra: list[str]) -> str:
 
 
 def host_name(header: str) -> str | None:
-    """The host part of a ``Host`` header (lower case, no port, no brackets); None if malformed."""
-    h = header.strip().lower()
+    """The host part of a ``Host`` header (lower case, no port, no brackets); None if malformed.
+
+    Only ``name``, ``IPv4`` or ``[IPv6]``, each with an optional port from 1 to 65535: nothing
+    else (no zone id such as ``%eth0``, no user part, no characters a host name cannot hold),
+    since what follows the part that looks like a name could be the name an attacker controls.
+    """
+    h = header.strip(" \t").lower()
     if h.startswith("["):
         end = h.find("]")
-        if end < 0 or not re.fullmatch(r"(:\d{1,5})?", h[end + 1 :]):
+        host, rest = (h[1:end], h[end + 1 :]) if end > 0 else ("", "")
+        if not _is_ip(host, version=6):
             return None
-        return h[1:end] if _is_ip(h[1:end]) else None
-    if h.count(":") == 1:
-        h, port = h.split(":")
-        if not re.fullmatch(r"\d{1,5}", port):
+    else:
+        host, sep, port = h.partition(":")
+        rest = sep + port
+        host = host[:-1] if host.endswith(".") else host
+        if not (_is_ip(host, version=4) or (len(host) <= _MAX_NAME and _NAME.fullmatch(host))):
             return None
-    elif ":" in h:
-        return None  # an IPv6 address must be in brackets
-    h = h[:-1] if h.endswith(".") else h
-    return h if _is_ip(h) or _NAME.fullmatch(h) else None
+    if rest and not ((m := _PORT.fullmatch(rest)) and 1 <= int(m.group(1)) <= 65535):
+        return None
+    return host
 
 
-def _is_ip(text: str) -> bool:
+def _is_ip(text: str, version: int | None = None) -> bool:
+    """Whether ``text`` is an IP address (of ``version``), written without a zone id."""
+    if "%" in text:
+        return False
     try:
-        ipaddress.ip_address(text.split("%", 1)[0])
+        address = ipaddress.ip_address(text)
     except ValueError:
         return False
-    return True
+    return version is None or address.version == version
 
 
 def _pattern(entry: str) -> re.Pattern[str]:

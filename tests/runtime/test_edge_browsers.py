@@ -43,6 +43,25 @@ def _get(url: str, path: str = "/api/version", **headers: str) -> httpx.Response
         "localhost:notaport",
         "::1",
         "[evil]",
+        # What follows an address or a loopback name must not be read past: a zone id, a user
+        # part, a port out of range, or characters no host name holds.
+        "127.0.0.1%evil.com",
+        "10.0.0.7%evil.com:11435",
+        "localhost%2e.evil.com",
+        "127.0.0.1@evil.com",
+        "evil.com@localhost",
+        "[::1%25evil.com]",
+        "[::1%eth0]:11435",
+        "[127.0.0.1]",
+        "[::1]evil.com",
+        "evil.com#.localhost",
+        "evil.com/.localhost",
+        "a..localhost",
+        "-evil.localhost",
+        "localhost:0",
+        "localhost:65536",
+        "127.0.0.1:",
+        "127.0.0.1:+80",
     ],
 )
 def test_requests_naming_a_foreign_host_are_refused(server: Running, host: str) -> None:
@@ -65,6 +84,10 @@ def test_requests_naming_a_foreign_host_are_refused(server: Running, host: str) 
         "192.168.1.20:11435",
         "10.0.0.7",
         "[fe80::1]",
+        "[::ffff:127.0.0.1]:1",
+        "localhost.",
+        "127.0.0.1:65535",
+        "my_service.localhost",
         socket.gethostname(),
     ],
 )
