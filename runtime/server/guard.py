@@ -11,10 +11,11 @@ anything else sees a request:
   local one (``http://localhost:*``, ``app://``, ``file://``, ``tauri://`` ...), one in
   ``OFFLOAD_ORIGINS``, or the server's own.
 
-Both refusals are 403s with a one-line JSON error, on every method. Unlike Ollama, the host check
-stays on when the server listens beyond loopback (``OFFLOAD_HOST=0.0.0.0``): a LAN server is as
-open to rebinding as a local one. Clients that send no ``Origin`` (curl, SDKs) are not browsers
-and pass the origin check.
+Both refusals are 403s with a one-line JSON error, on every method; the origins let in are
+exactly those that get CORS answers (a preflight's 200 and its ``Access-Control-Allow-*``).
+Unlike Ollama, the host check stays on when the server listens beyond loopback
+(``OFFLOAD_HOST=0.0.0.0``): a LAN server is as open to rebinding as a local one. Clients that
+send no ``Origin`` (curl, SDKs) are not browsers and pass the origin check.
 """
 
 from __future__ import annotations
@@ -26,6 +27,10 @@ import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
+
+from starlette.datastructures import Headers
+from starlette.middleware.cors import CORSMiddleware
+from starlette.types import Receive, Scope, Send
 
 from offload.runtime.server.errors import error_response, family_of
 
@@ -139,16 +144,19 @@ class BrowserGuard:
     """ASGI middleware: refuse foreign ``Host`` and ``Origin`` headers before any other layer.
 
     It must run outside ``JSONBodyByDefault``, which reads a ``text/plain`` body as JSON (for
-    curl): that is exactly the request a hostile page can send without a preflight.
+    curl): that is exactly the request a hostile page can send without a preflight. It also
+    answers CORS, for exactly the origins it lets in: one rule decides both, so a page it admits
+    (the server's own origin included) gets its preflight answered, and one it refuses the 403.
     """
 
     def __init__(self, app: Any, hosts: HostPolicy, origins: str) -> None:
         self.app = app
+        self.cors = _AdmittedCORS(app)
         self.hosts = hosts
         self.origins = re.compile(origins)
 
     def _origin_ok(self, origin: str, host: str) -> bool:
-        if self.origins.match(origin):
+        if self.origins.fullmatch(origin):
             return True
         # The server's own pages (/docs) call it from its own origin.
         return "://" in origin and origin.split("://", 1)[1].lower() == host.strip().lower() != ""
@@ -172,13 +180,48 @@ class BrowserGuard:
                 "its pages call this server"
             )
         if problem is None:
-            await self.app(scope, receive, send)
+            await self.cors(scope, receive, send)
             return
         log.info("refused %s %s: %s", scope.get("method"), scope.get("path"), problem)
         headers = {
             k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers") or []
         }
         response = error_response(403, problem, family_of(str(scope.get("path", "")), headers))
+        await response(scope, receive, send)
+
+
+class _AdmittedCORS(CORSMiddleware):
+    """Starlette's CORS answers for requests whose origin ``BrowserGuard`` has let in.
+
+    Only the guard decides which origins may call: every origin that reaches this layer is one it
+    admitted, so it is mirrored back. A preflight asking for what no route takes (a method outside
+    Starlette's list, private-network access) is a one-line 400, not Starlette's plain text.
+    """
+
+    def __init__(self, app: Any) -> None:
+        super().__init__(app, allow_methods=["*"], allow_headers=["*"], allow_credentials=False)
+
+    def is_allowed_origin(self, origin: str) -> bool:
+        return True  # BrowserGuard has refused every other origin before this layer
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = Headers(scope=scope)
+        if (
+            scope["method"] != "OPTIONS"
+            or "origin" not in headers
+            or "access-control-request-method" not in headers
+        ):
+            await self.simple_response(scope, receive, send, request_headers=headers)
+            return
+        response = self.preflight_response(request_headers=headers)
+        if response.status_code != 200:
+            refused = bytes(response.body).decode().removeprefix("Disallowed CORS ")
+            response = error_response(
+                400,
+                f"CORS preflight refused: {refused} not allowed (method "
+                f"{_short(headers['access-control-request-method'])})",
+                family_of(str(scope.get("path", "")), headers),
+            )
         await response(scope, receive, send)
 
 

@@ -151,6 +151,79 @@ def test_local_pages_and_the_servers_own_origin_are_let_in(server: Running) -> N
         assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] == origin
 
 
+def _preflight(url: str, origin: str, **headers: str) -> httpx.Response:
+    return httpx.options(
+        f"{url}/api/chat",
+        timeout=30,
+        headers={
+            "Origin": origin,
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "content-type, authorization",
+            **headers,
+        },
+    )
+
+
+def _assert_preflight_ok(r: httpx.Response, origin: str) -> None:
+    assert r.status_code == 200, (origin, r.status_code, r.text)
+    assert r.headers["access-control-allow-origin"] == origin
+    assert "POST" in r.headers["access-control-allow-methods"]
+    assert r.headers["access-control-allow-headers"] == "content-type, authorization"
+
+
+def test_a_preflight_from_an_origin_the_guard_lets_in_is_answered(server: Running) -> None:
+    """CORS allowed only the OFFLOAD_ORIGINS pattern, the guard the server's own origin too: a
+    preflight from a page on the machine's name got Starlette's plain-text 400."""
+    port = server.url.rsplit(":", 1)[1]
+    machine = socket.gethostname().lower()
+    for origin, host in (
+        (f"http://{machine}:{port}", f"{machine}:{port}"),
+        (f"http://127.0.0.1:{port}", None),
+        (f"http://localhost:{port}", f"localhost:{port}"),
+        (f"http://[::1]:{port}", f"[::1]:{port}"),
+        (f"http://192.168.1.20:{port}", f"192.168.1.20:{port}"),
+    ):
+        r = _preflight(server.url, origin, **({"Host": host} if host else {}))
+        _assert_preflight_ok(r, origin)
+        answer = httpx.get(
+            f"{server.url}/api/version",
+            timeout=30,
+            headers={"Origin": origin, **({"Host": host} if host else {})},
+        )
+        assert answer.status_code == 200
+        assert answer.headers["access-control-allow-origin"] == origin
+
+
+def test_a_preflight_from_an_origin_the_guard_refuses_is_its_403(server: Running) -> None:
+    port = server.url.rsplit(":", 1)[1]
+    machine = socket.gethostname().lower()
+    for origin, host in (
+        ("https://evil.example", None),
+        (f"http://{machine}:{port}", f"127.0.0.1:{port}"),  # not the server's own origin then
+        (f"http://evil.example:{port}", f"{machine}:{port}"),
+        ("null", None),
+    ):
+        r = _preflight(server.url, origin, **({"Host": host} if host else {}))
+        assert_one_line_error(r, 403, "origin", "OFFLOAD_ORIGINS")
+        assert "access-control-allow-origin" not in r.headers
+
+
+def test_a_preflight_for_a_method_no_route_takes_is_a_one_line_400(server: Running) -> None:
+    r = _preflight(server.url, "http://localhost:5173", **{"Access-Control-Request-Method": "FOO"})
+    assert "CORS preflight refused" in assert_one_line_error(r, 400, "method")
+    r = httpx.options(
+        f"{server.url}/v1/chat/completions",
+        timeout=30,
+        headers={
+            "Origin": "http://localhost:5173",
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Private-Network": "true",
+        },
+    )
+    assert_one_line_error(r, 400, "private-network")
+    assert r.json()["error"]["type"] == "invalid_request_error"  # OpenAI's shape on /v1
+
+
 @pytest.fixture()
 def configured(store, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:  # noqa: ANN001
     """A second server over the same store, bound (as it believes) to all interfaces, with
@@ -186,6 +259,16 @@ def test_offload_hosts_and_origins_open_the_server_to_named_hosts_and_pages(
         headers={"Origin": "https://ui.corp.example", "Host": "llm.lan"},
     )
     assert r.status_code == 200
+    # A configured origin and the server's own origin on a configured name both get preflights.
+    for origin, host in (
+        ("https://ui.corp.example", "llm.lan"),
+        ("http://llm.lan:11435", "llm.lan:11435"),
+        ("http://gpu.corp.example", "gpu.corp.example"),
+    ):
+        _assert_preflight_ok(_preflight(configured, origin, Host=host), origin)
+    assert_one_line_error(
+        _preflight(configured, "https://other.corp.example", Host="llm.lan"), 403, "origin"
+    )
     assert_one_line_error(_get(configured, Origin="https://other.corp.example"), 403, "origin")
 
 
@@ -264,10 +347,13 @@ def test_an_origin_is_let_in_exactly_when_it_is_a_local_page(
         or _loopback_v4(name)
     )
     r = _get(server.url, Origin=origin)
+    pre = _preflight(server.url, origin)
     if local:
         assert r.status_code == 200
+        _assert_preflight_ok(pre, origin)
     else:
         assert_one_line_error(r, 403, "origin")
+        assert_one_line_error(pre, 403, "origin")
 
 
 @_HEADERS
