@@ -39,7 +39,9 @@ class InvalidModelName(ModelError):
     http_status = 400
 
     def __init__(self, name: str, problem: str) -> None:
-        super().__init__(f'invalid model name "{name}": {problem}')
+        # A newline or tab in the name is shown escaped: a one-line message would hide it.
+        shown = "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in name)
+        super().__init__(f'invalid model name "{shown}": {problem}')
         self.name = name
         self.problem = problem
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import unicodedata
 from dataclasses import dataclass
 
 from offload.models.errors import InvalidModelName
@@ -16,9 +17,9 @@ HF_HOST = "hf.co"
 # Hugging Face serves GGUF repos over the registry protocol at hf.co; these spell the same host.
 _HF_ALIASES = {"hf.co", "huggingface.co", "www.huggingface.co"}
 
-_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
-_HOST = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.-]{0,252}(:[0-9]{1,5})?$")
-_TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
+_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
+_HOST = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]{0,252}(:[0-9]{1,5})?")
+_TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 
 
 @dataclass(frozen=True, order=True)
@@ -62,7 +63,11 @@ def parse_name(name: str) -> ModelName:
     raw = name
     if not isinstance(name, str) or not name.strip():
         raise InvalidModelName(str(raw), "it is empty")
-    name = name.strip()
+    control = next((c for c in name if unicodedata.category(c) == "Cc"), None)
+    if control is not None:
+        raise InvalidModelName(raw, f"it holds a control character (U+{ord(control):04X})")
+    if name != name.strip():
+        raise InvalidModelName(raw, "it begins or ends with whitespace")
     if "\\" in name or name.startswith("/") or any(c.isspace() for c in name):
         raise InvalidModelName(raw, "use host/namespace/model:tag with no spaces or backslashes")
     tag = DEFAULT_TAG
@@ -82,14 +87,14 @@ def parse_name(name: str) -> ModelName:
         host, namespace, model = parts
     else:
         raise InvalidModelName(raw, "too many '/' parts (expected [host/][namespace/]model[:tag])")
-    if not _HOST.match(host) or ".." in host:
+    if not _HOST.fullmatch(host) or ".." in host:
         raise InvalidModelName(raw, f"bad host {host!r}")
     for label, value in (("namespace", namespace), ("model", model)):
-        if not _PART.match(value) or value in (".", "..") or ".." in value:
+        if not _PART.fullmatch(value) or value in (".", "..") or ".." in value:
             raise InvalidModelName(
                 raw, f"bad {label} {value!r} (letters, digits, '.', '_', '-'; no '..')"
             )
-    if not _TAG.match(tag) or ".." in tag:
+    if not _TAG.fullmatch(tag) or ".." in tag:
         raise InvalidModelName(raw, f"bad tag {tag!r}")
     host = host.lower()
     if host in _HF_ALIASES:

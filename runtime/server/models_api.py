@@ -32,6 +32,7 @@ from offload.models.store import Store
 from offload.planner.errors import OffloadError
 from offload.runtime import config
 from offload.runtime.errors import BadRequest
+from offload.runtime.server.errors import error_response
 from offload.runtime.server.uploads import receive_blob
 
 __all__ = ["router"]
@@ -50,7 +51,7 @@ def _store(request: Request) -> Store:
 
 
 def _error(exc: OffloadError) -> JSONResponse:
-    return JSONResponse({"error": str(exc)}, status_code=exc.http_status)
+    return error_response(exc.http_status, str(exc))
 
 
 class _Req(BaseModel):

@@ -489,6 +489,9 @@ async def list_models(request: Request) -> dict[str, Any]:
 async def get_model(model: str, request: Request) -> dict[str, Any]:
     """One model, or 404."""
     store = request.app.state.store
+    # The route's pattern ends in "$", which matches before a final newline: the parameter would
+    # lose one, so the name is read from the path itself.
+    model = str(request.scope["path"]).split("/models/", 1)[1]
     listed = await run_in_threadpool(planning.list_models, store)
     info = store.resolve(model)  # ModelNotFound -> 404; a bad name -> 400
     for m in listed:

@@ -47,6 +47,30 @@ def test_names_that_could_escape_the_store_are_refused(bad: str) -> None:
     assert "invalid model name" in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("bad", "problem", "shown"),
+    [
+        ("gemma3:270m\n", "control character (U+000A)", "gemma3:270m\\n"),
+        ("ns/m:t\r", "control character (U+000D)", "ns/m:t\\r"),
+        ("a\x00b", "control character (U+0000)", "a\\x00b"),
+        ("a\x1b[31m", "control character (U+001B)", "a\\x1b[31m"),
+        ("m\x9b", "control character (U+009B)", "m\\x9b"),
+        ("\ngemma3", "control character (U+000A)", "\\ngemma3"),
+        (" gemma3", "begins or ends with whitespace", " gemma3"),
+        ("gemma3:270m ", "begins or ends with whitespace", "gemma3:270m "),
+        ("gemma3\u00a0", "begins or ends with whitespace", "gemma3\\xa0"),
+    ],
+)
+def test_control_characters_and_outer_whitespace_are_refused_not_stripped(
+    bad: str, problem: str, shown: str
+) -> None:
+    with pytest.raises(InvalidModelName) as info:
+        parse_name(bad)
+    assert problem in str(info.value)
+    # The name is shown with its control characters escaped, on one line.
+    assert f'"{shown}"' in str(info.value) and str(info.value).isprintable()
+
+
 @pytest.mark.parametrize("name", ["a", "ns/m:t", "h.example:8080/ns/m.v2:Q4_K_M", "hf.co/U/R:T"])
 def test_valid_names_map_inside_the_store(name: str, tmp_path: Path) -> None:
     store = Store(tmp_path)

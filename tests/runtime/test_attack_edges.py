@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 from pathlib import Path
+from urllib.parse import quote
 
 import httpx
 import pytest
@@ -156,3 +157,55 @@ def _read_response(c: socket.socket) -> bytes:
             break
         body += chunk
     return head + b"\r\n\r\n" + body
+
+
+_NAME_FIELDS = [
+    ("POST", "/api/generate", {"prompt": "hi", "stream": False}, "model"),
+    ("POST", "/api/chat", {"messages": [], "stream": False}, "model"),
+    ("POST", "/api/embed", {"input": "hi"}, "model"),
+    ("POST", "/api/embeddings", {"prompt": "hi"}, "model"),
+    ("POST", "/api/show", {}, "model"),
+    ("POST", "/api/show", {}, "name"),
+    ("DELETE", "/api/delete", {}, "model"),
+    ("POST", "/api/copy", {"destination": "copied:latest"}, "source"),
+    ("POST", "/api/copy", {"source": "gemma3:270m"}, "destination"),
+    ("POST", "/api/create", {"from": "gemma3:270m", "stream": False}, "model"),
+    ("POST", "/api/create", {"model": "created:latest", "stream": False}, "from"),
+    ("POST", "/api/pull", {"stream": False}, "model"),
+    ("POST", "/api/push", {"stream": False}, "model"),
+    ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}, "model"),
+    ("POST", "/v1/completions", {"prompt": "hi", "max_tokens": 1}, "model"),
+    ("POST", "/v1/embeddings", {"input": "hi"}, "model"),
+    ("POST", "/v1/messages", {"max_tokens": 1, "messages": [{"role": "user", "content": "hi"}]}, "model"),
+    ("POST", "/v1/responses", {"input": "hi", "max_output_tokens": 1}, "model"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("name", "problem"),
+    [
+        ("gemma3:270m\n", "control character (U+000A)"),
+        ("gemma3:270m\r\n", "control character (U+000D)"),
+        ("gemma3\t:270m", "control character (U+0009)"),
+        ("gemma3:270m\x00", "control character (U+0000)"),
+        ("gemma3:270m\x7f", "control character (U+007F)"),
+        ("gemma3:270m\x85", "control character (U+0085)"),
+        (" gemma3:270m", "whitespace"),
+        ("gemma3:270m ", "whitespace"),
+        ("gemma3:270m\u3000", "whitespace"),
+    ],
+)
+def test_a_model_name_with_a_control_character_or_outer_space_is_a_400_on_every_route(
+    http: httpx.Client, name: str, problem: str
+) -> None:
+    """A name ending in a newline was read as the name without it (names were stripped)."""
+    for method, path, body, field in _NAME_FIELDS:
+        model = {} if field == "name" else {"model": "gemma3:270m"}
+        r = http.request(method, path, json={**model, **body, field: name})
+        message = assert_one_line_error(r, 400, "invalid model name", problem)
+        assert "\n" not in message and "\t" not in message, (path, field)
+    r = http.get(f"/v1/models/{quote(name)}")
+    assert_one_line_error(r, 400, "invalid model name", problem)
+    # Nothing was written under the name.
+    names = {m["name"] for m in http.get("/api/tags").json()["models"]}
+    assert not names & {"copied:latest", "created:latest"}
