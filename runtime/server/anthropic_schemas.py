@@ -11,6 +11,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
+from offload.runtime.serving.requests import Number, WholeNumber
+
 __all__ = [
     "AnthropicError",
     "CountTokensRequest",
@@ -165,11 +167,11 @@ class CountTokensRequest(BaseModel):
 class MessagesRequest(CountTokensRequest):
     """POST /v1/messages."""
 
-    max_tokens: int = Field(ge=1)
+    max_tokens: WholeNumber = Field(ge=1)
     stop_sequences: list[str] | None = None
-    temperature: float | None = Field(default=None, ge=0)
-    top_k: int | None = Field(default=None, ge=0)
-    top_p: float | None = Field(default=None, ge=0, le=1)
+    temperature: Number | None = Field(default=None, ge=0)
+    top_k: WholeNumber | None = Field(default=None, ge=0)
+    top_p: Number | None = Field(default=None, ge=0, le=1)
     stream: bool | None = False
     metadata: dict[str, Any] | None = None
     output_config: OutputConfig = None

@@ -10,10 +10,11 @@ import contextlib
 from collections.abc import Iterator
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, Tag, ValidationError
 
 from offload.planner.errors import OffloadError
 from offload.runtime.errors import BadRequest
+from offload.runtime.serving.requests import Number, WholeNumber
 
 __all__ = [
     "ChatCompletionRequest",
@@ -31,11 +32,11 @@ _IGNORE = ConfigDict(extra="ignore")
 
 # OpenAI's documented ranges; a value outside one is a 400 naming the field and the bound.
 _INT32_MAX = 2**31 - 1
-Temperature = Annotated[float, Field(ge=0, le=2, allow_inf_nan=False)]
-Probability = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
-Penalty = Annotated[float, Field(ge=-2, le=2, allow_inf_nan=False)]
-TokenCount = Annotated[int, Field(ge=1, le=_INT32_MAX)]
-Seed = Annotated[int, Field(ge=-(2**63), le=2**64 - 1)]
+Temperature = Annotated[Number, Field(ge=0, le=2, allow_inf_nan=False)]
+Probability = Annotated[Number, Field(ge=0, le=1, allow_inf_nan=False)]
+Penalty = Annotated[Number, Field(ge=-2, le=2, allow_inf_nan=False)]
+TokenCount = Annotated[WholeNumber, Field(ge=1, le=_INT32_MAX)]
+Seed = Annotated[WholeNumber, Field(ge=-(2**63), le=2**64 - 1)]
 # At most 2048 inputs per request, as OpenAI's embeddings endpoint.
 _MAX_INPUTS = 2048
 
@@ -114,7 +115,7 @@ class _Sampling(BaseModel):
     presence_penalty: Penalty | None = None
     stream: bool | None = False
     stream_options: dict[str, Any] | None = None
-    n: Annotated[int, Field(ge=1, le=128)] | None = None
+    n: Annotated[WholeNumber, Field(ge=1, le=128)] | None = None
 
 
 class ChatCompletionRequest(_Sampling):
@@ -127,7 +128,7 @@ class ChatCompletionRequest(_Sampling):
     response_format: dict[str, Any] | None = None
     reasoning_effort: str | None = None
     logprobs: bool | None = None
-    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    top_logprobs: Annotated[WholeNumber, Field(ge=0, le=20)] | None = None
 
 
 class CompletionRequest(_Sampling):
@@ -136,7 +137,7 @@ class CompletionRequest(_Sampling):
     prompt: str | list[str] = ""
     suffix: str | None = None
     # Legacy completions: how many alternatives per token.
-    logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    logprobs: Annotated[WholeNumber, Field(ge=0, le=20)] | None = None
 
 
 class EmbeddingRequest(BaseModel):
@@ -147,11 +148,11 @@ class EmbeddingRequest(BaseModel):
     input: (
         str
         | Annotated[list[str], Field(max_length=_MAX_INPUTS)]
-        | list[int]
-        | Annotated[list[list[int]], Field(max_length=_MAX_INPUTS)]
+        | Annotated[list[WholeNumber], Tag("list[int]")]
+        | Annotated[list[list[WholeNumber]], Field(max_length=_MAX_INPUTS), Tag("list[list[int]]")]
     )
     encoding_format: Literal["float", "base64"] | None = "float"
-    dimensions: Annotated[int, Field(ge=1)] | None = None
+    dimensions: Annotated[WholeNumber, Field(ge=1)] | None = None
 
 
 class ModelObject(BaseModel):

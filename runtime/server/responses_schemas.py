@@ -11,6 +11,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
+from offload.runtime.serving.requests import Number, WholeNumber
+
 __all__ = ["ReasoningParam", "ResponseObject", "ResponsesRequest", "TextParam", "Usage"]
 
 _IGNORE = ConfigDict(extra="ignore")
@@ -138,9 +140,9 @@ class ResponsesRequest(BaseModel):
     model: str
     input: Input = None
     instructions: str | None = None
-    max_output_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0)
-    top_p: float | None = Field(default=None, ge=0, le=1)
+    max_output_tokens: WholeNumber | None = Field(default=None, ge=1)
+    temperature: Number | None = Field(default=None, ge=0)
+    top_p: Number | None = Field(default=None, ge=0, le=1)
     tools: Tools = None
     tool_choice: ToolChoice = None
     parallel_tool_calls: bool | None = None

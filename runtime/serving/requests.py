@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Tag
+from pydantic_core import PydanticCustomError
 
 __all__ = [
     "ToolCallFunction",
@@ -23,12 +24,28 @@ __all__ = [
     "KeepAlive",
     "Format",
     "Think",
+    "WholeNumber",
+    "Number",
 ]
 
 _IGNORE = ConfigDict(extra="ignore")
 _OPEN = ConfigDict(extra="allow")
 
-KeepAlive = str | float | None
+
+def _not_a_boolean(value: Any) -> Any:
+    """``value``, unless it is a boolean: Python's ``True`` is an int, so pydantic reads JSON's
+    ``true`` as 1 for a number field (``"dimensions": true`` was one dimension)."""
+    if isinstance(value, bool):
+        raise PydanticCustomError("number_type", "Input should be a number, not a boolean")
+    return value
+
+
+# The number fields of every request body (Ollama's and the translated faces'): a boolean is a 400.
+# The tag names the type in the error of a union field, as pydantic names its own types.
+WholeNumber = Annotated[int, BeforeValidator(_not_a_boolean), Tag("int")]
+Number = Annotated[float, BeforeValidator(_not_a_boolean), Tag("float")]
+
+KeepAlive = str | Number | None
 Format = str | dict[str, Any] | None
 Think = bool | str | None
 
@@ -71,14 +88,14 @@ class GenerateRequest(BaseModel):
     options: dict[str, Any] | None = None
     system: str | None = None
     template: str | None = None
-    context: list[int] | None = None
+    context: list[WholeNumber] | None = None
     stream: bool | None = None
     raw: bool | None = None
     keep_alive: KeepAlive = None
     think: Think = None
     truncate: bool | None = None
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: WholeNumber | None = None
 
 
 class ChatRequest(BaseModel):
@@ -95,7 +112,7 @@ class ChatRequest(BaseModel):
     think: Think = None
     truncate: bool | None = None
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: WholeNumber | None = None
 
 
 class EmbedRequest(BaseModel):
@@ -106,7 +123,7 @@ class EmbedRequest(BaseModel):
     # At most 2048 inputs, as /v1/embeddings (and OpenAI's): each is a pass through the model.
     input: str | Annotated[list[str], Field(max_length=MAX_EMBED_INPUTS)] = ""
     truncate: bool | None = True
-    dimensions: int | None = None
+    dimensions: WholeNumber | None = None
     options: dict[str, Any] | None = None
     keep_alive: KeepAlive = None
 

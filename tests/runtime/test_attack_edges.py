@@ -209,3 +209,52 @@ def test_a_model_name_with_a_control_character_or_outer_space_is_a_400_on_every_
     # Nothing was written under the name.
     names = {m["name"] for m in http.get("/api/tags").json()["models"]}
     assert not names & {"copied:latest", "created:latest"}
+
+
+_CHAT = {"messages": [{"role": "user", "content": "hi"}]}
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "field"),
+    [
+        ("/api/embed", {"input": "hi", "dimensions": True}, "dimensions"),
+        ("/v1/embeddings", {"input": "hi", "dimensions": True}, "dimensions"),
+        ("/v1/embeddings", {"input": [True, False]}, "input"),
+        ("/v1/embeddings", {"input": [[2, True]]}, "input"),
+        ("/api/embed", {"input": "hi", "keep_alive": True}, "keep_alive"),
+        ("/api/generate", {"prompt": "hi", "context": [2, True]}, "context.1"),
+        ("/api/generate", {"prompt": "hi", "logprobs": True, "top_logprobs": True}, "top_logprobs"),
+        ("/api/chat", {**_CHAT, "logprobs": True, "top_logprobs": False}, "top_logprobs"),
+        ("/api/generate", {"prompt": "hi", "options": {"num_ctx": True}}, "num_ctx"),
+        ("/api/embed", {"input": "hi", "options": {"num_batch": False}}, "num_batch"),
+        ("/v1/chat/completions", {**_CHAT, "max_tokens": True}, "max_tokens"),
+        ("/v1/chat/completions", {**_CHAT, "n": True}, "n"),
+        ("/v1/chat/completions", {**_CHAT, "seed": False}, "seed"),
+        ("/v1/chat/completions", {**_CHAT, "temperature": True}, "temperature"),
+        ("/v1/completions", {"prompt": "hi", "logprobs": True}, "logprobs"),
+        ("/v1/messages", {**_CHAT, "max_tokens": True}, "max_tokens"),
+        ("/v1/messages", {**_CHAT, "max_tokens": 1, "top_k": True}, "top_k"),
+        ("/v1/responses", {"input": "hi", "max_output_tokens": True}, "max_output_tokens"),
+    ],
+)  # fmt: skip
+def test_a_boolean_in_a_number_field_is_a_400_not_read_as_1(
+    http: httpx.Client, path: str, body: dict, field: str
+) -> None:
+    """Python's True is an int: "dimensions": true was read as one dimension."""
+    r = http.post(path, json={"model": "gemma3:270m", "stream": False, **body})
+    message = assert_one_line_error(r, 400, field)
+    assert "boolean" in message or "got True" in message or "got False" in message
+
+
+def test_whole_numbers_still_work_where_booleans_are_refused(http: httpx.Client) -> None:
+    r = http.post("/api/embed", json={"model": "gemma3:270m", "input": "hi", "dimensions": 2})
+    assert r.status_code == 200 and len(r.json()["embeddings"][0]) == 2
+    r = http.post("/v1/embeddings", json={"model": "gemma3:270m", "input": "hi", "dimensions": 3})
+    assert r.status_code == 200 and len(r.json()["data"][0]["embedding"]) == 3
+    r = http.post("/v1/embeddings", json={"model": "gemma3:270m", "input": [2, 3]})
+    assert r.status_code == 200, r.text
+    r = http.post(
+        "/v1/chat/completions",
+        json={"model": "gemma3:270m", **_CHAT, "max_tokens": 1, "temperature": 0, "seed": 1},
+    )
+    assert r.status_code == 200, r.text
