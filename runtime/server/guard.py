@@ -206,11 +206,10 @@ class _AdmittedCORS(CORSMiddleware):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = Headers(scope=scope)
-        if (
-            scope["method"] != "OPTIONS"
-            or "origin" not in headers
-            or "access-control-request-method" not in headers
-        ):
+        if "origin" not in headers:  # not a browser's request: nothing to answer for CORS
+            await self.app(scope, receive, send)
+            return
+        if scope["method"] != "OPTIONS" or "access-control-request-method" not in headers:
             await self.simple_response(scope, receive, send, request_headers=headers)
             return
         response = self.preflight_response(request_headers=headers)
