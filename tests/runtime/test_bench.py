@@ -610,6 +610,49 @@ def test_the_request_time_uses_the_prompt_measured_at_the_requests_length() -> N
     )
 
 
+def test_the_paired_request_ratio_divides_out_a_round_that_ran_slow_for_everyone() -> None:
+    """Per round, the best baseline's request time over the default plan's; then the median. A
+    slow spell of the host that hits one round's loads alike leaves the paired ratio alone."""
+    import sys
+
+    sys.path.insert(0, str(BENCH))
+    import gpu_sweep
+
+    def run(label: str, rep: int, decode: float, **extra: object) -> dict:
+        return {"label": label, "rep": rep, "prompt_tps": 4000.0, "decode_tps": decode, **extra}
+
+    # Round 1 ran at a tenth of its speed for the baseline only (a spell that began mid-round);
+    # rounds 2 and 3 are quiet: offload is 10% faster there.
+    doc = {
+        "workload": [1024, 256],
+        "reps": 3,
+        "candidates": {},
+        "runs": [
+            run("fit_no_mmap", 1, 3.0),
+            run("offload", 1, 33.0),
+            run("fit_no_mmap", 2, 30.0),
+            run("offload", 2, 33.0),
+            run("fit_no_mmap", 3, 20.0),
+            run("offload", 3, 22.0),
+            run("fit_no_mmap", 3, 200.0, superseded=True),  # a refitted placement's old load
+        ],
+    }
+    gpu_sweep.summarize(doc)
+
+    def req(decode: float) -> float:
+        return 1024 / 4000 + 256 / decode
+
+    paired = sorted([req(3.0) / req(33.0), req(30.0) / req(33.0), req(20.0) / req(22.0)])[1]
+    assert paired == pytest.approx(req(20.0) / req(22.0))
+    assert doc["targets"]["request_speedup_paired"] == pytest.approx(paired)
+    # The medians of each candidate's own loads pair round 2's baseline with round 3's offload.
+    assert doc["targets"]["request_speedup"] == pytest.approx(req(20.0) / req(33.0))
+    md = gpu_sweep.summary_markdown(
+        [{**doc, "kind": "dense", "budget_gib": 3, "prompt": 2048, "gen": 64}]
+    )
+    assert f"(paired {paired:.2f})" in md
+
+
 def test_with_a_decode_depth_the_decode_targets_are_judged_where_the_answer_decodes() -> None:
     """The planner predicts the decode after the workload's prompt: the decode-mode ratio and the
     decode errors compare at the measured depth, and the empty-context ratio is kept beside it."""
