@@ -14,6 +14,7 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from offload.planner.gpu_specs import llama_share, tensor_flops
 from offload.planner.memory import kv_elem_bytes
 from offload.planner.placement import CPU, DeviceLoad, device_loads, layer_devices
 from offload.planner.types import Anatomy, GPUInfo, Hardware, Placement, Prediction
@@ -91,13 +92,14 @@ class SpeedParams:
     pageable_h2d_ratio: float = 0.15
     ubatch_overhead_s: float = 0.5e-3
     op_offload_min_batch: int = 32
-    # Flops of an unknown GPU per byte/s of its memory bandwidth (H100: ~1e15 / 3.35e12).
+    # Flops of a GPU nothing else tells of, per byte/s of its memory bandwidth (H100: ~1e15 /
+    # 3.35e12). A guess: an H200 has 1.4x the bandwidth of the same chip (planner.gpu_specs).
     gpu_flops_per_Bps: float = 300.0
     # Batched decode (several streams, one token each per step): the weights are read once a step,
     # each further token costs its flops at this fraction of the device's peak (GPU: its fp16
     # flops; CPU: the prompt-processing rate above). Small-batch decode kernels run far below
     # prompt-processing efficiency. Set to the gains llama.cpp's batched bench measured: the dense
-    # 7B shape fully on an H200 3.7x at eight streams (265 -> 981 t/s), Gemma 3 270M on a 2-core
+    # 7B shape fully on an H200 (989 TF) 3.7x at eight streams (265 -> 981 t/s), Gemma 3 270M on a 2-core
     # EPYC 2.4x at four and 3.2x at eight (44 -> 106 -> 140 t/s). Single-stream runs, all that
     # calibration records today, say nothing about them. Consumer GPUs have fewer tensor-core
     # flops per vector flop than Hopper (about 4 against 15), so their gains are likely larger
@@ -125,9 +127,14 @@ def cpu_bandwidth_Bps(hardware: Hardware, threads: int, params: SpeedParams) -> 
 
 
 def gpu_flops(hardware: Hardware, gpu: int, params: SpeedParams) -> float:
-    """Peak fp16 flops of a GPU (from its profile, or estimated from its bandwidth)."""
+    """A GPU's matmul throughput in H100-equivalent flops: its tensor flops (probed, from its
+    profile or by its name) scaled by the share llama.cpp's kernels reach of them relative to
+    Hopper; else estimated from its bandwidth."""
     g = hardware.gpus[gpu]
-    return g.fp16_flops or g.mem_bandwidth_Bps * params.gpu_flops_per_Bps
+    spec = g.fp16_flops or tensor_flops(g.name, g.compute_capability)
+    if spec:
+        return spec * llama_share(g.name, g.compute_capability)
+    return g.mem_bandwidth_Bps * params.gpu_flops_per_Bps
 
 
 def _kv_per_token_by_device(

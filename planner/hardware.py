@@ -17,6 +17,7 @@ import psutil
 
 from offload.planner.bandwidth import cpu_read_Bps, cuda_bandwidths_isolated
 from offload.planner.errors import HardwareProfileError
+from offload.planner.gpu_specs import tensor_flops
 from offload.planner.types import CPUInfo, GPUInfo, Hardware
 
 __all__ = ["probe", "fingerprint", "current", "load_profile", "profile_names", "PROFILES_DIR"]
@@ -108,6 +109,8 @@ def _probe_gpus(notes: list[str]) -> list[GPUInfo]:
             bus = _nvml(pynvml.nvmlDeviceGetMemoryBusWidth, 0, h)
             clock_mhz = _nvml(pynvml.nvmlDeviceGetMaxClockInfo, 0, h, pynvml.NVML_CLOCK_MEM)
             cc = _nvml(pynvml.nvmlDeviceGetCudaComputeCapability, (0, 0), h)
+            cores = _nvml(getattr(pynvml, "nvmlDeviceGetNumGpuCores", None), 0, h)
+            sm_mhz = _nvml(pynvml.nvmlDeviceGetMaxClockInfo, 0, h, pynvml.NVML_CLOCK_SM)
             # Memory clock is reported per data lane pair: DDR => x2 transfers per clock.
             bw = bus / 8 * clock_mhz * 1e6 * 2 if bus and clock_mhz else 0.0
             h2d = _PCIE_LANE_Bps.get(gen, 0.0) * width * _PINNED_EFF
@@ -122,6 +125,7 @@ def _probe_gpus(notes: list[str]) -> list[GPUInfo]:
                     pcie_gen=int(gen),
                     pcie_width=int(width),
                     compute_capability=f"{cc[0]}.{cc[1]}",
+                    fp16_flops=tensor_flops(name, f"{cc[0]}.{cc[1]}", int(cores or 0), sm_mhz),
                 )
             )
     finally:
@@ -227,7 +231,7 @@ def _gpus_from_backend(
                 h2d_bandwidth_Bps=h2d,
                 index=i,
                 vram_free_bytes=int(d.get("memory_free_bytes") or 0),
-                fp16_flops=prof.fp16_flops if prof else 0.0,
+                fp16_flops=prof.fp16_flops if prof else tensor_flops(name),
                 mem_bandwidth_measured_Bps=dev_copy,
                 h2d_pageable_Bps=float(d.get("h2d_pageable_Bps") or 0.0),
             )

@@ -610,6 +610,37 @@ def test_the_request_time_uses_the_prompt_measured_at_the_requests_length() -> N
     )
 
 
+def test_recorded_h200_prompts_are_predicted_from_the_h200s_tensor_flops(tmp_path: Path) -> None:
+    """The H200 sweeps recorded no tensor flops (NVML has none): the speed model takes them from
+    the GPU's name, not from its bandwidth (1.4x an H100's on the same chip). With the default
+    speed parameters, fitted on an H100, the recorded prompts are then predicted within 10%."""
+    import sys
+
+    sys.path.insert(0, str(BENCH))
+    import revalidate
+    import synth_models
+
+    from offload.planner.cost import SpeedParams, gpu_flops
+    from offload.planner.types import Hardware
+
+    for kind in ("dense", "moe"):
+        synth_models.write_model(tmp_path / f"synth-{kind}.gguf", kind, header_only=True)
+    results = BENCH / "results"
+    files = sorted(
+        str(p)
+        for folder in ("sweep-2026-11-30h", "sweep-2026-11-30g", "sweep-2gpu-2026-11-30c")
+        for p in (results / folder).glob("sweep-*gib.json")
+    )
+    assert len(files) == 7
+    doc = json.loads(Path(files[0]).read_text())
+    hw = Hardware.from_dict(doc["hardware"])
+    assert hw.gpus[0].name == "NVIDIA H200" and not hw.gpus[0].fp16_flops
+    assert gpu_flops(hw, 0, SpeedParams()) == pytest.approx(989e12)
+    out = revalidate.main(files, "defaults", str(tmp_path))
+    assert out["all offload"]["median_prompt_pred_error"] <= 0.10
+    assert out["all baselines"]["median_prompt_pred_error"] <= 0.10
+
+
 def test_the_paired_request_ratio_divides_out_a_round_that_ran_slow_for_everyone() -> None:
     """Per round, the best baseline's request time over the default plan's; then the median. A
     slow spell of the host that hits one round's loads alike leaves the paired ratio alone."""
