@@ -43,6 +43,10 @@ __all__ = [
     "max_uploads",
     "upload_timeout_s",
     "max_upload_bytes",
+    "header_timeout_s",
+    "body_timeout_s",
+    "write_timeout_s",
+    "max_connections",
 ]
 
 DEFAULT_PORT = 11435
@@ -298,6 +302,10 @@ def check() -> None:
     max_uploads()
     upload_timeout_s()
     max_upload_bytes()
+    header_timeout_s()
+    body_timeout_s()
+    write_timeout_s()
+    max_connections()
     for name, read in (
         ("OFFLOAD_MAX_LOADED_MODELS", max_loaded_models),
         ("OFFLOAD_MAX_QUEUE", max_queue),
@@ -341,3 +349,42 @@ def hosts() -> list[str]:
     """Host names the server answers besides loopback and its own: ``OFFLOAD_HOSTS`` (comma
     separated; ``*.example.com`` matches subdomains, ``*`` any name)."""
     return [h.strip() for h in os.environ.get("OFFLOAD_HOSTS", "").split(",") if h.strip()]
+
+
+def _timeout_env(name: str, default_s: float) -> float:
+    t = parse_duration_s(os.environ.get(name), default_s)
+    if not 0 < t < float("inf"):
+        raise ConfigError(f"{name} must be a positive duration such as {default_s:g}s")
+    return t
+
+
+def header_timeout_s() -> float:
+    """``OFFLOAD_HEADER_TIMEOUT``: how long a connection has to send a complete request head, from
+    when it opens or its last answer ends (default 10s; then it is closed, with a 408 when it had
+    sent part of one)."""
+    return _timeout_env("OFFLOAD_HEADER_TIMEOUT", 10.0)
+
+
+def body_timeout_s() -> float:
+    """``OFFLOAD_BODY_TIMEOUT``: how long a request body may send nothing (default 60s; then a 408
+    and the connection is closed)."""
+    return _timeout_env("OFFLOAD_BODY_TIMEOUT", 60.0)
+
+
+def write_timeout_s() -> float:
+    """``OFFLOAD_WRITE_TIMEOUT``: how long a client may leave an answer unread once the server's
+    buffers for it are full (default 60s; then the connection is dropped and its generation
+    cancelled, freeing the model for others)."""
+    return _timeout_env("OFFLOAD_WRITE_TIMEOUT", 60.0)
+
+
+def max_connections() -> int | None:
+    """``OFFLOAD_MAX_CONNECTIONS``: client connections held open at once; None when unset (the
+    server derives it from its open-file limit)."""
+    v = os.environ.get("OFFLOAD_MAX_CONNECTIONS", "").strip()
+    if not v:
+        return None
+    n = _int_env("OFFLOAD_MAX_CONNECTIONS", 0)
+    if n < 1:
+        raise ConfigError(f"OFFLOAD_MAX_CONNECTIONS={v!r} must be at least 1")
+    return n

@@ -46,14 +46,29 @@ def serve() -> None:
     import uvicorn
 
     from offload.runtime.server.app import create_app
+    from offload.runtime.server.connections import (
+        MAX_HEAD_BYTES,
+        ConnectionLimits,
+        protocol_class,
+        raise_open_file_limit,
+    )
 
     config.check()  # a bad OFFLOAD_* value fails here, not on the first request
     h = config.host()
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
     )
+    limits = ConnectionLimits.from_env(raise_open_file_limit())
     try:
-        uvicorn.run(create_app(), host=h.host, port=h.port, log_level="info", access_log=True)
+        uvicorn.run(
+            create_app(),
+            host=h.host,
+            port=h.port,
+            log_level="info",
+            access_log=True,
+            http=protocol_class(limits),
+            h11_max_incomplete_event_size=MAX_HEAD_BYTES,
+        )
     except OSError as e:
         raise OffloadError(f"cannot listen on {h.host}:{h.port}: {e.strerror}") from None
 
