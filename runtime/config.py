@@ -352,7 +352,10 @@ def hosts() -> list[str]:
 
 
 def _timeout_env(name: str, default_s: float) -> float:
-    t = parse_duration_s(os.environ.get(name), default_s)
+    try:
+        t = parse_duration_s(os.environ.get(name), default_s)
+    except ConfigError as e:
+        raise ConfigError(f"{name}: {e}") from None
     if not 0 < t < float("inf"):
         raise ConfigError(f"{name} must be a positive duration such as {default_s:g}s")
     return t

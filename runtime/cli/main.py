@@ -47,6 +47,7 @@ def serve() -> None:
 
     from offload.runtime.server.app import create_app
     from offload.runtime.server.connections import (
+        BACKLOG,
         MAX_HEAD_BYTES,
         ConnectionLimits,
         protocol_class,
@@ -68,6 +69,7 @@ def serve() -> None:
             access_log=True,
             http=protocol_class(limits),
             h11_max_incomplete_event_size=MAX_HEAD_BYTES,
+            backlog=BACKLOG,
         )
     except OSError as e:
         raise OffloadError(f"cannot listen on {h.host}:{h.port}: {e.strerror}") from None
