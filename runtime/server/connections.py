@@ -59,7 +59,7 @@ MAX_HEADERS = 100
 MIN_BODY_RATE = 500
 
 # Connections a listening socket queues, and asyncio accepts in one go: a connection closed to
-# make room frees its descriptor only after such a batch, so the cap leaves room for one.
+# make room frees its descriptor only a batch or two later, so the cap leaves room for two.
 BACKLOG = 256
 # What the kernel may hold of an answer a client is not reading (it doubles this): without a cap
 # it grows to megabytes, hours of tokens, and a client that stops reading is never noticed.
@@ -110,8 +110,9 @@ class ConnectionLimits:
         if cap is None:
             cap = _DEFAULT_MAX_CONNECTIONS
             if open_files is not None:
-                cap = max(16, min(cap, open_files // 2))
-        elif open_files is not None and cap + BACKLOG + _RESERVED_FDS > open_files:
+                room = open_files - _RESERVED_FDS - 2 * BACKLOG
+                cap = max(16, min(cap, max(open_files // 4, room)))
+        elif open_files is not None and cap + 2 * BACKLOG + _RESERVED_FDS > open_files:
             log.warning(
                 "OFFLOAD_MAX_CONNECTIONS=%d is near or above the open-file limit (%d): "
                 "connections past that limit are refused by the system, not managed",

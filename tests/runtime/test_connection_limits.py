@@ -247,11 +247,12 @@ def test_bad_timeouts_fail_at_start(monkeypatch: pytest.MonkeyPatch, name: str) 
     config.check()
 
 
-def test_connection_cap_defaults_to_half_the_open_file_limit(
+def test_connection_cap_defaults_to_what_the_open_file_limit_leaves(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.delenv("OFFLOAD_MAX_CONNECTIONS", raising=False)
-    assert ConnectionLimits.from_env(1024).max_connections == 512
+    assert ConnectionLimits.from_env(1024).max_connections == 384  # 128 kept, 2 x 256 accepting
+    assert ConnectionLimits.from_env(256).max_connections == 64
     assert ConnectionLimits.from_env(1 << 20).max_connections == 4096
     monkeypatch.setenv("OFFLOAD_MAX_CONNECTIONS", "0")
     with pytest.raises(config.ConfigError, match="OFFLOAD_MAX_CONNECTIONS"):
