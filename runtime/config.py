@@ -333,10 +333,7 @@ def max_uploads() -> int:
 
 def upload_timeout_s() -> float:
     """``OFFLOAD_UPLOAD_TIMEOUT``: how long an upload may send nothing (default 60s)."""
-    t = parse_duration_s(os.environ.get("OFFLOAD_UPLOAD_TIMEOUT"), 60.0)
-    if not 0 < t < float("inf"):
-        raise ConfigError("OFFLOAD_UPLOAD_TIMEOUT must be a positive duration such as 60s")
-    return t
+    return _timeout_env("OFFLOAD_UPLOAD_TIMEOUT", 60.0)
 
 
 def max_upload_bytes() -> int:
