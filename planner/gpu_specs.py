@@ -23,10 +23,14 @@ __all__ = ["tensor_flops", "llama_share"]
 _KNOWN_TFLOPS: tuple[tuple[str, float], ...] = (
     # Hopper
     (r"\bgh200\b", 989.0),
+    (r"\bh200\b.*\bnvl\b", 836.0),
     (r"\bh200\b", 989.0),
     (r"\bh100\b.*\bnvl\b", 835.0),
     (r"\bh100\b.*\bpcie\b", 756.0),
     (r"\bh100\b", 989.0),
+    (r"\bh800\b.*\bpcie\b", 756.0),
+    (r"\bh800\b", 989.0),
+    (r"\bh20\b", 148.0),  # a Hopper chip with its tensor cores cut down: not cores x clock
     # Ampere and Ada, data centre and workstation
     (r"\ba100\b", 312.0),
     (r"\ba30\b", 165.0),
