@@ -20,6 +20,7 @@ from offload.planner.placement import CPU, DeviceLoad, device_loads, layer_devic
 from offload.planner.types import Anatomy, GPUInfo, Hardware, Placement, Prediction
 
 __all__ = [
+    "SPEED_MODEL_VERSION",
     "SpeedParams",
     "predict",
     "predict_aggregate",
@@ -29,6 +30,11 @@ __all__ = [
     "pageable_h2d_Bps",
     "stream_seconds",
 ]
+
+
+# What the fitted factors mean changes with the model around them: a fit stored under another
+# version is fitted again from its runs. 2: GPU flops from tensor flops by name, not bandwidth.
+SPEED_MODEL_VERSION = 2
 
 
 @dataclass(frozen=True)

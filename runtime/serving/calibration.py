@@ -26,7 +26,7 @@ from filelock import FileLock
 from offload.planner import anatomy as anatomy_mod
 from offload.planner import hardware as hardware_mod
 from offload.planner.calibrate import Observation, fit
-from offload.planner.cost import SpeedParams
+from offload.planner.cost import SPEED_MODEL_VERSION, SpeedParams
 from offload.planner.errors import GGUFError, WorkloadError
 from offload.planner.types import Anatomy, Hardware, Plan, Workload
 from offload.runtime import config
@@ -196,7 +196,11 @@ def speed_params_for(
         return _fit_cache[key]
     if base is None:  # a fit stored by an earlier process for exactly these runs
         stored = _read(store_path())["machines"].get(fingerprint, {}).get("fitted") or {}
-        if stored.get("n_raw") == len(raw) and stored.get("last_at") == raw[-1]["at"]:
+        if (
+            stored.get("n_raw") == len(raw)
+            and stored.get("last_at") == raw[-1]["at"]
+            and stored.get("model") == SPEED_MODEL_VERSION
+        ):
             try:
                 fitted = SpeedParams(**stored["params"])
                 _fit_cache[key] = (fitted, stored["n_runs"])
@@ -244,6 +248,7 @@ def _store_fit(
             if m is None:
                 return
             m["fitted"] = {
+                "model": SPEED_MODEL_VERSION,
                 "n_raw": n_raw,
                 "last_at": last_at,
                 "n_runs": n_runs,

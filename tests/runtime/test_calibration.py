@@ -115,6 +115,35 @@ def test_speed_params_are_fitted_from_recorded_runs(tmp_path: Path) -> None:
     )
 
 
+def test_a_fit_stored_under_another_speed_model_is_fitted_again(tmp_path: Path) -> None:
+    """The fitted factors mean what the model around them makes of them (a GPU's flops, say):
+    after an upgrade the kept runs are fitted again instead of the old fit being reused."""
+    from offload.planner import cost
+
+    _record_two_gemma_runs(tmp_path)
+    params, _ = calibration.speed_params_for("fp-test")
+    path = calibration.store_path()
+    store = json.loads(path.read_text())
+    fitted = store["machines"]["fp-test"]["fitted"]
+    assert fitted["model"] == cost.SPEED_MODEL_VERSION
+    # A fit an earlier version stored (no version), with factors it would not give today.
+    del fitted["model"]
+    fitted["params"]["cpu_bw_eff"] = 3.21
+    path.write_text(json.dumps(store))
+    calibration._fit_cache.clear()
+    again, n = calibration.speed_params_for("fp-test")
+    assert n == 2 and again == params and again.cpu_bw_eff != 3.21
+    assert json.loads(path.read_text())["machines"]["fp-test"]["fitted"]["model"] == (
+        cost.SPEED_MODEL_VERSION
+    )
+    # Under this version, the stored fit is what the next process reads.
+    store = json.loads(path.read_text())
+    store["machines"]["fp-test"]["fitted"]["params"]["cpu_bw_eff"] = 3.21
+    path.write_text(json.dumps(store))
+    calibration._fit_cache.clear()
+    assert calibration.speed_params_for("fp-test")[0].cpu_bw_eff == 3.21
+
+
 def test_served_requests_record_the_models_workload(server) -> None:  # type: ignore[no-untyped-def]
     import httpx
 
