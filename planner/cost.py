@@ -105,8 +105,8 @@ class SpeedParams:
     # each further token costs its flops at this fraction of the device's peak (GPU: its fp16
     # flops; CPU: the prompt-processing rate above). Small-batch decode kernels run far below
     # prompt-processing efficiency. Set to the gains llama.cpp's batched bench measured: the dense
-    # 7B shape fully on an H200 (989 TF) 3.7x at eight streams (265 -> 981 t/s), Gemma 3 270M on a 2-core
-    # EPYC 2.4x at four and 3.2x at eight (44 -> 106 -> 140 t/s). Single-stream runs, all that
+    # 7B shape fully on an H200 (989 TF) 3.7x at eight streams (265 -> 981 t/s), Gemma 3 270M on a
+    # 2-core EPYC 2.4x at four and 3.2x at eight (44 -> 106 -> 140 t/s). Single-stream runs, all that
     # calibration records today, say nothing about them. Consumer GPUs have fewer tensor-core
     # flops per vector flop than Hopper (about 4 against 15), so their gains are likely larger
     # than predicted until measured.

@@ -13,6 +13,7 @@ figure per core and clock of the architecture gives it.
 
 from __future__ import annotations
 
+import functools
 import re
 
 __all__ = ["tensor_flops", "llama_share"]
@@ -108,6 +109,7 @@ _NON_HOPPER_SHARE = 2.6
 _HOPPER_LIKE = re.compile(r"\b(gh200|h200|h100|h800|h20|gb200|b200|b100)\b")
 
 
+@functools.lru_cache(maxsize=64)  # the speed model asks for every prediction the search makes
 def tensor_flops(
     name: str, compute_capability: str = "", cores: int = 0, sm_clock_mhz: float = 0.0
 ) -> float:
