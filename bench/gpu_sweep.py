@@ -490,17 +490,17 @@ class Sweep:
         )
         return run
 
-    def calibrate(self) -> None:
+    def calibrate(self) -> bool:
         """`offload bench MODEL --gpu-layers sweep` for each model of --calibrate, once per state:
         offload's plans (and the predictions of the baselines) then use the speed model fitted to
-        this machine, as a user's would after running it."""
+        this machine, as a user's would after running it. False while one is still to be done."""
         for kind in [k for k in (self.args.calibrate or "").split(",") if k]:
             done = self.state / f"calibration-{kind}.txt"
             if done.exists():
                 continue
             if self.time_left() < CALIBRATION_S:
                 log(f"no time left to calibrate on {kind}")
-                return
+                return False
             t0 = time.time()
             r = self.offload_cli(
                 "bench", str(self.model(kind)), "--gpu-layers", "sweep", "--prompt", "512",
@@ -514,10 +514,15 @@ class Sweep:
             done.write_text(text)
             if self.out:
                 (self.out / done.name).write_text(text)
+        return True
 
     def run(self) -> list[dict[str, Any]]:
         """Prepare every document, then load round by round (every candidate once, then again)."""
-        self.calibrate()
+        if not self.calibrate():
+            # Plans made now would use the uncalibrated speed model, and a later call would keep
+            # them: nothing is planned or loaded until the calibration has run.
+            log("the calibration runs first: resume the sweep with more time")
+            return []
         docs = []
         for kind, budgets in self.budgets().items():
             model = self.model(kind)

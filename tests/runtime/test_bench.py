@@ -304,6 +304,20 @@ def _sweep(tmp_path: Path, tools: Path, *extra: str) -> subprocess.CompletedProc
     )
 
 
+def test_gpu_sweep_plans_nothing_before_the_calibration_it_was_asked_for(tmp_path: Path) -> None:
+    """A call too short to calibrate first must not plan with the uncalibrated speed model: a
+    later call would keep those plans and calibrate only after them."""
+    tools = _llama_tools(tmp_path)
+    r = _sweep(tmp_path, tools, "--reps", "1", "--time-budget-s", "100", "--calibrate", "tiny-moe")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    out = r.stdout + r.stderr
+    assert "no time left to calibrate on tiny-moe" in out and "calibration runs first" in out, out
+    docs = list((tmp_path / "state").glob("sweep-*.json")) + list(
+        (tmp_path / "out").glob("sweep-*.json")
+    )
+    assert all(not json.loads(d.read_text()).get("candidates") for d in docs), docs
+
+
 def test_gpu_sweep_runs_every_candidate_resumes_and_stops_in_time(tmp_path: Path) -> None:
     tools = _llama_tools(tmp_path)
     r = _sweep(tmp_path, tools, "--reps", "2", "--time-budget-s", "300", "--calibrate", "tiny-moe")
