@@ -261,18 +261,22 @@ class Store:
         """Store ``data`` and return its manifest layer entry."""
         return {"mediaType": media_type, "digest": self.add_blob_bytes(data), "size": len(data)}
 
-    def names(self) -> Iterator[ModelName]:
-        """Every model name with a manifest in this store (not the fallbacks)."""
+    def _manifest_files(self) -> Iterator[Path]:
         base = self.manifests_dir
         if not base.is_dir():
             return
         for p in sorted(base.glob("*/*/*/*")):
             if p.is_file() and not p.name.startswith(TEMP_PREFIX):
-                host, ns, model, tag = p.relative_to(base).parts
-                try:
-                    yield parse_name(f"{host}/{ns}/{model}:{tag}")
-                except ModelError:  # a stray file is not a model; skip it
-                    continue
+                yield p
+
+    def names(self) -> Iterator[ModelName]:
+        """Every model name with a manifest in this store (not the fallbacks)."""
+        for p in self._manifest_files():
+            host, ns, model, tag = p.relative_to(self.manifests_dir).parts
+            try:
+                yield parse_name(f"{host}/{ns}/{model}:{tag}")
+            except ModelError:  # a stray file is not a model; skip it
+                continue
 
     # -- models --------------------------------------------------------------------------------
 
@@ -447,17 +451,21 @@ class Store:
     def prune(self) -> builtins.list[str]:
         """Delete blobs no manifest refers to; returns their digests.
 
-        When a manifest cannot be read, nothing is deleted: its blobs are unknown.
+        Every manifest file counts, even one whose path is not a name offload would write (put
+        there by hand or by another tool); when one cannot be read, nothing is deleted: its blobs
+        are unknown.
         """
         used: set[str] = set()
-        for n in self.names():
+        for p in self._manifest_files():
             try:
-                m = self.read_manifest(n) or {}
-            except StoreError as e:
-                log.warning("keeping every blob: %s", e)
+                m = check_manifest(read_capped(p, MAX_MANIFEST_BYTES, f"the manifest {p}"))
+            except FileNotFoundError:  # removed since it was listed
+                continue
+            except (OSError, StoreError, InvalidManifest) as e:
+                log.warning("keeping every blob: the manifest %s is unusable: %s", p, e)
                 return []
-            for layer in [m["config"], *m["layers"]] if m else []:
-                used.add(layer["digest"])
+            for layer in [m["config"], *m["layers"]]:
+                used.add(check_digest(layer["digest"]))
         removed = []
         if self.blobs_dir.is_dir():
             for b in self.blobs_dir.iterdir():
