@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -37,6 +38,7 @@ from offload.models.errors import (
     RegistryError,
     RegistryModelNotFound,
     RegistryUnreachable,
+    StoreError,
 )
 from offload.models.layout import (
     GGUF_MEDIA,
@@ -67,6 +69,8 @@ CHUNK_BYTES = 64 * 1024 * 1024
 _STATE_EVERY_BYTES = 8 * 1024 * 1024
 # Room left free after a download: a disk filled to the last byte breaks more than the pull.
 _DISK_RESERVE_BYTES = 256 * 1024 * 1024
+# A bearer token is a few KB of JSON.
+_MAX_TOKEN_BYTES = 1 << 20
 
 
 def _noop(_: dict[str, Any]) -> None:
@@ -116,26 +120,80 @@ class _Session:
         if not realm.startswith(("http://", "https://")):
             return False
         try:
-            t = self.client.get(realm, params=params)
-            self.token = (
-                t.json().get("token") or t.json().get("access_token") if t.is_success else None
-            )
-        except (httpx.HTTPError, ValueError):
+            with self.client.stream("GET", realm, params=params) as t:
+                if not t.is_success:
+                    return False
+                answer = json.loads(self._read_capped(t, _MAX_TOKEN_BYTES, "a token"))
+        except (httpx.HTTPError, ValueError, RegistryError):
             return False
+        token = (
+            answer.get("token") or answer.get("access_token") if isinstance(answer, dict) else None
+        )
+        self.token = token if isinstance(token, str) and token.isprintable() else None
         return bool(self.token)
 
-    def request(self, method: str, url: str, what: str, **kw: Any) -> httpx.Response:
-        """Send a request and raise a typed error for anything but success."""
-        try:
-            r = self.client.request(
-                method, url, headers=self._headers(kw.pop("headers", None)), **kw
+    def _read_capped(self, r: httpx.Response, cap: int, what: str) -> bytes:
+        """The body of a small document, refused past ``cap`` bytes or past the session's time."""
+        declared = r.headers.get("Content-Length", "")
+        if declared.isdigit() and int(declared) > cap:
+            raise RegistryError(
+                f"{self.name.host} sent {what} of {declared} bytes, more than the {cap} allowed"
             )
+        # Each read may wait the client's timeout; the whole document gets that long too, so a
+        # registry that trickles a byte at a time cannot keep a pull waiting for days.
+        allowed_s = self.client.timeout.read or 60.0
+        deadline = time.monotonic() + allowed_s
+        body = bytearray()
+        for block in r.iter_bytes():
+            body += block
+            if len(body) > cap:
+                raise RegistryError(
+                    f"{self.name.host} sent {what} of more than the {cap} bytes allowed"
+                )
+            if time.monotonic() > deadline:
+                raise RegistryError(
+                    f"{self.name.host} took more than {allowed_s:g}s to send {what} "
+                    f"({len(body)} bytes so far); try again later"
+                )
+        return bytes(body)
+
+    def request(self, method: str, url: str, what: str, **kw: Any) -> httpx.Response:
+        """Send a request and raise a typed error for anything but success.
+
+        Only the status and headers are kept: the answer's body is never read, so a registry
+        cannot make us hold an endless one.
+        """
+        extra = kw.pop("headers", None)
+        try:
+            r = self._send(method, url, self._headers(extra), kw)
             if r.status_code == 401 and self._anonymous_token(r):
-                r = self.client.request(method, url, headers=self._headers(None), **kw)
+                r = self._send(method, url, self._headers(extra), kw)
         except httpx.TransportError as exc:
             raise RegistryUnreachable(self.name.host, _reason(exc)) from exc
         self.check(r, what)
         return r
+
+    def _send(
+        self, method: str, url: str, headers: dict[str, str], kw: dict[str, Any]
+    ) -> httpx.Response:
+        r = self.client.send(
+            self.client.build_request(method, url, headers=headers, **kw), stream=True
+        )
+        r.close()
+        return r
+
+    def location(self, r: httpx.Response, what: str, default: str | None = None) -> str:
+        """The absolute URL an upload answer points at; ``RegistryError`` when it names none."""
+        value = r.headers.get("Location", default)
+        try:
+            if not value:
+                raise httpx.InvalidURL("no Location header")
+            return str(r.url.join(value))
+        except httpx.InvalidURL as exc:
+            raise RegistryError(
+                f"{self.name.host} answered {what} with no usable upload location ({exc}); "
+                "is it a registry?"
+            ) from None
 
     def get_capped(self, url: str, headers: dict[str, str], cap: int, what: str) -> bytes:
         """GET a small document, reading at most ``cap`` bytes of it."""
@@ -145,20 +203,7 @@ class _Session:
                     if r.status_code == 401 and attempt == 0 and self._anonymous_token(r):
                         continue
                     self.check(r, what)
-                    declared = r.headers.get("Content-Length", "")
-                    if declared.isdigit() and int(declared) > cap:
-                        raise RegistryError(
-                            f"{self.name.host} sent {what} of {declared} bytes, more than the "
-                            f"{cap} allowed"
-                        )
-                    body = bytearray()
-                    for block in r.iter_bytes():
-                        body += block
-                        if len(body) > cap:
-                            raise RegistryError(
-                                f"{self.name.host} sent {what} of more than the {cap} bytes allowed"
-                            )
-                    return bytes(body)
+                    return self._read_capped(r, cap, what)
             except (httpx.TransportError, httpx.StreamError) as exc:
                 raise RegistryUnreachable(self.name.host, _reason(exc)) from exc
         raise AuthRequired(self.name.display, self.name.host, 401)
@@ -529,14 +574,24 @@ def push(
 ) -> None:
     """Upload ``source`` (default: ``name``) as ``name``: blobs the registry lacks, then the manifest."""
     mn = parse_name(name) if isinstance(name, str) else name
-    holder, manifest_raw = store.locate_manifest(source if source is not None else mn)
+    src = source if source is not None else mn
+    src = parse_name(src) if isinstance(src, str) else src
+    holder, manifest_raw = store.locate_manifest(src)
+    manifest = holder._parse(src, manifest_raw)
+    layers = [manifest["config"], *manifest["layers"]]
+    files = {layer["digest"]: holder.find_blob(layer["digest"]) for layer in layers}
+    missing = next((d for d, p in files.items() if p is None), None)
+    if missing is not None:
+        raise StoreError(
+            f"blob {missing} of {src.display} is missing from the store; pull the model again"
+        )
+    media = manifest.get("mediaType")
     report = progress or _noop
     base = _base_url(mn, insecure)
-    manifest = json.loads(manifest_raw)
     report({"status": "retrieving manifest"})
     with _client(timeout_s) as client:
         s = _Session(client, mn)
-        for layer in [manifest["config"], *manifest["layers"]]:
+        for layer in layers:
             digest, size = check_digest(layer["digest"]), int(layer["size"])
             status = f"pushing {digest[7:19]}"
             head = _head(s, f"{base}/blobs/{digest}")
@@ -544,10 +599,10 @@ def push(
                 report({"status": status, "digest": digest, "total": size, "completed": size})
                 continue
             r = s.request("POST", f"{base}/blobs/uploads/", "starting an upload")
-            location = str(r.url.join(r.headers["Location"]))
+            location = s.location(r, "starting an upload")
             sent = 0
             report({"status": status, "digest": digest, "total": size, "completed": 0})
-            with open(holder.blob_path(digest), "rb") as f:
+            with open(files[layer["digest"]] or "", "rb") as f:
                 while block := f.read(chunk_bytes):
                     r = s.request(
                         "PATCH",
@@ -559,7 +614,7 @@ def push(
                             "Content-Range": f"{sent}-{sent + len(block) - 1}",
                         },
                     )
-                    location = str(r.url.join(r.headers.get("Location", location)))
+                    location = s.location(r, "an upload chunk", location)
                     sent += len(block)
                     report({"status": status, "digest": digest, "total": size, "completed": sent})
             sep = "&" if "?" in location else "?"
@@ -570,7 +625,7 @@ def push(
             f"{base}/manifests/{mn.tag}",
             "the manifest upload",
             content=manifest_raw,
-            headers={"Content-Type": manifest.get("mediaType", MEDIA_MANIFEST)},
+            headers={"Content-Type": media if isinstance(media, str) else MEDIA_MANIFEST},
         )
         report({"status": "success"})
 

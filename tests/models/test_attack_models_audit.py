@@ -13,16 +13,19 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from offload.models import registry
+from offload.models.errors import AuthRequired, RegistryError, StoreError
 from offload.models.layout import MEDIA_MODEL, MEDIA_SYSTEM
 from offload.models.names import parse_name
 from offload.models.store import Store
-from tests.registry_server import gguf_bytes
+from tests.registry_server import MANIFEST_TYPE, gguf_bytes
 
 Handler = Callable[[BaseHTTPRequestHandler], None]
 
@@ -129,6 +132,119 @@ def one_line(e: BaseException | None, kind: type[BaseException], *words: str) ->
 def local_model(store: Store, name: str = "m") -> None:
     layers = [store.layer_for_bytes(MEDIA_MODEL, gguf_bytes(4096))]
     store.write_manifest(parse_name(name), store.new_manifest(layers, {"model_format": "gguf"}))
+
+
+# -- pull -----------------------------------------------------------------------------------------
+
+
+def test_a_manifest_trickled_a_byte_at_a_time_ends_the_pull_in_bounded_time(
+    tmp_path: Path,
+) -> None:
+    def handle(ev: _Evil, h: BaseHTTPRequestHandler) -> None:
+        ev.endless(h, 200, every_s=0.2, Content_Type=MANIFEST_TYPE)
+
+    with evil_server(handle) as ev:
+        store = Store(tmp_path / "store")
+        t0 = time.monotonic()
+        pull = lambda: registry.pull(store, f"{ev.host}/a/b", insecure=True, timeout_s=2)  # noqa: E731
+        err = in_thread(pull, 30)
+        one_line(err, RegistryError, "took more than 2s to send a manifest", "try again later")
+        assert time.monotonic() - t0 < 10
+        assert not (tmp_path / "store" / "manifests").exists()
+
+
+@pytest.mark.parametrize("answer", [b"[]", b'"tok"', b'{"token": 7}', b'{"token": "a\\nb"}'])
+def test_a_token_endpoint_answering_nonsense_is_an_auth_error(
+    tmp_path: Path, answer: bytes
+) -> None:
+    def handle(ev: _Evil, h: BaseHTTPRequestHandler) -> None:
+        if h.path.startswith("/token"):
+            return ev.send(h, 200, answer, Content_Type="application/json")
+        realm = f'Bearer realm="http://{ev.host}/token",service="x"'
+        ev.send(h, 401, b"{}", WWW_Authenticate=realm)
+
+    with evil_server(handle) as ev:
+        err = in_thread(
+            lambda: registry.pull(Store(tmp_path / "s"), f"{ev.host}/a/b", insecure=True), 30
+        )
+        one_line(err, AuthRequired, "requires authentication", "answered 401")
+
+
+def test_an_endless_token_answer_is_not_read_into_memory(tmp_path: Path) -> None:
+    def handle(ev: _Evil, h: BaseHTTPRequestHandler) -> None:
+        if h.path.startswith("/token"):
+            return ev.endless(h, 200, Content_Type="application/json")
+        realm = f'Bearer realm="http://{ev.host}/token"'
+        ev.send(h, 401, b"{}", WWW_Authenticate=realm)
+
+    with evil_server(handle) as ev:
+        err = in_thread(
+            lambda: registry.pull(Store(tmp_path / "s"), f"{ev.host}/a/b", insecure=True), 60
+        )
+        one_line(err, AuthRequired, "requires authentication")
+        assert ev.sent < 32 << 20, f"{ev.sent >> 20} MiB of a token were read"
+
+
+# -- push -----------------------------------------------------------------------------------------
+
+
+def _upload_server(
+    post: Callable[[_Evil, BaseHTTPRequestHandler], None],
+) -> AbstractContextManager[_Evil]:
+    def handle(ev: _Evil, h: BaseHTTPRequestHandler) -> None:
+        if h.command == "HEAD":
+            return ev.send(h, 404)
+        if h.command == "POST":
+            return post(ev, h)
+        ev.send(h, 201, Location="/v2/a/b/blobs/x")
+
+    return evil_server(handle)
+
+
+def test_an_upload_answer_with_no_location_is_a_registry_error(store: Store) -> None:
+    local_model(store)
+    with _upload_server(lambda ev, h: ev.send(h, 202)) as ev:
+        err = in_thread(
+            lambda: registry.push(store, f"{ev.host}/a/b", source="m", insecure=True), 30
+        )
+        one_line(err, RegistryError, "no usable upload location")
+
+
+def test_an_upload_answer_with_a_broken_location_is_a_registry_error(store: Store) -> None:
+    local_model(store)
+    with _upload_server(lambda ev, h: ev.send(h, 202, Location="http://[::1")) as ev:
+        err = in_thread(
+            lambda: registry.push(store, f"{ev.host}/a/b", source="m", insecure=True), 30
+        )
+        one_line(err, RegistryError, "no usable upload location")
+
+
+def test_an_endless_upload_answer_is_not_read(store: Store) -> None:
+    local_model(store)
+    post = lambda ev, h: ev.endless(h, 202, Location="/v2/a/b/blobs/uploads/1")  # noqa: E731
+    with _upload_server(post) as ev:
+        err = in_thread(
+            lambda: registry.push(store, f"{ev.host}/a/b", source="m", insecure=True), 60
+        )
+        assert err is None, repr(err)
+        assert ev.sent < 32 << 20, f"{ev.sent >> 20} MiB of an upload answer were read"
+
+
+def test_pushing_a_model_whose_manifest_or_blob_is_damaged_names_the_problem(
+    store: Store,
+) -> None:
+    local_model(store, "cut")
+    path = store.manifest_path(parse_name("cut"))
+    path.write_bytes(path.read_bytes()[:40])
+    local_model(store, "hole")
+    model = json.loads(store.manifest_path(parse_name("hole")).read_bytes())["layers"][0]
+    store.blob_path(model["digest"]).unlink()
+    with _upload_server(lambda ev, h: ev.send(h, 202, Location="/up")) as ev:
+        for name, words in (("cut", "is unusable"), ("hole", "is missing from the store")):
+            err = in_thread(
+                lambda n=name: registry.push(store, f"{ev.host}/a/b", source=n, insecure=True), 30
+            )
+            one_line(err, StoreError, words, "pull")
 
 
 # -- the store ------------------------------------------------------------------------------------
