@@ -20,6 +20,8 @@ _HF_ALIASES = {"hf.co", "huggingface.co", "www.huggingface.co"}
 _PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
 _HOST = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]{0,252}(:[0-9]{1,5})?")
 _TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
+# The host (with its port) is a folder of the store: no longer than a file name may be.
+_MAX_HOST_CHARS = 255
 
 
 @dataclass(frozen=True, order=True)
@@ -87,6 +89,8 @@ def parse_name(name: str) -> ModelName:
         host, namespace, model = parts
     else:
         raise InvalidModelName(raw, "too many '/' parts (expected [host/][namespace/]model[:tag])")
+    if len(host) > _MAX_HOST_CHARS:
+        raise InvalidModelName(raw, f"the host is longer than {_MAX_HOST_CHARS} characters")
     if not _HOST.fullmatch(host) or ".." in host:
         raise InvalidModelName(raw, f"bad host {host!r}")
     for label, value in (("namespace", namespace), ("model", model)):

@@ -18,14 +18,16 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
-from offload.models import registry
+from offload.models import embedded, registry
 from offload.models.errors import AuthRequired, RegistryError, StoreError
 from offload.models.layout import MEDIA_MODEL, MEDIA_SYSTEM
 from offload.models.names import parse_name
 from offload.models.store import Store
 from tests.registry_server import MANIFEST_TYPE, gguf_bytes
+from tests.serve_process import ServeProcess
 
 Handler = Callable[[BaseHTTPRequestHandler], None]
 
@@ -273,3 +275,52 @@ def test_removing_a_model_keeps_the_blobs_of_hand_placed_manifests(store: Store,
     for layer in (model, system):
         assert layer["digest"].replace(":", "-") in kept, f"{layer['mediaType']} blob was deleted"
     assert len(kept) == len(blobs) - 2  # the other model's weights and config went
+
+
+# -- over HTTP ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
+    home = tmp_path_factory.mktemp("audit-home")
+    embedded.import_default(Store(home / "models"))
+    with ServeProcess(home) as s:
+        yield s
+
+
+LONG_HOST = "h" * 250 + ":12345"  # a valid host and port, but longer than a file name may be
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body"),
+    [
+        ("POST", "/api/copy", {"source": "gemma3:270m", "destination": f"{LONG_HOST}/a/b"}),
+        ("POST", "/api/show", {"model": f"{LONG_HOST}/a/b"}),
+        ("POST", "/api/create", {"model": f"{LONG_HOST}/a/b", "from": "gemma3:270m"}),
+        ("DELETE", "/api/delete", {"model": f"{LONG_HOST}/a/b"}),
+        ("POST", "/api/pull", {"model": f"{LONG_HOST}/a/b", "stream": False}),
+        ("POST", "/api/generate", {"model": f"{LONG_HOST}/a/b", "prompt": "hi", "stream": False}),
+    ],
+    ids=["copy", "show", "create", "delete", "pull", "generate"],
+)
+def test_a_host_longer_than_a_file_name_is_a_400_naming_it(
+    server: ServeProcess, method: str, path: str, body: dict[str, Any]
+) -> None:
+    r = httpx.request(method, f"{server.url}{path}", json=body, timeout=60)
+    assert r.status_code == 400, r.text
+    assert "the host is longer than 255 characters" in r.json()["error"]
+    assert "\n" not in r.text
+
+
+def test_a_host_of_255_characters_still_names_a_model(server: ServeProcess) -> None:
+    name = f"{'h' * 249}:12345/a/b:c"
+    r = httpx.post(
+        f"{server.url}/api/copy",
+        json={"source": "gemma3:270m", "destination": name},
+        timeout=60,
+    )
+    assert r.status_code == 200, r.text
+    r = httpx.post(f"{server.url}/api/show", json={"model": name}, timeout=60)
+    assert r.status_code == 200, r.text
+    r = httpx.request("DELETE", f"{server.url}/api/delete", json={"model": name}, timeout=60)
+    assert r.status_code == 200, r.text
