@@ -170,6 +170,8 @@ class _Session:
                 r = self._send(method, url, self._headers(extra), kw)
         except httpx.TransportError as exc:
             raise RegistryUnreachable(self.name.host, _reason(exc)) from exc
+        except httpx.HTTPError as exc:
+            raise _unusable(self.name.host, what, exc) from exc
         self.check(r, what)
         return r
 
@@ -206,6 +208,8 @@ class _Session:
                     return self._read_capped(r, cap, what)
             except (httpx.TransportError, httpx.StreamError) as exc:
                 raise RegistryUnreachable(self.name.host, _reason(exc)) from exc
+            except httpx.HTTPError as exc:
+                raise _unusable(self.name.host, what, exc) from exc
         raise AuthRequired(self.name.display, self.name.host, 401)
 
     @contextmanager
@@ -218,10 +222,22 @@ class _Session:
                 yield r
         except httpx.ConnectError as exc:
             raise RegistryUnreachable(self.name.host, _reason(exc)) from exc
+        except (httpx.TransportError, httpx.StreamError):
+            raise  # an interruption: the caller keeps what it has, to resume
+        except httpx.HTTPError as exc:
+            raise _unusable(self.name.host, "a blob download", exc) from exc
 
 
 def _reason(exc: Exception) -> str:
     return str(exc) or type(exc).__name__
+
+
+def _unusable(host: str, what: str, exc: Exception) -> RegistryError:
+    """An answer no retry can mend: a redirect loop, a body that does not decode."""
+    return RegistryError(
+        f"{host} answered {what} with something offload cannot use ({_reason(exc)}); check the "
+        "name and the registry"
+    )
 
 
 def _write(f: Any, data: bytes, path: Path, done: int, total: int) -> None:
@@ -635,6 +651,8 @@ def _head(s: _Session, url: str) -> int:
         r = s.client.head(url, headers=s._headers(None))
     except httpx.TransportError as exc:
         raise RegistryUnreachable(s.name.host, _reason(exc)) from exc
+    except httpx.HTTPError as exc:
+        raise _unusable(s.name.host, "HEAD blob", exc) from exc
     if r.status_code in (401, 403):
         s.check(r, "HEAD blob")
     return r.status_code

@@ -26,9 +26,10 @@ from offload.models.errors import AuthRequired, RegistryError, StoreError
 from offload.models.layout import MEDIA_MODEL, MEDIA_SYSTEM
 from offload.models.names import parse_name
 from offload.models.store import Store
-from tests.registry_server import MANIFEST_TYPE, gguf_bytes
+from tests.registry_server import MANIFEST_TYPE, gguf_bytes, sha256
 from tests.serve_process import ServeProcess
 
+CONFIG = "application/vnd.docker.container.image.v1+json"
 Handler = Callable[[BaseHTTPRequestHandler], None]
 
 
@@ -185,6 +186,45 @@ def test_an_endless_token_answer_is_not_read_into_memory(tmp_path: Path) -> None
         )
         one_line(err, AuthRequired, "requires authentication")
         assert ev.sent < 32 << 20, f"{ev.sent >> 20} MiB of a token were read"
+
+
+def _model_manifest(blob: bytes) -> bytes:
+    config = {"mediaType": CONFIG, "digest": sha256(b"{}"), "size": 2}
+    layer = {"mediaType": MEDIA_MODEL, "digest": sha256(blob), "size": len(blob)}
+    return json.dumps(
+        {"schemaVersion": 2, "mediaType": MANIFEST_TYPE, "config": config, "layers": [layer]}
+    ).encode()
+
+
+@pytest.mark.parametrize(
+    ("where", "answer"),
+    [
+        ("manifest", "redirect loop"),
+        ("manifest", "broken gzip"),
+        ("blob", "redirect loop"),
+        ("blob", "broken gzip"),
+    ],
+)
+def test_redirect_loops_and_undecodable_bodies_are_registry_errors(
+    tmp_path: Path, where: str, answer: str
+) -> None:
+    blob = gguf_bytes(4096)
+
+    def handle(ev: _Evil, h: BaseHTTPRequestHandler) -> None:
+        hit = "/manifests/" in h.path if where == "manifest" else h.path.endswith(sha256(blob))
+        if hit and answer == "redirect loop":
+            return ev.send(h, 307, Location=h.path)
+        if hit:
+            return ev.send(h, 200, b"not gzip at all", Content_Encoding="gzip")
+        if "/manifests/" in h.path:
+            return ev.send(h, 200, _model_manifest(blob), Content_Type=MANIFEST_TYPE)
+        ev.send(h, 200, b"{}")
+
+    with evil_server(handle) as ev:
+        store = Store(tmp_path / "store")
+        err = in_thread(lambda: registry.pull(store, f"{ev.host}/a/b", insecure=True), 30)
+        one_line(err, RegistryError, "with something offload cannot use", "check the name")
+        assert not store.manifests_dir.exists()
 
 
 # -- push -----------------------------------------------------------------------------------------
