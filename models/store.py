@@ -313,7 +313,10 @@ class Store:
         except (ValueError, UnicodeDecodeError):
             value = None
         if not isinstance(value, kind):
-            raise StoreError(f"{what} ({digest}) is not a JSON {kind.__name__}")
+            raise StoreError(
+                f"{what} ({digest}) is not a JSON {kind.__name__}; remove the model and pull or "
+                "create it again"
+            )
         return value
 
     def _config(self, manifest: dict[str, Any]) -> dict[str, Any]:

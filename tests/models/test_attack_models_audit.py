@@ -23,7 +23,7 @@ import pytest
 
 from offload.models import embedded, registry
 from offload.models.errors import AuthRequired, RegistryError, StoreError
-from offload.models.layout import MEDIA_MODEL, MEDIA_SYSTEM
+from offload.models.layout import MEDIA_MESSAGES, MEDIA_MODEL, MEDIA_PARAMS, MEDIA_SYSTEM
 from offload.models.names import parse_name
 from offload.models.store import Store
 from tests.registry_server import MANIFEST_TYPE, gguf_bytes, sha256
@@ -364,3 +364,20 @@ def test_a_host_of_255_characters_still_names_a_model(server: ServeProcess) -> N
     assert r.status_code == 200, r.text
     r = httpx.request("DELETE", f"{server.url}/api/delete", json={"model": name}, timeout=60)
     assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize(
+    ("media", "what"), [(MEDIA_PARAMS, "parameters"), (MEDIA_MESSAGES, "messages")]
+)
+def test_a_damaged_parameters_or_messages_blob_says_what_to_do(
+    store: Store, media: str, what: str
+) -> None:
+    model = store.layer_for_bytes(MEDIA_MODEL, gguf_bytes(4096))
+    layer = store.layer_for_bytes(media, b'{"temperature": 0.5}' if what == "parameters" else b"[]")
+    store.write_manifest(parse_name("m"), store.new_manifest([model, layer], {}))
+    store.blob_path(layer["digest"]).write_bytes(b"[1, 2" if what == "parameters" else b"{}")
+    with pytest.raises(StoreError) as err:
+        store.resolve("m")
+    one_line(
+        err.value, StoreError, f"the {what} of m:latest", "remove the model and pull or create"
+    )
