@@ -15,6 +15,7 @@ __all__ = [
     "ContextTooLong",
     "PayloadTooLarge",
     "ResponseNotFound",
+    "ClientGone",
 ]
 
 
@@ -42,6 +43,13 @@ class ResponseNotFound(RuntimeFailure):
     """A stored response that this server does not hold (never kept, or forgotten)."""
 
     http_status = 404
+
+
+class ClientGone(RuntimeFailure):
+    """The client hung up before its answer was ready, so the work for it was stopped (nginx's
+    499: nobody reads the answer)."""
+
+    http_status = 499
 
 
 class QueueFull(RuntimeFailure):

@@ -9,7 +9,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
@@ -37,7 +37,7 @@ from offload.runtime.server.streaming import (
 from offload.runtime.serving import embeddings, planning, service
 from offload.runtime.serving.scheduler import Runner, Scheduler
 
-__all__ = ["router", "respond", "running_model", "merge_chunks", "collect"]
+__all__ = ["router", "respond", "running_model", "merge_chunks", "collect", "until_hangup"]
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["ollama"])
@@ -98,6 +98,28 @@ async def collect(ts: ThreadedStream, request: Request | None = None) -> list[di
     watcher = asyncio.create_task(watch())
     try:
         return [c async for c in ts]
+    finally:
+        watcher.cancel()
+
+
+T = TypeVar("T")
+
+
+async def until_hangup(request: Request, work: Callable[[threading.Event], T]) -> T:
+    """``work(cancel)`` in a worker thread, with ``cancel`` set if the client hangs up meanwhile
+    (noticed by polling, as ``collect`` does), so that work nobody waits for stops early."""
+    cancel = threading.Event()
+
+    async def watch() -> None:
+        while not cancel.is_set():
+            if await request.is_disconnected():
+                cancel.set()
+                return
+            await asyncio.sleep(0.25)
+
+    watcher = asyncio.create_task(watch())
+    try:
+        return await run_in_threadpool(work, cancel)
     finally:
         watcher.cancel()
 
@@ -166,15 +188,19 @@ async def embed(body: EmbedRequest, request: Request) -> dict[str, Any]:
         ([body.input] if body.input else []) if isinstance(body.input, str) else list(body.input)
     )
     keep = service.keep_alive_from(body.keep_alive)
-    out = await run_in_threadpool(
-        embeddings.embed,
-        _sched(request),
-        body.model,
-        inputs,
-        body.truncate is not False,
-        body.dimensions,
-        body.options,
-        keep,
+    sched = _sched(request)
+    out = await until_hangup(
+        request,
+        lambda cancel: embeddings.embed(
+            sched,
+            body.model,
+            inputs,
+            body.truncate is not False,
+            body.dimensions,
+            body.options,
+            keep,
+            cancel,
+        ),
     )
     return {
         "model": body.model,

@@ -30,7 +30,7 @@ from offload.runtime.server.bridge import (
     token_counts,
 )
 from offload.runtime.server.errors import openai_error_body
-from offload.runtime.server.ollama import collect, merge_chunks
+from offload.runtime.server.ollama import collect, merge_chunks, until_hangup
 from offload.runtime.server.openai_schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -526,8 +526,11 @@ async def create_embeddings(body: EmbeddingRequest, request: Request) -> dict[st
         inputs = [
             validate.token_ids_for(info, x, "input") if isinstance(x, list) else x for x in inputs
         ]
-    out = await run_in_threadpool(
-        embeddings.embed, sched, body.model, inputs, True, body.dimensions
+    out = await until_hangup(
+        request,
+        lambda cancel: embeddings.embed(
+            sched, body.model, inputs, True, body.dimensions, cancel=cancel
+        ),
     )
     data = [
         {
