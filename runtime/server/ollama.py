@@ -267,7 +267,10 @@ def running_model(r: Runner) -> dict[str, Any]:
     remaining = r.expires_at - time.monotonic()
     if r.busy and r.expires_at == float("inf"):
         remaining = r.keep_alive_s  # in use: it expires keep_alive after this request
-    expires = _FOREVER_TS if remaining == float("inf") else time.time() + max(0.0, remaining)
+    now = time.time()
+    # A keep_alive past the far-future date (1e300 seconds, "99999999999999h") is forever too:
+    # no date can be written for it.
+    expires = _FOREVER_TS if remaining >= _FOREVER_TS - now else now + max(0.0, remaining)
     return {
         "name": r.name,
         "model": r.name,

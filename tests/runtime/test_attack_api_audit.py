@@ -46,3 +46,21 @@ def test_an_embedding_whose_client_hangs_up_stops_and_frees_the_model(
     assert r.status_code == 200
     body = r.json()
     assert len(body.get("embeddings") or body.get("data")) == 3
+
+
+@pytest.mark.parametrize("keep_alive", [1e300, "99999999999999h", 10**20])
+def test_a_keep_alive_too_long_for_a_date_is_forever_and_ps_still_answers(
+    http: httpx.Client, keep_alive: object
+) -> None:
+    """/api/ps wrote the expiry as a date: a keep_alive of 1e300 seconds made every /api/ps a 500
+    ("timestamp out of range") for as long as the model stayed loaded, which was forever."""
+    body = {"model": MODEL, "prompt": "hi", "stream": False, "keep_alive": keep_alive}
+    r = http.post("/api/generate", json={**body, "options": {"num_predict": 1}})
+    assert r.status_code == 200, r.text[:300]
+    r = http.get("/api/ps")
+    assert r.status_code == 200, r.text[:300]
+    (entry,) = [m for m in r.json()["models"] if m["name"] == MODEL]
+    assert entry["expires_at"].startswith("2100-01-01")
+    # Back to the default, so later tests see an ordinary expiry.
+    r = http.post("/api/generate", json={"model": MODEL, "prompt": "", "keep_alive": "5m"})
+    assert r.status_code == 200
