@@ -208,6 +208,7 @@ class Engine:
         self._keep = list(keep)  # C arrays llama.cpp points into for the model's life
         self._piece_buf = ctypes.create_string_buffer(256)
         self._pieces: dict[int, bytes] = {}
+        self._longest_token: int | None = None
         self.batch = TokenBatch(max(self.n_batch, self.n_seq_max))
         self.gave_up: list[str] = []
         self.prompt_tps_hint = 0.0  # from the first evaluation, until steps measure it
@@ -410,6 +411,36 @@ class Engine:
         if n < 0:
             raise BadRequest("the text could not be tokenized")
         return list(buf[:n])
+
+    def longest_token_bytes(self) -> int:
+        """The most bytes one token of the vocabulary stands for (special tokens included);
+        worked out once, on the first text long enough to need it."""
+        if self._longest_token is None:
+            buf = ctypes.create_string_buffer(1024)
+            longest = 1
+            for t in range(self.n_vocab):
+                n = llama_c.llama_token_to_piece(self.vocab, t, buf, 1024, 0, True)
+                longest = max(longest, abs(int(n)))
+            self._longest_token = longest
+        return self._longest_token
+
+    def clip_text(self, text: str, tokens: int, keep_end: bool) -> tuple[str, int]:
+        """``text`` cut to a part that still holds at least ``tokens`` tokens (its end, or with
+        ``keep_end`` False its start), and a lower bound of how many tokens the whole would be
+        (0 when nothing was cut).
+
+        A prompt is cut to the context after it is tokenized; tokenizing all of a 200 MB one
+        first held its runner for minutes and several GB. No token stands for more bytes than the
+        vocabulary's longest, so this many characters of the end (or start) cover ``tokens``
+        tokens and the tokens kept from it are those of the whole text (but at the cut).
+        """
+        if len(text) <= tokens * 4:
+            return text, 0  # shorter than any cut could be: no need to look at the vocabulary
+        room = tokens * self.longest_token_bytes()
+        if len(text) <= room:
+            return text, 0
+        at_least = len(text.encode("utf-8", errors="surrogatepass")) // self.longest_token_bytes()
+        return (text[-room:] if keep_end else text[:room]), at_least
 
     def piece(self, token: int) -> bytes:
         """The bytes one token stands for (control tokens render as nothing)."""

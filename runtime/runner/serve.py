@@ -112,6 +112,7 @@ class _Model:
 def _reader(channel: Channel, loop: Any, engine: Any) -> None:
     """Parse the server's messages; tokenization is answered here, the rest goes to the loop."""
     from offload.planner.errors import OffloadError
+    from offload.runtime.errors import ContextTooLong
     from offload.runtime.runner.batch import Job
     from offload.runtime.runner.protocol import sampling_from_json
 
@@ -131,15 +132,24 @@ def _reader(channel: Channel, loop: Any, engine: Any) -> None:
         try:
             if op == "generate":
                 tokens = list(msg.get("tokens") or [])
+                truncate = bool(msg.get("truncate", True))
                 if msg.get("text") is not None or not tokens:
-                    tokens += engine.tokenize(
-                        msg.get("text") or "", add_bos=bool(msg.get("add_bos", True))
+                    # Only the end of a prompt longer than the context is kept: only that much
+                    # of it is tokenized.
+                    text, at_least = engine.clip_text(
+                        str(msg.get("text") or ""), engine.n_ctx, True
                     )
+                    if at_least and not truncate:
+                        raise ContextTooLong(
+                            f"the prompt is at least {at_least} tokens but the context holds "
+                            f"{engine.n_ctx}; raise num_ctx or allow truncation"
+                        )
+                    tokens += engine.tokenize(text, add_bos=bool(msg.get("add_bos", True)))
                 job = Job(
                     id=_request_id(rid),
                     prompt=[int(t) for t in tokens],
                     sampling=sampling_from_json(msg.get("sampling") or {}),
-                    truncate=bool(msg.get("truncate", True)),
+                    truncate=truncate,
                     want_tokens=bool(msg.get("want_tokens")),
                     ignore_eos=bool(msg.get("ignore_eos")),
                 )
@@ -199,6 +209,7 @@ def _request_id(rid: object) -> int:
 def _on_loop(channel: Channel, loop: Any, engine: Any, msg: dict[str, Any]) -> Any:
     """Work that needs the context, run on the loop's thread between steps."""
     from offload.planner.errors import OffloadError
+    from offload.runtime.errors import ContextTooLong
 
     def run() -> None:
         rid, op = msg.get("id"), msg["op"]
@@ -206,9 +217,17 @@ def _on_loop(channel: Channel, loop: Any, engine: Any, msg: dict[str, Any]) -> A
             if op == "embed":
                 vectors, count = [], 0
                 for item in msg.get("inputs") or []:
-                    tokens = (
-                        item if isinstance(item, list) else engine.tokenize(str(item), add_bos=True)
-                    )
+                    if isinstance(item, list):
+                        tokens = item
+                    else:
+                        # An input is cut to the context from its end: only its start is tokenized.
+                        text, at_least = engine.clip_text(str(item), engine.n_ctx + 1, False)
+                        if at_least and not msg.get("truncate", True):
+                            raise ContextTooLong(
+                                f"the input is at least {at_least} tokens, more than the context holds "
+                                f"({engine.n_ctx})"
+                            )
+                        tokens = engine.tokenize(text, add_bos=True)
                     vec, used = engine.embed(
                         [int(t) for t in tokens], truncate=bool(msg.get("truncate", True))
                     )

@@ -3,12 +3,15 @@ fields the server keeps do not break later answers, and bad bodies get one-line 
 
 from __future__ import annotations
 
+import threading
 import time
 
 import httpx
+import psutil
 import pytest
 
 from tests.runtime.conftest import MODEL, Running
+from tests.runtime.steady import assert_one_line_error
 
 
 @pytest.fixture(scope="module")
@@ -64,3 +67,70 @@ def test_a_keep_alive_too_long_for_a_date_is_forever_and_ps_still_answers(
     # Back to the default, so later tests see an ordinary expiry.
     r = http.post("/api/generate", json={"model": MODEL, "prompt": "", "keep_alive": "5m"})
     assert r.status_code == 200
+
+
+def _runner_pid(server: Running) -> int:
+    (runner,) = [r for r in server.scheduler.loaded() if r.name == MODEL]
+    return int(runner.proc.pid)
+
+
+class _PeakRSS:
+    """The most resident memory a process reached while this watched it."""
+
+    def __init__(self, pid: int) -> None:
+        self.process = psutil.Process(pid)
+        self.start = self.peak = self.process.memory_info().rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.05):
+            self.peak = max(self.peak, self.process.memory_info().rss)
+
+    def __enter__(self) -> _PeakRSS:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def test_a_prompt_far_longer_than_the_context_is_not_tokenized_whole(
+    http: httpx.Client, server: Running
+) -> None:
+    """The runner tokenized the whole prompt before cutting it to the context: 100 MB of raw
+    prompt (under the 256 MiB body cap) took its runner from 1 GB to 7 GB and held the model for
+    a minute and a half, blocking every other request on it."""
+    http.post("/api/generate", json={"model": MODEL, "prompt": "", "keep_alive": "5m"})
+    text = "hello world " * (100_000_000 // 12)
+    body = {"model": MODEL, "raw": True, "stream": False, "options": {"num_predict": 1}}
+    with _PeakRSS(_runner_pid(server)) as rss:
+        t0 = time.monotonic()
+        r = http.post("/api/generate", json={**body, "prompt": text}, timeout=120)
+        took = time.monotonic() - t0
+    assert r.status_code == 200, r.text[:300]
+    assert rss.peak - rss.start < 1 << 30, f"the runner grew by {(rss.peak - rss.start) >> 20} MiB"
+    assert took < 60
+    assert r.json()["prompt_eval_count"] > 4000  # the context filled with the end of it
+    # Refused truncation is a 400 saying so, without tokenizing it all either.
+    r = http.post("/api/generate", json={**body, "prompt": text, "truncate": False}, timeout=120)
+    assert_one_line_error(r, 400, "the prompt is at least", "raise num_ctx or allow truncation")
+
+
+def test_an_embedding_input_far_longer_than_the_context_is_cut_before_tokenizing(
+    http: httpx.Client, server: Running
+) -> None:
+    text = "hello world " * (40_000_000 // 12)
+    # llama.cpp keeps the buffers its first long input takes.
+    http.post("/api/embed", json={"model": MODEL, "input": text[:60_000]})
+    with _PeakRSS(_runner_pid(server)) as rss:
+        r = http.post("/api/embed", json={"model": MODEL, "input": text}, timeout=120)
+    assert r.status_code == 200, r.text[:300]
+    assert rss.peak - rss.start < 1 << 30, f"the runner grew by {(rss.peak - rss.start) >> 20} MiB"
+    # The start of the input is kept, as before: the vector of a shorter start that is still
+    # longer than the context.
+    short = http.post("/api/embed", json={"model": MODEL, "input": text[:60_000]}).json()
+    assert r.json()["embeddings"] == short["embeddings"]
+    r = http.post("/api/embed", json={"model": MODEL, "input": text, "truncate": False})
+    assert_one_line_error(r, 400, "the input is at least", "more than the context holds")
