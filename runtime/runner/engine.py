@@ -165,6 +165,15 @@ def _oom_or_failed(lines: list[str], what: str) -> LoadFailed:
     return LoadFailed(f"llama.cpp could not load {what}" + (f": {tail}" if tail else ""))
 
 
+# The logits one embedding chunk may make llama.cpp hold (bytes).
+EMBED_OUTPUT_BYTES = 256 << 20
+
+
+def _embed_chunk(n_vocab: int) -> int:
+    """Tokens per embedding decode: as many as keep their logits within ``EMBED_OUTPUT_BYTES``."""
+    return max(1, EMBED_OUTPUT_BYTES // (4 * max(1, n_vocab)))
+
+
 class Engine:
     """A loaded model and its context; owned by one thread (the runner's batch loop).
 
@@ -491,7 +500,10 @@ class Engine:
         total = np.zeros(self.n_embd, dtype=np.float64)
         b = self.batch
         try:
-            chunk = len(tokens) if pooled else self.n_batch
+            # Every token of a chunk is an output, and llama.cpp keeps logits for each output (a
+            # vocabulary of floats) in a buffer it never shrinks: chunks of the whole batch made a
+            # runner hold GBs after one long input (num_batch 8192: 8 GiB for a 262k vocabulary).
+            chunk = len(tokens) if pooled else min(self.n_batch, _embed_chunk(self.n_vocab))
             for start in range(0, len(tokens), chunk):
                 part = tokens[start : start + chunk]
                 n = len(part)

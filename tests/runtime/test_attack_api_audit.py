@@ -134,3 +134,21 @@ def test_an_embedding_input_far_longer_than_the_context_is_cut_before_tokenizing
     assert r.json()["embeddings"] == short["embeddings"]
     r = http.post("/api/embed", json={"model": MODEL, "input": text, "truncate": False})
     assert_one_line_error(r, 400, "the input is at least", "more than the context holds")
+
+
+def test_a_long_embedding_input_leaves_the_runner_no_larger_than_a_prompt_would(
+    http: httpx.Client, server: Running
+) -> None:
+    """Every token of an embedding chunk is an output, and llama.cpp keeps a vocabulary of logits
+    for each: one 4,000-token input with num_batch 4096 grew the runner by 4.6 GB, for good."""
+    options = {"num_batch": 4096, "num_ctx": 4096}
+    r = http.post("/api/embed", json={"model": MODEL, "input": "hi", "options": options})
+    assert r.status_code == 200, r.text[:300]
+    with _PeakRSS(_runner_pid(server)) as rss:
+        r = http.post(
+            "/api/embed",
+            json={"model": MODEL, "input": "hello world " * 2000, "options": options},
+            timeout=300,
+        )
+    assert r.status_code == 200, r.text[:300]
+    assert rss.peak - rss.start < 1 << 30, f"the runner grew by {(rss.peak - rss.start) >> 20} MiB"
