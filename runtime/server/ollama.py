@@ -214,13 +214,14 @@ async def embed(body: EmbedRequest, request: Request) -> dict[str, Any]:
 @router.post("/api/embeddings", response_model=EmbeddingsResponse, responses=_ERRORS)
 async def embeddings_legacy(body: EmbeddingsRequest, request: Request) -> dict[str, Any]:
     """The older single-prompt embedding endpoint."""
-    if not body.prompt:
-        return {"embedding": []}
     keep = service.keep_alive_from(body.keep_alive)
+    # An empty prompt embeds nothing, but the model is still found and loaded, as in Ollama (and
+    # as /api/embed does): an unknown model is a 404, bad options a 400.
+    inputs = [body.prompt] if body.prompt else []
     out = await run_in_threadpool(
-        embeddings.embed, _sched(request), body.model, [body.prompt], True, None, body.options, keep
+        embeddings.embed, _sched(request), body.model, inputs, True, None, body.options, keep
     )
-    return {"embedding": out.embeddings[0]}
+    return {"embedding": out.embeddings[0] if out.embeddings else []}
 
 
 def _iso(ts: float) -> str:

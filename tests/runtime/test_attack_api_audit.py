@@ -152,3 +152,27 @@ def test_a_long_embedding_input_leaves_the_runner_no_larger_than_a_prompt_would(
         )
     assert r.status_code == 200, r.text[:300]
     assert rss.peak - rss.start < 1 << 30, f"the runner grew by {(rss.peak - rss.start) >> 20} MiB"
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "words"),
+    [
+        ({"model": "no-such-model"}, 404, ("not found",)),
+        ({"model": "no-such-model", "prompt": ""}, 404, ("not found",)),
+        ({"model": MODEL, "prompt": "", "options": {"num_ctx": 0}}, 400, ("options.num_ctx",)),
+        ({"model": MODEL, "prompt": "", "keep_alive": "soon"}, 400, ("not a duration",)),
+    ],
+)
+def test_legacy_embeddings_with_an_empty_prompt_still_check_the_request(
+    http: httpx.Client, body: dict, status: int, words: tuple[str, ...]
+) -> None:
+    """An empty prompt answered {"embedding": []} with a 200 before anything was looked at,
+    whatever the model, options or keep_alive."""
+    assert_one_line_error(http.post("/api/embeddings", json=body), status, *words)
+
+
+def test_legacy_embeddings_with_an_empty_prompt_load_the_model(http: httpx.Client) -> None:
+    r = http.post("/api/embeddings", json={"model": MODEL, "prompt": ""})
+    assert r.status_code == 200 and r.json() == {"embedding": []}
+    r = http.post("/api/embeddings", json={"model": MODEL, "prompt": "hi"})
+    assert r.status_code == 200 and len(r.json()["embedding"]) > 100
