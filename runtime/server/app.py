@@ -59,6 +59,25 @@ def _validation_message(exc: RequestValidationError) -> str:
     return "; ".join(parts) or "invalid request"
 
 
+def _unparsed_body(exc: StarletteHTTPException) -> str | None:
+    """What was wrong with a body FastAPI could not parse, which it calls only "There was an
+    error parsing the body": bytes that are not UTF-8, or JSON nested deeper than Python goes."""
+    cause = exc.__cause__
+    if exc.status_code != 400:
+        return None
+    if isinstance(cause, UnicodeDecodeError):
+        # (A body that starts like UTF-16 or UTF-32 is read as that, as JSON allows.)
+        at = (
+            f" (byte 0x{cause.object[cause.start]:02x} at offset {cause.start})"
+            if cause.encoding.replace("-", "").lower() == "utf8"
+            else ""
+        )
+        return f"invalid JSON: the body is not UTF-8 text{at}; send JSON encoded as UTF-8"
+    if isinstance(cause, RecursionError):
+        return "invalid JSON: arrays or objects are nested too deeply"
+    return None
+
+
 class JSONBodyByDefault:
     """Treat request bodies as JSON whatever their content type says, as Ollama does.
 
@@ -271,7 +290,7 @@ def create_app(store: Store | None = None, scheduler: Scheduler | None = None) -
                 f"; use {allowed}" if allowed else ""
             )
         else:
-            message = str(exc.detail)
+            message = _unparsed_body(exc) or str(exc.detail)
         return error_response(exc.status_code, message, _family(request), headers=exc.headers)
 
     @app.exception_handler(json.JSONDecodeError)

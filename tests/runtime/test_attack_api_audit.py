@@ -176,3 +176,27 @@ def test_legacy_embeddings_with_an_empty_prompt_load_the_model(http: httpx.Clien
     assert r.status_code == 200 and r.json() == {"embedding": []}
     r = http.post("/api/embeddings", json={"model": MODEL, "prompt": "hi"})
     assert r.status_code == 200 and len(r.json()["embedding"]) > 100
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "words"),
+    [
+        ("/api/generate", b'{"model":"m","prompt":"caf\xe9"}', ("not UTF-8", "0xe9 at offset 26")),
+        ("/v1/chat/completions", b'{"model":"m","messages":"\xff"}', ("not UTF-8", "0xff")),
+        ("/v1/messages", b'{"model": "m", \x80}', ("not UTF-8", "0x80")),
+        ("/api/chat", b"[" * 100_000 + b"]" * 100_000, ("nested too deeply",)),
+        ("/v1/responses", b'{"a":' * 50_000 + b"1" + b"}" * 50_000, ("nested too deeply",)),
+    ],
+)
+def test_a_body_that_cannot_be_parsed_says_why(
+    http: httpx.Client, path: str, body: bytes, words: tuple[str, ...]
+) -> None:
+    """Bytes that are not UTF-8, and JSON nested past Python's recursion limit, were answered
+    only "There was an error parsing the body"."""
+    r = http.post(path, content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text[:300]
+    error = r.json()["error"]
+    message = error if isinstance(error, str) else error["message"]
+    assert message.startswith("invalid JSON: ") and "\n" not in message
+    for word in words:
+        assert word in message, (word, message)
