@@ -34,6 +34,14 @@ _USER_BLOCKS = "text, image, tool_result"
 _ASSISTANT_BLOCKS = "text, thinking, redacted_thinking, tool_use"
 
 
+def _string(at: str, block: dict[str, Any], key: str) -> str:
+    """``block[key]``, which must be a string (a text block's ``text``, a thinking block's ...)."""
+    value = block.get(key)
+    if not isinstance(value, str):
+        raise BadRequest(f"{at}.{key} must be a string, got {json_type(value)}")
+    return value
+
+
 def _text_blocks(where: str, blocks: Any, images: list[str] | None = None) -> str:
     """The text of a string or of text (and, where ``images`` is given, image) blocks."""
     if isinstance(blocks, str):
@@ -43,8 +51,8 @@ def _text_blocks(where: str, blocks: Any, images: list[str] | None = None) -> st
     texts = []
     for j, b in enumerate(blocks):
         kind = b.get("type") if isinstance(b, dict) else None
-        if kind == "text" and isinstance(b.get("text"), str):
-            texts.append(b["text"])
+        if kind == "text":
+            texts.append(_string(f"{where}[{j}]", b, "text"))
         elif kind == "image" and images is not None:
             images.append(_image(f"{where}[{j}]", b))
         else:
@@ -84,8 +92,8 @@ def _user_turn(where: str, blocks: list[Any], known: dict[str, str]) -> list[dic
     for j, b in enumerate(blocks):
         kind = b.get("type") if isinstance(b, dict) else None
         at = f"{where}.content[{j}]"
-        if kind == "text" and isinstance(b.get("text"), str):
-            texts.append(b["text"])
+        if kind == "text":
+            texts.append(_string(at, b, "text"))
         elif kind == "image":
             images.append(_image(at, b))
         elif kind == "tool_result":
@@ -126,10 +134,10 @@ def _assistant_turn(where: str, blocks: list[Any], known: dict[str, str]) -> dic
     for j, b in enumerate(blocks):
         kind = b.get("type") if isinstance(b, dict) else None
         at = f"{where}.content[{j}]"
-        if kind == "text" and isinstance(b.get("text"), str):
-            msg["content"] += b["text"]
-        elif kind == "thinking" and isinstance(b.get("thinking"), str):
-            msg["thinking"] = msg.get("thinking", "") + b["thinking"]
+        if kind == "text":
+            msg["content"] += _string(at, b, "text")
+        elif kind == "thinking":
+            msg["thinking"] = msg.get("thinking", "") + _string(at, b, "thinking")
         elif kind == "redacted_thinking":
             continue  # encrypted by another server: nothing a local model can read
         elif kind == "tool_use":

@@ -200,3 +200,27 @@ def test_a_body_that_cannot_be_parsed_says_why(
     assert message.startswith("invalid JSON: ") and "\n" not in message
     for word in words:
         assert word in message, (word, message)
+
+
+_HI = [{"role": "user", "content": "hi"}]
+
+
+@pytest.mark.parametrize(
+    ("body", "words"),
+    [
+        ({"system": [{"type": "text", "text": 5}], "messages": _HI}, "system[0].text must be a string, got a number"),
+        ({"messages": [{"role": "user", "content": [{"type": "text", "text": None}]}]}, "messages[0].content[0].text must be a string, got null"),
+        ({"messages": [*_HI, {"role": "assistant", "content": [{"type": "text", "text": ["x"]}]}]}, "messages[1].content[0].text must be a string, got an array"),
+        ({"messages": [*_HI, {"role": "assistant", "content": [{"type": "thinking", "thinking": 1}]}]}, "messages[1].content[0].thinking must be a string"),
+    ],
+)  # fmt: skip
+def test_a_text_block_whose_text_is_not_a_string_is_named_as_such(
+    http: httpx.Client, body: dict, words: str
+) -> None:
+    """A text block with a number for its text was "unsupported block type 'text'; expected
+    text" (or "unknown block type 'text'"), which contradicts itself."""
+    r = http.post("/v1/messages", json={"model": MODEL, "max_tokens": 1, **body})
+    assert r.status_code == 400 and r.json()["type"] == "error", r.text[:300]
+    message = r.json()["error"]["message"]
+    assert words in message and "\n" not in message, message
+
