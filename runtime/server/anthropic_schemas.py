@@ -24,6 +24,9 @@ __all__ = [
 
 _IGNORE = ConfigDict(extra="ignore")
 _OPEN = ConfigDict(extra="allow")
+# The most tokens (and top_k) llama.cpp takes: past it a 400 names the field, not the option
+# it becomes.
+_INT32_MAX = 2**31 - 1
 
 
 def _obj(kind: str | None, required: list[str], **props: Any) -> dict[str, Any]:
@@ -167,10 +170,10 @@ class CountTokensRequest(BaseModel):
 class MessagesRequest(CountTokensRequest):
     """POST /v1/messages."""
 
-    max_tokens: WholeNumber = Field(ge=1)
+    max_tokens: WholeNumber = Field(ge=1, le=_INT32_MAX)
     stop_sequences: list[str] | None = None
     temperature: Number | None = Field(default=None, ge=0)
-    top_k: WholeNumber | None = Field(default=None, ge=0)
+    top_k: WholeNumber | None = Field(default=None, ge=0, le=_INT32_MAX)
     top_p: Number | None = Field(default=None, ge=0, le=1)
     stream: bool | None = False
     metadata: dict[str, Any] | None = None

@@ -140,7 +140,7 @@ class ResponsesRequest(BaseModel):
     model: str
     input: Input = None
     instructions: str | None = None
-    max_output_tokens: WholeNumber | None = Field(default=None, ge=1)
+    max_output_tokens: WholeNumber | None = Field(default=None, ge=1, le=2**31 - 1)
     temperature: Number | None = Field(default=None, ge=0)
     top_p: Number | None = Field(default=None, ge=0, le=1)
     tools: Tools = None

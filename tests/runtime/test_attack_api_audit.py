@@ -224,3 +224,23 @@ def test_a_text_block_whose_text_is_not_a_string_is_named_as_such(
     message = r.json()["error"]["message"]
     assert words in message and "\n" not in message, message
 
+
+@pytest.mark.parametrize(
+    ("path", "body", "field"),
+    [
+        ("/v1/messages", {"messages": _HI, "max_tokens": 2**40}, "max_tokens"),
+        ("/v1/messages", {"messages": _HI, "max_tokens": 1, "top_k": 2**40}, "top_k"),
+        ("/v1/responses", {"input": "hi", "max_output_tokens": 2**40}, "max_output_tokens"),
+    ],
+)
+def test_a_token_count_past_what_llama_cpp_takes_names_the_field_sent(
+    http: httpx.Client, path: str, body: dict, field: str
+) -> None:
+    """These passed the schema and failed as "options.num_predict must be ...": an option the
+    client never sent."""
+    r = http.post(path, json={"model": MODEL, **body})
+    assert r.status_code == 400, r.text[:300]
+    error = r.json()["error"]
+    message = error["message"]
+    assert message.startswith(f"{field}: ") and "2147483647" in message, message
+    assert "options." not in message
