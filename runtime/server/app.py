@@ -78,11 +78,20 @@ def _unparsed_body(exc: StarletteHTTPException) -> str | None:
     return None
 
 
+def _is_json(content_type: bytes) -> bool:
+    """Whether FastAPI reads a body of this type as JSON (``application/json``, ``*/*+json``)."""
+    subtype = content_type.split(b";", 1)[0].strip().lower().rpartition(b"/")[2]
+    return subtype == b"json" or subtype.endswith(b"+json")
+
+
 class JSONBodyByDefault:
     """Treat request bodies as JSON whatever their content type says, as Ollama does.
 
     ``curl URL -d '{...}'`` (the way Ollama's documentation calls the API) sends
     ``application/x-www-form-urlencoded``; our routes read JSON, so the header is set right here.
+    Any other type that is not JSON's (``text/html``, ``application/octet-stream``) is read as
+    JSON too: FastAPI would hand such a body to the route unparsed, and a valid JSON object was
+    refused as "not a valid dictionary".
     """
 
     def __init__(self, app: Any) -> None:
@@ -93,9 +102,7 @@ class JSONBodyByDefault:
             headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
             old = dict(scope["headers"]).get(b"content-type", b"")
             # Blob uploads carry bytes, not JSON: leave those alone.
-            if not scope.get("path", "").startswith("/api/blobs/") and (
-                not old or old.startswith((b"application/x-www-form-urlencoded", b"text/plain"))
-            ):
+            if not scope.get("path", "").startswith("/api/blobs/") and not _is_json(old):
                 scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
         await self.app(scope, receive, send)
 

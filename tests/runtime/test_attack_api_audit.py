@@ -244,3 +244,20 @@ def test_a_token_count_past_what_llama_cpp_takes_names_the_field_sent(
     message = error["message"]
     assert message.startswith(f"{field}: ") and "2147483647" in message, message
     assert "options." not in message
+
+
+@pytest.mark.parametrize(
+    "content_type", ["text/html", "application/octet-stream", "multipart/form-data; boundary=x"]
+)
+def test_a_json_body_is_read_as_json_whatever_its_content_type(
+    http: httpx.Client, content_type: str
+) -> None:
+    """Only a missing type, form-urlencoded and text/plain were read as JSON: other types reached
+    the route unparsed, and a valid object was "Input should be a valid dictionary"."""
+    body = (
+        b'{"model": "gemma3:270m", "prompt": "hi", "stream": false, "options": {"num_predict": 1}}'
+    )
+    r = http.post("/api/generate", content=body, headers={"content-type": content_type})
+    assert r.status_code == 200, r.text[:300]
+    assert r.json()["done"] is True
+
