@@ -149,6 +149,18 @@ class CheckedJSONBody:
         ):
             await self.app(scope, receive, send)
             return
+        encoding = dict(scope.get("headers") or []).get(b"content-encoding", b"").strip().lower()
+        if encoding not in (b"", b"identity"):
+            # Compressed bytes would reach the JSON parser as they are ("not UTF-8").
+            await self._refuse(
+                scope,
+                receive,
+                send,
+                415,
+                f"Content-Encoding {encoding.decode('latin-1')[:40]!r} is not supported; send "
+                "the JSON body uncompressed",
+            )
+            return
         chunks, size, more = [], 0, True
         while more:
             message = await receive()

@@ -34,6 +34,7 @@ _OPENAI_TYPES = {
     404: "invalid_request_error",
     413: "invalid_request_error",
     405: "invalid_request_error",
+    415: "invalid_request_error",
     503: "server_error",
 }
 # Anthropic's error types by status (its API reference, "Errors").

@@ -3,6 +3,7 @@ fields the server keeps do not break later answers, and bad bodies get one-line 
 
 from __future__ import annotations
 
+import gzip
 import threading
 import time
 
@@ -261,3 +262,17 @@ def test_a_json_body_is_read_as_json_whatever_its_content_type(
     assert r.status_code == 200, r.text[:300]
     assert r.json()["done"] is True
 
+
+@pytest.mark.parametrize(
+    ("path", "encoding"), [("/api/generate", "gzip"), ("/v1/chat/completions", "br")]
+)
+def test_a_compressed_body_is_a_415_that_says_so(
+    http: httpx.Client, path: str, encoding: str
+) -> None:
+    """Compressed bytes reached the JSON parser as they were, and came back as text that is not
+    UTF-8."""
+    body = gzip.compress(b'{"model": "gemma3:270m", "prompt": "hi"}')
+    r = http.post(path, content=body, headers={"content-encoding": encoding})
+    assert_one_line_error(r, 415, f"Content-Encoding {encoding!r} is not supported", "uncompressed")
+    # The connection and the server carry on.
+    assert http.get("/api/version").status_code == 200
