@@ -21,6 +21,7 @@ from offload.planner.errors import OffloadError
 from offload.runtime import __version__, config
 from offload.runtime.server.errors import Family, error_response, family_of
 from offload.runtime.server.guard import BrowserGuard, HostPolicy, origin_regex
+from offload.runtime.server.openai_schemas import json_type
 from offload.runtime.server.schemas import VersionResponse
 from offload.runtime.serving import planning
 from offload.runtime.serving.scheduler import Scheduler
@@ -52,6 +53,13 @@ def _validation_message(exc: RequestValidationError) -> str:
         if e.get("type") == "json_invalid":
             ctx = e.get("ctx") or {}
             return f"invalid JSON: {ctx.get('error', e.get('msg', 'malformed body'))}"
+    for e in errs:
+        if tuple(e.get("loc", ())) != ("body",):
+            continue
+        if e.get("type") == "missing":
+            return "the request body is empty; send a JSON object"
+        if e.get("type") == "model_attributes_type":
+            return f"the request body must be a JSON object, got {json_type(e.get('input'))}"
     parts = []
     for e in errs:
         loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body")

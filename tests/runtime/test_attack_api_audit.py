@@ -276,3 +276,24 @@ def test_a_compressed_body_is_a_415_that_says_so(
     assert_one_line_error(r, 415, f"Content-Encoding {encoding!r} is not supported", "uncompressed")
     # The connection and the server carry on.
     assert http.get("/api/version").status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "words"),
+    [
+        ("/api/generate", b"", "the request body is empty; send a JSON object"),
+        ("/v1/messages", b"", "the request body is empty; send a JSON object"),
+        ("/api/chat", b"null", "the request body must be a JSON object, got null"),
+        ("/v1/chat/completions", b"[1, 2]", "the request body must be a JSON object, got an array"),
+        ("/v1/responses", b'"hi"', "the request body must be a JSON object, got a string"),
+    ],
+)
+def test_a_body_that_is_not_an_object_says_what_it_is(
+    http: httpx.Client, path: str, body: bytes, words: str
+) -> None:
+    """An empty body was "Field required" (no field named), and a JSON array or null "Input
+    should be a valid dictionary or object to extract fields from"."""
+    r = http.post(path, content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text[:300]
+    error = r.json()["error"]
+    assert (error if isinstance(error, str) else error["message"]) == words
