@@ -80,8 +80,18 @@ def data_dir() -> Path:
     d = Path(
         os.environ.get("OFFLOAD_HOME") or platformdirs.user_data_dir("offload", appauthor=False)
     )
-    d.mkdir(parents=True, exist_ok=True)
+    _make_dir(d, "OFFLOAD_HOME")
     return d
+
+
+def _make_dir(d: Path, setting: str) -> None:
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        why = "it is a file" if isinstance(e, FileExistsError) else e.strerror or str(e)
+        raise ConfigError(
+            f"cannot use {d} as the data directory ({why}); set {setting} to a folder you can write"
+        ) from None
 
 
 def models_dir() -> Path:
@@ -100,30 +110,42 @@ def ollama_models_dir() -> Path | None:
 def log_dir() -> Path:
     """``<data dir>/logs``."""
     d = data_dir() / "logs"
-    d.mkdir(parents=True, exist_ok=True)
+    _make_dir(d, "OFFLOAD_HOME")
     return d
 
 
+# [v6 address] or a name/IPv4 address without URL syntax in it, then an optional :port (ASCII
+# digits only: int() would take "٣"). A path, user part, query or space is not an address.
+_HOST_RE = re.compile(
+    r"(?:\[(?P<v6>[0-9A-Za-z:.%_-]*)\]|(?P<name>[^\s\x00-\x1f\x7f:/\\\[\]@?#%]*))"
+    r"(?::(?P<port>[0-9]*))?"
+)
+
+
 def host() -> Host:
-    """``OFFLOAD_HOST``: ``[scheme://]host[:port]``, default ``127.0.0.1:11435``."""
-    raw = os.environ.get("OFFLOAD_HOST", "").strip()
-    if not raw:
+    """``OFFLOAD_HOST``: ``[http[s]://]host[:port]``, default ``127.0.0.1:11435``."""
+    text = os.environ.get("OFFLOAD_HOST", "").strip()
+    if not text:
         return Host("http", "127.0.0.1", DEFAULT_PORT)
-    scheme = "http"
+    scheme, raw = "http", text
     if "://" in raw:
         scheme, raw = raw.split("://", 1)
-    raw = raw.rstrip("/")
-    m = (
-        re.fullmatch(r"\[?([^\]]*?)\]?(?::(\d+))?", raw)
-        if raw.count(":") <= 1 or raw.startswith("[")
-        else None
-    )
+        scheme = scheme.lower()
+        if scheme not in ("http", "https"):
+            raise ConfigError(
+                f"OFFLOAD_HOST={text!r}: the scheme must be http:// or https://, not {scheme}://"
+            )
+    m = _HOST_RE.fullmatch(raw.rstrip("/"))
     if m is None:
-        raise ConfigError(f"OFFLOAD_HOST={raw!r} is not host[:port]")
-    h, port = m.group(1) or "127.0.0.1", int(m.group(2) or DEFAULT_PORT)
+        raise ConfigError(
+            f"OFFLOAD_HOST={text!r} is not host[:port]; write e.g. 127.0.0.1:{DEFAULT_PORT}, "
+            f"0.0.0.0:{DEFAULT_PORT} or [::1]:{DEFAULT_PORT}"
+        )
+    h = m.group("v6") if m.group("v6") is not None else m.group("name")
+    port = int(m.group("port") or DEFAULT_PORT)
     if not 0 < port < 65536:
-        raise ConfigError(f"OFFLOAD_HOST port {port} is out of range")
-    return Host(scheme, h, port)
+        raise ConfigError(f"OFFLOAD_HOST port {port} is out of range (1 to 65535)")
+    return Host(scheme, h or "127.0.0.1", port)
 
 
 # As Ollama reads sizes: a unit letter alone is binary (8G = 8 GiB), "B" after it makes it
@@ -182,7 +204,10 @@ def parse_duration_s(value: str | int | float | None, default_s: float) -> float
 
 def keep_alive_s() -> float:
     """``OFFLOAD_KEEP_ALIVE`` (default 5 minutes)."""
-    return parse_duration_s(os.environ.get("OFFLOAD_KEEP_ALIVE"), 300.0)
+    try:
+        return parse_duration_s(os.environ.get("OFFLOAD_KEEP_ALIVE"), 300.0)
+    except ConfigError as e:
+        raise ConfigError(f"OFFLOAD_KEEP_ALIVE: {e}") from None
 
 
 def gpu_memory_budgets(value: str | None = None) -> tuple[int, ...]:
@@ -269,10 +294,7 @@ def origins() -> list[str]:
 def load_timeout_s() -> float:
     """``OFFLOAD_LOAD_TIMEOUT`` (Ollama's ``OLLAMA_LOAD_TIMEOUT``): how long a runner may go without
     a sign of progress, loading or serving, before it is stopped as hung (default 5 minutes)."""
-    value = parse_duration_s(os.environ.get("OFFLOAD_LOAD_TIMEOUT"), 300.0)
-    if value <= 0:
-        raise ConfigError("OFFLOAD_LOAD_TIMEOUT must be a positive duration such as 5m")
-    return value
+    return _timeout_env("OFFLOAD_LOAD_TIMEOUT", 300.0)
 
 
 def spare_runner() -> bool:
@@ -339,7 +361,10 @@ def upload_timeout_s() -> float:
 def max_upload_bytes() -> int:
     """``OFFLOAD_MAX_UPLOAD_SIZE``: the largest blob an upload may send (default 4TiB)."""
     v = os.environ.get("OFFLOAD_MAX_UPLOAD_SIZE")
-    return parse_bytes(v) if v else 4 << 40
+    try:
+        return parse_bytes(v) if v else 4 << 40
+    except ConfigError as e:
+        raise ConfigError(f"OFFLOAD_MAX_UPLOAD_SIZE: {e}") from None
 
 
 def hosts() -> list[str]:
@@ -348,13 +373,22 @@ def hosts() -> list[str]:
     return [h.strip() for h in os.environ.get("OFFLOAD_HOSTS", "").split(",") if h.strip()]
 
 
+# The longest timeout taken: a year is "never" in practice, and the system's own timers (a
+# socket's, a thread's wait) overflow somewhere past 292 years.
+MAX_TIMEOUT_S = 365 * 86400.0
+
+
 def _timeout_env(name: str, default_s: float) -> float:
     try:
         t = parse_duration_s(os.environ.get(name), default_s)
-    except ConfigError as e:
-        raise ConfigError(f"{name}: {e}") from None
-    if not 0 < t < float("inf"):
-        raise ConfigError(f"{name} must be a positive duration such as {default_s:g}s")
+    except ConfigError:
+        raise ConfigError(
+            f"{name}={os.environ.get(name)!r} is not a duration; write e.g. {default_s:g}s, 5m or 1h"
+        ) from None
+    if not 0 < t <= MAX_TIMEOUT_S:
+        raise ConfigError(
+            f"{name} must be a positive duration of at most a year, such as {default_s:g}s"
+        )
     return t
 
 

@@ -56,23 +56,59 @@ def serve() -> None:
 
     config.check()  # a bad OFFLOAD_* value fails here, not on the first request
     h = config.host()
+    if h.scheme != "http":
+        where = f"[{h.host}]" if ":" in h.host else h.host
+        raise config.ConfigError(
+            f"offload serve speaks plain http; set OFFLOAD_HOST={where}:{h.port} "
+            "(and put a TLS proxy in front of it for https)"
+        )
+    _check_can_listen(h)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
     )
     limits = ConnectionLimits.from_env(raise_open_file_limit())
+    uvicorn.run(
+        create_app(),
+        host=h.host,
+        port=h.port,
+        log_level="info",
+        access_log=True,
+        http=protocol_class(limits),
+        h11_max_incomplete_event_size=MAX_HEAD_BYTES,
+        backlog=BACKLOG,
+    )
+
+
+def _check_can_listen(h: config.Host) -> None:
+    """Fail in one line, before the app starts, when ``OFFLOAD_HOST`` cannot be listened on (a
+    name that does not resolve, a port in use, an address not on this machine); uvicorn would
+    start the app first, then log the error among its own lines."""
+    import errno
+    import socket
+
     try:
-        uvicorn.run(
-            create_app(),
-            host=h.host,
-            port=h.port,
-            log_level="info",
-            access_log=True,
-            http=protocol_class(limits),
-            h11_max_incomplete_event_size=MAX_HEAD_BYTES,
-            backlog=BACKLOG,
-        )
-    except OSError as e:
-        raise OffloadError(f"cannot listen on {h.host}:{h.port}: {e.strerror}") from None
+        family, kind, proto, _, address = socket.getaddrinfo(
+            h.host, h.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except (OSError, UnicodeError) as e:
+        raise config.ConfigError(
+            f"OFFLOAD_HOST: cannot resolve {h.host!r} ({getattr(e, 'strerror', None) or e}); "
+            "use an IP address of this machine, such as 127.0.0.1"
+        ) from None
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind(address)
+        except OSError as e:
+            hint = {
+                errno.EADDRINUSE: "another program listens there; stop it or",
+                errno.EACCES: "ports below 1024 need privileges;",
+                errno.EADDRNOTAVAIL: "that address is not one of this machine's;",
+            }.get(e.errno or 0, "")
+            raise config.ConfigError(
+                f"cannot listen on {h.host}:{h.port} ({e.strerror or e}): {hint} set "
+                f"OFFLOAD_HOST to another address, e.g. 127.0.0.1:{config.DEFAULT_PORT + 1}"
+            ) from None
 
 
 # -- run --------------------------------------------------------------------------------------

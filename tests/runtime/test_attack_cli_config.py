@@ -1,0 +1,172 @@
+"""Mistakes on the command line and in the environment: each is one line of error and a non-zero
+exit code, never a traceback, a hang, or a server started in a broken state.
+
+Every case runs the ``offload`` command in a subprocess, as a user does. The "servers" that answer
+garbage or die mid-answer are tiny HTTP servers on 127.0.0.1 started here.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import free_port
+
+
+def offload(
+    env: dict[str, str], *args: str, stdin: bytes = b"", timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    def limit_memory() -> None:  # a command that reads without end fails here, not the machine
+        resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+
+    r = subprocess.run(
+        [sys.executable, "-m", "offload.runtime.cli", *args],
+        env=env,
+        input=stdin,
+        capture_output=True,
+        timeout=timeout,
+        preexec_fn=limit_memory,
+    )
+    return subprocess.CompletedProcess(
+        r.args, r.returncode, r.stdout.decode(errors="replace"), r.stderr.decode(errors="replace")
+    )
+
+
+def one_line_error(r: subprocess.CompletedProcess[str], *words: str) -> str:
+    """The single ``Error:`` line of a failed command (and that it failed)."""
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode != 0 and len(lines) == 1 and lines[0].startswith("Error: "), r.stderr
+    for w in words:
+        assert w in lines[0], (w, lines[0])
+    return lines[0]
+
+
+@pytest.fixture()
+def env(tmp_path: Path) -> dict[str, str]:
+    """A data dir of its own (no model in it) and a port nobody listens on."""
+    return {
+        **os.environ,
+        "OFFLOAD_HOME": str(tmp_path / "home"),
+        "OLLAMA_MODELS": str(tmp_path / "no-ollama"),
+        "OFFLOAD_HOST": f"127.0.0.1:{free_port()}",
+        "PYTHONUNBUFFERED": "1",
+    }
+
+
+# -- the environment, read by `offload serve` ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        # A timeout socket and thread timers cannot hold: every load failed with "timestamp out of
+        # range for platform time_t" in a server that had started.
+        ("OFFLOAD_LOAD_TIMEOUT", "-1"),
+        ("OFFLOAD_LOAD_TIMEOUT", "inf"),
+        ("OFFLOAD_LOAD_TIMEOUT", str(2**64)),
+        ("OFFLOAD_HEADER_TIMEOUT", str(2**64)),
+        # Errors that did not name their variable.
+        ("OFFLOAD_KEEP_ALIVE", "5 parsecs"),
+        ("OFFLOAD_LOAD_TIMEOUT", "10mm"),
+        ("OFFLOAD_MAX_UPLOAD_SIZE", "-1"),
+    ],
+)
+def test_serve_refuses_a_setting_it_cannot_use_naming_it(
+    env: dict[str, str], name: str, value: str
+) -> None:
+    r = offload({**env, name: value}, "serve", timeout=30)
+    one_line_error(r, name)
+
+
+def test_serve_refuses_an_address_it_cannot_listen_on_in_one_line(env: dict[str, str]) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = offload({**env, "OFFLOAD_HOST": f"127.0.0.1:{port}"}, "serve", timeout=30)
+        one_line_error(r, f"127.0.0.1:{port}", "Address already in use", "OFFLOAD_HOST")
+    r = offload({**env, "OFFLOAD_HOST": "no-such-host.invalid:5000"}, "serve", timeout=30)
+    one_line_error(r, "cannot resolve", "no-such-host.invalid")
+    # It would listen in plain http where clients speak TLS.
+    r = offload({**env, "OFFLOAD_HOST": f"https://127.0.0.1:{free_port()}"}, "serve", timeout=30)
+    one_line_error(r, "plain http")
+
+
+@pytest.mark.parametrize(
+    "value", ["127.0.0.1:-1", "127.0.0.1:1e3", "[::1", "127.0.0.1:80/api", "5 parsecs", "ftp://x"]
+)
+def test_a_malformed_offload_host_is_one_line_in_a_client(env: dict[str, str], value: str) -> None:
+    r = offload({**env, "OFFLOAD_HOST": value}, "ps", timeout=30)
+    one_line_error(r, "OFFLOAD_HOST")
+
+
+def test_offload_home_that_is_a_file_is_one_line(env: dict[str, str], tmp_path: Path) -> None:
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    for home in (a_file, a_file / "below"):
+        for args in (("list",), ("hardware",), ("ps",)):
+            r = offload({**env, "OFFLOAD_HOME": str(home)}, *args)
+            one_line_error(r, str(home), "OFFLOAD_HOME")
+
+
+# -- command-line arguments ----------------------------------------------------------------------
+
+
+# -- servers that answer garbage, or stop mid-answer ----------------------------------------------
+
+
+def _serve_raw(answer: Callable[[bytes], bytes | None]) -> Iterator[str]:
+    """A server on 127.0.0.1 that reads each request head and writes ``answer(head)`` raw, then
+    closes the connection; yields its host:port."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    listener.settimeout(0.2)
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                head = b""
+                while b"\r\n\r\n" not in head:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        break
+                    head += chunk
+                out = answer(head)
+                if out:
+                    conn.sendall(out)
+
+    t = threading.Thread(target=loop, daemon=True)
+    t.start()
+    yield f"127.0.0.1:{listener.getsockname()[1]}"
+    stop.set()
+    t.join(5)
+    listener.close()
+
+
+def _http(body: bytes, ctype: str = "application/json", status: str = "200 OK") -> bytes:
+    return (
+        f"HTTP/1.1 {status}\r\ncontent-type: {ctype}\r\ncontent-length: {len(body)}\r\n"
+        "connection: close\r\n\r\n"
+    ).encode() + body
+
+
+def _garbage(api_answer: bytes) -> Callable[[bytes], bytes]:
+    """Answers / as offload does (so clients take it for a server) and everything else with
+    ``api_answer``."""
+    return lambda head: (
+        _http(b"Offload is running", "text/plain") if head.startswith(b"GET / ") else api_answer
+    )
