@@ -7,6 +7,8 @@ from typing import Any
 
 import click
 
+from offload.planner.errors import OffloadError
+
 __all__ = ["register", "processor", "until", "ps_rows", "ps_notes", "PS_HEADER"]
 
 
@@ -73,14 +75,31 @@ def ps_notes(models: list[dict[str, Any]]) -> list[str]:
     ]
 
 
+def _loaded(client: Any) -> list[dict[str, Any]]:
+    """``/api/ps``'s models, each an object; an answer of another shape is one line of error."""
+    models = client.get("/api/ps").get("models", [])
+    if not isinstance(models, list) or not all(isinstance(m, dict) for m in models):
+        raise OffloadError(
+            f"{client.base_url}/api/ps did not answer a list of models; is OFFLOAD_HOST the "
+            "address of another program?"
+        )
+    return models
+
+
 @click.command("ps")
 def ps_command() -> None:
     """List the models loaded now."""
     from offload.runtime.cli.client import ensure_server
 
     client = ensure_server()
-    models = client.get("/api/ps").get("models", [])
-    rows = ps_rows(models)
+    models = _loaded(client)
+    try:
+        rows = ps_rows(models)
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise OffloadError(
+            f"{client.base_url}/api/ps answered models this offload cannot read; is OFFLOAD_HOST "
+            "the address of another program, or of another version of offload?"
+        ) from None
     header = PS_HEADER
     widths = [max(len(str(r[i])) for r in [header, *rows]) + 3 for i in range(len(header))]
     for r in [header, *rows]:
@@ -93,11 +112,10 @@ def ps_command() -> None:
 @click.argument("model")
 def stop_command(model: str) -> None:
     """Unload a model now."""
-    from offload.planner.errors import OffloadError
     from offload.runtime.cli.client import ensure_server
 
     client = ensure_server()
-    loaded = {m["name"] for m in client.get("/api/ps").get("models", [])}
+    loaded = {m.get("name") for m in _loaded(client)}
     if model not in loaded and f"{model}:latest" not in loaded:
         raise OffloadError(f"couldn't find a running model named {model!r} to stop")
     client.post("/api/generate", {"model": model, "keep_alive": 0})

@@ -108,6 +108,11 @@ def test_a_malformed_offload_host_is_one_line_in_a_client(env: dict[str, str], v
     one_line_error(r, "OFFLOAD_HOST")
 
 
+def test_a_client_says_why_the_server_it_started_could_not_start(env: dict[str, str]) -> None:
+    r = offload({**env, "OFFLOAD_HOST": "unix:"}, "ps", timeout=60)
+    one_line_error(r, "the server could not start", "cannot resolve 'unix'")
+
+
 def test_offload_home_that_is_a_file_is_one_line(env: dict[str, str], tmp_path: Path) -> None:
     a_file = tmp_path / "file"
     a_file.write_text("x")
@@ -170,3 +175,42 @@ def _garbage(api_answer: bytes) -> Callable[[bytes], bytes]:
     return lambda head: (
         _http(b"Offload is running", "text/plain") if head.startswith(b"GET / ") else api_answer
     )
+
+
+@pytest.mark.parametrize(
+    "api_answer",
+    [
+        _http(b"<html><body>Welcome to nginx</body></html>", "text/html"),
+        _http(b'{"models": ['),
+        _http(b"[1, 2, 3]"),
+        _http(b'{"models": "many"}'),
+        _http(b'{"models": [{"name": 5}]}'),
+        _http(b'{"error": {"code": 1}}', status="400 Bad Request"),
+    ],
+    ids=[
+        "html",
+        "truncated-json",
+        "a-list",
+        "models-a-string",
+        "models-missing-fields",
+        "odd-error",
+    ],
+)
+def test_ps_against_a_server_that_answers_garbage_is_one_line(
+    env: dict[str, str], api_answer: bytes
+) -> None:
+    for address in _serve_raw(_garbage(api_answer)):
+        r = offload({**env, "OFFLOAD_HOST": address}, "ps")
+        one_line_error(r, address)
+
+
+def test_run_when_the_server_dies_mid_answer_is_one_line(env: dict[str, str]) -> None:
+    line = b'{"model":"m","message":{"role":"assistant","content":"Once"},"done":false}\n'
+    dies = (
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/x-ndjson\r\n"
+        b"transfer-encoding: chunked\r\n\r\n" + f"{len(line):x}\r\n".encode() + line + b"\r\n"
+    )  # then the connection closes, mid-stream
+    for address in _serve_raw(_garbage(dies)):
+        r = offload({**env, "OFFLOAD_HOST": address}, "run", "m", "Tell me a story.")
+        assert r.stdout.startswith("Once")
+        one_line_error(r, "lost the connection", address)
