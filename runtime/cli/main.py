@@ -188,6 +188,19 @@ def _chat_once(
     return "".join(out)
 
 
+def _check_utf8(text: str) -> None:
+    """A prompt with bytes that are not UTF-8 (read with surrogate escapes) is refused in one line."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        byte = ord(text[e.start]) - 0xDC00
+        shown = f"byte 0x{byte:02x}" if 0x80 <= byte <= 0xFF else "a character"
+        raise OffloadError(
+            f"the prompt is not UTF-8 text ({shown} at character {e.start}); convert it first, "
+            "e.g. with iconv -t UTF-8"
+        ) from None
+
+
 def _read_multiline(first: str) -> str:
     lines = [first[3:]]
     if lines[0].endswith('"""') and len(first) > 3:
@@ -263,6 +276,11 @@ def _interactive(
         if stripped.startswith("/"):
             click.echo(f"Unknown command '{stripped.split()[0]}'. Type /? for help")
             continue
+        try:
+            _check_utf8(line)
+        except OffloadError as e:
+            click.echo(f"Error: {e}", err=True)
+            continue
         messages.append({"role": "user", "content": line})
         try:
             answer = _chat_once(client, model, messages, options, keep_alive, fmt, verbose)
@@ -292,6 +310,7 @@ def run(
         text = f"{piped.rstrip()}\n\n{text}".strip() if text else piped.strip()
         if not text:
             raise OffloadError("no prompt: stdin was empty and no PROMPT was given")
+    _check_utf8(text)
     client = ensure_server()
     options: dict[str, Any] = {}
     if text:
@@ -300,6 +319,7 @@ def run(
                 client, model, [{"role": "user", "content": text}], options, keepalive, fmt, verbose
             )
         except KeyboardInterrupt:
+            click.echo("Interrupted.", err=True)
             sys.exit(130)
         return
     # Load first, so an unknown model fails before the prompt appears.

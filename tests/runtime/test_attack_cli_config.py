@@ -214,3 +214,9 @@ def test_run_when_the_server_dies_mid_answer_is_one_line(env: dict[str, str]) ->
         r = offload({**env, "OFFLOAD_HOST": address}, "run", "m", "Tell me a story.")
         assert r.stdout.startswith("Once")
         one_line_error(r, "lost the connection", address)
+
+
+def test_run_refuses_a_prompt_that_is_not_utf8(env: dict[str, str]) -> None:
+    for address in _serve_raw(_garbage(_http(b"{}"))):
+        r = offload({**env, "OFFLOAD_HOST": address}, "run", "m", stdin=b"Say \xff\xfe hi\n")
+        one_line_error(r, "not UTF-8", "0xff")
