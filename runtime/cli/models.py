@@ -112,6 +112,36 @@ def push(name: str, insecure: bool) -> None:
     _run_with_bars(lambda on: registry.push(store, name, insecure=insecure, progress=on))
 
 
+# The largest Modelfile read: its texts (SYSTEM, TEMPLATE, LICENSE, MESSAGEs) are at most 8 MiB
+# a layer, and a device such as /dev/zero never ends.
+MAX_MODELFILE_BYTES = 64 << 20
+
+
+def _read_modelfile(path: Path) -> str:
+    try:
+        with path.open("rb") as f:
+            data = f.read(MAX_MODELFILE_BYTES + 1)
+    except OSError as e:
+        raise click.ClickException(f"cannot read Modelfile {path}: {e.strerror or e}") from None
+    if data.startswith(b"GGUF"):
+        raise click.ClickException(
+            f"{path} is a GGUF model file, not a Modelfile; write a Modelfile with the line "
+            f"FROM {path} and pass that with -f"
+        )
+    if len(data) > MAX_MODELFILE_BYTES:
+        raise click.ClickException(
+            f"Modelfile {path} is larger than {MAX_MODELFILE_BYTES >> 20} MiB; "
+            "a Modelfile holds instructions, FROM names the weights"
+        )
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise click.ClickException(
+            f"Modelfile {path} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
+            "save it as UTF-8"
+        ) from None
+
+
 @click.command("create")
 @click.argument("name")
 @click.option(
@@ -126,10 +156,7 @@ def push(name: str, insecure: bool) -> None:
 @click.option("-q", "--quantize", default=None, help="Quantize F16/F32 weights, e.g. q4_K_M.")
 def create_cmd(name: str, path: Path, quantize: str | None) -> None:
     """Create a model from a Modelfile."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise click.ClickException(f"cannot read Modelfile {path}: {e.strerror or e}") from None
+    text = _read_modelfile(path)
     store = open_store()
     mf = parse_modelfile(text)
     embedded.ensure(store, mf.from_)  # FROM gemma3:270m works before its first run

@@ -125,6 +125,17 @@ def test_offload_home_that_is_a_file_is_one_line(env: dict[str, str], tmp_path: 
 # -- command-line arguments ----------------------------------------------------------------------
 
 
+def test_create_refuses_a_modelfile_that_is_not_text(env: dict[str, str], tmp_path: Path) -> None:
+    binary = tmp_path / "Modelfile"
+    binary.write_bytes(b"FROM gemma3:270m\nSYSTEM \xff\xfe\n")
+    one_line_error(offload(env, "create", "x", "-f", str(binary)), "not UTF-8", "0xff")
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF\x03\x00\x00\x00" + bytes(64))
+    one_line_error(offload(env, "create", "x", "-f", str(gguf)), "GGUF", f"FROM {gguf}")
+    # /dev/zero never ends: it was read until the memory ran out.
+    one_line_error(offload(env, "create", "x", "-f", "/dev/zero", timeout=120), "larger than")
+
+
 # -- servers that answer garbage, or stop mid-answer ----------------------------------------------
 
 
