@@ -10,9 +10,10 @@ from typing import Any
 
 import click
 
+from offload.models.parameters import MAX_CTX
 from offload.planner import Plan, PlanRequest, Workload, anatomy, evaluate
 from offload.planner.errors import OffloadError
-from offload.planner.types import Anatomy, Hardware
+from offload.planner.types import MAX_WORKLOAD_TOKENS, Anatomy, Hardware
 from offload.runtime import config
 from offload.runtime.serving import planning
 
@@ -182,10 +183,14 @@ def _chart(path: str, p: Plan, a: Anatomy, hw: Hardware, req: PlanRequest) -> No
     "hardware_name",
     help="A profile name (rtx3060, 2x-rtx3060, ...) or profile JSON; default: this machine.",
 )
-@click.option("--ctx", type=int, help="Context length per sequence (default: planned).")
+@click.option(
+    "--ctx",
+    type=click.IntRange(1, MAX_CTX),
+    help="Context length per sequence (default: planned).",
+)
 @click.option(
     "--max-ctx",
-    type=int,
+    type=click.IntRange(1, MAX_CTX),
     default=4096,
     show_default=True,
     help="Largest context to plan when --ctx is not given (up to the model's training context).",
@@ -196,7 +201,9 @@ def _chart(path: str, p: Plan, a: Anatomy, hw: Hardware, req: PlanRequest) -> No
     help="Sequences run side by side (default: OFFLOAD_NUM_PARALLEL, else the planner chooses).",
 )
 @click.option(
-    "--gpu-layers", type=int, help="Force this many layers on the GPU (output layer counts as one)."
+    "--gpu-layers",
+    type=click.IntRange(0, None),
+    help="Force this many layers on the GPU (output layer counts as one).",
 )
 @click.option(
     "--gpu-memory",
@@ -224,7 +231,7 @@ def _chart(path: str, p: Plan, a: Anatomy, hw: Hardware, req: PlanRequest) -> No
 )
 @click.option(
     "--prompt-tokens",
-    type=int,
+    type=click.IntRange(1, MAX_WORKLOAD_TOKENS),
     help="Prompt length the shown prompt speed and TTFT are predicted for (default: the workload's).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")

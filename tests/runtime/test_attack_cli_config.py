@@ -125,6 +125,18 @@ def test_offload_home_that_is_a_file_is_one_line(env: dict[str, str], tmp_path: 
 # -- command-line arguments ----------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    "args",
+    [("--ctx", "-1"), ("--max-ctx", "0"), ("--gpu-layers", "-5"), ("--prompt-tokens", "-1")],
+)
+def test_plan_refuses_counts_out_of_range(
+    env: dict[str, str], offload_home: Path, args: tuple[str, ...]
+) -> None:
+    # --ctx -1 was planned as a context of -1 tokens; --prompt-tokens -1 predicted a negative speed.
+    r = offload({**env, "OFFLOAD_HOME": str(offload_home)}, "plan", "gemma3:270m", *args)
+    assert r.returncode == 2 and args[0] in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
 def test_create_refuses_a_modelfile_that_is_not_text(env: dict[str, str], tmp_path: Path) -> None:
     binary = tmp_path / "Modelfile"
     binary.write_bytes(b"FROM gemma3:270m\nSYSTEM \xff\xfe\n")
